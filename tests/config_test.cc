@@ -1,0 +1,195 @@
+// Config loading: defaults, unknown keys, wrong types, allowed values, batch division, and
+// environment overrides.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "trainer/config.h"
+
+namespace ddpm {
+namespace {
+
+std::string ErrorOf(const std::string& yaml) {
+  try {
+    LoadConfigString(yaml, "test.yaml");
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Config, DefaultsAreThePapersCifar10Setup) {
+  const Config c = LoadConfigString("");
+  EXPECT_EQ(c.model.ch, 128);
+  EXPECT_EQ(c.model.ch_mult, (std::vector<int>{1, 2, 2, 2}));
+  EXPECT_EQ(c.model.num_res_blocks, 2);
+  EXPECT_EQ(c.model.attn_resolutions, (std::vector<int>{16}));
+  EXPECT_DOUBLE_EQ(c.model.dropout, 0.1);
+  EXPECT_EQ(c.diffusion.timesteps, 1000);
+  EXPECT_DOUBLE_EQ(c.diffusion.beta_start, 1e-4);
+  EXPECT_DOUBLE_EQ(c.diffusion.beta_end, 0.02);
+  EXPECT_EQ(c.train.batch_size, 128);
+  EXPECT_DOUBLE_EQ(c.train.lr, 2e-4);
+  EXPECT_EQ(c.train.warmup_steps, 5000);
+  EXPECT_DOUBLE_EQ(c.train.grad_clip, 1.0);
+  EXPECT_DOUBLE_EQ(c.train.ema_decay, 0.9999);
+  EXPECT_EQ(c.train.steps, 800000);
+  EXPECT_EQ(c.sample.variance, VarianceKind::kFixedLarge);
+}
+
+TEST(Config, ReadsEveryKindOfField) {
+  const Config c = LoadConfigString(R"(
+model: {ch: 64, ch_mult: [1, 2], attn_resolutions: [], image_size: 16, norm_groups: 16}
+diffusion: {schedule: cosine, objective: v, loss: l1, weighting: min_snr, min_snr_gamma: 3}
+train: {seed: 7, device: cpu, lr: 1.5e-4}
+data: {random_flip: false}
+sample: {sampler: ddim, steps: 50, eta: 0.5}
+)");
+  EXPECT_EQ(c.model.ch, 64);
+  EXPECT_EQ(c.model.ch_mult, (std::vector<int>{1, 2}));
+  EXPECT_TRUE(c.model.attn_resolutions.empty());
+  EXPECT_EQ(c.diffusion.schedule, ScheduleKind::kCosine);
+  EXPECT_EQ(c.diffusion.objective, Objective::kV);
+  EXPECT_EQ(c.diffusion.loss, LossKind::kL1);
+  EXPECT_EQ(c.diffusion.weighting, LossWeighting::kMinSnr);
+  EXPECT_DOUBLE_EQ(c.diffusion.min_snr_gamma, 3.0);
+  EXPECT_EQ(c.train.seed, 7u);
+  EXPECT_DOUBLE_EQ(c.train.lr, 1.5e-4);
+  EXPECT_FALSE(c.data.random_flip);
+  EXPECT_EQ(c.sample.sampler, SamplerKind::kDdim);
+  EXPECT_EQ(c.sample.steps, 50);
+}
+
+TEST(Config, UnknownKeyIsAnErrorThatNamesItAndItsLine) {
+  const std::string error = ErrorOf("model:\n  ch: 64\n  chh: 3\n");
+  EXPECT_NE(error.find("unknown key 'model.chh'"), std::string::npos) << error;
+  EXPECT_NE(error.find("test.yaml:3:"), std::string::npos) << error;
+  EXPECT_NE(error.find("ch_mult"), std::string::npos) << "lists the valid keys: " << error;
+}
+
+TEST(Config, UnknownSectionIsAnError) {
+  const std::string error = ErrorOf("modle:\n  ch: 64\n");
+  EXPECT_NE(error.find("unknown section 'modle'"), std::string::npos) << error;
+}
+
+TEST(Config, WrongTypeNamesTheKeyAndWhatWasExpected) {
+  std::string error = ErrorOf("train:\n  batch_size: lots\n");
+  EXPECT_NE(error.find("train.batch_size"), std::string::npos) << error;
+  EXPECT_NE(error.find("expected an integer"), std::string::npos) << error;
+  EXPECT_NE(error.find("'lots'"), std::string::npos) << error;
+  error = ErrorOf("model:\n  ch_mult: 2\n");
+  EXPECT_NE(error.find("model.ch_mult: expected a list"), std::string::npos) << error;
+  error = ErrorOf("data:\n  random_flip: maybe\n");
+  EXPECT_NE(error.find("data.random_flip: expected true or false"), std::string::npos) << error;
+  error = ErrorOf("train:\n  seed: -1\n");
+  EXPECT_NE(error.find("train.seed: expected a non-negative integer"), std::string::npos) << error;
+}
+
+TEST(Config, EnumErrorListsTheAllowedValues) {
+  const std::string error = ErrorOf("sample:\n  variance: huge\n");
+  EXPECT_NE(error.find("sample.variance"), std::string::npos) << error;
+  EXPECT_NE(error.find("'huge' is not one of: fixedlarge, fixedsmall"), std::string::npos) << error;
+}
+
+TEST(Config, BatchThatDoesNotDivideIsRefusedWithTheReason) {
+  const Config c = LoadConfigString("train: {batch_size: 128, grad_accum: 2}");
+  EXPECT_EQ(c.PerRankMicroBatch(8), 8);
+  try {
+    c.Validate(3);
+    FAIL() << "128 does not split over 3 ranks x 2 micro-batches";
+  } catch (const ConfigError& e) {
+    const std::string error = e.what();
+    EXPECT_NE(error.find("train.batch_size: 128 does not divide"), std::string::npos) << error;
+    EXPECT_NE(error.find("world size 3"), std::string::npos) << error;
+    EXPECT_NE(error.find("train.grad_accum 2"), std::string::npos) << error;
+  }
+  EXPECT_NE(ErrorOf("train: {batch_size: 10, grad_accum: 4}").find("does not divide"),
+            std::string::npos);
+}
+
+TEST(Config, CrossFieldChecksNameTheKey) {
+  EXPECT_NE(ErrorOf("model: {attn_resolutions: [7]}").find("model.attn_resolutions: 7"),
+            std::string::npos);
+  EXPECT_NE(ErrorOf("model: {norm_groups: 24}").find("model.norm_groups"), std::string::npos);
+  EXPECT_NE(ErrorOf("model: {image_size: 20}").find("model.image_size"), std::string::npos);
+  EXPECT_NE(ErrorOf("diffusion: {beta_start: 0.1, beta_end: 0.01}").find("diffusion.beta_start"),
+            std::string::npos);
+  EXPECT_NE(ErrorOf("sample: {steps: 2000}").find("sample.steps"), std::string::npos);
+  EXPECT_NE(ErrorOf("train: {device: tpu}").find("train.device"), std::string::npos);
+}
+
+TEST(Config, YamlSyntaxErrorNamesTheLine) {
+  const std::string error = ErrorOf("model:\n  ch: [1, 2\n");
+  EXPECT_NE(error.find("test.yaml:"), std::string::npos) << error;
+  EXPECT_NE(error.find("YAML syntax error"), std::string::npos) << error;
+}
+
+TEST(Config, ToYamlRoundTrips) {
+  const Config c = LoadConfigString(
+      "model: {ch: 64, ch_mult: [1, 2], image_size: 16, attn_resolutions: [8]}\n"
+      "train: {lr: 0.000123456789, seed: 42}\nsample: {sampler: ddim}\n");
+  const Config back = LoadConfigString(c.ToYaml());
+  EXPECT_EQ(back.ToYaml(), c.ToYaml());
+  EXPECT_DOUBLE_EQ(back.train.lr, 0.000123456789);
+  EXPECT_EQ(back.model.ch_mult, (std::vector<int>{1, 2}));
+  EXPECT_NE(c.ToTable().find("train.lr"), std::string::npos);
+}
+
+TEST(Config, EnvironmentOverridesAKey) {
+  setenv("DDPM_TRAIN_STEPS", "123", 1);
+  setenv("DDPM_MODEL_CH_MULT", "[1, 2]", 1);
+  setenv("DDPM_MODEL_IMAGE_SIZE", "16", 1);
+  const Config c = LoadConfigString("train: {steps: 5}", "test.yaml", /*apply_env=*/true);
+  unsetenv("DDPM_TRAIN_STEPS");
+  unsetenv("DDPM_MODEL_CH_MULT");
+  unsetenv("DDPM_MODEL_IMAGE_SIZE");
+  EXPECT_EQ(c.train.steps, 123);
+  EXPECT_EQ(c.model.ch_mult, (std::vector<int>{1, 2}));
+}
+
+TEST(Config, UnknownEnvironmentKeyIsAnError) {
+  setenv("DDPM_TRAIN_STEPZ", "1", 1);
+  try {
+    LoadConfigString("", "test.yaml", /*apply_env=*/true);
+    unsetenv("DDPM_TRAIN_STEPZ");
+    FAIL() << "a misspelt override must not be ignored";
+  } catch (const ConfigError& e) {
+    unsetenv("DDPM_TRAIN_STEPZ");
+    EXPECT_NE(std::string(e.what()).find("DDPM_TRAIN_STEPZ"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Config, BadEnvironmentValueNamesTheVariable) {
+  setenv("DDPM_TRAIN_LR", "fast", 1);
+  std::string error;
+  try {
+    LoadConfigString("", "test.yaml", /*apply_env=*/true);
+  } catch (const ConfigError& e) {
+    error = e.what();
+  }
+  unsetenv("DDPM_TRAIN_LR");
+  EXPECT_NE(error.find("environment DDPM_TRAIN_LR"), std::string::npos) << error;
+  EXPECT_NE(error.find("train.lr: expected a number"), std::string::npos) << error;
+}
+
+TEST(Config, SetConfigKeyUsesTheSameChecks) {
+  Config c = LoadConfigString("");
+  SetConfigKey(c, "sample.sampler", "ddim", "flags");
+  EXPECT_EQ(c.sample.sampler, SamplerKind::kDdim);
+  EXPECT_THROW(SetConfigKey(c, "sample.sampler", "euler", "flags"), ConfigError);
+  EXPECT_THROW(SetConfigKey(c, "sample.nope", "1", "flags"), ConfigError);
+  EXPECT_THROW(SetConfigKey(c, "nodot", "1", "flags"), ConfigError);
+}
+
+TEST(Config, MissingFileNamesThePath) {
+  try {
+    LoadConfigFile("/nonexistent/run.yaml");
+    FAIL();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("/nonexistent/run.yaml"), std::string::npos);
+  }
+}
+
+}  // namespace
+}  // namespace ddpm

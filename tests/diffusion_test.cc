@@ -1,0 +1,278 @@
+// Noise schedules, the forward process, the posterior, the losses and the samplers, each
+// checked against quantities computed here independently in double precision.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <vector>
+
+#include "trainer/diffusion.h"
+
+namespace ddpm {
+namespace {
+
+constexpr double kPi = 3.14159265358979323846;
+
+DiffusionConfig Linear(int timesteps = 1000) {
+  DiffusionConfig c;
+  c.timesteps = timesteps;
+  return c;
+}
+
+// Linear betas and their running product, by plain loops.
+std::vector<double> LinearBetas(int steps, double start, double end) {
+  std::vector<double> betas(steps);
+  for (int i = 0; i < steps; ++i) betas[i] = start + (end - start) * i / (steps - 1);
+  return betas;
+}
+
+std::vector<double> CumProd(const std::vector<double>& betas) {
+  std::vector<double> out(betas.size());
+  double product = 1.0;
+  for (std::size_t i = 0; i < betas.size(); ++i) out[i] = product *= 1.0 - betas[i];
+  return out;
+}
+
+TEST(Schedule, LinearBuffersMatchClosedForms) {
+  const NoiseSchedule s = NoiseSchedule::Make(Linear());
+  const std::vector<double> betas = LinearBetas(1000, 1e-4, 0.02);
+  const std::vector<double> abar = CumProd(betas);
+  ASSERT_EQ(s.alphas_cumprod.scalar_type(), torch::kFloat64);
+  ASSERT_EQ(s.alphas_cumprod.size(0), 1000);
+  EXPECT_NEAR(abar[999], 4.04e-5, 0.01e-5);
+  for (int t : {0, 1, 10, 500, 998, 999}) {
+    SCOPED_TRACE(t);
+    const double prev = t == 0 ? 1.0 : abar[t - 1];
+    EXPECT_NEAR(s.betas[t].item<double>(), betas[t], 1e-15);
+    EXPECT_NEAR(s.alphas_cumprod[t].item<double>() / abar[t], 1.0, 1e-12);
+    EXPECT_NEAR(s.alphas_cumprod_prev[t].item<double>(), prev, 1e-15);
+    EXPECT_NEAR(s.sqrt_alphas_cumprod[t].item<double>(), std::sqrt(abar[t]), 1e-12);
+    EXPECT_NEAR(s.sqrt_one_minus_alphas_cumprod[t].item<double>(), std::sqrt(1 - abar[t]), 1e-12);
+    EXPECT_NEAR(s.log_one_minus_alphas_cumprod[t].item<double>(), std::log(1 - abar[t]), 1e-12);
+    EXPECT_NEAR(s.sqrt_recip_alphas_cumprod[t].item<double>() / std::sqrt(1 / abar[t]), 1, 1e-12);
+    EXPECT_NEAR(s.sqrt_recipm1_alphas_cumprod[t].item<double>() / std::sqrt(1 / abar[t] - 1), 1,
+                1e-12);
+    const double posterior_variance = betas[t] * (1 - prev) / (1 - abar[t]);
+    EXPECT_NEAR(s.posterior_variance[t].item<double>(), posterior_variance, 1e-15);
+    EXPECT_NEAR(s.posterior_mean_coef1[t].item<double>(),
+                betas[t] * std::sqrt(prev) / (1 - abar[t]), 1e-12);
+    EXPECT_NEAR(s.posterior_mean_coef2[t].item<double>(),
+                (1 - prev) * std::sqrt(1 - betas[t]) / (1 - abar[t]), 1e-12);
+  }
+  // beta-tilde_0 is 0; its log is clipped to log(beta-tilde_1).
+  EXPECT_EQ(s.posterior_variance[0].item<double>(), 0.0);
+  const double tilde1 = betas[1] * (1 - abar[0]) / (1 - abar[1]);
+  EXPECT_NEAR(s.posterior_log_variance_clipped[0].item<double>(), std::log(tilde1), 1e-12);
+  EXPECT_NEAR(s.posterior_log_variance_clipped[1].item<double>(), std::log(tilde1), 1e-12);
+}
+
+TEST(Schedule, CosineMatchesNicholDhariwal) {
+  DiffusionConfig c;
+  c.schedule = ScheduleKind::kCosine;
+  const NoiseSchedule s = NoiseSchedule::Make(c);
+  auto f = [](double t) {
+    const double angle = (t / 1000.0 + 0.008) / 1.008 * kPi / 2;
+    return std::cos(angle) * std::cos(angle);
+  };
+  for (int t : {0, 100, 500, 900}) {
+    // Away from the clip at 0.999, abar_t = f(t + 1) / f(0).
+    EXPECT_NEAR(s.alphas_cumprod[t].item<double>(), f(t + 1) / f(0), 1e-10) << t;
+  }
+  EXPECT_LE(s.betas.max().item<double>(), 0.999);
+  EXPECT_NEAR(s.betas[999].item<double>(), 0.999, 1e-12) << "the last beta is clipped";
+}
+
+TEST(Diffusion, QSampleHasTheForwardMoments) {
+  const GaussianDiffusion diffusion(Linear());
+  const std::vector<double> abar = CumProd(LinearBetas(1000, 1e-4, 0.02));
+  torch::manual_seed(0);
+  const int64_t n = 200000;
+  for (int step : {10, 300, 999}) {
+    const torch::Tensor x0 = torch::full({n, 1, 1, 1}, 0.7);
+    const torch::Tensor t = torch::full({n}, step, torch::kLong);
+    const torch::Tensor x_t = diffusion.q_sample(x0, t, torch::randn({n, 1, 1, 1}));
+    const double mean = x_t.mean().item<double>();
+    const double var = x_t.to(torch::kFloat64).var().item<double>();
+    // Standard errors: sqrt(var / n) < 0.0023 for the mean, var sqrt(2 / n) for the variance.
+    EXPECT_NEAR(mean, std::sqrt(abar[step]) * 0.7, 0.01) << step;
+    EXPECT_NEAR(var, 1 - abar[step], 0.01 * (1 - abar[step]) + 1e-4) << step;
+  }
+}
+
+TEST(Diffusion, PosteriorIsBayesRuleOfTheForwardProcess) {
+  // q(x_{t-1} | x_t, x0) from x_{t-1} | x0 ~ N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1}) and
+  // x_t | x_{t-1} ~ N(sqrt(alpha_t) x_{t-1}, beta_t): precisions add, means weight by them.
+  const GaussianDiffusion diffusion(Linear());
+  const std::vector<double> betas = LinearBetas(1000, 1e-4, 0.02);
+  const std::vector<double> abar = CumProd(betas);
+  for (int step : {1, 5, 250, 999}) {
+    const double x0 = -0.3, x_t = 1.1;
+    const double prior_var = 1 - abar[step - 1];
+    const double precision = 1 / prior_var + (1 - betas[step]) / betas[step];
+    const double var = 1 / precision;
+    const double mean = var * (std::sqrt(abar[step - 1]) * x0 / prior_var +
+                               std::sqrt(1 - betas[step]) * x_t / betas[step]);
+    const Posterior p = diffusion.q_posterior(torch::full({1, 1, 1, 1}, x0),
+                                              torch::full({1, 1, 1, 1}, x_t),
+                                              torch::full({1}, step, torch::kLong));
+    EXPECT_NEAR(p.mean.item<double>(), mean, 1e-5 * std::max(1.0, std::abs(mean))) << step;
+    EXPECT_NEAR(p.variance.item<double>() / var, 1.0, 1e-5) << step;
+    EXPECT_NEAR(p.log_variance.item<double>(), std::log(var), 1e-5) << step;
+  }
+}
+
+TEST(Diffusion, PredictionsInvertTheForwardProcess) {
+  const GaussianDiffusion diffusion(Linear());
+  torch::manual_seed(1);
+  const torch::Tensor x0 = torch::rand({8, 3, 4, 4}) * 2 - 1;
+  const torch::Tensor noise = torch::randn({8, 3, 4, 4});
+  const torch::Tensor t = torch::tensor({0, 1, 50, 200, 500, 700, 900, 999}, torch::kLong);
+  const torch::Tensor x_t = diffusion.q_sample(x0, t, noise);
+  EXPECT_LT((diffusion.predict_start_from_noise(x_t, t, noise) - x0).abs().max().item<double>(), 2e-3);
+  EXPECT_LT((diffusion.predict_noise_from_start(x_t, t, x0) - noise).abs().max().item<double>(), 2e-3);
+  const torch::Tensor v = diffusion.velocity(x0, t, noise);
+  EXPECT_LT((diffusion.predict_start_from_v(x_t, t, v) - x0).abs().max().item<double>(), 1e-5);
+}
+
+// A denoiser that always predicts zeros, so every loss is a plain function of its target.
+torch::Tensor Zeros(const torch::Tensor& x, const torch::Tensor&) { return torch::zeros_like(x); }
+
+TEST(Diffusion, LossTargetsOfEachObjective) {
+  torch::manual_seed(2);
+  const torch::Tensor x0 = torch::rand({4, 3, 8, 8}) * 2 - 1;
+  const torch::Tensor noise = torch::randn({4, 3, 8, 8});
+  const torch::Tensor t = torch::tensor({3, 100, 600, 999}, torch::kLong);
+  const std::vector<double> abar = CumProd(LinearBetas(1000, 1e-4, 0.02));
+
+  DiffusionConfig c = Linear();
+  EXPECT_NEAR(GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise).loss.item<double>(),
+              noise.square().mean().item<double>(), 1e-6);
+  c.loss = LossKind::kL1;
+  EXPECT_NEAR(GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise).loss.item<double>(),
+              noise.abs().mean().item<double>(), 1e-6);
+  c.loss = LossKind::kL2;
+  c.objective = Objective::kX0;
+  EXPECT_NEAR(GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise).loss.item<double>(),
+              x0.square().mean().item<double>(), 1e-6);
+  c.objective = Objective::kV;
+  double expected = 0;
+  for (int i = 0; i < 4; ++i) {
+    const int step = t[i].item<int>();
+    const torch::Tensor v = std::sqrt(abar[step]) * noise[i] - std::sqrt(1 - abar[step]) * x0[i];
+    expected += v.square().mean().item<double>() / 4;
+  }
+  EXPECT_NEAR(GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise).loss.item<double>(),
+              expected, 1e-5);
+}
+
+TEST(Diffusion, LossWeightings) {
+  torch::manual_seed(3);
+  const torch::Tensor x0 = torch::rand({4, 3, 8, 8}) * 2 - 1;
+  const torch::Tensor noise = torch::randn({4, 3, 8, 8});
+  const torch::Tensor t = torch::tensor({0, 100, 600, 999}, torch::kLong);
+  const std::vector<double> abar = CumProd(LinearBetas(1000, 1e-4, 0.02));
+  const torch::Tensor per_sample = noise.square().flatten(1).mean(1);
+
+  DiffusionConfig c = Linear();
+  c.weighting = LossWeighting::kMinSnr;
+  c.min_snr_gamma = 5.0;
+  double expected = 0;
+  for (int i = 0; i < 4; ++i) {
+    const double snr = abar[t[i].item<int>()] / (1 - abar[t[i].item<int>()]);
+    expected += per_sample[i].item<double>() * std::min(snr, 5.0) / snr / 4;
+  }
+  const DiffusionLoss min_snr = GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise);
+  EXPECT_NEAR(min_snr.loss.item<double>(), expected, 1e-5);
+  EXPECT_TRUE(torch::allclose(min_snr.per_sample, per_sample));
+
+  c.weighting = LossWeighting::kP2;
+  c.p2_gamma = 0.5;
+  c.p2_k = 1.0;
+  expected = 0;
+  for (int i = 0; i < 4; ++i) {
+    const double snr = abar[t[i].item<int>()] / (1 - abar[t[i].item<int>()]);
+    expected += per_sample[i].item<double>() * std::pow(1.0 + snr, -0.5) / 4;
+  }
+  EXPECT_NEAR(GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise).loss.item<double>(),
+              expected, 1e-5);
+}
+
+// The exact eps-predictor for data x0 ~ N(0, s^2): x_t ~ N(0, abar s^2 + 1 - abar), so
+// E[eps | x_t] = sqrt(1 - abar) x_t / (abar s^2 + 1 - abar).
+Denoiser GaussianOracle(double data_std) {
+  const NoiseSchedule s = NoiseSchedule::Make(Linear());
+  const torch::Tensor abar = s.alphas_cumprod.to(torch::kFloat32);
+  return [abar, data_std](const torch::Tensor& x, const torch::Tensor& t) {
+    const torch::Tensor a = abar.index_select(0, t).view({-1, 1, 1, 1});
+    return torch::sqrt(1 - a) * x / (a * data_std * data_std + 1 - a);
+  };
+}
+
+TEST(Sampler, DdpmWithTheExactDenoiserSamplesTheData) {
+  const GaussianDiffusion diffusion(Linear());
+  const double data_std = 0.5;
+  for (VarianceKind variance : {VarianceKind::kFixedSmall, VarianceKind::kFixedLarge}) {
+    const torch::Tensor x = diffusion.SampleDdpm(GaussianOracle(data_std), {4096, 1, 2, 2},
+                                                 variance, /*clip_x0=*/false, /*seed=*/5);
+    // The standard error of the std over 16384 draws is about 0.003.
+    EXPECT_NEAR(x.mean().item<double>(), 0.0, 0.02) << Name(variance);
+    EXPECT_NEAR(x.std().item<double>(), data_std, 0.03) << Name(variance);
+  }
+}
+
+TEST(Sampler, DdimWithEtaOneOverAllStepsMatchesAncestralSampling) {
+  const GaussianDiffusion diffusion(Linear());
+  const Denoiser oracle = GaussianOracle(0.5);
+  const torch::Tensor ddpm =
+      diffusion.SampleDdpm(oracle, {2048, 1, 2, 2}, VarianceKind::kFixedSmall, true, 9);
+  const torch::Tensor ddim = diffusion.SampleDdim(oracle, {2048, 1, 2, 2}, 1000, 1.0, true, 9);
+  // Same statistics ...
+  EXPECT_NEAR(ddim.mean().item<double>(), ddpm.mean().item<double>(), 0.01);
+  EXPECT_NEAR(ddim.std().item<double>(), ddpm.std().item<double>(), 0.01);
+  // ... and, drawing the same noise in the same order, the same samples up to float rounding.
+  EXPECT_LT((ddim - ddpm).abs().max().item<double>(), 1e-3);
+}
+
+TEST(Sampler, DeterministicDdimWithFewStepsSamplesTheData) {
+  const GaussianDiffusion diffusion(Linear());
+  const torch::Tensor x =
+      diffusion.SampleDdim(GaussianOracle(0.5), {4096, 1, 2, 2}, 100, 0.0, false, 11);
+  EXPECT_NEAR(x.std().item<double>(), 0.5, 0.03);
+}
+
+TEST(Sampler, SameSeedSameSamplesOtherSeedOtherSamples) {
+  const GaussianDiffusion diffusion(Linear(100));
+  // A nonlinear denoiser, so that any stray randomness would show.
+  const Denoiser model = [](const torch::Tensor& x, const torch::Tensor& t) {
+    return torch::tanh(x * 0.3) + t.to(torch::kFloat32).view({-1, 1, 1, 1}) * 1e-3;
+  };
+  for (SamplerKind kind : {SamplerKind::kDdpm, SamplerKind::kDdim}) {
+    SampleConfig sc;
+    sc.sampler = kind;
+    sc.steps = 20;
+    sc.eta = 0.5;
+    sc.seed = 42;
+    const torch::Tensor a = diffusion.Sample(model, {3, 3, 8, 8}, sc);
+    const torch::Tensor b = diffusion.Sample(model, {3, 3, 8, 8}, sc);
+    sc.seed = 43;
+    const torch::Tensor c = diffusion.Sample(model, {3, 3, 8, 8}, sc);
+    EXPECT_TRUE(torch::equal(a, b)) << Name(kind);
+    EXPECT_FALSE(torch::allclose(a, c)) << Name(kind);
+    EXPECT_LE(a.abs().max().item<double>(), 1.0 + 1e-6) << "clipped x0 keeps samples in range";
+  }
+}
+
+TEST(Sampler, ReportsProgress) {
+  const GaussianDiffusion diffusion(Linear(50));
+  int calls = 0, last = 0;
+  diffusion.SampleDdim(Zeros, {1, 1, 2, 2}, 10, 0.0, true, 0, [&](int done, int total) {
+    ++calls;
+    last = done;
+    EXPECT_EQ(total, 10);
+  });
+  EXPECT_EQ(calls, 10);
+  EXPECT_EQ(last, 10);
+}
+
+}  // namespace
+}  // namespace ddpm

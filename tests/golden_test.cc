@@ -1,0 +1,136 @@
+// Golden parity with the plain-PyTorch reference (tests/reference/ddpm_ref.py): the same
+// weights and inputs give the same UNet output, loss, and gradient of every parameter.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+#include "test_env.h"
+#include "trainer/diffusion.h"
+#include "trainer/trainer.h"
+#include "trainer/unet.h"
+
+namespace ddpm {
+namespace {
+
+int RunCommand(const std::string& command) { return std::system(command.c_str()); }
+
+TEST(Golden, UNetOutputLossAndGradientsMatchPyTorch) {
+  const std::string python = DDPM_REFERENCE_PYTHON;
+  if (RunCommand(python + " -c 'import torch' > /dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "golden parity needs " << python
+                 << " with torch (Debian: apt-get install python3-torch); it cannot run here";
+  }
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("ddpm_golden_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+
+  // Every block type: res blocks with and without shortcut, attention, down- and upsampling.
+  ModelConfig m;
+  m.ch = 32;
+  m.ch_mult = {1, 2};
+  m.num_res_blocks = 1;
+  m.attn_resolutions = {8};
+  m.image_size = 16;
+  m.norm_groups = 8;
+  m.dropout = 0.1;
+  UNet model(m, /*seed=*/5);
+  model->eval();
+
+  // Random weights everywhere (the authors' near-zero output layers would hide mistakes).
+  torch::manual_seed(11);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& item : model->named_parameters()) {
+      torch::Tensor p = item.value();
+      if (p.dim() > 1) {
+        p.copy_(torch::randn_like(p) * (0.8 / std::sqrt(static_cast<double>(p[0].numel()))));
+      } else if (item.key().find("norm") != std::string::npos &&
+                 item.key().find(".weight") != std::string::npos) {
+        p.copy_(1.0 + 0.1 * torch::randn_like(p));
+      } else {
+        p.copy_(0.1 * torch::randn_like(p));
+      }
+    }
+  }
+  const torch::Tensor x0 = torch::rand({4, 3, 16, 16}) * 2 - 1;
+  const torch::Tensor t = torch::tensor({0, 17, 500, 999}, torch::kLong);
+  const torch::Tensor noise = torch::randn({4, 3, 16, 16});
+
+  std::map<std::string, torch::Tensor> inputs;
+  for (const auto& [name, tensor] : StateDict(*model)) inputs["param." + name] = tensor;
+  inputs["x0"] = x0;
+  inputs["t"] = t;
+  inputs["noise"] = noise;
+  const std::string in_path = (dir / "in.pt").string();
+  const std::string out_path = (dir / "out.pt").string();
+  SaveTensors(inputs, in_path);
+
+  const std::string config_json =
+      "{\"ch\": 32, \"ch_mult\": [1, 2], \"num_res_blocks\": 1, \"attn_resolutions\": [8], "
+      "\"dropout\": 0.1, \"image_size\": 16, \"in_channels\": 3, \"norm_groups\": 8, "
+      "\"timesteps\": 1000}";
+  const std::string log_path = (dir / "python.log").string();
+  const int rc = RunCommand(python + " " + DDPM_SOURCE_DIR + "/tests/reference/golden.py " + in_path +
+                     " " + out_path + " '" + config_json + "' > " + log_path + " 2>&1");
+  ASSERT_EQ(rc, 0) << "the Python reference failed; see " << log_path;
+  const std::map<std::string, torch::Tensor> ref = LoadTensors(out_path);
+
+  EXPECT_EQ(ref.at("num_params").item<int64_t>(), CountParameters(*model));
+
+  DiffusionConfig dc;
+  const GaussianDiffusion diffusion(dc);
+  const torch::Tensor x_t = diffusion.q_sample(x0, t, noise);
+  EXPECT_LT((x_t - ref.at("x_t")).abs().max().item<double>(), 1e-5);
+
+  torch::Tensor out;
+  {
+    torch::NoGradGuard no_grad;
+    out = model->forward(x_t, t);
+  }
+  ASSERT_EQ(out.sizes(), ref.at("out").sizes());
+  EXPECT_GT(out.abs().max().item<double>(), 0.1) << "a non-trivial output";
+  EXPECT_LT((out - ref.at("out")).abs().max().item<double>(), 1e-4);
+
+  const Denoiser denoiser = [&](const torch::Tensor& x, const torch::Tensor& tt) {
+    return model->forward(x, tt);
+  };
+  const DiffusionLoss loss = diffusion.TrainingLoss(denoiser, x0, t, noise);
+  EXPECT_NEAR(loss.loss.item<double>(), ref.at("loss").item<double>(), 1e-4);
+  loss.loss.backward();
+
+  int compared = 0;
+  double worst_grad = 0;
+  for (const auto& item : model->named_parameters()) {
+    const torch::Tensor& grad = item.value().grad();
+    const torch::Tensor& expected = ref.at("grad." + item.key());
+    ASSERT_TRUE(grad.defined()) << item.key();
+    const double diff = (grad - expected).abs().max().item<double>();
+    worst_grad = std::max(worst_grad, diff);
+    EXPECT_LT(diff, 1e-4) << item.key() << ": max |grad| " << expected.abs().max().item<double>();
+    ++compared;
+  }
+  std::printf("golden: max |output diff| %.3g, |loss diff| %.3g, max |grad diff| %.3g over %d "
+              "parameters\n",
+              (out - ref.at("out")).abs().max().item<double>(),
+              std::abs(loss.loss.item<double>() - ref.at("loss").item<double>()), worst_grad,
+              compared);
+  // One of each block type is among them; all of them are compared.
+  for (const char* name : {"temb_dense0.weight", "conv_in.weight", "down_0_0.conv1.weight",
+                           "down_0_0.temb_proj.weight", "down_0_ds.weight",
+                           "down_1_0.nin_shortcut.weight", "down_1_0.attn.qkv.weight",
+                           "mid_block1.attn.proj_out.weight", "up_1_us.weight",
+                           "up_0_1.norm2.weight", "conv_out.weight"}) {
+    EXPECT_EQ(ref.count(std::string("grad.") + name), 1u) << name;
+  }
+  EXPECT_EQ(compared, static_cast<int>(model->parameters().size()));
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace ddpm

@@ -1,0 +1,157 @@
+"""Plain-PyTorch reference of the ddpm-train UNet and loss (Ho et al. 2020).
+
+Written independently of the C++ code, from the authors' TensorFlow model
+(diffusion_tf/models/unet.py). Module names match the C++ UNet so that a state dict moves
+between them unchanged. It serves two purposes: the golden parity test (tests/golden_test.cc)
+and the side-by-side performance peer (bench/).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def timestep_embedding(t, dim):
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    args = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class Attn(nn.Module):
+    def __init__(self, ch, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)
+        weights = torch.einsum("bci,bcj->bij", q, k) * (c ** -0.5)
+        weights = weights.softmax(dim=-1)
+        out = torch.einsum("bij,bcj->bci", weights, v).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch, out_ch, temb_ch, dropout, groups, attn):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        if in_ch != out_ch:
+            self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1)
+        else:
+            self.nin_shortcut = None
+        self.attn = Attn(out_ch, groups) if attn else None
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        h = x + h
+        if self.attn is not None:
+            h = self.attn(h)
+        return h
+
+
+class Downsample(nn.Conv2d):
+    def __init__(self, ch):
+        super().__init__(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        # TensorFlow's SAME padding for stride 2 pads only bottom and right.
+        return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Conv2d):
+    def __init__(self, ch):
+        super().__init__(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return super().forward(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    def __init__(self, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                 dropout=0.1, image_size=32, in_channels=3, norm_groups=32):
+        super().__init__()
+        self.ch = ch
+        self.ch_mult = tuple(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        temb_ch = 4 * ch
+        self.temb_dense0 = nn.Linear(ch, temb_ch)
+        self.temb_dense1 = nn.Linear(temb_ch, temb_ch)
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        skip_chs = [ch]
+        cur_ch, res = ch, image_size
+        levels = len(ch_mult)
+        for level, mult in enumerate(ch_mult):
+            for block in range(num_res_blocks):
+                out_ch = ch * mult
+                self.add_module(f"down_{level}_{block}",
+                                ResBlock(cur_ch, out_ch, temb_ch, dropout, norm_groups,
+                                         res in attn_resolutions))
+                cur_ch = out_ch
+                skip_chs.append(cur_ch)
+            if level != levels - 1:
+                self.add_module(f"down_{level}_ds", Downsample(cur_ch))
+                skip_chs.append(cur_ch)
+                res //= 2
+        self.mid_block1 = ResBlock(cur_ch, cur_ch, temb_ch, dropout, norm_groups, True)
+        self.mid_block2 = ResBlock(cur_ch, cur_ch, temb_ch, dropout, norm_groups, False)
+        for level in reversed(range(levels)):
+            for block in range(num_res_blocks + 1):
+                out_ch = ch * ch_mult[level]
+                self.add_module(f"up_{level}_{block}",
+                                ResBlock(cur_ch + skip_chs.pop(), out_ch, temb_ch, dropout,
+                                         norm_groups, res in attn_resolutions))
+                cur_ch = out_ch
+            if level != 0:
+                self.add_module(f"up_{level}_us", Upsample(cur_ch))
+                res *= 2
+        self.norm_out = nn.GroupNorm(norm_groups, cur_ch, eps=1e-6)
+        self.conv_out = nn.Conv2d(cur_ch, in_channels, 3, padding=1)
+
+    def forward(self, x, t):
+        temb = self.temb_dense1(F.silu(self.temb_dense0(timestep_embedding(t, self.ch))))
+        hs = [self.conv_in(x)]
+        levels = len(self.ch_mult)
+        for level in range(levels):
+            for block in range(self.num_res_blocks):
+                hs.append(getattr(self, f"down_{level}_{block}")(hs[-1], temb))
+            if level != levels - 1:
+                hs.append(getattr(self, f"down_{level}_ds")(hs[-1]))
+        h = hs[-1]
+        h = self.mid_block1(h, temb)
+        h = self.mid_block2(h, temb)
+        for level in reversed(range(levels)):
+            for block in range(self.num_res_blocks + 1):
+                h = getattr(self, f"up_{level}_{block}")(torch.cat([h, hs.pop()], dim=1), temb)
+            if level != 0:
+                h = getattr(self, f"up_{level}_us")(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def linear_alphas_cumprod(timesteps, beta_start, beta_end):
+    betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def loss_eps_l2(model, x0, t, noise, alphas_cumprod):
+    """L_simple of Ho et al. (Eq. 14): mean over the batch of ||eps - eps_theta(x_t, t)||^2."""
+    abar = alphas_cumprod[t].float()[:, None, None, None]
+    x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+    return ((model(x_t, t) - noise) ** 2).mean()
+
+
+if __name__ == "__main__":
+    model = UNet()
+    print(sum(p.numel() for p in model.parameters()))

@@ -1,0 +1,455 @@
+#include "trainer/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <iomanip>
+#include <sstream>
+
+extern char** environ;
+
+namespace ddpm {
+namespace {
+
+template <typename E>
+struct EnumNames;
+template <>
+struct EnumNames<ScheduleKind> {
+  static constexpr const char* kNames[] = {"linear", "cosine"};
+};
+template <>
+struct EnumNames<Objective> {
+  static constexpr const char* kNames[] = {"eps", "x0", "v"};
+};
+template <>
+struct EnumNames<LossKind> {
+  static constexpr const char* kNames[] = {"l2", "l1"};
+};
+template <>
+struct EnumNames<LossWeighting> {
+  static constexpr const char* kNames[] = {"none", "p2", "min_snr"};
+};
+template <>
+struct EnumNames<VarianceKind> {
+  static constexpr const char* kNames[] = {"fixedlarge", "fixedsmall"};
+};
+template <>
+struct EnumNames<SamplerKind> {
+  static constexpr const char* kNames[] = {"ddpm", "ddim"};
+};
+template <>
+struct EnumNames<DatasetKind> {
+  static constexpr const char* kNames[] = {"shapes"};
+};
+
+template <typename E>
+std::string AllowedList() {
+  std::string out;
+  for (const char* name : EnumNames<E>::kNames) {
+    if (!out.empty()) out += ", ";
+    out += name;
+  }
+  return out;
+}
+
+// Calls visit(section, key, field) for every field of the config, in file order. Loading,
+// environment overrides, unknown-key checks, printing and YAML output all walk this one list.
+template <typename Cfg, typename Visitor>
+void VisitFields(Cfg& c, Visitor&& visit) {
+  visit("model", "ch", c.model.ch);
+  visit("model", "ch_mult", c.model.ch_mult);
+  visit("model", "num_res_blocks", c.model.num_res_blocks);
+  visit("model", "attn_resolutions", c.model.attn_resolutions);
+  visit("model", "dropout", c.model.dropout);
+  visit("model", "image_size", c.model.image_size);
+  visit("model", "in_channels", c.model.in_channels);
+  visit("model", "norm_groups", c.model.norm_groups);
+  visit("diffusion", "timesteps", c.diffusion.timesteps);
+  visit("diffusion", "schedule", c.diffusion.schedule);
+  visit("diffusion", "beta_start", c.diffusion.beta_start);
+  visit("diffusion", "beta_end", c.diffusion.beta_end);
+  visit("diffusion", "cosine_s", c.diffusion.cosine_s);
+  visit("diffusion", "objective", c.diffusion.objective);
+  visit("diffusion", "loss", c.diffusion.loss);
+  visit("diffusion", "weighting", c.diffusion.weighting);
+  visit("diffusion", "p2_gamma", c.diffusion.p2_gamma);
+  visit("diffusion", "p2_k", c.diffusion.p2_k);
+  visit("diffusion", "min_snr_gamma", c.diffusion.min_snr_gamma);
+  visit("train", "steps", c.train.steps);
+  visit("train", "batch_size", c.train.batch_size);
+  visit("train", "grad_accum", c.train.grad_accum);
+  visit("train", "lr", c.train.lr);
+  visit("train", "warmup_steps", c.train.warmup_steps);
+  visit("train", "adam_beta1", c.train.adam_beta1);
+  visit("train", "adam_beta2", c.train.adam_beta2);
+  visit("train", "adam_eps", c.train.adam_eps);
+  visit("train", "grad_clip", c.train.grad_clip);
+  visit("train", "ema_decay", c.train.ema_decay);
+  visit("train", "seed", c.train.seed);
+  visit("train", "log_every", c.train.log_every);
+  visit("train", "sample_every", c.train.sample_every);
+  visit("train", "threads", c.train.threads);
+  visit("train", "device", c.train.device);
+  visit("data", "dataset", c.data.dataset);
+  visit("data", "shapes_size", c.data.shapes_size);
+  visit("data", "random_flip", c.data.random_flip);
+  visit("sample", "sampler", c.sample.sampler);
+  visit("sample", "variance", c.sample.variance);
+  visit("sample", "steps", c.sample.steps);
+  visit("sample", "eta", c.sample.eta);
+  visit("sample", "clip_x0", c.sample.clip_x0);
+  visit("sample", "num_images", c.sample.num_images);
+  visit("sample", "seed", c.sample.seed);
+}
+
+constexpr const char* kSections[] = {"model", "diffusion", "train", "data", "sample"};
+
+std::string Where(const std::string& origin, const YAML::Node& node) {
+  const YAML::Mark mark = node.Mark();
+  if (mark.line < 0) return origin;
+  return origin + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
+}
+
+std::string ScalarText(const YAML::Node& node) {
+  if (node.IsScalar()) return "'" + node.Scalar() + "'";
+  if (node.IsSequence()) return "a list";
+  if (node.IsMap()) return "a mapping";
+  return "nothing";
+}
+
+[[noreturn]] void Fail(const std::string& where, const std::string& key, const std::string& what) {
+  throw ConfigError(where + ": " + key + ": " + what);
+}
+
+// Parses one YAML node into a field of type T; errors name the key and what was expected.
+template <typename T>
+T ParseScalar(const YAML::Node& node, const std::string& where, const std::string& key,
+              const char* expected) {
+  if (!node.IsScalar()) Fail(where, key, std::string("expected ") + expected + ", got " + ScalarText(node));
+  try {
+    return node.as<T>();
+  } catch (const YAML::Exception&) {
+    Fail(where, key, std::string("expected ") + expected + ", got " + ScalarText(node));
+  }
+}
+
+void Parse(const YAML::Node& n, int& out, const std::string& w, const std::string& k) {
+  out = ParseScalar<int>(n, w, k, "an integer");
+}
+void Parse(const YAML::Node& n, int64_t& out, const std::string& w, const std::string& k) {
+  out = ParseScalar<int64_t>(n, w, k, "an integer");
+}
+void Parse(const YAML::Node& n, uint64_t& out, const std::string& w, const std::string& k) {
+  if (n.IsScalar() && !n.Scalar().empty() && n.Scalar()[0] == '-') {
+    Fail(w, k, "expected a non-negative integer, got " + ScalarText(n));
+  }
+  out = ParseScalar<uint64_t>(n, w, k, "a non-negative integer");
+}
+void Parse(const YAML::Node& n, double& out, const std::string& w, const std::string& k) {
+  out = ParseScalar<double>(n, w, k, "a number");
+  if (!std::isfinite(out)) Fail(w, k, "expected a finite number, got " + ScalarText(n));
+}
+void Parse(const YAML::Node& n, bool& out, const std::string& w, const std::string& k) {
+  out = ParseScalar<bool>(n, w, k, "true or false");
+}
+void Parse(const YAML::Node& n, std::string& out, const std::string& w, const std::string& k) {
+  out = ParseScalar<std::string>(n, w, k, "a string");
+}
+void Parse(const YAML::Node& n, std::vector<int>& out, const std::string& w, const std::string& k) {
+  if (!n.IsSequence()) Fail(w, k, "expected a list of integers, got " + ScalarText(n));
+  std::vector<int> values;
+  for (std::size_t i = 0; i < n.size(); ++i) {
+    values.push_back(ParseScalar<int>(n[i], w, k + "[" + std::to_string(i) + "]", "an integer"));
+  }
+  out = std::move(values);
+}
+template <typename E, typename = std::enable_if_t<std::is_enum_v<E>>>
+void Parse(const YAML::Node& n, E& out, const std::string& w, const std::string& k) {
+  const std::string text = ParseScalar<std::string>(n, w, k, "a name");
+  const auto& names = EnumNames<E>::kNames;
+  for (std::size_t i = 0; i < std::size(names); ++i) {
+    if (text == names[i]) {
+      out = static_cast<E>(i);
+      return;
+    }
+  }
+  Fail(w, k, "'" + text + "' is not one of: " + AllowedList<E>());
+}
+
+std::string Format(int v) { return std::to_string(v); }
+std::string Format(int64_t v) { return std::to_string(v); }
+std::string Format(uint64_t v) { return std::to_string(v); }
+std::string Format(bool v) { return v ? "true" : "false"; }
+std::string Format(double v) {
+  std::ostringstream out;
+  out << std::setprecision(17) << v;
+  return out.str();
+}
+std::string Format(const std::string& v) {
+  YAML::Emitter out;
+  out << YAML::DoubleQuoted << v;
+  return out.c_str();
+}
+std::string Format(const std::vector<int>& v) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+  return out + "]";
+}
+template <typename E, typename = std::enable_if_t<std::is_enum_v<E>>>
+std::string Format(E v) {
+  return EnumNames<E>::kNames[static_cast<int>(v)];
+}
+
+std::string KeysOf(const Config& c, const std::string& section) {
+  std::string keys;
+  VisitFields(c, [&](const char* s, const char* k, const auto&) {
+    if (section == s) keys += (keys.empty() ? "" : ", ") + std::string(k);
+  });
+  return keys;
+}
+
+void ApplyYaml(Config& c, const YAML::Node& root, const std::string& origin) {
+  if (root.IsNull()) return;
+  if (!root.IsMap()) throw ConfigError(Where(origin, root) + ": the config must be a mapping of sections");
+  std::string sections;
+  for (const char* s : kSections) sections += (sections.empty() ? "" : ", ") + std::string(s);
+  for (const auto& section_item : root) {
+    const std::string section = section_item.first.as<std::string>();
+    const YAML::Node& body = section_item.second;
+    if (std::find_if(std::begin(kSections), std::end(kSections),
+                     [&](const char* s) { return section == s; }) == std::end(kSections)) {
+      throw ConfigError(Where(origin, section_item.first) + ": unknown section '" + section +
+                        "' (sections: " + sections + ")");
+    }
+    if (body.IsNull()) continue;
+    if (!body.IsMap()) {
+      throw ConfigError(Where(origin, body) + ": " + section + ": expected a mapping of keys");
+    }
+    for (const auto& item : body) {
+      const std::string key = item.first.as<std::string>();
+      bool found = false;
+      VisitFields(c, [&](const char* s, const char* k, auto& field) {
+        if (section == s && key == k) {
+          Parse(item.second, field, Where(origin, item.second), section + "." + key);
+          found = true;
+        }
+      });
+      if (!found) {
+        throw ConfigError(Where(origin, item.first) + ": unknown key '" + section + "." + key +
+                          "' (" + section + " keys: " + KeysOf(c, section) + ")");
+      }
+    }
+  }
+}
+
+std::string Upper(std::string s) {
+  for (char& ch : s) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  return s;
+}
+
+// Applies DDPM_<SECTION>_<KEY>=value overrides. The value is parsed as YAML, so lists work:
+// DDPM_MODEL_CH_MULT="[1, 2]".
+void ApplyEnvironment(Config& c) {
+  for (char** env = environ; env != nullptr && *env != nullptr; ++env) {
+    const std::string entry = *env;
+    const auto eq = entry.find('=');
+    if (eq == std::string::npos) continue;
+    const std::string name = entry.substr(0, eq);
+    for (const char* section : kSections) {
+      const std::string prefix = "DDPM_" + Upper(section) + "_";
+      if (name.rfind(prefix, 0) != 0) continue;
+      const std::string key_upper = name.substr(prefix.size());
+      bool found = false;
+      VisitFields(c, [&](const char* s, const char* k, auto& field) {
+        if (std::string(section) == s && key_upper == Upper(k)) {
+          YAML::Node value;
+          try {
+            value = YAML::Load(entry.substr(eq + 1));
+          } catch (const YAML::Exception& e) {
+            throw ConfigError("environment " + name + ": " + e.msg);
+          }
+          Parse(value, field, "environment " + name, std::string(s) + "." + k);
+          found = true;
+        }
+      });
+      if (!found) {
+        throw ConfigError("environment " + name + ": " + section + " has no key matching '" +
+                          key_upper + "' (" + section + " keys: " + KeysOf(c, section) + ")");
+      }
+    }
+  }
+}
+
+[[noreturn]] void Invalid(const std::string& key, const std::string& what) {
+  throw ConfigError("config: " + key + ": " + what);
+}
+
+}  // namespace
+
+const char* Name(ScheduleKind v) { return EnumNames<ScheduleKind>::kNames[static_cast<int>(v)]; }
+const char* Name(Objective v) { return EnumNames<Objective>::kNames[static_cast<int>(v)]; }
+const char* Name(LossKind v) { return EnumNames<LossKind>::kNames[static_cast<int>(v)]; }
+const char* Name(LossWeighting v) { return EnumNames<LossWeighting>::kNames[static_cast<int>(v)]; }
+const char* Name(VarianceKind v) { return EnumNames<VarianceKind>::kNames[static_cast<int>(v)]; }
+const char* Name(SamplerKind v) { return EnumNames<SamplerKind>::kNames[static_cast<int>(v)]; }
+const char* Name(DatasetKind v) { return EnumNames<DatasetKind>::kNames[static_cast<int>(v)]; }
+
+int Config::PerRankMicroBatch(int world_size) const {
+  if (world_size < 1) Invalid("world size", "must be at least 1, got " + std::to_string(world_size));
+  const int split = world_size * train.grad_accum;
+  if (train.batch_size % split != 0) {
+    Invalid("train.batch_size",
+            std::to_string(train.batch_size) + " does not divide into world size " +
+                std::to_string(world_size) + " x train.grad_accum " +
+                std::to_string(train.grad_accum) + " = " + std::to_string(split) +
+                " equal micro-batches; choose a batch_size that is a multiple of " +
+                std::to_string(split));
+  }
+  return train.batch_size / split;
+}
+
+void Config::Validate(int world_size) const {
+  const ModelConfig& m = model;
+  if (m.ch < 4 || m.ch % 2 != 0) Invalid("model.ch", "must be an even number >= 4, got " + std::to_string(m.ch));
+  if (m.ch_mult.empty()) Invalid("model.ch_mult", "must list at least one level");
+  for (int mult : m.ch_mult) {
+    if (mult < 1) Invalid("model.ch_mult", "every multiplier must be >= 1, got " + Format(m.ch_mult));
+  }
+  if (m.num_res_blocks < 1) Invalid("model.num_res_blocks", "must be >= 1, got " + std::to_string(m.num_res_blocks));
+  if (m.dropout < 0 || m.dropout >= 1) Invalid("model.dropout", "must be in [0, 1), got " + Format(m.dropout));
+  if (m.in_channels < 1) Invalid("model.in_channels", "must be >= 1, got " + std::to_string(m.in_channels));
+  if (m.norm_groups < 1) Invalid("model.norm_groups", "must be >= 1, got " + std::to_string(m.norm_groups));
+  const int levels = static_cast<int>(m.ch_mult.size());
+  const int shrink = 1 << (levels - 1);
+  if (m.image_size < shrink || m.image_size % shrink != 0) {
+    Invalid("model.image_size", std::to_string(m.image_size) + " must be a multiple of 2^(levels-1) = " +
+                                    std::to_string(shrink) + " for " + std::to_string(levels) +
+                                    " levels in model.ch_mult");
+  }
+  for (int mult : m.ch_mult) {
+    if ((m.ch * mult) % m.norm_groups != 0) {
+      Invalid("model.norm_groups", std::to_string(m.norm_groups) + " does not divide level width model.ch x " +
+                                       std::to_string(mult) + " = " + std::to_string(m.ch * mult));
+    }
+  }
+  std::vector<int> sizes;
+  for (int level = 0; level < levels; ++level) sizes.push_back(m.image_size >> level);
+  for (int res : m.attn_resolutions) {
+    if (std::find(sizes.begin(), sizes.end(), res) == sizes.end()) {
+      Invalid("model.attn_resolutions", std::to_string(res) + " is not a feature-map size of this UNet " +
+                                            Format(sizes));
+    }
+  }
+
+  const DiffusionConfig& d = diffusion;
+  if (d.timesteps < 2) Invalid("diffusion.timesteps", "must be >= 2, got " + std::to_string(d.timesteps));
+  if (d.schedule == ScheduleKind::kLinear &&
+      !(d.beta_start > 0 && d.beta_start < d.beta_end && d.beta_end < 1)) {
+    Invalid("diffusion.beta_start", "the linear schedule needs 0 < beta_start < beta_end < 1, got " +
+                                        Format(d.beta_start) + " and " + Format(d.beta_end));
+  }
+  if (d.cosine_s <= 0) Invalid("diffusion.cosine_s", "must be > 0, got " + Format(d.cosine_s));
+  if (d.p2_k <= 0) Invalid("diffusion.p2_k", "must be > 0, got " + Format(d.p2_k));
+  if (d.p2_gamma < 0) Invalid("diffusion.p2_gamma", "must be >= 0, got " + Format(d.p2_gamma));
+  if (d.min_snr_gamma <= 0) Invalid("diffusion.min_snr_gamma", "must be > 0, got " + Format(d.min_snr_gamma));
+
+  const TrainConfig& t = train;
+  if (t.steps < 0) Invalid("train.steps", "must be >= 0, got " + std::to_string(t.steps));
+  if (t.batch_size < 1) Invalid("train.batch_size", "must be >= 1, got " + std::to_string(t.batch_size));
+  if (t.grad_accum < 1) Invalid("train.grad_accum", "must be >= 1, got " + std::to_string(t.grad_accum));
+  PerRankMicroBatch(world_size);
+  if (t.lr <= 0) Invalid("train.lr", "must be > 0, got " + Format(t.lr));
+  if (t.warmup_steps < 0) Invalid("train.warmup_steps", "must be >= 0, got " + std::to_string(t.warmup_steps));
+  if (t.adam_beta1 < 0 || t.adam_beta1 >= 1) Invalid("train.adam_beta1", "must be in [0, 1), got " + Format(t.adam_beta1));
+  if (t.adam_beta2 < 0 || t.adam_beta2 >= 1) Invalid("train.adam_beta2", "must be in [0, 1), got " + Format(t.adam_beta2));
+  if (t.adam_eps <= 0) Invalid("train.adam_eps", "must be > 0, got " + Format(t.adam_eps));
+  if (t.grad_clip < 0) Invalid("train.grad_clip", "must be >= 0 (0 disables), got " + Format(t.grad_clip));
+  if (t.ema_decay < 0 || t.ema_decay > 1) Invalid("train.ema_decay", "must be in [0, 1], got " + Format(t.ema_decay));
+  if (t.log_every < 1) Invalid("train.log_every", "must be >= 1, got " + std::to_string(t.log_every));
+  if (t.sample_every < 0) Invalid("train.sample_every", "must be >= 0, got " + std::to_string(t.sample_every));
+  if (t.threads < 0) Invalid("train.threads", "must be >= 0 (0 means automatic), got " + std::to_string(t.threads));
+  if (t.device != "auto" && t.device != "cpu" && t.device != "cuda") {
+    Invalid("train.device", "'" + t.device + "' is not one of: auto, cpu, cuda");
+  }
+
+  if (data.shapes_size < 1) Invalid("data.shapes_size", "must be >= 1, got " + std::to_string(data.shapes_size));
+
+  if (sample.steps < 1 || sample.steps > d.timesteps) {
+    Invalid("sample.steps", "must be in [1, diffusion.timesteps = " + std::to_string(d.timesteps) +
+                                "], got " + std::to_string(sample.steps));
+  }
+  if (sample.eta < 0) Invalid("sample.eta", "must be >= 0, got " + Format(sample.eta));
+  if (sample.num_images < 1) Invalid("sample.num_images", "must be >= 1, got " + std::to_string(sample.num_images));
+}
+
+std::string Config::ToTable() const {
+  std::size_t width = 0;
+  VisitFields(*this, [&](const char* s, const char* k, const auto&) {
+    width = std::max(width, std::string(s).size() + 1 + std::string(k).size());
+  });
+  std::ostringstream out;
+  const std::string rule(width + 2, '-');
+  out << rule << "+" << std::string(24, '-') << "\n";
+  VisitFields(*this, [&](const char* s, const char* k, const auto& field) {
+    const std::string key = std::string(s) + "." + k;
+    out << " " << std::left << std::setw(static_cast<int>(width)) << key << " | " << Format(field) << "\n";
+  });
+  out << rule << "+" << std::string(24, '-') << "\n";
+  return out.str();
+}
+
+std::string Config::ToYaml() const {
+  std::ostringstream out;
+  std::string current;
+  VisitFields(*this, [&](const char* s, const char* k, const auto& field) {
+    if (current != s) {
+      current = s;
+      out << s << ":\n";
+    }
+    out << "  " << k << ": " << Format(field) << "\n";
+  });
+  return out.str();
+}
+
+void SetConfigKey(Config& config, const std::string& key, const std::string& yaml_value,
+                  const std::string& origin) {
+  const auto dot = key.find('.');
+  const std::string section = dot == std::string::npos ? "" : key.substr(0, dot);
+  YAML::Node root;
+  try {
+    root[section][key.substr(dot == std::string::npos ? 0 : dot + 1)] = YAML::Load(yaml_value);
+  } catch (const YAML::Exception& e) {
+    throw ConfigError(origin + ": " + key + ": " + e.msg);
+  }
+  if (dot == std::string::npos) throw ConfigError(origin + ": '" + key + "' is not section.key");
+  ApplyYaml(config, root, origin);
+}
+
+Config LoadConfigString(const std::string& yaml, const std::string& origin, bool apply_env) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::ParserException& e) {
+    throw ConfigError(origin + ":" + std::to_string(e.mark.line + 1) + ":" +
+                      std::to_string(e.mark.column + 1) + ": YAML syntax error: " + e.msg);
+  }
+  Config config;
+  ApplyYaml(config, root, origin);
+  if (apply_env) ApplyEnvironment(config);
+  config.Validate();
+  return config;
+}
+
+Config LoadConfigFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw ConfigError(path + ": cannot open the config file");
+  std::stringstream text;
+  text << in.rdbuf();
+  return LoadConfigString(text.str(), path, /*apply_env=*/true);
+}
+
+}  // namespace ddpm

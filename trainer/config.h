@@ -1,0 +1,174 @@
+// The one typed configuration of a training run, loaded from YAML.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace ddpm {
+
+/// A configuration error. The message names the key (section.key), the file and line where
+/// known, and the allowed values.
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+enum class ScheduleKind { kLinear, kCosine };
+enum class Objective { kEps, kX0, kV };
+enum class LossKind { kL2, kL1 };
+enum class LossWeighting { kNone, kP2, kMinSnr };
+enum class VarianceKind { kFixedLarge, kFixedSmall };
+enum class SamplerKind { kDdpm, kDdim };
+enum class DatasetKind { kShapes };
+
+/// The UNet of Ho et al. (Appendix B), as in the authors' diffusion_tf/models/unet.py.
+struct ModelConfig {
+  /// Base channel count; level i has ch * ch_mult[i] channels.
+  int ch = 128;
+  /// Channel multiplier per resolution level; the image halves between levels.
+  std::vector<int> ch_mult = {1, 2, 2, 2};
+  /// Residual blocks per level on the way down (the way up has one more).
+  int num_res_blocks = 2;
+  /// Feature-map sizes (in pixels) at which self-attention follows each res block.
+  std::vector<int> attn_resolutions = {16};
+  /// Dropout rate inside res blocks.
+  double dropout = 0.1;
+  /// Height and width of the (square) images.
+  int image_size = 32;
+  /// Image channels in and out.
+  int in_channels = 3;
+  /// GroupNorm groups; every level's channel count must divide by it.
+  int norm_groups = 32;
+};
+
+/// The forward process, the objective and the loss.
+struct DiffusionConfig {
+  /// Number of diffusion steps T.
+  int timesteps = 1000;
+  /// Beta schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal).
+  ScheduleKind schedule = ScheduleKind::kLinear;
+  /// First beta of the linear schedule.
+  double beta_start = 1e-4;
+  /// Last beta of the linear schedule.
+  double beta_end = 0.02;
+  /// Offset s of the cosine schedule.
+  double cosine_s = 0.008;
+  /// What the network predicts: eps (the paper's L_simple), x0 or v.
+  Objective objective = Objective::kEps;
+  /// Distance between prediction and target: l2 or l1.
+  LossKind loss = LossKind::kL2;
+  /// Per-timestep loss weight: none, p2 (Choi et al. 2022) or min_snr (Hang et al. 2023).
+  LossWeighting weighting = LossWeighting::kNone;
+  /// P2 weighting exponent gamma: weight = (k + snr)^-gamma.
+  double p2_gamma = 1.0;
+  /// P2 weighting offset k.
+  double p2_k = 1.0;
+  /// Min-SNR clamp gamma: weight uses min(snr, gamma).
+  double min_snr_gamma = 5.0;
+};
+
+/// Optimisation and the training loop.
+struct TrainConfig {
+  /// Optimizer steps to train for.
+  int64_t steps = 800000;
+  /// Global batch: per-rank batch x world size x grad_accum.
+  int batch_size = 128;
+  /// Micro-batches accumulated per optimizer step.
+  int grad_accum = 1;
+  /// Peak Adam learning rate.
+  double lr = 2e-4;
+  /// Steps of linear learning-rate warmup from 0 to lr.
+  int64_t warmup_steps = 5000;
+  /// Adam beta1.
+  double adam_beta1 = 0.9;
+  /// Adam beta2.
+  double adam_beta2 = 0.999;
+  /// Adam epsilon.
+  double adam_eps = 1e-8;
+  /// Global gradient-norm clip; 0 disables clipping.
+  double grad_clip = 1.0;
+  /// EMA decay of the weights used for sampling.
+  double ema_decay = 0.9999;
+  /// Seed of parameters, data order, timesteps and noise.
+  uint64_t seed = 0;
+  /// Steps between log lines.
+  int64_t log_every = 100;
+  /// Steps between EMA sample grids; 0 writes one only at the end.
+  int64_t sample_every = 0;
+  /// CPU threads for torch; 0 means cores / local ranks.
+  int threads = 0;
+  /// Device: cpu, cuda, or auto (cuda when available).
+  std::string device = "auto";
+};
+
+/// The training images.
+struct DataConfig {
+  /// Dataset: shapes (built in, procedural coloured shapes).
+  DatasetKind dataset = DatasetKind::kShapes;
+  /// Number of images the shapes dataset generates per epoch.
+  int64_t shapes_size = 50000;
+  /// Random horizontal flips, as in the paper.
+  bool random_flip = true;
+};
+
+/// How sample grids are drawn.
+struct SampleConfig {
+  /// Sampler: ddpm (ancestral, T steps) or ddim.
+  SamplerKind sampler = SamplerKind::kDdpm;
+  /// Variance of the ancestral sampler: fixedlarge (beta_t) or fixedsmall (beta-tilde).
+  VarianceKind variance = VarianceKind::kFixedLarge;
+  /// DDIM steps S (ignored by ddpm).
+  int steps = 100;
+  /// DDIM eta: 0 is deterministic, 1 matches the ancestral posterior variance.
+  double eta = 0.0;
+  /// Clip the predicted x0 to [-1, 1] at every step.
+  bool clip_x0 = true;
+  /// Images per sample grid.
+  int num_images = 64;
+  /// Seed of the sampler's noise.
+  uint64_t seed = 0;
+};
+
+/// A whole run.
+struct Config {
+  ModelConfig model;
+  DiffusionConfig diffusion;
+  TrainConfig train;
+  DataConfig data;
+  SampleConfig sample;
+
+  /// Checks every cross-field constraint that a world of world_size ranks must meet; throws
+  /// ConfigError naming the keys.
+  void Validate(int world_size = 1) const;
+  /// Per-rank micro-batch for world_size ranks; throws ConfigError if it does not divide.
+  int PerRankMicroBatch(int world_size) const;
+  /// The resolved config as a two-column table, one key per row.
+  std::string ToTable() const;
+  /// The resolved config as YAML that LoadConfigString reads back to an equal config.
+  std::string ToYaml() const;
+};
+
+/// Loads a config file, applies DDPM_<SECTION>_<KEY> environment overrides, and validates it.
+Config LoadConfigFile(const std::string& path);
+/// Loads a config from YAML text; origin names it in errors. Environment overrides apply when
+/// apply_env is true.
+Config LoadConfigString(const std::string& yaml, const std::string& origin = "<string>",
+                        bool apply_env = false);
+
+/// Sets one key ("section.key") from YAML text, with the loader's checks; origin names the
+/// source in errors. Call Validate() after the last change.
+void SetConfigKey(Config& config, const std::string& key, const std::string& yaml_value,
+                  const std::string& origin);
+
+/// Name of an enum value as written in YAML, e.g. "fixedlarge".
+const char* Name(ScheduleKind v);
+const char* Name(Objective v);
+const char* Name(LossKind v);
+const char* Name(LossWeighting v);
+const char* Name(VarianceKind v);
+const char* Name(SamplerKind v);
+const char* Name(DatasetKind v);
+
+}  // namespace ddpm

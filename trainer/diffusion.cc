@@ -1,0 +1,306 @@
+#include "trainer/diffusion.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <vector>
+
+namespace ddpm {
+namespace {
+
+constexpr double kPi = 3.14159265358979323846;
+
+torch::Tensor BetasFor(const DiffusionConfig& config) {
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const int steps = config.timesteps;
+  if (config.schedule == ScheduleKind::kLinear) {
+    return torch::linspace(config.beta_start, config.beta_end, steps, f64);
+  }
+  // Nichol & Dhariwal 2021, Eq. 17: abar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) pi/2),
+  // with each beta clipped at 0.999.
+  const double s = config.cosine_s;
+  auto f = [&](double t) {
+    const double angle = (t / steps + s) / (1.0 + s) * kPi / 2.0;
+    return std::cos(angle) * std::cos(angle);
+  };
+  std::vector<double> betas(steps);
+  for (int i = 0; i < steps; ++i) {
+    betas[i] = std::min(1.0 - f(i + 1) / f(i), 0.999);
+  }
+  return torch::tensor(betas, f64);
+}
+
+}  // namespace
+
+NoiseSchedule NoiseSchedule::Make(const DiffusionConfig& config) {
+  NoiseSchedule s;
+  s.betas = BetasFor(config);
+  s.alphas = 1.0 - s.betas;
+  s.alphas_cumprod = torch::cumprod(s.alphas, 0);
+  s.alphas_cumprod_prev =
+      torch::cat({torch::ones({1}, s.betas.options()), s.alphas_cumprod.slice(0, 0, -1)});
+  s.sqrt_alphas_cumprod = torch::sqrt(s.alphas_cumprod);
+  s.sqrt_one_minus_alphas_cumprod = torch::sqrt(1.0 - s.alphas_cumprod);
+  s.log_one_minus_alphas_cumprod = torch::log(1.0 - s.alphas_cumprod);
+  s.sqrt_recip_alphas_cumprod = torch::sqrt(1.0 / s.alphas_cumprod);
+  s.sqrt_recipm1_alphas_cumprod = torch::sqrt(1.0 / s.alphas_cumprod - 1.0);
+  // Eq. 7 of Ho et al.: beta-tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
+  s.posterior_variance = s.betas * (1.0 - s.alphas_cumprod_prev) / (1.0 - s.alphas_cumprod);
+  // The variance is 0 at t = 0; its log is clipped to the value at t = 1.
+  s.posterior_log_variance_clipped = torch::log(
+      torch::cat({s.posterior_variance.slice(0, 1, 2), s.posterior_variance.slice(0, 1)}));
+  s.posterior_mean_coef1 =
+      s.betas * torch::sqrt(s.alphas_cumprod_prev) / (1.0 - s.alphas_cumprod);
+  s.posterior_mean_coef2 =
+      (1.0 - s.alphas_cumprod_prev) * torch::sqrt(s.alphas) / (1.0 - s.alphas_cumprod);
+  s.fixedlarge_log_variance =
+      torch::log(torch::cat({s.posterior_variance.slice(0, 1, 2), s.betas.slice(0, 1)}));
+  s.snr = s.alphas_cumprod / (1.0 - s.alphas_cumprod);
+  return s;
+}
+
+NoiseSchedule NoiseSchedule::To(const torch::TensorOptions& options) const {
+  NoiseSchedule s;
+  auto conv = [&](const torch::Tensor& x) { return x.to(options); };
+  s.betas = conv(betas);
+  s.alphas = conv(alphas);
+  s.alphas_cumprod = conv(alphas_cumprod);
+  s.alphas_cumprod_prev = conv(alphas_cumprod_prev);
+  s.sqrt_alphas_cumprod = conv(sqrt_alphas_cumprod);
+  s.sqrt_one_minus_alphas_cumprod = conv(sqrt_one_minus_alphas_cumprod);
+  s.log_one_minus_alphas_cumprod = conv(log_one_minus_alphas_cumprod);
+  s.sqrt_recip_alphas_cumprod = conv(sqrt_recip_alphas_cumprod);
+  s.sqrt_recipm1_alphas_cumprod = conv(sqrt_recipm1_alphas_cumprod);
+  s.posterior_variance = conv(posterior_variance);
+  s.posterior_log_variance_clipped = conv(posterior_log_variance_clipped);
+  s.posterior_mean_coef1 = conv(posterior_mean_coef1);
+  s.posterior_mean_coef2 = conv(posterior_mean_coef2);
+  s.fixedlarge_log_variance = conv(fixedlarge_log_variance);
+  s.snr = conv(snr);
+  return s;
+}
+
+torch::Generator MakeCpuGenerator(uint64_t seed) { return at::detail::createCPUGenerator(seed); }
+
+torch::Generator MakeGenerator(torch::Device device, uint64_t seed) {
+  if (device.is_cpu()) return MakeCpuGenerator(seed);
+  torch::Generator generator = at::globalContext().defaultGenerator(device).clone();
+  generator.set_current_seed(seed);
+  return generator;
+}
+
+GaussianDiffusion::GaussianDiffusion(const DiffusionConfig& config, torch::Device device)
+    : config_(config),
+      device_(device),
+      schedule64_(NoiseSchedule::Make(config)),
+      schedule_(schedule64_.To(torch::TensorOptions().dtype(torch::kFloat32).device(device))) {}
+
+torch::Tensor GaussianDiffusion::Extract(const torch::Tensor& buffer, const torch::Tensor& t) {
+  return buffer.index_select(0, t.to(buffer.device())).view({-1, 1, 1, 1});
+}
+
+torch::Tensor GaussianDiffusion::q_sample(const torch::Tensor& x0, const torch::Tensor& t,
+                                          const torch::Tensor& noise) const {
+  return Extract(schedule_.sqrt_alphas_cumprod, t) * x0 +
+         Extract(schedule_.sqrt_one_minus_alphas_cumprod, t) * noise;
+}
+
+Posterior GaussianDiffusion::q_posterior(const torch::Tensor& x0, const torch::Tensor& x_t,
+                                         const torch::Tensor& t) const {
+  Posterior p;
+  p.mean = Extract(schedule_.posterior_mean_coef1, t) * x0 +
+           Extract(schedule_.posterior_mean_coef2, t) * x_t;
+  p.variance = Extract(schedule_.posterior_variance, t);
+  p.log_variance = Extract(schedule_.posterior_log_variance_clipped, t);
+  return p;
+}
+
+torch::Tensor GaussianDiffusion::predict_start_from_noise(const torch::Tensor& x_t,
+                                                          const torch::Tensor& t,
+                                                          const torch::Tensor& eps) const {
+  return Extract(schedule_.sqrt_recip_alphas_cumprod, t) * x_t -
+         Extract(schedule_.sqrt_recipm1_alphas_cumprod, t) * eps;
+}
+
+torch::Tensor GaussianDiffusion::predict_noise_from_start(const torch::Tensor& x_t,
+                                                          const torch::Tensor& t,
+                                                          const torch::Tensor& x0) const {
+  return (Extract(schedule_.sqrt_recip_alphas_cumprod, t) * x_t - x0) /
+         Extract(schedule_.sqrt_recipm1_alphas_cumprod, t);
+}
+
+torch::Tensor GaussianDiffusion::predict_start_from_v(const torch::Tensor& x_t,
+                                                      const torch::Tensor& t,
+                                                      const torch::Tensor& v) const {
+  return Extract(schedule_.sqrt_alphas_cumprod, t) * x_t -
+         Extract(schedule_.sqrt_one_minus_alphas_cumprod, t) * v;
+}
+
+torch::Tensor GaussianDiffusion::velocity(const torch::Tensor& x0, const torch::Tensor& t,
+                                          const torch::Tensor& noise) const {
+  return Extract(schedule_.sqrt_alphas_cumprod, t) * noise -
+         Extract(schedule_.sqrt_one_minus_alphas_cumprod, t) * x0;
+}
+
+torch::Tensor GaussianDiffusion::predict_start(const torch::Tensor& x_t, const torch::Tensor& t,
+                                               const torch::Tensor& model_out) const {
+  switch (config_.objective) {
+    case Objective::kEps:
+      return predict_start_from_noise(x_t, t, model_out);
+    case Objective::kX0:
+      return model_out;
+    case Objective::kV:
+      return predict_start_from_v(x_t, t, model_out);
+  }
+  TORCH_CHECK(false, "unknown objective");
+}
+
+torch::Tensor GaussianDiffusion::LossWeight(const torch::Tensor& t) const {
+  const torch::Tensor snr = schedule_.snr.index_select(0, t.to(device_));
+  switch (config_.weighting) {
+    case LossWeighting::kNone:
+      return torch::ones_like(snr);
+    case LossWeighting::kP2:
+      // Choi et al. 2022: lambda'_t = lambda_t / (k + SNR(t))^gamma, relative to L_simple.
+      return torch::pow(config_.p2_k + snr, -config_.p2_gamma);
+    case LossWeighting::kMinSnr: {
+      // Hang et al. 2023: min(SNR, gamma), divided by the objective's implicit SNR weight.
+      const torch::Tensor clamped = torch::clamp_max(snr, config_.min_snr_gamma);
+      switch (config_.objective) {
+        case Objective::kEps:
+          return clamped / snr;
+        case Objective::kX0:
+          return clamped;
+        case Objective::kV:
+          return clamped / (snr + 1.0);
+      }
+    }
+  }
+  TORCH_CHECK(false, "unknown loss weighting");
+}
+
+DiffusionLoss GaussianDiffusion::TrainingLoss(const Denoiser& model, const torch::Tensor& x0,
+                                              const torch::Tensor& t,
+                                              const torch::Tensor& noise) const {
+  const torch::Tensor x_t = q_sample(x0, t, noise);
+  const torch::Tensor model_out = model(x_t, t);
+  torch::Tensor target;
+  switch (config_.objective) {
+    case Objective::kEps:
+      target = noise;
+      break;
+    case Objective::kX0:
+      target = x0;
+      break;
+    case Objective::kV:
+      target = velocity(x0, t, noise);
+      break;
+  }
+  const torch::Tensor diff = model_out - target;
+  const torch::Tensor elementwise =
+      config_.loss == LossKind::kL2 ? diff.square() : diff.abs();
+  const torch::Tensor per_sample = elementwise.flatten(1).mean(1);
+  DiffusionLoss out;
+  out.loss = config_.weighting == LossWeighting::kNone
+                 ? per_sample.mean()
+                 : (per_sample * LossWeight(t)).mean();
+  out.per_sample = per_sample.detach();
+  out.t = t;
+  return out;
+}
+
+DiffusionLoss GaussianDiffusion::TrainingLoss(const Denoiser& model, const torch::Tensor& x0,
+                                              torch::Generator& generator) const {
+  const auto long_options = torch::TensorOptions().dtype(torch::kLong).device(x0.device());
+  const torch::Tensor t =
+      torch::randint(0, config_.timesteps, {x0.size(0)}, generator, long_options);
+  const torch::Tensor noise = torch::randn(x0.sizes(), generator, x0.options());
+  return TrainingLoss(model, x0, t, noise);
+}
+
+Posterior GaussianDiffusion::p_mean_variance(const Denoiser& model, const torch::Tensor& x_t,
+                                             const torch::Tensor& t, VarianceKind variance,
+                                             bool clip_x0) const {
+  torch::Tensor x0 = predict_start(x_t, t, model(x_t, t));
+  if (clip_x0) x0 = x0.clamp(-1.0, 1.0);
+  Posterior p = q_posterior(x0, x_t, t);
+  if (variance == VarianceKind::kFixedLarge) {
+    // The authors' fixedlarge: variance beta_t, with the log at t = 0 set from beta-tilde_1.
+    p.variance = Extract(schedule_.betas, t);
+    p.log_variance = Extract(schedule_.fixedlarge_log_variance, t);
+  }
+  return p;
+}
+
+torch::Tensor GaussianDiffusion::Noise(torch::IntArrayRef shape,
+                                       torch::Generator& generator) const {
+  // Drawn on the CPU so that a seed gives the same samples on every device.
+  return torch::randn(shape, generator, torch::TensorOptions().dtype(torch::kFloat32))
+      .to(device_);
+}
+
+torch::Tensor GaussianDiffusion::SampleDdpm(const Denoiser& model, torch::IntArrayRef shape,
+                                            VarianceKind variance, bool clip_x0, uint64_t seed,
+                                            const SampleProgress& progress) const {
+  torch::NoGradGuard no_grad;
+  torch::Generator generator = MakeCpuGenerator(seed);
+  torch::Tensor x = Noise(shape, generator);
+  const int steps = config_.timesteps;
+  for (int i = steps - 1; i >= 0; --i) {
+    const torch::Tensor t =
+        torch::full({shape[0]}, i, torch::TensorOptions().dtype(torch::kLong).device(device_));
+    const Posterior p = p_mean_variance(model, x, t, variance, clip_x0);
+    const torch::Tensor z = Noise(shape, generator);
+    // Algorithm 2, line 4: no noise is added at the last step (t = 0).
+    x = i > 0 ? p.mean + torch::exp(0.5 * p.log_variance) * z : p.mean;
+    if (progress) progress(steps - i, steps);
+  }
+  return x;
+}
+
+torch::Tensor GaussianDiffusion::SampleDdim(const Denoiser& model, torch::IntArrayRef shape,
+                                            int steps, double eta, bool clip_x0, uint64_t seed,
+                                            const SampleProgress& progress) const {
+  TORCH_CHECK(steps >= 1 && steps <= config_.timesteps, "DDIM steps must be in [1, T], got ",
+              steps);
+  torch::NoGradGuard no_grad;
+  torch::Generator generator = MakeCpuGenerator(seed);
+  torch::Tensor x = Noise(shape, generator);
+  // Timesteps tau_i evenly spaced over [0, T), as in Song et al.'s "uniform" skip.
+  std::vector<int64_t> taus(steps);
+  for (int i = 0; i < steps; ++i) {
+    taus[i] = static_cast<int64_t>(std::floor(static_cast<double>(i) * config_.timesteps / steps));
+  }
+  const auto& abar64 = schedule64_.alphas_cumprod;
+  const auto long_options = torch::TensorOptions().dtype(torch::kLong).device(device_);
+  for (int i = steps - 1; i >= 0; --i) {
+    const int64_t tau = taus[i];
+    const double abar = abar64[tau].item<double>();
+    const double abar_prev = i > 0 ? abar64[taus[i - 1]].item<double>() : 1.0;
+    const torch::Tensor t = torch::full({shape[0]}, tau, long_options);
+    torch::Tensor x0 = predict_start(x, t, model(x, t));
+    if (clip_x0) x0 = x0.clamp(-1.0, 1.0);
+    const torch::Tensor eps = predict_noise_from_start(x, t, x0);
+    // Eq. 16 of Song et al.: sigma = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev).
+    const double sigma =
+        eta * std::sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev));
+    const double dir = std::sqrt(std::max(1.0 - abar_prev - sigma * sigma, 0.0));
+    const torch::Tensor z = Noise(shape, generator);
+    x = std::sqrt(abar_prev) * x0 + dir * eps;
+    if (sigma > 0) x = x + sigma * z;
+    if (progress) progress(steps - i, steps);
+  }
+  return x;
+}
+
+torch::Tensor GaussianDiffusion::Sample(const Denoiser& model, torch::IntArrayRef shape,
+                                        const SampleConfig& config,
+                                        const SampleProgress& progress) const {
+  if (config.sampler == SamplerKind::kDdim) {
+    return SampleDdim(model, shape, config.steps, config.eta, config.clip_x0, config.seed,
+                      progress);
+  }
+  return SampleDdpm(model, shape, config.variance, config.clip_x0, config.seed, progress);
+}
+
+}  // namespace ddpm

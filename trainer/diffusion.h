@@ -1,0 +1,138 @@
+// Noise schedules and the Gaussian diffusion of Ho et al. 2020: forward process, training
+// loss, and the DDPM and DDIM samplers.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <functional>
+
+#include "trainer/config.h"
+
+namespace ddpm {
+
+/// Every per-timestep buffer of a beta schedule, each of shape [T]. Computed in float64.
+struct NoiseSchedule {
+  torch::Tensor betas;
+  torch::Tensor alphas;
+  torch::Tensor alphas_cumprod;
+  torch::Tensor alphas_cumprod_prev;
+  torch::Tensor sqrt_alphas_cumprod;
+  torch::Tensor sqrt_one_minus_alphas_cumprod;
+  torch::Tensor log_one_minus_alphas_cumprod;
+  torch::Tensor sqrt_recip_alphas_cumprod;
+  torch::Tensor sqrt_recipm1_alphas_cumprod;
+  torch::Tensor posterior_variance;
+  torch::Tensor posterior_log_variance_clipped;
+  torch::Tensor posterior_mean_coef1;
+  torch::Tensor posterior_mean_coef2;
+  /// log of the authors' fixedlarge variance: beta_t, with beta-tilde_1 in place of beta_0.
+  torch::Tensor fixedlarge_log_variance;
+  /// Signal-to-noise ratio abar / (1 - abar).
+  torch::Tensor snr;
+
+  /// Builds the float64 buffers of the linear or cosine schedule in config.
+  static NoiseSchedule Make(const DiffusionConfig& config);
+  /// A copy of every buffer converted to options (dtype and device).
+  NoiseSchedule To(const torch::TensorOptions& options) const;
+};
+
+/// A noise-prediction network: (x_t [B,C,H,W], t [B] int64) -> model output [B,C,H,W].
+using Denoiser = std::function<torch::Tensor(const torch::Tensor& x_t, const torch::Tensor& t)>;
+
+/// Called after every sampler step with (steps done, steps in all).
+using SampleProgress = std::function<void(int done, int total)>;
+
+/// The mean, variance and log-variance of q(x_{t-1} | x_t, x_0) or of p(x_{t-1} | x_t).
+struct Posterior {
+  torch::Tensor mean;
+  torch::Tensor variance;
+  torch::Tensor log_variance;
+};
+
+/// The training loss on one batch.
+struct DiffusionLoss {
+  /// Scalar: the weighted mean over the batch.
+  torch::Tensor loss;
+  /// [B]: each sample's unweighted loss, detached, for per-timestep logging.
+  torch::Tensor per_sample;
+  /// [B]: the timesteps drawn.
+  torch::Tensor t;
+};
+
+/// The forward process, the objective and the samplers. Holds the float64 schedule and a
+/// float32 copy on the compute device.
+class GaussianDiffusion {
+ public:
+  GaussianDiffusion(const DiffusionConfig& config, torch::Device device = torch::kCPU);
+
+  const DiffusionConfig& config() const { return config_; }
+  int timesteps() const { return config_.timesteps; }
+  /// The float64 buffers on the CPU.
+  const NoiseSchedule& schedule64() const { return schedule64_; }
+
+  /// Eq. 4 of Ho et al.: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+  torch::Tensor q_sample(const torch::Tensor& x0, const torch::Tensor& t,
+                         const torch::Tensor& noise) const;
+  /// Eqs. 6-7 of Ho et al.: the posterior q(x_{t-1} | x_t, x_0).
+  Posterior q_posterior(const torch::Tensor& x0, const torch::Tensor& x_t,
+                        const torch::Tensor& t) const;
+  /// x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps.
+  torch::Tensor predict_start_from_noise(const torch::Tensor& x_t, const torch::Tensor& t,
+                                         const torch::Tensor& eps) const;
+  /// eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1).
+  torch::Tensor predict_noise_from_start(const torch::Tensor& x_t, const torch::Tensor& t,
+                                         const torch::Tensor& x0) const;
+  /// x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v (Salimans & Ho 2022).
+  torch::Tensor predict_start_from_v(const torch::Tensor& x_t, const torch::Tensor& t,
+                                     const torch::Tensor& v) const;
+  /// v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0.
+  torch::Tensor velocity(const torch::Tensor& x0, const torch::Tensor& t,
+                         const torch::Tensor& noise) const;
+  /// x_0 predicted from a model output under the configured objective.
+  torch::Tensor predict_start(const torch::Tensor& x_t, const torch::Tensor& t,
+                              const torch::Tensor& model_out) const;
+
+  /// The configured loss for given x_0, timesteps and noise (Eq. 14 for objective eps, l2).
+  DiffusionLoss TrainingLoss(const Denoiser& model, const torch::Tensor& x0,
+                             const torch::Tensor& t, const torch::Tensor& noise) const;
+  /// The loss with t ~ U{0..T-1} and eps ~ N(0, I) drawn from generator (on x0's device).
+  DiffusionLoss TrainingLoss(const Denoiser& model, const torch::Tensor& x0,
+                             torch::Generator& generator) const;
+  /// The per-timestep weight of the configured weighting, float32 [B].
+  torch::Tensor LossWeight(const torch::Tensor& t) const;
+
+  /// p(x_{t-1} | x_t) of the model, with the fixed variance of Ho et al.
+  Posterior p_mean_variance(const Denoiser& model, const torch::Tensor& x_t,
+                            const torch::Tensor& t, VarianceKind variance, bool clip_x0) const;
+  /// Algorithm 2 of Ho et al.: ancestral sampling over all T steps. Deterministic given seed.
+  torch::Tensor SampleDdpm(const Denoiser& model, torch::IntArrayRef shape,
+                           VarianceKind variance, bool clip_x0, uint64_t seed,
+                           const SampleProgress& progress = nullptr) const;
+  /// DDIM (Song et al. 2021, Eq. 12) over steps evenly spaced timesteps. eta = 1 has the
+  /// ancestral posterior variance, eta = 0 is deterministic given x_T. Deterministic given seed.
+  torch::Tensor SampleDdim(const Denoiser& model, torch::IntArrayRef shape, int steps, double eta,
+                           bool clip_x0, uint64_t seed,
+                           const SampleProgress& progress = nullptr) const;
+  /// Samples with the sampler that config names.
+  torch::Tensor Sample(const Denoiser& model, torch::IntArrayRef shape, const SampleConfig& config,
+                       const SampleProgress& progress = nullptr) const;
+
+  /// Gathers buffer[t] for each sample of t and shapes it [B, 1, 1, 1] to broadcast over images.
+  static torch::Tensor Extract(const torch::Tensor& buffer, const torch::Tensor& t);
+
+ private:
+  torch::Tensor Noise(torch::IntArrayRef shape, torch::Generator& generator) const;
+
+  DiffusionConfig config_;
+  torch::Device device_;
+  NoiseSchedule schedule64_;
+  NoiseSchedule schedule_;
+};
+
+/// A CPU generator seeded with seed.
+torch::Generator MakeCpuGenerator(uint64_t seed);
+/// A generator for device, seeded with seed.
+torch::Generator MakeGenerator(torch::Device device, uint64_t seed);
+
+}  // namespace ddpm

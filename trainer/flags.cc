@@ -1,0 +1,89 @@
+#include "trainer/flags.h"
+
+#include <sstream>
+
+namespace ddpm {
+
+Flags::Flags(std::string program, std::string summary)
+    : program_(std::move(program)), summary_(std::move(summary)) {
+  AddSwitch("help", "print this help and exit");
+}
+
+void Flags::Add(const std::string& name, const std::string& help,
+                const std::string& default_value) {
+  order_.push_back(name);
+  specs_[name] = Spec{help, default_value, false, false};
+}
+
+void Flags::AddSwitch(const std::string& name, const std::string& help) {
+  order_.push_back(name);
+  specs_[name] = Spec{help, "false", true, false};
+}
+
+void Flags::Parse(int argc, const char* const* argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--", 0) != 0) {
+      throw FlagError(program_ + ": unexpected argument '" + arg + "' (flags start with --)");
+    }
+    std::string name = arg.substr(2);
+    std::string value;
+    bool has_value = false;
+    if (const auto eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      has_value = true;
+    }
+    const auto it = specs_.find(name);
+    if (it == specs_.end()) {
+      throw FlagError(program_ + ": unknown flag --" + name + " (see --help)");
+    }
+    Spec& spec = it->second;
+    if (spec.is_switch) {
+      if (has_value) throw FlagError(program_ + ": --" + name + " takes no value");
+      value = "true";
+    } else if (!has_value) {
+      if (i + 1 >= argc) throw FlagError(program_ + ": --" + name + " needs a value");
+      value = argv[++i];
+    }
+    spec.value = value;
+    spec.given = true;
+  }
+}
+
+const Flags::Spec& Flags::Find(const std::string& name) const {
+  const auto it = specs_.find(name);
+  if (it == specs_.end()) throw FlagError(program_ + ": flag --" + name + " was never declared");
+  return it->second;
+}
+
+std::string Flags::Get(const std::string& name) const { return Find(name).value; }
+
+int64_t Flags::GetInt(const std::string& name) const {
+  const std::string& value = Find(name).value;
+  try {
+    std::size_t used = 0;
+    const int64_t parsed = std::stoll(value, &used);
+    if (used == value.size()) return parsed;
+  } catch (const std::exception&) {
+  }
+  throw FlagError(program_ + ": --" + name + " expects an integer, got '" + value + "'");
+}
+
+bool Flags::GetSwitch(const std::string& name) const { return Find(name).value == "true"; }
+
+bool Flags::Given(const std::string& name) const { return Find(name).given; }
+
+std::string Flags::Usage() const {
+  std::ostringstream out;
+  out << "usage: " << program_ << " [flags]\n" << summary_ << "\n\nflags:\n";
+  for (const auto& name : order_) {
+    const Spec& spec = specs_.at(name);
+    out << "  --" << name << (spec.is_switch ? "" : " VALUE") << "\n      " << spec.help;
+    if (!spec.is_switch && !spec.value.empty()) out << " (default: " << spec.value << ")";
+    out << "\n";
+  }
+  return out.str();
+}
+
+}  // namespace ddpm

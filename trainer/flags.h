@@ -1,0 +1,52 @@
+// A small command-line flag parser for the thin mains: --name=value, --name value, --switch.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace ddpm {
+
+/// A bad command line; the message names the flag.
+class FlagError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// Declared flags, then parsed values. Unknown flags and missing values are errors.
+class Flags {
+ public:
+  Flags(std::string program, std::string summary);
+  /// Declares a flag that takes a value, with its default.
+  void Add(const std::string& name, const std::string& help, const std::string& default_value);
+  /// Declares a switch that is false unless given.
+  void AddSwitch(const std::string& name, const std::string& help);
+  /// Parses argv; throws FlagError naming the offending argument.
+  void Parse(int argc, const char* const* argv);
+
+  std::string Get(const std::string& name) const;
+  int64_t GetInt(const std::string& name) const;
+  bool GetSwitch(const std::string& name) const;
+  /// True when the flag was given on the command line.
+  bool Given(const std::string& name) const;
+  /// The --help text.
+  std::string Usage() const;
+
+ private:
+  struct Spec {
+    std::string help;
+    std::string value;
+    bool is_switch = false;
+    bool given = false;
+  };
+  const Spec& Find(const std::string& name) const;
+
+  std::string program_;
+  std::string summary_;
+  std::vector<std::string> order_;
+  std::map<std::string, Spec> specs_;
+};
+
+}  // namespace ddpm

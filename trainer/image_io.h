@@ -1,0 +1,27 @@
+// Image files: sample grids as PNG. Torch-free.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ddpm {
+
+/// An 8-bit image in HWC order.
+struct Image {
+  int width = 0;
+  int height = 0;
+  int channels = 0;
+  std::vector<uint8_t> pixels;
+};
+
+/// Tiles count CHW images of channels x size x size, row-major into columns per row, with
+/// padding pixels of border colour between and around them.
+Image TileGrid(const uint8_t* nchw, int count, int channels, int size, int columns,
+               int padding = 2, uint8_t border = 255);
+/// Writes image as a PNG, atomically: a temporary file is renamed into place.
+void WritePng(const std::string& path, const Image& image);
+/// Creates path and its missing parents; throws with the path if that fails.
+void MakeDirectories(const std::string& path);
+
+}  // namespace ddpm

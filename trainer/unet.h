@@ -1,0 +1,78 @@
+// The UNet of Ho et al. 2020 (Appendix B), built like the authors' diffusion_tf/models/unet.py.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "trainer/config.h"
+
+namespace ddpm {
+
+/// Single-head self-attention over all pixels, with a residual connection.
+class AttnBlockImpl : public torch::nn::Module {
+ public:
+  AttnBlockImpl(int channels, int groups, torch::Generator& generator);
+  torch::Tensor forward(const torch::Tensor& x);
+
+ private:
+  torch::nn::GroupNorm norm_{nullptr};
+  torch::nn::Conv2d qkv_{nullptr};
+  torch::nn::Conv2d proj_out_{nullptr};
+};
+TORCH_MODULE(AttnBlock);
+
+/// Two 3x3 convs with GroupNorm, SiLU, the timestep embedding and dropout; optionally followed
+/// by self-attention.
+class ResBlockImpl : public torch::nn::Module {
+ public:
+  ResBlockImpl(int in_channels, int out_channels, int temb_channels, double dropout, int groups,
+               bool with_attention, torch::Generator& generator);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& temb);
+
+ private:
+  torch::nn::GroupNorm norm1_{nullptr};
+  torch::nn::Conv2d conv1_{nullptr};
+  torch::nn::Linear temb_proj_{nullptr};
+  torch::nn::GroupNorm norm2_{nullptr};
+  torch::nn::Dropout dropout_{nullptr};
+  torch::nn::Conv2d conv2_{nullptr};
+  torch::nn::Conv2d nin_shortcut_{nullptr};
+  AttnBlock attn_{nullptr};
+};
+TORCH_MODULE(ResBlock);
+
+/// The noise-prediction UNet. Parameter names match tests/reference/ddpm_ref.py.
+class UNetImpl : public torch::nn::Module {
+ public:
+  /// Builds the network and initializes it like the authors' code from seed.
+  UNetImpl(const ModelConfig& config, uint64_t seed = 0);
+  /// eps_theta(x_t, t): x [B,C,H,W] in data space, t [B] int64 timesteps.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t);
+
+  const ModelConfig& config() const { return config_; }
+
+ private:
+  ModelConfig config_;
+  torch::nn::Linear temb_dense0_{nullptr};
+  torch::nn::Linear temb_dense1_{nullptr};
+  torch::nn::Conv2d conv_in_{nullptr};
+  std::vector<std::vector<ResBlock>> down_;
+  std::vector<torch::nn::Conv2d> downsample_;
+  ResBlock mid_block1_{nullptr};
+  ResBlock mid_block2_{nullptr};
+  std::vector<std::vector<ResBlock>> up_;
+  std::vector<torch::nn::Conv2d> upsample_;
+  torch::nn::GroupNorm norm_out_{nullptr};
+  torch::nn::Conv2d conv_out_{nullptr};
+};
+TORCH_MODULE(UNet);
+
+/// Sinusoidal embedding of timesteps t [B] into [B, dim], as in the authors' code.
+torch::Tensor TimestepEmbedding(const torch::Tensor& t, int dim);
+/// Number of scalar parameters of a module.
+int64_t CountParameters(const torch::nn::Module& module);
+
+}  // namespace ddpm

@@ -1,0 +1,36 @@
+// ddpm_worker: trains a DDPM from a YAML config. Thin main: flags to options, then the library.
+#include <cstdio>
+#include <exception>
+
+#include "trainer/flags.h"
+#include "worker/worker.h"
+
+int main(int argc, char** argv) {
+  ddpm::Flags flags("ddpm_worker",
+                    "Trains a DDPM (Ho et al. 2020) from a YAML config. DDPM_<SECTION>_<KEY>\n"
+                    "environment variables override config keys, e.g. DDPM_TRAIN_STEPS=100.");
+  flags.Add("config", "path of the YAML config", "");
+  flags.Add("run-dir", "run directory for logs, sample grids and weights", "runs/default");
+  flags.AddSwitch("print-params", "print the UNet's parameter count for the config and exit");
+  flags.AddSwitch("print-config", "print the resolved config as YAML and exit");
+  try {
+    flags.Parse(argc, argv);
+    if (flags.GetSwitch("help")) {
+      std::printf("%s", flags.Usage().c_str());
+      return 0;
+    }
+    ddpm::WorkerOptions options;
+    options.config_path = flags.Get("config");
+    if (options.config_path.empty()) throw ddpm::FlagError("ddpm_worker: --config is required");
+    options.run_dir = flags.Get("run-dir");
+    options.print_params = flags.GetSwitch("print-params");
+    options.print_config = flags.GetSwitch("print-config");
+    return ddpm::RunWorker(options);
+  } catch (const ddpm::FlagError& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ddpm_worker: error: %s\n", e.what());
+    return 1;
+  }
+}

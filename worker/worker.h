@@ -1,0 +1,23 @@
+// ddpm_worker: one training process. Torch-free header.
+#pragma once
+
+#include <string>
+
+namespace ddpm {
+
+/// What the ddpm_worker command line asks for.
+struct WorkerOptions {
+  /// The run's YAML config.
+  std::string config_path;
+  /// Run directory for logs, samples and weights.
+  std::string run_dir = "runs/default";
+  /// Print the UNet's parameter count for the config and exit.
+  bool print_params = false;
+  /// Print the resolved config as YAML and exit.
+  bool print_config = false;
+};
+
+/// Runs what options ask for; returns the process exit code. Throws on bad input.
+int RunWorker(const WorkerOptions& options);
+
+}  // namespace ddpm
