@@ -47,7 +47,7 @@ foreach(lib c10 torch_cpu)
   endif()
 endforeach()
 if(DDPM_USE_PCH)
-  target_precompile_headers(ddpm_torch_pch PUBLIC ${PROJECT_SOURCE_DIR}/cmake/torch_pch.h)
+  target_precompile_headers(ddpm_torch_pch PRIVATE ${PROJECT_SOURCE_DIR}/cmake/torch_pch.h)
 endif()
 
 # ddpm_add_library(NAME SOURCES... [DEPS...]) makes the library ddpm_NAME for a component folder.

@@ -14,7 +14,7 @@ packages=(
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
   libsqlite3-dev
   # tests: GoogleTest, and Debian's PyTorch as the golden reference
-  libgtest-dev libgmock-dev python3-torch python3-numpy python3-scipy
+  libgtest-dev libgmock-dev python3-torch python3-numpy python3-scipy python3-yaml
 )
 
 missing=()

@@ -165,6 +165,18 @@ TEST(Diffusion, LossTargetsOfEachObjective) {
               expected, 1e-5);
 }
 
+// The batch mean of per_sample[i] * weight(snr of t[i]), with snr from abar in double.
+template <typename WeightFn>
+double WeightedMean(const torch::Tensor& per_sample, const torch::Tensor& t,
+                    const std::vector<double>& abar, WeightFn weight) {
+  double sum = 0;
+  for (int64_t i = 0; i < t.size(0); ++i) {
+    const double a = abar[t[i].item<int>()];
+    sum += per_sample[i].item<double>() * weight(a / (1 - a));
+  }
+  return sum / t.size(0);
+}
+
 TEST(Diffusion, LossWeightings) {
   torch::manual_seed(3);
   const torch::Tensor x0 = torch::rand({4, 3, 8, 8}) * 2 - 1;
@@ -176,11 +188,8 @@ TEST(Diffusion, LossWeightings) {
   DiffusionConfig c = Linear();
   c.weighting = LossWeighting::kMinSnr;
   c.min_snr_gamma = 5.0;
-  double expected = 0;
-  for (int i = 0; i < 4; ++i) {
-    const double snr = abar[t[i].item<int>()] / (1 - abar[t[i].item<int>()]);
-    expected += per_sample[i].item<double>() * std::min(snr, 5.0) / snr / 4;
-  }
+  const double expected = WeightedMean(per_sample, t, abar,
+                                       [](double snr) { return std::min(snr, 5.0) / snr; });
   const DiffusionLoss min_snr = GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise);
   EXPECT_NEAR(min_snr.loss.item<double>(), expected, 1e-5);
   EXPECT_TRUE(torch::allclose(min_snr.per_sample, per_sample));
@@ -188,13 +197,9 @@ TEST(Diffusion, LossWeightings) {
   c.weighting = LossWeighting::kP2;
   c.p2_gamma = 0.5;
   c.p2_k = 1.0;
-  expected = 0;
-  for (int i = 0; i < 4; ++i) {
-    const double snr = abar[t[i].item<int>()] / (1 - abar[t[i].item<int>()]);
-    expected += per_sample[i].item<double>() * std::pow(1.0 + snr, -0.5) / 4;
-  }
   EXPECT_NEAR(GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise).loss.item<double>(),
-              expected, 1e-5);
+              WeightedMean(per_sample, t, abar, [](double snr) { return std::pow(1.0 + snr, -0.5); }),
+              1e-5);
 }
 
 // The exact eps-predictor for data x0 ~ N(0, s^2): x_t ~ N(0, abar s^2 + 1 - abar), so

@@ -34,6 +34,22 @@ torch::Tensor Batch(const ImageDataset& data, EpochSampler& sampler, SplitMix64&
              .to(torch::kFloat32) / 127.5 - 1.0;
 }
 
+std::vector<torch::Tensor> Snapshot(UNet& model) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : model->parameters()) out.push_back(p.detach().clone());
+  return out;
+}
+
+// The largest change of any single weight since before.
+double MaxMove(UNet& model, const std::vector<torch::Tensor>& before) {
+  double max_move = 0;
+  const auto params = model->parameters();
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    max_move = std::max(max_move, (params[i].detach() - before[i]).abs().max().item<double>());
+  }
+  return max_move;
+}
+
 TEST(Train, WarmupIsLinearThenFlat) {
   TrainConfig c;
   c.lr = 2e-4;
@@ -66,19 +82,13 @@ TEST(Train, FirstAdamStepMovesEachWeightByTheWarmupLearningRate) {
   Config config = Tiny();
   config.train.grad_clip = 0;
   Trainer trainer(config, torch::kCPU);
-  std::vector<torch::Tensor> before;
-  for (const auto& p : trainer.model()->parameters()) before.push_back(p.detach().clone());
+  const std::vector<torch::Tensor> before = Snapshot(trainer.model());
   ShapesDataset data(64, 16, 0);
   EpochSampler sampler(data.size(), 0);
   SplitMix64 rng(0);
   const StepStats stats = trainer.Step(Batch(data, sampler, rng, 16));
   EXPECT_DOUBLE_EQ(stats.lr, 0.001 / 10);
-  double max_move = 0;
-  const auto params = trainer.model()->parameters();
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    max_move = std::max(max_move, (params[i].detach() - before[i]).abs().max().item<double>());
-  }
-  EXPECT_NEAR(max_move, 1e-4, 1e-6);
+  EXPECT_NEAR(MaxMove(trainer.model(), before), 1e-4, 1e-6);
   EXPECT_EQ(trainer.step(), 1);
 }
 
@@ -103,8 +113,7 @@ TEST(Train, GradientAccumulationTakesOneStepPerBatch) {
   config.train.grad_accum = 2;
   config.train.grad_clip = 0;
   Trainer trainer(config, torch::kCPU);
-  std::vector<torch::Tensor> before;
-  for (const auto& p : trainer.model()->parameters()) before.push_back(p.detach().clone());
+  const std::vector<torch::Tensor> before = Snapshot(trainer.model());
   ShapesDataset data(64, 16, 0);
   EpochSampler sampler(data.size(), 0);
   SplitMix64 rng(0);
@@ -112,19 +121,13 @@ TEST(Train, GradientAccumulationTakesOneStepPerBatch) {
   EXPECT_EQ(trainer.step(), 1) << "two micro-batches, one optimizer step";
   EXPECT_TRUE(std::isfinite(stats.loss));
   // One Adam step of the warmup learning rate, not two.
-  double max_move = 0;
-  const auto params = trainer.model()->parameters();
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    max_move = std::max(max_move, (params[i].detach() - before[i]).abs().max().item<double>());
-  }
-  EXPECT_NEAR(max_move, 1e-4, 1e-6);
+  EXPECT_NEAR(MaxMove(trainer.model(), before), 1e-4, 1e-6);
   EXPECT_THROW(trainer.Step(Batch(data, sampler, rng, 15)), c10::Error);
 }
 
 TEST(Train, LossHalvesOnTinyShapes) {
   // The learning test: over 300 steps the mean loss of the last 50 is under half the
   // mean of the first 50.
-  torch::set_num_threads(2);
   Config config = Tiny();
   Trainer trainer(config, torch::kCPU);
   const std::unique_ptr<ImageDataset> data = MakeDataset(config);

@@ -12,7 +12,7 @@ int RunSample(const SampleOptions& options) {
   const std::string origin = "ddpm_sample flags";
   if (!options.sampler.empty()) SetConfigKey(config, "sample.sampler", options.sampler, origin);
   if (options.steps >= 0) SetConfigKey(config, "sample.steps", std::to_string(options.steps), origin);
-  if (options.eta >= 0) SetConfigKey(config, "sample.eta", std::to_string(options.eta), origin);
+  if (!options.eta_text.empty()) SetConfigKey(config, "sample.eta", options.eta_text, origin);
   if (options.num_images >= 0) {
     SetConfigKey(config, "sample.num_images", std::to_string(options.num_images), origin);
   }

@@ -16,7 +16,8 @@ struct SampleOptions {
   /// Overrides of the config's sample section; empty or negative keeps the config's value.
   std::string sampler;
   int steps = -1;
-  double eta = -1;
+  /// DDIM eta as YAML text, validated by the config loader.
+  std::string eta_text;
   int num_images = -1;
   long long seed = -1;
 };

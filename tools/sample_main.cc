@@ -1,6 +1,4 @@
 // ddpm_sample: draws samples from exported EMA weights into a PNG grid. Thin main.
-#include <cstdio>
-#include <exception>
 #include <string>
 
 #include "tools/sample.h"
@@ -16,12 +14,7 @@ int main(int argc, char** argv) {
   flags.Add("eta", "DDIM eta (default: the config's sample.eta)", "");
   flags.Add("num-images", "images in the grid (default: the config's sample.num_images)", "-1");
   flags.Add("seed", "sampler seed (default: the config's sample.seed)", "-1");
-  try {
-    flags.Parse(argc, argv);
-    if (flags.GetSwitch("help")) {
-      std::printf("%s", flags.Usage().c_str());
-      return 0;
-    }
+  return ddpm::RunMain(flags, argc, argv, [&] {
     ddpm::SampleOptions options;
     options.config_path = flags.Get("config");
     options.weights_path = flags.Get("weights");
@@ -30,22 +23,10 @@ int main(int argc, char** argv) {
     }
     options.out_path = flags.Get("out");
     options.sampler = flags.Get("sampler");
+    options.eta_text = flags.Get("eta");
     options.steps = static_cast<int>(flags.GetInt("steps"));
-    if (flags.Given("eta")) {
-      try {
-        options.eta = std::stod(flags.Get("eta"));
-      } catch (const std::exception&) {
-        throw ddpm::FlagError("ddpm_sample: --eta expects a number, got '" + flags.Get("eta") + "'");
-      }
-    }
     options.num_images = static_cast<int>(flags.GetInt("num-images"));
     options.seed = flags.GetInt("seed");
     return ddpm::RunSample(options);
-  } catch (const ddpm::FlagError& e) {
-    std::fprintf(stderr, "%s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "ddpm_sample: error: %s\n", e.what());
-    return 1;
-  }
+  });
 }

@@ -1,5 +1,6 @@
 #include "trainer/flags.h"
 
+#include <cstdio>
 #include <sstream>
 
 namespace ddpm {
@@ -84,6 +85,23 @@ std::string Flags::Usage() const {
     out << "\n";
   }
   return out.str();
+}
+
+int RunMain(Flags& flags, int argc, const char* const* argv, const std::function<int()>& body) {
+  try {
+    flags.Parse(argc, argv);
+    if (flags.GetSwitch("help")) {
+      std::printf("%s", flags.Usage().c_str());
+      return 0;
+    }
+    return body();
+  } catch (const FlagError& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: error: %s\n", flags.program().c_str(), e.what());
+    return 1;
+  }
 }
 
 }  // namespace ddpm

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -33,6 +34,7 @@ class Flags {
   bool Given(const std::string& name) const;
   /// The --help text.
   std::string Usage() const;
+  const std::string& program() const { return program_; }
 
  private:
   struct Spec {
@@ -48,5 +50,10 @@ class Flags {
   std::vector<std::string> order_;
   std::map<std::string, Spec> specs_;
 };
+
+/// The body of a thin main: parses argv into flags, answers --help, runs body, and turns errors
+/// into exit codes: 2 for a bad command line, 1 for any other error, printed as
+/// "program: error: ...".
+int RunMain(Flags& flags, int argc, const char* const* argv, const std::function<int()>& body);
 
 }  // namespace ddpm

@@ -1,7 +1,4 @@
 // ddpm_worker: trains a DDPM from a YAML config. Thin main: flags to options, then the library.
-#include <cstdio>
-#include <exception>
-
 #include "trainer/flags.h"
 #include "worker/worker.h"
 
@@ -13,12 +10,7 @@ int main(int argc, char** argv) {
   flags.Add("run-dir", "run directory for logs, sample grids and weights", "runs/default");
   flags.AddSwitch("print-params", "print the UNet's parameter count for the config and exit");
   flags.AddSwitch("print-config", "print the resolved config as YAML and exit");
-  try {
-    flags.Parse(argc, argv);
-    if (flags.GetSwitch("help")) {
-      std::printf("%s", flags.Usage().c_str());
-      return 0;
-    }
+  return ddpm::RunMain(flags, argc, argv, [&] {
     ddpm::WorkerOptions options;
     options.config_path = flags.Get("config");
     if (options.config_path.empty()) throw ddpm::FlagError("ddpm_worker: --config is required");
@@ -26,11 +18,5 @@ int main(int argc, char** argv) {
     options.print_params = flags.GetSwitch("print-params");
     options.print_config = flags.GetSwitch("print-config");
     return ddpm::RunWorker(options);
-  } catch (const ddpm::FlagError& e) {
-    std::fprintf(stderr, "%s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "ddpm_worker: error: %s\n", e.what());
-    return 1;
-  }
+  });
 }
