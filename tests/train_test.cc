@@ -64,7 +64,8 @@ TEST(Train, WarmupIsLinearThenFlat) {
 
 TEST(Train, EmaFollowsItsFormula) {
   torch::nn::Linear source(3, 2), target(3, 2);
-  Ema ema(*source, *target, 0.75);
+  FlatParameters source_flat(*source, false), target_flat(*target, false);
+  Ema ema(source_flat.data(), target_flat.data(), 0.75);
   EXPECT_TRUE(torch::equal(target->weight, source->weight)) << "the EMA starts at the weights";
   const torch::Tensor before = target->weight.detach().clone();
   {
@@ -74,6 +75,76 @@ TEST(Train, EmaFollowsItsFormula) {
   ema.Update();
   const torch::Tensor expected = 0.75 * before + 0.25 * source->weight.detach();
   EXPECT_TRUE(torch::allclose(target->weight, expected, 1e-6, 1e-7));
+}
+
+TEST(Train, FlatParametersAreViewsAndGradientsAccumulateInPlace) {
+  torch::nn::Linear layer(4, 3);
+  const torch::Tensor weight = layer->weight.detach().clone();
+  FlatParameters flat(*layer, /*with_grad=*/true);
+  ASSERT_EQ(flat.data().numel(), 4 * 3 + 3);
+  EXPECT_TRUE(torch::equal(layer->weight, weight)) << "values survive the move";
+  {
+    torch::NoGradGuard no_grad;
+    flat.data().fill_(0.5);
+  }
+  EXPECT_EQ(layer->weight[1][2].item<float>(), 0.5f) << "the parameter is a view of the buffer";
+  const torch::Tensor x = torch::ones({2, 4});
+  layer->forward(x).sum().backward();
+  // d(sum(W x + b))/dW[i][j] = sum over the batch of x[j] = 2; d/db = 2.
+  EXPECT_TRUE(torch::equal(flat.grad(), torch::full({15}, 2.0)));
+  layer->forward(x).sum().backward();
+  EXPECT_TRUE(torch::equal(flat.grad(), torch::full({15}, 4.0))) << "accumulated into the buffer";
+  const auto named = flat.Unflatten(flat.grad());
+  EXPECT_EQ(named.at("weight").sizes(), (std::vector<int64_t>{3, 4}));
+  torch::Tensor copy = torch::zeros({15});
+  std::map<std::string, torch::Tensor> prefixed;
+  for (const auto& [name, tensor] : named) prefixed["g/" + name] = tensor;
+  flat.Flatten(prefixed, "g/", copy, "test");
+  EXPECT_TRUE(torch::equal(copy, flat.grad()));
+}
+
+TEST(Train, FlatAdamIsTorchAdamBitForBit) {
+  torch::manual_seed(5);
+  torch::nn::Linear ours(6, 5), theirs(6, 5);
+  {
+    torch::NoGradGuard no_grad;
+    theirs->weight.copy_(ours->weight);
+    theirs->bias.copy_(ours->bias);
+  }
+  FlatParameters flat(*ours, true);
+  FlatAdam adam(flat.data(), flat.grad(), 0.9, 0.999, 1e-8);
+  torch::optim::Adam reference(theirs->parameters(),
+                               torch::optim::AdamOptions(1e-3).betas({0.9, 0.999}).eps(1e-8));
+  for (int step = 0; step < 5; ++step) {
+    const torch::Tensor x = torch::randn({7, 6});
+    flat.grad().zero_();
+    ours->forward(x).square().sum().backward();
+    adam.Step(1e-3);
+    reference.zero_grad();
+    theirs->forward(x).square().sum().backward();
+    reference.step();
+  }
+  EXPECT_TRUE(torch::equal(ours->weight, theirs->weight));
+  EXPECT_TRUE(torch::equal(ours->bias, theirs->bias));
+  EXPECT_EQ(adam.steps(), 5);
+}
+
+TEST(Train, ClipGradNormMatchesTorch) {
+  torch::manual_seed(6);
+  torch::nn::Linear ours(8, 8), theirs(8, 8);
+  FlatParameters flat(*ours, true);
+  {
+    torch::NoGradGuard no_grad;
+    flat.grad().copy_(torch::randn({72}) * 3);
+    theirs->weight.mutable_grad() = flat.grad().narrow(0, 0, 64).view({8, 8}).clone();
+    theirs->bias.mutable_grad() = flat.grad().narrow(0, 64, 8).clone();
+  }
+  torch::Tensor grad = flat.grad();
+  const double norm = ClipGradNorm(grad, 1.0);
+  const double expected = torch::nn::utils::clip_grad_norm_(theirs->parameters(), 1.0);
+  EXPECT_NEAR(norm, expected, 1e-4 * expected);
+  EXPECT_TRUE(torch::allclose(ours->weight.grad(), theirs->weight.grad(), 1e-5, 1e-7));
+  EXPECT_NEAR(flat.grad().norm().item<double>(), 1.0, 1e-5);
 }
 
 TEST(Train, FirstAdamStepMovesEachWeightByTheWarmupLearningRate) {

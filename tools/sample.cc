@@ -1,26 +1,44 @@
 #include "tools/sample.h"
 
-#include <cstdio>
-
-#include "trainer/config.h"
-#include "trainer/train_loop.h"
-
 namespace ddpm {
 
-int RunSample(const SampleOptions& options) {
-  Config config = LoadConfigFile(options.config_path);
-  const std::string origin = "ddpm_sample flags";
-  if (!options.sampler.empty()) SetConfigKey(config, "sample.sampler", options.sampler, origin);
-  if (options.steps >= 0) SetConfigKey(config, "sample.steps", std::to_string(options.steps), origin);
-  if (!options.eta_text.empty()) SetConfigKey(config, "sample.eta", options.eta_text, origin);
-  if (options.num_images >= 0) {
-    SetConfigKey(config, "sample.num_images", std::to_string(options.num_images), origin);
+void AddSampleFlags(Flags& flags) {
+  flags.Add("checkpoint", "a training checkpoint (RUN_DIR/checkpoints/step_*.ckpt); its config is used", "");
+  flags.Add("weights", "or a weights file, e.g. RUN_DIR/ema_weights.pt (needs --config)", "");
+  flags.Add("config", "the YAML config the weights were trained with", "");
+  flags.Add("out", "a PNG grid, or a directory (ending in /) for one PNG per image", "samples.png");
+  flags.Add("num", "number of images (default: the config's sample.num_images)", "");
+  flags.Add("sampler", "ddpm or ddim (default: the config's sample.sampler)", "");
+  flags.Add("steps", "DDIM steps (default: the config's sample.steps)", "");
+  flags.Add("eta", "DDIM eta (default: the config's sample.eta)", "");
+  flags.Add("variance", "DDPM variance, fixedlarge or fixedsmall (default: the config's)", "");
+  flags.Add("seed", "sampler seed; batch b uses seed + b (default: the config's sample.seed)", "");
+  flags.Add("batch", "images per forward pass", "64");
+  flags.Add("device", "cpu, cuda or auto (default: the config's train.device)", "");
+}
+
+SampleJob SampleJobFromFlags(const Flags& flags) {
+  SampleJob job;
+  job.checkpoint = flags.Get("checkpoint");
+  job.weights = flags.Get("weights");
+  job.config_path = flags.Get("config");
+  if (job.checkpoint.empty() == job.weights.empty()) {
+    throw FlagError("ddpm_sample: give either --checkpoint, or --weights with --config");
   }
-  if (options.seed >= 0) SetConfigKey(config, "sample.seed", std::to_string(options.seed), origin);
-  config.Validate();
-  const double seconds = SampleFromWeights(config, options.weights_path, options.out_path);
-  std::printf("ddpm_sample: wrote %s (%.1fs)\n", options.out_path.c_str(), seconds);
-  return 0;
+  if (!job.weights.empty() && job.config_path.empty()) {
+    throw FlagError("ddpm_sample: --weights needs --config (the config it was trained with)");
+  }
+  job.out = flags.Get("out");
+  job.batch_size = static_cast<int>(flags.GetInt("batch"));
+  // Each override goes through the config loader, so it is checked like a config file.
+  const std::pair<const char*, const char*> keys[] = {
+      {"num", "sample.num_images"}, {"sampler", "sample.sampler"}, {"steps", "sample.steps"},
+      {"eta", "sample.eta"},        {"variance", "sample.variance"}, {"seed", "sample.seed"},
+      {"device", "train.device"}};
+  for (const auto& [flag, key] : keys) {
+    if (flags.Given(flag)) job.overrides.emplace_back(key, flags.Get(flag));
+  }
+  return job;
 }
 
 }  // namespace ddpm

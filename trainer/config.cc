@@ -43,7 +43,11 @@ struct EnumNames<SamplerKind> {
 };
 template <>
 struct EnumNames<DatasetKind> {
-  static constexpr const char* kNames[] = {"shapes"};
+  static constexpr const char* kNames[] = {"shapes", "cifar10", "folder"};
+};
+template <>
+struct EnumNames<CifarSplit> {
+  static constexpr const char* kNames[] = {"train", "test"};
 };
 
 template <typename E>
@@ -94,7 +98,12 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("train", "sample_every", c.train.sample_every);
   visit("train", "threads", c.train.threads);
   visit("train", "device", c.train.device);
+  visit("train", "checkpoint_every", c.train.checkpoint_every);
+  visit("train", "keep_checkpoints", c.train.keep_checkpoints);
   visit("data", "dataset", c.data.dataset);
+  visit("data", "path", c.data.path);
+  visit("data", "split", c.data.split);
+  visit("data", "prefetch", c.data.prefetch);
   visit("data", "shapes_size", c.data.shapes_size);
   visit("data", "random_flip", c.data.random_flip);
   visit("sample", "sampler", c.sample.sampler);
@@ -297,6 +306,7 @@ const char* Name(LossWeighting v) { return EnumNames<LossWeighting>::kNames[stat
 const char* Name(VarianceKind v) { return EnumNames<VarianceKind>::kNames[static_cast<int>(v)]; }
 const char* Name(SamplerKind v) { return EnumNames<SamplerKind>::kNames[static_cast<int>(v)]; }
 const char* Name(DatasetKind v) { return EnumNames<DatasetKind>::kNames[static_cast<int>(v)]; }
+const char* Name(CifarSplit v) { return EnumNames<CifarSplit>::kNames[static_cast<int>(v)]; }
 
 int Config::PerRankMicroBatch(int world_size) const {
   if (world_size < 1) Invalid("world size", "must be at least 1, got " + std::to_string(world_size));
@@ -376,6 +386,17 @@ void Config::Validate(int world_size) const {
     Invalid("train.device", "'" + t.device + "' is not one of: auto, cpu, cuda");
   }
 
+  if (t.checkpoint_every < 0) Invalid("train.checkpoint_every", "must be >= 0, got " + std::to_string(t.checkpoint_every));
+  if (t.keep_checkpoints < 1) Invalid("train.keep_checkpoints", "must be >= 1, got " + std::to_string(t.keep_checkpoints));
+  if (data.dataset != DatasetKind::kShapes && data.path.empty()) {
+    Invalid("data.path", std::string("data.dataset ") + Name(data.dataset) + " needs a path");
+  }
+  if (data.prefetch < 1) Invalid("data.prefetch", "must be >= 1, got " + std::to_string(data.prefetch));
+  if (data.dataset == DatasetKind::kCifar10 && (m.image_size != 32 || m.in_channels != 3)) {
+    Invalid("model.image_size", "CIFAR-10 images are 3 x 32 x 32; the model is " +
+                                    std::to_string(m.in_channels) + " x " +
+                                    std::to_string(m.image_size) + " x " + std::to_string(m.image_size));
+  }
   if (data.shapes_size < 1) Invalid("data.shapes_size", "must be >= 1, got " + std::to_string(data.shapes_size));
 
   if (sample.steps < 1 || sample.steps > d.timesteps) {

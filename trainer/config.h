@@ -21,7 +21,8 @@ enum class LossKind { kL2, kL1 };
 enum class LossWeighting { kNone, kP2, kMinSnr };
 enum class VarianceKind { kFixedLarge, kFixedSmall };
 enum class SamplerKind { kDdpm, kDdim };
-enum class DatasetKind { kShapes };
+enum class DatasetKind { kShapes, kCifar10, kFolder };
+enum class CifarSplit { kTrain, kTest };
 
 /// The UNet of Ho et al. (Appendix B), as in the authors' diffusion_tf/models/unet.py.
 struct ModelConfig {
@@ -101,12 +102,22 @@ struct TrainConfig {
   int threads = 0;
   /// Device: cpu, cuda, or auto (cuda when available).
   std::string device = "auto";
+  /// Steps between checkpoints; 0 saves only at the end (and on Ctrl-C or SIGTERM).
+  int64_t checkpoint_every = 5000;
+  /// Checkpoints kept in the run directory; older ones are deleted.
+  int keep_checkpoints = 3;
 };
 
 /// The training images.
 struct DataConfig {
-  /// Dataset: shapes (built in, procedural coloured shapes).
+  /// Dataset: shapes (built in, procedural), cifar10 (official binary) or folder (PNG/JPEG).
   DatasetKind dataset = DatasetKind::kShapes;
+  /// cifar10: cifar-10-binary.tar.gz or the folder of data_batch_*.bin; folder: the image folder.
+  std::string path;
+  /// cifar10: train (data_batch_1..5, 50000 images) or test (test_batch, 10000 images).
+  CifarSplit split = CifarSplit::kTrain;
+  /// Batches the background loader prepares ahead of the train step.
+  int prefetch = 2;
   /// Number of images the shapes dataset generates per epoch.
   int64_t shapes_size = 50000;
   /// Random horizontal flips, as in the paper.
@@ -170,5 +181,6 @@ const char* Name(LossWeighting v);
 const char* Name(VarianceKind v);
 const char* Name(SamplerKind v);
 const char* Name(DatasetKind v);
+const char* Name(CifarSplit v);
 
 }  // namespace ddpm

@@ -1,9 +1,20 @@
 #include "trainer/data.h"
 
+#include <archive.h>
+#include <archive_entry.h>
+#include <stb/stb_image.h>
+#include <stb/stb_image_resize.h>
+
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
 #include <stdexcept>
 
 namespace ddpm {
@@ -93,8 +104,197 @@ void ShapesDataset::Read(int64_t index, uint8_t* chw) const {
   }
 }
 
+namespace fs = std::filesystem;
+
+std::vector<std::string> Cifar10Dataset::FileNames(CifarSplit split) {
+  if (split == CifarSplit::kTest) return {"test_batch.bin"};
+  return {"data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin",
+          "data_batch_5.bin"};
+}
+
+namespace {
+
+std::vector<uint8_t> ReadWholeFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw DataError(path + ": cannot open");
+  return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// Reads the wanted members of a (compressed) tar archive with libarchive, keyed by base name.
+std::map<std::string, std::vector<uint8_t>> ReadArchiveMembers(
+    const std::string& path, const std::vector<std::string>& wanted) {
+  if (!fs::exists(path)) throw DataError(path + ": no such file");
+  std::unique_ptr<archive, int (*)(archive*)> reader(archive_read_new(), archive_read_free);
+  archive_read_support_filter_all(reader.get());
+  archive_read_support_format_all(reader.get());
+  if (archive_read_open_filename(reader.get(), path.c_str(), 1 << 16) != ARCHIVE_OK) {
+    throw DataError(path + ": cannot open archive: " + archive_error_string(reader.get()));
+  }
+  std::map<std::string, std::vector<uint8_t>> members;
+  archive_entry* entry = nullptr;
+  while (true) {
+    const int status = archive_read_next_header(reader.get(), &entry);
+    if (status == ARCHIVE_EOF) break;
+    if (status != ARCHIVE_OK) {
+      throw DataError(path + ": corrupt or truncated archive: " + archive_error_string(reader.get()));
+    }
+    const std::string name = fs::path(archive_entry_pathname(entry)).filename().string();
+    if (std::find(wanted.begin(), wanted.end(), name) == wanted.end()) continue;
+    std::vector<uint8_t> bytes;
+    std::array<uint8_t, 1 << 16> chunk{};
+    while (true) {
+      const la_ssize_t got = archive_read_data(reader.get(), chunk.data(), chunk.size());
+      if (got < 0) {
+        throw DataError(path + ": " + archive_entry_pathname(entry) + ": cannot read at byte offset " +
+                        std::to_string(bytes.size()) + ": " + archive_error_string(reader.get()));
+      }
+      if (got == 0) break;
+      bytes.insert(bytes.end(), chunk.data(), chunk.data() + got);
+    }
+    const la_int64_t declared = archive_entry_size(entry);
+    if (archive_entry_size_is_set(entry) && declared != static_cast<la_int64_t>(bytes.size())) {
+      throw DataError(path + ": " + archive_entry_pathname(entry) + ": truncated at byte offset " +
+                      std::to_string(bytes.size()) + " of " + std::to_string(declared));
+    }
+    members[name] = std::move(bytes);
+  }
+  for (const std::string& name : wanted) {
+    if (members.count(name) == 0) throw DataError(path + ": the archive has no " + name);
+  }
+  return members;
+}
+
+}  // namespace
+
+Cifar10Dataset::Cifar10Dataset(const std::string& path, CifarSplit split) : source_(path) {
+  const std::vector<std::string> names = FileNames(split);
+  if (fs::is_directory(path)) {
+    std::string dir = path;
+    if (!fs::exists(fs::path(dir) / names[0]) && fs::exists(fs::path(dir) / "cifar-10-batches-bin")) {
+      dir = (fs::path(dir) / "cifar-10-batches-bin").string();
+    }
+    for (const std::string& name : names) {
+      const std::string file = (fs::path(dir) / name).string();
+      if (!fs::exists(file)) {
+        throw DataError(file + ": missing; the " + Name(split) + " split needs " +
+                        [&] {
+                          std::string all;
+                          for (const auto& n : names) all += (all.empty() ? "" : ", ") + n;
+                          return all;
+                        }() + " in " + dir);
+      }
+      AppendRecords(file, ReadWholeFile(file));
+    }
+  } else {
+    const auto members = ReadArchiveMembers(path, names);
+    for (const std::string& name : names) AppendRecords(path + ": " + name, members.at(name));
+  }
+}
+
+void Cifar10Dataset::AppendRecords(const std::string& name, const std::vector<uint8_t>& bytes) {
+  const int64_t size = static_cast<int64_t>(bytes.size());
+  if (size == 0) throw DataError(name + ": empty file, expected 3073-byte CIFAR-10 records");
+  if (size % kRecordBytes != 0) {
+    const int64_t whole = size / kRecordBytes;
+    throw DataError(name + ": truncated or wrong record size: " + std::to_string(size) +
+                    " bytes is not a whole number of 3073-byte records (1 label + 3072 pixels); "
+                    "record " + std::to_string(whole) + " at byte offset " +
+                    std::to_string(whole * kRecordBytes) + " has only " +
+                    std::to_string(size - whole * kRecordBytes) + " bytes");
+  }
+  const int64_t records = size / kRecordBytes;
+  labels_.reserve(labels_.size() + records);
+  pixels_.reserve(pixels_.size() + records * (kRecordBytes - 1));
+  for (int64_t r = 0; r < records; ++r) {
+    const uint8_t* record = bytes.data() + r * kRecordBytes;
+    if (record[0] > 9) {
+      throw DataError(name + ": record " + std::to_string(r) + " at byte offset " +
+                      std::to_string(r * kRecordBytes) + " has label " + std::to_string(record[0]) +
+                      "; CIFAR-10 labels are 0-9 (is this the CIFAR-100 or the Python version?)");
+    }
+    labels_.push_back(record[0]);
+    pixels_.insert(pixels_.end(), record + 1, record + kRecordBytes);
+  }
+}
+
+void Cifar10Dataset::Read(int64_t index, uint8_t* chw) const {
+  if (index < 0 || index >= size()) {
+    throw std::out_of_range("cifar10: index " + std::to_string(index) + " outside [0, " +
+                            std::to_string(size()) + ")");
+  }
+  // The record's pixels are already planar R, G, B: CHW.
+  std::copy_n(pixels_.data() + index * (kRecordBytes - 1), kRecordBytes - 1, chw);
+}
+
+std::string Cifar10Dataset::Describe() const {
+  return "cifar10: " + std::to_string(size()) + " images of 32x32 from " + source_;
+}
+
+ImageFolderDataset::ImageFolderDataset(const std::string& path, int image_size, int channels)
+    : path_(path), image_size_(image_size), channels_(channels) {
+  if (!fs::is_directory(path)) throw DataError(path + ": no such directory");
+  std::vector<std::string> files;
+  for (const auto& entry : fs::recursive_directory_iterator(path)) {
+    if (!entry.is_regular_file()) continue;
+    std::string ext = entry.path().extension().string();
+    for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (ext == ".png" || ext == ".jpg" || ext == ".jpeg") files.push_back(entry.path().string());
+  }
+  if (files.empty()) throw DataError(path + ": no PNG or JPEG images found (searched recursively)");
+  std::sort(files.begin(), files.end());
+  const int64_t image_bytes = static_cast<int64_t>(channels) * image_size * image_size;
+  pixels_.resize(files.size() * image_bytes);
+  std::vector<uint8_t> resized(image_bytes);
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    int width = 0, height = 0, file_channels = 0;
+    std::unique_ptr<stbi_uc, void (*)(void*)> decoded(
+        stbi_load(files[i].c_str(), &width, &height, &file_channels, channels), stbi_image_free);
+    if (!decoded) {
+      throw DataError(files[i] + ": cannot decode image: " + stbi_failure_reason());
+    }
+    // Centre crop to a square, then resize (stb's default filter: Mitchell down, cubic up).
+    const int side = std::min(width, height);
+    const stbi_uc* crop = decoded.get() + (static_cast<int64_t>((height - side) / 2) * width +
+                                           (width - side) / 2) * channels;
+    if (!stbir_resize_uint8(crop, side, side, width * channels, resized.data(), image_size,
+                            image_size, 0, channels)) {
+      throw DataError(files[i] + ": cannot resize " + std::to_string(width) + "x" +
+                      std::to_string(height) + " to " + std::to_string(image_size));
+    }
+    uint8_t* out = pixels_.data() + i * image_bytes;
+    const int64_t plane = static_cast<int64_t>(image_size) * image_size;
+    for (int64_t p = 0; p < plane; ++p) {
+      for (int c = 0; c < channels; ++c) out[c * plane + p] = resized[p * channels + c];
+    }
+    if ((i + 1) % 10000 == 0) {
+      std::printf("folder: decoded %zu/%zu images\n", i + 1, files.size());
+      std::fflush(stdout);
+    }
+  }
+  count_ = static_cast<int64_t>(files.size());
+}
+
+void ImageFolderDataset::Read(int64_t index, uint8_t* chw) const {
+  if (index < 0 || index >= count_) {
+    throw std::out_of_range("folder: index " + std::to_string(index) + " outside [0, " +
+                            std::to_string(count_) + ")");
+  }
+  const int64_t image_bytes = static_cast<int64_t>(channels_) * image_size_ * image_size_;
+  std::copy_n(pixels_.data() + index * image_bytes, image_bytes, chw);
+}
+
+std::string ImageFolderDataset::Describe() const {
+  return "folder: " + std::to_string(count_) + " images from " + path_ + ", centre-cropped to " +
+         std::to_string(image_size_) + "x" + std::to_string(image_size_);
+}
+
 std::unique_ptr<ImageDataset> MakeDataset(const Config& config) {
   switch (config.data.dataset) {
+    case DatasetKind::kCifar10:
+      return std::make_unique<Cifar10Dataset>(config.data.path, config.data.split);
+    case DatasetKind::kFolder:
+      return std::make_unique<ImageFolderDataset>(config.data.path, config.model.image_size,
+                                                  config.model.in_channels);
     case DatasetKind::kShapes:
       if (config.model.in_channels != 3) {
         throw ConfigError("config: data.dataset: shapes makes 3-channel images, but "
@@ -157,6 +357,71 @@ std::vector<uint8_t> ReadBatch(const ImageDataset& dataset, const std::vector<in
     }
   }
   return out;
+}
+
+LoaderState LoaderState::Initial(uint64_t seed) {
+  LoaderState state;
+  state.flip_rng = seed ^ 0x6a09e667f3bcc909ULL;
+  return state;
+}
+
+BatchLoader::BatchLoader(const ImageDataset& dataset, int batch_size, bool flip, uint64_t seed,
+                         LoaderState start, int prefetch)
+    : dataset_(dataset),
+      batch_size_(batch_size),
+      flip_(flip),
+      seed_(seed),
+      prefetch_(static_cast<std::size_t>(std::max(1, prefetch))) {
+  // Check the start state here, so that a bad cursor fails in the caller's thread.
+  EpochSampler check(dataset.size(), seed, start.cursor);
+  thread_ = std::thread([this, start] { Run(start); });
+}
+
+BatchLoader::~BatchLoader() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  changed_.notify_all();
+  thread_.join();
+}
+
+void BatchLoader::Run(LoaderState state) {
+  try {
+    EpochSampler sampler(dataset_.size(), seed_, state.cursor);
+    SplitMix64 rng(state.flip_rng);
+    while (true) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        changed_.wait(lock, [&] { return stop_ || ready_.size() < prefetch_; });
+        if (stop_) return;
+      }
+      LoadedBatch batch;
+      batch.pixels = ReadBatch(dataset_, sampler.Next(batch_size_), flip_, rng);
+      batch.count = batch_size_;
+      batch.after = LoaderState{sampler.cursor(), rng.state()};
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        ready_.push_back(std::move(batch));
+      }
+      changed_.notify_all();
+    }
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    error_ = std::current_exception();
+    changed_.notify_all();
+  }
+}
+
+LoadedBatch BatchLoader::Next() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait(lock, [&] { return !ready_.empty() || error_; });
+  if (ready_.empty()) std::rethrow_exception(error_);
+  LoadedBatch batch = std::move(ready_.front());
+  ready_.pop_front();
+  lock.unlock();
+  changed_.notify_all();
+  return batch;
 }
 
 }  // namespace ddpm

@@ -2,14 +2,26 @@
 // Torch-free: images are uint8 CHW buffers.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
+#include <exception>
 #include <memory>
+#include <mutex>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "trainer/config.h"
 
 namespace ddpm {
+
+/// Bad training data: the message names the file and the byte offset or record.
+class DataError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 /// A random-access set of square images, read as uint8 CHW.
 class ImageDataset {
@@ -45,6 +57,53 @@ class ShapesDataset : public ImageDataset {
   uint64_t seed_;
 };
 
+/// CIFAR-10 in its official binary form: records of 1 label byte and 3072 pixel bytes (the R, G
+/// and B planes of a 32x32 image), from cifar-10-binary.tar.gz or the extracted .bin files.
+class Cifar10Dataset : public ImageDataset {
+ public:
+  /// Bytes per record: the label and a 3 x 32 x 32 image.
+  static constexpr int64_t kRecordBytes = 1 + 3 * 32 * 32;
+
+  /// Reads the split from path: the .tar.gz archive, or a folder holding the .bin files (or
+  /// holding cifar-10-batches-bin/ with them). Throws DataError naming the file and offset.
+  Cifar10Dataset(const std::string& path, CifarSplit split);
+  int64_t size() const override { return static_cast<int64_t>(labels_.size()); }
+  int image_size() const override { return 32; }
+  int channels() const override { return 3; }
+  void Read(int64_t index, uint8_t* chw) const override;
+  std::string Describe() const override;
+  /// The class (0-9) of image index.
+  int label(int64_t index) const { return labels_.at(index); }
+  /// The file names a split reads, in order.
+  static std::vector<std::string> FileNames(CifarSplit split);
+
+ private:
+  void AppendRecords(const std::string& name, const std::vector<uint8_t>& bytes);
+
+  std::string source_;
+  std::vector<uint8_t> labels_;
+  std::vector<uint8_t> pixels_;
+};
+
+/// Every PNG and JPEG under a folder (recursively, in sorted path order), centre-cropped to a
+/// square and resized to image_size. Decoded once, up front, so a bad file fails at start.
+class ImageFolderDataset : public ImageDataset {
+ public:
+  ImageFolderDataset(const std::string& path, int image_size, int channels);
+  int64_t size() const override { return count_; }
+  int image_size() const override { return image_size_; }
+  int channels() const override { return channels_; }
+  void Read(int64_t index, uint8_t* chw) const override;
+  std::string Describe() const override;
+
+ private:
+  std::string path_;
+  int image_size_;
+  int channels_;
+  int64_t count_ = 0;
+  std::vector<uint8_t> pixels_;
+};
+
 /// Builds the dataset that config names, for images of model.image_size and model.in_channels.
 std::unique_ptr<ImageDataset> MakeDataset(const Config& config);
 
@@ -53,6 +112,8 @@ class SplitMix64 {
  public:
   explicit SplitMix64(uint64_t seed) : state_(seed) {}
   uint64_t Next();
+  /// The whole generator state; SplitMix64(state()) continues the same stream.
+  uint64_t state() const { return state_; }
   /// Uniform in [0, bound) without modulo bias.
   uint64_t Below(uint64_t bound);
   /// Uniform in [0, 1).
@@ -91,5 +152,52 @@ class EpochSampler {
 /// probability 1/2 when flip is true. The flips draw from rng.
 std::vector<uint8_t> ReadBatch(const ImageDataset& dataset, const std::vector<int64_t>& indices,
                                bool flip, SplitMix64& rng);
+
+/// Where a loader is: enough to continue the same stream of batches exactly.
+struct LoaderState {
+  DataCursor cursor;
+  /// State of the flip generator.
+  uint64_t flip_rng = 0;
+
+  /// The state a run starts from, given its seed.
+  static LoaderState Initial(uint64_t seed);
+};
+
+/// One batch from the loader: uint8 NCHW pixels and the loader state right after it.
+struct LoadedBatch {
+  std::vector<uint8_t> pixels;
+  int64_t count = 0;
+  LoaderState after;
+};
+
+/// Prepares batches on a background thread, prefetch batches ahead of the train step. Batch k
+/// depends only on the start state and k, so a run resumed from LoadedBatch::after continues
+/// exactly.
+class BatchLoader {
+ public:
+  BatchLoader(const ImageDataset& dataset, int batch_size, bool flip, uint64_t seed,
+              LoaderState start, int prefetch);
+  /// Stops and joins the thread.
+  ~BatchLoader();
+  BatchLoader(const BatchLoader&) = delete;
+  BatchLoader& operator=(const BatchLoader&) = delete;
+  /// The next batch; blocks until it is ready. Rethrows an error of the loading thread.
+  LoadedBatch Next();
+
+ private:
+  void Run(LoaderState state);
+
+  const ImageDataset& dataset_;
+  const int batch_size_;
+  const bool flip_;
+  const uint64_t seed_;
+  const std::size_t prefetch_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::deque<LoadedBatch> ready_;
+  std::exception_ptr error_;
+  bool stop_ = false;
+  std::thread thread_;
+};
 
 }  // namespace ddpm

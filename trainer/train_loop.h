@@ -1,5 +1,5 @@
-// The single-process training run: data, steps, logs, sample grids and exported EMA weights.
-// Torch-free header.
+// The single-process training run: data, steps, logs, checkpoints and resume, sample grids and
+// exported EMA weights. Torch-free header.
 #pragma once
 
 #include <cstdint>
@@ -12,22 +12,31 @@ namespace ddpm {
 
 /// Where and how a run writes.
 struct TrainOptions {
-  /// Run directory: config.yaml, metrics.csv, samples/*.png and ema_weights.pt go here.
+  /// Run directory: config.yaml, metrics.csv, checkpoints/, samples/ and ema_weights.pt.
   std::string run_dir = "runs/default";
+  /// Continue from the run directory's newest valid checkpoint, if it has one.
+  bool resume = false;
+  /// Continue from this checkpoint file instead.
+  std::string resume_from;
 };
 
-/// What a finished run produced.
+/// What a run produced.
 struct TrainResult {
   int64_t steps = 0;
   /// Mean loss over the last log window.
   double last_loss = 0;
   /// Every sample grid written, in order.
   std::vector<std::string> sample_grids;
-  /// The exported EMA weights (a torch.load-able dict of tensors).
+  /// The last checkpoint written.
+  std::string checkpoint;
+  /// The exported EMA weights (a torch.load-able dict of tensors); empty if interrupted.
   std::string ema_weights;
+  /// The signal (SIGINT or SIGTERM) that stopped the run early, or 0.
+  int interrupted_by = 0;
 };
 
-/// Trains config.train.steps steps on one process and writes everything into options.run_dir.
+/// Trains to config.train.steps on one process, writing into options.run_dir. Ctrl-C or
+/// SIGTERM stops at the next step boundary with a checkpoint.
 TrainResult RunTraining(const Config& config, const TrainOptions& options);
 
 /// Sets torch's intra-op threads from train.threads, or cores / local ranks when it is 0.
@@ -37,8 +46,24 @@ int ConfigureThreads(const TrainConfig& config);
 std::string ResolveDevice(const TrainConfig& config);
 /// Seconds as H:MM:SS.
 std::string FormatDuration(double seconds);
-/// Writes EMA samples of the model in weights_path as a PNG grid; returns the seconds taken.
-double SampleFromWeights(const Config& config, const std::string& weights_path,
-                         const std::string& png_path);
+
+/// What ddpm_sample draws from and where it writes.
+struct SampleJob {
+  /// A training checkpoint; its EMA weights and config are used.
+  std::string checkpoint;
+  /// Or a weights file (ema_weights.pt or a torch.save'd state dict) ...
+  std::string weights;
+  /// ... with the config it was trained with.
+  std::string config_path;
+  /// "section.key" -> YAML value overrides of the config (sample.* mostly).
+  std::vector<std::pair<std::string, std::string>> overrides;
+  /// Images per forward pass.
+  int batch_size = 64;
+  /// A PNG grid, or a directory (existing, or ending in '/') for one PNG per image.
+  std::string out = "samples.png";
+};
+
+/// Draws the samples of job and writes them; returns the files written.
+std::vector<std::string> RunSampleJob(const SampleJob& job);
 
 }  // namespace ddpm

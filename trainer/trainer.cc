@@ -1,6 +1,7 @@
 #include "trainer/trainer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
@@ -13,17 +14,100 @@ double WarmupLearningRate(const TrainConfig& config, int64_t update) {
   return config.lr * std::min(1.0, static_cast<double>(update) / config.warmup_steps);
 }
 
-Ema::Ema(torch::nn::Module& source, torch::nn::Module& target, double decay)
-    : source_(source.parameters()), target_(target.parameters()), decay_(decay) {
-  TORCH_CHECK(source_.size() == target_.size(), "EMA: source and target differ in structure");
+FlatParameters::FlatParameters(torch::nn::Module& module, bool with_grad) {
   torch::NoGradGuard no_grad;
-  for (std::size_t i = 0; i < source_.size(); ++i) target_[i].copy_(source_[i]);
+  const auto named = module.named_parameters();
+  TORCH_CHECK(named.size() > 0, "FlatParameters: the module has no parameters");
+  int64_t total = 0;
+  for (const auto& item : named) {
+    const torch::Tensor& p = item.value();
+    slots_.push_back(Slot{item.key(), total, p.numel(), p.sizes().vec()});
+    total += p.numel();
+  }
+  const auto options = named[0].value().options();
+  data_ = torch::empty({total}, options);
+  if (with_grad) grad_ = torch::zeros({total}, options);
+  for (std::size_t i = 0; i < slots_.size(); ++i) {
+    torch::Tensor p = named[i].value();
+    torch::Tensor view = data_.narrow(0, slots_[i].offset, slots_[i].numel).view(p.sizes());
+    view.copy_(p);
+    p.set_data(view);
+    if (with_grad) {
+      p.mutable_grad() = grad_.narrow(0, slots_[i].offset, slots_[i].numel).view(p.sizes());
+    }
+  }
+}
+
+std::map<std::string, torch::Tensor> FlatParameters::Unflatten(const torch::Tensor& flat) const {
+  std::map<std::string, torch::Tensor> out;
+  const torch::Tensor cpu = flat.detach().to(torch::kCPU);
+  for (const Slot& slot : slots_) {
+    out[slot.name] = cpu.narrow(0, slot.offset, slot.numel).view(slot.shape).clone();
+  }
+  return out;
+}
+
+void FlatParameters::Flatten(const std::map<std::string, torch::Tensor>& named,
+                             const std::string& prefix, torch::Tensor& flat,
+                             const std::string& origin) const {
+  torch::NoGradGuard no_grad;
+  for (const Slot& slot : slots_) {
+    const auto it = named.find(prefix + slot.name);
+    if (it == named.end()) {
+      throw std::runtime_error(origin + ": missing tensor '" + prefix + slot.name + "'");
+    }
+    if (it->second.sizes().vec() != slot.shape) {
+      throw std::runtime_error(origin + ": tensor '" + prefix + slot.name + "' has shape " +
+                               c10::str(it->second.sizes()) + ", the model expects " +
+                               c10::str(slot.shape));
+    }
+    flat.narrow(0, slot.offset, slot.numel).copy_(it->second.reshape({-1}));
+  }
+}
+
+FlatAdam::FlatAdam(torch::Tensor params, torch::Tensor grads, double beta1, double beta2,
+                   double eps)
+    : params_(std::move(params)),
+      grads_(std::move(grads)),
+      exp_avg_(torch::zeros_like(params_)),
+      exp_avg_sq_(torch::zeros_like(params_)),
+      denom_(torch::empty_like(params_)),
+      beta1_(beta1),
+      beta2_(beta2),
+      eps_(eps) {}
+
+void FlatAdam::Step(double lr) {
+  torch::NoGradGuard no_grad;
+  ++steps_;
+  const double bias_correction1 = 1.0 - std::pow(beta1_, static_cast<double>(steps_));
+  const double bias_correction2 = 1.0 - std::pow(beta2_, static_cast<double>(steps_));
+  exp_avg_.mul_(beta1_).add_(grads_, 1.0 - beta1_);
+  exp_avg_sq_.mul_(beta2_).addcmul_(grads_, grads_, 1.0 - beta2_);
+  // denom = sqrt(v) / sqrt(bias_correction2) + eps, into a reused buffer.
+  torch::sqrt_out(denom_, exp_avg_sq_).div_(std::sqrt(bias_correction2)).add_(eps_);
+  params_.addcdiv_(exp_avg_, denom_, -lr / bias_correction1);
+}
+
+Ema::Ema(torch::Tensor source, torch::Tensor target, double decay)
+    : source_(std::move(source)), target_(std::move(target)), decay_(decay) {
+  TORCH_CHECK(source_.sizes() == target_.sizes(), "EMA: source and target differ in size");
+  torch::NoGradGuard no_grad;
+  target_.copy_(source_);
 }
 
 void Ema::Update() {
   torch::NoGradGuard no_grad;
-  torch::_foreach_mul_(target_, decay_);
-  torch::_foreach_add_(target_, source_, 1.0 - decay_);
+  target_.mul_(decay_).add_(source_, 1.0 - decay_);
+}
+
+double ClipGradNorm(torch::Tensor& grad, double max_norm) {
+  torch::NoGradGuard no_grad;
+  const double norm = grad.norm().item<double>();
+  if (max_norm > 0) {
+    const double coef = max_norm / (norm + 1e-6);
+    if (coef < 1.0) grad.mul_(coef);
+  }
+  return norm;
 }
 
 Trainer::Trainer(const Config& config, torch::Device device, int rank)
@@ -38,12 +122,12 @@ Trainer::Trainer(const Config& config, torch::Device device, int rank)
   ema_model_->to(device);
   ema_model_->eval();
   for (auto& p : ema_model_->parameters()) p.set_requires_grad(false);
-  parameters_ = model_->parameters();
-  optimizer_ = std::make_unique<torch::optim::Adam>(
-      parameters_, torch::optim::AdamOptions(config.train.lr)
-                       .betas({config.train.adam_beta1, config.train.adam_beta2})
-                       .eps(config.train.adam_eps));
-  ema_ = std::make_unique<Ema>(*model_, *ema_model_, config.train.ema_decay);
+  params_ = std::make_unique<FlatParameters>(*model_, /*with_grad=*/true);
+  ema_params_ = std::make_unique<FlatParameters>(*ema_model_, /*with_grad=*/false);
+  optimizer_ = std::make_unique<FlatAdam>(params_->data(), params_->grad(),
+                                          config.train.adam_beta1, config.train.adam_beta2,
+                                          config.train.adam_eps);
+  ema_ = std::make_unique<Ema>(params_->data(), ema_params_->data(), config.train.ema_decay);
 }
 
 StepStats Trainer::Step(const torch::Tensor& batch) {
@@ -51,11 +135,9 @@ StepStats Trainer::Step(const torch::Tensor& batch) {
   TORCH_CHECK(batch.size(0) % accum == 0, "batch of ", batch.size(0),
               " images does not split into train.grad_accum = ", accum, " micro-batches");
   model_->train();
-  const double lr = WarmupLearningRate(config_.train, step_ + 1);
-  for (auto& group : optimizer_->param_groups()) {
-    static_cast<torch::optim::AdamOptions&>(group.options()).lr(lr);
-  }
-  optimizer_->zero_grad();
+  StepStats stats;
+  stats.lr = WarmupLearningRate(config_.train, step_ + 1);
+  params_->grad().zero_();
   const torch::Tensor images = batch.to(device_, /*non_blocking=*/true);
   const Denoiser denoiser = [this](const torch::Tensor& x, const torch::Tensor& t) {
     return model_->forward(x, t);
@@ -66,22 +148,70 @@ StepStats Trainer::Step(const torch::Tensor& batch) {
     (out.loss / accum).backward();
     loss_sum += out.loss.detach();
   }
-  StepStats stats;
-  stats.lr = lr;
-  if (config_.train.grad_clip > 0) {
-    stats.grad_norm = torch::nn::utils::clip_grad_norm_(parameters_, config_.train.grad_clip);
-  } else {
-    std::vector<torch::Tensor> norms;
-    for (const auto& p : parameters_) {
-      if (p.grad().defined()) norms.push_back(p.grad().norm());
-    }
-    stats.grad_norm = torch::stack(norms).norm().item<double>();
-  }
-  optimizer_->step();
+  torch::Tensor grad = params_->grad();
+  stats.grad_norm = ClipGradNorm(grad, config_.train.grad_clip);
+  optimizer_->Step(stats.lr);
   ema_->Update();
   ++step_;
   stats.loss = loss_sum.item<double>() / accum;
   return stats;
+}
+
+namespace {
+
+// Generator is a shared handle: the copy locks and reads the same generator.
+torch::Tensor GeneratorState(torch::Generator generator) {
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  return generator.get_state();
+}
+
+void SetGeneratorState(torch::Generator& generator, const torch::Tensor& state) {
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_state(state);
+}
+
+torch::Tensor Scalar(int64_t value) { return torch::tensor(value, torch::kLong); }
+
+template <typename Map>
+const torch::Tensor& Need(const Map& state, const std::string& name, const std::string& origin) {
+  const auto it = state.find(name);
+  if (it == state.end()) throw std::runtime_error(origin + ": missing '" + name + "'");
+  return it->second;
+}
+
+}  // namespace
+
+std::map<std::string, torch::Tensor> Trainer::State() const {
+  std::map<std::string, torch::Tensor> state;
+  auto add = [&](const std::string& prefix, const torch::Tensor& flat) {
+    for (auto& [name, tensor] : params_->Unflatten(flat)) state[prefix + name] = tensor;
+  };
+  add("model/", params_->data());
+  add("ema/", ema_params_->data());
+  add("adam/exp_avg/", optimizer_->exp_avg());
+  add("adam/exp_avg_sq/", optimizer_->exp_avg_sq());
+  state["adam/steps"] = Scalar(optimizer_->steps());
+  state["step"] = Scalar(step_);
+  // The noise and timestep stream, and the device's default generator (dropout draws from it).
+  state["rng/noise"] = GeneratorState(generator_);
+  state["rng/default"] = GeneratorState(at::globalContext().defaultGenerator(device_));
+  return state;
+}
+
+void Trainer::LoadState(const std::map<std::string, torch::Tensor>& state,
+                        const std::string& origin) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor flat = params_->data();
+  params_->Flatten(state, "model/", flat, origin);
+  flat = ema_params_->data();
+  ema_params_->Flatten(state, "ema/", flat, origin);
+  params_->Flatten(state, "adam/exp_avg/", optimizer_->exp_avg(), origin);
+  params_->Flatten(state, "adam/exp_avg_sq/", optimizer_->exp_avg_sq(), origin);
+  optimizer_->set_steps(Need(state, "adam/steps", origin).item<int64_t>());
+  step_ = Need(state, "step", origin).item<int64_t>();
+  SetGeneratorState(generator_, Need(state, "rng/noise", origin));
+  torch::Generator default_generator = at::globalContext().defaultGenerator(device_);
+  SetGeneratorState(default_generator, Need(state, "rng/default", origin));
 }
 
 Denoiser EvalDenoiser(UNet& model) {
@@ -93,11 +223,13 @@ Denoiser EvalDenoiser(UNet& model) {
 
 std::map<std::string, torch::Tensor> StateDict(const torch::nn::Module& module) {
   std::map<std::string, torch::Tensor> out;
+  // Copies, always: a parameter may be a view of a flat buffer, and pickling a view would
+  // write the whole buffer.
   for (const auto& item : module.named_parameters()) {
-    out[item.key()] = item.value().detach().to(torch::kCPU).contiguous();
+    out[item.key()] = item.value().detach().to(torch::kCPU).clone();
   }
   for (const auto& item : module.named_buffers()) {
-    out[item.key()] = item.value().detach().to(torch::kCPU).contiguous();
+    out[item.key()] = item.value().detach().to(torch::kCPU).clone();
   }
   return out;
 }

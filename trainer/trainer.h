@@ -27,19 +27,73 @@ struct StepStats {
 /// Linear warmup of Ho et al.: update number k (1-based) uses lr * min(k / warmup_steps, 1).
 double WarmupLearningRate(const TrainConfig& config, int64_t update);
 
-/// Exponential moving average of a model's parameters: ema = decay ema + (1 - decay) param.
+/// A module's parameters re-homed into one contiguous buffer, each parameter a view of its
+/// slice; optionally gradients likewise, which autograd then accumulates into in place. The
+/// optimizer, EMA, clipping and zeroing each touch one tensor instead of one per parameter.
+class FlatParameters {
+ public:
+  /// Where one parameter lives in the flat buffer.
+  struct Slot {
+    std::string name;
+    int64_t offset;
+    int64_t numel;
+    std::vector<int64_t> shape;
+  };
+
+  /// Moves module's parameters (already on their device) into the flat buffer.
+  FlatParameters(torch::nn::Module& module, bool with_grad);
+  /// The flat parameters.
+  const torch::Tensor& data() const { return data_; }
+  /// The flat gradients (undefined unless with_grad).
+  const torch::Tensor& grad() const { return grad_; }
+  const std::vector<Slot>& slots() const { return slots_; }
+  /// A same-layout flat tensor split into named CPU copies, one per parameter.
+  std::map<std::string, torch::Tensor> Unflatten(const torch::Tensor& flat) const;
+  /// Copies named tensors into a same-layout flat tensor; names and shapes must match.
+  void Flatten(const std::map<std::string, torch::Tensor>& named, const std::string& prefix,
+               torch::Tensor& flat, const std::string& origin) const;
+
+ private:
+  torch::Tensor data_;
+  torch::Tensor grad_;
+  std::vector<Slot> slots_;
+};
+
+/// Adam (Kingma & Ba), the arithmetic of torch.optim.Adam, over one flat buffer.
+class FlatAdam {
+ public:
+  FlatAdam(torch::Tensor params, torch::Tensor grads, double beta1, double beta2, double eps);
+  /// One update with learning rate lr.
+  void Step(double lr);
+  /// Updates taken so far.
+  int64_t steps() const { return steps_; }
+  torch::Tensor& exp_avg() { return exp_avg_; }
+  torch::Tensor& exp_avg_sq() { return exp_avg_sq_; }
+  void set_steps(int64_t steps) { steps_ = steps; }
+
+ private:
+  torch::Tensor params_, grads_, exp_avg_, exp_avg_sq_, denom_;
+  double beta1_, beta2_, eps_;
+  int64_t steps_ = 0;
+};
+
+/// Exponential moving average of flat weights: ema = decay ema + (1 - decay) param.
 class Ema {
  public:
-  /// Averages into target, starting from source's current values.
-  Ema(torch::nn::Module& source, torch::nn::Module& target, double decay);
-  /// Moves every averaged parameter one step towards the source. Call after the optimizer step.
+  /// Averages source into target, starting from source's current values.
+  Ema(torch::Tensor source, torch::Tensor target, double decay);
+  /// Moves the average one step towards the source. Call after the optimizer step.
   void Update();
 
  private:
-  std::vector<torch::Tensor> source_;
-  std::vector<torch::Tensor> target_;
+  torch::Tensor source_;
+  torch::Tensor target_;
   double decay_;
 };
+
+/// Clips the flat gradient to global norm max_norm (when max_norm > 0) as
+/// torch.nn.utils.clip_grad_norm_ does; returns the norm before clipping.
+double ClipGradNorm(torch::Tensor& grad, double max_norm);
 
 /// The model, its EMA copy, the diffusion, Adam and the step counter of one training process.
 class Trainer {
@@ -53,10 +107,15 @@ class Trainer {
   UNet& model() { return model_; }
   UNet& ema_model() { return ema_model_; }
   const GaussianDiffusion& diffusion() const { return diffusion_; }
-  torch::optim::Adam& optimizer() { return *optimizer_; }
   /// Optimizer steps taken so far.
   int64_t step() const { return step_; }
   torch::Device device() const { return device_; }
+  const FlatParameters& parameters() const { return *params_; }
+
+  /// Everything a bitwise-exact resume needs: weights, EMA, Adam moments, step and RNG states.
+  std::map<std::string, torch::Tensor> State() const;
+  /// Restores State(); throws naming origin if a tensor is missing or has the wrong shape.
+  void LoadState(const std::map<std::string, torch::Tensor>& state, const std::string& origin);
 
  private:
   Config config_;
@@ -64,9 +123,10 @@ class Trainer {
   UNet model_;
   UNet ema_model_;
   GaussianDiffusion diffusion_;
-  std::unique_ptr<torch::optim::Adam> optimizer_;
+  std::unique_ptr<FlatParameters> params_;
+  std::unique_ptr<FlatParameters> ema_params_;
+  std::unique_ptr<FlatAdam> optimizer_;
   std::unique_ptr<Ema> ema_;
-  std::vector<torch::Tensor> parameters_;
   torch::Generator generator_;
   int64_t step_ = 0;
 };

@@ -8,6 +8,8 @@ int main(int argc, char** argv) {
                     "environment variables override config keys, e.g. DDPM_TRAIN_STEPS=100.");
   flags.Add("config", "path of the YAML config", "");
   flags.Add("run-dir", "run directory for logs, sample grids and weights", "runs/default");
+  flags.AddSwitch("resume", "continue from the run directory's newest valid checkpoint, if any");
+  flags.Add("resume-from", "continue from this checkpoint file", "");
   flags.AddSwitch("print-params", "print the UNet's parameter count for the config and exit");
   flags.AddSwitch("print-config", "print the resolved config as YAML and exit");
   return ddpm::RunMain(flags, argc, argv, [&] {
@@ -15,6 +17,8 @@ int main(int argc, char** argv) {
     options.config_path = flags.Get("config");
     if (options.config_path.empty()) throw ddpm::FlagError("ddpm_worker: --config is required");
     options.run_dir = flags.Get("run-dir");
+    options.resume = flags.GetSwitch("resume");
+    options.resume_from = flags.Get("resume-from");
     options.print_params = flags.GetSwitch("print-params");
     options.print_config = flags.GetSwitch("print-config");
     return ddpm::RunWorker(options);

@@ -21,8 +21,10 @@ int RunWorker(const WorkerOptions& options) {
   }
   TrainOptions train;
   train.run_dir = options.run_dir;
-  RunTraining(config, train);
-  return 0;
+  train.resume = options.resume;
+  train.resume_from = options.resume_from;
+  const TrainResult result = RunTraining(config, train);
+  return result.interrupted_by != 0 ? 128 + result.interrupted_by : 0;
 }
 
 }  // namespace ddpm

@@ -11,13 +11,18 @@ struct WorkerOptions {
   std::string config_path;
   /// Run directory for logs, samples and weights.
   std::string run_dir = "runs/default";
+  /// Continue from the run directory's newest valid checkpoint, if any.
+  bool resume = false;
+  /// Continue from this checkpoint file.
+  std::string resume_from;
   /// Print the UNet's parameter count for the config and exit.
   bool print_params = false;
   /// Print the resolved config as YAML and exit.
   bool print_config = false;
 };
 
-/// Runs what options ask for; returns the process exit code. Throws on bad input.
+/// Runs what options ask for; returns the process exit code (128 + signal when Ctrl-C or
+/// SIGTERM stopped training). Throws on bad input.
 int RunWorker(const WorkerOptions& options);
 
 }  // namespace ddpm
