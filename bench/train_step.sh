@@ -4,7 +4,7 @@
 # usage: bench/train_step.sh [CONFIG] [BATCH] [STEPS] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-config=${1:-configs/shapes_cpu.yaml}
+config=${1:-configs/shapes.yaml}
 batch=${2:-32}
 steps=${3:-10}
 rounds=${4:-3}

@@ -118,6 +118,13 @@ Trainer::Trainer(const Config& config, torch::Device device, int rank)
       diffusion_(config.diffusion, device),
       // Timesteps and noise come from a stream of their own per rank.
       generator_(MakeGenerator(device, config.train.seed * 1000003ULL + 17ULL + rank)) {
+  // Dropout draws from the device's default generator: seed it too, so that a run depends on
+  // its config alone (LoadState restores it on resume).
+  {
+    torch::Generator dropout_generator = at::globalContext().defaultGenerator(device);
+    std::lock_guard<std::mutex> lock(dropout_generator.mutex());
+    dropout_generator.set_current_seed(config.train.seed * 1000003ULL + 29ULL + rank);
+  }
   model_->to(device);
   ema_model_->to(device);
   ema_model_->eval();

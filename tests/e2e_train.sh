@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# End to end: ddpm_worker trains the main-job config for a few hundred steps, writes a grid, a
+# checkpoint and EMA weights; refuses to overwrite; resumes; stops on SIGINT with a checkpoint;
+# ddpm_sample draws from a checkpoint and from exported weights.
+# usage: e2e_train.sh DDPM_WORKER DDPM_SAMPLE SOURCE_DIR
+set -euo pipefail
+worker=$1 sample=$2 src=$3
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+fail() { echo "e2e: FAIL: $*"; exit 1; }
+config=$src/configs/shapes.yaml
+# Smaller batches and grids than the demo, the same model; one thread per test process.
+export DDPM_TRAIN_BATCH_SIZE=8 DDPM_TRAIN_LOG_EVERY=50 DDPM_TRAIN_SAMPLE_EVERY=0
+export DDPM_TRAIN_CHECKPOINT_EVERY=100 DDPM_SAMPLE_NUM_IMAGES=4 DDPM_SAMPLE_STEPS=5
+export DDPM_TRAIN_THREADS=1
+
+echo "e2e: 200 steps"
+DDPM_TRAIN_STEPS=200 "$worker" --config "$config" --run-dir "$work/run" > "$work/first.log"
+[ -f "$work/run/samples/step_000000200.png" ] || fail "no sample grid"
+[ -f "$work/run/checkpoints/step_000000200.ckpt" ] || fail "no final checkpoint"
+[ -f "$work/run/checkpoints/step_000000100.ckpt" ] || fail "no periodic checkpoint"
+grep -qx "step_000000200.ckpt" "$work/run/checkpoints/latest" || fail "latest does not name step 200"
+[ -f "$work/run/ema_weights.pt" ] || fail "no EMA weights"
+first=$(grep "^step 50/" "$work/first.log" | sed -E 's/.*loss ([0-9.]+).*/\1/')
+last=$(grep "^step 200/" "$work/first.log" | sed -E 's/.*loss ([0-9.]+).*/\1/')
+awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < 0.5 * a) }' || fail "loss did not fall: $first -> $last"
+
+echo "e2e: a second run into the same directory is refused"
+if DDPM_TRAIN_STEPS=300 "$worker" --config "$config" --run-dir "$work/run" > "$work/refused.log" 2>&1; then
+  fail "overwrote a run"
+fi
+grep -q "pass --resume" "$work/refused.log" || fail "unclear refusal: $(cat "$work/refused.log")"
+
+echo "e2e: resume to 250"
+DDPM_TRAIN_STEPS=250 "$worker" --config "$config" --run-dir "$work/run" --resume > "$work/resume.log"
+grep -q "resumed from .*step_000000200.ckpt at step 200" "$work/resume.log" || fail "did not resume"
+[ -f "$work/run/checkpoints/step_000000250.ckpt" ] || fail "no checkpoint after resume"
+
+echo "e2e: SIGINT saves a checkpoint"
+DDPM_TRAIN_STEPS=100000 DDPM_TRAIN_LOG_EVERY=5 DDPM_TRAIN_CHECKPOINT_EVERY=0 \
+  "$worker" --config "$config" --run-dir "$work/sig" > "$work/sig.log" 2>&1 &
+pid=$!
+for _ in $(seq 600); do
+  [ "$(wc -l < "$work/sig/metrics.csv" 2> /dev/null || echo 0)" -ge 3 ] && break
+  sleep 0.1
+done
+kill -INT "$pid"
+rc=0
+wait "$pid" || rc=$?
+[ "$rc" -eq 130 ] || fail "exit code $rc after SIGINT, expected 130: $(tail -3 "$work/sig.log")"
+grep -q "caught SIGINT" "$work/sig.log" || fail "no SIGINT message"
+ls "$work/sig/checkpoints/"step_*.ckpt > /dev/null || fail "no checkpoint after SIGINT"
+
+echo "e2e: ddpm_sample from the checkpoint and from the weights"
+"$sample" --checkpoint "$work/run/checkpoints/step_000000250.ckpt" --num 6 --batch 4 \
+  --sampler ddim --steps 5 --seed 3 --out "$work/grid.png" > /dev/null
+[ -s "$work/grid.png" ] || fail "no grid from the checkpoint"
+"$sample" --checkpoint "$work/run/checkpoints/step_000000250.ckpt" --num 3 --sampler ddim \
+  --steps 5 --out "$work/each/" > /dev/null
+[ "$(ls "$work/each" | wc -l)" -eq 3 ] || fail "expected 3 PNGs in a directory"
+"$sample" --weights "$work/run/ema_weights.pt" --config "$config" --num 2 --sampler ddim \
+  --steps 5 --out "$work/w.png" > /dev/null
+[ -s "$work/w.png" ] || fail "no grid from the weights"
+if "$sample" --checkpoint "$work/run/config.yaml" --out "$work/x.png" > "$work/bad.log" 2>&1; then
+  fail "read a YAML file as a checkpoint"
+fi
+grep -q "not a ddpm-train checkpoint" "$work/bad.log" || fail "unclear error: $(cat "$work/bad.log")"
+echo "e2e: all passed"
