@@ -1,32 +1,32 @@
 #!/usr/bin/env bash
-# Side-by-side train-step benchmark: ddpm_bench (C++) against bench/train_step_torch.py (plain
-# PyTorch), alternating, same model, batch and threads. Prints each run and the ratio of means.
+# Side by side: ddpm_bench (C++) and bench/train_step_torch.py (plain PyTorch), alternating
+# rounds, same model, batch, threads and step counts. Prints every round and the C++/PyTorch
+# ratios of the median train step and of one sampler step (below 1: C++ is faster).
 # usage: bench/train_step.sh [CONFIG] [BATCH] [STEPS] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:-configs/shapes.yaml}
-batch=${2:-32}
-steps=${3:-10}
+batch=${2:-16}
+steps=${3:-20}
 rounds=${4:-3}
 threads=${DDPM_BENCH_THREADS:-$(nproc)}
 build_dir=${DDPM_BUILD_DIR:-build}
-bash scripts/build.sh > /dev/null
 python=${DDPM_REFERENCE_PYTHON:-/usr/bin/python3}
-
-cpp_ms=(); py_ms=()
+bash scripts/build.sh > /dev/null
+common=(--config "$config" --batch "$batch" --steps "$steps" --threads "$threads" --sample-batch "$batch")
+log=$(mktemp)
 for round in $(seq "$rounds"); do
-  cpp=$("$build_dir/bench/ddpm_bench" --config "$config" --batch "$batch" --steps "$steps" --threads "$threads")
-  py=$("$python" bench/train_step_torch.py --config "$config" --batch "$batch" --steps "$steps" --threads "$threads")
-  echo "round $round: $cpp"
-  echo "round $round: $py"
-  cpp_ms+=("$(sed -E 's/.*ms_per_step=([0-9.]+).*/\1/' <<< "$cpp")")
-  py_ms+=("$(sed -E 's/.*ms_per_step=([0-9.]+).*/\1/' <<< "$py")")
+  echo "round $round: $("$build_dir/bench/ddpm_bench" "${common[@]}")" | tee -a "$log"
+  echo "round $round: $("$python" bench/train_step_torch.py "${common[@]}")" | tee -a "$log"
 done
-"$python" - "${cpp_ms[*]}" "${py_ms[*]}" <<'PY'
-import statistics, sys
-cpp = [float(x) for x in sys.argv[1].split()]
-py = [float(x) for x in sys.argv[2].split()]
-print(f"mean ms/step: cpp {statistics.mean(cpp):.1f}, pytorch {statistics.mean(py):.1f}; "
-      f"pytorch/cpp time ratio {statistics.mean(py) / statistics.mean(cpp):.3f} "
-      f"(>1 means the C++ step is faster)")
+"$python" - "$log" <<'PY'
+import re, statistics, sys
+rows = [dict(re.findall(r"(\w+)=(\S+)", line)) for line in open(sys.argv[1])]
+def mean(impl, key):
+    return statistics.mean(float(r[key]) for r in rows if r["impl"] == impl)
+print("means over rounds (C++ / PyTorch):")
+for key in ("train_ms_median", "ddpm_step_ms", "ddim_step_ms", "peak_rss_mb"):
+    cpp, py = mean("cpp", key), mean("pytorch", key)
+    print(f"  {key:16s} {cpp:9.2f} / {py:9.2f}   ratio C++/PyTorch {cpp / py:.3f}")
 PY
+rm -f "$log"

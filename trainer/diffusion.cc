@@ -242,7 +242,8 @@ torch::Tensor GaussianDiffusion::Noise(torch::IntArrayRef shape,
 torch::Tensor GaussianDiffusion::SampleDdpm(const Denoiser& model, torch::IntArrayRef shape,
                                             VarianceKind variance, bool clip_x0, uint64_t seed,
                                             const SampleProgress& progress) const {
-  torch::NoGradGuard no_grad;
+  // Inference mode: no autograd bookkeeping at all, cheaper than NoGradGuard.
+  c10::InferenceMode inference;
   torch::Generator generator = MakeCpuGenerator(seed);
   torch::Tensor x = Noise(shape, generator);
   const int steps = config_.timesteps;
@@ -263,7 +264,8 @@ torch::Tensor GaussianDiffusion::SampleDdim(const Denoiser& model, torch::IntArr
                                             const SampleProgress& progress) const {
   TORCH_CHECK(steps >= 1 && steps <= config_.timesteps, "DDIM steps must be in [1, T], got ",
               steps);
-  torch::NoGradGuard no_grad;
+  // Inference mode: no autograd bookkeeping at all, cheaper than NoGradGuard.
+  c10::InferenceMode inference;
   torch::Generator generator = MakeCpuGenerator(seed);
   torch::Tensor x = Noise(shape, generator);
   // Timesteps tau_i evenly spaced over [0, T), as in Song et al.'s "uniform" skip.

@@ -71,7 +71,6 @@ FlatAdam::FlatAdam(torch::Tensor params, torch::Tensor grads, double beta1, doub
       grads_(std::move(grads)),
       exp_avg_(torch::zeros_like(params_)),
       exp_avg_sq_(torch::zeros_like(params_)),
-      denom_(torch::empty_like(params_)),
       beta1_(beta1),
       beta2_(beta2),
       eps_(eps) {}
@@ -83,9 +82,10 @@ void FlatAdam::Step(double lr) {
   const double bias_correction2 = 1.0 - std::pow(beta2_, static_cast<double>(steps_));
   exp_avg_.mul_(beta1_).add_(grads_, 1.0 - beta1_);
   exp_avg_sq_.mul_(beta2_).addcmul_(grads_, grads_, 1.0 - beta2_);
-  // denom = sqrt(v) / sqrt(bias_correction2) + eps, into a reused buffer.
-  torch::sqrt_out(denom_, exp_avg_sq_).div_(std::sqrt(bias_correction2)).add_(eps_);
-  params_.addcdiv_(exp_avg_, denom_, -lr / bias_correction1);
+  // denom = sqrt(v) / sqrt(bias_correction2) + eps, written over the spent gradients.
+  torch::Tensor& denom = grads_;
+  torch::sqrt_out(denom, exp_avg_sq_).div_(std::sqrt(bias_correction2)).add_(eps_);
+  params_.addcdiv_(exp_avg_, denom, -lr / bias_correction1);
 }
 
 Ema::Ema(torch::Tensor source, torch::Tensor target, double decay)

@@ -63,7 +63,8 @@ class FlatParameters {
 class FlatAdam {
  public:
   FlatAdam(torch::Tensor params, torch::Tensor grads, double beta1, double beta2, double eps);
-  /// One update with learning rate lr.
+  /// One update with learning rate lr. Uses the gradient buffer as scratch: the gradients are
+  /// spent afterwards (the next step zeroes them anyway), which saves a parameter-sized buffer.
   void Step(double lr);
   /// Updates taken so far.
   int64_t steps() const { return steps_; }
@@ -72,7 +73,7 @@ class FlatAdam {
   void set_steps(int64_t steps) { steps_ = steps; }
 
  private:
-  torch::Tensor params_, grads_, exp_avg_, exp_avg_sq_, denom_;
+  torch::Tensor params_, grads_, exp_avg_, exp_avg_sq_;
   double beta1_, beta2_, eps_;
   int64_t steps_ = 0;
 };
