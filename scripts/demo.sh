@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 bash scripts/build.sh
 build_dir=${DDPM_BUILD_DIR:-build}
 run_dir=${DDPM_RUN_DIR:-runs/demo}
-"$build_dir/worker/ddpm_worker" --config configs/shapes.yaml --run-dir "$run_dir" "$@"
+# --resume: a rerun continues the run (or, finished, only draws its samples) and loses nothing.
+"$build_dir/worker/ddpm_worker" --config configs/shapes.yaml --run-dir "$run_dir" --resume "$@"
 echo
 echo "Sample grids:"
 ls -1 "$run_dir"/samples/*.png
 echo "More samples from the EMA weights:"
-echo "  $build_dir/tools/ddpm_sample --config configs/shapes.yaml --weights $run_dir/ema_weights.pt --out more.png"
+echo "  $build_dir/tools/ddpm_sample --checkpoint $run_dir/checkpoints/$(cat "$run_dir/checkpoints/latest") --num 64 --out more.png"

@@ -98,7 +98,7 @@ struct TrainConfig {
   int64_t log_every = 100;
   /// Steps between EMA sample grids; 0 writes one only at the end.
   int64_t sample_every = 0;
-  /// CPU threads for torch; 0 means cores / local ranks.
+  /// CPU threads for torch; 0 means OMP_NUM_THREADS if set, else cores / local ranks.
   int threads = 0;
   /// Device: cpu, cuda, or auto (cuda when available).
   std::string device = "auto";

@@ -186,6 +186,11 @@ std::string FormatDuration(double seconds) {
 int ConfigureThreads(const TrainConfig& config) {
   int threads = config.threads;
   if (threads == 0) {
+    if (const char* omp = std::getenv("OMP_NUM_THREADS"); omp != nullptr && std::atoi(omp) > 0) {
+      threads = std::atoi(omp);
+      torch::set_num_threads(threads);
+      return threads;
+    }
     int local_ranks = 1;
     for (const char* name : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"}) {
       if (const char* value = std::getenv(name)) {

@@ -39,7 +39,8 @@ struct TrainResult {
 /// SIGTERM stops at the next step boundary with a checkpoint.
 TrainResult RunTraining(const Config& config, const TrainOptions& options);
 
-/// Sets torch's intra-op threads from train.threads, or cores / local ranks when it is 0.
+/// Sets torch's intra-op threads from train.threads; when it is 0, from OMP_NUM_THREADS if set,
+/// else cores / local ranks.
 /// Returns the thread count in use.
 int ConfigureThreads(const TrainConfig& config);
 /// "cuda" or "cpu" for train.device ("auto" picks cuda when it is available).
