@@ -1,5 +1,7 @@
 // The checkpoint file format, atomic writes under a crash, the checkpoints folder, and exact
 // resume of a training run.
+#include "trainer/checkpoint.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -7,7 +9,6 @@
 #include <filesystem>
 #include <fstream>
 
-#include "trainer/checkpoint.h"
 #include "trainer/config.h"
 #include "trainer/train_loop.h"
 
@@ -41,7 +42,8 @@ std::vector<char> Bytes(const std::string& path) {
 }
 
 void Put(const std::string& path, const std::vector<char>& bytes) {
-  std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  std::ofstream(path, std::ios::binary)
+      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
 TEST(CheckpointFile, RoundTripsWithMagicAndVersion) {
@@ -83,7 +85,8 @@ TEST(CheckpointFile, RefusesDamageByName) {
   EXPECT_NE(ErrorOf(path).find("checksum mismatch"), std::string::npos) << ErrorOf(path);
 
   Put(path, std::vector<char>(5, 'D'));
-  EXPECT_NE(ErrorOf(path).find("shorter than the 32-byte header"), std::string::npos) << ErrorOf(path);
+  EXPECT_NE(ErrorOf(path).find("shorter than the 32-byte header"), std::string::npos)
+      << ErrorOf(path);
 }
 
 TEST(CheckpointDirTest, KeepsTheNewestAndMovesLatest) {

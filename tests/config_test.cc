@@ -1,11 +1,11 @@
 // Config loading: defaults, unknown keys, wrong types, allowed values, batch division, and
 // environment overrides.
+#include "trainer/config.h"
+
 #include <gtest/gtest.h>
 
 #include <cstdlib>
 #include <string>
-
-#include "trainer/config.h"
 
 namespace ddpm {
 namespace {

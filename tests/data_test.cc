@@ -1,4 +1,6 @@
 // Dataset readers against small files written here in the real formats, and the loader.
+#include "trainer/data.h"
+
 #include <archive.h>
 #include <archive_entry.h>
 #include <gtest/gtest.h>
@@ -9,8 +11,6 @@
 #include <fstream>
 #include <numeric>
 
-#include "trainer/data.h"
-
 namespace ddpm {
 namespace {
 
@@ -18,8 +18,9 @@ namespace fs = std::filesystem;
 
 class TempDir {
  public:
-  TempDir() : path_(fs::temp_directory_path() / ("ddpm_data_" + std::to_string(getpid()) + "_" +
-                                                 std::to_string(counter_++))) {
+  TempDir()
+      : path_(fs::temp_directory_path() /
+              ("ddpm_data_" + std::to_string(getpid()) + "_" + std::to_string(counter_++))) {
     fs::create_directories(path_);
   }
   ~TempDir() { fs::remove_all(path_); }
@@ -37,7 +38,8 @@ std::vector<uint8_t> CifarRecords(int first, int count) {
   for (int i = first; i < first + count; ++i) {
     bytes.push_back(static_cast<uint8_t>(i % 10));
     for (int c = 0; c < 3; ++c) {
-      for (int p = 0; p < 1024; ++p) bytes.push_back(static_cast<uint8_t>((i * 7 + c * 3 + p) % 256));
+      for (int p = 0; p < 1024; ++p)
+        bytes.push_back(static_cast<uint8_t>((i * 7 + c * 3 + p) % 256));
     }
   }
   return bytes;
@@ -45,7 +47,8 @@ std::vector<uint8_t> CifarRecords(int first, int count) {
 
 void WriteFile(const std::string& path, const std::vector<uint8_t>& bytes) {
   std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
 }
 
 // Five training batches of 3 records each (images 0..14), as the official names.
@@ -65,9 +68,11 @@ void WriteCifarArchive(const std::string& dir, const std::string& archive_path) 
   ASSERT_EQ(archive_write_open_filename(writer, archive_path.c_str()), ARCHIVE_OK);
   for (const auto& file : fs::directory_iterator(dir)) {
     std::ifstream in(file.path(), std::ios::binary);
-    const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
+                                  std::istreambuf_iterator<char>());
     archive_entry* entry = archive_entry_new();
-    archive_entry_set_pathname(entry, ("cifar-10-batches-bin/" + file.path().filename().string()).c_str());
+    archive_entry_set_pathname(entry,
+                               ("cifar-10-batches-bin/" + file.path().filename().string()).c_str());
     archive_entry_set_size(entry, static_cast<la_int64_t>(bytes.size()));
     archive_entry_set_filetype(entry, AE_IFREG);
     archive_entry_set_perm(entry, 0644);
@@ -94,8 +99,8 @@ void ExpectCifarContent(const Cifar10Dataset& data, int first) {
     data.Read(i, image.data());
     const int source = first + static_cast<int>(i);
     EXPECT_EQ(data.label(i), source % 10);
-    EXPECT_EQ(image[0], (source * 7) % 256) << i;                     // R plane, pixel 0
-    EXPECT_EQ(image[1024 + 5], (source * 7 + 3 + 5) % 256) << i;      // G plane, pixel 5
+    EXPECT_EQ(image[0], (source * 7) % 256) << i;                       // R plane, pixel 0
+    EXPECT_EQ(image[1024 + 5], (source * 7 + 3 + 5) % 256) << i;        // G plane, pixel 5
     EXPECT_EQ(image[2048 + 1023], (source * 7 + 6 + 1023) % 256) << i;  // B plane, last pixel
   }
 }
@@ -141,7 +146,8 @@ TEST(Cifar10, WrongRecordSizeIsRefused) {
   WriteCifarFolder(dir.str());
   WriteFile(dir / "data_batch_1.bin", std::vector<uint8_t>(2 * 3072, 1));
   const std::string error = ErrorOf([&] { Cifar10Dataset(dir.str(), CifarSplit::kTrain); });
-  EXPECT_NE(error.find("data_batch_1.bin: truncated or wrong record size"), std::string::npos) << error;
+  EXPECT_NE(error.find("data_batch_1.bin: truncated or wrong record size"), std::string::npos)
+      << error;
 }
 
 TEST(Cifar10, BadLabelNamesTheRecord) {
@@ -172,10 +178,12 @@ TEST(Cifar10, TruncatedArchiveIsAnErrorNotAShortDataset) {
   WriteCifarFolder(dir / "batches");
   WriteCifarArchive(dir / "batches", dir / "full.tar.gz");
   std::ifstream in(dir / "full.tar.gz", std::ios::binary);
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
+                             std::istreambuf_iterator<char>());
   bytes.resize(bytes.size() / 2);
   WriteFile(dir / "half.tar.gz", bytes);
-  const std::string error = ErrorOf([&] { Cifar10Dataset(dir / "half.tar.gz", CifarSplit::kTrain); });
+  const std::string error =
+      ErrorOf([&] { Cifar10Dataset(dir / "half.tar.gz", CifarSplit::kTrain); });
   EXPECT_NE(error.find("half.tar.gz"), std::string::npos) << error;
   EXPECT_FALSE(error.empty());
 }
@@ -186,7 +194,8 @@ void WritePng(const std::string& path, int width, int height, int channels, uint
   for (int y = 0; y < height; ++y) {
     for (int x = 0; x < width / 2; ++x) pixels[(y * width + x) * channels] = 0;
   }
-  ASSERT_NE(stbi_write_png(path.c_str(), width, height, channels, pixels.data(), width * channels), 0);
+  ASSERT_NE(stbi_write_png(path.c_str(), width, height, channels, pixels.data(), width * channels),
+            0);
 }
 
 TEST(ImageFolder, ReadsCropsAndResizesPngs) {

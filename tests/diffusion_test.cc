@@ -1,12 +1,12 @@
 // Noise schedules, the forward process, the posterior, the losses and the samplers, each
 // checked against quantities computed here independently in double precision.
+#include "trainer/diffusion.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <cmath>
 #include <vector>
-
-#include "trainer/diffusion.h"
 
 namespace ddpm {
 namespace {
@@ -112,9 +112,9 @@ TEST(Diffusion, PosteriorIsBayesRuleOfTheForwardProcess) {
     const double var = 1 / precision;
     const double mean = var * (std::sqrt(abar[step - 1]) * x0 / prior_var +
                                std::sqrt(1 - betas[step]) * x_t / betas[step]);
-    const Posterior p = diffusion.q_posterior(torch::full({1, 1, 1, 1}, x0),
-                                              torch::full({1, 1, 1, 1}, x_t),
-                                              torch::full({1}, step, torch::kLong));
+    const Posterior p =
+        diffusion.q_posterior(torch::full({1, 1, 1, 1}, x0), torch::full({1, 1, 1, 1}, x_t),
+                              torch::full({1}, step, torch::kLong));
     EXPECT_NEAR(p.mean.item<double>(), mean, 1e-5 * std::max(1.0, std::abs(mean))) << step;
     EXPECT_NEAR(p.variance.item<double>() / var, 1.0, 1e-5) << step;
     EXPECT_NEAR(p.log_variance.item<double>(), std::log(var), 1e-5) << step;
@@ -128,8 +128,10 @@ TEST(Diffusion, PredictionsInvertTheForwardProcess) {
   const torch::Tensor noise = torch::randn({8, 3, 4, 4});
   const torch::Tensor t = torch::tensor({0, 1, 50, 200, 500, 700, 900, 999}, torch::kLong);
   const torch::Tensor x_t = diffusion.q_sample(x0, t, noise);
-  EXPECT_LT((diffusion.predict_start_from_noise(x_t, t, noise) - x0).abs().max().item<double>(), 2e-3);
-  EXPECT_LT((diffusion.predict_noise_from_start(x_t, t, x0) - noise).abs().max().item<double>(), 2e-3);
+  EXPECT_LT((diffusion.predict_start_from_noise(x_t, t, noise) - x0).abs().max().item<double>(),
+            2e-3);
+  EXPECT_LT((diffusion.predict_noise_from_start(x_t, t, x0) - noise).abs().max().item<double>(),
+            2e-3);
   const torch::Tensor v = diffusion.velocity(x0, t, noise);
   EXPECT_LT((diffusion.predict_start_from_v(x_t, t, v) - x0).abs().max().item<double>(), 1e-5);
 }
@@ -161,8 +163,8 @@ TEST(Diffusion, LossTargetsOfEachObjective) {
     const torch::Tensor v = std::sqrt(abar[step]) * noise[i] - std::sqrt(1 - abar[step]) * x0[i];
     expected += v.square().mean().item<double>() / 4;
   }
-  EXPECT_NEAR(GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise).loss.item<double>(),
-              expected, 1e-5);
+  EXPECT_NEAR(GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise).loss.item<double>(), expected,
+              1e-5);
 }
 
 // The batch mean of per_sample[i] * weight(snr of t[i]), with snr from abar in double.
@@ -188,8 +190,8 @@ TEST(Diffusion, LossWeightings) {
   DiffusionConfig c = Linear();
   c.weighting = LossWeighting::kMinSnr;
   c.min_snr_gamma = 5.0;
-  const double expected = WeightedMean(per_sample, t, abar,
-                                       [](double snr) { return std::min(snr, 5.0) / snr; });
+  const double expected =
+      WeightedMean(per_sample, t, abar, [](double snr) { return std::min(snr, 5.0) / snr; });
   const DiffusionLoss min_snr = GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise);
   EXPECT_NEAR(min_snr.loss.item<double>(), expected, 1e-5);
   EXPECT_TRUE(torch::allclose(min_snr.per_sample, per_sample));
@@ -197,9 +199,10 @@ TEST(Diffusion, LossWeightings) {
   c.weighting = LossWeighting::kP2;
   c.p2_gamma = 0.5;
   c.p2_k = 1.0;
-  EXPECT_NEAR(GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise).loss.item<double>(),
-              WeightedMean(per_sample, t, abar, [](double snr) { return std::pow(1.0 + snr, -0.5); }),
-              1e-5);
+  EXPECT_NEAR(
+      GaussianDiffusion(c).TrainingLoss(Zeros, x0, t, noise).loss.item<double>(),
+      WeightedMean(per_sample, t, abar, [](double snr) { return std::pow(1.0 + snr, -0.5); }),
+      1e-5);
 }
 
 // The exact eps-predictor for data x0 ~ N(0, s^2): x_t ~ N(0, abar s^2 + 1 - abar), so

@@ -11,7 +11,8 @@ fail() { echo "e2e: FAIL: $*"; exit 1; }
 config=$src/configs/shapes.yaml
 # Smaller batches and grids than the demo, the same model; one thread per test process.
 export DDPM_TRAIN_BATCH_SIZE=8 DDPM_TRAIN_LOG_EVERY=50 DDPM_TRAIN_SAMPLE_EVERY=0
-export DDPM_TRAIN_CHECKPOINT_EVERY=100 DDPM_SAMPLE_NUM_IMAGES=4 DDPM_SAMPLE_STEPS=5
+export DDPM_TRAIN_CHECKPOINT_EVERY=100 DDPM_SAMPLE_NUM_IMAGES=4 DDPM_SAMPLE_SAMPLER=ddim
+export DDPM_SAMPLE_STEPS=5
 export DDPM_TRAIN_THREADS=1
 
 echo "e2e: 200 steps"

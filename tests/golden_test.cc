@@ -2,7 +2,6 @@
 // weights and inputs give the same UNet output, loss, and gradient of every parameter.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
-
 #include <unistd.h>
 
 #include <cstdio>
@@ -76,8 +75,9 @@ TEST(Golden, UNetOutputLossAndGradientsMatchPyTorch) {
       "\"dropout\": 0.1, \"image_size\": 16, \"in_channels\": 3, \"norm_groups\": 8, "
       "\"timesteps\": 1000}";
   const std::string log_path = (dir / "python.log").string();
-  const int rc = RunCommand(python + " " + DDPM_SOURCE_DIR + "/tests/reference/golden.py " + in_path +
-                     " " + out_path + " '" + config_json + "' > " + log_path + " 2>&1");
+  const int rc =
+      RunCommand(python + " " + DDPM_SOURCE_DIR + "/tests/reference/golden.py " + in_path + " " +
+                 out_path + " '" + config_json + "' > " + log_path + " 2>&1");
   ASSERT_EQ(rc, 0) << "the Python reference failed; see " << log_path;
   const std::map<std::string, torch::Tensor> ref = LoadTensors(out_path);
 
@@ -115,17 +115,17 @@ TEST(Golden, UNetOutputLossAndGradientsMatchPyTorch) {
     EXPECT_LT(diff, 1e-4) << item.key() << ": max |grad| " << expected.abs().max().item<double>();
     ++compared;
   }
-  std::printf("golden: max |output diff| %.3g, |loss diff| %.3g, max |grad diff| %.3g over %d "
-              "parameters\n",
-              (out - ref.at("out")).abs().max().item<double>(),
-              std::abs(loss.loss.item<double>() - ref.at("loss").item<double>()), worst_grad,
-              compared);
+  std::printf(
+      "golden: max |output diff| %.3g, |loss diff| %.3g, max |grad diff| %.3g over %d "
+      "parameters\n",
+      (out - ref.at("out")).abs().max().item<double>(),
+      std::abs(loss.loss.item<double>() - ref.at("loss").item<double>()), worst_grad, compared);
   // One of each block type is among them; all of them are compared.
-  for (const char* name : {"temb_dense0.weight", "conv_in.weight", "down_0_0.conv1.weight",
-                           "down_0_0.temb_proj.weight", "down_0_ds.weight",
-                           "down_1_0.nin_shortcut.weight", "down_1_0.attn.qkv.weight",
-                           "mid_block1.attn.proj_out.weight", "up_1_us.weight",
-                           "up_0_1.norm2.weight", "conv_out.weight"}) {
+  for (const char* name :
+       {"temb_dense0.weight", "conv_in.weight", "down_0_0.conv1.weight",
+        "down_0_0.temb_proj.weight", "down_0_ds.weight", "down_1_0.nin_shortcut.weight",
+        "down_1_0.attn.qkv.weight", "mid_block1.attn.proj_out.weight", "up_1_us.weight",
+        "up_0_1.norm2.weight", "conv_out.weight"}) {
     EXPECT_EQ(ref.count(std::string("grad.") + name), 1u) << name;
   }
   EXPECT_EQ(compared, static_cast<int>(model->parameters().size()));

@@ -29,9 +29,10 @@ data: {shapes_size: 512}
 torch::Tensor Batch(const ImageDataset& data, EpochSampler& sampler, SplitMix64& rng, int n) {
   const std::vector<uint8_t> bytes = ReadBatch(data, sampler.Next(n), true, rng);
   return torch::from_blob(const_cast<uint8_t*>(bytes.data()),
-                          {n, data.channels(), data.image_size(), data.image_size()},
-                          torch::kUInt8)
-             .to(torch::kFloat32) / 127.5 - 1.0;
+                          {n, data.channels(), data.image_size(), data.image_size()}, torch::kUInt8)
+                 .to(torch::kFloat32) /
+             127.5 -
+         1.0;
 }
 
 std::vector<torch::Tensor> Snapshot(UNet& model) {
@@ -296,7 +297,8 @@ TEST(Images, GridIsWrittenAsAPngThatReadsBack) {
   std::vector<uint8_t> nchw(3 * 3 * 4);
   for (int i = 0; i < 3; ++i) {
     for (int c = 0; c < 3; ++c) {
-      for (int p = 0; p < 4; ++p) nchw[i * 12 + c * 4 + p] = static_cast<uint8_t>(10 * i + c * 3 + p);
+      for (int p = 0; p < 4; ++p)
+        nchw[i * 12 + c * 4 + p] = static_cast<uint8_t>(10 * i + c * 3 + p);
     }
   }
   const Image grid = TileGrid(nchw.data(), 3, 3, 2, 2, 1, 255);
@@ -313,13 +315,23 @@ TEST(Images, GridIsWrittenAsAPngThatReadsBack) {
   EXPECT_EQ(height, 7);
   auto at = [&](int x, int y, int c) { return pixels[(y * width + x) * 3 + c]; };
   EXPECT_EQ(at(0, 0, 0), 255) << "border";
-  EXPECT_EQ(at(1, 1, 0), 0);    // image 0, channel 0, pixel (0, 0)
-  EXPECT_EQ(at(2, 2, 1), 6);    // image 0, channel 1, pixel (1, 1): 3 + 3
-  EXPECT_EQ(at(4, 1, 2), 16);   // image 1, channel 2, pixel (0, 0): 10 + 6
-  EXPECT_EQ(at(2, 5, 0), 23);   // image 2, channel 0, pixel (1, 1): 20 + 3
+  EXPECT_EQ(at(1, 1, 0), 0);   // image 0, channel 0, pixel (0, 0)
+  EXPECT_EQ(at(2, 2, 1), 6);   // image 0, channel 1, pixel (1, 1): 3 + 3
+  EXPECT_EQ(at(4, 1, 2), 16);  // image 1, channel 2, pixel (0, 0): 10 + 6
+  EXPECT_EQ(at(2, 5, 0), 23);  // image 2, channel 0, pixel (1, 1): 20 + 3
   EXPECT_EQ(at(5, 5, 0), 255) << "the empty fourth cell stays border";
   stbi_image_free(pixels);
   std::filesystem::remove(path);
+
+  // Enlarged 3 times: every source pixel becomes a 3x3 block.
+  const Image big = TileGrid(nchw.data(), 3, 3, 2, 2, 1, 255, 3);
+  ASSERT_EQ(big.width, 2 * 7 + 1);
+  auto big_at = [&](int x, int y, int c) { return big.pixels[(y * big.width + x) * 3 + c]; };
+  EXPECT_EQ(big_at(1, 1, 1), 3);  // image 0, channel 1, pixel (0, 0)
+  EXPECT_EQ(big_at(3, 3, 1), 3);  // still pixel (0, 0)
+  EXPECT_EQ(big_at(4, 4, 1), 6);  // pixel (1, 1)
+  EXPECT_EQ(big_at(6, 6, 1), 6);
+  EXPECT_EQ(big_at(7, 1, 0), 255) << "padding between images";
 }
 
 TEST(Images, UnwritablePathNamesIt) {

@@ -1,11 +1,11 @@
 // The UNet: parameter counts from the architecture's closed form, output shapes for
 // non-default configs, the authors' initialization, and the timestep embedding.
+#include "trainer/unet.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <cmath>
-
-#include "trainer/unet.h"
 
 namespace ddpm {
 namespace {

@@ -3,7 +3,8 @@
 namespace ddpm {
 
 void AddSampleFlags(Flags& flags) {
-  flags.Add("checkpoint", "a training checkpoint (RUN_DIR/checkpoints/step_*.ckpt); its config is used", "");
+  flags.Add("checkpoint",
+            "a training checkpoint (RUN_DIR/checkpoints/step_*.ckpt); its config is used", "");
   flags.Add("weights", "or a weights file, e.g. RUN_DIR/ema_weights.pt (needs --config)", "");
   flags.Add("config", "the YAML config the weights were trained with", "");
   flags.Add("out", "a PNG grid, or a directory (ending in /) for one PNG per image", "samples.png");
@@ -32,7 +33,7 @@ SampleJob SampleJobFromFlags(const Flags& flags) {
   job.batch_size = static_cast<int>(flags.GetInt("batch"));
   // Each override goes through the config loader, so it is checked like a config file.
   const std::pair<const char*, const char*> keys[] = {
-      {"num", "sample.num_images"}, {"sampler", "sample.sampler"}, {"steps", "sample.steps"},
+      {"num", "sample.num_images"}, {"sampler", "sample.sampler"},   {"steps", "sample.steps"},
       {"eta", "sample.eta"},        {"variance", "sample.variance"}, {"seed", "sample.seed"},
       {"device", "train.device"}};
   for (const auto& [flag, key] : keys) {

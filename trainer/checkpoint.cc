@@ -53,7 +53,8 @@ void WriteAndSync(const std::string& path, const std::vector<char>& bytes, const
     const ssize_t got = ::write(fd, bytes.data() + written, n);
     if (got < 0) {
       if (errno == EINTR) continue;
-      const std::string error = Errno(path + ": write failed at byte offset " + std::to_string(written));
+      const std::string error =
+          Errno(path + ": write failed at byte offset " + std::to_string(written));
       ::close(fd);
       throw CheckpointError(error);
     }
@@ -76,12 +77,36 @@ std::string StepFileName(int64_t step) {
 
 }  // namespace
 
+std::vector<char> PickleTensors(const std::map<std::string, torch::Tensor>& tensors) {
+  c10::Dict<std::string, torch::Tensor> dict;
+  for (const auto& [name, tensor] : tensors) dict.insert(name, tensor);
+  return torch::pickle_save(dict);
+}
+
+std::map<std::string, torch::Tensor> UnpickleTensors(const std::vector<char>& bytes,
+                                                     const std::string& origin) {
+  torch::IValue value;
+  try {
+    value = torch::pickle_load(bytes);
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(origin +
+                             ": not a pickled dict of tensors: " + e.what_without_backtrace());
+  }
+  if (!value.isGenericDict()) throw std::runtime_error(origin + ": expected a dict of tensors");
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& item : value.toGenericDict()) {
+    if (!item.key().isString() || !item.value().isTensor()) {
+      throw std::runtime_error(origin + ": expected a dict of str -> tensor");
+    }
+    out[item.key().toStringRef()] = item.value().toTensor();
+  }
+  return out;
+}
+
 void WriteCheckpointFile(const std::string& path,
                          const std::map<std::string, torch::Tensor>& tensors,
                          const WriteHook& hook) {
-  c10::Dict<std::string, torch::Tensor> dict;
-  for (const auto& [name, tensor] : tensors) dict.insert(name, tensor);
-  const std::vector<char> payload = torch::pickle_save(dict);
+  const std::vector<char> payload = PickleTensors(tensors);
   std::vector<char> bytes;
   bytes.reserve(kHeaderBytes + payload.size());
   bytes.insert(bytes.end(), std::begin(kCheckpointMagic), std::end(kCheckpointMagic));
@@ -110,7 +135,8 @@ void WriteCheckpointFile(const std::string& path,
 std::map<std::string, torch::Tensor> ReadCheckpointFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw CheckpointError(path + ": cannot open checkpoint");
-  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
+                                std::istreambuf_iterator<char>());
   if (bytes.size() < kHeaderBytes) {
     throw CheckpointError(path + ": truncated: " + std::to_string(bytes.size()) +
                           " bytes is shorter than the " + std::to_string(kHeaderBytes) +
@@ -128,29 +154,20 @@ std::map<std::string, torch::Tensor> ReadCheckpointFile(const std::string& path)
   const uint64_t size = GetLE(bytes.data() + 16, 8);
   const uint64_t checksum = GetLE(bytes.data() + 24, 8);
   if (bytes.size() - kHeaderBytes != size) {
-    throw CheckpointError(path + ": truncated or padded: the header declares " + std::to_string(size) +
-                          " payload bytes from byte offset " + std::to_string(kHeaderBytes) +
-                          ", the file has " + std::to_string(bytes.size() - kHeaderBytes));
+    throw CheckpointError(path + ": truncated or padded: the header declares " +
+                          std::to_string(size) + " payload bytes from byte offset " +
+                          std::to_string(kHeaderBytes) + ", the file has " +
+                          std::to_string(bytes.size() - kHeaderBytes));
   }
   const std::vector<char> payload(bytes.begin() + kHeaderBytes, bytes.end());
   if (XXH64(payload.data(), payload.size(), 0) != checksum) {
     throw CheckpointError(path + ": checksum mismatch: the payload is corrupt");
   }
-  torch::IValue value;
   try {
-    value = torch::pickle_load(payload);
-  } catch (const c10::Error& e) {
-    throw CheckpointError(path + ": cannot unpickle the payload: " + e.what_without_backtrace());
+    return UnpickleTensors(payload, path);
+  } catch (const std::runtime_error& e) {
+    throw CheckpointError(e.what());
   }
-  if (!value.isGenericDict()) throw CheckpointError(path + ": the payload is not a dict");
-  std::map<std::string, torch::Tensor> out;
-  for (const auto& item : value.toGenericDict()) {
-    if (!item.key().isString() || !item.value().isTensor()) {
-      throw CheckpointError(path + ": the payload is not a dict of str -> tensor");
-    }
-    out[item.key().toStringRef()] = item.value().toTensor();
-  }
-  return out;
 }
 
 CheckpointDir::CheckpointDir(std::string dir) : dir_(std::move(dir)) {}

@@ -20,6 +20,13 @@ class CheckpointError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// A dict of named tensors as pickle bytes that Python's torch.load reads.
+std::vector<char> PickleTensors(const std::map<std::string, torch::Tensor>& tensors);
+/// The dict of named tensors in pickle bytes (from PickleTensors or Python's torch.save);
+/// throws std::runtime_error naming origin if the bytes are not one.
+std::map<std::string, torch::Tensor> UnpickleTensors(const std::vector<char>& bytes,
+                                                     const std::string& origin);
+
 /// The file's first 8 bytes.
 inline constexpr char kCheckpointMagic[8] = {'D', 'D', 'P', 'M', 'C', 'K', 'P', 'T'};
 /// The format this build writes and the newest it reads.

@@ -138,7 +138,8 @@ std::string ScalarText(const YAML::Node& node) {
 template <typename T>
 T ParseScalar(const YAML::Node& node, const std::string& where, const std::string& key,
               const char* expected) {
-  if (!node.IsScalar()) Fail(where, key, std::string("expected ") + expected + ", got " + ScalarText(node));
+  if (!node.IsScalar())
+    Fail(where, key, std::string("expected ") + expected + ", got " + ScalarText(node));
   try {
     return node.as<T>();
   } catch (const YAML::Exception&) {
@@ -223,7 +224,8 @@ std::string KeysOf(const Config& c, const std::string& section) {
 
 void ApplyYaml(Config& c, const YAML::Node& root, const std::string& origin) {
   if (root.IsNull()) return;
-  if (!root.IsMap()) throw ConfigError(Where(origin, root) + ": the config must be a mapping of sections");
+  if (!root.IsMap())
+    throw ConfigError(Where(origin, root) + ": the config must be a mapping of sections");
   std::string sections;
   for (const char* s : kSections) sections += (sections.empty() ? "" : ", ") + std::string(s);
   for (const auto& section_item : root) {
@@ -309,7 +311,8 @@ const char* Name(DatasetKind v) { return EnumNames<DatasetKind>::kNames[static_c
 const char* Name(CifarSplit v) { return EnumNames<CifarSplit>::kNames[static_cast<int>(v)]; }
 
 int Config::PerRankMicroBatch(int world_size) const {
-  if (world_size < 1) Invalid("world size", "must be at least 1, got " + std::to_string(world_size));
+  if (world_size < 1)
+    Invalid("world size", "must be at least 1, got " + std::to_string(world_size));
   const int split = world_size * train.grad_accum;
   if (train.batch_size % split != 0) {
     Invalid("train.batch_size",
@@ -324,25 +327,33 @@ int Config::PerRankMicroBatch(int world_size) const {
 
 void Config::Validate(int world_size) const {
   const ModelConfig& m = model;
-  if (m.ch < 4 || m.ch % 2 != 0) Invalid("model.ch", "must be an even number >= 4, got " + std::to_string(m.ch));
+  if (m.ch < 4 || m.ch % 2 != 0)
+    Invalid("model.ch", "must be an even number >= 4, got " + std::to_string(m.ch));
   if (m.ch_mult.empty()) Invalid("model.ch_mult", "must list at least one level");
   for (int mult : m.ch_mult) {
-    if (mult < 1) Invalid("model.ch_mult", "every multiplier must be >= 1, got " + Format(m.ch_mult));
+    if (mult < 1)
+      Invalid("model.ch_mult", "every multiplier must be >= 1, got " + Format(m.ch_mult));
   }
-  if (m.num_res_blocks < 1) Invalid("model.num_res_blocks", "must be >= 1, got " + std::to_string(m.num_res_blocks));
-  if (m.dropout < 0 || m.dropout >= 1) Invalid("model.dropout", "must be in [0, 1), got " + Format(m.dropout));
-  if (m.in_channels < 1) Invalid("model.in_channels", "must be >= 1, got " + std::to_string(m.in_channels));
-  if (m.norm_groups < 1) Invalid("model.norm_groups", "must be >= 1, got " + std::to_string(m.norm_groups));
+  if (m.num_res_blocks < 1)
+    Invalid("model.num_res_blocks", "must be >= 1, got " + std::to_string(m.num_res_blocks));
+  if (m.dropout < 0 || m.dropout >= 1)
+    Invalid("model.dropout", "must be in [0, 1), got " + Format(m.dropout));
+  if (m.in_channels < 1)
+    Invalid("model.in_channels", "must be >= 1, got " + std::to_string(m.in_channels));
+  if (m.norm_groups < 1)
+    Invalid("model.norm_groups", "must be >= 1, got " + std::to_string(m.norm_groups));
   const int levels = static_cast<int>(m.ch_mult.size());
   const int shrink = 1 << (levels - 1);
   if (m.image_size < shrink || m.image_size % shrink != 0) {
-    Invalid("model.image_size", std::to_string(m.image_size) + " must be a multiple of 2^(levels-1) = " +
-                                    std::to_string(shrink) + " for " + std::to_string(levels) +
-                                    " levels in model.ch_mult");
+    Invalid("model.image_size",
+            std::to_string(m.image_size) +
+                " must be a multiple of 2^(levels-1) = " + std::to_string(shrink) + " for " +
+                std::to_string(levels) + " levels in model.ch_mult");
   }
   for (int mult : m.ch_mult) {
     if ((m.ch * mult) % m.norm_groups != 0) {
-      Invalid("model.norm_groups", std::to_string(m.norm_groups) + " does not divide level width model.ch x " +
+      Invalid("model.norm_groups", std::to_string(m.norm_groups) +
+                                       " does not divide level width model.ch x " +
                                        std::to_string(mult) + " = " + std::to_string(m.ch * mult));
     }
   }
@@ -350,61 +361,79 @@ void Config::Validate(int world_size) const {
   for (int level = 0; level < levels; ++level) sizes.push_back(m.image_size >> level);
   for (int res : m.attn_resolutions) {
     if (std::find(sizes.begin(), sizes.end(), res) == sizes.end()) {
-      Invalid("model.attn_resolutions", std::to_string(res) + " is not a feature-map size of this UNet " +
-                                            Format(sizes));
+      Invalid("model.attn_resolutions",
+              std::to_string(res) + " is not a feature-map size of this UNet " + Format(sizes));
     }
   }
 
   const DiffusionConfig& d = diffusion;
-  if (d.timesteps < 2) Invalid("diffusion.timesteps", "must be >= 2, got " + std::to_string(d.timesteps));
+  if (d.timesteps < 2)
+    Invalid("diffusion.timesteps", "must be >= 2, got " + std::to_string(d.timesteps));
   if (d.schedule == ScheduleKind::kLinear &&
       !(d.beta_start > 0 && d.beta_start < d.beta_end && d.beta_end < 1)) {
-    Invalid("diffusion.beta_start", "the linear schedule needs 0 < beta_start < beta_end < 1, got " +
-                                        Format(d.beta_start) + " and " + Format(d.beta_end));
+    Invalid("diffusion.beta_start",
+            "the linear schedule needs 0 < beta_start < beta_end < 1, got " + Format(d.beta_start) +
+                " and " + Format(d.beta_end));
   }
   if (d.cosine_s <= 0) Invalid("diffusion.cosine_s", "must be > 0, got " + Format(d.cosine_s));
   if (d.p2_k <= 0) Invalid("diffusion.p2_k", "must be > 0, got " + Format(d.p2_k));
   if (d.p2_gamma < 0) Invalid("diffusion.p2_gamma", "must be >= 0, got " + Format(d.p2_gamma));
-  if (d.min_snr_gamma <= 0) Invalid("diffusion.min_snr_gamma", "must be > 0, got " + Format(d.min_snr_gamma));
+  if (d.min_snr_gamma <= 0)
+    Invalid("diffusion.min_snr_gamma", "must be > 0, got " + Format(d.min_snr_gamma));
 
   const TrainConfig& t = train;
   if (t.steps < 0) Invalid("train.steps", "must be >= 0, got " + std::to_string(t.steps));
-  if (t.batch_size < 1) Invalid("train.batch_size", "must be >= 1, got " + std::to_string(t.batch_size));
-  if (t.grad_accum < 1) Invalid("train.grad_accum", "must be >= 1, got " + std::to_string(t.grad_accum));
+  if (t.batch_size < 1)
+    Invalid("train.batch_size", "must be >= 1, got " + std::to_string(t.batch_size));
+  if (t.grad_accum < 1)
+    Invalid("train.grad_accum", "must be >= 1, got " + std::to_string(t.grad_accum));
   PerRankMicroBatch(world_size);
   if (t.lr <= 0) Invalid("train.lr", "must be > 0, got " + Format(t.lr));
-  if (t.warmup_steps < 0) Invalid("train.warmup_steps", "must be >= 0, got " + std::to_string(t.warmup_steps));
-  if (t.adam_beta1 < 0 || t.adam_beta1 >= 1) Invalid("train.adam_beta1", "must be in [0, 1), got " + Format(t.adam_beta1));
-  if (t.adam_beta2 < 0 || t.adam_beta2 >= 1) Invalid("train.adam_beta2", "must be in [0, 1), got " + Format(t.adam_beta2));
+  if (t.warmup_steps < 0)
+    Invalid("train.warmup_steps", "must be >= 0, got " + std::to_string(t.warmup_steps));
+  if (t.adam_beta1 < 0 || t.adam_beta1 >= 1)
+    Invalid("train.adam_beta1", "must be in [0, 1), got " + Format(t.adam_beta1));
+  if (t.adam_beta2 < 0 || t.adam_beta2 >= 1)
+    Invalid("train.adam_beta2", "must be in [0, 1), got " + Format(t.adam_beta2));
   if (t.adam_eps <= 0) Invalid("train.adam_eps", "must be > 0, got " + Format(t.adam_eps));
-  if (t.grad_clip < 0) Invalid("train.grad_clip", "must be >= 0 (0 disables), got " + Format(t.grad_clip));
-  if (t.ema_decay < 0 || t.ema_decay > 1) Invalid("train.ema_decay", "must be in [0, 1], got " + Format(t.ema_decay));
-  if (t.log_every < 1) Invalid("train.log_every", "must be >= 1, got " + std::to_string(t.log_every));
-  if (t.sample_every < 0) Invalid("train.sample_every", "must be >= 0, got " + std::to_string(t.sample_every));
-  if (t.threads < 0) Invalid("train.threads", "must be >= 0 (0 means automatic), got " + std::to_string(t.threads));
+  if (t.grad_clip < 0)
+    Invalid("train.grad_clip", "must be >= 0 (0 disables), got " + Format(t.grad_clip));
+  if (t.ema_decay < 0 || t.ema_decay > 1)
+    Invalid("train.ema_decay", "must be in [0, 1], got " + Format(t.ema_decay));
+  if (t.log_every < 1)
+    Invalid("train.log_every", "must be >= 1, got " + std::to_string(t.log_every));
+  if (t.sample_every < 0)
+    Invalid("train.sample_every", "must be >= 0, got " + std::to_string(t.sample_every));
+  if (t.threads < 0)
+    Invalid("train.threads", "must be >= 0 (0 means automatic), got " + std::to_string(t.threads));
   if (t.device != "auto" && t.device != "cpu" && t.device != "cuda") {
     Invalid("train.device", "'" + t.device + "' is not one of: auto, cpu, cuda");
   }
 
-  if (t.checkpoint_every < 0) Invalid("train.checkpoint_every", "must be >= 0, got " + std::to_string(t.checkpoint_every));
-  if (t.keep_checkpoints < 1) Invalid("train.keep_checkpoints", "must be >= 1, got " + std::to_string(t.keep_checkpoints));
+  if (t.checkpoint_every < 0)
+    Invalid("train.checkpoint_every", "must be >= 0, got " + std::to_string(t.checkpoint_every));
+  if (t.keep_checkpoints < 1)
+    Invalid("train.keep_checkpoints", "must be >= 1, got " + std::to_string(t.keep_checkpoints));
   if (data.dataset != DatasetKind::kShapes && data.path.empty()) {
     Invalid("data.path", std::string("data.dataset ") + Name(data.dataset) + " needs a path");
   }
-  if (data.prefetch < 1) Invalid("data.prefetch", "must be >= 1, got " + std::to_string(data.prefetch));
+  if (data.prefetch < 1)
+    Invalid("data.prefetch", "must be >= 1, got " + std::to_string(data.prefetch));
   if (data.dataset == DatasetKind::kCifar10 && (m.image_size != 32 || m.in_channels != 3)) {
-    Invalid("model.image_size", "CIFAR-10 images are 3 x 32 x 32; the model is " +
-                                    std::to_string(m.in_channels) + " x " +
-                                    std::to_string(m.image_size) + " x " + std::to_string(m.image_size));
+    Invalid("model.image_size",
+            "CIFAR-10 images are 3 x 32 x 32; the model is " + std::to_string(m.in_channels) +
+                " x " + std::to_string(m.image_size) + " x " + std::to_string(m.image_size));
   }
-  if (data.shapes_size < 1) Invalid("data.shapes_size", "must be >= 1, got " + std::to_string(data.shapes_size));
+  if (data.shapes_size < 1)
+    Invalid("data.shapes_size", "must be >= 1, got " + std::to_string(data.shapes_size));
 
   if (sample.steps < 1 || sample.steps > d.timesteps) {
     Invalid("sample.steps", "must be in [1, diffusion.timesteps = " + std::to_string(d.timesteps) +
                                 "], got " + std::to_string(sample.steps));
   }
   if (sample.eta < 0) Invalid("sample.eta", "must be >= 0, got " + Format(sample.eta));
-  if (sample.num_images < 1) Invalid("sample.num_images", "must be >= 1, got " + std::to_string(sample.num_images));
+  if (sample.num_images < 1)
+    Invalid("sample.num_images", "must be >= 1, got " + std::to_string(sample.num_images));
 }
 
 std::string Config::ToTable() const {
@@ -417,7 +446,8 @@ std::string Config::ToTable() const {
   out << rule << "+" << std::string(24, '-') << "\n";
   VisitFields(*this, [&](const char* s, const char* k, const auto& field) {
     const std::string key = std::string(s) + "." + k;
-    out << " " << std::left << std::setw(static_cast<int>(width)) << key << " | " << Format(field) << "\n";
+    out << " " << std::left << std::setw(static_cast<int>(width)) << key << " | " << Format(field)
+        << "\n";
   });
   out << rule << "+" << std::string(24, '-') << "\n";
   return out.str();

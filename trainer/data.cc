@@ -51,8 +51,8 @@ std::string ShapesDataset::Describe() const {
 
 void ShapesDataset::Read(int64_t index, uint8_t* chw) const {
   if (index < 0 || index >= size_) {
-    throw std::out_of_range("shapes dataset: index " + std::to_string(index) +
-                            " is outside [0, " + std::to_string(size_) + ")");
+    throw std::out_of_range("shapes dataset: index " + std::to_string(index) + " is outside [0, " +
+                            std::to_string(size_) + ")");
   }
   SplitMix64 rng(seed_ ^ (0x5851f42d4c957f2dULL * static_cast<uint64_t>(index + 1)));
   std::array<int, 3> background{}, colour{};
@@ -61,7 +61,8 @@ void ShapesDataset::Read(int64_t index, uint8_t* chw) const {
   do {
     for (int& c : colour) c = static_cast<int>(rng.Below(256));
   } while (std::abs(colour[0] - background[0]) + std::abs(colour[1] - background[1]) +
-               std::abs(colour[2] - background[2]) < 180);
+               std::abs(colour[2] - background[2]) <
+           180);
   const int kind = static_cast<int>(rng.Below(3));  // 0 circle, 1 square, 2 triangle
   const double n = image_size_;
   const double radius = n * (0.18 + 0.14 * rng.Uniform());
@@ -117,7 +118,8 @@ namespace {
 std::vector<uint8_t> ReadWholeFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw DataError(path + ": cannot open");
-  return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)),
+                              std::istreambuf_iterator<char>());
 }
 
 // Reads the wanted members of a (compressed) tar archive with libarchive, keyed by base name.
@@ -136,7 +138,8 @@ std::map<std::string, std::vector<uint8_t>> ReadArchiveMembers(
     const int status = archive_read_next_header(reader.get(), &entry);
     if (status == ARCHIVE_EOF) break;
     if (status != ARCHIVE_OK) {
-      throw DataError(path + ": corrupt or truncated archive: " + archive_error_string(reader.get()));
+      throw DataError(path +
+                      ": corrupt or truncated archive: " + archive_error_string(reader.get()));
     }
     const std::string name = fs::path(archive_entry_pathname(entry)).filename().string();
     if (std::find(wanted.begin(), wanted.end(), name) == wanted.end()) continue;
@@ -145,8 +148,9 @@ std::map<std::string, std::vector<uint8_t>> ReadArchiveMembers(
     while (true) {
       const la_ssize_t got = archive_read_data(reader.get(), chunk.data(), chunk.size());
       if (got < 0) {
-        throw DataError(path + ": " + archive_entry_pathname(entry) + ": cannot read at byte offset " +
-                        std::to_string(bytes.size()) + ": " + archive_error_string(reader.get()));
+        throw DataError(path + ": " + archive_entry_pathname(entry) +
+                        ": cannot read at byte offset " + std::to_string(bytes.size()) + ": " +
+                        archive_error_string(reader.get()));
       }
       if (got == 0) break;
       bytes.insert(bytes.end(), chunk.data(), chunk.data() + got);
@@ -170,18 +174,18 @@ Cifar10Dataset::Cifar10Dataset(const std::string& path, CifarSplit split) : sour
   const std::vector<std::string> names = FileNames(split);
   if (fs::is_directory(path)) {
     std::string dir = path;
-    if (!fs::exists(fs::path(dir) / names[0]) && fs::exists(fs::path(dir) / "cifar-10-batches-bin")) {
+    if (!fs::exists(fs::path(dir) / names[0]) &&
+        fs::exists(fs::path(dir) / "cifar-10-batches-bin")) {
       dir = (fs::path(dir) / "cifar-10-batches-bin").string();
     }
     for (const std::string& name : names) {
       const std::string file = (fs::path(dir) / name).string();
       if (!fs::exists(file)) {
-        throw DataError(file + ": missing; the " + Name(split) + " split needs " +
-                        [&] {
-                          std::string all;
-                          for (const auto& n : names) all += (all.empty() ? "" : ", ") + n;
-                          return all;
-                        }() + " in " + dir);
+        throw DataError(file + ": missing; the " + Name(split) + " split needs " + [&] {
+          std::string all;
+          for (const auto& n : names) all += (all.empty() ? "" : ", ") + n;
+          return all;
+        }() + " in " + dir);
       }
       AppendRecords(file, ReadWholeFile(file));
     }
@@ -198,7 +202,8 @@ void Cifar10Dataset::AppendRecords(const std::string& name, const std::vector<ui
     const int64_t whole = size / kRecordBytes;
     throw DataError(name + ": truncated or wrong record size: " + std::to_string(size) +
                     " bytes is not a whole number of 3073-byte records (1 label + 3072 pixels); "
-                    "record " + std::to_string(whole) + " at byte offset " +
+                    "record " +
+                    std::to_string(whole) + " at byte offset " +
                     std::to_string(whole * kRecordBytes) + " has only " +
                     std::to_string(size - whole * kRecordBytes) + " bytes");
   }
@@ -254,8 +259,9 @@ ImageFolderDataset::ImageFolderDataset(const std::string& path, int image_size, 
     }
     // Centre crop to a square, then resize (stb's default filter: Mitchell down, cubic up).
     const int side = std::min(width, height);
-    const stbi_uc* crop = decoded.get() + (static_cast<int64_t>((height - side) / 2) * width +
-                                           (width - side) / 2) * channels;
+    const stbi_uc* crop =
+        decoded.get() +
+        (static_cast<int64_t>((height - side) / 2) * width + (width - side) / 2) * channels;
     if (!stbir_resize_uint8(crop, side, side, width * channels, resized.data(), image_size,
                             image_size, 0, channels)) {
       throw DataError(files[i] + ": cannot resize " + std::to_string(width) + "x" +
@@ -297,8 +303,10 @@ std::unique_ptr<ImageDataset> MakeDataset(const Config& config) {
                                                   config.model.in_channels);
     case DatasetKind::kShapes:
       if (config.model.in_channels != 3) {
-        throw ConfigError("config: data.dataset: shapes makes 3-channel images, but "
-                          "model.in_channels is " + std::to_string(config.model.in_channels));
+        throw ConfigError(
+            "config: data.dataset: shapes makes 3-channel images, but "
+            "model.in_channels is " +
+            std::to_string(config.model.in_channels));
       }
       return std::make_unique<ShapesDataset>(config.data.shapes_size, config.model.image_size,
                                              config.train.seed);

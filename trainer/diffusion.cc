@@ -16,8 +16,8 @@ torch::Tensor BetasFor(const DiffusionConfig& config) {
   if (config.schedule == ScheduleKind::kLinear) {
     return torch::linspace(config.beta_start, config.beta_end, steps, f64);
   }
-  // Nichol & Dhariwal 2021, Eq. 17: abar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) pi/2),
-  // with each beta clipped at 0.999.
+  // Nichol & Dhariwal 2021, Eq. 17: abar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s))
+  // pi/2), with each beta clipped at 0.999.
   const double s = config.cosine_s;
   auto f = [&](double t) {
     const double angle = (t / steps + s) / (1.0 + s) * kPi / 2.0;
@@ -49,8 +49,7 @@ NoiseSchedule NoiseSchedule::Make(const DiffusionConfig& config) {
   // The variance is 0 at t = 0; its log is clipped to the value at t = 1.
   s.posterior_log_variance_clipped = torch::log(
       torch::cat({s.posterior_variance.slice(0, 1, 2), s.posterior_variance.slice(0, 1)}));
-  s.posterior_mean_coef1 =
-      s.betas * torch::sqrt(s.alphas_cumprod_prev) / (1.0 - s.alphas_cumprod);
+  s.posterior_mean_coef1 = s.betas * torch::sqrt(s.alphas_cumprod_prev) / (1.0 - s.alphas_cumprod);
   s.posterior_mean_coef2 =
       (1.0 - s.alphas_cumprod_prev) * torch::sqrt(s.alphas) / (1.0 - s.alphas_cumprod);
   s.fixedlarge_log_variance =
@@ -197,13 +196,11 @@ DiffusionLoss GaussianDiffusion::TrainingLoss(const Denoiser& model, const torch
       break;
   }
   const torch::Tensor diff = model_out - target;
-  const torch::Tensor elementwise =
-      config_.loss == LossKind::kL2 ? diff.square() : diff.abs();
+  const torch::Tensor elementwise = config_.loss == LossKind::kL2 ? diff.square() : diff.abs();
   const torch::Tensor per_sample = elementwise.flatten(1).mean(1);
   DiffusionLoss out;
-  out.loss = config_.weighting == LossWeighting::kNone
-                 ? per_sample.mean()
-                 : (per_sample * LossWeight(t)).mean();
+  out.loss = config_.weighting == LossWeighting::kNone ? per_sample.mean()
+                                                       : (per_sample * LossWeight(t)).mean();
   out.per_sample = per_sample.detach();
   out.t = t;
   return out;
@@ -235,8 +232,7 @@ Posterior GaussianDiffusion::p_mean_variance(const Denoiser& model, const torch:
 torch::Tensor GaussianDiffusion::Noise(torch::IntArrayRef shape,
                                        torch::Generator& generator) const {
   // Drawn on the CPU so that a seed gives the same samples on every device.
-  return torch::randn(shape, generator, torch::TensorOptions().dtype(torch::kFloat32))
-      .to(device_);
+  return torch::randn(shape, generator, torch::TensorOptions().dtype(torch::kFloat32)).to(device_);
 }
 
 torch::Tensor GaussianDiffusion::SampleDdpm(const Denoiser& model, torch::IntArrayRef shape,

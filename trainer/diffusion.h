@@ -94,8 +94,8 @@ class GaussianDiffusion {
                               const torch::Tensor& model_out) const;
 
   /// The configured loss for given x_0, timesteps and noise (Eq. 14 for objective eps, l2).
-  DiffusionLoss TrainingLoss(const Denoiser& model, const torch::Tensor& x0,
-                             const torch::Tensor& t, const torch::Tensor& noise) const;
+  DiffusionLoss TrainingLoss(const Denoiser& model, const torch::Tensor& x0, const torch::Tensor& t,
+                             const torch::Tensor& noise) const;
   /// The loss with t ~ U{0..T-1} and eps ~ N(0, I) drawn from generator (on x0's device).
   DiffusionLoss TrainingLoss(const Denoiser& model, const torch::Tensor& x0,
                              torch::Generator& generator) const;
@@ -103,11 +103,11 @@ class GaussianDiffusion {
   torch::Tensor LossWeight(const torch::Tensor& t) const;
 
   /// p(x_{t-1} | x_t) of the model, with the fixed variance of Ho et al.
-  Posterior p_mean_variance(const Denoiser& model, const torch::Tensor& x_t,
-                            const torch::Tensor& t, VarianceKind variance, bool clip_x0) const;
+  Posterior p_mean_variance(const Denoiser& model, const torch::Tensor& x_t, const torch::Tensor& t,
+                            VarianceKind variance, bool clip_x0) const;
   /// Algorithm 2 of Ho et al.: ancestral sampling over all T steps. Deterministic given seed.
-  torch::Tensor SampleDdpm(const Denoiser& model, torch::IntArrayRef shape,
-                           VarianceKind variance, bool clip_x0, uint64_t seed,
+  torch::Tensor SampleDdpm(const Denoiser& model, torch::IntArrayRef shape, VarianceKind variance,
+                           bool clip_x0, uint64_t seed,
                            const SampleProgress& progress = nullptr) const;
   /// DDIM (Song et al. 2021, Eq. 12) over steps evenly spaced timesteps. eta = 1 has the
   /// ancestral posterior variance, eta = 0 is deterministic given x_T. Deterministic given seed.

@@ -10,8 +10,11 @@
 namespace ddpm {
 
 Image TileGrid(const uint8_t* nchw, int count, int channels, int size, int columns, int padding,
-               uint8_t border) {
-  if (count < 1 || columns < 1) throw std::invalid_argument("TileGrid: nothing to tile");
+               uint8_t border, int scale) {
+  if (count < 1 || columns < 1 || scale < 1)
+    throw std::invalid_argument("TileGrid: nothing to tile");
+  const int64_t plane = static_cast<int64_t>(size) * size;
+  size *= scale;
   const int rows = (count + columns - 1) / columns;
   const int used_columns = count < columns ? count : columns;
   Image grid;
@@ -19,16 +22,17 @@ Image TileGrid(const uint8_t* nchw, int count, int channels, int size, int colum
   grid.width = used_columns * (size + padding) + padding;
   grid.height = rows * (size + padding) + padding;
   grid.pixels.assign(static_cast<std::size_t>(grid.width) * grid.height * channels, border);
-  const int64_t plane = static_cast<int64_t>(size) * size;
+  const int source_size = size / scale;
   for (int i = 0; i < count; ++i) {
     const int x0 = padding + (i % columns) * (size + padding);
     const int y0 = padding + (i / columns) * (size + padding);
     const uint8_t* image = nchw + static_cast<int64_t>(i) * channels * plane;
     for (int y = 0; y < size; ++y) {
       for (int x = 0; x < size; ++x) {
-        uint8_t* out = &grid.pixels[((static_cast<std::size_t>(y0 + y) * grid.width) + x0 + x) *
-                                    channels];
-        for (int c = 0; c < channels; ++c) out[c] = image[c * plane + y * size + x];
+        uint8_t* out =
+            &grid.pixels[((static_cast<std::size_t>(y0 + y) * grid.width) + x0 + x) * channels];
+        const int64_t source = (y / scale) * source_size + x / scale;
+        for (int c = 0; c < channels; ++c) out[c] = image[c * plane + source];
       }
     }
   }
@@ -37,8 +41,8 @@ Image TileGrid(const uint8_t* nchw, int count, int channels, int size, int colum
 
 void WritePng(const std::string& path, const Image& image) {
   const std::string tmp = path + ".tmp";
-  if (stbi_write_png(tmp.c_str(), image.width, image.height, image.channels,
-                     image.pixels.data(), image.width * image.channels) == 0) {
+  if (stbi_write_png(tmp.c_str(), image.width, image.height, image.channels, image.pixels.data(),
+                     image.width * image.channels) == 0) {
     std::remove(tmp.c_str());
     throw std::runtime_error(path + ": cannot write PNG");
   }

@@ -15,10 +15,11 @@ struct Image {
   std::vector<uint8_t> pixels;
 };
 
-/// Tiles count CHW images of channels x size x size, row-major into columns per row, with
-/// padding pixels of border colour between and around them.
-Image TileGrid(const uint8_t* nchw, int count, int channels, int size, int columns,
-               int padding = 2, uint8_t border = 255);
+/// Tiles count CHW images of channels x size x size, row-major into columns per row, each
+/// enlarged scale times (nearest neighbour), with padding pixels of border colour between and
+/// around them.
+Image TileGrid(const uint8_t* nchw, int count, int channels, int size, int columns, int padding = 2,
+               uint8_t border = 255, int scale = 1);
 /// Writes image as a PNG, atomically: a temporary file is renamed into place.
 void WritePng(const std::string& path, const Image& image);
 /// Creates path and its missing parents; throws with the path if that fails.

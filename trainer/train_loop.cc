@@ -49,8 +49,11 @@ void WriteSampleGrid(const torch::Tensor& images, const std::string& path) {
   const torch::Tensor bytes = ToBytes(images);
   const int count = static_cast<int>(bytes.size(0));
   const int columns = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(count))));
-  WritePng(path, TileGrid(bytes.data_ptr<uint8_t>(), count, static_cast<int>(bytes.size(1)),
-                          static_cast<int>(bytes.size(2)), columns));
+  const int size = static_cast<int>(bytes.size(2));
+  // Small images are enlarged (nearest neighbour) to at least 64 pixels, for looking at.
+  const int scale = std::max(1, 64 / size);
+  WritePng(path, TileGrid(bytes.data_ptr<uint8_t>(), count, static_cast<int>(bytes.size(1)), size,
+                          columns, 2, 255, scale));
 }
 
 // A sampler progress report: a rewritten line on a terminal, a few lines otherwise.
@@ -78,8 +81,9 @@ torch::Tensor SampleImages(const GaussianDiffusion& diffusion, UNet& model, cons
     const int n = std::min(batch_size, count - b * batch_size);
     SampleConfig sample = config.sample;
     sample.seed = config.sample.seed + static_cast<uint64_t>(b);
-    const std::string label =
-        batches == 1 ? what : what + " (batch " + std::to_string(b + 1) + "/" + std::to_string(batches) + ")";
+    const std::string label = batches == 1 ? what
+                                           : what + " (batch " + std::to_string(b + 1) + "/" +
+                                                 std::to_string(batches) + ")";
     parts.push_back(diffusion
                         .Sample(EvalDenoiser(model), {n, m.in_channels, m.image_size, m.image_size},
                                 sample, ProgressPrinter(label))
@@ -192,7 +196,8 @@ int ConfigureThreads(const TrainConfig& config) {
       return threads;
     }
     int local_ranks = 1;
-    for (const char* name : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"}) {
+    for (const char* name :
+         {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"}) {
       if (const char* value = std::getenv(name)) {
         local_ranks = std::max(1, std::atoi(value));
         break;
@@ -226,7 +231,8 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
     loaded = checkpoints.LoadLatestValid(
         [](const std::string& message) { std::printf("ddpm: warning: %s\n", message.c_str()); });
     if (!loaded && !checkpoints.Steps().empty()) {
-      throw CheckpointError(checkpoints.dir() + ": no checkpoint there can be read (see the "
+      throw CheckpointError(checkpoints.dir() +
+                            ": no checkpoint there can be read (see the "
                             "warnings above); move them aside to start afresh");
     }
   } else if (!checkpoints.Steps().empty()) {
@@ -246,8 +252,9 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
       if (SectionYaml(saved, section) != SectionYaml(config, section)) {
         throw ConfigError(loaded->path + ": the checkpoint's " + section +
                           " section differs from this config's; resume with the config it was "
-                          "trained with.\ncheckpoint:\n" + SectionYaml(saved, section) +
-                          "this config:\n" + SectionYaml(config, section));
+                          "trained with.\ncheckpoint:\n" +
+                          SectionYaml(saved, section) + "this config:\n" +
+                          SectionYaml(config, section));
       }
     }
     trainer.LoadState(loaded->tensors, loaded->path);
@@ -255,11 +262,13 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
     loader_state.cursor.offset = Need(loaded->tensors, "data/offset", loaded->path).item<int64_t>();
     loader_state.flip_rng =
         static_cast<uint64_t>(Need(loaded->tensors, "data/flip_rng", loaded->path).item<int64_t>());
-    const int64_t saved_threads = Need(loaded->tensors, "meta/threads", loaded->path).item<int64_t>();
+    const int64_t saved_threads =
+        Need(loaded->tensors, "meta/threads", loaded->path).item<int64_t>();
     if (saved_threads != threads) {
-      std::printf("ddpm: warning: the checkpoint was written with %lld threads and this run uses "
-                  "%d; results will not be bitwise identical to an uninterrupted run\n",
-                  static_cast<long long>(saved_threads), threads);
+      std::printf(
+          "ddpm: warning: the checkpoint was written with %lld threads and this run uses "
+          "%d; results will not be bitwise identical to an uninterrupted run\n",
+          static_cast<long long>(saved_threads), threads);
     }
     std::printf("ddpm: resumed from %s at step %lld (epoch %lld, offset %lld)\n",
                 loaded->path.c_str(), static_cast<long long>(trainer.step()),
@@ -272,8 +281,8 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
   }
   std::printf("ddpm: %s\nddpm: UNet with %lld parameters on %s, %d threads; run dir %s\n",
               dataset->Describe().c_str(),
-              static_cast<long long>(CountParameters(*trainer.model())),
-              device.str().c_str(), threads, options.run_dir.c_str());
+              static_cast<long long>(CountParameters(*trainer.model())), device.str().c_str(),
+              threads, options.run_dir.c_str());
   std::fflush(stdout);
 
   const std::string metrics_path = options.run_dir + "/metrics.csv";
@@ -297,11 +306,11 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
   auto write_samples = [&](int64_t step) {
     const std::string path = samples_dir + "/" + StepName(step) + ".png";
     const auto start = Clock::now();
-    WriteSampleGrid(SampleImages(trainer.diffusion(), trainer.ema_model(), config,
-                                 config.sample.num_images, config.sample.num_images,
-                                 "sampling " + std::to_string(config.sample.num_images) +
-                                     " EMA images"),
-                    path);
+    WriteSampleGrid(
+        SampleImages(trainer.diffusion(), trainer.ema_model(), config, config.sample.num_images,
+                     config.sample.num_images,
+                     "sampling " + std::to_string(config.sample.num_images) + " EMA images"),
+        path);
     std::printf("ddpm: wrote %s (%.1fs)\n", path.c_str(), Seconds(start));
     std::fflush(stdout);
     result.sample_grids.push_back(path);
@@ -313,8 +322,8 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
   const int64_t first_step = trainer.step();
   const bool tty = StdoutIsTerminal();
   StopSignalScope stop_signals;
-  BatchLoader loader(*dataset, config.train.batch_size, config.data.random_flip,
-                     config.train.seed, loader_state, config.data.prefetch);
+  BatchLoader loader(*dataset, config.train.batch_size, config.data.random_flip, config.train.seed,
+                     loader_state, config.data.prefetch);
   const auto start = Clock::now();
   auto window_start = start;
   double window_loss = 0, window_grad = 0, last_rate = 0;
@@ -336,11 +345,12 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
     if (step % config.train.log_every == 0 || step == total) {
       last_rate = window_steps * config.train.batch_size / std::max(Seconds(window_start), 1e-9);
       result.last_loss = window_loss / window_steps;
-      std::printf("%sstep %lld/%lld | loss %.4f | grad %.3f | lr %.2e | %.1f img/s | elapsed %s | "
-                  "eta %s\n",
-                  tty ? "\r\033[K" : "", static_cast<long long>(step),
-                  static_cast<long long>(total), result.last_loss, window_grad / window_steps,
-                  stats.lr, last_rate, FormatDuration(elapsed).c_str(), FormatDuration(eta).c_str());
+      std::printf(
+          "%sstep %lld/%lld | loss %.4f | grad %.3f | lr %.2e | %.1f img/s | elapsed %s | "
+          "eta %s\n",
+          tty ? "\r\033[K" : "", static_cast<long long>(step), static_cast<long long>(total),
+          result.last_loss, window_grad / window_steps, stats.lr, last_rate,
+          FormatDuration(elapsed).c_str(), FormatDuration(eta).c_str());
       std::fflush(stdout);
       metrics << step << "," << result.last_loss << "," << window_grad / window_steps << ","
               << stats.lr << "," << last_rate << "," << elapsed << "\n";
@@ -363,7 +373,8 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
   if (g_stop_signal != 0) {
     result.interrupted_by = g_stop_signal;
     std::printf("%sddpm: caught %s at step %lld; saving a checkpoint\n", tty ? "\r\033[K" : "",
-                g_stop_signal == SIGINT ? "SIGINT" : "SIGTERM", static_cast<long long>(result.steps));
+                g_stop_signal == SIGINT ? "SIGINT" : "SIGTERM",
+                static_cast<long long>(result.steps));
     save_checkpoint();
     std::printf("ddpm: stopped; continue with --resume --run-dir %s\n", options.run_dir.c_str());
     return result;
@@ -373,7 +384,8 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
   result.ema_weights = options.run_dir + "/ema_weights.pt";
   SaveTensors(StateDict(*trainer.ema_model()), result.ema_weights);
   std::printf("ddpm: trained to step %lld (%lld this run) in %s; EMA weights in %s\n",
-              static_cast<long long>(result.steps), static_cast<long long>(result.steps - first_step),
+              static_cast<long long>(result.steps),
+              static_cast<long long>(result.steps - first_step),
               FormatDuration(Seconds(start)).c_str(), result.ema_weights.c_str());
   return result;
 }
@@ -394,7 +406,8 @@ std::vector<std::string> RunSampleJob(const SampleJob& job) {
     weights = LoadTensors(job.weights);
     origin = job.weights;
   }
-  for (const auto& [key, value] : job.overrides) SetConfigKey(config, key, value, "ddpm_sample flags");
+  for (const auto& [key, value] : job.overrides)
+    SetConfigKey(config, key, value, "ddpm_sample flags");
   config.Validate();
   if (job.batch_size < 1) throw ConfigError("ddpm_sample: --batch must be >= 1");
 
@@ -405,9 +418,9 @@ std::vector<std::string> RunSampleJob(const SampleJob& job) {
   model->to(device);
   const GaussianDiffusion diffusion(config.diffusion, device);
   const int count = config.sample.num_images;
-  const torch::Tensor images =
-      SampleImages(diffusion, model, config, count, job.batch_size,
-                   "sampling " + std::to_string(count) + " images (" + Name(config.sample.sampler) + ")");
+  const torch::Tensor images = SampleImages(
+      diffusion, model, config, count, job.batch_size,
+      "sampling " + std::to_string(count) + " images (" + Name(config.sample.sampler) + ")");
 
   std::vector<std::string> written;
   const bool to_dir = (!job.out.empty() && job.out.back() == '/') || fs::is_directory(job.out);

@@ -7,6 +7,8 @@
 #include <iterator>
 #include <stdexcept>
 
+#include "trainer/checkpoint.h"
+
 namespace ddpm {
 
 double WarmupLearningRate(const TrainConfig& config, int64_t update) {
@@ -131,9 +133,8 @@ Trainer::Trainer(const Config& config, torch::Device device, int rank)
   for (auto& p : ema_model_->parameters()) p.set_requires_grad(false);
   params_ = std::make_unique<FlatParameters>(*model_, /*with_grad=*/true);
   ema_params_ = std::make_unique<FlatParameters>(*ema_model_, /*with_grad=*/false);
-  optimizer_ = std::make_unique<FlatAdam>(params_->data(), params_->grad(),
-                                          config.train.adam_beta1, config.train.adam_beta2,
-                                          config.train.adam_eps);
+  optimizer_ = std::make_unique<FlatAdam>(params_->data(), params_->grad(), config.train.adam_beta1,
+                                          config.train.adam_beta2, config.train.adam_eps);
   ema_ = std::make_unique<Ema>(params_->data(), ema_params_->data(), config.train.ema_decay);
 }
 
@@ -242,9 +243,7 @@ std::map<std::string, torch::Tensor> StateDict(const torch::nn::Module& module) 
 }
 
 void SaveTensors(const std::map<std::string, torch::Tensor>& tensors, const std::string& path) {
-  c10::Dict<std::string, torch::Tensor> dict;
-  for (const auto& [name, tensor] : tensors) dict.insert(name, tensor);
-  const std::vector<char> bytes = torch::pickle_save(dict);
+  const std::vector<char> bytes = PickleTensors(tensors);
   const std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
@@ -260,24 +259,9 @@ void SaveTensors(const std::map<std::string, torch::Tensor>& tensors, const std:
 std::map<std::string, torch::Tensor> LoadTensors(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open tensor file");
-  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
-                                std::istreambuf_iterator<char>());
-  torch::IValue value;
-  try {
-    value = torch::pickle_load(bytes);
-  } catch (const c10::Error& e) {
-    throw std::runtime_error(path + ": not a torch.save / pickle_save file: " +
-                             e.what_without_backtrace());
-  }
-  if (!value.isGenericDict()) throw std::runtime_error(path + ": expected a dict of tensors");
-  std::map<std::string, torch::Tensor> out;
-  for (const auto& item : value.toGenericDict()) {
-    if (!item.key().isString() || !item.value().isTensor()) {
-      throw std::runtime_error(path + ": expected a dict of str -> tensor");
-    }
-    out[item.key().toStringRef()] = item.value().toTensor();
-  }
-  return out;
+  return UnpickleTensors(
+      std::vector<char>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()),
+      path);
 }
 
 void LoadStateDict(torch::nn::Module& module, const std::map<std::string, torch::Tensor>& tensors,

@@ -87,11 +87,11 @@ ResBlockImpl::ResBlockImpl(int in_channels, int out_channels, int temb_channels,
   temb_proj_ = register_module("temb_proj", Dense(temb_channels, out_channels, generator));
   norm2_ = register_module("norm2", Norm(groups, out_channels));
   dropout_ = register_module("dropout", nn::Dropout(nn::DropoutOptions(dropout)));
-  conv2_ = register_module(
-      "conv2", Conv(out_channels, out_channels, 3, 1, 1, kZeroInitScale, generator));
+  conv2_ = register_module("conv2",
+                           Conv(out_channels, out_channels, 3, 1, 1, kZeroInitScale, generator));
   if (in_channels != out_channels) {
-    nin_shortcut_ = register_module(
-        "nin_shortcut", Conv(in_channels, out_channels, 1, 1, 0, 1.0, generator));
+    nin_shortcut_ =
+        register_module("nin_shortcut", Conv(in_channels, out_channels, 1, 1, 0, 1.0, generator));
   }
   if (with_attention) attn_ = register_module("attn", AttnBlock(out_channels, groups, generator));
 }
@@ -168,8 +168,8 @@ UNetImpl::UNetImpl(const ModelConfig& config, uint64_t seed) : config_(config) {
   }
 
   norm_out_ = register_module("norm_out", Norm(groups, cur));
-  conv_out_ = register_module(
-      "conv_out", Conv(cur, config.in_channels, 3, 1, 1, kZeroInitScale, generator));
+  conv_out_ = register_module("conv_out",
+                              Conv(cur, config.in_channels, 3, 1, 1, kZeroInitScale, generator));
 }
 
 torch::Tensor UNetImpl::forward(const torch::Tensor& x, const torch::Tensor& t) {
