@@ -25,8 +25,8 @@ rows = [dict(re.findall(r"(\w+)=(\S+)", line)) for line in open(sys.argv[1])]
 def mean(impl, key):
     return statistics.mean(float(r[key]) for r in rows if r["impl"] == impl)
 print("means over rounds (C++ / PyTorch):")
-for key in ("train_ms_median", "ddpm_step_ms", "ddim_step_ms", "peak_rss_mb"):
+for key in ("train_ms_median", "fwd_bwd_ms_median", "ddpm_step_ms", "ddim_step_ms", "peak_rss_mb"):
     cpp, py = mean("cpp", key), mean("pytorch", key)
-    print(f"  {key:16s} {cpp:9.2f} / {py:9.2f}   ratio C++/PyTorch {cpp / py:.3f}")
+    print(f"  {key:18s} {cpp:9.2f} / {py:9.2f}   ratio C++/PyTorch {cpp / py:.3f}")
 PY
 rm -f "$log"

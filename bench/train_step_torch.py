@@ -91,6 +91,18 @@ def main():
         train_step()
         step_ms.append(1000 * (time.perf_counter() - start))
 
+    # Forward and backward alone, on fixed timesteps and noise: the part both sides share.
+    torch.manual_seed(0)
+    t_fixed = torch.randint(0, timesteps, (args.batch,))
+    noise_fixed = torch.randn_like(images)
+    a_fixed = abar[t_fixed][:, None, None, None]
+    fwd_bwd_ms = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        x_t = a_fixed.sqrt() * images + (1 - a_fixed).sqrt() * noise_fixed
+        ((model(x_t, t_fixed) - noise_fixed) ** 2).mean().backward()
+        fwd_bwd_ms.append(1000 * (time.perf_counter() - start))
+
     # Sampler steps, with precomputed buffers as any implementation would hold them.
     abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar64[:-1]])
     coef1 = (betas * abar_prev.sqrt() / (1 - abar64)).float()
@@ -134,6 +146,7 @@ def main():
     print(f"impl=pytorch params={sum(p.numel() for p in params)} batch={args.batch} "
           f"threads={args.threads} train_ms_median={median:.2f} "
           f"train_ms_p10={quantile(step_ms, 0.1):.2f} train_ms_p90={quantile(step_ms, 0.9):.2f} "
+          f"fwd_bwd_ms_median={statistics.median(fwd_bwd_ms):.2f} "
           f"images_per_second={args.batch * 1000 / median:.1f} ddpm_step_ms={ddpm_ms:.2f} "
           f"ddim_step_ms={ddim_ms:.2f} "
           f"ddpm_ms_per_image={ddpm_ms * timesteps / args.sample_batch:.1f} "

@@ -99,7 +99,12 @@ int RunMain(Flags& flags, int argc, const char* const* argv, const std::function
     std::fprintf(stderr, "%s\n", e.what());
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s: error: %s\n", flags.program().c_str(), e.what());
+    // LibTorch's errors append a C++ backtrace; the user needs the message.
+    std::string message = e.what();
+    if (const auto cut = message.find("\nException raised from"); cut != std::string::npos) {
+      message.resize(cut);
+    }
+    std::fprintf(stderr, "%s: error: %s\n", flags.program().c_str(), message.c_str());
     return 1;
   }
 }
