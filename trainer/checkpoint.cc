@@ -103,6 +103,15 @@ std::map<std::string, torch::Tensor> UnpickleTensors(const std::vector<char>& by
   return out;
 }
 
+const torch::Tensor& RequireTensor(const std::map<std::string, torch::Tensor>& tensors,
+                                   const std::string& name, const std::string& origin) {
+  const auto it = tensors.find(name);
+  if (it == tensors.end()) throw CheckpointError(origin + ": missing '" + name + "'");
+  return it->second;
+}
+
+torch::Tensor Int64Tensor(int64_t value) { return torch::tensor(value, torch::kLong); }
+
 void WriteCheckpointFile(const std::string& path,
                          const std::map<std::string, torch::Tensor>& tensors,
                          const WriteHook& hook) {

@@ -27,6 +27,12 @@ std::vector<char> PickleTensors(const std::map<std::string, torch::Tensor>& tens
 std::map<std::string, torch::Tensor> UnpickleTensors(const std::vector<char>& bytes,
                                                      const std::string& origin);
 
+/// tensors[name], or CheckpointError naming origin and the missing name.
+const torch::Tensor& RequireTensor(const std::map<std::string, torch::Tensor>& tensors,
+                                   const std::string& name, const std::string& origin);
+/// A 0-d int64 tensor, for counters and cursors in a checkpoint.
+torch::Tensor Int64Tensor(int64_t value);
+
 /// The file's first 8 bytes.
 inline constexpr char kCheckpointMagic[8] = {'D', 'D', 'P', 'M', 'C', 'K', 'P', 'T'};
 /// The format this build writes and the newest it reads.

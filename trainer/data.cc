@@ -181,11 +181,10 @@ Cifar10Dataset::Cifar10Dataset(const std::string& path, CifarSplit split) : sour
     for (const std::string& name : names) {
       const std::string file = (fs::path(dir) / name).string();
       if (!fs::exists(file)) {
-        throw DataError(file + ": missing; the " + Name(split) + " split needs " + [&] {
-          std::string all;
-          for (const auto& n : names) all += (all.empty() ? "" : ", ") + n;
-          return all;
-        }() + " in " + dir);
+        std::string all;
+        for (const auto& n : names) all += (all.empty() ? "" : ", ") + n;
+        throw DataError(file + ": missing; the " + Name(split) + " split needs " + all + " in " +
+                        dir);
       }
       AppendRecords(file, ReadWholeFile(file));
     }
@@ -316,13 +315,17 @@ std::unique_ptr<ImageDataset> MakeDataset(const Config& config) {
 
 EpochSampler::EpochSampler(int64_t dataset_size, uint64_t seed, DataCursor cursor)
     : size_(dataset_size), seed_(seed), cursor_(cursor) {
+  CheckCursor(dataset_size, cursor);
+  order_ = Permutation(cursor_.epoch);
+}
+
+void EpochSampler::CheckCursor(int64_t dataset_size, DataCursor cursor) {
   if (dataset_size < 1) throw std::invalid_argument("sampler: the dataset is empty");
   if (cursor.offset < 0 || cursor.offset > dataset_size || cursor.epoch < 0) {
     throw std::invalid_argument("sampler: cursor (epoch " + std::to_string(cursor.epoch) +
                                 ", offset " + std::to_string(cursor.offset) +
                                 ") is outside a dataset of " + std::to_string(dataset_size));
   }
-  order_ = Permutation(cursor_.epoch);
 }
 
 std::vector<int64_t> EpochSampler::Permutation(int64_t epoch) const {
@@ -381,7 +384,7 @@ BatchLoader::BatchLoader(const ImageDataset& dataset, int batch_size, bool flip,
       seed_(seed),
       prefetch_(static_cast<std::size_t>(std::max(1, prefetch))) {
   // Check the start state here, so that a bad cursor fails in the caller's thread.
-  EpochSampler check(dataset.size(), seed, start.cursor);
+  EpochSampler::CheckCursor(dataset.size(), start.cursor);
   thread_ = std::thread([this, start] { Run(start); });
 }
 

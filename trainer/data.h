@@ -134,6 +134,8 @@ struct DataCursor {
 class EpochSampler {
  public:
   EpochSampler(int64_t dataset_size, uint64_t seed, DataCursor cursor = {});
+  /// Throws std::invalid_argument unless cursor is a position in a dataset of dataset_size.
+  static void CheckCursor(int64_t dataset_size, DataCursor cursor);
   /// The next count indices, rolling into the next epoch as needed.
   std::vector<int64_t> Next(int64_t count);
   /// Position after the indices handed out so far.

@@ -101,7 +101,6 @@ torch::Tensor ToModelInput(const std::vector<uint8_t>& bytes, int64_t count, int
       .sub_(1.0);
 }
 
-torch::Tensor Int64(int64_t v) { return torch::tensor(v, torch::kLong); }
 torch::Tensor Text(const std::string& text) {
   return torch::from_blob(const_cast<char*>(text.data()), {static_cast<int64_t>(text.size())},
                           torch::kUInt8)
@@ -110,13 +109,6 @@ torch::Tensor Text(const std::string& text) {
 std::string TextOf(const torch::Tensor& t) {
   const torch::Tensor bytes = t.contiguous();
   return std::string(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), bytes.numel());
-}
-
-const torch::Tensor& Need(const std::map<std::string, torch::Tensor>& state,
-                          const std::string& name, const std::string& origin) {
-  const auto it = state.find(name);
-  if (it == state.end()) throw CheckpointError(origin + ": missing '" + name + "'");
-  return it->second;
 }
 
 // The lines of one section of Config::ToYaml().
@@ -133,7 +125,8 @@ std::string SectionYaml(const Config& config, const std::string& section) {
 
 Config ConfigFromCheckpoint(const std::map<std::string, torch::Tensor>& state,
                             const std::string& path) {
-  return LoadConfigString(TextOf(Need(state, "meta/config", path)), path + " (its config)");
+  return LoadConfigString(TextOf(RequireTensor(state, "meta/config", path)),
+                          path + " (its config)");
 }
 
 // Signals that stop training at the next step boundary. A second one exits at once.
@@ -190,11 +183,10 @@ std::string FormatDuration(double seconds) {
 int ConfigureThreads(const TrainConfig& config) {
   int threads = config.threads;
   if (threads == 0) {
-    if (const char* omp = std::getenv("OMP_NUM_THREADS"); omp != nullptr && std::atoi(omp) > 0) {
-      threads = std::atoi(omp);
-      torch::set_num_threads(threads);
-      return threads;
-    }
+    const char* omp = std::getenv("OMP_NUM_THREADS");
+    threads = omp != nullptr ? std::atoi(omp) : 0;
+  }
+  if (threads <= 0) {
     int local_ranks = 1;
     for (const char* name :
          {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"}) {
@@ -223,6 +215,7 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
   const torch::Device device(ResolveDevice(config.train));
   const std::string samples_dir = options.run_dir + "/samples";
   CheckpointDir checkpoints(options.run_dir + "/checkpoints");
+  const std::vector<int64_t> existing = checkpoints.Steps();
 
   std::optional<CheckpointDir::Loaded> loaded;
   if (!options.resume_from.empty()) {
@@ -230,14 +223,14 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
   } else if (options.resume) {
     loaded = checkpoints.LoadLatestValid(
         [](const std::string& message) { std::printf("ddpm: warning: %s\n", message.c_str()); });
-    if (!loaded && !checkpoints.Steps().empty()) {
+    if (!loaded && !existing.empty()) {
       throw CheckpointError(checkpoints.dir() +
                             ": no checkpoint there can be read (see the "
                             "warnings above); move them aside to start afresh");
     }
-  } else if (!checkpoints.Steps().empty()) {
+  } else if (!existing.empty()) {
     throw std::runtime_error(options.run_dir + " already holds checkpoints (newest: step " +
-                             std::to_string(checkpoints.Steps().front()) +
+                             std::to_string(existing.front()) +
                              "); pass --resume to continue that run, or choose another --run-dir");
   }
 
@@ -258,12 +251,14 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
       }
     }
     trainer.LoadState(loaded->tensors, loaded->path);
-    loader_state.cursor.epoch = Need(loaded->tensors, "data/epoch", loaded->path).item<int64_t>();
-    loader_state.cursor.offset = Need(loaded->tensors, "data/offset", loaded->path).item<int64_t>();
-    loader_state.flip_rng =
-        static_cast<uint64_t>(Need(loaded->tensors, "data/flip_rng", loaded->path).item<int64_t>());
+    loader_state.cursor.epoch =
+        RequireTensor(loaded->tensors, "data/epoch", loaded->path).item<int64_t>();
+    loader_state.cursor.offset =
+        RequireTensor(loaded->tensors, "data/offset", loaded->path).item<int64_t>();
+    loader_state.flip_rng = static_cast<uint64_t>(
+        RequireTensor(loaded->tensors, "data/flip_rng", loaded->path).item<int64_t>());
     const int64_t saved_threads =
-        Need(loaded->tensors, "meta/threads", loaded->path).item<int64_t>();
+        RequireTensor(loaded->tensors, "meta/threads", loaded->path).item<int64_t>();
     if (saved_threads != threads) {
       std::printf(
           "ddpm: warning: the checkpoint was written with %lld threads and this run uses "
@@ -294,10 +289,10 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
   auto save_checkpoint = [&] {
     const auto start = Clock::now();
     std::map<std::string, torch::Tensor> state = trainer.State();
-    state["data/epoch"] = Int64(loader_state.cursor.epoch);
-    state["data/offset"] = Int64(loader_state.cursor.offset);
-    state["data/flip_rng"] = Int64(static_cast<int64_t>(loader_state.flip_rng));
-    state["meta/threads"] = Int64(threads);
+    state["data/epoch"] = Int64Tensor(loader_state.cursor.epoch);
+    state["data/offset"] = Int64Tensor(loader_state.cursor.offset);
+    state["data/flip_rng"] = Int64Tensor(static_cast<int64_t>(loader_state.flip_rng));
+    state["meta/threads"] = Int64Tensor(threads);
     state["meta/config"] = Text(config.ToYaml());
     result.checkpoint = checkpoints.Save(trainer.step(), state, config.train.keep_checkpoints);
     std::printf("ddpm: checkpoint %s (%.1fs)\n", result.checkpoint.c_str(), Seconds(start));

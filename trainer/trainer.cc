@@ -178,15 +178,6 @@ void SetGeneratorState(torch::Generator& generator, const torch::Tensor& state) 
   generator.set_state(state);
 }
 
-torch::Tensor Scalar(int64_t value) { return torch::tensor(value, torch::kLong); }
-
-template <typename Map>
-const torch::Tensor& Need(const Map& state, const std::string& name, const std::string& origin) {
-  const auto it = state.find(name);
-  if (it == state.end()) throw std::runtime_error(origin + ": missing '" + name + "'");
-  return it->second;
-}
-
 }  // namespace
 
 std::map<std::string, torch::Tensor> Trainer::State() const {
@@ -198,8 +189,8 @@ std::map<std::string, torch::Tensor> Trainer::State() const {
   add("ema/", ema_params_->data());
   add("adam/exp_avg/", optimizer_->exp_avg());
   add("adam/exp_avg_sq/", optimizer_->exp_avg_sq());
-  state["adam/steps"] = Scalar(optimizer_->steps());
-  state["step"] = Scalar(step_);
+  state["adam/steps"] = Int64Tensor(optimizer_->steps());
+  state["step"] = Int64Tensor(step_);
   // The noise and timestep stream, and the device's default generator (dropout draws from it).
   state["rng/noise"] = GeneratorState(generator_);
   state["rng/default"] = GeneratorState(at::globalContext().defaultGenerator(device_));
@@ -215,11 +206,11 @@ void Trainer::LoadState(const std::map<std::string, torch::Tensor>& state,
   ema_params_->Flatten(state, "ema/", flat, origin);
   params_->Flatten(state, "adam/exp_avg/", optimizer_->exp_avg(), origin);
   params_->Flatten(state, "adam/exp_avg_sq/", optimizer_->exp_avg_sq(), origin);
-  optimizer_->set_steps(Need(state, "adam/steps", origin).item<int64_t>());
-  step_ = Need(state, "step", origin).item<int64_t>();
-  SetGeneratorState(generator_, Need(state, "rng/noise", origin));
+  optimizer_->set_steps(RequireTensor(state, "adam/steps", origin).item<int64_t>());
+  step_ = RequireTensor(state, "step", origin).item<int64_t>();
+  SetGeneratorState(generator_, RequireTensor(state, "rng/noise", origin));
   torch::Generator default_generator = at::globalContext().defaultGenerator(device_);
-  SetGeneratorState(default_generator, Need(state, "rng/default", origin));
+  SetGeneratorState(default_generator, RequireTensor(state, "rng/default", origin));
 }
 
 Denoiser EvalDenoiser(UNet& model) {
