@@ -51,6 +51,10 @@ class Flags {
   std::map<std::string, Spec> specs_;
 };
 
+/// Tunes glibc malloc for a training process (large blocks stay mapped between steps), unless
+/// the user set malloc tunables in the environment. RunMain calls it first.
+void TuneAllocator();
+
 /// The body of a thin main: parses argv into flags, answers --help, runs body, and turns errors
 /// into exit codes: 2 for a bad command line, 1 for any other error, printed as
 /// "program: error: ...".
