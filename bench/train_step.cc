@@ -7,27 +7,14 @@
 #include <cstdio>
 #include <vector>
 
+#include "bench/stats.h"
 #include "trainer/config.h"
 #include "trainer/flags.h"
 #include "trainer/trainer.h"
 
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double Ms(Clock::time_point since) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - since).count();
-}
-
-double Quantile(std::vector<double> values, double q) {
-  std::sort(values.begin(), values.end());
-  const double pos = q * (values.size() - 1);
-  const std::size_t lo = static_cast<std::size_t>(pos);
-  const std::size_t hi = std::min(lo + 1, values.size() - 1);
-  return values[lo] + (pos - lo) * (values[hi] - values[lo]);
-}
-
-}  // namespace
+using ddpm::bench::Clock;
+using ddpm::bench::Ms;
+using ddpm::bench::Quantile;
 
 int main(int argc, char** argv) {
   ddpm::Flags flags("ddpm_bench", "Times DDPM training and sampling steps of the C++ trainer.");
@@ -101,8 +88,8 @@ int main(int argc, char** argv) {
         "ddpm_ms_per_image=%.1f ddim_ms_per_image=%.1f peak_rss_mb=%.0f\n",
         static_cast<long long>(ddpm::CountParameters(*trainer.model())), batch,
         static_cast<long long>(flags.GetInt("threads")), median, Quantile(step_ms, 0.1),
-        Quantile(step_ms, 0.9), Quantile(fwd_bwd_ms, 0.5), batch * 1000.0 / median, ddpm_step_ms, ddim_step_ms,
-        ddpm_step_ms * config.diffusion.timesteps / sample_batch,
+        Quantile(step_ms, 0.9), Quantile(fwd_bwd_ms, 0.5), batch * 1000.0 / median, ddpm_step_ms,
+        ddim_step_ms, ddpm_step_ms * config.diffusion.timesteps / sample_batch,
         ddim_step_ms * config.sample.steps / sample_batch, usage.ru_maxrss / 1024.0);
     return 0;
   });

@@ -233,26 +233,25 @@ TEST(ImageFolder, EmptyMissingAndCorruptAreNamed) {
 
 TEST(Loader, BatchesDependOnlyOnSeedAndState) {
   ShapesDataset data(50, 16, 1);
-  auto take = [&](LoaderState start, int batches) {
-    BatchLoader loader(data, 8, true, 9, start, 2);
+  auto take = [&](DataCursor start, int batches) {
+    BatchLoader loader(data, DataShard::Of(8, 0, 1), true, 9, start, 2);
     std::vector<LoadedBatch> out;
     for (int i = 0; i < batches; ++i) out.push_back(loader.Next());
     return out;
   };
-  const auto a = take(LoaderState::Initial(9), 10);  // 80 images: crosses into epoch 1
-  const auto b = take(LoaderState::Initial(9), 10);
+  const auto a = take(DataCursor{}, 10);  // 80 images: crosses into epoch 1
+  const auto b = take(DataCursor{}, 10);
   for (int i = 0; i < 10; ++i) EXPECT_EQ(a[i].pixels, b[i].pixels) << i;
-  EXPECT_EQ(a[9].after.cursor.epoch, 1);
-  EXPECT_EQ(a[9].after.cursor.offset, 30);
+  EXPECT_EQ(a[9].after.epoch, 1);
+  EXPECT_EQ(a[9].after.offset, 30);
   // Resuming from the state after batch 3 gives batches 4.. again.
   const auto resumed = take(a[3].after, 6);
   for (int i = 0; i < 6; ++i) EXPECT_EQ(resumed[i].pixels, a[4 + i].pixels) << i;
   // Without flips, the first batch is the first 8 images of the (seed, epoch 0) permutation.
   const auto order = EpochSampler(50, 9).Permutation(0);
-  BatchLoader plain(data, 8, false, 9, LoaderState::Initial(9), 2);
-  SplitMix64 unused(0);
+  BatchLoader plain(data, DataShard::Of(8, 0, 1), false, 9, DataCursor{}, 2);
   EXPECT_EQ(plain.Next().pixels,
-            ReadBatch(data, std::vector<int64_t>(order.begin(), order.begin() + 8), false, unused));
+            ReadBatch(data, std::vector<int64_t>(order.begin(), order.begin() + 8)));
 }
 
 TEST(Loader, ReadErrorsReachTheCaller) {
@@ -265,7 +264,7 @@ TEST(Loader, ReadErrorsReachTheCaller) {
       ShapesDataset::Read(index, chw);
     }
   } data;
-  BatchLoader loader(data, 10, false, 0, LoaderState::Initial(0), 1);
+  BatchLoader loader(data, DataShard::Of(10, 0, 1), false, 0, DataCursor{}, 1);
   EXPECT_THROW(loader.Next(), DataError);
 }
 

@@ -26,8 +26,10 @@ data: {shapes_size: 512}
 )");
 }
 
-torch::Tensor Batch(const ImageDataset& data, EpochSampler& sampler, SplitMix64& rng, int n) {
-  const std::vector<uint8_t> bytes = ReadBatch(data, sampler.Next(n), true, rng);
+torch::Tensor Batch(const ImageDataset& data, EpochSampler& sampler, int n) {
+  std::vector<uint8_t> flips;
+  const std::vector<int64_t> indices = sampler.Next(n, &flips);
+  const std::vector<uint8_t> bytes = ReadBatch(data, indices, flips);
   return torch::from_blob(const_cast<uint8_t*>(bytes.data()),
                           {n, data.channels(), data.image_size(), data.image_size()}, torch::kUInt8)
                  .to(torch::kFloat32) /
@@ -157,8 +159,7 @@ TEST(Train, FirstAdamStepMovesEachWeightByTheWarmupLearningRate) {
   const std::vector<torch::Tensor> before = Snapshot(trainer.model());
   ShapesDataset data(64, 16, 0);
   EpochSampler sampler(data.size(), 0);
-  SplitMix64 rng(0);
-  const StepStats stats = trainer.Step(Batch(data, sampler, rng, 16));
+  const StepStats stats = trainer.Step(Batch(data, sampler, 16));
   EXPECT_DOUBLE_EQ(stats.lr, 0.001 / 10);
   EXPECT_NEAR(MaxMove(trainer.model(), before), 1e-4, 1e-6);
   EXPECT_EQ(trainer.step(), 1);
@@ -170,8 +171,7 @@ TEST(Train, GradientsAreClippedToTheConfiguredNorm) {
   Trainer trainer(config, torch::kCPU);
   ShapesDataset data(64, 16, 0);
   EpochSampler sampler(data.size(), 0);
-  SplitMix64 rng(0);
-  const StepStats stats = trainer.Step(Batch(data, sampler, rng, 16));
+  const StepStats stats = trainer.Step(Batch(data, sampler, 16));
   // After one step Adam's first moment is (1 - beta1) times the (clipped) gradient.
   double squares = 0;
   for (const auto& [name, tensor] : trainer.State()) {
@@ -191,13 +191,12 @@ TEST(Train, GradientAccumulationTakesOneStepPerBatch) {
   const std::vector<torch::Tensor> before = Snapshot(trainer.model());
   ShapesDataset data(64, 16, 0);
   EpochSampler sampler(data.size(), 0);
-  SplitMix64 rng(0);
-  const StepStats stats = trainer.Step(Batch(data, sampler, rng, 16));
+  const StepStats stats = trainer.Step(Batch(data, sampler, 16));
   EXPECT_EQ(trainer.step(), 1) << "two micro-batches, one optimizer step";
   EXPECT_TRUE(std::isfinite(stats.loss));
   // One Adam step of the warmup learning rate, not two.
   EXPECT_NEAR(MaxMove(trainer.model(), before), 1e-4, 1e-6);
-  EXPECT_THROW(trainer.Step(Batch(data, sampler, rng, 15)), c10::Error);
+  EXPECT_THROW(trainer.Step(Batch(data, sampler, 15)), c10::Error);
 }
 
 TEST(Train, LossHalvesOnTinyShapes) {
@@ -207,10 +206,9 @@ TEST(Train, LossHalvesOnTinyShapes) {
   Trainer trainer(config, torch::kCPU);
   const std::unique_ptr<ImageDataset> data = MakeDataset(config);
   EpochSampler sampler(data->size(), config.train.seed);
-  SplitMix64 rng(1);
   std::vector<double> losses;
   for (int step = 0; step < 300; ++step) {
-    losses.push_back(trainer.Step(Batch(*data, sampler, rng, 16)).loss);
+    losses.push_back(trainer.Step(Batch(*data, sampler, 16)).loss);
     ASSERT_TRUE(std::isfinite(losses.back())) << "step " << step;
   }
   const double first = std::accumulate(losses.begin(), losses.begin() + 50, 0.0) / 50;
@@ -271,9 +269,10 @@ TEST(Data, FlipsMirrorWholeRows) {
   ShapesDataset data(20, 16, 3);
   std::vector<int64_t> indices(20);
   std::iota(indices.begin(), indices.end(), 0);
-  SplitMix64 none(0), some(0);
-  const std::vector<uint8_t> plain = ReadBatch(data, indices, false, none);
-  const std::vector<uint8_t> flipped = ReadBatch(data, indices, true, some);
+  std::vector<uint8_t> coins;
+  EpochSampler(20, 0).Next(20, &coins);
+  const std::vector<uint8_t> plain = ReadBatch(data, indices);
+  const std::vector<uint8_t> flipped = ReadBatch(data, indices, coins);
   int mirrored = 0;
   for (int i = 0; i < 20; ++i) {
     const uint8_t* p = plain.data() + i * 768;

@@ -113,9 +113,11 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("sample", "clip_x0", c.sample.clip_x0);
   visit("sample", "num_images", c.sample.num_images);
   visit("sample", "seed", c.sample.seed);
+  visit("dist", "bucket_mb", c.dist.bucket_mb);
+  visit("dist", "timeout_seconds", c.dist.timeout_seconds);
 }
 
-constexpr const char* kSections[] = {"model", "diffusion", "train", "data", "sample"};
+constexpr const char* kSections[] = {"model", "diffusion", "train", "data", "sample", "dist"};
 
 std::string Where(const std::string& origin, const YAML::Node& node) {
   const YAML::Mark mark = node.Mark();
@@ -434,6 +436,10 @@ void Config::Validate(int world_size) const {
   if (sample.eta < 0) Invalid("sample.eta", "must be >= 0, got " + Format(sample.eta));
   if (sample.num_images < 1)
     Invalid("sample.num_images", "must be >= 1, got " + std::to_string(sample.num_images));
+  if (!(dist.bucket_mb > 0))
+    Invalid("dist.bucket_mb", "must be > 0, got " + Format(dist.bucket_mb));
+  if (!(dist.timeout_seconds > 0))
+    Invalid("dist.timeout_seconds", "must be > 0, got " + Format(dist.timeout_seconds));
 }
 
 std::string Config::ToTable() const {

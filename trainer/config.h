@@ -142,6 +142,14 @@ struct SampleConfig {
   uint64_t seed = 0;
 };
 
+/// Data-parallel training across ranks.
+struct DistConfig {
+  /// Size of a gradient all-reduce bucket, in MiB (PyTorch DDP's default is 25).
+  double bucket_mb = 25;
+  /// Seconds a collective may take before the job reports it stuck and aborts.
+  double timeout_seconds = 600;
+};
+
 /// A whole run.
 struct Config {
   ModelConfig model;
@@ -149,6 +157,7 @@ struct Config {
   TrainConfig train;
   DataConfig data;
   SampleConfig sample;
+  DistConfig dist;
 
   /// Checks every cross-field constraint that a world of world_size ranks must meet; throws
   /// ConfigError naming the keys.

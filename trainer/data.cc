@@ -339,14 +339,22 @@ std::vector<int64_t> EpochSampler::Permutation(int64_t epoch) const {
   return order;
 }
 
-std::vector<int64_t> EpochSampler::Next(int64_t count) {
+std::vector<int64_t> EpochSampler::Next(int64_t count, std::vector<uint8_t>* flips) {
   std::vector<int64_t> out;
   out.reserve(count);
+  if (flips != nullptr) flips->clear();
   while (static_cast<int64_t>(out.size()) < count) {
     if (cursor_.offset == size_) {
       ++cursor_.epoch;
       cursor_.offset = 0;
       order_ = Permutation(cursor_.epoch);
+    }
+    if (flips != nullptr) {
+      // A coin of its own per (seed, epoch, position): the same wherever the sample lands.
+      SplitMix64 coin((seed_ ^ 0x6a09e667f3bcc909ULL) * 0x9e3779b97f4a7c15ULL +
+                      static_cast<uint64_t>(cursor_.epoch) * 0xbf58476d1ce4e5b9ULL +
+                      static_cast<uint64_t>(cursor_.offset));
+      flips->push_back(static_cast<uint8_t>(coin.Next() & 1));
     }
     out.push_back(order_[cursor_.offset++]);
   }
@@ -354,14 +362,18 @@ std::vector<int64_t> EpochSampler::Next(int64_t count) {
 }
 
 std::vector<uint8_t> ReadBatch(const ImageDataset& dataset, const std::vector<int64_t>& indices,
-                               bool flip, SplitMix64& rng) {
+                               const std::vector<uint8_t>& flips) {
+  if (!flips.empty() && flips.size() != indices.size()) {
+    throw std::invalid_argument("ReadBatch: " + std::to_string(flips.size()) + " flips for " +
+                                std::to_string(indices.size()) + " images");
+  }
   const int size = dataset.image_size();
   const int64_t image_bytes = static_cast<int64_t>(dataset.channels()) * size * size;
   std::vector<uint8_t> out(indices.size() * image_bytes);
   for (std::size_t i = 0; i < indices.size(); ++i) {
     uint8_t* image = out.data() + i * image_bytes;
     dataset.Read(indices[i], image);
-    if (flip && (rng.Next() & 1)) {
+    if (!flips.empty() && flips[i] != 0) {
       for (int64_t row = 0; row < image_bytes / size; ++row) {
         std::reverse(image + row * size, image + (row + 1) * size);
       }
@@ -370,21 +382,32 @@ std::vector<uint8_t> ReadBatch(const ImageDataset& dataset, const std::vector<in
   return out;
 }
 
-LoaderState LoaderState::Initial(uint64_t seed) {
-  LoaderState state;
-  state.flip_rng = seed ^ 0x6a09e667f3bcc909ULL;
-  return state;
+DataShard DataShard::Of(int64_t global_batch, int rank, int world_size) {
+  if (world_size < 1 || rank < 0 || rank >= world_size || global_batch % world_size != 0) {
+    throw std::invalid_argument("data shard: a global batch of " + std::to_string(global_batch) +
+                                " does not split into " + std::to_string(world_size) +
+                                " equal shards (rank " + std::to_string(rank) + ")");
+  }
+  const int64_t per_rank = global_batch / world_size;
+  return DataShard{global_batch, rank * per_rank, per_rank};
 }
 
-BatchLoader::BatchLoader(const ImageDataset& dataset, int batch_size, bool flip, uint64_t seed,
-                         LoaderState start, int prefetch)
+BatchLoader::BatchLoader(const ImageDataset& dataset, DataShard shard, bool flip, uint64_t seed,
+                         DataCursor start, int prefetch)
     : dataset_(dataset),
-      batch_size_(batch_size),
+      shard_(shard),
       flip_(flip),
       seed_(seed),
       prefetch_(static_cast<std::size_t>(std::max(1, prefetch))) {
+  if (shard.global_batch < 1 || shard.first < 0 || shard.count < 1 ||
+      shard.first + shard.count > shard.global_batch) {
+    throw std::invalid_argument("BatchLoader: shard [" + std::to_string(shard.first) + ", " +
+                                std::to_string(shard.first + shard.count) +
+                                ") is not inside a global batch of " +
+                                std::to_string(shard.global_batch));
+  }
   // Check the start state here, so that a bad cursor fails in the caller's thread.
-  EpochSampler::CheckCursor(dataset.size(), start.cursor);
+  EpochSampler::CheckCursor(dataset.size(), start);
   thread_ = std::thread([this, start] { Run(start); });
 }
 
@@ -397,20 +420,26 @@ BatchLoader::~BatchLoader() {
   thread_.join();
 }
 
-void BatchLoader::Run(LoaderState state) {
+void BatchLoader::Run(DataCursor start) {
   try {
-    EpochSampler sampler(dataset_.size(), seed_, state.cursor);
-    SplitMix64 rng(state.flip_rng);
+    EpochSampler sampler(dataset_.size(), seed_, start);
+    std::vector<uint8_t> flips;
     while (true) {
       {
         std::unique_lock<std::mutex> lock(mutex_);
         changed_.wait(lock, [&] { return stop_ || ready_.size() < prefetch_; });
         if (stop_) return;
       }
+      // Every rank walks the whole global batch's order and reads only its own slice.
+      std::vector<int64_t> indices = sampler.Next(shard_.global_batch, flip_ ? &flips : nullptr);
+      const auto first = static_cast<std::ptrdiff_t>(shard_.first);
+      const auto last = first + static_cast<std::ptrdiff_t>(shard_.count);
+      indices = std::vector<int64_t>(indices.begin() + first, indices.begin() + last);
+      if (flip_) flips = std::vector<uint8_t>(flips.begin() + first, flips.begin() + last);
       LoadedBatch batch;
-      batch.pixels = ReadBatch(dataset_, sampler.Next(batch_size_), flip_, rng);
-      batch.count = batch_size_;
-      batch.after = LoaderState{sampler.cursor(), rng.state()};
+      batch.pixels = ReadBatch(dataset_, indices, flips);
+      batch.count = shard_.count;
+      batch.after = sampler.cursor();
       {
         std::lock_guard<std::mutex> lock(mutex_);
         ready_.push_back(std::move(batch));

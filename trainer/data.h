@@ -136,8 +136,9 @@ class EpochSampler {
   EpochSampler(int64_t dataset_size, uint64_t seed, DataCursor cursor = {});
   /// Throws std::invalid_argument unless cursor is a position in a dataset of dataset_size.
   static void CheckCursor(int64_t dataset_size, DataCursor cursor);
-  /// The next count indices, rolling into the next epoch as needed.
-  std::vector<int64_t> Next(int64_t count);
+  /// The next count indices, rolling into the next epoch as needed. With flips, also each
+  /// sample's horizontal-flip coin, a function of (seed, epoch, position in the epoch) alone.
+  std::vector<int64_t> Next(int64_t count, std::vector<uint8_t>* flips = nullptr);
   /// Position after the indices handed out so far.
   DataCursor cursor() const { return cursor_; }
   /// The permutation of one epoch.
@@ -150,35 +151,36 @@ class EpochSampler {
   std::vector<int64_t> order_;
 };
 
-/// Reads the images at indices into one uint8 NCHW buffer, flipping each horizontally with
-/// probability 1/2 when flip is true. The flips draw from rng.
+/// Reads the images at indices into one uint8 NCHW buffer, flipping image i horizontally when
+/// flips[i] is set; empty flips flip nothing.
 std::vector<uint8_t> ReadBatch(const ImageDataset& dataset, const std::vector<int64_t>& indices,
-                               bool flip, SplitMix64& rng);
+                               const std::vector<uint8_t>& flips = {});
 
-/// Where a loader is: enough to continue the same stream of batches exactly.
-struct LoaderState {
-  DataCursor cursor;
-  /// State of the flip generator.
-  uint64_t flip_rng = 0;
+/// Which slice of each global batch one rank reads: [first, first + count).
+struct DataShard {
+  int64_t global_batch = 1;
+  int64_t first = 0;
+  int64_t count = 1;
 
-  /// The state a run starts from, given its seed.
-  static LoaderState Initial(uint64_t seed);
+  /// Rank's contiguous, equal slice of a global batch split over world_size ranks; throws
+  /// std::invalid_argument if it does not divide.
+  static DataShard Of(int64_t global_batch, int rank, int world_size);
 };
 
-/// One batch from the loader: uint8 NCHW pixels and the loader state right after it.
+/// One batch from the loader: uint8 NCHW pixels and the sampler's cursor right after it.
 struct LoadedBatch {
   std::vector<uint8_t> pixels;
   int64_t count = 0;
-  LoaderState after;
+  DataCursor after;
 };
 
-/// Prepares batches on a background thread, prefetch batches ahead of the train step. Batch k
-/// depends only on the start state and k, so a run resumed from LoadedBatch::after continues
-/// exactly.
+/// Prepares batches on a background thread, prefetch ahead of the consumer. Every rank walks
+/// the same global order, seeded by (seed, epoch), and reads its shard of each global batch, so
+/// the shards of one step are disjoint and together cover the global batch.
 class BatchLoader {
  public:
-  BatchLoader(const ImageDataset& dataset, int batch_size, bool flip, uint64_t seed,
-              LoaderState start, int prefetch);
+  BatchLoader(const ImageDataset& dataset, DataShard shard, bool flip, uint64_t seed,
+              DataCursor start, int prefetch);
   /// Stops and joins the thread.
   ~BatchLoader();
   BatchLoader(const BatchLoader&) = delete;
@@ -187,10 +189,10 @@ class BatchLoader {
   LoadedBatch Next();
 
  private:
-  void Run(LoaderState state);
+  void Run(DataCursor start);
 
   const ImageDataset& dataset_;
-  const int batch_size_;
+  const DataShard shard_;
   const bool flip_;
   const uint64_t seed_;
   const std::size_t prefetch_;

@@ -121,14 +121,18 @@ int RunMain(Flags& flags, int argc, const char* const* argv, const std::function
     std::fprintf(stderr, "%s\n", e.what());
     return 2;
   } catch (const std::exception& e) {
-    // LibTorch's errors append a C++ backtrace; the user needs the message.
-    std::string message = e.what();
-    if (const auto cut = message.find("\nException raised from"); cut != std::string::npos) {
-      message.resize(cut);
-    }
-    std::fprintf(stderr, "%s: error: %s\n", flags.program().c_str(), message.c_str());
+    std::fprintf(stderr, "%s: error: %s\n", flags.program().c_str(), UserMessage(e).c_str());
     return 1;
   }
+}
+
+std::string UserMessage(const std::exception& error) {
+  // LibTorch's errors append a C++ backtrace; the user needs the message.
+  std::string message = error.what();
+  if (const auto cut = message.find("\nException raised from"); cut != std::string::npos) {
+    message.resize(cut);
+  }
+  return message;
 }
 
 }  // namespace ddpm

@@ -60,4 +60,7 @@ void TuneAllocator();
 /// "program: error: ...".
 int RunMain(Flags& flags, int argc, const char* const* argv, const std::function<int()>& body);
 
+/// An error's message for a user: LibTorch's C++ backtrace cut off.
+std::string UserMessage(const std::exception& error);
+
 }  // namespace ddpm

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "trainer/checkpoint.h"
+#include "trainer/communicator.h"
 #include "trainer/data.h"
 #include "trainer/image_io.h"
 #include "trainer/trainer.h"
@@ -129,32 +130,109 @@ Config ConfigFromCheckpoint(const std::map<std::string, torch::Tensor>& state,
                           path + " (its config)");
 }
 
-// Signals that stop training at the next step boundary. A second one exits at once.
+// Signals that stop training at the next step boundary (a second one exits at once), and the
+// requests for a checkpoint (SIGUSR1) or a sample grid (SIGUSR2) at the next one.
 std::atomic<int> g_stop_signal{0};
+std::atomic<bool> g_checkpoint_requested{false};
+std::atomic<bool> g_sample_requested{false};
+// Seconds a stopping process may take to reach its checkpoint before SIGALRM ends it: a rank
+// stuck in a collective (mpirun's SIGTERM after a peer aborted) must not outlive the job.
+std::atomic<unsigned> g_stop_grace_seconds{600};
 
 extern "C" void OnStopSignal(int signal) {
   if (g_stop_signal.exchange(signal) != 0) _exit(128 + signal);
+  alarm(g_stop_grace_seconds.load());
 }
 
-// Installs OnStopSignal for SIGINT and SIGTERM for its lifetime.
+extern "C" void OnRequestSignal(int signal) {
+  if (signal == SIGUSR1) g_checkpoint_requested = true;
+  if (signal == SIGUSR2) g_sample_requested = true;
+}
+
+// Installs the handlers for its lifetime.
 class StopSignalScope {
  public:
-  StopSignalScope() {
+  explicit StopSignalScope(double grace_seconds) {
+    g_stop_grace_seconds = static_cast<unsigned>(std::max(1.0, std::ceil(grace_seconds)));
     g_stop_signal = 0;
-    struct sigaction action {};
-    action.sa_handler = OnStopSignal;
-    sigemptyset(&action.sa_mask);
-    sigaction(SIGINT, &action, &old_int_);
-    sigaction(SIGTERM, &action, &old_term_);
+    g_checkpoint_requested = false;
+    g_sample_requested = false;
+    Install(SIGINT, OnStopSignal, &old_int_);
+    Install(SIGTERM, OnStopSignal, &old_term_);
+    Install(SIGUSR1, OnRequestSignal, &old_usr1_);
+    Install(SIGUSR2, OnRequestSignal, &old_usr2_);
   }
   ~StopSignalScope() {
+    alarm(0);
     sigaction(SIGINT, &old_int_, nullptr);
     sigaction(SIGTERM, &old_term_, nullptr);
+    sigaction(SIGUSR1, &old_usr1_, nullptr);
+    sigaction(SIGUSR2, &old_usr2_, nullptr);
   }
 
  private:
+  static void Install(int signal, void (*handler)(int), struct sigaction* old) {
+    struct sigaction action {};
+    action.sa_handler = handler;
+    sigemptyset(&action.sa_mask);
+    sigaction(signal, &action, old);
+  }
   struct sigaction old_int_ {};
   struct sigaction old_term_ {};
+  struct sigaction old_usr1_ {};
+  struct sigaction old_usr2_ {};
+};
+
+// The control word rank 0 broadcasts at each step boundary: flags, and the stop signal above.
+constexpr int64_t kControlStop = 1;
+constexpr int64_t kControlCheckpoint = 2;
+constexpr int64_t kControlSample = 4;
+constexpr int kControlSignalShift = 8;
+
+int64_t TakeControlRequests() {
+  int64_t control = 0;
+  if (g_checkpoint_requested.exchange(false)) control |= kControlCheckpoint;
+  if (g_sample_requested.exchange(false)) control |= kControlSample;
+  if (const int signal = g_stop_signal.load(); signal != 0) {
+    control |= kControlStop | (static_cast<int64_t>(signal) << kControlSignalShift);
+  }
+  return control;
+}
+
+// A test hook: DDPM_FAULT_INJECT="rank=R,step=S[,hang]" makes rank R throw (or hang) before
+// step S, to check that one failing rank ends the whole job.
+struct FaultInjection {
+  int64_t step = -1;
+  bool hang = false;
+
+  static FaultInjection FromEnvironment(int rank) {
+    FaultInjection fault;
+    const char* text = std::getenv("DDPM_FAULT_INJECT");
+    if (text == nullptr) return fault;
+    int fault_rank = -1;
+    long long fault_step = -1;
+    if (std::sscanf(text, "rank=%d,step=%lld", &fault_rank, &fault_step) != 2) {
+      throw std::invalid_argument(std::string("DDPM_FAULT_INJECT: expected rank=R,step=S[,hang], "
+                                              "got '") +
+                                  text + "'");
+    }
+    if (fault_rank == rank) {
+      fault.step = fault_step;
+      fault.hang = std::string(text).find(",hang") != std::string::npos;
+    }
+    return fault;
+  }
+
+  void MaybeFail(int64_t next_step) const {
+    if (next_step != step) return;
+    if (hang) {
+      std::fprintf(stderr, "ddpm: DDPM_FAULT_INJECT: hanging before step %lld\n",
+                   static_cast<long long>(step));
+      while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+    throw std::runtime_error("DDPM_FAULT_INJECT: injected failure before step " +
+                             std::to_string(step));
+  }
 };
 
 // A one-line progress bar, redrawn in place on a terminal.
@@ -210,9 +288,26 @@ std::string ResolveDevice(const TrainConfig& config) {
   return config.device;
 }
 
-TrainResult RunTraining(const Config& config, const TrainOptions& options) {
+TrainResult RunTraining(const Config& config, const TrainOptions& options,
+                        const DistributedContext& dist) {
+  SoloCommunicator solo;
+  Communicator& comm = dist.comm != nullptr ? *dist.comm : solo;
+  comm.set_timeout(std::chrono::milliseconds(
+      static_cast<int64_t>(std::llround(config.dist.timeout_seconds * 1000))));
+  const int rank = comm.rank();
+  const int world = comm.world_size();
+  const bool lead = rank == 0;
+  config.Validate(world);
+  const int per_rank_batch = config.PerRankMicroBatch(world) * config.train.grad_accum;
+  // Only rank 0 talks; the others print warnings and errors alone.
+  auto say = [lead](const char* format, auto... args) {
+    if (!lead) return;
+    std::printf(format, args...);
+    std::fflush(stdout);
+  };
+
   const int threads = ConfigureThreads(config.train);
-  const torch::Device device(ResolveDevice(config.train));
+  const torch::Device device(dist.device.empty() ? ResolveDevice(config.train) : dist.device);
   const std::string samples_dir = options.run_dir + "/samples";
   CheckpointDir checkpoints(options.run_dir + "/checkpoints");
   const std::vector<int64_t> existing = checkpoints.Steps();
@@ -222,7 +317,7 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
     loaded = CheckpointDir::Loaded{options.resume_from, ReadCheckpointFile(options.resume_from)};
   } else if (options.resume) {
     loaded = checkpoints.LoadLatestValid(
-        [](const std::string& message) { std::printf("ddpm: warning: %s\n", message.c_str()); });
+        [&](const std::string& message) { say("ddpm: warning: %s\n", message.c_str()); });
     if (!loaded && !existing.empty()) {
       throw CheckpointError(checkpoints.dir() +
                             ": no checkpoint there can be read (see the "
@@ -234,11 +329,11 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
                              "); pass --resume to continue that run, or choose another --run-dir");
   }
 
-  MakeDirectories(samples_dir);
-  std::printf("ddpm: resolved config\n%s", config.ToTable().c_str());
+  if (lead) MakeDirectories(samples_dir);
+  say("ddpm: resolved config\n%s", config.ToTable().c_str());
   const std::unique_ptr<ImageDataset> dataset = MakeDataset(config);
-  Trainer trainer(config, device);
-  LoaderState loader_state = LoaderState::Initial(config.train.seed);
+  Trainer trainer(config, device, rank);
+  DataCursor cursor;
   if (loaded) {
     const Config saved = ConfigFromCheckpoint(loaded->tensors, loaded->path);
     for (const char* section : {"model", "diffusion"}) {
@@ -250,107 +345,201 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
                           SectionYaml(config, section));
       }
     }
-    trainer.LoadState(loaded->tensors, loaded->path);
-    loader_state.cursor.epoch =
-        RequireTensor(loaded->tensors, "data/epoch", loaded->path).item<int64_t>();
-    loader_state.cursor.offset =
-        RequireTensor(loaded->tensors, "data/offset", loaded->path).item<int64_t>();
-    loader_state.flip_rng = static_cast<uint64_t>(
-        RequireTensor(loaded->tensors, "data/flip_rng", loaded->path).item<int64_t>());
+    // Each rank continues its own dropout stream when the world size is the one it was saved
+    // with.
+    std::map<std::string, torch::Tensor> state = loaded->tensors;
+    const std::string rank_rng = "rng/default/" + std::to_string(rank);
+    const int64_t saved_world =
+        state.count("meta/world_size") ? state.at("meta/world_size").item<int64_t>() : 1;
+    if (saved_world == world && state.count(rank_rng)) {
+      state["rng/default"] = state.at(rank_rng);
+    } else if (saved_world != world) {
+      say("ddpm: warning: the checkpoint was written by %lld ranks and this run has %d; the "
+          "dropout streams start afresh (timesteps, noise and data order continue exactly)\n",
+          static_cast<long long>(saved_world), world);
+      state["rng/default"] = trainer.State().at("rng/default");
+    }
+    trainer.LoadState(state, loaded->path);
+    cursor.epoch = RequireTensor(state, "data/epoch", loaded->path).item<int64_t>();
+    cursor.offset = RequireTensor(state, "data/offset", loaded->path).item<int64_t>();
     const int64_t saved_threads =
-        RequireTensor(loaded->tensors, "meta/threads", loaded->path).item<int64_t>();
+        RequireTensor(state, "meta/threads", loaded->path).item<int64_t>();
     if (saved_threads != threads) {
-      std::printf(
-          "ddpm: warning: the checkpoint was written with %lld threads and this run uses "
-          "%d; results will not be bitwise identical to an uninterrupted run\n",
+      say("ddpm: warning: the checkpoint was written with %lld threads per rank and this run "
+          "uses %d; results will not be bitwise identical to an uninterrupted run\n",
           static_cast<long long>(saved_threads), threads);
     }
-    std::printf("ddpm: resumed from %s at step %lld (epoch %lld, offset %lld)\n",
-                loaded->path.c_str(), static_cast<long long>(trainer.step()),
-                static_cast<long long>(loader_state.cursor.epoch),
-                static_cast<long long>(loader_state.cursor.offset));
+    say("ddpm: resumed from %s at step %lld (epoch %lld, offset %lld)\n", loaded->path.c_str(),
+        static_cast<long long>(trainer.step()), static_cast<long long>(cursor.epoch),
+        static_cast<long long>(cursor.offset));
   }
-  {
+  // Every rank starts from rank 0's weights, EMA and optimizer state.
+  if (world > 1) {
+    torch::NoGradGuard no_grad;
+    std::map<std::string, torch::Tensor> state = trainer.State();
+    for (auto& [name, tensor] : state) {
+      if (name.rfind("rng/", 0) == 0) continue;
+      comm.Broadcast(tensor, 0, "broadcast of the initial " + name);
+    }
+    trainer.LoadState(state, "rank 0's broadcast");
+  }
+  std::unique_ptr<GradientSync> sync;
+  if (world > 1 || dist.make_gradient_sync) {
+    if (!dist.make_gradient_sync) {
+      throw std::logic_error("RunTraining: a world of " + std::to_string(world) +
+                             " ranks needs DistributedContext::make_gradient_sync");
+    }
+    sync = dist.make_gradient_sync(trainer);
+    trainer.set_gradient_sync(sync.get());
+  }
+  if (lead) {
     std::ofstream resolved(options.run_dir + "/config.yaml");
     resolved << config.ToYaml();
   }
-  std::printf("ddpm: %s\nddpm: UNet with %lld parameters on %s, %d threads; run dir %s\n",
-              dataset->Describe().c_str(),
-              static_cast<long long>(CountParameters(*trainer.model())), device.str().c_str(),
-              threads, options.run_dir.c_str());
-  std::fflush(stdout);
+  say("ddpm: %s\nddpm: UNet with %lld parameters on %s, %d threads per rank; %d rank(s) x %d "
+      "images (global batch %d, %s); run dir %s\n",
+      dataset->Describe().c_str(), static_cast<long long>(CountParameters(*trainer.model())),
+      device.str().c_str(), threads, world, per_rank_batch, config.train.batch_size,
+      comm.backend().c_str(), options.run_dir.c_str());
 
   const std::string metrics_path = options.run_dir + "/metrics.csv";
-  const bool new_metrics = !fs::exists(metrics_path) || !loaded;
-  std::ofstream metrics(metrics_path, new_metrics ? std::ios::trunc : std::ios::app);
-  if (new_metrics) metrics << "step,loss,grad_norm,lr,images_per_second,elapsed_seconds\n";
+  std::ofstream metrics;
+  if (lead) {
+    const bool new_metrics = !fs::exists(metrics_path) || !loaded;
+    metrics.open(metrics_path, new_metrics ? std::ios::trunc : std::ios::app);
+    if (new_metrics) {
+      metrics << "step,loss,grad_norm,lr,images_per_second,elapsed_seconds,allreduce_seconds,"
+                 "overlap_fraction\n";
+    }
+  }
 
   TrainResult result;
+  // Every rank takes part (their dropout streams are gathered); rank 0 writes.
   auto save_checkpoint = [&] {
     const auto start = Clock::now();
     std::map<std::string, torch::Tensor> state = trainer.State();
-    state["data/epoch"] = Int64Tensor(loader_state.cursor.epoch);
-    state["data/offset"] = Int64Tensor(loader_state.cursor.offset);
-    state["data/flip_rng"] = Int64Tensor(static_cast<int64_t>(loader_state.flip_rng));
+    const torch::Tensor rngs = comm.AllGather(state.at("rng/default").to(torch::kCPU),
+                                              "all-gather of the dropout RNG states");
+    for (int r = 0; r < world; ++r) state["rng/default/" + std::to_string(r)] = rngs[r].clone();
+    state["data/epoch"] = Int64Tensor(cursor.epoch);
+    state["data/offset"] = Int64Tensor(cursor.offset);
     state["meta/threads"] = Int64Tensor(threads);
+    state["meta/world_size"] = Int64Tensor(world);
     state["meta/config"] = Text(config.ToYaml());
-    result.checkpoint = checkpoints.Save(trainer.step(), state, config.train.keep_checkpoints);
-    std::printf("ddpm: checkpoint %s (%.1fs)\n", result.checkpoint.c_str(), Seconds(start));
-    std::fflush(stdout);
+    if (lead) {
+      result.checkpoint = checkpoints.Save(trainer.step(), state, config.train.keep_checkpoints);
+      say("ddpm: checkpoint %s (%.1fs)\n", result.checkpoint.c_str(), Seconds(start));
+    }
+    comm.Barrier("barrier after the checkpoint of step " + std::to_string(trainer.step()));
   };
   auto write_samples = [&](int64_t step) {
-    const std::string path = samples_dir + "/" + StepName(step) + ".png";
-    const auto start = Clock::now();
-    WriteSampleGrid(
-        SampleImages(trainer.diffusion(), trainer.ema_model(), config, config.sample.num_images,
-                     config.sample.num_images,
-                     "sampling " + std::to_string(config.sample.num_images) + " EMA images"),
-        path);
-    std::printf("ddpm: wrote %s (%.1fs)\n", path.c_str(), Seconds(start));
-    std::fflush(stdout);
-    result.sample_grids.push_back(path);
+    if (lead) {
+      const std::string path = samples_dir + "/" + StepName(step) + ".png";
+      const auto start = Clock::now();
+      WriteSampleGrid(
+          SampleImages(trainer.diffusion(), trainer.ema_model(), config, config.sample.num_images,
+                       config.sample.num_images,
+                       "sampling " + std::to_string(config.sample.num_images) + " EMA images"),
+          path);
+      say("ddpm: wrote %s (%.1fs)\n", path.c_str(), Seconds(start));
+      result.sample_grids.push_back(path);
+    }
+    comm.Barrier("barrier after the sample grid of step " + std::to_string(step));
   };
 
   const int channels = dataset->channels();
   const int size = dataset->image_size();
   const int64_t total = config.train.steps;
   const int64_t first_step = trainer.step();
-  const bool tty = StdoutIsTerminal();
-  StopSignalScope stop_signals;
-  BatchLoader loader(*dataset, config.train.batch_size, config.data.random_flip, config.train.seed,
-                     loader_state, config.data.prefetch);
+  const bool tty = lead && StdoutIsTerminal();
+  const FaultInjection fault = FaultInjection::FromEnvironment(rank);
+  StopSignalScope stop_signals(config.dist.timeout_seconds);
+  const DataShard shard = DataShard::Of(config.train.batch_size, rank, world);
+  BatchLoader loader(*dataset, shard, config.data.random_flip, config.train.seed, cursor,
+                     config.data.prefetch);
   const auto start = Clock::now();
   auto window_start = start;
-  double window_loss = 0, window_grad = 0, last_rate = 0;
+  double window_loss = 0, window_grad = 0, window_allreduce = 0, window_overlap = 0;
+  double last_rate = 0;
   int64_t window_steps = 0;
-  while (trainer.step() < total && g_stop_signal == 0) {
+  int stop_signal = 0;
+  while (trainer.step() < total) {
+    // Rank 0's decision for this step boundary, the same on every rank.
+    int64_t control = lead ? TakeControlRequests() : 0;
+    if (world > 1) {
+      torch::Tensor word = torch::tensor({control}, torch::kLong);
+      comm.Broadcast(
+          word, 0,
+          "broadcast of the control decision before step " + std::to_string(trainer.step() + 1));
+      control = word.item<int64_t>();
+    }
+    if (control & kControlCheckpoint) save_checkpoint();
+    if (control & kControlSample) write_samples(trainer.step());
+    if (control & kControlStop) {
+      stop_signal = static_cast<int>(control >> kControlSignalShift);
+      break;
+    }
+    fault.MaybeFail(trainer.step() + 1);
+
+    const auto step_start = Clock::now();
     LoadedBatch batch = loader.Next();
-    const StepStats stats = trainer.Step(ToModelInput(batch.pixels, batch.count, channels, size));
-    loader_state = batch.after;
+    const StepStats stats =
+        trainer.Step(ToModelInput(batch.pixels, batch.count, channels, size), shard.first);
+    cursor = batch.after;
     if (!std::isfinite(stats.loss)) {
       throw std::runtime_error("training diverged: loss is " + std::to_string(stats.loss) +
-                               " at step " + std::to_string(trainer.step()));
+                               " at step " + std::to_string(trainer.step()) + " on rank " +
+                               std::to_string(rank));
     }
+    const int64_t step = trainer.step();
+    WorkerMetrics& m = result.last_metrics;
+    m.step = step;
+    m.rank = rank;
+    m.loss = stats.loss;
+    m.grad_norm = stats.grad_norm;
+    m.lr = stats.lr;
+    m.step_seconds = Seconds(step_start);
+    m.images_per_second = per_rank_batch / std::max(m.step_seconds, 1e-9);
+    const CommStats comm_stats = sync ? sync->last_stats() : CommStats{};
+    m.allreduce_seconds = comm_stats.allreduce_seconds;
+    m.overlap_fraction = comm_stats.overlap_fraction;
+    if (options.on_step) options.on_step(m);
+
     window_loss += stats.loss;
     window_grad += stats.grad_norm;
+    window_allreduce += m.allreduce_seconds;
+    window_overlap += m.overlap_fraction;
     ++window_steps;
-    const int64_t step = trainer.step();
     const double elapsed = Seconds(start);
     const double eta = elapsed / (step - first_step) * (total - step);
     if (step % config.train.log_every == 0 || step == total) {
       last_rate = window_steps * config.train.batch_size / std::max(Seconds(window_start), 1e-9);
-      result.last_loss = window_loss / window_steps;
-      std::printf(
-          "%sstep %lld/%lld | loss %.4f | grad %.3f | lr %.2e | %.1f img/s | elapsed %s | "
+      // The loss over every rank's samples.
+      torch::Tensor loss = torch::tensor({window_loss / window_steps}, torch::kFloat64);
+      comm.AllReduce(loss, ReduceOp::kAverage,
+                     "all-reduce of the loss at step " + std::to_string(step));
+      result.last_loss = loss.item<double>();
+      const double allreduce_ms = 1000 * window_allreduce / window_steps;
+      const double overlap = window_overlap / window_steps;
+      std::string comm_text;
+      if (world > 1) {
+        char text[96];
+        std::snprintf(text, sizeof(text), " | all-reduce %.1f ms, %.0f%% hidden", allreduce_ms,
+                      100 * overlap);
+        comm_text = text;
+      }
+      say("%sstep %lld/%lld | loss %.4f | grad %.3f | lr %.2e | %.1f img/s%s | elapsed %s | "
           "eta %s\n",
           tty ? "\r\033[K" : "", static_cast<long long>(step), static_cast<long long>(total),
-          result.last_loss, window_grad / window_steps, stats.lr, last_rate,
+          result.last_loss, window_grad / window_steps, stats.lr, last_rate, comm_text.c_str(),
           FormatDuration(elapsed).c_str(), FormatDuration(eta).c_str());
-      std::fflush(stdout);
-      metrics << step << "," << result.last_loss << "," << window_grad / window_steps << ","
-              << stats.lr << "," << last_rate << "," << elapsed << "\n";
-      metrics.flush();
-      window_loss = window_grad = 0;
+      if (lead) {
+        metrics << step << "," << result.last_loss << "," << window_grad / window_steps << ","
+                << stats.lr << "," << last_rate << "," << elapsed << ","
+                << window_allreduce / window_steps << "," << overlap << "\n";
+        metrics.flush();
+      }
+      window_loss = window_grad = window_allreduce = window_overlap = 0;
       window_steps = 0;
       window_start = Clock::now();
     } else if (tty) {
@@ -365,23 +554,23 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options) {
     }
   }
   result.steps = trainer.step();
-  if (g_stop_signal != 0) {
-    result.interrupted_by = g_stop_signal;
-    std::printf("%sddpm: caught %s at step %lld; saving a checkpoint\n", tty ? "\r\033[K" : "",
-                g_stop_signal == SIGINT ? "SIGINT" : "SIGTERM",
-                static_cast<long long>(result.steps));
+  if (stop_signal != 0) {
+    result.interrupted_by = stop_signal;
+    say("%sddpm: caught %s at step %lld; saving a checkpoint\n", tty ? "\r\033[K" : "",
+        stop_signal == SIGINT ? "SIGINT" : "SIGTERM", static_cast<long long>(result.steps));
     save_checkpoint();
-    std::printf("ddpm: stopped; continue with --resume --run-dir %s\n", options.run_dir.c_str());
+    say("ddpm: stopped; continue with --resume --run-dir %s\n", options.run_dir.c_str());
     return result;
   }
   if (result.steps != first_step) save_checkpoint();
   write_samples(result.steps);
-  result.ema_weights = options.run_dir + "/ema_weights.pt";
-  SaveTensors(StateDict(*trainer.ema_model()), result.ema_weights);
-  std::printf("ddpm: trained to step %lld (%lld this run) in %s; EMA weights in %s\n",
-              static_cast<long long>(result.steps),
-              static_cast<long long>(result.steps - first_step),
-              FormatDuration(Seconds(start)).c_str(), result.ema_weights.c_str());
+  if (lead) {
+    result.ema_weights = options.run_dir + "/ema_weights.pt";
+    SaveTensors(StateDict(*trainer.ema_model()), result.ema_weights);
+  }
+  say("ddpm: trained to step %lld (%lld this run) in %s; EMA weights in %s\n",
+      static_cast<long long>(result.steps), static_cast<long long>(result.steps - first_step),
+      FormatDuration(Seconds(start)).c_str(), result.ema_weights.c_str());
   return result;
 }
 

@@ -1,14 +1,48 @@
-// The single-process training run: data, steps, logs, checkpoints and resume, sample grids and
-// exported EMA weights. Torch-free header.
+// The training run, on one process or one rank of a data-parallel job: data, steps, logs,
+// checkpoints and resume, sample grids and exported EMA weights. Torch-free header.
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "trainer/config.h"
 
 namespace ddpm {
+
+class Communicator;
+class GradientSync;
+class Trainer;
+
+/// What one rank measured in one step; the train loop fills it and hands it to
+/// TrainOptions::on_step (the coordinator's metrics read it).
+struct WorkerMetrics {
+  int64_t step = 0;
+  int rank = 0;
+  /// This rank's loss and the global gradient norm of the step.
+  double loss = 0;
+  double grad_norm = 0;
+  double lr = 0;
+  /// Seconds of the whole step on this rank, data wait included.
+  double step_seconds = 0;
+  /// Images this rank trained on per second, over this step.
+  double images_per_second = 0;
+  /// Gradient all-reduce: wall seconds, and the share hidden behind backward (0 for one rank).
+  double allreduce_seconds = 0;
+  double overlap_fraction = 0;
+};
+
+/// The data-parallel group a run trains in. Empty: a world of one.
+struct DistributedContext {
+  /// Collectives across ranks (not owned); null for a world of one.
+  Communicator* comm = nullptr;
+  /// Makes the gradient averaging for the run's trainer (the worker's buckets).
+  std::function<std::unique_ptr<GradientSync>(Trainer&)> make_gradient_sync;
+  /// The torch device of this rank ("cpu", "cuda:1"); empty: from train.device.
+  std::string device;
+};
 
 /// Where and how a run writes.
 struct TrainOptions {
@@ -18,6 +52,8 @@ struct TrainOptions {
   bool resume = false;
   /// Continue from this checkpoint file instead.
   std::string resume_from;
+  /// Called on every rank after every step.
+  std::function<void(const WorkerMetrics&)> on_step;
 };
 
 /// What a run produced.
@@ -33,11 +69,16 @@ struct TrainResult {
   std::string ema_weights;
   /// The signal (SIGINT or SIGTERM) that stopped the run early, or 0.
   int interrupted_by = 0;
+  /// This rank's last step.
+  WorkerMetrics last_metrics;
 };
 
-/// Trains to config.train.steps on one process, writing into options.run_dir. Ctrl-C or
-/// SIGTERM stops at the next step boundary with a checkpoint.
-TrainResult RunTraining(const Config& config, const TrainOptions& options);
+/// Trains to config.train.steps, writing into options.run_dir (rank 0 writes; every rank reads
+/// its shard of the data). Rank 0 decides at each step boundary whether to stop (SIGINT or
+/// SIGTERM), checkpoint now (SIGUSR1) or draw a sample grid now (SIGUSR2), and every rank acts on
+/// the same step.
+TrainResult RunTraining(const Config& config, const TrainOptions& options,
+                        const DistributedContext& dist = {});
 
 /// Sets torch's intra-op threads from train.threads; when it is 0, from OMP_NUM_THREADS if set,
 /// else cores / local ranks.

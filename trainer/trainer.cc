@@ -117,9 +117,7 @@ Trainer::Trainer(const Config& config, torch::Device device, int rank)
       device_(device),
       model_(config.model, config.train.seed),
       ema_model_(config.model, config.train.seed),
-      diffusion_(config.diffusion, device),
-      // Timesteps and noise come from a stream of their own per rank.
-      generator_(MakeGenerator(device, config.train.seed * 1000003ULL + 17ULL + rank)) {
+      diffusion_(config.diffusion, device) {
   // Dropout draws from the device's default generator: seed it too, so that a run depends on
   // its config alone (LoadState restores it on resume).
   {
@@ -138,7 +136,28 @@ Trainer::Trainer(const Config& config, torch::Device device, int rank)
   ema_ = std::make_unique<Ema>(params_->data(), ema_params_->data(), config.train.ema_decay);
 }
 
-StepStats Trainer::Step(const torch::Tensor& batch) {
+std::pair<torch::Tensor, torch::Tensor> Trainer::DrawTimestepsAndNoise(
+    int64_t step, int64_t first_position, int64_t count, torch::IntArrayRef shape) const {
+  std::vector<int64_t> noise_shape = {count};
+  noise_shape.insert(noise_shape.end(), shape.begin(), shape.end());
+  torch::Tensor t = torch::empty({count}, torch::kLong);
+  torch::Tensor noise = torch::empty(noise_shape, torch::kFloat32);
+  for (int64_t i = 0; i < count; ++i) {
+    // SplitMix64's finalizer over (seed, step, position): one independent CPU stream per sample.
+    uint64_t z = config_.train.seed * 0x9e3779b97f4a7c15ULL +
+                 static_cast<uint64_t>(step) * 0xbf58476d1ce4e5b9ULL +
+                 static_cast<uint64_t>(first_position + i) * 0x94d049bb133111ebULL + 0x2545f491ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    torch::Generator generator = at::detail::createCPUGenerator(z);
+    t[i] = torch::randint(0, config_.diffusion.timesteps, {1}, generator, torch::kLong)[0];
+    noise[i] = torch::randn(shape, generator, torch::kFloat32);
+  }
+  return {t.to(device_, /*non_blocking=*/true), noise.to(device_, /*non_blocking=*/true)};
+}
+
+StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
   const int accum = config_.train.grad_accum;
   TORCH_CHECK(batch.size(0) % accum == 0, "batch of ", batch.size(0),
               " images does not split into train.grad_accum = ", accum, " micro-batches");
@@ -150,12 +169,20 @@ StepStats Trainer::Step(const torch::Tensor& batch) {
   const Denoiser denoiser = [this](const torch::Tensor& x, const torch::Tensor& t) {
     return model_->forward(x, t);
   };
+  const auto micro_batches = images.chunk(accum, 0);
   torch::Tensor loss_sum = torch::zeros({}, images.options());
-  for (const torch::Tensor& micro : images.chunk(accum, 0)) {
-    const DiffusionLoss out = diffusion_.TrainingLoss(denoiser, micro, generator_);
+  int64_t position = first_position;
+  for (std::size_t m = 0; m < micro_batches.size(); ++m) {
+    const torch::Tensor& micro = micro_batches[m];
+    const auto [t, noise] =
+        DrawTimestepsAndNoise(step_, position, micro.size(0), micro.sizes().slice(1));
+    position += micro.size(0);
+    const DiffusionLoss out = diffusion_.TrainingLoss(denoiser, micro, t, noise);
+    if (sync_ != nullptr) sync_->BeginBackward(m + 1 == micro_batches.size());
     (out.loss / accum).backward();
     loss_sum += out.loss.detach();
   }
+  if (sync_ != nullptr) sync_->FinishBackward();
   torch::Tensor grad = params_->grad();
   stats.grad_norm = ClipGradNorm(grad, config_.train.grad_clip);
   optimizer_->Step(stats.lr);
@@ -191,8 +218,7 @@ std::map<std::string, torch::Tensor> Trainer::State() const {
   add("adam/exp_avg_sq/", optimizer_->exp_avg_sq());
   state["adam/steps"] = Int64Tensor(optimizer_->steps());
   state["step"] = Int64Tensor(step_);
-  // The noise and timestep stream, and the device's default generator (dropout draws from it).
-  state["rng/noise"] = GeneratorState(generator_);
+  // The device's default generator: dropout draws from it. Timesteps and noise need no state.
   state["rng/default"] = GeneratorState(at::globalContext().defaultGenerator(device_));
   return state;
 }
@@ -208,7 +234,6 @@ void Trainer::LoadState(const std::map<std::string, torch::Tensor>& state,
   params_->Flatten(state, "adam/exp_avg_sq/", optimizer_->exp_avg_sq(), origin);
   optimizer_->set_steps(RequireTensor(state, "adam/steps", origin).item<int64_t>());
   step_ = RequireTensor(state, "step", origin).item<int64_t>();
-  SetGeneratorState(generator_, RequireTensor(state, "rng/noise", origin));
   torch::Generator default_generator = at::globalContext().defaultGenerator(device_);
   SetGeneratorState(default_generator, RequireTensor(state, "rng/default", origin));
 }

@@ -96,14 +96,48 @@ class Ema {
 /// torch.nn.utils.clip_grad_norm_ does; returns the norm before clipping.
 double ClipGradNorm(torch::Tensor& grad, double max_norm);
 
+/// What the last step's gradient exchange cost.
+struct CommStats {
+  /// Wall time from the first bucket's all-reduce start to the last one's end.
+  double allreduce_seconds = 0;
+  /// Share of the all-reduce time that ran while backward was still computing.
+  double overlap_fraction = 0;
+  int buckets = 0;
+};
+
+/// Averages gradients across data-parallel ranks during backward; Trainer::Step drives it.
+class GradientSync {
+ public:
+  virtual ~GradientSync() = default;
+  /// Called before each micro-batch's backward. sync is true on the step's last micro-batch,
+  /// whose backward completes the gradients that must be averaged.
+  virtual void BeginBackward(bool sync) = 0;
+  /// Called after the last backward; returns once the flat gradient holds the average over
+  /// ranks.
+  virtual void FinishBackward() = 0;
+  /// The previous step's exchange.
+  virtual CommStats last_stats() const = 0;
+};
+
 /// The model, its EMA copy, the diffusion, Adam and the step counter of one training process.
 class Trainer {
  public:
-  /// Builds the model on device, seeded from config.train.seed; rank picks the noise stream.
+  /// Builds the model on device, seeded from config.train.seed; rank seeds dropout's stream.
   Trainer(const Config& config, torch::Device device, int rank = 0);
 
   /// One optimizer step on a batch of images in [-1, 1], split into grad_accum micro-batches.
-  StepStats Step(const torch::Tensor& batch);
+  /// The batch holds positions [first_position, first_position + B) of the step's global batch;
+  /// each sample's timestep and noise are drawn from (seed, step, position), so they do not
+  /// depend on how the global batch is split across ranks and micro-batches.
+  StepStats Step(const torch::Tensor& batch, int64_t first_position = 0);
+  /// Makes Step average gradients through sync (null: a world of one). Not owned.
+  void set_gradient_sync(GradientSync* sync) { sync_ = sync; }
+  /// The timesteps [count] and noise [count, ...shape] that Step draws for the samples at
+  /// positions [first_position, first_position + count) of global step `step` (0-based).
+  std::pair<torch::Tensor, torch::Tensor> DrawTimestepsAndNoise(int64_t step,
+                                                                int64_t first_position,
+                                                                int64_t count,
+                                                                torch::IntArrayRef shape) const;
 
   UNet& model() { return model_; }
   UNet& ema_model() { return ema_model_; }
@@ -113,7 +147,8 @@ class Trainer {
   torch::Device device() const { return device_; }
   const FlatParameters& parameters() const { return *params_; }
 
-  /// Everything a bitwise-exact resume needs: weights, EMA, Adam moments, step and RNG states.
+  /// Everything a bitwise-exact resume needs: weights, EMA, Adam moments, step and this rank's
+  /// dropout RNG state ("rng/default").
   std::map<std::string, torch::Tensor> State() const;
   /// Restores State(); throws naming origin if a tensor is missing or has the wrong shape.
   void LoadState(const std::map<std::string, torch::Tensor>& state, const std::string& origin);
@@ -128,7 +163,7 @@ class Trainer {
   std::unique_ptr<FlatParameters> ema_params_;
   std::unique_ptr<FlatAdam> optimizer_;
   std::unique_ptr<Ema> ema_;
-  torch::Generator generator_;
+  GradientSync* sync_ = nullptr;
   int64_t step_ = 0;
 };
 

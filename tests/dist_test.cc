@@ -1,0 +1,276 @@
+// Data parallelism with threads acting as ranks (LocalGroup): bucket planning, the bucketed
+// all-reduce and its edge cases, data shards, and W ranks x B/W == 1 rank x B.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <functional>
+#include <numeric>
+#include <set>
+#include <thread>
+
+#include "tests/dist_fixtures.h"
+#include "trainer/communicator.h"
+#include "trainer/data.h"
+#include "worker/gradient_buckets.h"
+
+namespace ddpm {
+namespace {
+
+// Runs body(rank) on world threads at once and rethrows the first failure.
+void OnRanks(int world, const std::function<void(int)>& body) {
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(world);
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        body(r);
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+std::vector<FlatParameters::Slot> Slots(const std::vector<int64_t>& sizes) {
+  std::vector<FlatParameters::Slot> slots;
+  int64_t offset = 0;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    slots.push_back({"p" + std::to_string(i), offset, sizes[i], {sizes[i]}});
+    offset += sizes[i];
+  }
+  return slots;
+}
+
+TEST(Buckets, PlannedInReverseOrderAndContiguous) {
+  // float32 parameters of 10, 20, 30, 40 elements; buckets of at least 200 bytes (50 floats).
+  const auto buckets = PlanBuckets(Slots({10, 20, 30, 40}), 4, 200);
+  ASSERT_EQ(buckets.size(), 2u);
+  // Walking backwards: 40 + 30 = 70 >= 50 closes the first bucket; 20 + 10 is what is left.
+  EXPECT_EQ(buckets[0].slots, (std::vector<int>{3, 2}));
+  EXPECT_EQ(buckets[0].begin, 30);
+  EXPECT_EQ(buckets[0].end, 100);
+  EXPECT_EQ(buckets[1].slots, (std::vector<int>{1, 0}));
+  EXPECT_EQ(buckets[1].begin, 0);
+  EXPECT_EQ(buckets[1].end, 30);
+}
+
+TEST(Buckets, ParameterLargerThanABucketGetsItsOwn) {
+  // Buckets of 40 bytes (10 floats): the 1000-element parameter alone overflows one.
+  const auto buckets = PlanBuckets(Slots({4, 1000, 3, 3, 6}), 4, 40);
+  ASSERT_EQ(buckets.size(), 3u);
+  EXPECT_EQ(buckets[0].slots, (std::vector<int>{4, 3, 2}));
+  EXPECT_EQ(buckets[1].slots, (std::vector<int>{1}));
+  EXPECT_EQ(buckets[1].end - buckets[1].begin, 1000);
+  EXPECT_EQ(buckets[2].slots, (std::vector<int>{0}));
+}
+
+// Three layers; rank r uses the middle one only when use_middle(r) is true.
+struct Net : torch::nn::Module {
+  Net() {
+    first = register_parameter("first", torch::arange(6, torch::kFloat32).reshape({2, 3}) / 10);
+    middle = register_parameter("middle", torch::full({3, 3}, 0.5));
+    last = register_parameter("last", torch::linspace(-1, 1, 300).reshape({3, 100}));
+  }
+  torch::Tensor forward(const torch::Tensor& x, bool use_middle) {
+    torch::Tensor h = torch::tanh(x.matmul(first));
+    if (use_middle) h = h.matmul(middle);
+    return h.matmul(last).square().mean();
+  }
+  torch::Tensor first, middle, last;
+};
+
+// Each rank's input: rank-dependent, so the gradients differ between ranks.
+torch::Tensor Input(int rank) { return torch::linspace(-1, 1, 8).reshape({4, 2}) * (rank + 1); }
+
+TEST(Buckets, AverageEveryBucketIncludingUnusedParametersAndOversizedOnes) {
+  const int world = 2;
+  auto uses_middle = [](int rank) { return rank == 0; };
+  // Expected: each rank's gradient computed alone, averaged here.
+  std::vector<torch::Tensor> alone;
+  for (int r = 0; r < world; ++r) {
+    Net net;
+    FlatParameters flat(net, true);
+    net.forward(Input(r), uses_middle(r)).backward();
+    alone.push_back(flat.grad().clone());
+  }
+  const torch::Tensor expected = (alone[0] + alone[1]) / 2;
+
+  for (double bucket_mb : {25.0, 40.0 / (1 << 20)}) {  // one bucket; many, "last" oversized
+    LocalGroup group(world);
+    std::vector<torch::Tensor> got(world);
+    std::vector<int> bucket_count(world);
+    OnRanks(world, [&](int r) {
+      Net net;
+      FlatParameters flat(net, true);
+      GradientBuckets buckets(net, flat, group.rank(r), bucket_mb);
+      buckets.BeginBackward(true);
+      net.forward(Input(r), uses_middle(r)).backward();
+      buckets.FinishBackward();
+      got[r] = flat.grad().clone();
+      bucket_count[r] = static_cast<int>(buckets.buckets().size());
+    });
+    for (int r = 0; r < world; ++r) {
+      EXPECT_TRUE(torch::allclose(got[r], expected, 1e-6, 1e-7))
+          << "rank " << r << ", bucket_mb " << bucket_mb;
+    }
+    // 40-byte buckets: "last" (300 floats) alone, then "middle" and "first" together.
+    EXPECT_EQ(bucket_count[0], bucket_mb > 1 ? 1 : 2);
+  }
+}
+
+TEST(Buckets, AccumulationReducesOnlyTheLastMicroBatch) {
+  // Two micro-batches per rank: the sum of both backward passes, then averaged over ranks.
+  const int world = 2;
+  std::vector<torch::Tensor> alone;
+  for (int r = 0; r < world; ++r) {
+    Net net;
+    FlatParameters flat(net, true);
+    net.forward(Input(r), true).backward();
+    net.forward(Input(r) * 0.5, true).backward();
+    alone.push_back(flat.grad().clone());
+  }
+  const torch::Tensor expected = (alone[0] + alone[1]) / 2;
+  LocalGroup group(world);
+  std::vector<torch::Tensor> got(world);
+  OnRanks(world, [&](int r) {
+    Net net;
+    FlatParameters flat(net, true);
+    GradientBuckets buckets(net, flat, group.rank(r), 25.0);
+    buckets.BeginBackward(false);
+    net.forward(Input(r), true).backward();
+    buckets.BeginBackward(true);
+    net.forward(Input(r) * 0.5, true).backward();
+    buckets.FinishBackward();
+    got[r] = flat.grad().clone();
+  });
+  for (int r = 0; r < world; ++r) {
+    EXPECT_TRUE(torch::allclose(got[r], expected, 1e-6, 1e-7)) << "rank " << r;
+  }
+}
+
+TEST(Shards, DisjointAndCoverTheEpoch) {
+  // 96 images whose bytes are their own index; a global batch of 12 over 1, 2, 3 and 4 ranks.
+  class Indexed : public ImageDataset {
+   public:
+    int64_t size() const override { return 96; }
+    int image_size() const override { return 1; }
+    int channels() const override { return 1; }
+    void Read(int64_t index, uint8_t* chw) const override { chw[0] = uint8_t(index); }
+    std::string Describe() const override { return "indexed"; }
+  } data;
+  std::vector<uint8_t> single;
+  {
+    BatchLoader loader(data, DataShard::Of(12, 0, 1), false, 4, DataCursor{}, 2);
+    for (int step = 0; step < 8; ++step) {
+      const LoadedBatch batch = loader.Next();
+      single.insert(single.end(), batch.pixels.begin(), batch.pixels.end());
+    }
+  }
+  std::set<uint8_t> all(single.begin(), single.end());
+  EXPECT_EQ(all.size(), 96u) << "one rank sees every image once per epoch";
+  for (int world : {2, 3, 4}) {
+    std::vector<std::vector<uint8_t>> seen(world);
+    std::vector<std::unique_ptr<BatchLoader>> loaders;
+    for (int r = 0; r < world; ++r) {
+      loaders.push_back(std::make_unique<BatchLoader>(data, DataShard::Of(12, r, world), false, 4,
+                                                      DataCursor{}, 2));
+    }
+    std::vector<uint8_t> interleaved;
+    for (int step = 0; step < 8; ++step) {
+      for (int r = 0; r < world; ++r) {
+        const LoadedBatch batch = loaders[r]->Next();
+        EXPECT_EQ(batch.count, 12 / world);
+        seen[r].insert(seen[r].end(), batch.pixels.begin(), batch.pixels.end());
+        interleaved.insert(interleaved.end(), batch.pixels.begin(), batch.pixels.end());
+      }
+    }
+    std::set<uint8_t> covered;
+    for (int r = 0; r < world; ++r) {
+      for (uint8_t index : seen[r]) {
+        EXPECT_TRUE(covered.insert(index).second)
+            << "image " << int(index) << " twice, world " << world;
+      }
+    }
+    EXPECT_EQ(covered.size(), 96u) << "world " << world;
+    // Rank slices of each step, put side by side, are the one-rank order.
+    EXPECT_EQ(interleaved, single) << "world " << world;
+  }
+  EXPECT_THROW(DataShard::Of(12, 0, 5), std::invalid_argument);
+}
+
+TEST(Shards, FlipsDoNotDependOnTheWorldSize) {
+  ShapesDataset data(64, 16, 2);
+  std::vector<uint8_t> one;
+  {
+    BatchLoader loader(data, DataShard::Of(16, 0, 1), true, 7, DataCursor{}, 1);
+    one = loader.Next().pixels;
+  }
+  std::vector<uint8_t> two;
+  for (int r = 0; r < 2; ++r) {
+    BatchLoader loader(data, DataShard::Of(16, r, 2), true, 7, DataCursor{}, 1);
+    const auto pixels = loader.Next().pixels;
+    two.insert(two.end(), pixels.begin(), pixels.end());
+  }
+  EXPECT_EQ(one, two);
+}
+
+TEST(Equivalence, TwoThreadRanksMatchOneRankWithTheWholeBatch) {
+  for (int accum : {1, 2}) {
+    const Config config = EquivalenceConfig(accum);
+    const torch::Tensor reference = TrainRanks(config, 10, nullptr);
+    LocalGroup group(2);
+    std::vector<torch::Tensor> ranks(2);
+    // Small buckets, so that several all-reduces overlap backward.
+    OnRanks(2, [&](int r) { ranks[r] = TrainRanks(config, 10, &group.rank(r), 0.05); });
+    EXPECT_TRUE(torch::equal(ranks[0], ranks[1])) << "ranks diverged, grad_accum " << accum;
+    const double difference = RelativeDifference(ranks[0], reference);
+    std::printf("grad_accum %d: max |2 ranks - 1 rank| / max |1 rank| = %.3g\n", accum, difference);
+    EXPECT_LT(difference, 1e-5) << "grad_accum " << accum;
+    // Training moved the parameters, so the comparison is not vacuous.
+    EXPECT_GT(RelativeDifference(Trainer(config, torch::kCPU).parameters().data(), reference),
+              1e-3);
+  }
+}
+
+TEST(Communicator, LocalGroupCollectives) {
+  LocalGroup group(3);
+  std::vector<torch::Tensor> sums(3), gathered(3), broadcast(3);
+  OnRanks(3, [&](int r) {
+    Communicator& comm = group.rank(r);
+    torch::Tensor x = torch::full({4}, double(r + 1));
+    comm.AllReduce(x, ReduceOp::kAverage, "average");
+    sums[r] = x;
+    gathered[r] = comm.AllGather(torch::tensor({int64_t(r * 10)}), "gather");
+    torch::Tensor b = torch::full({2}, double(r));
+    comm.Broadcast(b, 2, "broadcast");
+    broadcast[r] = b;
+    comm.Barrier("barrier");
+  });
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_TRUE(torch::equal(sums[r], torch::full({4}, 2.0)));  // (1 + 2 + 3) / 3
+    EXPECT_TRUE(
+        torch::equal(gathered[r], torch::tensor({{int64_t{0}}, {int64_t{10}}, {int64_t{20}}})));
+    EXPECT_TRUE(torch::equal(broadcast[r], torch::full({2}, 2.0)));
+  }
+}
+
+TEST(Communicator, MismatchedCollectivesAndTimeoutsAreReported) {
+  LocalGroup group(2);
+  group.rank(0).set_timeout(std::chrono::milliseconds(200));
+  std::string error;
+  try {
+    group.rank(0).Barrier("barrier nobody else joins");
+  } catch (const CommError& e) {
+    error = e.what();
+  }
+  EXPECT_NE(error.find("rank 0: barrier nobody else joins did not complete"), std::string::npos)
+      << error;
+}
+
+}  // namespace
+}  // namespace ddpm

@@ -1,0 +1,190 @@
+#include "worker/mpi_communicator.h"
+
+#include <mpi.h>
+#include <torch/torch.h>
+
+#include <cstdlib>
+
+namespace ddpm {
+namespace {
+
+int WorldRank() {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) return -1;
+  int rank = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  return rank;
+}
+
+// Throws CommError naming the MPI call, where it was made, the rank and MPI's own reason.
+void CheckMpi(int code, const char* call, const char* file, int line) {
+  if (code == MPI_SUCCESS) return;
+  char reason[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  if (MPI_Error_string(code, reason, &length) != MPI_SUCCESS) length = 0;
+  throw CommError("rank " + std::to_string(WorldRank()) + ": " + call + " failed at " + file + ":" +
+                  std::to_string(line) + ": " + std::string(reason, length));
+}
+
+#define DDPM_MPI_CHECK(call) ::ddpm::CheckMpi((call), #call, __FILE__, __LINE__)
+
+MPI_Datatype MpiType(const torch::Tensor& tensor, const std::string& what) {
+  switch (tensor.scalar_type()) {
+    case torch::kFloat32:
+      return MPI_FLOAT;
+    case torch::kFloat64:
+      return MPI_DOUBLE;
+    case torch::kInt64:
+      return MPI_INT64_T;
+    case torch::kUInt8:
+      return MPI_UINT8_T;
+    default:
+      throw CommError(what + ": the MPI backend does not handle " +
+                      std::string(c10::toString(tensor.scalar_type())) + " tensors");
+  }
+}
+
+void CheckCpuContiguous(const torch::Tensor& tensor, const std::string& what) {
+  if (!tensor.device().is_cpu() || !tensor.is_contiguous()) {
+    throw CommError(what + ": the MPI backend needs a contiguous CPU tensor, got one on " +
+                    tensor.device().str() + (tensor.is_contiguous() ? "" : " (not contiguous)"));
+  }
+}
+
+int Count(const torch::Tensor& tensor, const std::string& what) {
+  if (tensor.numel() > std::numeric_limits<int>::max()) {
+    throw CommError(what + ": " + std::to_string(tensor.numel()) +
+                    " elements are more than one MPI call takes; use smaller buckets");
+  }
+  return static_cast<int>(tensor.numel());
+}
+
+}  // namespace
+
+bool LaunchedByMpi() {
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"}) {
+    if (std::getenv(name) != nullptr) return true;
+  }
+  return false;
+}
+
+MpiRuntime::MpiRuntime(int* argc, char*** argv) {
+  int provided = MPI_THREAD_SINGLE;
+  DDPM_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
+  if (provided < MPI_THREAD_SERIALIZED) {
+    MPI_Finalize();
+    throw CommError(
+        "MPI provides thread level " + std::to_string(provided) +
+        ", below MPI_THREAD_SERIALIZED; ddpm_worker calls MPI from its communication thread. "
+        "Use an MPI built with thread support (Open MPI is)");
+  }
+  DDPM_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &placement_.rank));
+  DDPM_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &placement_.world_size));
+  MPI_Comm local = MPI_COMM_NULL;
+  DDPM_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, placement_.rank,
+                                     MPI_INFO_NULL, &local));
+  DDPM_MPI_CHECK(MPI_Comm_rank(local, &placement_.local_rank));
+  DDPM_MPI_CHECK(MPI_Comm_size(local, &placement_.local_size));
+  DDPM_MPI_CHECK(MPI_Comm_free(&local));
+  // Errors come back as codes, which DDPM_MPI_CHECK turns into messages, not as aborts.
+  DDPM_MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+}
+
+MpiRuntime::~MpiRuntime() { MPI_Finalize(); }
+
+void MpiRuntime::Abort(int code) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
+MpiCommunicator::MpiCommunicator(const MpiPlacement& placement) : placement_(placement) {
+  thread_ = std::thread([this] { Run(); });
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  changed_.notify_all();
+  thread_.join();
+}
+
+void MpiCommunicator::Run() {
+  while (true) {
+    std::pair<std::shared_ptr<Work>, std::function<void()>> task;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      changed_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      task = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    task.first->MarkStarted();
+    try {
+      task.second();
+      task.first->Finish();
+    } catch (...) {
+      task.first->Finish(std::current_exception());
+    }
+  }
+}
+
+std::shared_ptr<Work> MpiCommunicator::Submit(std::string what, std::function<void()> body) {
+  auto work = std::make_shared<Work>(std::move(what), placement_.rank, timeout_);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    queue_.emplace_back(work, std::move(body));
+  }
+  changed_.notify_all();
+  return work;
+}
+
+std::shared_ptr<Work> MpiCommunicator::AllReduceAsync(torch::Tensor tensor, ReduceOp op,
+                                                      std::string what) {
+  CheckCpuContiguous(tensor, what);
+  const MPI_Datatype type = MpiType(tensor, what);
+  const int count = Count(tensor, what);
+  const int world = placement_.world_size;
+  return Submit(what, [tensor, type, count, op, world]() mutable {
+    DDPM_MPI_CHECK(
+        MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), count, type, MPI_SUM, MPI_COMM_WORLD));
+    if (op == ReduceOp::kAverage) {
+      torch::NoGradGuard no_grad;
+      tensor.div_(world);
+    }
+  });
+}
+
+void MpiCommunicator::Broadcast(torch::Tensor tensor, int root, const std::string& what) {
+  CheckCpuContiguous(tensor, what);
+  const MPI_Datatype type = MpiType(tensor, what);
+  const int count = Count(tensor, what);
+  Submit(what, [tensor, type, count, root]() mutable {
+    DDPM_MPI_CHECK(MPI_Bcast(tensor.data_ptr(), count, type, root, MPI_COMM_WORLD));
+  })->Wait();
+}
+
+torch::Tensor MpiCommunicator::AllGather(const torch::Tensor& tensor, const std::string& what) {
+  const torch::Tensor input = tensor.contiguous();
+  CheckCpuContiguous(input, what);
+  const MPI_Datatype type = MpiType(input, what);
+  const int count = Count(input, what);
+  std::vector<int64_t> shape = {placement_.world_size};
+  shape.insert(shape.end(), input.sizes().begin(), input.sizes().end());
+  torch::Tensor output = torch::empty(shape, input.options());
+  Submit(what, [input, output, type, count]() mutable {
+    DDPM_MPI_CHECK(MPI_Allgather(input.data_ptr(), count, type, output.data_ptr(), count, type,
+                                 MPI_COMM_WORLD));
+  })->Wait();
+  return output;
+}
+
+void MpiCommunicator::Barrier(const std::string& what) {
+  Submit(what, [] { DDPM_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD)); })->Wait();
+}
+
+}  // namespace ddpm
