@@ -1,5 +1,6 @@
 #include "trainer/train_loop.h"
 
+#include <sched.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -258,23 +259,31 @@ std::string FormatDuration(double seconds) {
   return text;
 }
 
-int ConfigureThreads(const TrainConfig& config) {
+int ConfigureThreads(const TrainConfig& config, int local_ranks) {
   int threads = config.threads;
   if (threads == 0) {
     const char* omp = std::getenv("OMP_NUM_THREADS");
     threads = omp != nullptr ? std::atoi(omp) : 0;
   }
   if (threads <= 0) {
-    int local_ranks = 1;
-    for (const char* name :
-         {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"}) {
-      if (const char* value = std::getenv(name)) {
-        local_ranks = std::max(1, std::atoi(value));
-        break;
+    if (local_ranks <= 0) {
+      local_ranks = 1;
+      for (const char* name :
+           {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"}) {
+        if (const char* value = std::getenv(name)) {
+          local_ranks = std::max(1, std::atoi(value));
+          break;
+        }
       }
     }
     const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    threads = std::max(1, cores / local_ranks);
+    // A launcher that binds each rank to its own cores (mpirun does by default) has already
+    // divided them: use what this process may run on.
+    cpu_set_t allowed;
+    CPU_ZERO(&allowed);
+    const int bound =
+        sched_getaffinity(0, sizeof(allowed), &allowed) == 0 ? CPU_COUNT(&allowed) : cores;
+    threads = bound < cores ? bound : std::max(1, cores / local_ranks);
   }
   torch::set_num_threads(threads);
   return threads;
@@ -306,7 +315,7 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
     std::fflush(stdout);
   };
 
-  const int threads = ConfigureThreads(config.train);
+  const int threads = ConfigureThreads(config.train, dist.local_ranks);
   const torch::Device device(dist.device.empty() ? ResolveDevice(config.train) : dist.device);
   const std::string samples_dir = options.run_dir + "/samples";
   CheckpointDir checkpoints(options.run_dir + "/checkpoints");
@@ -503,6 +512,7 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
     const CommStats comm_stats = sync ? sync->last_stats() : CommStats{};
     m.allreduce_seconds = comm_stats.allreduce_seconds;
     m.overlap_fraction = comm_stats.overlap_fraction;
+    m.exposed_seconds = comm_stats.exposed_seconds;
     if (options.on_step) options.on_step(m);
 
     window_loss += stats.loss;

@@ -29,9 +29,11 @@ struct WorkerMetrics {
   double step_seconds = 0;
   /// Images this rank trained on per second, over this step.
   double images_per_second = 0;
-  /// Gradient all-reduce: wall seconds, and the share hidden behind backward (0 for one rank).
+  /// Gradient all-reduce: seconds summed over buckets, the share of them hidden behind
+  /// backward, and the seconds the step waited for them after backward (0 for one process).
   double allreduce_seconds = 0;
   double overlap_fraction = 0;
+  double exposed_seconds = 0;
 };
 
 /// The data-parallel group a run trains in. Empty: a world of one.
@@ -42,6 +44,8 @@ struct DistributedContext {
   std::function<std::unique_ptr<GradientSync>(Trainer&)> make_gradient_sync;
   /// The torch device of this rank ("cpu", "cuda:1"); empty: from train.device.
   std::string device;
+  /// Ranks on this node, which share its cores; 0: from the launcher's environment.
+  int local_ranks = 0;
 };
 
 /// Where and how a run writes.
@@ -81,9 +85,9 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
                         const DistributedContext& dist = {});
 
 /// Sets torch's intra-op threads from train.threads; when it is 0, from OMP_NUM_THREADS if set,
-/// else cores / local ranks.
-/// Returns the thread count in use.
-int ConfigureThreads(const TrainConfig& config);
+/// else the cores this process is bound to when a launcher bound it, else cores / local_ranks
+/// (0: from the launcher's environment). Returns the thread count in use.
+int ConfigureThreads(const TrainConfig& config, int local_ranks = 0);
 /// "cuda" or "cpu" for train.device ("auto" picks cuda when it is available).
 std::string ResolveDevice(const TrainConfig& config);
 /// Seconds as H:MM:SS.

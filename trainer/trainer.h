@@ -98,10 +98,12 @@ double ClipGradNorm(torch::Tensor& grad, double max_norm);
 
 /// What the last step's gradient exchange cost.
 struct CommStats {
-  /// Wall time from the first bucket's all-reduce start to the last one's end.
+  /// Seconds spent in all-reduces, summed over the buckets.
   double allreduce_seconds = 0;
-  /// Share of the all-reduce time that ran while backward was still computing.
+  /// Share of allreduce_seconds that ran while backward was still computing.
   double overlap_fraction = 0;
+  /// Seconds the step waited for all-reduces after its backward had ended: what it cost.
+  double exposed_seconds = 0;
   int buckets = 0;
 };
 

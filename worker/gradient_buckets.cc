@@ -116,12 +116,11 @@ void GradientBuckets::FinishBackward() {
     sync_ = false;
   }
   using Clock = std::chrono::steady_clock;
-  Clock::time_point first_start = Clock::time_point::max(), last_end{};
+  Clock::time_point last_end = backward_end;
   double busy = 0, hidden = 0;
   for (const auto& work : works) {
     work->Wait();
     const Clock::time_point start = work->started(), end = work->finished();
-    first_start = std::min(first_start, start);
     last_end = std::max(last_end, end);
     busy += std::chrono::duration<double>(end - start).count();
     if (start < backward_end) {
@@ -134,9 +133,9 @@ void GradientBuckets::FinishBackward() {
   }
   ++step_;
   last_stats_.buckets = static_cast<int>(works.size());
-  last_stats_.allreduce_seconds =
-      works.empty() ? 0 : std::chrono::duration<double>(last_end - first_start).count();
+  last_stats_.allreduce_seconds = busy;
   last_stats_.overlap_fraction = busy > 0 ? hidden / busy : 0;
+  last_stats_.exposed_seconds = std::chrono::duration<double>(last_end - backward_end).count();
 }
 
 }  // namespace ddpm

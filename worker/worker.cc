@@ -42,14 +42,6 @@ int RunRank(const Config& config, const WorkerOptions& options) {
   MpiRuntime mpi(nullptr, nullptr);
   const MpiPlacement placement = mpi.placement();
   try {
-    // The thread count honours the local rank count MPI reports, not a guess from the launcher.
-    TrainConfig threads = config.train;
-    if (threads.threads == 0 && std::getenv("OMP_NUM_THREADS") == nullptr) {
-      const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-      threads.threads = std::max(1, cores / placement.local_size);
-    }
-    Config rank_config = config;
-    rank_config.train.threads = threads.threads;
     std::string device = ResolveDevice(config.train);
     if (device == "cuda") device += ":" + std::to_string(placement.local_rank);
 
@@ -73,6 +65,7 @@ int RunRank(const Config& config, const WorkerOptions& options) {
     DistributedContext dist;
     dist.comm = &mpi_comm;
     dist.device = device;
+    dist.local_ranks = placement.local_size;
     dist.make_gradient_sync = [&](Trainer& trainer) -> std::unique_ptr<GradientSync> {
       return std::make_unique<GradientBuckets>(*trainer.model(), trainer.parameters(),
                                                *gradient_comm, config.dist.bucket_mb);
@@ -82,7 +75,7 @@ int RunRank(const Config& config, const WorkerOptions& options) {
                   placement.world_size, placement.local_size, gradient_comm->backend().c_str());
     }
     try {
-      return ExitCode(RunTraining(rank_config, ToTrainOptions(options), dist));
+      return ExitCode(RunTraining(config, ToTrainOptions(options), dist));
     } catch (const std::exception& e) {
       FailRank(placement, e);  // Here, while the communicators are still alive.
     }
