@@ -12,4 +12,4 @@ echo
 echo "Sample grids:"
 ls -1 "$run_dir"/samples/*.png
 echo "More samples from the EMA weights:"
-echo "  $build_dir/tools/ddpm_sample --checkpoint $run_dir/checkpoints/$(cat "$run_dir/checkpoints/latest") --num 64 --out more.png"
+echo "  $build_dir/tools/ddpm_sample --checkpoint $run_dir --num 64 --out more.png"

@@ -8,8 +8,8 @@ packages=(
   cmake g++ ninja-build ccache pkg-config git
   # trainer: LibTorch (CPU) with a fast BLAS, yaml-cpp, image and archive I/O
   libtorch-dev libopenblas0-pthread libyaml-cpp-dev libstb-dev libarchive-dev libzip-dev
-  # worker: MPI (NCCL comes with CUDA where there is a GPU), checksums
-  libopenmpi-dev openmpi-bin libxxhash-dev
+  # worker: MPI (NCCL comes with CUDA where there is a GPU); checkpoints: checksums, JSON
+  libopenmpi-dev openmpi-bin libxxhash-dev nlohmann-json3-dev
   # coordinator and tools: gRPC, Protobuf, Prometheus, SQLite
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
   libsqlite3-dev

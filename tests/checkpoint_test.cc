@@ -1,5 +1,6 @@
-// The checkpoint file format, atomic writes under a crash, the checkpoints folder, and exact
-// resume of a training run.
+// The sharded checkpoint format: layout, several ranks writing, loading into any world,
+// damage of every kind refused by name with a fall back, a crash mid-write, and exact resume
+// of a training run.
 #include "trainer/checkpoint.h"
 
 #include <gtest/gtest.h>
@@ -8,9 +9,13 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <thread>
 
+#include "test_env.h"
 #include "trainer/config.h"
 #include "trainer/train_loop.h"
+#include "trainer/trainer.h"
 
 namespace ddpm {
 namespace {
@@ -24,12 +29,16 @@ std::string TempPath(const std::string& name) {
 }
 
 std::map<std::string, torch::Tensor> Sample(float value) {
-  return {{"a", torch::full({3, 4}, value)}, {"b/step", torch::tensor(int64_t{7})}};
+  // Odd sizes and mixed dtypes, so that rank ranges cut through tensors.
+  return {{"a", torch::full({3, 5}, value)},
+          {"b/step", torch::tensor(int64_t{7})},
+          {"c", torch::arange(1001, torch::kFloat64) * value},
+          {"d", torch::arange(37, torch::kUInt8)}};
 }
 
 std::string ErrorOf(const std::string& path) {
   try {
-    ReadCheckpointFile(path);
+    ReadCheckpoint(path);
   } catch (const CheckpointError& e) {
     return e.what();
   }
@@ -46,95 +55,162 @@ void Put(const std::string& path, const std::vector<char>& bytes) {
       .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
-TEST(CheckpointFile, RoundTripsWithMagicAndVersion) {
-  const std::string path = TempPath("round.ckpt");
-  WriteCheckpointFile(path, Sample(1.5f));
-  const std::vector<char> bytes = Bytes(path);
-  EXPECT_EQ(std::string(bytes.data(), 8), "DDPMCKPT");
-  EXPECT_EQ(bytes[8], 1) << "format version 1, little-endian";
-  const auto back = ReadCheckpointFile(path);
-  EXPECT_TRUE(torch::equal(back.at("a"), torch::full({3, 4}, 1.5f)));
-  EXPECT_EQ(back.at("b/step").item<int64_t>(), 7);
-  EXPECT_FALSE(fs::exists(path + ".tmp"));
+std::string Fresh(const std::string& name) {
+  const std::string path = TempPath(name);
+  fs::remove_all(path);
+  return path;
 }
 
-TEST(CheckpointFile, RefusesDamageByName) {
-  const std::string path = TempPath("damaged.ckpt");
-  WriteCheckpointFile(path, Sample(2.0f));
-  const std::vector<char> good = Bytes(path);
-
-  std::vector<char> bytes = good;
-  bytes[0] = 'X';
-  Put(path, bytes);
-  EXPECT_NE(ErrorOf(path).find("not a ddpm-train checkpoint"), std::string::npos) << ErrorOf(path);
-
-  bytes = good;
-  bytes[8] = 9;
-  Put(path, bytes);
-  EXPECT_NE(ErrorOf(path).find("format version 9 is unknown"), std::string::npos) << ErrorOf(path);
-
-  bytes = good;
-  bytes.resize(bytes.size() - 10);
-  Put(path, bytes);
-  EXPECT_NE(ErrorOf(path).find("truncated"), std::string::npos) << ErrorOf(path);
-  EXPECT_NE(ErrorOf(path).find(path), std::string::npos);
-
-  bytes = good;
-  bytes[bytes.size() - 20] ^= 0x40;
-  Put(path, bytes);
-  EXPECT_NE(ErrorOf(path).find("checksum mismatch"), std::string::npos) << ErrorOf(path);
-
-  Put(path, std::vector<char>(5, 'D'));
-  EXPECT_NE(ErrorOf(path).find("shorter than the 32-byte header"), std::string::npos)
-      << ErrorOf(path);
+void ExpectSame(const std::map<std::string, torch::Tensor>& expected,
+                const std::map<std::string, torch::Tensor>& got, const std::string& what) {
+  for (const auto& [name, tensor] : expected) {
+    ASSERT_EQ(got.count(name), 1u) << what << ": missing " << name;
+    EXPECT_EQ(got.at(name).scalar_type(), tensor.scalar_type()) << what << ": " << name;
+    EXPECT_TRUE(torch::equal(got.at(name), tensor)) << what << ": " << name << " differs";
+  }
 }
 
-TEST(CheckpointDirTest, KeepsTheNewestAndMovesLatest) {
-  CheckpointDir dir(TempPath("keep"));
-  for (int step : {10, 20, 30, 40}) dir.Save(step, Sample(static_cast<float>(step)), 2);
-  EXPECT_EQ(dir.Steps(), (std::vector<int64_t>{40, 30}));
-  std::ifstream latest(dir.dir() + "/latest");
+TEST(Checkpoint, LayoutManifestShardsAndCommitMarker) {
+  const std::string dir = Fresh("layout");
+  const std::string path = SaveCheckpoint(dir, 5, Sample(1.5f), 3);
+  EXPECT_EQ(path, dir + "/step_000000005");
+  for (const char* file : {"manifest.json", "shard-00000-of-00001", "COMMITTED"}) {
+    EXPECT_TRUE(fs::exists(fs::path(path) / file)) << file;
+  }
+  const std::vector<char> shard = Bytes(path + "/shard-00000-of-00001");
+  ASSERT_GE(shard.size(), 8u);
+  EXPECT_EQ(std::string(shard.data(), 8), "DDPMSHRD");
+  std::ifstream latest(dir + "/latest");
   std::string name;
   latest >> name;
-  EXPECT_EQ(name, "step_000000040.ckpt");
-  const auto loaded = dir.LoadLatestValid(nullptr);
-  ASSERT_TRUE(loaded);
-  EXPECT_EQ(loaded->tensors.at("a")[0][0].item<float>(), 40.0f);
+  EXPECT_EQ(name, "step_000000005");
+  const auto back = ReadCheckpoint(path);
+  ExpectSame(Sample(1.5f), back, "round trip");
+  EXPECT_EQ(back.at("meta/world_size").item<int64_t>(), 1);
 }
 
-TEST(CheckpointDirTest, FallsBackPastACorruptNewestAndSaysSo) {
-  CheckpointDir dir(TempPath("fallback"));
-  dir.Save(1, Sample(1.0f), 3);
-  dir.Save(2, Sample(2.0f), 3);
-  std::vector<char> bytes = Bytes(dir.PathFor(2));
-  bytes[bytes.size() / 2] ^= 1;
-  Put(dir.PathFor(2), bytes);
-  std::vector<std::string> warnings;
-  const auto loaded = dir.LoadLatestValid([&](const std::string& w) { warnings.push_back(w); });
-  ASSERT_TRUE(loaded);
-  EXPECT_EQ(loaded->path, dir.PathFor(1));
-  ASSERT_EQ(warnings.size(), 1u);
-  EXPECT_NE(warnings[0].find("step_000000002.ckpt"), std::string::npos) << warnings[0];
+// Rank r of world writes Sample(value) as the replicated state, and a rank-own tensor r.
+void SaveAsRanks(const std::string& dir, int64_t step, int world, float value) {
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(world);
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        CheckpointWriter writer(dir, r, world, 5, 60);
+        writer.Save(step, Sample(value), {{"rng", torch::full({5}, r, torch::kUInt8)}});
+        writer.Wait();
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+TEST(Checkpoint, ShardsOfTwoRanksLoadIntoAnyWorld) {
+  const std::string dir = Fresh("reshard");
+  SaveAsRanks(dir, 3, 2, 2.5f);
+  const std::string path = dir + "/step_000000003";
+  EXPECT_TRUE(fs::exists(path + "/shard-00000-of-00002"));
+  EXPECT_TRUE(fs::exists(path + "/shard-00001-of-00002"));
+  // Each rank wrote about half of the replicated bytes.
+  const auto size0 = fs::file_size(path + "/shard-00000-of-00002");
+  const auto size1 = fs::file_size(path + "/shard-00001-of-00002");
+  EXPECT_LT(std::abs(static_cast<double>(size0) - static_cast<double>(size1)), 200.0);
+  const auto back = ReadCheckpoint(path);
+  ExpectSame(Sample(2.5f), back, "2 ranks");
+  EXPECT_TRUE(torch::equal(back.at("rng/0"), torch::full({5}, 0, torch::kUInt8)));
+  EXPECT_TRUE(torch::equal(back.at("rng/1"), torch::full({5}, 1, torch::kUInt8)));
+  EXPECT_EQ(back.at("meta/world_size").item<int64_t>(), 2);
+  // And three ranks write what one rank reads, and the other way round.
+  SaveAsRanks(dir, 4, 3, 3.5f);
+  ExpectSame(Sample(3.5f), ReadCheckpoint(dir + "/step_000000004"), "3 ranks");
+}
+
+TEST(Checkpoint, KeepsTheNewestAndThoseMarkedKeep) {
+  const std::string dir = Fresh("keep");
+  SaveCheckpoint(dir, 10, Sample(10), 2);
+  std::ofstream(dir + "/step_000000010/KEEP") << "\n";
+  for (int step : {20, 30, 40}) SaveCheckpoint(dir, step, Sample(static_cast<float>(step)), 2);
+  EXPECT_EQ(CheckpointDir(dir).Steps(), (std::vector<int64_t>{40, 30, 10}));
+}
+
+TEST(Checkpoint, RefusesEachKindOfDamageByNameAndFallsBack) {
+  struct Damage {
+    const char* what;
+    std::function<void(const std::string& step_dir)> apply;
+    const char* expected;
+  };
+  const std::vector<Damage> damages = {
+      {"flipped byte",
+       [](const std::string& d) {
+         std::vector<char> bytes = Bytes(d + "/shard-00001-of-00002");
+         bytes[bytes.size() / 2] ^= 0x10;
+         Put(d + "/shard-00001-of-00002", bytes);
+       },
+       "shard-00001-of-00002: checksum mismatch"},
+      {"truncated shard",
+       [](const std::string& d) {
+         std::vector<char> bytes = Bytes(d + "/shard-00000-of-00002");
+         bytes.resize(bytes.size() - 9);
+         Put(d + "/shard-00000-of-00002", bytes);
+       },
+       "shard-00000-of-00002: truncated or padded"},
+      {"missing shard", [](const std::string& d) { fs::remove(d + "/shard-00001-of-00002"); },
+       "shard-00001-of-00002: missing shard"},
+      {"no COMMITTED", [](const std::string& d) { fs::remove(d + "/COMMITTED"); },
+       "COMMITTED: missing"},
+      {"no manifest", [](const std::string& d) { fs::remove(d + "/manifest.json"); },
+       "manifest.json: missing or unreadable"},
+      {"garbled manifest",
+       [](const std::string& d) { std::ofstream(d + "/manifest.json") << "{\"version\": 2,"; },
+       "manifest.json: not valid JSON"},
+  };
+  for (const Damage& damage : damages) {
+    const std::string dir = Fresh("damage");
+    SaveAsRanks(dir, 1, 2, 1.0f);
+    SaveAsRanks(dir, 2, 2, 2.0f);
+    damage.apply(dir + "/step_000000002");
+    const std::string error = ErrorOf(dir + "/step_000000002");
+    EXPECT_NE(error.find(damage.expected), std::string::npos) << damage.what << ": " << error;
+    std::vector<std::string> warnings;
+    const auto loaded =
+        CheckpointDir(dir).LoadLatestValid([&](const std::string& w) { warnings.push_back(w); });
+    ASSERT_TRUE(loaded) << damage.what;
+    EXPECT_EQ(loaded->path, dir + "/step_000000001") << damage.what;
+    EXPECT_EQ(loaded->tensors.at("a")[0][0].item<float>(), 1.0f) << damage.what;
+    ASSERT_EQ(warnings.size(), 1u) << damage.what;
+    EXPECT_NE(warnings[0].find("step_000000002"), std::string::npos) << warnings[0];
+  }
 }
 
 TEST(CheckpointDeathTest, CrashMidWriteLeavesThePreviousCheckpointLoadable) {
   GTEST_FLAG_SET(death_test_style, "fast");  // fork here: the child shares the paths
-  CheckpointDir dir(TempPath("crash"));
-  dir.Save(1, Sample(1.0f), 3);
+  const std::string dir = Fresh("crash");
+  SaveCheckpoint(dir, 1, Sample(1.0f), 3);
   // A big second checkpoint, written in several chunks; the process dies half-way through.
-  std::map<std::string, torch::Tensor> big = {{"a", torch::full({3, 4}, 2.0f)},
-                                              {"big", torch::ones({3 << 20})}};
-  EXPECT_EXIT(dir.Save(2, big, 3,
-                       [](std::size_t written, std::size_t total) {
-                         if (written >= total / 2) _exit(7);
-                       }),
-              ::testing::ExitedWithCode(7), "");
-  EXPECT_TRUE(fs::exists(dir.PathFor(2) + ".tmp")) << "the crash left a partial temporary file";
-  EXPECT_EQ(dir.Steps(), (std::vector<int64_t>{1})) << "and no step_2 checkpoint";
-  const auto loaded = dir.LoadLatestValid(nullptr);
+  std::map<std::string, torch::Tensor> big = Sample(2.0f);
+  big["big"] = torch::ones({3 << 20});
+  EXPECT_EXIT(
+      {
+        CheckpointWriter writer(dir, 0, 1, 3, 60, [](std::size_t written, std::size_t total) {
+          if (written >= total / 2) _exit(7);
+        });
+        writer.Save(2, big, {});
+        writer.Wait();
+      },
+      ::testing::ExitedWithCode(7), "");
+  EXPECT_TRUE(fs::exists(dir + "/step_000000002.tmp")) << "the crash left a partial folder";
+  EXPECT_EQ(CheckpointDir(dir).Steps(), (std::vector<int64_t>{1})) << "and no step 2";
+  const auto loaded = CheckpointDir(dir).LoadLatestValid(nullptr);
   ASSERT_TRUE(loaded);
-  EXPECT_EQ(loaded->path, dir.PathFor(1));
+  EXPECT_EQ(loaded->path, dir + "/step_000000001");
   EXPECT_EQ(loaded->tensors.at("a")[0][0].item<float>(), 1.0f);
+  CheckpointDir(dir).RemoveTemporaries();
+  EXPECT_FALSE(fs::exists(dir + "/step_000000002.tmp"));
 }
 
 Config TinyRun(int64_t steps) {
@@ -170,8 +246,8 @@ TEST(Resume, TwentyStepsSaveResumeTwentyMoreIsBitwiseFortyStraight) {
   const TrainResult second = RunTraining(TinyRun(40), split);
   ASSERT_EQ(second.steps, 40);
 
-  const auto a = ReadCheckpointFile(full.checkpoint);
-  const auto b = ReadCheckpointFile(second.checkpoint);
+  const auto a = ReadCheckpoint(full.checkpoint);
+  const auto b = ReadCheckpoint(second.checkpoint);
   int compared = 0;
   for (const auto& [name, tensor] : a) {
     if (name.rfind("meta/", 0) == 0) continue;
@@ -180,6 +256,55 @@ TEST(Resume, TwentyStepsSaveResumeTwentyMoreIsBitwiseFortyStraight) {
     ++compared;
   }
   EXPECT_GT(compared, 50);
+}
+
+TEST(Export, PythonTorchLoadReadsTheCppEmaWeights) {
+  const std::string python = DDPM_REFERENCE_PYTHON;
+  if (std::system((python + " -c 'import torch, numpy' > /dev/null 2>&1").c_str()) != 0) {
+    GTEST_SKIP() << "the export check needs " << python
+                 << " with torch and numpy (Debian: python3-torch); it cannot run here";
+  }
+  const std::string dir = Fresh("export");
+  Config config = TinyRun(2);
+  Trainer trainer(config, torch::kCPU);
+  const torch::Tensor batch = torch::rand({8, 3, 16, 16}) * 2 - 1;
+  trainer.Step(batch);
+  trainer.Step(batch);
+  std::map<std::string, torch::Tensor> state = trainer.State();
+  state["meta/config"] =
+      torch::from_blob(const_cast<char*>(config.ToYaml().data()),
+                       {static_cast<int64_t>(config.ToYaml().size())}, torch::kUInt8)
+          .clone();
+  SaveCheckpoint(dir + "/checkpoints", trainer.step(), state, 3);
+  ExportJob job;
+  job.checkpoint = dir;
+  job.out = dir + "/model.pt";
+  RunExport(job);
+  EXPECT_TRUE(fs::exists(dir + "/model.yaml"));
+  // The C++ EMA weights, dumped raw.
+  fs::create_directories(dir + "/raw");
+  std::ofstream names(dir + "/raw/names.txt");
+  int index = 0;
+  for (const auto& item : trainer.ema_model()->named_parameters()) {
+    const torch::Tensor values = item.value().detach().contiguous();
+    names << item.key();
+    for (int64_t d : values.sizes()) names << " " << d;
+    names << "\n";
+    std::FILE* out = std::fopen((dir + "/raw/" + std::to_string(index++) + ".bin").c_str(), "wb");
+    ASSERT_NE(out, nullptr);
+    std::fwrite(values.data_ptr<float>(), sizeof(float), values.numel(), out);
+    std::fclose(out);
+  }
+  names.close();
+  const std::string log = dir + "/python.log";
+  const int rc = std::system((python + " " + DDPM_SOURCE_DIR + "/tests/reference/check_export.py " +
+                              job.out + " " + dir + "/raw > " + log + " 2>&1")
+                                 .c_str());
+  std::ifstream text(log);
+  const std::string output((std::istreambuf_iterator<char>(text)),
+                           std::istreambuf_iterator<char>());
+  EXPECT_EQ(rc, 0) << output;
+  EXPECT_NE(output.find(std::to_string(index) + " tensors equal"), std::string::npos) << output;
 }
 
 TEST(Resume, RefusesToOverwriteARunAndChecksTheConfig) {

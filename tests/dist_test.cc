@@ -2,14 +2,17 @@
 // all-reduce and its edge cases, data shards, and W ranks x B/W == 1 rank x B.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <functional>
 #include <numeric>
 #include <set>
 #include <thread>
 
 #include "tests/dist_fixtures.h"
+#include "trainer/checkpoint.h"
 #include "trainer/communicator.h"
 #include "trainer/data.h"
 #include "worker/gradient_buckets.h"
@@ -235,6 +238,73 @@ TEST(Equivalence, TwoThreadRanksMatchOneRankWithTheWholeBatch) {
     EXPECT_GT(RelativeDifference(Trainer(config, torch::kCPU).parameters().data(), reference),
               1e-3);
   }
+}
+
+TEST(Resharding, TwoRankCheckpointLoadsIntoOneAndThreeRanks) {
+  // Two thread-ranks train 3 steps and checkpoint together, each writing its shard.
+  Config config = EquivalenceConfig(1);
+  config.model.dropout = 0.1;  // so the dropout streams differ per rank
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / ("ddpm_reshard_" + std::to_string(getpid())))
+          .string();
+  std::filesystem::remove_all(dir);
+  LocalGroup group(2);
+  std::vector<std::map<std::string, torch::Tensor>> trained(2);
+  OnRanks(2, [&](int r) {
+    Trainer trainer(config, torch::kCPU, r);
+    GradientBuckets buckets(*trainer.model(), trainer.parameters(), group.rank(r), 0.05);
+    trainer.set_gradient_sync(&buckets);
+    const std::unique_ptr<ImageDataset> data = MakeDataset(config);
+    const DataShard shard = DataShard::Of(config.train.batch_size, r, 2);
+    for (int step = 0; step < 3; ++step) {
+      trainer.Step(GlobalBatch(config, *data, step).narrow(0, shard.first, shard.count),
+                   shard.first);
+    }
+    trained[r] = trainer.State();
+    std::map<std::string, torch::Tensor> replicated = trainer.StateViews();
+    const std::map<std::string, torch::Tensor> own = {
+        {"rng/default", replicated.at("rng/default")}};
+    replicated.erase("rng/default");
+    CheckpointWriter writer(dir, r, 2, 3, 60);
+    writer.Save(trainer.step(), replicated, own);
+    writer.Wait();
+  });
+  const std::string path = dir + "/step_000000003";
+  const auto checkpoint = ReadCheckpoint(path);
+  // Thread-ranks share the process's default generator, so each rank's dropout stream is
+  // checked in what StateForRank hands the rank, not in a live generator.
+  for (int world : {1, 3}) {
+    std::vector<std::map<std::string, torch::Tensor>> loaded(world);
+    std::vector<torch::Tensor> rngs(world);
+    OnRanks(world, [&](int r) {
+      Trainer trainer(config, torch::kCPU, r);
+      const auto state = StateForRank(checkpoint, r, torch::kCPU, config.train.seed, path);
+      rngs[r] = state.at("rng/default");
+      trainer.LoadState(state, path);
+      loaded[r] = trainer.State();
+    });
+    for (int r = 0; r < world; ++r) {
+      int compared = 0;
+      for (const auto& [name, tensor] : trained[0]) {
+        if (name == "rng/default") continue;
+        EXPECT_TRUE(torch::equal(loaded[r].at(name), tensor))
+            << name << " differs on rank " << r << " of " << world;
+        ++compared;
+      }
+      EXPECT_GT(compared, 4 * 20) << "weights, EMA and both Adam moments of every parameter";
+      if (r < 2) {
+        EXPECT_TRUE(torch::equal(rngs[r], checkpoint.at("rng/default/" + std::to_string(r))))
+            << "rank " << r << " continues its own dropout stream";
+      } else {
+        EXPECT_FALSE(torch::equal(rngs[r], checkpoint.at("rng/default/0")));
+        EXPECT_FALSE(torch::equal(rngs[r], checkpoint.at("rng/default/1")));
+        EXPECT_TRUE(
+            torch::equal(rngs[r], DerivedGeneratorState(torch::kCPU, config.train.seed, r, 3)))
+            << "a new rank's stream comes from (seed, rank, step)";
+      }
+    }
+  }
+  std::filesystem::remove_all(dir);
 }
 
 TEST(Communicator, LocalGroupCollectives) {

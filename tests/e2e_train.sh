@@ -2,9 +2,9 @@
 # End to end: ddpm_worker trains the main-job config for a few hundred steps, writes a grid, a
 # checkpoint and EMA weights; refuses to overwrite; resumes; stops on SIGINT with a checkpoint;
 # ddpm_sample draws from a checkpoint and from exported weights.
-# usage: e2e_train.sh DDPM_WORKER DDPM_SAMPLE SOURCE_DIR
+# usage: e2e_train.sh DDPM_WORKER DDPM_SAMPLE DDPM_EXPORT SOURCE_DIR
 set -euo pipefail
-worker=$1 sample=$2 src=$3
+worker=$1 sample=$2 export_tool=$3 src=$4
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 fail() { echo "e2e: FAIL: $*"; exit 1; }
@@ -18,9 +18,12 @@ export DDPM_TRAIN_THREADS=1
 echo "e2e: 200 steps"
 DDPM_TRAIN_STEPS=200 "$worker" --config "$config" --run-dir "$work/run" > "$work/first.log"
 [ -f "$work/run/samples/step_000000200.png" ] || fail "no sample grid"
-[ -f "$work/run/checkpoints/step_000000200.ckpt" ] || fail "no final checkpoint"
-[ -f "$work/run/checkpoints/step_000000100.ckpt" ] || fail "no periodic checkpoint"
-grep -qx "step_000000200.ckpt" "$work/run/checkpoints/latest" || fail "latest does not name step 200"
+[ -f "$work/run/checkpoints/step_000000200/COMMITTED" ] || fail "no final checkpoint"
+[ -f "$work/run/checkpoints/step_000000100/manifest.json" ] || fail "no periodic checkpoint"
+[ -f "$work/run/checkpoints/step_000000100/shard-00000-of-00001" ] || fail "no shard"
+grep -qx "step_000000200" "$work/run/checkpoints/latest" || fail "latest does not name step 200"
+grep -q "training resumed after .*writing in the background" "$work/first.log" ||
+  fail "no background checkpoint report"
 [ -f "$work/run/ema_weights.pt" ] || fail "no EMA weights"
 first=$(grep "^step 50/" "$work/first.log" | sed -E 's/.*loss ([0-9.]+).*/\1/')
 last=$(grep "^step 200/" "$work/first.log" | sed -E 's/.*loss ([0-9.]+).*/\1/')
@@ -34,8 +37,8 @@ grep -q "pass --resume" "$work/refused.log" || fail "unclear refusal: $(cat "$wo
 
 echo "e2e: resume to 250"
 DDPM_TRAIN_STEPS=250 "$worker" --config "$config" --run-dir "$work/run" --resume > "$work/resume.log"
-grep -q "resumed from .*step_000000200.ckpt at step 200" "$work/resume.log" || fail "did not resume"
-[ -f "$work/run/checkpoints/step_000000250.ckpt" ] || fail "no checkpoint after resume"
+grep -q "resumed from .*step_000000200 at step 200" "$work/resume.log" || fail "did not resume"
+[ -f "$work/run/checkpoints/step_000000250/COMMITTED" ] || fail "no checkpoint after resume"
 
 echo "e2e: SIGINT saves a checkpoint"
 DDPM_TRAIN_STEPS=100000 DDPM_TRAIN_LOG_EVERY=5 DDPM_TRAIN_CHECKPOINT_EVERY=0 \
@@ -50,20 +53,24 @@ rc=0
 wait "$pid" || rc=$?
 [ "$rc" -eq 130 ] || fail "exit code $rc after SIGINT, expected 130: $(tail -3 "$work/sig.log")"
 grep -q "caught SIGINT" "$work/sig.log" || fail "no SIGINT message"
-ls "$work/sig/checkpoints/"step_*.ckpt > /dev/null || fail "no checkpoint after SIGINT"
+ls "$work/sig/checkpoints/"step_*/COMMITTED > /dev/null || fail "no checkpoint after SIGINT"
 
-echo "e2e: ddpm_sample from the checkpoint and from the weights"
-"$sample" --checkpoint "$work/run/checkpoints/step_000000250.ckpt" --num 6 --batch 4 \
+echo "e2e: ddpm_sample from the checkpoint, the run directory and exported weights"
+"$sample" --checkpoint "$work/run/checkpoints/step_000000250" --num 6 --batch 4 \
   --sampler ddim --steps 5 --seed 3 --out "$work/grid.png" > /dev/null
 [ -s "$work/grid.png" ] || fail "no grid from the checkpoint"
-"$sample" --checkpoint "$work/run/checkpoints/step_000000250.ckpt" --num 3 --sampler ddim \
+"$sample" --checkpoint "$work/run" --num 3 --sampler ddim \
   --steps 5 --out "$work/each/" > /dev/null
 [ "$(ls "$work/each" | wc -l)" -eq 3 ] || fail "expected 3 PNGs in a directory"
 "$sample" --weights "$work/run/ema_weights.pt" --config "$config" --num 2 --sampler ddim \
   --steps 5 --out "$work/w.png" > /dev/null
 [ -s "$work/w.png" ] || fail "no grid from the weights"
+"$export_tool" --checkpoint "$work/run/checkpoints" --out "$work/exported.pt" > /dev/null
+[ -s "$work/exported.yaml" ] || fail "no config beside the exported weights"
+"$sample" --weights "$work/exported.pt" --num 2 --sampler ddim --steps 5 --out "$work/e.png" > /dev/null
+[ -s "$work/e.png" ] || fail "no grid from the exported weights"
 if "$sample" --checkpoint "$work/run/config.yaml" --out "$work/x.png" > "$work/bad.log" 2>&1; then
   fail "read a YAML file as a checkpoint"
 fi
-grep -q "not a ddpm-train checkpoint" "$work/bad.log" || fail "unclear error: $(cat "$work/bad.log")"
+grep -q "config.yaml: no such checkpoint" "$work/bad.log" || fail "unclear error: $(cat "$work/bad.log")"
 echo "e2e: all passed"

@@ -19,25 +19,57 @@ sample: {sampler: ddim, steps: 4, num_images: 4}
 dist: {bucket_mb: 0.05, timeout_seconds: 60}
 YAML
 
-echo "mpi: 2 ranks, 12 steps"
+echo "mpi: 2 ranks, 20 steps, checkpoints at 10 and 20"
+export DDPM_TRAIN_STEPS=20 DDPM_TRAIN_CHECKPOINT_EVERY=10
 mpirun "$worker" --config "$work/tiny.yaml" --run-dir "$work/run" > "$work/train.log" 2>&1 ||
   fail "training failed"
 grep -q "2 rank(s) x 4 images (global batch 8, mpi)" "$work/train.log" || fail "no world banner"
 grep -q "all-reduce .* ms, .*% hidden" "$work/train.log" || fail "no all-reduce metrics in the log"
-[ "$(grep -o 'step 12/12 | loss' "$work/train.log" | wc -l)" = 1 ] || fail "not exactly one rank logs"
-[ -f "$work/run/checkpoints/step_000000006.ckpt" ] || fail "no periodic checkpoint"
-[ -f "$work/run/checkpoints/step_000000012.ckpt" ] || fail "no final checkpoint"
-[ -f "$work/run/samples/step_000000012.png" ] || fail "no sample grid"
+[ "$(grep -o 'step 20/20 | loss' "$work/train.log" | wc -l)" = 1 ] || fail "not exactly one rank logs"
+for step in 000000010 000000020; do
+  for f in manifest.json COMMITTED shard-00000-of-00002 shard-00001-of-00002; do
+    [ -f "$work/run/checkpoints/step_$step/$f" ] || fail "step_$step/$f missing"
+  done
+done
+[ -f "$work/run/samples/step_000000020.png" ] || fail "no sample grid"
 
-echo "mpi: resume from step 6 reaches the same step-12 weights"
+# Every byte of the state (weights, EMA, Adam moments, counters, each rank's RNG, the data
+# cursor) is in the shards, so equal shard checksums mean a bitwise equal state.
+checksums() { grep -o '"xxh64": "[0-9a-f]*"' "$1/manifest.json"; }
+
+echo "mpi: 10 steps, checkpoint, stop, resume, 10 more: bitwise the 20 straight steps"
 mkdir -p "$work/again/checkpoints"
-cp "$work/run/checkpoints/step_000000006.ckpt" "$work/again/checkpoints/"
-echo step_000000006.ckpt > "$work/again/checkpoints/latest"
+cp -r "$work/run/checkpoints/step_000000010" "$work/again/checkpoints/"
+echo step_000000010 > "$work/again/checkpoints/latest"
 mpirun "$worker" --config "$work/tiny.yaml" --run-dir "$work/again" --resume > "$work/resume.log" 2>&1 ||
   fail "resume failed"
-grep -q "resumed from .*step_000000006.ckpt at step 6" "$work/resume.log" || fail "did not resume"
+grep -q "resumed from .*step_000000010 at step 10" "$work/resume.log" || fail "did not resume"
+[ "$(checksums "$work/run/checkpoints/step_000000020")" = \
+  "$(checksums "$work/again/checkpoints/step_000000020")" ] ||
+  fail "the resumed step-20 state differs from the uninterrupted run's"
 cmp -s "$work/run/ema_weights.pt" "$work/again/ema_weights.pt" ||
   fail "resumed EMA weights differ from the uninterrupted run's"
+
+echo "mpi: the 2-rank checkpoint resumes on 1 and on 3 ranks"
+for ranks in 1 3; do
+  mkdir -p "$work/w$ranks/checkpoints"
+  cp -r "$work/run/checkpoints/step_000000010" "$work/w$ranks/checkpoints/"
+  if [ "$ranks" = 1 ]; then
+    "$worker" --config "$work/tiny.yaml" --run-dir "$work/w$ranks" --resume > "$work/w$ranks.log" 2>&1 ||
+      fail "resume on 1 rank failed"
+  else
+    # 3 ranks need a global batch that divides by 3.
+    DDPM_TRAIN_BATCH_SIZE=9 timeout 300 "$mpiexec" -np 3 --oversubscribe "$worker" --config "$work/tiny.yaml" \
+      --run-dir "$work/w$ranks" --resume > "$work/w$ranks.log" 2>&1 || fail "resume on 3 ranks failed"
+  fi
+  grep -q "written by 2 rank(s) and this run has $ranks" "$work/w$ranks.log" ||
+    fail "no world-size warning on $ranks rank(s)"
+  grep -q "resumed from .*step_000000010 at step 10" "$work/w$ranks.log" ||
+    fail "did not resume on $ranks rank(s)"
+  [ -f "$work/w$ranks/checkpoints/step_000000020/shard-0000$((ranks - 1))-of-0000$ranks" ] ||
+    fail "no $ranks-rank checkpoint at step 20"
+done
+unset DDPM_TRAIN_STEPS DDPM_TRAIN_CHECKPOINT_EVERY
 
 echo "mpi: a rank that throws ends the job"
 start=$(date +%s)

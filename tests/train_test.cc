@@ -97,7 +97,7 @@ TEST(Train, FlatParametersAreViewsAndGradientsAccumulateInPlace) {
   EXPECT_TRUE(torch::equal(flat.grad(), torch::full({15}, 2.0)));
   layer->forward(x).sum().backward();
   EXPECT_TRUE(torch::equal(flat.grad(), torch::full({15}, 4.0))) << "accumulated into the buffer";
-  const auto named = flat.Unflatten(flat.grad());
+  const auto named = flat.Views(flat.grad());
   EXPECT_EQ(named.at("weight").sizes(), (std::vector<int64_t>{3, 4}));
   torch::Tensor copy = torch::zeros({15});
   std::map<std::string, torch::Tensor> prefixed;

@@ -4,9 +4,12 @@ namespace ddpm {
 
 void AddSampleFlags(Flags& flags) {
   flags.Add("checkpoint",
-            "a training checkpoint (RUN_DIR/checkpoints/step_*.ckpt); its config is used", "");
-  flags.Add("weights", "or a weights file, e.g. RUN_DIR/ema_weights.pt (needs --config)", "");
-  flags.Add("config", "the YAML config the weights were trained with", "");
+            "a checkpoint directory (RUN_DIR/checkpoints/step_*), a checkpoints folder or a run "
+            "directory (its newest valid checkpoint); its EMA weights and config are used",
+            "");
+  flags.Add("weights", "or a weights file: ddpm_export's, or RUN_DIR/ema_weights.pt", "");
+  flags.Add("config",
+            "the YAML config the weights were trained with (default: the .yaml beside them)", "");
   flags.Add("out", "a PNG grid, or a directory (ending in /) for one PNG per image", "samples.png");
   flags.Add("num", "number of images (default: the config's sample.num_images)", "");
   flags.Add("sampler", "ddpm or ddim (default: the config's sample.sampler)", "");
@@ -24,10 +27,7 @@ SampleJob SampleJobFromFlags(const Flags& flags) {
   job.weights = flags.Get("weights");
   job.config_path = flags.Get("config");
   if (job.checkpoint.empty() == job.weights.empty()) {
-    throw FlagError("ddpm_sample: give either --checkpoint, or --weights with --config");
-  }
-  if (!job.weights.empty() && job.config_path.empty()) {
-    throw FlagError("ddpm_sample: --weights needs --config (the config it was trained with)");
+    throw FlagError("ddpm_sample: give either --checkpoint or --weights");
   }
   job.out = flags.Get("out");
   job.batch_size = static_cast<int>(flags.GetInt("batch"));

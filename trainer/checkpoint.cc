@@ -6,31 +6,28 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <nlohmann/json.hpp>
+#include <sstream>
 
 namespace ddpm {
 namespace {
 
 namespace fs = std::filesystem;
+using Json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
 
-// magic[8], version u32, reserved u32, payload size u64, payload xxh64 u64; little-endian.
-constexpr std::size_t kHeaderBytes = 8 + 4 + 4 + 8 + 8;
-
-void PutU32(std::vector<char>& out, uint32_t v) {
-  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-}
-void PutU64(std::vector<char>& out, uint64_t v) {
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-}
-uint64_t GetLE(const char* p, int bytes) {
-  uint64_t v = 0;
-  for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(p[i]);
-  return v;
-}
+// magic[8], version u32, rank u32, world u32, reserved u32, step u64; little-endian.
+constexpr int64_t kShardHeaderBytes = 32;
+// Replicated tensors start at multiples of this in the logical byte space, and rank ranges are
+// cut at multiples of kCut, so no element is ever split between shards.
+constexpr int64_t kAlign = 64;
+constexpr int64_t kCut = 8;
 
 std::string Errno(const std::string& what) { return what + ": " + std::strerror(errno); }
 
@@ -42,15 +39,18 @@ void FsyncPath(const std::string& path, int flags) {
   if (rc != 0) throw CheckpointError(Errno(path + ": fsync failed"));
 }
 
-// Writes bytes to path and fsyncs it, calling hook as the bytes go out.
-void WriteAndSync(const std::string& path, const std::vector<char>& bytes, const WriteHook& hook) {
+void FsyncDir(const std::string& path) { FsyncPath(path, O_RDONLY | O_DIRECTORY); }
+
+// Writes size bytes to path and fsyncs it, calling hook as the bytes go out.
+void WriteAndSync(const std::string& path, const char* data, std::size_t size,
+                  const WriteHook& hook = nullptr) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw CheckpointError(Errno(path + ": cannot create"));
-  constexpr std::size_t kChunk = 1 << 20;
+  constexpr std::size_t kChunk = 4 << 20;
   std::size_t written = 0;
-  while (written < bytes.size()) {
-    const std::size_t n = std::min(kChunk, bytes.size() - written);
-    const ssize_t got = ::write(fd, bytes.data() + written, n);
+  while (written < size) {
+    const std::size_t n = std::min(kChunk, size - written);
+    const ssize_t got = ::write(fd, data + written, n);
     if (got < 0) {
       if (errno == EINTR) continue;
       const std::string error =
@@ -59,7 +59,7 @@ void WriteAndSync(const std::string& path, const std::vector<char>& bytes, const
       throw CheckpointError(error);
     }
     written += static_cast<std::size_t>(got);
-    if (hook) hook(written, bytes.size());
+    if (hook) hook(written, size);
   }
   if (::fsync(fd) != 0) {
     const std::string error = Errno(path + ": fsync failed");
@@ -69,10 +69,97 @@ void WriteAndSync(const std::string& path, const std::vector<char>& bytes, const
   ::close(fd);
 }
 
-std::string StepFileName(int64_t step) {
+// Writes text to path.tmp, fsyncs it and renames it over path: readers see all or nothing.
+void WriteTextAtomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  WriteAndSync(tmp, text.data(), text.size());
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    throw CheckpointError(Errno(path + ": cannot rename " + tmp + " into place"));
+  }
+}
+
+std::string ReadText(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw CheckpointError(path + ": missing or unreadable");
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+std::string StepDirName(int64_t step) {
   char name[48];
-  std::snprintf(name, sizeof(name), "step_%09lld.ckpt", static_cast<long long>(step));
+  std::snprintf(name, sizeof(name), "step_%09lld", static_cast<long long>(step));
   return name;
+}
+
+std::string ShardName(int rank, int world) {
+  char name[64];
+  std::snprintf(name, sizeof(name), "shard-%05d-of-%05d", rank, world);
+  return name;
+}
+
+std::string Hex(uint64_t value) {
+  char text[17];
+  std::snprintf(text, sizeof(text), "%016llx", static_cast<unsigned long long>(value));
+  return text;
+}
+
+const std::map<std::string, torch::ScalarType>& DtypesByName() {
+  static const std::map<std::string, torch::ScalarType> dtypes = {
+      {"float32", torch::kFloat32},   {"float64", torch::kFloat64}, {"float16", torch::kFloat16},
+      {"bfloat16", torch::kBFloat16}, {"int64", torch::kInt64},     {"int32", torch::kInt32},
+      {"uint8", torch::kUInt8},       {"bool", torch::kBool}};
+  return dtypes;
+}
+
+std::string DtypeName(torch::ScalarType type, const std::string& tensor) {
+  for (const auto& [name, t] : DtypesByName()) {
+    if (t == type) return name;
+  }
+  throw CheckpointError("checkpoint: tensor '" + tensor + "' has dtype " +
+                        std::string(c10::toString(type)) + ", which checkpoints do not store");
+}
+
+int64_t Align(int64_t value, int64_t to) { return (value + to - 1) / to * to; }
+
+// Where each replicated tensor sits in the logical byte space all ranks share.
+struct Placement {
+  std::string name;
+  int64_t start = 0;
+  int64_t bytes = 0;
+};
+
+std::vector<Placement> Layout(const std::map<std::string, torch::Tensor>& replicated,
+                              int64_t* total) {
+  std::vector<Placement> out;
+  int64_t at = 0;
+  for (const auto& [name, tensor] : replicated) {
+    at = Align(at, kAlign);
+    const int64_t bytes = tensor.numel() * static_cast<int64_t>(tensor.element_size());
+    out.push_back({name, at, bytes});
+    at += bytes;
+  }
+  *total = at;
+  return out;
+}
+
+// Rank's byte range [first, second) of a logical space of total bytes.
+std::pair<int64_t, int64_t> RangeOf(int64_t total, int rank, int world) {
+  auto cut = [&](int r) {
+    if (r >= world) return total;
+    const long double exact = static_cast<long double>(total) * r / world;
+    return static_cast<int64_t>(exact) / kCut * kCut;
+  };
+  return {cut(rank), cut(rank + 1)};
+}
+
+// The bytes of a contiguous CPU copy of tensor.
+torch::Tensor ByteView(const torch::Tensor& tensor) {
+  return tensor.detach().contiguous().reshape({-1}).view(torch::kUInt8);
+}
+
+Json ShapeJson(const torch::Tensor& tensor) {
+  Json shape = Json::array();
+  for (int64_t d : tensor.sizes()) shape.push_back(d);
+  return shape;
 }
 
 }  // namespace
@@ -112,77 +199,127 @@ const torch::Tensor& RequireTensor(const std::map<std::string, torch::Tensor>& t
 
 torch::Tensor Int64Tensor(int64_t value) { return torch::tensor(value, torch::kLong); }
 
-void WriteCheckpointFile(const std::string& path,
-                         const std::map<std::string, torch::Tensor>& tensors,
-                         const WriteHook& hook) {
-  const std::vector<char> payload = PickleTensors(tensors);
-  std::vector<char> bytes;
-  bytes.reserve(kHeaderBytes + payload.size());
-  bytes.insert(bytes.end(), std::begin(kCheckpointMagic), std::end(kCheckpointMagic));
-  PutU32(bytes, kCheckpointVersion);
-  PutU32(bytes, 0);
-  PutU64(bytes, payload.size());
-  PutU64(bytes, XXH64(payload.data(), payload.size(), 0));
-  bytes.insert(bytes.end(), payload.begin(), payload.end());
+// ---- Reading ----------------------------------------------------------------------------
 
-  const std::string tmp = path + ".tmp";
+std::map<std::string, torch::Tensor> ReadCheckpoint(const std::string& step_dir) {
+  const fs::path dir(step_dir);
+  if (!fs::is_directory(dir)) throw CheckpointError(step_dir + ": no such checkpoint directory");
+  if (!fs::exists(dir / "COMMITTED")) {
+    throw CheckpointError((dir / "COMMITTED").string() +
+                          ": missing; the checkpoint was never committed (a torn write)");
+  }
+  const std::string manifest_path = (dir / "manifest.json").string();
+  Json manifest;
   try {
-    WriteAndSync(tmp, bytes, hook);
-  } catch (...) {
-    std::remove(tmp.c_str());
-    throw;
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string error = Errno(path + ": cannot rename " + tmp + " into place");
-    std::remove(tmp.c_str());
-    throw CheckpointError(error);
-  }
-  FsyncPath(fs::path(path).parent_path().empty() ? "." : fs::path(path).parent_path().string(),
-            O_RDONLY | O_DIRECTORY);
-}
-
-std::map<std::string, torch::Tensor> ReadCheckpointFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw CheckpointError(path + ": cannot open checkpoint");
-  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
-                                std::istreambuf_iterator<char>());
-  if (bytes.size() < kHeaderBytes) {
-    throw CheckpointError(path + ": truncated: " + std::to_string(bytes.size()) +
-                          " bytes is shorter than the " + std::to_string(kHeaderBytes) +
-                          "-byte header");
-  }
-  if (!std::equal(std::begin(kCheckpointMagic), std::end(kCheckpointMagic), bytes.begin())) {
-    throw CheckpointError(path + ": not a ddpm-train checkpoint (bad magic at byte offset 0)");
-  }
-  const uint32_t version = static_cast<uint32_t>(GetLE(bytes.data() + 8, 4));
-  if (version == 0 || version > kCheckpointVersion) {
-    throw CheckpointError(path + ": checkpoint format version " + std::to_string(version) +
-                          " is unknown to this build, which reads versions 1 to " +
-                          std::to_string(kCheckpointVersion));
-  }
-  const uint64_t size = GetLE(bytes.data() + 16, 8);
-  const uint64_t checksum = GetLE(bytes.data() + 24, 8);
-  if (bytes.size() - kHeaderBytes != size) {
-    throw CheckpointError(path + ": truncated or padded: the header declares " +
-                          std::to_string(size) + " payload bytes from byte offset " +
-                          std::to_string(kHeaderBytes) + ", the file has " +
-                          std::to_string(bytes.size() - kHeaderBytes));
-  }
-  const std::vector<char> payload(bytes.begin() + kHeaderBytes, bytes.end());
-  if (XXH64(payload.data(), payload.size(), 0) != checksum) {
-    throw CheckpointError(path + ": checksum mismatch: the payload is corrupt");
+    manifest = Json::parse(ReadText(manifest_path));
+  } catch (const Json::exception& e) {
+    throw CheckpointError(manifest_path + ": not valid JSON: " + e.what());
   }
   try {
-    return UnpickleTensors(payload, path);
-  } catch (const std::runtime_error& e) {
-    throw CheckpointError(e.what());
+    const int version = manifest.at("version").get<int>();
+    if (version != static_cast<int>(kCheckpointVersion)) {
+      throw CheckpointError(manifest_path + ": checkpoint format version " +
+                            std::to_string(version) + " is unknown to this build, which reads " +
+                            std::to_string(kCheckpointVersion));
+    }
+    // Every shard: present, the recorded size, the recorded xxHash64.
+    std::vector<std::string> shard_paths;
+    for (const Json& shard : manifest.at("shards")) {
+      const std::string path = (dir / shard.at("file").get<std::string>()).string();
+      std::ifstream in(path, std::ios::binary);
+      if (!in) throw CheckpointError(path + ": missing shard");
+      const int64_t expected = shard.at("bytes").get<int64_t>();
+      XXH64_state_t* state = XXH64_createState();
+      XXH64_reset(state, 0);
+      std::vector<char> buffer(8 << 20);
+      int64_t size = 0;
+      while (in) {
+        in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+        const std::streamsize got = in.gcount();
+        if (got <= 0) break;
+        XXH64_update(state, buffer.data(), static_cast<std::size_t>(got));
+        size += got;
+      }
+      const uint64_t digest = XXH64_digest(state);
+      XXH64_freeState(state);
+      if (size != expected) {
+        throw CheckpointError(path + ": truncated or padded: " + std::to_string(size) +
+                              " bytes, the manifest records " + std::to_string(expected));
+      }
+      if (Hex(digest) != shard.at("xxh64").get<std::string>()) {
+        throw CheckpointError(path + ": checksum mismatch: the shard is corrupt");
+      }
+      shard_paths.push_back(path);
+    }
+    auto read_bytes = [&](int shard, int64_t offset, int64_t bytes, uint8_t* out) {
+      if (shard < 0 || shard >= static_cast<int>(shard_paths.size())) {
+        throw CheckpointError(manifest_path + ": refers to shard " + std::to_string(shard) +
+                              " of " + std::to_string(shard_paths.size()));
+      }
+      std::ifstream in(shard_paths[shard], std::ios::binary);
+      in.seekg(offset);
+      in.read(reinterpret_cast<char*>(out), bytes);
+      if (in.gcount() != bytes) {
+        throw CheckpointError(shard_paths[shard] + ": cannot read " + std::to_string(bytes) +
+                              " bytes at byte offset " + std::to_string(offset));
+      }
+    };
+    auto make = [&](const Json& entry) {
+      const std::string dtype = entry.at("dtype").get<std::string>();
+      const auto it = DtypesByName().find(dtype);
+      if (it == DtypesByName().end()) {
+        throw CheckpointError(manifest_path + ": tensor '" + entry.at("name").get<std::string>() +
+                              "' has unknown dtype " + dtype);
+      }
+      return torch::empty(entry.at("shape").get<std::vector<int64_t>>(), it->second);
+    };
+    std::map<std::string, torch::Tensor> out;
+    for (const Json& entry : manifest.at("tensors")) {
+      torch::Tensor tensor = make(entry);
+      torch::Tensor bytes = ByteView(tensor);
+      int64_t filled = 0;
+      for (const Json& piece : entry.at("pieces")) {
+        const int64_t begin = piece.at("begin").get<int64_t>();
+        const int64_t count = piece.at("bytes").get<int64_t>();
+        if (begin < 0 || count < 0 || begin + count > bytes.numel()) {
+          throw CheckpointError(manifest_path + ": a piece of '" +
+                                entry.at("name").get<std::string>() + "' lies outside it");
+        }
+        read_bytes(piece.at("shard").get<int>(), piece.at("offset").get<int64_t>(), count,
+                   bytes.data_ptr<uint8_t>() + begin);
+        filled += count;
+      }
+      if (filled != bytes.numel()) {
+        throw CheckpointError(
+            manifest_path + ": the pieces of '" + entry.at("name").get<std::string>() + "' cover " +
+            std::to_string(filled) + " of its " + std::to_string(bytes.numel()) + " bytes");
+      }
+      out[entry.at("name").get<std::string>()] = tensor;
+    }
+    for (const Json& rank : manifest.at("ranks")) {
+      const int r = rank.at("rank").get<int>();
+      for (const Json& entry : rank.at("tensors")) {
+        torch::Tensor tensor = make(entry);
+        torch::Tensor bytes = ByteView(tensor);
+        if (entry.at("bytes").get<int64_t>() != bytes.numel()) {
+          throw CheckpointError(manifest_path + ": rank " + std::to_string(r) + "'s '" +
+                                entry.at("name").get<std::string>() + "' has the wrong size");
+        }
+        read_bytes(r, entry.at("offset").get<int64_t>(), bytes.numel(), bytes.data_ptr<uint8_t>());
+        out[entry.at("name").get<std::string>() + "/" + std::to_string(r)] = tensor;
+      }
+    }
+    out["meta/world_size"] = Int64Tensor(manifest.at("world_size").get<int64_t>());
+    return out;
+  } catch (const Json::exception& e) {
+    throw CheckpointError(manifest_path + ": malformed manifest: " + e.what());
   }
 }
 
 CheckpointDir::CheckpointDir(std::string dir) : dir_(std::move(dir)) {}
 
 std::string CheckpointDir::PathFor(int64_t step) const {
-  return (fs::path(dir_) / StepFileName(step)).string();
+  return (fs::path(dir_) / StepDirName(step)).string();
 }
 
 std::vector<int64_t> CheckpointDir::Steps() const {
@@ -192,9 +329,8 @@ std::vector<int64_t> CheckpointDir::Steps() const {
   for (const auto& entry : fs::directory_iterator(dir_)) {
     const std::string name = entry.path().filename().string();
     long long step = -1;
-    char tail[8] = {0};
-    if (std::sscanf(name.c_str(), "step_%lld.%7s", &step, tail) == 2 &&
-        std::string(tail) == "ckpt" && name == StepFileName(step)) {
+    if (entry.is_directory() && std::sscanf(name.c_str(), "step_%lld", &step) == 1 &&
+        name == StepDirName(step)) {
       steps.push_back(step);
     }
   }
@@ -202,26 +338,16 @@ std::vector<int64_t> CheckpointDir::Steps() const {
   return steps;
 }
 
-std::string CheckpointDir::Save(int64_t step, const std::map<std::string, torch::Tensor>& tensors,
-                                int keep, const WriteHook& hook) {
+void CheckpointDir::RemoveTemporaries() const {
   std::error_code error;
-  fs::create_directories(dir_, error);
-  if (error) throw CheckpointError(dir_ + ": cannot create: " + error.message());
-  const std::string path = PathFor(step);
-  WriteCheckpointFile(path, tensors, hook);
-  // `latest` names the newest committed file; written atomically like the checkpoint itself.
-  const std::string latest = (fs::path(dir_) / "latest").string();
-  const std::string name = StepFileName(step) + "\n";
-  WriteAndSync(latest + ".tmp", std::vector<char>(name.begin(), name.end()), nullptr);
-  if (std::rename((latest + ".tmp").c_str(), latest.c_str()) != 0) {
-    throw CheckpointError(Errno(latest + ": cannot update"));
+  if (!fs::is_directory(dir_, error)) return;
+  for (const auto& entry : fs::directory_iterator(dir_)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("step_", 0) == 0 && name.size() > 4 &&
+        name.compare(name.size() - 4, 4, ".tmp") == 0) {
+      fs::remove_all(entry.path(), error);
+    }
   }
-  FsyncPath(dir_, O_RDONLY | O_DIRECTORY);
-  const std::vector<int64_t> steps = Steps();
-  for (std::size_t i = static_cast<std::size_t>(std::max(keep, 1)); i < steps.size(); ++i) {
-    fs::remove(PathFor(steps[i]), error);
-  }
-  return path;
 }
 
 std::optional<CheckpointDir::Loaded> CheckpointDir::LoadLatestValid(
@@ -238,12 +364,311 @@ std::optional<CheckpointDir::Loaded> CheckpointDir::LoadLatestValid(
   }
   for (const std::string& path : candidates) {
     try {
-      return Loaded{path, ReadCheckpointFile(path)};
+      return Loaded{path, ReadCheckpoint(path)};
     } catch (const CheckpointError& e) {
       if (warn) warn(std::string("refusing checkpoint ") + e.what() + "; trying an older one");
     }
   }
   return std::nullopt;
+}
+
+CheckpointDir::Loaded LoadCheckpointAt(const std::string& path,
+                                       const std::function<void(const std::string&)>& warn) {
+  const fs::path at(path);
+  if (fs::exists(at / "manifest.json") || fs::exists(at / "COMMITTED")) {
+    return {path, ReadCheckpoint(path)};
+  }
+  const std::string folder =
+      fs::is_directory(at / "checkpoints") ? (at / "checkpoints").string() : path;
+  if (!fs::is_directory(folder)) {
+    throw CheckpointError(path + ": no such checkpoint, checkpoints folder or run directory");
+  }
+  std::optional<CheckpointDir::Loaded> loaded = CheckpointDir(folder).LoadLatestValid(warn);
+  if (!loaded) throw CheckpointError(folder + ": holds no checkpoint that can be read");
+  return *loaded;
+}
+
+// ---- Writing ----------------------------------------------------------------------------
+
+struct CheckpointWriter::Job {
+  int64_t step = 0;
+  std::string tmp_dir;
+  std::string final_dir;
+  int64_t shard_bytes = 0;
+  uint64_t config_hash = 0;
+  // The manifest's tensor table: every replicated tensor and its place in the logical space.
+  std::vector<Placement> layout;
+  int64_t total = 0;
+  Json replicated_meta = Json::object();  // name -> {dtype, shape}
+  Json own = Json::array();               // this rank's own tensors
+  Json data_cursor = Json::object();
+  Clock::time_point started;
+};
+
+CheckpointWriter::CheckpointWriter(std::string dir, int rank, int world_size, int keep,
+                                   double timeout_seconds, WriteHook hook)
+    : dir_(std::move(dir)),
+      rank_(rank),
+      world_(world_size),
+      keep_(std::max(keep, 1)),
+      timeout_seconds_(timeout_seconds),
+      hook_(std::move(hook)) {
+  thread_ = std::thread([this] { Run(); });
+}
+
+CheckpointWriter::~CheckpointWriter() {
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return !busy_; });
+    stop_ = true;
+  }
+  changed_.notify_all();
+  thread_.join();
+}
+
+std::string CheckpointWriter::Wait() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait(lock, [&] { return !busy_; });
+  if (error_) {
+    std::exception_ptr error = error_;
+    error_ = nullptr;
+    std::rethrow_exception(error);
+  }
+  return committed_;
+}
+
+CheckpointTimes CheckpointWriter::times() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return times_;
+}
+
+void CheckpointWriter::Save(int64_t step, const std::map<std::string, torch::Tensor>& replicated,
+                            const std::map<std::string, torch::Tensor>& own) {
+  const auto start = Clock::now();
+  Wait();  // Never two at once; the host buffer is reused.
+  auto job = std::make_unique<Job>();
+  job->step = step;
+  job->final_dir = (fs::path(dir_) / StepDirName(step)).string();
+  job->tmp_dir = job->final_dir + ".tmp";
+  job->layout = Layout(replicated, &job->total);
+  const auto [first, last] = RangeOf(job->total, rank_, world_);
+
+  // The shard image: header, this rank's range of the logical space, then its own tensors.
+  int64_t size = kShardHeaderBytes + (last - first);
+  std::vector<std::pair<int64_t, const torch::Tensor*>> own_at;
+  for (const auto& [name, tensor] : own) {
+    size = Align(size, kCut);
+    own_at.emplace_back(size, &tensor);
+    const int64_t bytes = tensor.numel() * static_cast<int64_t>(tensor.element_size());
+    job->own.push_back({{"name", name},
+                        {"dtype", DtypeName(tensor.scalar_type(), name)},
+                        {"shape", ShapeJson(tensor)},
+                        {"offset", size},
+                        {"bytes", bytes}});
+    size += bytes;
+  }
+  job->shard_bytes = size;
+  bool on_gpu = false;
+  for (const auto& [name, tensor] : replicated) on_gpu = on_gpu || tensor.is_cuda();
+  if (!host_.defined() || host_.numel() < size) {
+    host_ = torch::empty({size}, torch::kUInt8);
+    if (on_gpu) host_ = host_.pin_memory();
+  }
+  uint8_t* base = host_.data_ptr<uint8_t>();
+  std::memset(base, 0, kShardHeaderBytes);
+  std::memcpy(base, kShardMagic, sizeof(kShardMagic));
+  const uint32_t header[4] = {kCheckpointVersion, static_cast<uint32_t>(rank_),
+                              static_cast<uint32_t>(world_), 0};
+  std::memcpy(base + 8, header, sizeof(header));
+  const uint64_t step_bytes = static_cast<uint64_t>(step);
+  std::memcpy(base + 24, &step_bytes, sizeof(step_bytes));
+
+  int64_t filled = first;  // logical position up to which the shard is written
+  auto zero_to = [&](int64_t logical) {
+    if (logical > filled) {
+      std::memset(base + kShardHeaderBytes + (filled - first), 0, logical - filled);
+      filled = logical;
+    }
+  };
+  std::size_t index = 0;
+  for (const auto& [name, tensor] : replicated) {
+    const Placement& place = job->layout[index++];
+    job->replicated_meta[name] = {{"dtype", DtypeName(tensor.scalar_type(), name)},
+                                  {"shape", ShapeJson(tensor)}};
+    const int64_t lo = std::max(place.start, first);
+    const int64_t hi = std::min(place.start + place.bytes, last);
+    if (lo >= hi) continue;
+    zero_to(lo);
+    host_.narrow(0, kShardHeaderBytes + (lo - first), hi - lo)
+        .copy_(ByteView(tensor).narrow(0, lo - place.start, hi - lo));
+    filled = hi;
+  }
+  zero_to(last);
+  for (const auto& [offset, tensor] : own_at) {
+    const torch::Tensor bytes = ByteView(*tensor).to(torch::kCPU);
+    std::memcpy(base + offset, bytes.data_ptr<uint8_t>(), bytes.numel());
+    if (offset + bytes.numel() < size) {
+      // Padding before the next tensor.
+      const int64_t next = Align(offset + bytes.numel(), kCut);
+      std::memset(base + offset + bytes.numel(), 0, std::min(next, size) - offset - bytes.numel());
+    }
+  }
+  if (const auto it = replicated.find("meta/config"); it != replicated.end()) {
+    const torch::Tensor bytes = ByteView(it->second).to(torch::kCPU);
+    job->config_hash = XXH64(bytes.data_ptr<uint8_t>(), bytes.numel(), 0);
+  }
+  for (const char* key : {"data/epoch", "data/offset"}) {
+    if (const auto it = replicated.find(key); it != replicated.end()) {
+      job->data_cursor[std::string(key).substr(5)] = it->second.item<int64_t>();
+    }
+  }
+  job->started = Clock::now();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    times_.stall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    job_ = std::move(job);
+    busy_ = true;
+  }
+  changed_.notify_all();
+}
+
+void CheckpointWriter::Run() {
+  while (true) {
+    std::unique_ptr<Job> job;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      changed_.wait(lock, [&] { return stop_ || job_ != nullptr; });
+      if (!job_) return;
+      job = std::move(job_);
+    }
+    std::exception_ptr error;
+    std::string committed;
+    try {
+      Write(*job);
+      if (rank_ == 0) {
+        Commit(*job);
+        committed = job->final_dir;
+      }
+    } catch (...) {
+      error = std::current_exception();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      times_.write_seconds = std::chrono::duration<double>(Clock::now() - job->started).count();
+      error_ = error;
+      if (!committed.empty()) committed_ = committed;
+      busy_ = false;
+    }
+    changed_.notify_all();
+  }
+}
+
+void CheckpointWriter::Write(Job& job) {
+  std::error_code error;
+  fs::create_directories(job.tmp_dir, error);
+  if (error) throw CheckpointError(job.tmp_dir + ": cannot create: " + error.message());
+  const std::string shard = (fs::path(job.tmp_dir) / ShardName(rank_, world_)).string();
+  const char* data = reinterpret_cast<const char*>(host_.data_ptr<uint8_t>());
+  WriteAndSync(shard, data, static_cast<std::size_t>(job.shard_bytes), hook_);
+  // The shard's receipt for rank 0, which appears whole (rename) only after the shard is synced.
+  const Json done = {{"rank", rank_},
+                     {"bytes", job.shard_bytes},
+                     {"xxh64", Hex(XXH64(data, static_cast<std::size_t>(job.shard_bytes), 0))},
+                     {"tensors", job.own}};
+  WriteTextAtomically(shard + ".done", done.dump());
+}
+
+void CheckpointWriter::Commit(Job& job) {
+  // Wait for every rank's receipt: the barrier after which the checkpoint is complete.
+  const fs::path tmp(job.tmp_dir);
+  const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_seconds_);
+  std::vector<Json> receipts(world_);
+  for (int r = 0; r < world_; ++r) {
+    const fs::path receipt = tmp / (ShardName(r, world_) + ".done");
+    while (!fs::exists(receipt)) {
+      if (Clock::now() > deadline) {
+        throw CheckpointError(receipt.string() + ": rank " + std::to_string(r) +
+                              "'s shard of step " + std::to_string(job.step) +
+                              " did not arrive within dist.timeout_seconds");
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    try {
+      receipts[r] = Json::parse(ReadText(receipt.string()));
+    } catch (const Json::exception& e) {
+      throw CheckpointError(receipt.string() + ": not valid JSON: " + e.what());
+    }
+  }
+
+  Json manifest = {{"format", "ddpm-train sharded checkpoint"},
+                   {"version", kCheckpointVersion},
+                   {"step", job.step},
+                   {"world_size", world_},
+                   {"config_hash", Hex(job.config_hash)},
+                   {"data_cursor", job.data_cursor}};
+  Json shards = Json::array(), ranks = Json::array();
+  for (int r = 0; r < world_; ++r) {
+    shards.push_back({{"file", ShardName(r, world_)},
+                      {"rank", r},
+                      {"bytes", receipts[r].at("bytes")},
+                      {"xxh64", receipts[r].at("xxh64")}});
+    ranks.push_back({{"rank", r}, {"tensors", receipts[r].at("tensors")}});
+  }
+  Json tensors = Json::array();
+  for (const Placement& place : job.layout) {
+    Json pieces = Json::array();
+    for (int r = 0; r < world_; ++r) {
+      const auto [first, last] = RangeOf(job.total, r, world_);
+      const int64_t lo = std::max(place.start, first);
+      const int64_t hi = std::min(place.start + place.bytes, last);
+      if (lo >= hi) continue;
+      pieces.push_back({{"shard", r},
+                        {"offset", kShardHeaderBytes + (lo - first)},
+                        {"begin", lo - place.start},
+                        {"bytes", hi - lo}});
+    }
+    const Json& meta = job.replicated_meta.at(place.name);
+    tensors.push_back({{"name", place.name},
+                       {"dtype", meta.at("dtype")},
+                       {"shape", meta.at("shape")},
+                       {"pieces", pieces}});
+  }
+  manifest["shards"] = shards;
+  manifest["tensors"] = tensors;
+  manifest["ranks"] = ranks;
+  const std::string text = manifest.dump(1);
+  WriteAndSync((tmp / "manifest.json").string(), text.data(), text.size());
+  for (int r = 0; r < world_; ++r) fs::remove(tmp / (ShardName(r, world_) + ".done"));
+  FsyncDir(job.tmp_dir);
+
+  // Publish: rename the folder, then COMMITTED, then `latest`.
+  std::error_code error;
+  fs::remove_all(job.final_dir, error);
+  if (std::rename(job.tmp_dir.c_str(), job.final_dir.c_str()) != 0) {
+    throw CheckpointError(Errno(job.final_dir + ": cannot rename " + job.tmp_dir + " into place"));
+  }
+  FsyncDir(dir_);
+  const std::string committed = (fs::path(job.final_dir) / "COMMITTED").string();
+  const std::string stamp = std::to_string(job.step) + "\n";
+  WriteAndSync(committed, stamp.data(), stamp.size());
+  FsyncDir(job.final_dir);
+  WriteTextAtomically((fs::path(dir_) / "latest").string(), StepDirName(job.step) + "\n");
+  FsyncDir(dir_);
+
+  // Keep the newest keep_, and any checkpoint marked with a KEEP file.
+  CheckpointDir folder(dir_);
+  const std::vector<int64_t> steps = folder.Steps();
+  for (std::size_t i = static_cast<std::size_t>(keep_); i < steps.size(); ++i) {
+    const std::string path = folder.PathFor(steps[i]);
+    if (!fs::exists(fs::path(path) / "KEEP")) fs::remove_all(path, error);
+  }
+}
+
+std::string SaveCheckpoint(const std::string& dir, int64_t step,
+                           const std::map<std::string, torch::Tensor>& tensors, int keep) {
+  CheckpointWriter writer(dir, 0, 1, keep, 600);
+  writer.Save(step, tensors, {});
+  return writer.Wait();
 }
 
 }  // namespace ddpm

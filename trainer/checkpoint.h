@@ -1,20 +1,27 @@
-// Single-process checkpoints: a versioned, checksummed file of named tensors, written
-// atomically, and the run directory's checkpoints/ folder with its `latest` pointer.
+// Sharded checkpoints (../shared/DESIGN.md, "Checkpoints"): RUN_DIR/checkpoints/step_XXXXXXXXX/
+// holds manifest.json, one shard-RRRRR-of-WWWWW per rank and a COMMITTED marker, beside a
+// `latest` pointer. Every rank writes its byte range of the replicated state and its own small
+// state, in the background; rank 0 commits. Any world size reads any checkpoint. A world of one
+// is W = 1.
 #pragma once
 
 #include <torch/torch.h>
 
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace ddpm {
 
-/// A checkpoint that cannot be read: the message names the file and what is wrong with it.
+/// A checkpoint that cannot be read or written: the message names the file and what is wrong.
 class CheckpointError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
@@ -33,38 +40,31 @@ const torch::Tensor& RequireTensor(const std::map<std::string, torch::Tensor>& t
 /// A 0-d int64 tensor, for counters and cursors in a checkpoint.
 torch::Tensor Int64Tensor(int64_t value);
 
-/// The file's first 8 bytes.
-inline constexpr char kCheckpointMagic[8] = {'D', 'D', 'P', 'M', 'C', 'K', 'P', 'T'};
-/// The format this build writes and the newest it reads.
-inline constexpr uint32_t kCheckpointVersion = 1;
+/// The first 8 bytes of every shard file.
+inline constexpr char kShardMagic[8] = {'D', 'D', 'P', 'M', 'S', 'H', 'R', 'D'};
+/// The format this build writes and the newest it reads (1 was the single-file format).
+inline constexpr uint32_t kCheckpointVersion = 2;
 
-/// Called with the bytes written so far while a checkpoint file is written; tests use it to
-/// die part-way through.
+/// Called with the bytes of a shard written so far; tests use it to die part-way through.
 using WriteHook = std::function<void(std::size_t written, std::size_t total)>;
 
-/// Writes tensors to path: header (magic, version, payload size, xxHash64 of the payload),
-/// then the payload (a torch.load-able pickle of the dict). Writes path.tmp, fsyncs it, renames
-/// it over path and fsyncs the folder, so a crash leaves either the old file or the new one.
-void WriteCheckpointFile(const std::string& path,
-                         const std::map<std::string, torch::Tensor>& tensors,
-                         const WriteHook& hook = nullptr);
-/// Reads and verifies a checkpoint file; throws CheckpointError naming the file.
-std::map<std::string, torch::Tensor> ReadCheckpointFile(const std::string& path);
+/// Reads and verifies one checkpoint directory: the COMMITTED marker, the manifest, and every
+/// shard's size and xxHash64. Returns the replicated tensors by name, and each rank's own
+/// tensors as "<name>/<rank>". Throws CheckpointError naming the file at fault.
+std::map<std::string, torch::Tensor> ReadCheckpoint(const std::string& step_dir);
 
-/// The checkpoints of one run: DIR/step_XXXXXXXXX.ckpt and DIR/latest (the newest's name).
+/// The checkpoints of one run: DIR/step_XXXXXXXXX/ and DIR/latest (the newest's name).
 class CheckpointDir {
  public:
   explicit CheckpointDir(std::string dir);
   const std::string& dir() const { return dir_; }
-
-  /// Writes step's checkpoint, moves `latest` to it, and deletes all but the newest keep.
-  /// Returns its path.
-  std::string Save(int64_t step, const std::map<std::string, torch::Tensor>& tensors, int keep,
-                   const WriteHook& hook = nullptr);
-  /// Steps that have a checkpoint file, newest first.
+  /// Steps that have a (finished-looking) checkpoint directory, newest first.
   std::vector<int64_t> Steps() const;
-  /// The path of step's checkpoint.
+  /// The directory of step's checkpoint.
   std::string PathFor(int64_t step) const;
+  /// Deletes step_*.tmp directories that a killed writer left behind. Call before any rank
+  /// starts writing.
+  void RemoveTemporaries() const;
 
   /// A loaded checkpoint and where it came from.
   struct Loaded {
@@ -78,5 +78,72 @@ class CheckpointDir {
  private:
   std::string dir_;
 };
+
+/// A checkpoint at path: a step directory, a checkpoints folder (its newest valid checkpoint) or
+/// a run directory (its checkpoints/). Refused checkpoints are reported to warn.
+CheckpointDir::Loaded LoadCheckpointAt(const std::string& path,
+                                       const std::function<void(const std::string&)>& warn);
+
+/// How long the last checkpoint took on this rank.
+struct CheckpointTimes {
+  /// The train loop was blocked: waiting for the previous write, and copying to host memory.
+  double stall_seconds = 0;
+  /// The background write of the shard (and on rank 0 the commit).
+  double write_seconds = 0;
+};
+
+/// Writes the checkpoints of one rank of a world. Save copies the rank's share to host memory
+/// (reused buffers, pinned when the state is on a GPU) and returns; a background thread writes
+/// the shard into step_X.tmp/ and fsyncs it. Rank 0's thread then waits until every rank's
+/// shard is in, writes the manifest, renames the folder to step_X, writes COMMITTED, moves
+/// `latest` and deletes all but the newest keep checkpoints (those holding a KEEP file stay).
+/// The folder must be shared by the ranks. Use from one thread.
+class CheckpointWriter {
+ public:
+  CheckpointWriter(std::string dir, int rank, int world_size, int keep, double timeout_seconds,
+                   WriteHook hook = nullptr);
+  /// Waits for the pending checkpoint; errors are dropped (call Wait to see them).
+  ~CheckpointWriter();
+  CheckpointWriter(const CheckpointWriter&) = delete;
+  CheckpointWriter& operator=(const CheckpointWriter&) = delete;
+
+  /// Checkpoints step: replicated holds the tensors every rank has alike (the same names,
+  /// shapes and dtypes on every rank; rank r writes the r-th byte range of them all), own the
+  /// rank's own small tensors. Waits for the previous checkpoint first; rethrows its error.
+  void Save(int64_t step, const std::map<std::string, torch::Tensor>& replicated,
+            const std::map<std::string, torch::Tensor>& own);
+  /// Blocks until the pending checkpoint is written (and on rank 0 committed); rethrows its
+  /// error. Returns the committed directory on rank 0, else "".
+  std::string Wait();
+  /// The last Save's stall and the last finished write.
+  CheckpointTimes times() const;
+
+ private:
+  struct Job;
+  void Run();
+  void Write(Job& job);
+  void Commit(Job& job);
+
+  const std::string dir_;
+  const int rank_;
+  const int world_;
+  const int keep_;
+  const double timeout_seconds_;
+  const WriteHook hook_;
+  torch::Tensor host_;
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  std::unique_ptr<Job> job_;
+  bool busy_ = false;
+  bool stop_ = false;
+  std::exception_ptr error_;
+  std::string committed_;
+  CheckpointTimes times_;
+  std::thread thread_;
+};
+
+/// Saves one checkpoint of a world of one and waits for it; returns its directory.
+std::string SaveCheckpoint(const std::string& dir, int64_t step,
+                           const std::map<std::string, torch::Tensor>& tensors, int keep);
 
 }  // namespace ddpm

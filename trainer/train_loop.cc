@@ -250,6 +250,12 @@ void DrawProgressBar(int64_t step, int64_t total, double loss, double images_per
 
 }  // namespace
 
+static std::string FormatSeconds(double seconds) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.2fs", seconds);
+  return text;
+}
+
 std::string FormatDuration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "?";
   const long long total = std::llround(seconds);
@@ -323,7 +329,9 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
 
   std::optional<CheckpointDir::Loaded> loaded;
   if (!options.resume_from.empty()) {
-    loaded = CheckpointDir::Loaded{options.resume_from, ReadCheckpointFile(options.resume_from)};
+    loaded = LoadCheckpointAt(options.resume_from, [&](const std::string& message) {
+      say("ddpm: warning: %s\n", message.c_str());
+    });
   } else if (options.resume) {
     loaded = checkpoints.LoadLatestValid(
         [&](const std::string& message) { say("ddpm: warning: %s\n", message.c_str()); });
@@ -338,7 +346,11 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
                              "); pass --resume to continue that run, or choose another --run-dir");
   }
 
-  if (lead) MakeDirectories(samples_dir);
+  if (lead) {
+    MakeDirectories(samples_dir);
+    // Before any rank writes (they all pass the broadcast below first).
+    checkpoints.RemoveTemporaries();
+  }
   say("ddpm: resolved config\n%s", config.ToTable().c_str());
   const std::unique_ptr<ImageDataset> dataset = MakeDataset(config);
   Trainer trainer(config, device, rank);
@@ -354,19 +366,18 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
                           SectionYaml(config, section));
       }
     }
-    // Each rank continues its own dropout stream when the world size is the one it was saved
-    // with.
-    std::map<std::string, torch::Tensor> state = loaded->tensors;
-    const std::string rank_rng = "rng/default/" + std::to_string(rank);
+    // Each rank continues its own dropout stream. A rank the checkpoint's world did not have
+    // starts one derived from (seed, rank, step): the run is then statistically, not bitwise,
+    // the one it would have been.
+    const std::map<std::string, torch::Tensor> state =
+        StateForRank(loaded->tensors, rank, device, config.train.seed, loaded->path);
     const int64_t saved_world =
-        state.count("meta/world_size") ? state.at("meta/world_size").item<int64_t>() : 1;
-    if (saved_world == world && state.count(rank_rng)) {
-      state["rng/default"] = state.at(rank_rng);
-    } else if (saved_world != world) {
-      say("ddpm: warning: the checkpoint was written by %lld ranks and this run has %d; the "
-          "dropout streams start afresh (timesteps, noise and data order continue exactly)\n",
+        RequireTensor(state, "meta/world_size", loaded->path).item<int64_t>();
+    if (saved_world != world) {
+      say("ddpm: warning: the checkpoint was written by %lld rank(s) and this run has %d; "
+          "timesteps, noise and data order continue exactly, dropout is statistically "
+          "equivalent, not bitwise\n",
           static_cast<long long>(saved_world), world);
-      state["rng/default"] = trainer.State().at("rng/default");
     }
     trainer.LoadState(state, loaded->path);
     cursor.epoch = RequireTensor(state, "data/epoch", loaded->path).item<int64_t>();
@@ -423,23 +434,38 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
   }
 
   TrainResult result;
-  // Every rank takes part (their dropout streams are gathered); rank 0 writes.
+  // Every rank copies its share at the step boundary and writes it in the background; rank 0
+  // commits. A checkpoint waits for the one before.
+  CheckpointWriter writer(checkpoints.dir(), rank, world, config.train.keep_checkpoints,
+                          config.dist.timeout_seconds);
   auto save_checkpoint = [&] {
-    const auto start = Clock::now();
-    std::map<std::string, torch::Tensor> state = trainer.State();
-    const torch::Tensor rngs = comm.AllGather(state.at("rng/default").to(torch::kCPU),
-                                              "all-gather of the dropout RNG states");
-    for (int r = 0; r < world; ++r) state["rng/default/" + std::to_string(r)] = rngs[r].clone();
-    state["data/epoch"] = Int64Tensor(cursor.epoch);
-    state["data/offset"] = Int64Tensor(cursor.offset);
-    state["meta/threads"] = Int64Tensor(threads);
-    state["meta/world_size"] = Int64Tensor(world);
-    state["meta/config"] = Text(config.ToYaml());
-    if (lead) {
-      result.checkpoint = checkpoints.Save(trainer.step(), state, config.train.keep_checkpoints);
-      say("ddpm: checkpoint %s (%.1fs)\n", result.checkpoint.c_str(), Seconds(start));
+    std::map<std::string, torch::Tensor> replicated = trainer.StateViews();
+    std::map<std::string, torch::Tensor> own = {{"rng/default", replicated.at("rng/default")}};
+    replicated.erase("rng/default");
+    replicated["data/epoch"] = Int64Tensor(cursor.epoch);
+    replicated["data/offset"] = Int64Tensor(cursor.offset);
+    replicated["meta/threads"] = Int64Tensor(threads);
+    replicated["meta/config"] = Text(config.ToYaml());
+    const bool had_one = !result.checkpoint.empty() || writer.times().write_seconds > 0;
+    writer.Save(trainer.step(), replicated, own);  // waits for the previous one first
+    const CheckpointTimes times = writer.times();
+    result.last_metrics.checkpoint_stall_seconds = times.stall_seconds;
+    result.last_metrics.checkpoint_write_seconds = times.write_seconds;
+    say("ddpm: checkpoint of step %lld: training resumed after %.2fs, writing in the "
+        "background%s\n",
+        static_cast<long long>(trainer.step()), times.stall_seconds,
+        had_one ? (" (the previous one took " + FormatSeconds(times.write_seconds) + ")").c_str()
+                : "");
+  };
+  // Waits for the pending checkpoint (rank 0: until it is committed) and reports it.
+  auto finish_checkpoint = [&] {
+    const std::string committed = writer.Wait();
+    result.last_metrics.checkpoint_write_seconds = writer.times().write_seconds;
+    if (lead && !committed.empty()) {
+      result.checkpoint = committed;
+      say("ddpm: checkpoint %s committed (written in %.2fs)\n", committed.c_str(),
+          writer.times().write_seconds);
     }
-    comm.Barrier("barrier after the checkpoint of step " + std::to_string(trainer.step()));
   };
   auto write_samples = [&](int64_t step) {
     if (lead) {
@@ -569,10 +595,12 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
     say("%sddpm: caught %s at step %lld; saving a checkpoint\n", tty ? "\r\033[K" : "",
         stop_signal == SIGINT ? "SIGINT" : "SIGTERM", static_cast<long long>(result.steps));
     save_checkpoint();
+    finish_checkpoint();
     say("ddpm: stopped; continue with --resume --run-dir %s\n", options.run_dir.c_str());
     return result;
   }
   if (result.steps != first_step) save_checkpoint();
+  finish_checkpoint();
   write_samples(result.steps);
   if (lead) {
     result.ema_weights = options.run_dir + "/ema_weights.pt";
@@ -589,14 +617,16 @@ std::vector<std::string> RunSampleJob(const SampleJob& job) {
   std::map<std::string, torch::Tensor> weights;
   std::string origin;
   if (!job.checkpoint.empty()) {
-    const auto state = ReadCheckpointFile(job.checkpoint);
-    config = ConfigFromCheckpoint(state, job.checkpoint);
-    for (const auto& [name, tensor] : state) {
-      if (name.rfind("ema/", 0) == 0) weights[name.substr(4)] = tensor;
-    }
-    origin = job.checkpoint;
+    const CheckpointDir::Loaded loaded = LoadCheckpointAt(
+        job.checkpoint,
+        [](const std::string& message) { std::printf("ddpm: warning: %s\n", message.c_str()); });
+    config = ConfigFromCheckpoint(loaded.tensors, loaded.path);
+    weights = WeightsFromState(loaded.tensors, "ema");
+    origin = loaded.path;
   } else {
-    config = LoadConfigFile(job.config_path);
+    // An exported weights file carries its config beside it (ddpm_export writes both).
+    config = LoadConfigFile(job.config_path.empty() ? ConfigBesideWeights(job.weights)
+                                                    : job.config_path);
     weights = LoadTensors(job.weights);
     origin = job.weights;
   }
@@ -634,6 +664,35 @@ std::vector<std::string> RunSampleJob(const SampleJob& job) {
     written.push_back(job.out);
   }
   return written;
+}
+
+std::string ConfigBesideWeights(const std::string& weights) {
+  return fs::path(weights).replace_extension(".yaml").string();
+}
+
+std::vector<std::string> RunExport(const ExportJob& job) {
+  if (job.which != "ema" && job.which != "model") {
+    throw ConfigError("ddpm_export: --weights must be ema or model, got '" + job.which + "'");
+  }
+  const CheckpointDir::Loaded loaded = LoadCheckpointAt(
+      job.checkpoint,
+      [](const std::string& message) { std::printf("ddpm: warning: %s\n", message.c_str()); });
+  const Config config = ConfigFromCheckpoint(loaded.tensors, loaded.path);
+  const std::map<std::string, torch::Tensor> weights = WeightsFromState(loaded.tensors, job.which);
+  // Check that the names and shapes are exactly the UNet's before writing anything.
+  UNet model(config.model);
+  LoadStateDict(*model, weights, loaded.path);
+  SaveTensors(weights, job.out);
+  const std::string config_path = ConfigBesideWeights(job.out);
+  {
+    std::ofstream out(config_path);
+    out << config.ToYaml();
+    if (!out) throw std::runtime_error(config_path + ": cannot write");
+  }
+  std::printf("ddpm: exported the %s weights of %s (%zu tensors) to %s, config to %s\n",
+              job.which.c_str(), loaded.path.c_str(), weights.size(), job.out.c_str(),
+              config_path.c_str());
+  return {job.out, config_path};
 }
 
 }  // namespace ddpm

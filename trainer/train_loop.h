@@ -29,6 +29,10 @@ struct WorkerMetrics {
   double step_seconds = 0;
   /// Images this rank trained on per second, over this step.
   double images_per_second = 0;
+  /// The last checkpoint: seconds the train loop was blocked, and seconds its background write
+  /// (and commit) took.
+  double checkpoint_stall_seconds = 0;
+  double checkpoint_write_seconds = 0;
   /// Gradient all-reduce: seconds summed over buckets, the share of them hidden behind
   /// backward, and the seconds the step waited for them after backward (0 for one process).
   double allreduce_seconds = 0;
@@ -95,11 +99,12 @@ std::string FormatDuration(double seconds);
 
 /// What ddpm_sample draws from and where it writes.
 struct SampleJob {
-  /// A training checkpoint; its EMA weights and config are used.
+  /// A checkpoint directory, a checkpoints folder or a run directory (its newest valid
+  /// checkpoint); its EMA weights and config are used.
   std::string checkpoint;
-  /// Or a weights file (ema_weights.pt or a torch.save'd state dict) ...
+  /// Or a weights file (ddpm_export's, ema_weights.pt, or a torch.save'd state dict) ...
   std::string weights;
-  /// ... with the config it was trained with.
+  /// ... with the config it was trained with; empty: the .yaml beside the weights file.
   std::string config_path;
   /// "section.key" -> YAML value overrides of the config (sample.* mostly).
   std::vector<std::pair<std::string, std::string>> overrides;
@@ -111,5 +116,22 @@ struct SampleJob {
 
 /// Draws the samples of job and writes them; returns the files written.
 std::vector<std::string> RunSampleJob(const SampleJob& job);
+
+/// The config file that goes with an exported weights file: model.pt -> model.yaml.
+std::string ConfigBesideWeights(const std::string& weights);
+
+/// What ddpm_export reads and writes.
+struct ExportJob {
+  /// A checkpoint directory, a checkpoints folder or a run directory.
+  std::string checkpoint;
+  /// "ema" (for sampling) or "model" (the raw trained weights).
+  std::string which = "ema";
+  /// The state dict file, which Python's torch.load reads; its config goes beside it as .yaml.
+  std::string out = "model.pt";
+};
+
+/// Writes job.which's weights of the checkpoint as one state dict with the UNet's names;
+/// returns the files written.
+std::vector<std::string> RunExport(const ExportJob& job);
 
 }  // namespace ddpm

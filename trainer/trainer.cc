@@ -40,11 +40,11 @@ FlatParameters::FlatParameters(torch::nn::Module& module, bool with_grad) {
   }
 }
 
-std::map<std::string, torch::Tensor> FlatParameters::Unflatten(const torch::Tensor& flat) const {
+std::map<std::string, torch::Tensor> FlatParameters::Views(const torch::Tensor& flat) const {
   std::map<std::string, torch::Tensor> out;
-  const torch::Tensor cpu = flat.detach().to(torch::kCPU);
+  const torch::Tensor detached = flat.detach();
   for (const Slot& slot : slots_) {
-    out[slot.name] = cpu.narrow(0, slot.offset, slot.numel).view(slot.shape).clone();
+    out[slot.name] = detached.narrow(0, slot.offset, slot.numel).view(slot.shape);
   }
   return out;
 }
@@ -207,10 +207,10 @@ void SetGeneratorState(torch::Generator& generator, const torch::Tensor& state) 
 
 }  // namespace
 
-std::map<std::string, torch::Tensor> Trainer::State() const {
+std::map<std::string, torch::Tensor> Trainer::StateViews() const {
   std::map<std::string, torch::Tensor> state;
   auto add = [&](const std::string& prefix, const torch::Tensor& flat) {
-    for (auto& [name, tensor] : params_->Unflatten(flat)) state[prefix + name] = tensor;
+    for (auto& [name, tensor] : params_->Views(flat)) state[prefix + name] = tensor;
   };
   add("model/", params_->data());
   add("ema/", ema_params_->data());
@@ -220,6 +220,12 @@ std::map<std::string, torch::Tensor> Trainer::State() const {
   state["step"] = Int64Tensor(step_);
   // The device's default generator: dropout draws from it. Timesteps and noise need no state.
   state["rng/default"] = GeneratorState(at::globalContext().defaultGenerator(device_));
+  return state;
+}
+
+std::map<std::string, torch::Tensor> Trainer::State() const {
+  std::map<std::string, torch::Tensor> state = StateViews();
+  for (auto& [name, tensor] : state) tensor = tensor.to(torch::kCPU).clone();
   return state;
 }
 
@@ -236,6 +242,38 @@ void Trainer::LoadState(const std::map<std::string, torch::Tensor>& state,
   step_ = RequireTensor(state, "step", origin).item<int64_t>();
   torch::Generator default_generator = at::globalContext().defaultGenerator(device_);
   SetGeneratorState(default_generator, RequireTensor(state, "rng/default", origin));
+}
+
+torch::Tensor DerivedGeneratorState(torch::Device device, uint64_t seed, int rank, int64_t step) {
+  uint64_t z = seed * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(rank) * 0xbf58476d1ce4e5b9ULL +
+               static_cast<uint64_t>(step) * 0x94d049bb133111ebULL + 0x3c6ef372ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return GeneratorState(MakeGenerator(device, z ^ (z >> 31)));
+}
+
+std::map<std::string, torch::Tensor> StateForRank(
+    const std::map<std::string, torch::Tensor>& checkpoint, int rank, torch::Device device,
+    uint64_t seed, const std::string& origin) {
+  std::map<std::string, torch::Tensor> state = checkpoint;
+  const auto own = checkpoint.find("rng/default/" + std::to_string(rank));
+  if (own != checkpoint.end()) {
+    state["rng/default"] = own->second;
+  } else {
+    const int64_t step = RequireTensor(checkpoint, "step", origin).item<int64_t>();
+    state["rng/default"] = DerivedGeneratorState(device, seed, rank, step);
+  }
+  return state;
+}
+
+std::map<std::string, torch::Tensor> WeightsFromState(
+    const std::map<std::string, torch::Tensor>& state, const std::string& which) {
+  const std::string prefix = which + "/";
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& [name, tensor] : state) {
+    if (name.rfind(prefix, 0) == 0) out[name.substr(prefix.size())] = tensor;
+  }
+  return out;
 }
 
 Denoiser EvalDenoiser(UNet& model) {

@@ -47,8 +47,9 @@ class FlatParameters {
   /// The flat gradients (undefined unless with_grad).
   const torch::Tensor& grad() const { return grad_; }
   const std::vector<Slot>& slots() const { return slots_; }
-  /// A same-layout flat tensor split into named CPU copies, one per parameter.
-  std::map<std::string, torch::Tensor> Unflatten(const torch::Tensor& flat) const;
+  /// A same-layout flat tensor split into named views, one per parameter: no copies, on
+  /// flat's device.
+  std::map<std::string, torch::Tensor> Views(const torch::Tensor& flat) const;
   /// Copies named tensors into a same-layout flat tensor; names and shapes must match.
   void Flatten(const std::map<std::string, torch::Tensor>& named, const std::string& prefix,
                torch::Tensor& flat, const std::string& origin) const;
@@ -150,8 +151,11 @@ class Trainer {
   const FlatParameters& parameters() const { return *params_; }
 
   /// Everything a bitwise-exact resume needs: weights, EMA, Adam moments, step and this rank's
-  /// dropout RNG state ("rng/default").
+  /// dropout RNG state ("rng/default"), as CPU copies.
   std::map<std::string, torch::Tensor> State() const;
+  /// The same names as State(), but weights, EMA and moments are views of the live buffers on
+  /// the device: valid until the next Step. What a checkpoint copies its slice from.
+  std::map<std::string, torch::Tensor> StateViews() const;
   /// Restores State(); throws naming origin if a tensor is missing or has the wrong shape.
   void LoadState(const std::map<std::string, torch::Tensor>& state, const std::string& origin);
 
@@ -168,6 +172,19 @@ class Trainer {
   GradientSync* sync_ = nullptr;
   int64_t step_ = 0;
 };
+
+/// The state of a CPU or CUDA generator on device seeded from (seed, rank, step): the dropout
+/// stream of a rank that a checkpoint's world did not have.
+torch::Tensor DerivedGeneratorState(torch::Device device, uint64_t seed, int rank, int64_t step);
+/// What rank loads from a checkpoint that ReadCheckpoint read: the replicated state, and as
+/// "rng/default" the rank's own dropout stream ("rng/default/<rank>"), or, for a rank the
+/// writing world did not have, one derived from (seed, rank, step).
+std::map<std::string, torch::Tensor> StateForRank(
+    const std::map<std::string, torch::Tensor>& checkpoint, int rank, torch::Device device,
+    uint64_t seed, const std::string& origin);
+/// The model's weights ("model") or the EMA's ("ema") from a State(), under the UNet's names.
+std::map<std::string, torch::Tensor> WeightsFromState(
+    const std::map<std::string, torch::Tensor>& state, const std::string& which);
 
 /// A Denoiser that runs module in eval mode (no dropout).
 Denoiser EvalDenoiser(UNet& model);

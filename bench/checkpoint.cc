@@ -1,0 +1,80 @@
+// ddpm_bench_checkpoint: the stall and the background write of one checkpoint of a config's
+// whole training state (weights, EMA, both Adam moments), beside a plain torch::save of the same
+// tensors, alternating. One process: the world-of-one case of the sharded format.
+#include "trainer/checkpoint.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <vector>
+
+#include "bench/stats.h"
+#include "trainer/config.h"
+#include "trainer/flags.h"
+#include "trainer/trainer.h"
+
+using ddpm::bench::Clock;
+using ddpm::bench::Ms;
+using ddpm::bench::Quantile;
+
+int main(int argc, char** argv) {
+  ddpm::Flags flags("ddpm_bench_checkpoint",
+                    "Times a checkpoint's stall and background write against torch::save.");
+  flags.Add("config", "YAML config (the model section sizes the state)", "configs/cifar10.yaml");
+  flags.Add("dir", "scratch folder for the checkpoints (removed afterwards)",
+            "bench_checkpoint.tmp");
+  flags.Add("rounds", "checkpoints (and torch::save calls) timed", "3");
+  return ddpm::RunMain(flags, argc, argv, [&] {
+    const ddpm::Config config = ddpm::LoadConfigFile(flags.Get("config"));
+    torch::set_num_threads(1);
+    ddpm::Trainer trainer(config, torch::kCPU);
+    std::map<std::string, torch::Tensor> replicated = trainer.StateViews();
+    const std::map<std::string, torch::Tensor> own = {
+        {"rng/default", replicated.at("rng/default")}};
+    replicated.erase("rng/default");
+    int64_t bytes = 0;
+    for (const auto& [name, tensor] : replicated) bytes += tensor.numel() * tensor.element_size();
+    const std::string dir = flags.Get("dir");
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
+
+    std::vector<double> stall_ms, write_ms, save_ms;
+    {
+      ddpm::CheckpointWriter writer(dir + "/checkpoints", 0, 1, 2, 600);
+      for (int64_t round = 0; round < flags.GetInt("rounds"); ++round) {
+        auto start = Clock::now();
+        writer.Save(round + 1, replicated, own);
+        stall_ms.push_back(Ms(start));
+        writer.Wait();
+        write_ms.push_back(writer.times().write_seconds * 1000);
+
+        // The plain way: torch::save of the same tensors into a new file (as one per step
+        // would be), then fsync, so both reach the disk. Creating a file costs more than
+        // overwriting one on this VM's disk, so both sides create theirs.
+        std::vector<torch::Tensor> tensors;
+        for (const auto& [name, tensor] : replicated) tensors.push_back(tensor);
+        const std::string path = dir + "/plain_" + std::to_string(round) + ".pt";
+        std::filesystem::remove(dir + "/plain_" + std::to_string(round - 2) + ".pt");
+        start = Clock::now();
+        torch::save(tensors, path);
+        const int fd = ::open(path.c_str(), O_RDONLY);
+        ::fsync(fd);
+        ::close(fd);
+        save_ms.push_back(Ms(start));
+      }
+    }
+    std::filesystem::remove_all(dir);
+    std::printf(
+        "impl=cpp_checkpoint params=%lld state_mb=%.1f rounds=%lld stall_ms_median=%.1f "
+        "write_ms_median=%.1f torch_save_ms_median=%.1f stall_over_write=%.3f "
+        "write_over_torch_save=%.3f\n",
+        static_cast<long long>(ddpm::CountParameters(*trainer.model())), bytes / 1e6,
+        static_cast<long long>(flags.GetInt("rounds")), Quantile(stall_ms, 0.5),
+        Quantile(write_ms, 0.5), Quantile(save_ms, 0.5),
+        Quantile(stall_ms, 0.5) / Quantile(write_ms, 0.5),
+        Quantile(write_ms, 0.5) / Quantile(save_ms, 0.5));
+    return 0;
+  });
+}
