@@ -438,7 +438,12 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
   // commits. A checkpoint waits for the one before.
   CheckpointWriter writer(checkpoints.dir(), rank, world, config.train.keep_checkpoints,
                           config.dist.timeout_seconds);
+  int64_t last_saved_step = loaded ? trainer.step() : -1;
   auto save_checkpoint = [&] {
+    // One checkpoint per step: a second request at the same step (SIGUSR1 right after a
+    // periodic one) has nothing new to write.
+    if (trainer.step() == last_saved_step) return;
+    last_saved_step = trainer.step();
     std::map<std::string, torch::Tensor> replicated = trainer.StateViews();
     std::map<std::string, torch::Tensor> own = {{"rng/default", replicated.at("rng/default")}};
     replicated.erase("rng/default");
