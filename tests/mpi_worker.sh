@@ -89,5 +89,7 @@ if DDPM_DIST_TIMEOUT_SECONDS=3 DDPM_FAULT_INJECT=rank=1,step=3,hang mpirun "$wor
 fi
 grep -Eq "rank 0 of 2: error: rank 0: .* \(step 3\) did not complete within 3" "$work/hang.log" ||
   fail "rank 0 did not report the stuck collective"
+grep -q "progress: rank 0 inside step 3, rank 1 after step 2; behind: rank 1" "$work/hang.log" ||
+  fail "rank 0 did not name rank 1 as the one behind"
 echo "mpi: ended $(($(date +%s) - start)) s after start"
 echo "mpi: PASS"

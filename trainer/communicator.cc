@@ -2,7 +2,18 @@
 
 #include <torch/torch.h>
 
+#include <cstdio>
+
 namespace ddpm {
+namespace {
+
+std::string SecondsText(std::chrono::milliseconds timeout) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%g s", timeout.count() / 1000.0);
+  return text;
+}
+
+}  // namespace
 
 Work::Work(std::string what, int rank, std::chrono::milliseconds timeout)
     : what_(std::move(what)), rank_(rank), timeout_(timeout) {}
@@ -11,8 +22,8 @@ void Work::Wait() {
   std::unique_lock<std::mutex> lock(mutex_);
   if (!changed_.wait_for(lock, timeout_, [&] { return done_; })) {
     throw CommError("rank " + std::to_string(rank_) + ": " + what_ + " did not complete within " +
-                    std::to_string(timeout_.count() / 1000.0) +
-                    " s (dist.timeout_seconds); a peer rank is stuck or gone");
+                    SecondsText(timeout_) +
+                    " (dist.timeout_seconds); a peer rank is stuck or gone");
   }
   if (error_) std::rethrow_exception(error_);
 }
@@ -91,7 +102,7 @@ struct LocalGroup::State {
       changed.notify_all();
     } else if (!changed.wait_for(lock, timeout, [&] { return generation != my_generation; })) {
       throw CommError("rank " + std::to_string(rank) + ": " + name + " did not complete within " +
-                      std::to_string(timeout.count() / 1000.0) + " s; a peer rank is stuck");
+                      SecondsText(timeout) + "; a peer rank is stuck");
     }
     return result;
   }

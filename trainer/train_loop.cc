@@ -1,5 +1,6 @@
 #include "trainer/train_loop.h"
 
+#include <fcntl.h>
 #include <sched.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <thread>
 
@@ -234,6 +236,70 @@ struct FaultInjection {
     throw std::runtime_error("DDPM_FAULT_INJECT: injected failure before step " +
                              std::to_string(step));
   }
+};
+
+// Where each rank has got to, one small file per rank in RUN_DIR/ranks/ (a folder all ranks
+// share, as the checkpoints need): what a rank whose collective timed out reads to name the
+// rank that is behind. Progress is 2 x step + 1 inside a step, 2 x step after it.
+class RankProgress {
+ public:
+  RankProgress(const std::string& run_dir, int rank, int world)
+      : dir_(run_dir + "/ranks"), world_(world) {
+    if (world_ < 2) return;
+    MakeDirectories(dir_);
+    path_ = PathOf(rank);
+    fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  }
+  ~RankProgress() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  RankProgress(const RankProgress&) = delete;
+  RankProgress& operator=(const RankProgress&) = delete;
+
+  void Inside(int64_t step) { Write(2 * step + 1); }
+  void Finished(int64_t step) { Write(2 * step); }
+
+  /// "rank 0 inside step 3, rank 1 after step 2; behind: rank 1".
+  std::string Describe() const {
+    std::string text = "progress:";
+    int64_t lowest = std::numeric_limits<int64_t>::max(), highest = -1;
+    std::vector<int64_t> values(world_, -1);
+    for (int r = 0; r < world_; ++r) {
+      std::ifstream in(PathOf(r));
+      long long value = -1;
+      if (in >> value) values[r] = value;
+      lowest = std::min<int64_t>(lowest, values[r]);
+      highest = std::max<int64_t>(highest, values[r]);
+      text += std::string(r ? "," : "") + " rank " + std::to_string(r) +
+              (values[r] < 0 ? " unknown"
+                             : (values[r] % 2 ? " inside step " : " after step ") +
+                                   std::to_string(values[r] / 2));
+    }
+    if (lowest < highest) {
+      text += "; behind:";
+      for (int r = 0; r < world_; ++r) {
+        if (values[r] == lowest) text += " rank " + std::to_string(r);
+      }
+    }
+    return text;
+  }
+
+ private:
+  std::string PathOf(int rank) const { return dir_ + "/rank-" + std::to_string(rank); }
+  void Write(int64_t value) {
+    if (fd_ < 0) return;
+    char text[32];
+    const int n = std::snprintf(text, sizeof(text), "%-20lld\n", static_cast<long long>(value));
+    if (::pwrite(fd_, text, n, 0) != n) {
+      ::close(fd_);
+      fd_ = -1;  // progress is a diagnostic: never fail training over it
+    }
+  }
+
+  std::string dir_;
+  int world_;
+  std::string path_;
+  int fd_ = -1;
 };
 
 // A one-line progress bar, redrawn in place on a terminal.
@@ -503,96 +569,106 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
   double last_rate = 0;
   int64_t window_steps = 0;
   int stop_signal = 0;
-  while (trainer.step() < total) {
-    // Rank 0's decision for this step boundary, the same on every rank.
-    int64_t control = lead ? TakeControlRequests() : 0;
-    if (world > 1) {
-      torch::Tensor word = torch::tensor({control}, torch::kLong);
-      comm.Broadcast(
-          word, 0,
-          "broadcast of the control decision before step " + std::to_string(trainer.step() + 1));
-      control = word.item<int64_t>();
-    }
-    if (control & kControlCheckpoint) save_checkpoint();
-    if (control & kControlSample) write_samples(trainer.step());
-    if (control & kControlStop) {
-      stop_signal = static_cast<int>(control >> kControlSignalShift);
-      break;
-    }
-    fault.MaybeFail(trainer.step() + 1);
-
-    const auto step_start = Clock::now();
-    LoadedBatch batch = loader.Next();
-    const StepStats stats =
-        trainer.Step(ToModelInput(batch.pixels, batch.count, channels, size), shard.first);
-    cursor = batch.after;
-    if (!std::isfinite(stats.loss)) {
-      throw std::runtime_error("training diverged: loss is " + std::to_string(stats.loss) +
-                               " at step " + std::to_string(trainer.step()) + " on rank " +
-                               std::to_string(rank));
-    }
-    const int64_t step = trainer.step();
-    WorkerMetrics& m = result.last_metrics;
-    m.step = step;
-    m.rank = rank;
-    m.loss = stats.loss;
-    m.grad_norm = stats.grad_norm;
-    m.lr = stats.lr;
-    m.step_seconds = Seconds(step_start);
-    m.images_per_second = per_rank_batch / std::max(m.step_seconds, 1e-9);
-    const CommStats comm_stats = sync ? sync->last_stats() : CommStats{};
-    m.allreduce_seconds = comm_stats.allreduce_seconds;
-    m.overlap_fraction = comm_stats.overlap_fraction;
-    m.exposed_seconds = comm_stats.exposed_seconds;
-    if (options.on_step) options.on_step(m);
-
-    window_loss += stats.loss;
-    window_grad += stats.grad_norm;
-    window_allreduce += m.allreduce_seconds;
-    window_overlap += m.overlap_fraction;
-    ++window_steps;
-    const double elapsed = Seconds(start);
-    const double eta = elapsed / (step - first_step) * (total - step);
-    if (step % config.train.log_every == 0 || step == total) {
-      last_rate = window_steps * config.train.batch_size / std::max(Seconds(window_start), 1e-9);
-      // The loss over every rank's samples.
-      torch::Tensor loss = torch::tensor({window_loss / window_steps}, torch::kFloat64);
-      comm.AllReduce(loss, ReduceOp::kAverage,
-                     "all-reduce of the loss at step " + std::to_string(step));
-      result.last_loss = loss.item<double>();
-      const double allreduce_ms = 1000 * window_allreduce / window_steps;
-      const double overlap = window_overlap / window_steps;
-      std::string comm_text;
+  RankProgress progress(options.run_dir, rank, world);
+  progress.Finished(trainer.step());
+  try {
+    while (trainer.step() < total) {
+      // Rank 0's decision for this step boundary, the same on every rank.
+      int64_t control = lead ? TakeControlRequests() : 0;
       if (world > 1) {
-        char text[96];
-        std::snprintf(text, sizeof(text), " | all-reduce %.1f ms, %.0f%% hidden", allreduce_ms,
-                      100 * overlap);
-        comm_text = text;
+        torch::Tensor word = torch::tensor({control}, torch::kLong);
+        comm.Broadcast(
+            word, 0,
+            "broadcast of the control decision before step " + std::to_string(trainer.step() + 1));
+        control = word.item<int64_t>();
       }
-      say("%sstep %lld/%lld | loss %.4f | grad %.3f | lr %.2e | %.1f img/s%s | elapsed %s | "
-          "eta %s\n",
-          tty ? "\r\033[K" : "", static_cast<long long>(step), static_cast<long long>(total),
-          result.last_loss, window_grad / window_steps, stats.lr, last_rate, comm_text.c_str(),
-          FormatDuration(elapsed).c_str(), FormatDuration(eta).c_str());
-      if (lead) {
-        metrics << step << "," << result.last_loss << "," << window_grad / window_steps << ","
-                << stats.lr << "," << last_rate << "," << elapsed << ","
-                << window_allreduce / window_steps << "," << overlap << "\n";
-        metrics.flush();
+      if (control & kControlCheckpoint) save_checkpoint();
+      if (control & kControlSample) write_samples(trainer.step());
+      if (control & kControlStop) {
+        stop_signal = static_cast<int>(control >> kControlSignalShift);
+        break;
       }
-      window_loss = window_grad = window_allreduce = window_overlap = 0;
-      window_steps = 0;
-      window_start = Clock::now();
-    } else if (tty) {
-      DrawProgressBar(step, total, stats.loss, last_rate, eta);
+      fault.MaybeFail(trainer.step() + 1);
+
+      progress.Inside(trainer.step() + 1);
+      const auto step_start = Clock::now();
+      LoadedBatch batch = loader.Next();
+      const StepStats stats =
+          trainer.Step(ToModelInput(batch.pixels, batch.count, channels, size), shard.first);
+      cursor = batch.after;
+      progress.Finished(trainer.step());
+      if (!std::isfinite(stats.loss)) {
+        throw std::runtime_error("training diverged: loss is " + std::to_string(stats.loss) +
+                                 " at step " + std::to_string(trainer.step()) + " on rank " +
+                                 std::to_string(rank));
+      }
+      const int64_t step = trainer.step();
+      WorkerMetrics& m = result.last_metrics;
+      m.step = step;
+      m.rank = rank;
+      m.loss = stats.loss;
+      m.grad_norm = stats.grad_norm;
+      m.lr = stats.lr;
+      m.step_seconds = Seconds(step_start);
+      m.images_per_second = per_rank_batch / std::max(m.step_seconds, 1e-9);
+      const CommStats comm_stats = sync ? sync->last_stats() : CommStats{};
+      m.allreduce_seconds = comm_stats.allreduce_seconds;
+      m.overlap_fraction = comm_stats.overlap_fraction;
+      m.exposed_seconds = comm_stats.exposed_seconds;
+      if (options.on_step) options.on_step(m);
+
+      window_loss += stats.loss;
+      window_grad += stats.grad_norm;
+      window_allreduce += m.allreduce_seconds;
+      window_overlap += m.overlap_fraction;
+      ++window_steps;
+      const double elapsed = Seconds(start);
+      const double eta = elapsed / (step - first_step) * (total - step);
+      if (step % config.train.log_every == 0 || step == total) {
+        last_rate = window_steps * config.train.batch_size / std::max(Seconds(window_start), 1e-9);
+        // The loss over every rank's samples.
+        torch::Tensor loss = torch::tensor({window_loss / window_steps}, torch::kFloat64);
+        comm.AllReduce(loss, ReduceOp::kAverage,
+                       "all-reduce of the loss at step " + std::to_string(step));
+        result.last_loss = loss.item<double>();
+        const double allreduce_ms = 1000 * window_allreduce / window_steps;
+        const double overlap = window_overlap / window_steps;
+        std::string comm_text;
+        if (world > 1) {
+          char text[96];
+          std::snprintf(text, sizeof(text), " | all-reduce %.1f ms, %.0f%% hidden", allreduce_ms,
+                        100 * overlap);
+          comm_text = text;
+        }
+        say("%sstep %lld/%lld | loss %.4f | grad %.3f | lr %.2e | %.1f img/s%s | elapsed %s | "
+            "eta %s\n",
+            tty ? "\r\033[K" : "", static_cast<long long>(step), static_cast<long long>(total),
+            result.last_loss, window_grad / window_steps, stats.lr, last_rate, comm_text.c_str(),
+            FormatDuration(elapsed).c_str(), FormatDuration(eta).c_str());
+        if (lead) {
+          metrics << step << "," << result.last_loss << "," << window_grad / window_steps << ","
+                  << stats.lr << "," << last_rate << "," << elapsed << ","
+                  << window_allreduce / window_steps << "," << overlap << "\n";
+          metrics.flush();
+        }
+        window_loss = window_grad = window_allreduce = window_overlap = 0;
+        window_steps = 0;
+        window_start = Clock::now();
+      } else if (tty) {
+        DrawProgressBar(step, total, stats.loss, last_rate, eta);
+      }
+      if (step != total && config.train.checkpoint_every > 0 &&
+          step % config.train.checkpoint_every == 0) {
+        save_checkpoint();
+      }
+      if (step != total && config.train.sample_every > 0 && step % config.train.sample_every == 0) {
+        write_samples(step);
+      }
     }
-    if (step != total && config.train.checkpoint_every > 0 &&
-        step % config.train.checkpoint_every == 0) {
-      save_checkpoint();
-    }
-    if (step != total && config.train.sample_every > 0 && step % config.train.sample_every == 0) {
-      write_samples(step);
-    }
+  } catch (const CommError& error) {
+    // Name the rank that is behind, if the others' progress shows one.
+    if (world > 1) throw CommError(std::string(error.what()) + "; " + progress.Describe());
+    throw;
   }
   result.steps = trainer.step();
   if (stop_signal != 0) {
