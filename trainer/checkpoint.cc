@@ -141,6 +141,11 @@ std::vector<Placement> Layout(const std::map<std::string, torch::Tensor>& replic
   return out;
 }
 
+// The part of place that lies in the logical range [first, last); empty when lo >= hi.
+std::pair<int64_t, int64_t> Overlap(const Placement& place, int64_t first, int64_t last) {
+  return {std::max(place.start, first), std::min(place.start + place.bytes, last)};
+}
+
 // Rank's byte range [first, second) of a logical space of total bytes.
 std::pair<int64_t, int64_t> RangeOf(int64_t total, int rank, int world) {
   auto cut = [&](int r) {
@@ -222,47 +227,36 @@ std::map<std::string, torch::Tensor> ReadCheckpoint(const std::string& step_dir)
                             std::to_string(version) + " is unknown to this build, which reads " +
                             std::to_string(kCheckpointVersion));
     }
-    // Every shard: present, the recorded size, the recorded xxHash64.
+    // Every shard: present, the recorded size, the recorded xxHash64. Each is read once; the
+    // tensors are then cut from memory.
     std::vector<std::string> shard_paths;
+    std::vector<std::string> shards;
     for (const Json& shard : manifest.at("shards")) {
       const std::string path = (dir / shard.at("file").get<std::string>()).string();
       std::ifstream in(path, std::ios::binary);
       if (!in) throw CheckpointError(path + ": missing shard");
+      std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
       const int64_t expected = shard.at("bytes").get<int64_t>();
-      XXH64_state_t* state = XXH64_createState();
-      XXH64_reset(state, 0);
-      std::vector<char> buffer(8 << 20);
-      int64_t size = 0;
-      while (in) {
-        in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-        const std::streamsize got = in.gcount();
-        if (got <= 0) break;
-        XXH64_update(state, buffer.data(), static_cast<std::size_t>(got));
-        size += got;
-      }
-      const uint64_t digest = XXH64_digest(state);
-      XXH64_freeState(state);
-      if (size != expected) {
-        throw CheckpointError(path + ": truncated or padded: " + std::to_string(size) +
+      if (static_cast<int64_t>(bytes.size()) != expected) {
+        throw CheckpointError(path + ": truncated or padded: " + std::to_string(bytes.size()) +
                               " bytes, the manifest records " + std::to_string(expected));
       }
-      if (Hex(digest) != shard.at("xxh64").get<std::string>()) {
+      if (Hex(XXH64(bytes.data(), bytes.size(), 0)) != shard.at("xxh64").get<std::string>()) {
         throw CheckpointError(path + ": checksum mismatch: the shard is corrupt");
       }
       shard_paths.push_back(path);
+      shards.push_back(std::move(bytes));
     }
     auto read_bytes = [&](int shard, int64_t offset, int64_t bytes, uint8_t* out) {
-      if (shard < 0 || shard >= static_cast<int>(shard_paths.size())) {
+      if (shard < 0 || shard >= static_cast<int>(shards.size())) {
         throw CheckpointError(manifest_path + ": refers to shard " + std::to_string(shard) +
-                              " of " + std::to_string(shard_paths.size()));
+                              " of " + std::to_string(shards.size()));
       }
-      std::ifstream in(shard_paths[shard], std::ios::binary);
-      in.seekg(offset);
-      in.read(reinterpret_cast<char*>(out), bytes);
-      if (in.gcount() != bytes) {
+      if (offset < 0 || bytes < 0 || offset + bytes > static_cast<int64_t>(shards[shard].size())) {
         throw CheckpointError(shard_paths[shard] + ": cannot read " + std::to_string(bytes) +
                               " bytes at byte offset " + std::to_string(offset));
       }
+      std::memcpy(out, shards[shard].data() + offset, static_cast<std::size_t>(bytes));
     };
     auto make = [&](const Json& entry) {
       const std::string dtype = entry.at("dtype").get<std::string>();
@@ -495,8 +489,7 @@ void CheckpointWriter::Save(int64_t step, const std::map<std::string, torch::Ten
     const Placement& place = job->layout[index++];
     job->replicated_meta[name] = {{"dtype", DtypeName(tensor.scalar_type(), name)},
                                   {"shape", ShapeJson(tensor)}};
-    const int64_t lo = std::max(place.start, first);
-    const int64_t hi = std::min(place.start + place.bytes, last);
+    const auto [lo, hi] = Overlap(place, first, last);
     if (lo >= hi) continue;
     zero_to(lo);
     host_.narrow(0, kShardHeaderBytes + (lo - first), hi - lo)
@@ -504,14 +497,13 @@ void CheckpointWriter::Save(int64_t step, const std::map<std::string, torch::Ten
     filled = hi;
   }
   zero_to(last);
+  // The rank's own tensors, after the range; their padding is zero, so equal states give equal
+  // shard bytes (and checksums).
+  const int64_t own_start = kShardHeaderBytes + (last - first);
+  std::memset(base + own_start, 0, size - own_start);
   for (const auto& [offset, tensor] : own_at) {
     const torch::Tensor bytes = ByteView(*tensor).to(torch::kCPU);
     std::memcpy(base + offset, bytes.data_ptr<uint8_t>(), bytes.numel());
-    if (offset + bytes.numel() < size) {
-      // Padding before the next tensor.
-      const int64_t next = Align(offset + bytes.numel(), kCut);
-      std::memset(base + offset + bytes.numel(), 0, std::min(next, size) - offset - bytes.numel());
-    }
   }
   if (const auto it = replicated.find("meta/config"); it != replicated.end()) {
     const torch::Tensor bytes = ByteView(it->second).to(torch::kCPU);
@@ -619,8 +611,7 @@ void CheckpointWriter::Commit(Job& job) {
     Json pieces = Json::array();
     for (int r = 0; r < world_; ++r) {
       const auto [first, last] = RangeOf(job.total, r, world_);
-      const int64_t lo = std::max(place.start, first);
-      const int64_t hi = std::min(place.start + place.bytes, last);
+      const auto [lo, hi] = Overlap(place, first, last);
       if (lo >= hi) continue;
       pieces.push_back({{"shard", r},
                         {"offset", kShardHeaderBytes + (lo - first)},

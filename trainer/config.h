@@ -1,6 +1,7 @@
 // The one typed configuration of a training run, loaded from YAML.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -148,6 +149,11 @@ struct DistConfig {
   double bucket_mb = 25;
   /// Seconds a collective may take before the job reports it stuck and aborts.
   double timeout_seconds = 600;
+
+  /// timeout_seconds as a duration.
+  std::chrono::milliseconds timeout() const {
+    return std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000 + 0.5));
+  }
 };
 
 /// A whole run.

@@ -19,12 +19,13 @@
 
 namespace ddpm {
 
-uint64_t SplitMix64::Next() {
-  uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
+uint64_t SplitMix64::Mix(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return z ^ (z >> 31);
 }
+
+uint64_t SplitMix64::Next() { return Mix(state_ += 0x9e3779b97f4a7c15ULL); }
 
 uint64_t SplitMix64::Below(uint64_t bound) {
   // Lemire's rejection: reject the low values that would bias the modulo.

@@ -112,6 +112,8 @@ class SplitMix64 {
  public:
   explicit SplitMix64(uint64_t seed) : state_(seed) {}
   uint64_t Next();
+  /// SplitMix64's output function: a 64-bit bijection that scatters nearby inputs.
+  static uint64_t Mix(uint64_t z);
   /// The whole generator state; SplitMix64(state()) continues the same stream.
   uint64_t state() const { return state_; }
   /// Uniform in [0, bound) without modulo bias.

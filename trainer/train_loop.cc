@@ -373,8 +373,7 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
                         const DistributedContext& dist) {
   SoloCommunicator solo;
   Communicator& comm = dist.comm != nullptr ? *dist.comm : solo;
-  comm.set_timeout(std::chrono::milliseconds(
-      static_cast<int64_t>(std::llround(config.dist.timeout_seconds * 1000))));
+  comm.set_timeout(config.dist.timeout());
   const int rank = comm.rank();
   const int world = comm.world_size();
   const bool lead = rank == 0;
@@ -517,16 +516,18 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
     replicated["data/offset"] = Int64Tensor(cursor.offset);
     replicated["meta/threads"] = Int64Tensor(threads);
     replicated["meta/config"] = Text(config.ToYaml());
-    const bool had_one = !result.checkpoint.empty() || writer.times().write_seconds > 0;
     writer.Save(trainer.step(), replicated, own);  // waits for the previous one first
+    // write_seconds is now the previous checkpoint's (0 before the first has been written).
     const CheckpointTimes times = writer.times();
     result.last_metrics.checkpoint_stall_seconds = times.stall_seconds;
     result.last_metrics.checkpoint_write_seconds = times.write_seconds;
+    const std::string previous =
+        times.write_seconds > 0
+            ? " (the previous one took " + FormatSeconds(times.write_seconds) + ")"
+            : "";
     say("ddpm: checkpoint of step %lld: training resumed after %.2fs, writing in the "
         "background%s\n",
-        static_cast<long long>(trainer.step()), times.stall_seconds,
-        had_one ? (" (the previous one took " + FormatSeconds(times.write_seconds) + ")").c_str()
-                : "");
+        static_cast<long long>(trainer.step()), times.stall_seconds, previous.c_str());
   };
   // Waits for the pending checkpoint (rank 0: until it is committed) and reports it.
   auto finish_checkpoint = [&] {

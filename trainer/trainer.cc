@@ -8,8 +8,20 @@
 #include <stdexcept>
 
 #include "trainer/checkpoint.h"
+#include "trainer/data.h"
 
 namespace ddpm {
+
+namespace {
+
+// The seed of a stream of its own for (seed, a, b): SplitMix64's mix of a weighted sum; salt
+// keeps the different uses apart.
+uint64_t StreamSeed(uint64_t seed, uint64_t a, uint64_t b, uint64_t salt) {
+  return SplitMix64::Mix(seed * 0x9e3779b97f4a7c15ULL + a * 0xbf58476d1ce4e5b9ULL +
+                         b * 0x94d049bb133111ebULL + salt);
+}
+
+}  // namespace
 
 double WarmupLearningRate(const TrainConfig& config, int64_t update) {
   if (config.warmup_steps <= 0) return config.lr;
@@ -143,16 +155,12 @@ std::pair<torch::Tensor, torch::Tensor> Trainer::DrawTimestepsAndNoise(
   torch::Tensor t = torch::empty({count}, torch::kLong);
   torch::Tensor noise = torch::empty(noise_shape, torch::kFloat32);
   for (int64_t i = 0; i < count; ++i) {
-    // SplitMix64's finalizer over (seed, step, position): one independent CPU stream per sample.
-    uint64_t z = config_.train.seed * 0x9e3779b97f4a7c15ULL +
-                 static_cast<uint64_t>(step) * 0xbf58476d1ce4e5b9ULL +
-                 static_cast<uint64_t>(first_position + i) * 0x94d049bb133111ebULL + 0x2545f491ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    z ^= z >> 31;
-    torch::Generator generator = at::detail::createCPUGenerator(z);
-    t[i] = torch::randint(0, config_.diffusion.timesteps, {1}, generator, torch::kLong)[0];
-    noise[i] = torch::randn(shape, generator, torch::kFloat32);
+    // One independent CPU stream per sample, drawn in place: randint is random_, randn normal_.
+    torch::Generator generator = at::detail::createCPUGenerator(
+        StreamSeed(config_.train.seed, static_cast<uint64_t>(step),
+                   static_cast<uint64_t>(first_position + i), 0x2545f491ULL));
+    t.narrow(0, i, 1).random_(0, config_.diffusion.timesteps, generator);
+    noise[i].normal_(0.0, 1.0, generator);
   }
   return {t.to(device_, /*non_blocking=*/true), noise.to(device_, /*non_blocking=*/true)};
 }
@@ -245,11 +253,9 @@ void Trainer::LoadState(const std::map<std::string, torch::Tensor>& state,
 }
 
 torch::Tensor DerivedGeneratorState(torch::Device device, uint64_t seed, int rank, int64_t step) {
-  uint64_t z = seed * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(rank) * 0xbf58476d1ce4e5b9ULL +
-               static_cast<uint64_t>(step) * 0x94d049bb133111ebULL + 0x3c6ef372ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return GeneratorState(MakeGenerator(device, z ^ (z >> 31)));
+  return GeneratorState(MakeGenerator(
+      device,
+      StreamSeed(seed, static_cast<uint64_t>(rank), static_cast<uint64_t>(step), 0x3c6ef372ULL)));
 }
 
 std::map<std::string, torch::Tensor> StateForRank(

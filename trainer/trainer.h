@@ -105,7 +105,6 @@ struct CommStats {
   double overlap_fraction = 0;
   /// Seconds the step waited for all-reduces after its backward had ended: what it cost.
   double exposed_seconds = 0;
-  int buckets = 0;
 };
 
 /// Averages gradients across data-parallel ranks during backward; Trainer::Step drives it.

@@ -132,7 +132,6 @@ void GradientBuckets::FinishBackward() {
     grad_.div_(comm_.world_size());
   }
   ++step_;
-  last_stats_.buckets = static_cast<int>(works.size());
   last_stats_.allreduce_seconds = busy;
   last_stats_.overlap_fraction = busy > 0 ? hidden / busy : 0;
   last_stats_.exposed_seconds = std::chrono::duration<double>(last_end - backward_end).count();

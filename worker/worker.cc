@@ -60,8 +60,7 @@ int RunRank(const Config& config, const WorkerOptions& options) {
                         "train.device: cpu or rebuild against a LibTorch with CUDA");
     }
 #endif
-    gradient_comm->set_timeout(std::chrono::milliseconds(
-        static_cast<int64_t>(std::llround(config.dist.timeout_seconds * 1000))));
+    gradient_comm->set_timeout(config.dist.timeout());
     DistributedContext dist;
     dist.comm = &mpi_comm;
     dist.device = device;
