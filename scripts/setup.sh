@@ -12,7 +12,9 @@ packages=(
   libopenmpi-dev openmpi-bin libxxhash-dev nlohmann-json3-dev
   # coordinator and tools: gRPC, Protobuf, Prometheus, SQLite
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
-  libsqlite3-dev
+  libsqlite3-dev libcli11-dev
+  # the demo's metrics scrape, and the TLS test's throwaway certificate
+  curl openssl
   # tests: GoogleTest, and Debian's PyTorch as the golden reference
   libgtest-dev libgmock-dev python3-torch python3-numpy python3-scipy python3-yaml
 )

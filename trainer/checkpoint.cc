@@ -549,6 +549,17 @@ void CheckpointWriter::Run() {
       times_.write_seconds = std::chrono::duration<double>(Clock::now() - job->started).count();
       error_ = error;
       if (!committed.empty()) committed_ = committed;
+    }
+    // Before the writer counts as idle, so that a Wait() also waits for the report.
+    if (!committed.empty() && on_commit_) {
+      try {
+        on_commit_(job->step, committed);
+      } catch (...) {
+        // A report that fails must not fail the checkpoint, which is safely on disk.
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
       busy_ = false;
     }
     changed_.notify_all();

@@ -117,6 +117,11 @@ class CheckpointWriter {
   std::string Wait();
   /// The last Save's stall and the last finished write.
   CheckpointTimes times() const;
+  /// Calls on_commit(step, directory) on rank 0's writer thread after each commit. Set it
+  /// before the first Save.
+  void set_on_commit(std::function<void(int64_t, const std::string&)> on_commit) {
+    on_commit_ = std::move(on_commit);
+  }
 
  private:
   struct Job;
@@ -130,6 +135,7 @@ class CheckpointWriter {
   const int keep_;
   const double timeout_seconds_;
   const WriteHook hook_;
+  std::function<void(int64_t, const std::string&)> on_commit_;
   torch::Tensor host_;
   mutable std::mutex mutex_;
   std::condition_variable changed_;

@@ -179,4 +179,16 @@ LocalGroup::~LocalGroup() = default;
 
 Communicator& LocalGroup::rank(int rank) { return *ranks_.at(rank); }
 
+void Communicator::WaitForBroadcast(torch::Tensor tensor, int root, const std::string& what) {
+  const std::chrono::milliseconds timeout = timeout_;
+  timeout_ = std::chrono::hours(24 * 365);
+  try {
+    Broadcast(tensor, root, what);
+  } catch (...) {
+    timeout_ = timeout;
+    throw;
+  }
+  timeout_ = timeout;
+}
+
 }  // namespace ddpm

@@ -70,6 +70,9 @@ class Communicator {
   virtual torch::Tensor AllGather(const torch::Tensor& tensor, const std::string& what) = 0;
   /// Returns once every rank has called it.
   virtual void Barrier(const std::string& what) = 0;
+  /// Broadcast without a timeout, for ranks that idle until root has something to say; the MPI
+  /// backend sleeps between polls instead of spinning a core.
+  virtual void WaitForBroadcast(torch::Tensor tensor, int root, const std::string& what);
 
   /// The blocking all-reduce.
   void AllReduce(torch::Tensor tensor, ReduceOp op, const std::string& what);

@@ -115,6 +115,8 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("sample", "seed", c.sample.seed);
   visit("dist", "bucket_mb", c.dist.bucket_mb);
   visit("dist", "timeout_seconds", c.dist.timeout_seconds);
+  visit("dist", "world_size", c.dist.world_size);
+  visit("dist", "max_rank_batch", c.dist.max_rank_batch);
 }
 
 constexpr const char* kSections[] = {"model", "diffusion", "train", "data", "sample", "dist"};
@@ -327,6 +329,34 @@ int Config::PerRankMicroBatch(int world_size) const {
   return train.batch_size / split;
 }
 
+void Config::CheckWorldSize(int world_size) const {
+  if (dist.world_size != 0 && dist.world_size != world_size) {
+    Invalid("dist.world_size", "asks for " + std::to_string(dist.world_size) +
+                                   " ranks, but this run has " + std::to_string(world_size));
+  }
+}
+
+BatchPlan Config::PlanBatch(int world_size) const {
+  if (world_size < 1)
+    Invalid("world size", "must be at least 1, got " + std::to_string(world_size));
+  CheckWorldSize(world_size);
+  if (train.batch_size % world_size != 0) {
+    Invalid("train.batch_size", std::to_string(train.batch_size) + " does not divide among " +
+                                    std::to_string(world_size) + " ranks");
+  }
+  BatchPlan plan;
+  const int per_rank = train.batch_size / world_size;
+  plan.grad_accum = 1;
+  if (dist.max_rank_batch > 0) {
+    // The fewest equal micro-batches no larger than the limit; per_rank of 1 image each always
+    // qualifies.
+    while (per_rank % plan.grad_accum != 0 || per_rank / plan.grad_accum > dist.max_rank_batch)
+      ++plan.grad_accum;
+  }
+  plan.per_rank_batch = per_rank / plan.grad_accum;
+  return plan;
+}
+
 void Config::Validate(int world_size) const {
   const ModelConfig& m = model;
   if (m.ch < 4 || m.ch % 2 != 0)
@@ -440,6 +470,12 @@ void Config::Validate(int world_size) const {
     Invalid("dist.bucket_mb", "must be > 0, got " + Format(dist.bucket_mb));
   if (!(dist.timeout_seconds > 0))
     Invalid("dist.timeout_seconds", "must be > 0, got " + Format(dist.timeout_seconds));
+  if (dist.world_size < 0)
+    Invalid("dist.world_size", "must be >= 0 (0: any), got " + std::to_string(dist.world_size));
+  if (dist.max_rank_batch < 0) {
+    Invalid("dist.max_rank_batch",
+            "must be >= 0 (0: no limit), got " + std::to_string(dist.max_rank_batch));
+  }
 }
 
 std::string Config::ToTable() const {

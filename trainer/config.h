@@ -77,7 +77,8 @@ struct TrainConfig {
   int64_t steps = 800000;
   /// Global batch: per-rank batch x world size x grad_accum.
   int batch_size = 128;
-  /// Micro-batches accumulated per optimizer step.
+  /// Micro-batches accumulated per optimizer step (a coordinator derives it for each group from
+  /// dist.max_rank_batch instead).
   int grad_accum = 1;
   /// Peak Adam learning rate.
   double lr = 2e-4;
@@ -149,11 +150,24 @@ struct DistConfig {
   double bucket_mb = 25;
   /// Seconds a collective may take before the job reports it stuck and aborts.
   double timeout_seconds = 600;
+  /// Ranks the run must train on; 0: any group whose size divides train.batch_size.
+  int world_size = 0;
+  /// Most images a rank takes in one micro-batch (what fits in its memory); a coordinator
+  /// accumulates micro-batches to keep train.batch_size. 0: no limit.
+  int max_rank_batch = 0;
 
   /// timeout_seconds as a duration.
   std::chrono::milliseconds timeout() const {
     return std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000 + 0.5));
   }
+};
+
+/// How a world of ranks trains a config's global batch.
+struct BatchPlan {
+  /// Images per rank per micro-batch.
+  int per_rank_batch = 0;
+  /// Micro-batches per optimizer step.
+  int grad_accum = 1;
 };
 
 /// A whole run.
@@ -170,6 +184,11 @@ struct Config {
   void Validate(int world_size = 1) const;
   /// Per-rank micro-batch for world_size ranks; throws ConfigError if it does not divide.
   int PerRankMicroBatch(int world_size) const;
+  /// Throws ConfigError when dist.world_size asks for another number of ranks than world_size.
+  void CheckWorldSize(int world_size) const;
+  /// The per-rank batch and the fewest micro-batches that keep train.batch_size on world_size
+  /// ranks within dist.max_rank_batch; throws ConfigError saying why world_size cannot serve it.
+  BatchPlan PlanBatch(int world_size) const;
   /// The resolved config as a two-column table, one key per row.
   std::string ToTable() const;
   /// The resolved config as YAML that LoadConfigString reads back to an equal config.

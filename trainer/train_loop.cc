@@ -190,6 +190,9 @@ class StopSignalScope {
 constexpr int64_t kControlStop = 1;
 constexpr int64_t kControlCheckpoint = 2;
 constexpr int64_t kControlSample = 4;
+// A stop asked for through TrainOptions::poll_stop, with or without a checkpoint.
+constexpr int64_t kControlRequested = 8;
+constexpr int64_t kControlAbandon = 16;
 constexpr int kControlSignalShift = 8;
 
 int64_t TakeControlRequests() {
@@ -378,6 +381,7 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
   const int world = comm.world_size();
   const bool lead = rank == 0;
   config.Validate(world);
+  config.CheckWorldSize(world);
   const int per_rank_batch = config.PerRankMicroBatch(world) * config.train.grad_accum;
   // Only rank 0 talks; the others print warnings and errors alone.
   auto say = [lead](const char* format, auto... args) {
@@ -503,6 +507,7 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
   // commits. A checkpoint waits for the one before.
   CheckpointWriter writer(checkpoints.dir(), rank, world, config.train.keep_checkpoints,
                           config.dist.timeout_seconds);
+  if (lead && options.on_checkpoint) writer.set_on_commit(options.on_checkpoint);
   int64_t last_saved_step = loaded ? trainer.step() : -1;
   auto save_checkpoint = [&] {
     // One checkpoint per step: a second request at the same step (SIGUSR1 right after a
@@ -550,6 +555,7 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
           path);
       say("ddpm: wrote %s (%.1fs)\n", path.c_str(), Seconds(start));
       result.sample_grids.push_back(path);
+      if (options.on_sample_grid) options.on_sample_grid(path);
     }
     comm.Barrier("barrier after the sample grid of step " + std::to_string(step));
   };
@@ -576,6 +582,13 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
     while (trainer.step() < total) {
       // Rank 0's decision for this step boundary, the same on every rank.
       int64_t control = lead ? TakeControlRequests() : 0;
+      if (lead && options.poll_stop && (control & kControlStop) == 0) {
+        const StopRequest request = options.poll_stop();
+        if (request == StopRequest::kStop) control |= kControlStop | kControlRequested;
+        if (request == StopRequest::kAbandon) {
+          control |= kControlStop | kControlRequested | kControlAbandon;
+        }
+      }
       if (world > 1) {
         torch::Tensor word = torch::tensor({control}, torch::kLong);
         comm.Broadcast(
@@ -587,6 +600,10 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
       if (control & kControlSample) write_samples(trainer.step());
       if (control & kControlStop) {
         stop_signal = static_cast<int>(control >> kControlSignalShift);
+        if (control & kControlRequested) {
+          result.stopped_by =
+              (control & kControlAbandon) ? StopRequest::kAbandon : StopRequest::kStop;
+        }
         break;
       }
       fault.MaybeFail(trainer.step() + 1);
@@ -646,6 +663,18 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
             tty ? "\r\033[K" : "", static_cast<long long>(step), static_cast<long long>(total),
             result.last_loss, window_grad / window_steps, stats.lr, last_rate, comm_text.c_str(),
             FormatDuration(elapsed).c_str(), FormatDuration(eta).c_str());
+        if (lead && options.on_log) {
+          LogMetrics log;
+          log.step = step;
+          log.total_steps = total;
+          log.loss = result.last_loss;
+          log.grad_norm = window_grad / window_steps;
+          log.lr = stats.lr;
+          log.images_per_second = last_rate;
+          log.elapsed_seconds = elapsed;
+          log.eta_seconds = eta;
+          options.on_log(log);
+        }
         if (lead) {
           metrics << step << "," << result.last_loss << "," << window_grad / window_steps << ","
                   << stats.lr << "," << last_rate << "," << elapsed << ","
@@ -672,10 +701,18 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
     throw;
   }
   result.steps = trainer.step();
-  if (stop_signal != 0) {
+  if (result.stopped_by == StopRequest::kAbandon) {
+    finish_checkpoint();
+    say("%sddpm: stopped at step %lld without a checkpoint, as asked\n", tty ? "\r\033[K" : "",
+        static_cast<long long>(result.steps));
+    return result;
+  }
+  if (stop_signal != 0 || result.stopped_by == StopRequest::kStop) {
     result.interrupted_by = stop_signal;
-    say("%sddpm: caught %s at step %lld; saving a checkpoint\n", tty ? "\r\033[K" : "",
-        stop_signal == SIGINT ? "SIGINT" : "SIGTERM", static_cast<long long>(result.steps));
+    say("%sddpm: %s at step %lld; saving a checkpoint\n", tty ? "\r\033[K" : "",
+        stop_signal == 0 ? "asked to stop"
+                         : (stop_signal == SIGINT ? "caught SIGINT" : "caught SIGTERM"),
+        static_cast<long long>(result.steps));
     save_checkpoint();
     finish_checkpoint();
     say("ddpm: stopped; continue with --resume --run-dir %s\n", options.run_dir.c_str());

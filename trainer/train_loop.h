@@ -52,6 +52,29 @@ struct DistributedContext {
   int local_ranks = 0;
 };
 
+/// What rank 0 reports once per log interval.
+struct LogMetrics {
+  int64_t step = 0;
+  int64_t total_steps = 0;
+  /// Mean loss over the interval and every rank.
+  double loss = 0;
+  double grad_norm = 0;
+  double lr = 0;
+  /// Images per second of the whole group over the interval.
+  double images_per_second = 0;
+  double elapsed_seconds = 0;
+  double eta_seconds = 0;
+};
+
+/// A stop that the caller of RunTraining asks for (the coordinator's commands).
+enum class StopRequest {
+  kNone,
+  /// Checkpoint, then stop.
+  kStop,
+  /// Stop at the next step boundary without a checkpoint.
+  kAbandon,
+};
+
 /// Where and how a run writes.
 struct TrainOptions {
   /// Run directory: config.yaml, metrics.csv, checkpoints/, samples/ and ema_weights.pt.
@@ -62,6 +85,14 @@ struct TrainOptions {
   std::string resume_from;
   /// Called on every rank after every step.
   std::function<void(const WorkerMetrics&)> on_step;
+  /// Rank 0, at every step boundary: whether to stop. Every rank acts on the answer together.
+  std::function<StopRequest()> poll_stop;
+  /// Rank 0, once per log interval.
+  std::function<void(const LogMetrics&)> on_log;
+  /// Rank 0, after each checkpoint has committed (called from the checkpoint writer's thread).
+  std::function<void(int64_t step, const std::string& dir)> on_checkpoint;
+  /// Rank 0, after each sample grid has been written.
+  std::function<void(const std::string& path)> on_sample_grid;
 };
 
 /// What a run produced.
@@ -77,6 +108,8 @@ struct TrainResult {
   std::string ema_weights;
   /// The signal (SIGINT or SIGTERM) that stopped the run early, or 0.
   int interrupted_by = 0;
+  /// The stop TrainOptions::poll_stop asked for, if the run ended by one.
+  StopRequest stopped_by = StopRequest::kNone;
   /// This rank's last step.
   WorkerMetrics last_metrics;
 };

@@ -12,10 +12,25 @@ int main(int argc, char** argv) {
   flags.Add("resume-from", "continue from this checkpoint file", "");
   flags.AddSwitch("print-params", "print the UNet's parameter count for the config and exit");
   flags.AddSwitch("print-config", "print the resolved config as YAML and exit");
+  flags.Add("coordinator",
+            "service mode: HOST:PORT of a ddpm_coordinator; the group registers and trains the "
+            "runs it assigns (no --config)",
+            "");
+  flags.Add("worker-token-file", "file holding the worker token (default: $DDPM_WORKER_TOKEN)",
+            "");
+  flags.Add("tls-ca", "PEM CA certificate: reach the coordinator over TLS", "");
+  flags.Add("group-id", "the group's id at the coordinator (default: HOST-PID of rank 0)", "");
   return ddpm::RunMain(flags, argc, argv, [&] {
     ddpm::WorkerOptions options;
     options.config_path = flags.Get("config");
-    if (options.config_path.empty()) throw ddpm::FlagError("ddpm_worker: --config is required");
+    options.coordinator = flags.Get("coordinator");
+    if (options.config_path.empty() == options.coordinator.empty()) {
+      throw ddpm::FlagError(
+          "ddpm_worker: give either --config (one run) or --coordinator (service mode)");
+    }
+    options.worker_token_file = flags.Get("worker-token-file");
+    options.tls_ca = flags.Get("tls-ca");
+    options.group_id = flags.Get("group-id");
     options.run_dir = flags.Get("run-dir");
     options.resume = flags.GetSwitch("resume");
     options.resume_from = flags.Get("resume-from");

@@ -133,8 +133,10 @@ void MpiCommunicator::Run() {
   }
 }
 
-std::shared_ptr<Work> MpiCommunicator::Submit(std::string what, std::function<void()> body) {
-  auto work = std::make_shared<Work>(std::move(what), placement_.rank, timeout_);
+std::shared_ptr<Work> MpiCommunicator::Submit(std::string what, std::function<void()> body,
+                                              std::chrono::milliseconds timeout) {
+  auto work = std::make_shared<Work>(std::move(what), placement_.rank,
+                                     timeout.count() > 0 ? timeout : timeout_);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     queue_.emplace_back(work, std::move(body));
@@ -181,6 +183,26 @@ torch::Tensor MpiCommunicator::AllGather(const torch::Tensor& tensor, const std:
                                  MPI_COMM_WORLD));
   })->Wait();
   return output;
+}
+
+void MpiCommunicator::WaitForBroadcast(torch::Tensor tensor, int root, const std::string& what) {
+  CheckCpuContiguous(tensor, what);
+  const MPI_Datatype type = MpiType(tensor, what);
+  const int count = Count(tensor, what);
+  Submit(
+      what,
+      [tensor, type, count, root]() mutable {
+        MPI_Request request = MPI_REQUEST_NULL;
+        DDPM_MPI_CHECK(MPI_Ibcast(tensor.data_ptr(), count, type, root, MPI_COMM_WORLD, &request));
+        int done = 0;
+        while (true) {
+          DDPM_MPI_CHECK(MPI_Test(&request, &done, MPI_STATUS_IGNORE));
+          if (done) return;
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+      },
+      std::chrono::hours(24 * 365))
+      ->Wait();
 }
 
 void MpiCommunicator::Barrier(const std::string& what) {

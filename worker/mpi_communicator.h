@@ -59,10 +59,14 @@ class MpiCommunicator : public Communicator {
   void Broadcast(torch::Tensor tensor, int root, const std::string& what) override;
   torch::Tensor AllGather(const torch::Tensor& tensor, const std::string& what) override;
   void Barrier(const std::string& what) override;
+  /// MPI_Ibcast, tested every few milliseconds with sleeps between: an idle rank uses no core.
+  void WaitForBroadcast(torch::Tensor tensor, int root, const std::string& what) override;
 
  private:
-  /// Runs body on the communication thread; the returned work finishes when it has.
-  std::shared_ptr<Work> Submit(std::string what, std::function<void()> body);
+  /// Runs body on the communication thread; the returned work finishes when it has, and
+  /// reports itself stuck after timeout (0: the communicator's).
+  std::shared_ptr<Work> Submit(std::string what, std::function<void()> body,
+                               std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
   void Run();
 
   const MpiPlacement placement_;

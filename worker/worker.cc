@@ -2,6 +2,12 @@
 
 #include <torch/torch.h>
 
+#include <signal.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
 #include <cstdio>
 
 #include "trainer/config.h"
@@ -9,6 +15,7 @@
 #include "trainer/train_loop.h"
 #include "trainer/unet.h"
 #include "worker/gradient_buckets.h"
+#include "worker/group.h"
 #include "worker/mpi_communicator.h"
 #ifdef DDPM_WITH_NCCL
 #include "worker/nccl_communicator.h"
@@ -37,21 +44,21 @@ int ExitCode(const TrainResult& result) {
   MpiRuntime::Abort(1);
 }
 
-// One rank of an mpirun job. Any error on any rank ends the whole job with that rank's message.
-int RunRank(const Config& config, const WorkerOptions& options) {
-  MpiRuntime mpi(nullptr, nullptr);
-  const MpiPlacement placement = mpi.placement();
-  try {
-    std::string device = ResolveDevice(config.train);
-    if (device == "cuda") device += ":" + std::to_string(placement.local_rank);
+// The distributed context of a run on this rank: its device and gradient backend. The NCCL
+// communicator is made once, by the first run on a GPU (every rank makes it together).
+class RankContexts {
+ public:
+  RankContexts(const MpiPlacement& placement, MpiCommunicator& mpi)
+      : placement_(placement), mpi_(mpi) {}
 
-    MpiCommunicator mpi_comm(placement);
-    Communicator* gradient_comm = &mpi_comm;
+  DistributedContext For(const Config& config) {
+    std::string device = ResolveDevice(config.train);
+    if (device == "cuda") device += ":" + std::to_string(placement_.local_rank);
+    Communicator* gradient_comm = &mpi_;
 #ifdef DDPM_WITH_NCCL
-    std::unique_ptr<Communicator> nccl;
     if (device != "cpu") {
-      nccl = MakeNcclCommunicator(placement, mpi_comm);
-      gradient_comm = nccl.get();
+      if (!nccl_) nccl_ = MakeNcclCommunicator(placement_, mpi_);
+      gradient_comm = nccl_.get();
     }
 #else
     if (device != "cpu") {
@@ -62,19 +69,57 @@ int RunRank(const Config& config, const WorkerOptions& options) {
 #endif
     gradient_comm->set_timeout(config.dist.timeout());
     DistributedContext dist;
-    dist.comm = &mpi_comm;
+    dist.comm = &mpi_;
     dist.device = device;
-    dist.local_ranks = placement.local_size;
-    dist.make_gradient_sync = [&](Trainer& trainer) -> std::unique_ptr<GradientSync> {
+    dist.local_ranks = placement_.local_size;
+    dist.make_gradient_sync = [gradient_comm, bucket_mb = config.dist.bucket_mb](
+                                  Trainer& trainer) -> std::unique_ptr<GradientSync> {
       return std::make_unique<GradientBuckets>(*trainer.model(), trainer.parameters(),
-                                               *gradient_comm, config.dist.bucket_mb);
+                                               *gradient_comm, bucket_mb);
     };
-    if (placement.rank == 0) {
+    if (placement_.rank == 0) {
       std::printf("ddpm: %d ranks (%d on this node); gradients over %s, control over mpi\n",
-                  placement.world_size, placement.local_size, gradient_comm->backend().c_str());
+                  placement_.world_size, placement_.local_size, gradient_comm->backend().c_str());
     }
+    return dist;
+  }
+
+ private:
+  const MpiPlacement placement_;
+  MpiCommunicator& mpi_;
+  std::unique_ptr<Communicator> nccl_;
+};
+
+// The device a group registers for this rank.
+std::string DeviceOfRank(int local_rank) {
+  return torch::cuda::is_available() ? "cuda:" + std::to_string(local_rank) : "cpu";
+}
+
+// Ends this process when mpirun dies (SIGKILL cannot be forwarded), so that no orphaned rank
+// trains on, heartbeating for a group that is gone.
+void DieWithLauncher() {
+#ifdef __linux__
+  const pid_t launcher = getppid();
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != launcher) std::_Exit(1);  // It died before prctl took effect.
+#endif
+}
+
+// One rank of an mpirun job: the config's run, or the coordinator's runs. Any error on any rank
+// ends the whole job with that rank's message.
+int RunRank(const WorkerOptions& options, const Config* config) {
+  MpiRuntime mpi(nullptr, nullptr);
+  const MpiPlacement placement = mpi.placement();
+  try {
+    MpiCommunicator mpi_comm(placement);
+    RankContexts contexts(placement, mpi_comm);
     try {
-      return ExitCode(RunTraining(config, ToTrainOptions(options), dist));
+      if (config == nullptr) {
+        return ServeGroup(options, mpi_comm,
+                          [&](const Config& run_config) { return contexts.For(run_config); },
+                          DeviceOfRank(placement.local_rank));
+      }
+      return ExitCode(RunTraining(*config, ToTrainOptions(options), contexts.For(*config)));
     } catch (const std::exception& e) {
       FailRank(placement, e);  // Here, while the communicators are still alive.
     }
@@ -86,6 +131,21 @@ int RunRank(const Config& config, const WorkerOptions& options) {
 }  // namespace
 
 int RunWorker(const WorkerOptions& options) {
+  if (!options.coordinator.empty()) {
+    if (LaunchedByMpi()) {
+      DieWithLauncher();
+      return RunRank(options, nullptr);
+    }
+    SoloCommunicator solo;
+    return ServeGroup(
+        options, solo,
+        [](const Config& config) {
+          DistributedContext dist;
+          dist.device = ResolveDevice(config.train);
+          return dist;
+        },
+        DeviceOfRank(0));
+  }
   const Config config = LoadConfigFile(options.config_path);
   if (options.print_config) {
     std::printf("%s", config.ToYaml().c_str());
@@ -96,7 +156,7 @@ int RunWorker(const WorkerOptions& options) {
     std::printf("%lld\n", static_cast<long long>(CountParameters(*model)));
     return 0;
   }
-  if (LaunchedByMpi()) return RunRank(config, options);
+  if (LaunchedByMpi()) return RunRank(options, &config);
   return ExitCode(RunTraining(config, ToTrainOptions(options)));
 }
 

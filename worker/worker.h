@@ -19,6 +19,14 @@ struct WorkerOptions {
   bool print_params = false;
   /// Print the resolved config as YAML and exit.
   bool print_config = false;
+  /// Service mode: the coordinator's HOST:PORT. Then runs come from it, not from config_path.
+  std::string coordinator;
+  /// File of the worker token; empty: $DDPM_WORKER_TOKEN.
+  std::string worker_token_file;
+  /// PEM CA certificate to reach the coordinator over TLS; empty: plaintext.
+  std::string tls_ca;
+  /// The group's id; empty: "<host>-<pid of rank 0>".
+  std::string group_id;
 };
 
 /// Runs what options ask for; returns the process exit code (128 + signal when Ctrl-C or

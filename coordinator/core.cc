@@ -1,0 +1,694 @@
+#include "coordinator/core.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <random>
+
+#include "trainer/config.h"
+
+namespace ddpm {
+namespace {
+
+constexpr size_t kMaxNameLength = 64;
+
+std::string StateName(v1::RunState state) { return v1::RunState_Name(state); }
+
+std::string Seconds(double seconds) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.1f s", seconds);
+  return text;
+}
+
+std::string NewSession() {
+  std::random_device entropy;
+  std::string session;
+  for (int i = 0; i < 4; ++i) {
+    char part[9];
+    std::snprintf(part, sizeof(part), "%08x", entropy());
+    session += part;
+  }
+  return session;
+}
+
+void CheckName(const std::string& name) {
+  const bool ok =
+      !name.empty() && name.size() <= kMaxNameLength &&
+      std::all_of(name.begin(), name.end(), [](char c) {
+        return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+      });
+  if (!ok) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument,
+                           "run name '" + name + "': use 1 to " + std::to_string(kMaxNameLength) +
+                               " letters, digits, '-', '_' or '.'");
+  }
+}
+
+Config ParseRunConfig(const std::string& yaml) {
+  try {
+    return LoadConfigString(yaml, "StartRun config", /*apply_env=*/false);
+  } catch (const ConfigError& error) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument, error.what());
+  }
+}
+
+}  // namespace
+
+bool IsFinal(v1::RunState state) {
+  return state == v1::STOPPED || state == v1::COMPLETED || state == v1::FAILED;
+}
+
+Coordinator::Coordinator(const CoordinatorOptions& options, const Clock& clock)
+    : options_(options), clock_(clock) {
+  namespace fs = std::filesystem;
+  std::error_code error;
+  fs::create_directories(options_.data_dir, error);
+  if (error) {
+    throw RegistryError("data directory " + options_.data_dir + ": " + error.message());
+  }
+  runs_dir_ = fs::absolute(options_.runs_dir.empty() ? fs::path(options_.data_dir) / "runs"
+                                                     : fs::path(options_.runs_dir))
+                  .lexically_normal()
+                  .string();
+  registry_ = std::make_unique<Registry>((fs::path(options_.data_dir) / "registry.db").string());
+  for (auto& [seq, run] : registry_->LoadRuns()) {
+    RunEntry& entry = runs_[run.id()];
+    entry.seq = seq;
+    entry.run = std::move(run);
+  }
+  started_ms_ = clock_.NowUnixMs();
+}
+
+Coordinator::~Coordinator() { Shutdown(); }
+
+Coordinator::RunEntry& Coordinator::Find(const std::string& run) {
+  return const_cast<RunEntry&>(static_cast<const Coordinator*>(this)->Find(run));
+}
+
+const Coordinator::RunEntry& Coordinator::Find(const std::string& run) const {
+  if (const auto it = runs_.find(run); it != runs_.end()) return it->second;
+  std::vector<const RunEntry*> named;
+  for (const auto& [id, entry] : runs_) {
+    if (entry.run.name() == run) named.push_back(&entry);
+  }
+  if (named.size() == 1) return *named.front();
+  if (named.empty()) throw CoordinatorError(ErrorCode::kNotFound, "no run '" + run + "'");
+  std::string ids;
+  for (const RunEntry* entry : named) ids += (ids.empty() ? "" : ", ") + entry->run.id();
+  throw CoordinatorError(ErrorCode::kInvalidArgument,
+                         "the name '" + run + "' fits runs " + ids + ": give an id");
+}
+
+Coordinator::Group& Coordinator::FindGroup(const std::string& group_id) {
+  const auto it = groups_.find(group_id);
+  if (it == groups_.end()) {
+    throw CoordinatorError(ErrorCode::kNotFound,
+                           "group '" + group_id + "' is not registered; register it again");
+  }
+  return it->second;
+}
+
+Coordinator::Group& Coordinator::GroupHolding(const std::string& group_id,
+                                              const std::string& run_id, int attempt) {
+  Group& group = FindGroup(group_id);
+  if (run_id.empty() || group.run_id != run_id) {
+    throw CoordinatorError(ErrorCode::kFailedPrecondition,
+                           "group '" + group_id + "' does not hold run '" + run_id + "' (it holds " +
+                               (group.run_id.empty() ? "no run" : "'" + group.run_id + "'") + ")");
+  }
+  const int current = runs_.at(run_id).run.placement().attempt();
+  if (attempt > 0 && attempt != current) {
+    throw CoordinatorError(ErrorCode::kFailedPrecondition,
+                           "a report of attempt " + std::to_string(attempt) + " of run " + run_id +
+                               ", which is on attempt " + std::to_string(current));
+  }
+  return group;
+}
+
+void Coordinator::Save(const RunEntry& entry) { registry_->UpdateRun(entry.run); }
+
+void Coordinator::Transition(RunEntry& entry, v1::RunState to, const std::string& reason) {
+  v1::Transition transition;
+  transition.set_from(entry.run.state());
+  transition.set_to(to);
+  transition.set_at_unix_ms(clock_.NowUnixMs());
+  transition.set_reason(reason);
+  v1::Run next = entry.run;
+  next.set_state(to);
+  next.set_reason(reason);
+  next.set_updated_unix_ms(transition.at_unix_ms());
+  registry_->Transaction([&] {
+    registry_->UpdateRun(next);
+    registry_->AddTransition(next.id(), transition);
+  });
+  *next.add_transitions() = transition;
+  entry.run = std::move(next);
+  std::printf("ddpm_coordinator: run %s: %s -> %s: %s\n", entry.run.id().c_str(),
+              StateName(transition.from()).c_str(), StateName(to).c_str(), reason.c_str());
+  std::fflush(stdout);
+  changed_.notify_all();
+}
+
+void Coordinator::FailRun(RunEntry& entry, const std::string& reason, bool may_restart) {
+  Transition(entry, v1::FAILED, reason);
+  v1::Run& run = entry.run;
+  if (!may_restart || run.restarts() >= run.max_restarts()) return;
+  run.set_restarts(run.restarts() + 1);
+  const int64_t resume = run.latest_checkpoint().step();
+  Transition(entry, v1::QUEUED,
+             "restart " + std::to_string(run.restarts()) + " of " +
+                 std::to_string(run.max_restarts()) + ": " +
+                 (resume > 0 ? "will resume from the checkpoint of step " + std::to_string(resume)
+                             : std::string("starts over: no checkpoint had committed")));
+}
+
+void Coordinator::SetCommand(Group& group, v1::GroupCommand command) {
+  group.command = std::move(command);
+  ++group.version;
+  changed_.notify_all();
+}
+
+v1::GroupCommand Coordinator::TrainCommand(const v1::Run& run) const {
+  Config config = ParseRunConfig(run.config_yaml());
+  config.train.grad_accum = run.placement().grad_accum();
+  v1::GroupCommand command;
+  command.set_kind(v1::GroupCommand::TRAIN);
+  command.set_run_id(run.id());
+  command.set_config_yaml(config.ToYaml());
+  command.set_run_dir(run.run_dir());
+  *command.mutable_placement() = run.placement();
+  return command;
+}
+
+void Coordinator::LoseGroup(const std::string& group_id, const std::string& reason) {
+  const auto it = groups_.find(group_id);
+  if (it == groups_.end()) return;
+  const std::string run_id = it->second.run_id;
+  groups_.erase(it);
+  std::printf("ddpm_coordinator: group %s is gone: %s\n", group_id.c_str(), reason.c_str());
+  std::fflush(stdout);
+  changed_.notify_all();
+  if (run_id.empty()) return;
+  const auto run = runs_.find(run_id);
+  if (run == runs_.end() || IsFinal(run->second.run.state())) return;
+  // A run that was stopping is not restarted: its user asked it to stop.
+  FailRun(run->second, reason, run->second.run.state() != v1::STOPPING);
+}
+
+void Coordinator::Schedule() {
+  std::vector<RunEntry*> queued;
+  for (auto& [id, entry] : runs_) {
+    if (entry.run.state() == v1::QUEUED) queued.push_back(&entry);
+  }
+  std::sort(queued.begin(), queued.end(), [](const RunEntry* a, const RunEntry* b) {
+    if (a->run.priority() != b->run.priority()) return a->run.priority() > b->run.priority();
+    return a->seq < b->seq;
+  });
+  std::vector<Group*> idle;
+  for (auto& [id, group] : groups_) {
+    if (group.run_id.empty()) idle.push_back(&group);
+  }
+  std::sort(idle.begin(), idle.end(),
+            [](const Group* a, const Group* b) { return a->registered_seq < b->registered_seq; });
+  // In priority, then submission order, each run takes the first idle group it fits; a run that
+  // fits none waits without holding back the runs behind it.
+  for (RunEntry* entry : queued) {
+    if (idle.empty()) return;
+    const Config config = ParseRunConfig(entry->run.config_yaml());
+    for (auto group = idle.begin(); group != idle.end(); ++group) {
+      BatchPlan plan;
+      try {
+        plan = config.PlanBatch((*group)->world_size);
+      } catch (const ConfigError&) {
+        continue;
+      }
+      v1::Run& run = entry->run;
+      v1::Placement& placement = *run.mutable_placement();
+      placement.set_group_id((*group)->id);
+      placement.set_world_size((*group)->world_size);
+      placement.set_per_rank_batch(plan.per_rank_batch);
+      placement.set_grad_accum(plan.grad_accum);
+      placement.set_attempt(run.restarts() + 1);
+      run.clear_ranks();
+      const int64_t resume = run.latest_checkpoint().step();
+      Transition(*entry, v1::STARTING,
+                 "assigned to group " + (*group)->id + ": " +
+                     std::to_string((*group)->world_size) + " ranks x " +
+                     std::to_string(plan.per_rank_batch) + " images x " +
+                     std::to_string(plan.grad_accum) + " micro-batches = global batch " +
+                     std::to_string(config.train.batch_size) +
+                     (resume > 0 ? "; resumes from step " + std::to_string(resume) : ""));
+      (*group)->run_id = run.id();
+      SetCommand(**group, TrainCommand(run));
+      idle.erase(group);
+      break;
+    }
+  }
+}
+
+v1::Run Coordinator::StartRun(const v1::StartRunRequest& request) {
+  const std::string name = request.name().empty() ? "run" : request.name();
+  CheckName(name);
+  const Config config = ParseRunConfig(request.config_yaml());
+  const int world = config.dist.world_size > 0 ? config.dist.world_size : 1;
+  try {
+    Config placed = config;
+    placed.train.grad_accum = config.PlanBatch(world).grad_accum;
+    placed.Validate(world);
+  } catch (const ConfigError& error) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument,
+                           std::string("no worker group can serve this config: ") + error.what());
+  }
+  if (request.has_max_restarts() && request.max_restarts() < 0) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument,
+                           "max_restarts must be >= 0, got " +
+                               std::to_string(request.max_restarts()));
+  }
+
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t now = clock_.NowUnixMs();
+  v1::Run run;
+  run.set_name(name);
+  run.set_state(v1::QUEUED);
+  run.set_reason("submitted");
+  run.set_config_yaml(config.ToYaml());
+  run.set_priority(request.priority());
+  run.set_max_restarts(request.has_max_restarts() ? request.max_restarts()
+                                                  : options_.default_max_restarts);
+  run.set_total_steps(config.train.steps);
+  run.set_created_unix_ms(now);
+  run.set_updated_unix_ms(now);
+  v1::Transition transition;
+  transition.set_from(v1::RUN_STATE_UNSPECIFIED);
+  transition.set_to(v1::QUEUED);
+  transition.set_at_unix_ms(now);
+  transition.set_reason("submitted");
+  int64_t seq = 0;
+  registry_->Transaction([&] {
+    seq = registry_->NextRunNumber();
+    run.set_id(name + "-" + std::to_string(seq));
+    run.set_run_dir((std::filesystem::path(runs_dir_) / run.id()).string());
+    registry_->InsertRun(run, seq);
+    registry_->AddTransition(run.id(), transition);
+  });
+  *run.add_transitions() = transition;
+  RunEntry& entry = runs_[run.id()];
+  entry.seq = seq;
+  entry.run = run;
+  std::printf("ddpm_coordinator: run %s: queued (%lld steps, global batch %d)\n", run.id().c_str(),
+              static_cast<long long>(config.train.steps), config.train.batch_size);
+  std::fflush(stdout);
+  changed_.notify_all();
+  Schedule();
+  return entry.run;
+}
+
+v1::Run Coordinator::StopRun(const std::string& run_name, bool immediate) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  RunEntry& entry = Find(run_name);
+  const v1::RunState state = entry.run.state();
+  if (IsFinal(state)) {
+    throw CoordinatorError(ErrorCode::kFailedPrecondition,
+                           "run " + entry.run.id() + " has already ended (" + StateName(state) +
+                               ")");
+  }
+  if (state == v1::QUEUED) {
+    Transition(entry, v1::STOPPED, "stopped before it was scheduled");
+    return entry.run;
+  }
+  if (state == v1::STOPPING && !immediate) return entry.run;
+  const auto group = groups_.find(entry.run.placement().group_id());
+  v1::GroupCommand command;
+  command.set_kind(immediate ? v1::GroupCommand::STOP_NOW : v1::GroupCommand::STOP);
+  command.set_run_id(entry.run.id());
+  if (immediate) {
+    Transition(entry, v1::STOPPED, "stopped at once by StopRun, without a checkpoint");
+  } else {
+    Transition(entry, v1::STOPPING, "StopRun: checkpointing, then stopping");
+  }
+  if (group != groups_.end() && group->second.run_id == entry.run.id()) {
+    SetCommand(group->second, command);
+  }
+  return entry.run;
+}
+
+v1::Run Coordinator::GetRun(const std::string& run) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return Find(run).run;
+}
+
+std::vector<v1::Run> Coordinator::ListRuns(v1::RunState state) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<const RunEntry*> entries;
+  for (const auto& [id, entry] : runs_) {
+    if (state == v1::RUN_STATE_UNSPECIFIED || entry.run.state() == state) entries.push_back(&entry);
+  }
+  std::sort(entries.begin(), entries.end(),
+            [](const RunEntry* a, const RunEntry* b) { return a->seq < b->seq; });
+  std::vector<v1::Run> runs;
+  for (const RunEntry* entry : entries) {
+    runs.push_back(entry->run);
+    runs.back().clear_transitions();
+  }
+  return runs;
+}
+
+void Coordinator::DeleteRun(const std::string& run) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  RunEntry& entry = Find(run);
+  if (!IsFinal(entry.run.state())) {
+    throw CoordinatorError(ErrorCode::kFailedPrecondition,
+                           "run " + entry.run.id() + " is " + StateName(entry.run.state()) +
+                               "; stop it before deleting it");
+  }
+  const std::string id = entry.run.id();
+  registry_->Transaction([&] { registry_->DeleteRun(id); });
+  runs_.erase(id);
+  changed_.notify_all();
+}
+
+std::vector<v1::WatchRunEvent> Coordinator::WaitForRunEvents(
+    const std::string& run_id, WatchCursor& cursor, std::chrono::steady_clock::time_point deadline,
+    bool& done) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  done = false;
+  while (true) {
+    const auto it = runs_.find(run_id);
+    if (it == runs_.end()) {
+      if (!cursor.started) throw CoordinatorError(ErrorCode::kNotFound, "no run '" + run_id + "'");
+      done = true;  // Deleted while watched.
+      return {};
+    }
+    const RunEntry& entry = it->second;
+    std::vector<v1::WatchRunEvent> events;
+    if (!cursor.started) {
+      cursor.started = true;
+      events.emplace_back().mutable_run()->CopyFrom(entry.run);
+      cursor.transitions = entry.run.transitions_size();
+      cursor.metrics_version = entry.metrics_version;
+    }
+    for (; cursor.transitions < static_cast<size_t>(entry.run.transitions_size());
+         ++cursor.transitions) {
+      v1::WatchRunEvent& event = events.emplace_back();
+      *event.mutable_run() = entry.run;
+      *event.mutable_transition() = entry.run.transitions(static_cast<int>(cursor.transitions));
+    }
+    if (cursor.metrics_version != entry.metrics_version) {
+      cursor.metrics_version = entry.metrics_version;
+      v1::WatchRunEvent& event = events.emplace_back();
+      *event.mutable_run() = entry.run;
+      event.set_metrics(true);
+    }
+    done = IsFinal(entry.run.state());
+    if (!events.empty() || done) return events;
+    if (shutdown_) {
+      throw CoordinatorError(ErrorCode::kUnavailable, "the coordinator is shutting down");
+    }
+    if (changed_.wait_until(lock, deadline) == std::cv_status::timeout) return {};
+  }
+}
+
+v1::RegisterResponse Coordinator::Register(const v1::RegisterRequest& request) {
+  if (request.group_id().empty()) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument, "Register: group_id is empty");
+  }
+  if (request.world_size() < 1) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument,
+                           "Register: group '" + request.group_id() + "': world_size must be >= 1, got " +
+                               std::to_string(request.world_size()));
+  }
+  for (const auto* list : {&request.hostnames(), &request.devices()}) {
+    if (!list->empty() && list->size() != request.world_size()) {
+      throw CoordinatorError(ErrorCode::kInvalidArgument,
+                             "Register: group '" + request.group_id() + "' names " +
+                                 std::to_string(list->size()) + " hosts or devices for " +
+                                 std::to_string(request.world_size()) + " ranks");
+    }
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t now = clock_.NowUnixMs();
+  if (const auto it = groups_.find(request.group_id()); it != groups_.end()) {
+    int64_t last = 0;
+    for (int64_t at : it->second.last_heartbeat_ms) last = std::max(last, at);
+    throw CoordinatorError(ErrorCode::kAlreadyExists,
+                           "group '" + request.group_id() + "' is already registered (" +
+                               std::to_string(it->second.world_size) +
+                               " ranks, last heartbeat " + Seconds((now - last) / 1000.0) +
+                               " ago); group ids must be unique among live groups");
+  }
+  Group& group = groups_[request.group_id()];
+  group.id = request.group_id();
+  group.session = NewSession();
+  group.world_size = request.world_size();
+  group.hostnames.assign(request.hostnames().begin(), request.hostnames().end());
+  group.devices.assign(request.devices().begin(), request.devices().end());
+  group.last_heartbeat_ms.assign(group.world_size, now);
+  group.registered_seq = ++next_group_seq_;
+  v1::GroupCommand command;
+  command.set_kind(v1::GroupCommand::IDLE);
+  std::string note;
+  if (!request.current_run().empty()) {
+    const auto run = runs_.find(request.current_run());
+    const bool holds = run != runs_.end() && !IsFinal(run->second.run.state()) &&
+                       run->second.run.state() != v1::QUEUED &&
+                       run->second.run.placement().group_id() == group.id;
+    if (holds) {
+      group.run_id = run->first;
+      if (run->second.run.state() == v1::STOPPING) {
+        command.set_kind(v1::GroupCommand::STOP);
+        command.set_run_id(run->first);
+      } else {
+        command = TrainCommand(run->second.run);
+      }
+      note = "; it carries on with run " + run->first + " at step " +
+             std::to_string(request.current_step());
+    } else {
+      note = "; it must drop run " + request.current_run() + ", which it no longer holds";
+    }
+  }
+  SetCommand(group, command);
+  // Runs this group held before a coordinator restart and no longer trains are lost.
+  for (auto& [id, entry] : runs_) {
+    const v1::RunState state = entry.run.state();
+    if (id == group.run_id || IsFinal(state) || state == v1::QUEUED ||
+        entry.run.placement().group_id() != group.id) {
+      continue;
+    }
+    FailRun(entry, "group " + group.id + " came back without it", state != v1::STOPPING);
+  }
+  std::printf("ddpm_coordinator: group %s registered (%d ranks)%s\n", group.id.c_str(),
+              group.world_size, note.c_str());
+  std::fflush(stdout);
+  v1::RegisterResponse response;
+  response.set_session(group.session);
+  response.set_heartbeat_interval_seconds(options_.heartbeat_interval_seconds);
+  response.set_heartbeat_timeout_seconds(options_.heartbeat_timeout_seconds);
+  Schedule();
+  return response;
+}
+
+std::optional<v1::GroupCommand> Coordinator::WaitForCommand(
+    const std::string& group_id, const std::string& session, int64_t& version,
+    std::chrono::steady_clock::time_point deadline) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (true) {
+    const auto it = groups_.find(group_id);
+    if (it == groups_.end() || it->second.session != session) {
+      throw CoordinatorError(ErrorCode::kNotFound, "group '" + group_id +
+                                                       "' has no session '" + session +
+                                                       "'; register again");
+    }
+    if (shutdown_) {
+      throw CoordinatorError(ErrorCode::kUnavailable, "the coordinator is shutting down");
+    }
+    if (it->second.version != version) {
+      version = it->second.version;
+      return it->second.command;
+    }
+    if (changed_.wait_until(lock, deadline) == std::cv_status::timeout) return std::nullopt;
+  }
+}
+
+void Coordinator::Heartbeat(const v1::HeartbeatRequest& request) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Group& group = FindGroup(request.group_id());
+  if (request.rank() < 0 || request.rank() >= group.world_size) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument,
+                           "Heartbeat: group '" + group.id + "' has ranks 0.." +
+                               std::to_string(group.world_size - 1) + ", not " +
+                               std::to_string(request.rank()));
+  }
+  if (!request.run_id().empty()) GroupHolding(group.id, request.run_id(), request.attempt());
+  const int64_t now = clock_.NowUnixMs();
+  group.last_heartbeat_ms[request.rank()] = now;
+  if (request.run_id().empty()) return;
+  RunEntry& entry = runs_.at(request.run_id());
+  v1::Run& run = entry.run;
+  bool save = false;
+  if (request.has_rank_metrics()) {
+    while (run.ranks_size() < group.world_size) run.add_ranks()->set_rank(run.ranks_size());
+    *run.mutable_ranks(request.rank()) = request.rank_metrics();
+    run.mutable_ranks(request.rank())->set_rank(request.rank());
+  }
+  if (request.rank() == 0 && request.has_train_metrics()) {
+    *run.mutable_metrics() = request.train_metrics();
+    run.mutable_metrics()->set_at_unix_ms(now);
+    ++entry.metrics_version;
+    save = true;
+  }
+  if (request.rank() == 0 && !request.sample_grid().empty() &&
+      request.sample_grid() != run.sample_grid()) {
+    run.set_sample_grid(request.sample_grid());
+    save = true;
+  }
+  if (run.state() == v1::STARTING && request.rank() == 0 && request.has_rank_metrics() &&
+      request.rank_metrics().step() > 0) {
+    if (request.rank_metrics().step() > run.metrics().step()) {
+      run.mutable_metrics()->set_step(request.rank_metrics().step());
+    }
+    Transition(entry, v1::RUNNING,
+               "group " + group.id + " is training (step " +
+                   std::to_string(request.rank_metrics().step()) + ")");
+    return;
+  }
+  if (save) {
+    run.set_updated_unix_ms(now);
+    Save(entry);
+    changed_.notify_all();
+  }
+}
+
+void Coordinator::ReportCheckpoint(const v1::ReportCheckpointRequest& request) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  GroupHolding(request.group_id(), request.run_id(), request.attempt());
+  RunEntry& entry = runs_.at(request.run_id());
+  v1::CheckpointInfo checkpoint = request.checkpoint();
+  checkpoint.set_at_unix_ms(clock_.NowUnixMs());
+  v1::Run next = entry.run;
+  if (checkpoint.step() >= next.latest_checkpoint().step()) *next.mutable_latest_checkpoint() = checkpoint;
+  next.set_updated_unix_ms(checkpoint.at_unix_ms());
+  registry_->Transaction([&] {
+    registry_->AddCheckpoint(next.id(), checkpoint);
+    registry_->UpdateRun(next);
+  });
+  entry.run = std::move(next);
+  changed_.notify_all();
+}
+
+void Coordinator::ReportEval(const v1::ReportEvalRequest& request) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  GroupHolding(request.group_id(), request.run_id(), request.attempt());
+  RunEntry& entry = runs_.at(request.run_id());
+  v1::EvalResult eval = request.eval();
+  eval.set_at_unix_ms(clock_.NowUnixMs());
+  v1::Run next = entry.run;
+  if (eval.step() >= next.latest_eval().step()) *next.mutable_latest_eval() = eval;
+  next.set_updated_unix_ms(eval.at_unix_ms());
+  registry_->Transaction([&] {
+    registry_->AddEval(next.id(), eval);
+    registry_->UpdateRun(next);
+  });
+  entry.run = std::move(next);
+  ++entry.metrics_version;
+  changed_.notify_all();
+}
+
+void Coordinator::ReportRunEnd(const v1::ReportRunEndRequest& request) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Group& group = GroupHolding(request.group_id(), request.run_id(), request.attempt());
+  RunEntry& entry = runs_.at(request.run_id());
+  v1::Run& run = entry.run;
+  if (request.step() > run.metrics().step()) run.mutable_metrics()->set_step(request.step());
+  if (!request.sample_grid().empty()) run.set_sample_grid(request.sample_grid());
+  if (!request.ema_weights().empty()) run.set_ema_weights(request.ema_weights());
+  group.run_id.clear();
+  v1::GroupCommand idle;
+  idle.set_kind(v1::GroupCommand::IDLE);
+  SetCommand(group, idle);
+  const std::string at = " at step " + std::to_string(request.step()) + " on group " + group.id;
+  const v1::RunState state = run.state();
+  switch (request.outcome()) {
+    case v1::ReportRunEndRequest::COMPLETED:
+      if (!IsFinal(state)) Transition(entry, v1::COMPLETED, "trained to the last step" + at);
+      break;
+    case v1::ReportRunEndRequest::STOPPED:
+      if (!IsFinal(state)) Transition(entry, v1::STOPPED, "stopped with a checkpoint" + at);
+      break;
+    case v1::ReportRunEndRequest::INTERRUPTED:
+      if (state == v1::STOPPING) {
+        Transition(entry, v1::STOPPED, "stopped with a checkpoint" + at);
+      } else if (!IsFinal(state)) {
+        FailRun(entry, "the group was interrupted" + at + ": " + request.message(), true);
+      }
+      break;
+    default:
+      // An error the group reports would repeat on a restart: the run is not re-queued.
+      if (!IsFinal(state)) FailRun(entry, "error" + at + ": " + request.message(), false);
+      break;
+  }
+  run.set_updated_unix_ms(clock_.NowUnixMs());
+  Save(entry);
+  Schedule();
+}
+
+void Coordinator::Leave(const v1::LeaveRequest& request) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  FindGroup(request.group_id());
+  LoseGroup(request.group_id(), "it left: " + request.reason());
+  Schedule();
+}
+
+void Coordinator::Tick() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t now = clock_.NowUnixMs();
+  const double timeout = options_.heartbeat_timeout_seconds;
+  std::vector<std::pair<std::string, std::string>> lost;
+  for (const auto& [id, group] : groups_) {
+    for (int rank = 0; rank < group.world_size; ++rank) {
+      const double age = (now - group.last_heartbeat_ms[rank]) / 1000.0;
+      if (age > timeout) {
+        lost.emplace_back(id, "no heartbeat from rank " + std::to_string(rank) + " of group " +
+                                  id + " for " + Seconds(age) + " (timeout " + Seconds(timeout) +
+                                  ")");
+        break;
+      }
+    }
+  }
+  for (const auto& [id, reason] : lost) LoseGroup(id, reason);
+  // Runs whose group has not come back since this coordinator started.
+  if ((now - started_ms_) / 1000.0 > timeout) {
+    for (auto& [id, entry] : runs_) {
+      const v1::RunState state = entry.run.state();
+      if (IsFinal(state) || state == v1::QUEUED) continue;
+      const std::string& group = entry.run.placement().group_id();
+      if (groups_.count(group) != 0) continue;
+      FailRun(entry,
+              "group " + group + " did not come back within " + Seconds(timeout) +
+                  " of the coordinator's start",
+              state != v1::STOPPING);
+    }
+  }
+  Schedule();
+}
+
+void Coordinator::Shutdown() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  shutdown_ = true;
+  changed_.notify_all();
+}
+
+std::vector<GroupStatus> Coordinator::Groups() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t now = clock_.NowUnixMs();
+  std::vector<GroupStatus> groups;
+  for (const auto& [id, group] : groups_) {
+    GroupStatus& status = groups.emplace_back();
+    status.id = id;
+    status.world_size = group.world_size;
+    status.run_id = group.run_id;
+    for (int64_t at : group.last_heartbeat_ms) status.heartbeat_age_seconds.push_back((now - at) / 1000.0);
+  }
+  return groups;
+}
+
+}  // namespace ddpm

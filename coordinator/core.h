@@ -1,0 +1,182 @@
+// The coordinator's core: the run state machine, the scheduler over worker groups, heartbeats
+// and recovery, over the SQLite registry. No gRPC here: the services translate messages and
+// call it, and tests drive it directly with a FakeClock.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "coordinator/clock.h"
+#include "coordinator/registry.h"
+#include "ddpm/v1/control.pb.h"
+#include "ddpm/v1/worker_gateway.pb.h"
+
+namespace ddpm {
+
+/// Why a request was refused, as the gRPC code the service will send.
+enum class ErrorCode {
+  kInvalidArgument,
+  kNotFound,
+  kAlreadyExists,
+  kFailedPrecondition,
+  kUnavailable,
+};
+
+/// A refused request; the message names the run, group, rank or config key.
+class CoordinatorError : public std::runtime_error {
+ public:
+  CoordinatorError(ErrorCode code, const std::string& message)
+      : std::runtime_error(message), code_(code) {}
+  ErrorCode code() const { return code_; }
+
+ private:
+  ErrorCode code_;
+};
+
+/// How the coordinator runs.
+struct CoordinatorOptions {
+  /// Directory of the registry (registry.db) and the generated tokens.
+  std::string data_dir = "coordinator-data";
+  /// Directory under which each run gets its run directory; every group must see this path.
+  /// Empty: DATA_DIR/runs.
+  std::string runs_dir;
+  /// Seconds between the heartbeats each rank sends.
+  double heartbeat_interval_seconds = 5;
+  /// Seconds without a heartbeat from a rank after which its group is declared lost.
+  double heartbeat_timeout_seconds = 30;
+  /// Restarts a run gets after lost groups, unless StartRun says otherwise.
+  int default_max_restarts = 3;
+};
+
+/// True for STOPPED, COMPLETED and FAILED.
+bool IsFinal(v1::RunState state);
+
+/// A live worker group, as the coordinator tracks it.
+struct GroupStatus {
+  std::string id;
+  int world_size = 0;
+  /// The run it holds, or empty.
+  std::string run_id;
+  /// Seconds since each rank's last heartbeat.
+  std::vector<double> heartbeat_age_seconds;
+};
+
+/// The coordinator. Thread-safe: every call takes one lock; the Wait* calls release it while
+/// they wait.
+class Coordinator {
+ public:
+  Coordinator(const CoordinatorOptions& options, const Clock& clock);
+  ~Coordinator();
+
+  // --- Control ---
+  /// Validates and queues a run; CoordinatorError(kInvalidArgument) names the config key.
+  v1::Run StartRun(const v1::StartRunRequest& request);
+  /// Stops a run gracefully (STOPPING, then STOPPED when its group has checkpointed) or at once.
+  v1::Run StopRun(const std::string& run, bool immediate);
+  /// A run with its transitions; run is an id or a unique name.
+  v1::Run GetRun(const std::string& run) const;
+  /// Runs in submission order (without transitions), only those in state unless unspecified.
+  std::vector<v1::Run> ListRuns(v1::RunState state) const;
+  /// Forgets a finished run.
+  void DeleteRun(const std::string& run);
+
+  /// Where a WatchRun stream is in a run's history.
+  struct WatchCursor {
+    bool started = false;
+    size_t transitions = 0;
+    int64_t metrics_version = 0;
+  };
+  /// The events of run after cursor, waiting until there is one or until deadline; the cursor
+  /// moves past them. done becomes true once the run has ended and every event is out.
+  std::vector<v1::WatchRunEvent> WaitForRunEvents(const std::string& run_id, WatchCursor& cursor,
+                                                  std::chrono::steady_clock::time_point deadline,
+                                                  bool& done);
+
+  // --- WorkerGateway ---
+  /// Registers a group (or takes back one that trains a run after a coordinator restart).
+  v1::RegisterResponse Register(const v1::RegisterRequest& request);
+  /// The group's command once it differs from the one numbered *version (0: none sent yet),
+  /// waiting until deadline; nullopt on timeout. Throws kNotFound for an unknown session.
+  std::optional<v1::GroupCommand> WaitForCommand(const std::string& group_id,
+                                                 const std::string& session, int64_t& version,
+                                                 std::chrono::steady_clock::time_point deadline);
+  /// Records a rank's heartbeat and, from rank 0, the run's metrics.
+  void Heartbeat(const v1::HeartbeatRequest& request);
+  void ReportCheckpoint(const v1::ReportCheckpointRequest& request);
+  void ReportEval(const v1::ReportEvalRequest& request);
+  /// The run ended on its group: COMPLETED, STOPPED, or FAILED (and perhaps re-queued).
+  void ReportRunEnd(const v1::ReportRunEndRequest& request);
+  /// The group shuts down; a run it still holds fails as lost.
+  void Leave(const v1::LeaveRequest& request);
+
+  // --- Health and scheduling ---
+  /// Declares groups whose heartbeats stopped lost (failing and re-queueing their runs), and
+  /// assigns queued runs to idle groups. The server calls it every few hundred milliseconds.
+  void Tick();
+  /// Wakes every waiting stream so that it can end.
+  void Shutdown();
+
+  /// Live groups, for metrics.
+  std::vector<GroupStatus> Groups() const;
+  const CoordinatorOptions& options() const { return options_; }
+
+ private:
+  struct Group {
+    std::string id;
+    std::string session;
+    int world_size = 0;
+    std::vector<std::string> hostnames, devices;
+    std::string run_id;
+    v1::GroupCommand command;
+    int64_t version = 0;
+    std::vector<int64_t> last_heartbeat_ms;
+    int64_t registered_seq = 0;
+  };
+  struct RunEntry {
+    int64_t seq = 0;
+    v1::Run run;
+    int64_t metrics_version = 0;
+  };
+
+  RunEntry& Find(const std::string& run);
+  const RunEntry& Find(const std::string& run) const;
+  Group& FindGroup(const std::string& group_id);
+  /// The group, if it holds run_id in that attempt (0: any); else kNotFound or
+  /// kFailedPrecondition naming what it holds.
+  Group& GroupHolding(const std::string& group_id, const std::string& run_id, int attempt);
+  /// Moves run to state, recording the transition (in memory and in the registry).
+  void Transition(RunEntry& entry, v1::RunState to, const std::string& reason);
+  /// Persists a run's record.
+  void Save(const RunEntry& entry);
+  /// Fails a run; re-queues it when may_restart and its restarts allow.
+  void FailRun(RunEntry& entry, const std::string& reason, bool may_restart);
+  /// Forgets a group and fails the run it held.
+  void LoseGroup(const std::string& group_id, const std::string& reason);
+  void SetCommand(Group& group, v1::GroupCommand command);
+  v1::GroupCommand TrainCommand(const v1::Run& run) const;
+  void Schedule();
+
+  const CoordinatorOptions options_;
+  const Clock& clock_;
+  std::string runs_dir_;
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  std::unique_ptr<Registry> registry_;
+  std::map<std::string, RunEntry> runs_;
+  std::map<std::string, Group> groups_;
+  int64_t next_group_seq_ = 0;
+  /// When this coordinator started: groups that held runs before a restart get until
+  /// started_ms_ + heartbeat timeout to come back.
+  int64_t started_ms_ = 0;
+  bool shutdown_ = false;
+};
+
+}  // namespace ddpm

@@ -1,0 +1,54 @@
+// ddpm_coordinator: the control plane. Thin main: flags to options, then the library.
+#include <string>
+
+#include "coordinator/service.h"
+#include "trainer/flags.h"
+
+int main(int argc, char** argv) {
+  ddpm::Flags flags(
+      "ddpm_coordinator",
+      "Schedules DDPM training runs over worker groups: gRPC Control (ddpmctl) and\n"
+      "WorkerGateway (mpirun ... ddpm_worker --coordinator HOST:PORT) services, a SQLite run\n"
+      "registry, heartbeats and restarts, and Prometheus /metrics. Tokens come from files or\n"
+      "DDPM_CONTROL_TOKEN / DDPM_WORKER_TOKEN; without either they are generated into the data\n"
+      "directory. Stops cleanly on SIGINT or SIGTERM.");
+  flags.Add("data-dir", "directory of the registry (registry.db), tokens and address files",
+            "coordinator-data");
+  flags.Add("runs-dir", "where run directories go (every worker must see it); default DATA_DIR/runs",
+            "");
+  flags.Add("listen", "gRPC HOST:PORT (port 0: any free port, written to DATA_DIR/address)",
+            "127.0.0.1:7070");
+  flags.Add("metrics-listen", "Prometheus /metrics HOST:PORT; empty: none", "127.0.0.1:9464");
+  flags.Add("control-token-file", "file holding the token Control calls must carry", "");
+  flags.Add("worker-token-file", "file holding the token WorkerGateway calls must carry", "");
+  flags.Add("tls-cert", "PEM certificate chain: serve TLS (with --tls-key)", "");
+  flags.Add("tls-key", "PEM private key of --tls-cert", "");
+  flags.Add("heartbeat-interval", "seconds between each rank's heartbeats", "5");
+  flags.Add("heartbeat-timeout", "seconds without a heartbeat before a group is declared lost",
+            "30");
+  flags.Add("max-restarts", "restarts a run gets after lost groups, unless StartRun says", "3");
+  flags.Add("max-message-bytes", "largest request accepted", "4194304");
+  return ddpm::RunMain(flags, argc, argv, [&] {
+    ddpm::CoordinatorOptions core;
+    core.data_dir = flags.Get("data-dir");
+    core.runs_dir = flags.Get("runs-dir");
+    core.heartbeat_interval_seconds = std::stod(flags.Get("heartbeat-interval"));
+    core.heartbeat_timeout_seconds = std::stod(flags.Get("heartbeat-timeout"));
+    core.default_max_restarts = static_cast<int>(flags.GetInt("max-restarts"));
+    if (core.heartbeat_interval_seconds <= 0 ||
+        core.heartbeat_timeout_seconds <= core.heartbeat_interval_seconds) {
+      throw ddpm::FlagError(
+          "ddpm_coordinator: --heartbeat-timeout must exceed --heartbeat-interval > 0");
+    }
+    ddpm::ServerOptions server;
+    server.listen = flags.Get("listen");
+    server.metrics_listen = flags.Get("metrics-listen");
+    server.tls_cert = flags.Get("tls-cert");
+    server.tls_key = flags.Get("tls-key");
+    server.max_message_bytes = static_cast<int>(flags.GetInt("max-message-bytes"));
+    ddpm::TokenSources tokens;
+    tokens.control_token_file = flags.Get("control-token-file");
+    tokens.worker_token_file = flags.Get("worker-token-file");
+    return ddpm::ServeUntilSignalled(core, server, tokens);
+  });
+}

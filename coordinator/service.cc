@@ -1,0 +1,363 @@
+#include "coordinator/service.h"
+
+#include <grpcpp/grpcpp.h>
+#include <prometheus/collectable.h>
+#include <prometheus/exposer.h>
+#include <prometheus/metric_family.h>
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+
+#include "coordinator/metrics.h"
+#include "ddpm/v1/control.grpc.pb.h"
+#include "ddpm/v1/worker_gateway.grpc.pb.h"
+#include "proto/rpc.h"
+#include "trainer/config.h"
+
+namespace ddpm {
+
+grpc::Status ToGrpcStatus(const std::exception& error) {
+  if (const auto* refused = dynamic_cast<const CoordinatorError*>(&error)) {
+    switch (refused->code()) {
+      case ErrorCode::kInvalidArgument:
+        return {grpc::StatusCode::INVALID_ARGUMENT, refused->what()};
+      case ErrorCode::kNotFound:
+        return {grpc::StatusCode::NOT_FOUND, refused->what()};
+      case ErrorCode::kAlreadyExists:
+        return {grpc::StatusCode::ALREADY_EXISTS, refused->what()};
+      case ErrorCode::kFailedPrecondition:
+        return {grpc::StatusCode::FAILED_PRECONDITION, refused->what()};
+      case ErrorCode::kUnavailable:
+        return {grpc::StatusCode::UNAVAILABLE, refused->what()};
+    }
+  }
+  if (dynamic_cast<const ConfigError*>(&error) != nullptr) {
+    return {grpc::StatusCode::INVALID_ARGUMENT, error.what()};
+  }
+  return {grpc::StatusCode::INTERNAL, error.what()};
+}
+
+namespace {
+
+// Compares in time independent of where the strings differ.
+bool SameToken(const std::string& given, const std::string& expected) {
+  if (expected.empty()) return false;
+  unsigned char difference = given.size() == expected.size() ? 0 : 1;
+  for (size_t i = 0; i < given.size(); ++i) {
+    difference |= static_cast<unsigned char>(given[i] ^ expected[i % expected.size()]);
+  }
+  return difference == 0;
+}
+
+// Checks the bearer token, then runs body, turning exceptions into one status.
+grpc::Status Serve(grpc::ServerContext* context, const std::string& token, const char* rpc,
+                   const std::string& which, const std::function<void()>& body) {
+  const auto& metadata = context->client_metadata();
+  const auto header = metadata.find("authorization");
+  if (header == metadata.end()) {
+    return {grpc::StatusCode::UNAUTHENTICATED,
+            std::string(rpc) + ": no bearer token; send the " + which + " token"};
+  }
+  const std::string value(header->second.data(), header->second.size());
+  const std::string prefix = "Bearer ";
+  if (value.compare(0, prefix.size(), prefix) != 0 ||
+      !SameToken(value.substr(prefix.size()), token)) {
+    return {grpc::StatusCode::UNAUTHENTICATED,
+            std::string(rpc) + ": the bearer token is not the " + which + " token"};
+  }
+  try {
+    body();
+    return grpc::Status::OK;
+  } catch (const std::exception& error) {
+    return ToGrpcStatus(error);
+  }
+}
+
+// How long a stream waits before it checks whether its client or the server went away.
+constexpr std::chrono::milliseconds kStreamPoll(500);
+
+}  // namespace
+
+class ControlService final : public v1::Control::Service {
+ public:
+  ControlService(Coordinator& core, std::string token, const std::atomic<bool>& stopping)
+      : core_(core), token_(std::move(token)), stopping_(stopping) {}
+
+  grpc::Status StartRun(grpc::ServerContext* context, const v1::StartRunRequest* request,
+                        v1::StartRunResponse* response) override {
+    return Serve(context, token_, "StartRun", kWhich,
+                 [&] { *response->mutable_run() = core_.StartRun(*request); });
+  }
+  grpc::Status StopRun(grpc::ServerContext* context, const v1::StopRunRequest* request,
+                       v1::StopRunResponse* response) override {
+    return Serve(context, token_, "StopRun", kWhich, [&] {
+      *response->mutable_run() = core_.StopRun(request->run(), request->immediate());
+    });
+  }
+  grpc::Status GetRun(grpc::ServerContext* context, const v1::GetRunRequest* request,
+                      v1::GetRunResponse* response) override {
+    return Serve(context, token_, "GetRun", kWhich,
+                 [&] { *response->mutable_run() = core_.GetRun(request->run()); });
+  }
+  grpc::Status ListRuns(grpc::ServerContext* context, const v1::ListRunsRequest* request,
+                        v1::ListRunsResponse* response) override {
+    return Serve(context, token_, "ListRuns", kWhich, [&] {
+      for (v1::Run& run : core_.ListRuns(request->state())) *response->add_runs() = std::move(run);
+    });
+  }
+  grpc::Status WatchRun(grpc::ServerContext* context, const v1::WatchRunRequest* request,
+                        grpc::ServerWriter<v1::WatchRunEvent>* writer) override {
+    return Serve(context, token_, "WatchRun", kWhich, [&] {
+      const std::string run_id = core_.GetRun(request->run()).id();
+      Coordinator::WatchCursor cursor;
+      bool done = false;
+      while (!done && !context->IsCancelled()) {
+        if (stopping_) {
+          throw CoordinatorError(ErrorCode::kUnavailable, "the coordinator is shutting down");
+        }
+        for (const v1::WatchRunEvent& event : core_.WaitForRunEvents(
+                 run_id, cursor, std::chrono::steady_clock::now() + kStreamPoll, done)) {
+          if (!writer->Write(event)) return;
+        }
+      }
+    });
+  }
+  grpc::Status DeleteRun(grpc::ServerContext* context, const v1::DeleteRunRequest* request,
+                         v1::DeleteRunResponse*) override {
+    return Serve(context, token_, "DeleteRun", kWhich, [&] { core_.DeleteRun(request->run()); });
+  }
+
+ private:
+  static constexpr const char* kWhich = "control";
+  Coordinator& core_;
+  const std::string token_;
+  const std::atomic<bool>& stopping_;
+};
+
+class WorkerGatewayService final : public v1::WorkerGateway::Service {
+ public:
+  WorkerGatewayService(Coordinator& core, std::string token, const std::atomic<bool>& stopping)
+      : core_(core), token_(std::move(token)), stopping_(stopping) {}
+
+  grpc::Status Register(grpc::ServerContext* context, const v1::RegisterRequest* request,
+                        v1::RegisterResponse* response) override {
+    return Serve(context, token_, "Register", kWhich,
+                 [&] { *response = core_.Register(*request); });
+  }
+  grpc::Status Commands(grpc::ServerContext* context, const v1::CommandsRequest* request,
+                        grpc::ServerWriter<v1::GroupCommand>* writer) override {
+    return Serve(context, token_, "Commands", kWhich, [&] {
+      int64_t version = 0;
+      while (!context->IsCancelled()) {
+        if (stopping_) {
+          throw CoordinatorError(ErrorCode::kUnavailable, "the coordinator is shutting down");
+        }
+        const std::optional<v1::GroupCommand> command =
+            core_.WaitForCommand(request->group_id(), request->session(), version,
+                                 std::chrono::steady_clock::now() + kStreamPoll);
+        if (command && !writer->Write(*command)) return;
+      }
+    });
+  }
+  grpc::Status Heartbeat(grpc::ServerContext* context, const v1::HeartbeatRequest* request,
+                         v1::HeartbeatResponse*) override {
+    return Serve(context, token_, "Heartbeat", kWhich, [&] { core_.Heartbeat(*request); });
+  }
+  grpc::Status ReportCheckpoint(grpc::ServerContext* context,
+                                const v1::ReportCheckpointRequest* request,
+                                v1::ReportCheckpointResponse*) override {
+    return Serve(context, token_, "ReportCheckpoint", kWhich,
+                 [&] { core_.ReportCheckpoint(*request); });
+  }
+  grpc::Status ReportEval(grpc::ServerContext* context, const v1::ReportEvalRequest* request,
+                          v1::ReportEvalResponse*) override {
+    return Serve(context, token_, "ReportEval", kWhich, [&] { core_.ReportEval(*request); });
+  }
+  grpc::Status ReportRunEnd(grpc::ServerContext* context, const v1::ReportRunEndRequest* request,
+                            v1::ReportRunEndResponse*) override {
+    return Serve(context, token_, "ReportRunEnd", kWhich, [&] { core_.ReportRunEnd(*request); });
+  }
+  grpc::Status Leave(grpc::ServerContext* context, const v1::LeaveRequest* request,
+                     v1::LeaveResponse*) override {
+    return Serve(context, token_, "Leave", kWhich, [&] { core_.Leave(*request); });
+  }
+
+ private:
+  static constexpr const char* kWhich = "worker";
+  Coordinator& core_;
+  const std::string token_;
+  const std::atomic<bool>& stopping_;
+};
+
+CoordinatorServer::CoordinatorServer(Coordinator& core, const ServerOptions& options)
+    : core_(core) {
+  if (options.control_token.empty() || options.worker_token.empty()) {
+    throw RpcSetupError("the coordinator needs both a control and a worker token");
+  }
+  if (options.control_token == options.worker_token) {
+    throw RpcSetupError("the control and worker tokens must differ");
+  }
+  if (options.tls_cert.empty() != options.tls_key.empty()) {
+    throw RpcSetupError("TLS needs both a certificate and a key file");
+  }
+  control_ = std::make_unique<ControlService>(core, options.control_token, stopping_);
+  gateway_ = std::make_unique<WorkerGatewayService>(core, options.worker_token, stopping_);
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (!options.tls_cert.empty()) {
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({ReadTextFile(options.tls_key, "TLS key"),
+                                      ReadTextFile(options.tls_cert, "TLS certificate")});
+    credentials = grpc::SslServerCredentials(ssl);
+  }
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, credentials, &port_);
+  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
+  builder.RegisterService(control_.get());
+  builder.RegisterService(gateway_.get());
+  server_ = builder.BuildAndStart();
+  if (!server_ || port_ == 0) {
+    throw RpcSetupError("cannot listen for gRPC on " + options.listen +
+                        " (in use, or not an address of this host)");
+  }
+  if (!options.metrics_listen.empty()) {
+    try {
+      exposer_ = std::make_unique<prometheus::Exposer>(options.metrics_listen);
+    } catch (const std::exception& error) {
+      server_->Shutdown();
+      throw RpcSetupError("cannot serve /metrics on " + options.metrics_listen + ": " +
+                          error.what());
+    }
+    collector_ = std::make_shared<CoordinatorCollector>(core);
+    exposer_->RegisterCollectable(collector_);
+    const std::vector<int> ports = exposer_->GetListeningPorts();
+    metrics_port_ = ports.empty() ? 0 : ports.front();
+  }
+  ticker_ = std::thread([this, tick = options.tick_seconds] {
+    while (!stopping_) {
+      try {
+        core_.Tick();
+      } catch (const std::exception& error) {
+        std::fprintf(stderr, "ddpm_coordinator: health check failed: %s\n", error.what());
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int64_t>(tick * 1000)));
+    }
+  });
+}
+
+CoordinatorServer::~CoordinatorServer() { Shutdown(); }
+
+void CoordinatorServer::Shutdown() {
+  if (stopping_.exchange(true)) return;
+  core_.Shutdown();
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  if (ticker_.joinable()) ticker_.join();
+  exposer_.reset();
+}
+
+}  // namespace ddpm
+
+namespace ddpm {
+namespace {
+
+// The token from its file or environment variable, else one generated into the data directory.
+std::string ResolveToken(const std::string& file, const char* env, const std::string& data_dir,
+                         const std::string& name, std::string& origin) {
+  if (!file.empty() || (std::getenv(env) != nullptr && *std::getenv(env) != '\0')) {
+    origin = file.empty() ? std::string("$") + env : file;
+    return ReadToken(file, env);
+  }
+  const std::string path = data_dir + "/" + name + ".token";
+  origin = path;
+  if (FILE* existing = std::fopen(path.c_str(), "r")) {
+    std::fclose(existing);
+    return ReadToken(path, env);
+  }
+  std::random_device entropy;
+  std::string token;
+  for (int i = 0; i < 8; ++i) {
+    char part[9];
+    std::snprintf(part, sizeof(part), "%08x", entropy());
+    token += part;
+  }
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
+  if (fd < 0) throw RpcSetupError("cannot create token file " + path + ": " + std::strerror(errno));
+  const std::string line = token + "\n";
+  const bool written = ::write(fd, line.data(), line.size()) == static_cast<ssize_t>(line.size());
+  ::close(fd);
+  if (!written) throw RpcSetupError("cannot write token file " + path);
+  return token;
+}
+
+void WriteAddress(const std::string& path, const std::string& address) {
+  const std::string temporary = path + ".tmp";
+  FILE* file = std::fopen(temporary.c_str(), "w");
+  if (file == nullptr || std::fprintf(file, "%s\n", address.c_str()) < 0 ||
+      std::fclose(file) != 0) {
+    throw RpcSetupError("cannot write " + path);
+  }
+  std::rename(temporary.c_str(), path.c_str());
+}
+
+std::string HostOf(const std::string& listen) { return listen.substr(0, listen.rfind(':')); }
+
+}  // namespace
+
+int ServeUntilSignalled(const CoordinatorOptions& core_options, ServerOptions server_options,
+                        const TokenSources& tokens) {
+  // Signals go to the thread that waits for them, not to gRPC's threads.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  SystemClock clock;
+  Coordinator core(core_options, clock);
+  std::string control_origin, worker_origin;
+  if (server_options.control_token.empty()) {
+    server_options.control_token =
+        ResolveToken(tokens.control_token_file, "DDPM_CONTROL_TOKEN", core_options.data_dir,
+                     "control", control_origin);
+  }
+  if (server_options.worker_token.empty()) {
+    server_options.worker_token =
+        ResolveToken(tokens.worker_token_file, "DDPM_WORKER_TOKEN", core_options.data_dir,
+                     "worker", worker_origin);
+  }
+  CoordinatorServer server(core, server_options);
+  const std::string address = HostOf(server_options.listen) + ":" + std::to_string(server.port());
+  WriteAddress(core_options.data_dir + "/address", address);
+  std::string metrics = "none";
+  if (server.metrics_port() != 0) {
+    metrics = "http://" + HostOf(server_options.metrics_listen) + ":" +
+              std::to_string(server.metrics_port()) + "/metrics";
+    WriteAddress(core_options.data_dir + "/metrics_address", metrics);
+  }
+  const std::vector<v1::Run> runs = core.ListRuns(v1::RUN_STATE_UNSPECIFIED);
+  std::printf(
+      "ddpm_coordinator: serving on %s (%s), metrics at %s\n"
+      "ddpm_coordinator: registry %s/registry.db: %zu runs; control token from %s, worker "
+      "token from %s\n",
+      address.c_str(), server_options.tls_cert.empty() ? "plaintext" : "TLS", metrics.c_str(),
+      core_options.data_dir.c_str(), runs.size(), control_origin.c_str(), worker_origin.c_str());
+  std::fflush(stdout);
+  int signal = 0;
+  sigwait(&signals, &signal);
+  std::printf("ddpm_coordinator: %s: shutting down\n", signal == SIGINT ? "SIGINT" : "SIGTERM");
+  std::fflush(stdout);
+  server.Shutdown();
+  std::printf("ddpm_coordinator: stopped\n");
+  return 0;
+}
+
+}  // namespace ddpm

@@ -1,0 +1,103 @@
+#include "proto/rpc.h"
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+namespace ddpm {
+
+std::string ReadTextFile(const std::string& path, const std::string& what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw RpcSetupError(what + " " + path + ": cannot be read");
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) throw RpcSetupError(what + " " + path + ": read failed");
+  return text.str();
+}
+
+namespace {
+
+std::string Trim(const std::string& text) {
+  const auto first = text.find_first_not_of(" \t\r\n");
+  if (first == std::string::npos) return "";
+  return text.substr(first, text.find_last_not_of(" \t\r\n") - first + 1);
+}
+
+}  // namespace
+
+std::string ReadToken(const std::string& file, const char* env) {
+  if (!file.empty()) {
+    const std::string token = Trim(ReadTextFile(file, "token file"));
+    if (token.empty()) throw RpcSetupError("token file " + file + " is empty");
+    if (token.find_first_of(" \t\r\n") != std::string::npos) {
+      throw RpcSetupError("token file " + file + " holds more than one word");
+    }
+    return token;
+  }
+  if (const char* value = std::getenv(env); value != nullptr && *value != '\0') {
+    return Trim(value);
+  }
+  throw RpcSetupError(std::string("no token: pass a token file, or set ") + env);
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const ChannelOptions& options) {
+  if (options.address.find(':') == std::string::npos) {
+    throw RpcSetupError("coordinator address '" + options.address + "' is not HOST:PORT");
+  }
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  if (options.tls_ca.empty()) {
+    credentials = grpc::InsecureChannelCredentials();
+  } else {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = ReadTextFile(options.tls_ca, "TLS CA certificate");
+    credentials = grpc::SslCredentials(ssl);
+  }
+  grpc::ChannelArguments arguments;
+  arguments.SetMaxReceiveMessageSize(options.max_message_bytes);
+  arguments.SetMaxSendMessageSize(options.max_message_bytes);
+  // Reconnect quickly after a coordinator restart.
+  arguments.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
+  arguments.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+  return grpc::CreateCustomChannel(options.address, credentials, arguments);
+}
+
+std::unique_ptr<grpc::ClientContext> MakeContext(const std::string& token,
+                                                 std::chrono::milliseconds timeout) {
+  auto context = std::make_unique<grpc::ClientContext>();
+  context->AddMetadata("authorization", "Bearer " + token);
+  if (timeout.count() > 0) context->set_deadline(std::chrono::system_clock::now() + timeout);
+  return context;
+}
+
+const char* StatusCodeName(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK: return "OK";
+    case grpc::StatusCode::CANCELLED: return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED: return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL: return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
+    default: return "UNKNOWN";
+  }
+}
+
+std::string DescribeStatus(const std::string& rpc, const grpc::Status& status) {
+  std::string message = status.error_message();
+  for (char& c : message) {
+    if (c == '\n') c = ' ';
+  }
+  return rpc + ": " + StatusCodeName(status.error_code()) + ": " + message;
+}
+
+}  // namespace ddpm

@@ -1,0 +1,50 @@
+// What every gRPC client and the coordinator share: tokens, channels and readable errors.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+namespace ddpm {
+
+/// A token, certificate or address could not be read or is malformed; the message names it.
+class RpcSetupError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// The bearer token from file if given, else from the environment variable env; throws
+/// RpcSetupError naming both when neither has one. Tokens never come from flags, which `ps`
+/// shows.
+std::string ReadToken(const std::string& file, const char* env);
+
+/// The whole text of a file; throws RpcSetupError naming it.
+std::string ReadTextFile(const std::string& path, const std::string& what);
+
+/// How a client reaches the coordinator.
+struct ChannelOptions {
+  /// HOST:PORT.
+  std::string address = "127.0.0.1:7070";
+  /// PEM file of the CA that signed the coordinator's certificate; empty: plaintext.
+  std::string tls_ca;
+  /// The largest message the client accepts, in bytes.
+  int max_message_bytes = 16 << 20;
+};
+
+/// A channel to the coordinator, over TLS when options.tls_ca is set.
+std::shared_ptr<grpc::Channel> MakeChannel(const ChannelOptions& options);
+
+/// A client context that carries the bearer token and, if timeout is positive, a deadline.
+std::unique_ptr<grpc::ClientContext> MakeContext(
+    const std::string& token, std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
+
+/// One line: "<rpc>: <CODE>: <message>", e.g. "StartRun: INVALID_ARGUMENT: config: ...".
+std::string DescribeStatus(const std::string& rpc, const grpc::Status& status);
+
+/// The name of a gRPC status code, e.g. "NOT_FOUND".
+const char* StatusCodeName(grpc::StatusCode code);
+
+}  // namespace ddpm

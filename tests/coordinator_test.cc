@@ -1,0 +1,331 @@
+// The coordinator's core without gRPC: the run state machine, scheduling decisions, heartbeats
+// and restarts on a fake clock, persistence across a restart, and refused input that changes
+// nothing stored.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <string>
+
+#include "coordinator/core.h"
+
+namespace ddpm {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A tiny config; batch and world-size keys vary per test.
+std::string ConfigYaml(int batch = 8, const std::string& dist = "") {
+  return "model: {ch: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], "
+         "image_size: 16, norm_groups: 8}\n"
+         "train: {steps: 100, batch_size: " +
+         std::to_string(batch) + ", checkpoint_every: 10}\n" + (dist.empty() ? "" : "dist: " + dist + "\n");
+}
+
+v1::StartRunRequest Start(const std::string& name, const std::string& yaml, int priority = 0) {
+  v1::StartRunRequest request;
+  request.set_name(name);
+  request.set_config_yaml(yaml);
+  request.set_priority(priority);
+  return request;
+}
+
+v1::RegisterRequest Group(const std::string& id, int world) {
+  v1::RegisterRequest request;
+  request.set_group_id(id);
+  request.set_world_size(world);
+  return request;
+}
+
+class CoordinatorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("ddpm-core-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    options_.data_dir = dir_.string();
+    options_.heartbeat_interval_seconds = 1;
+    options_.heartbeat_timeout_seconds = 10;
+    core_ = std::make_unique<Coordinator>(options_, clock_);
+  }
+  void TearDown() override {
+    core_.reset();
+    fs::remove_all(dir_);
+  }
+  void Reopen() {
+    core_.reset();
+    core_ = std::make_unique<Coordinator>(options_, clock_);
+  }
+  // The group's command now.
+  v1::GroupCommand CommandOf(const std::string& group, const std::string& session) {
+    int64_t version = 0;
+    return *core_->WaitForCommand(group, session, version, std::chrono::steady_clock::now());
+  }
+  // Everything stored, as one string to compare before and after a refused request.
+  std::string Stored() {
+    std::string all;
+    for (const v1::Run& run : core_->ListRuns(v1::RUN_STATE_UNSPECIFIED)) {
+      all += core_->GetRun(run.id()).SerializeAsString();
+    }
+    return all;
+  }
+  void Heartbeat(const std::string& group, int rank, const std::string& run, int64_t step) {
+    v1::HeartbeatRequest request;
+    request.set_group_id(group);
+    request.set_rank(rank);
+    request.set_run_id(run);
+    request.mutable_rank_metrics()->set_step(step);
+    core_->Heartbeat(request);
+  }
+
+  fs::path dir_;
+  FakeClock clock_;
+  CoordinatorOptions options_;
+  std::unique_ptr<Coordinator> core_;
+};
+
+TEST_F(CoordinatorTest, StartRunQueuesAndRecordsTheTransition) {
+  const v1::Run run = core_->StartRun(Start("alpha", ConfigYaml()));
+  EXPECT_EQ(run.id(), "alpha-1");
+  EXPECT_EQ(run.state(), v1::QUEUED);
+  EXPECT_EQ(run.total_steps(), 100);
+  EXPECT_EQ(run.run_dir(), (fs::absolute(dir_) / "runs" / "alpha-1").lexically_normal().string());
+  ASSERT_EQ(run.transitions_size(), 1);
+  EXPECT_EQ(run.transitions(0).from(), v1::RUN_STATE_UNSPECIFIED);
+  EXPECT_EQ(run.transitions(0).to(), v1::QUEUED);
+  EXPECT_EQ(run.transitions(0).at_unix_ms(), clock_.NowUnixMs());
+}
+
+TEST_F(CoordinatorTest, RefusedStartRunsNameTheProblemAndStoreNothing) {
+  const std::string before = Stored();
+  const auto refused = [&](const std::string& yaml, const std::string& expected) {
+    try {
+      core_->StartRun(Start("bad", yaml));
+      ADD_FAILURE() << "accepted: " << yaml;
+    } catch (const CoordinatorError& error) {
+      EXPECT_EQ(error.code(), ErrorCode::kInvalidArgument);
+      EXPECT_NE(std::string(error.what()).find(expected), std::string::npos) << error.what();
+    }
+  };
+  refused("model: {ch: [16\n", "YAML syntax error");
+  refused("model: {chh: 16}\n", "model.chh");
+  refused(ConfigYaml(8, "{world_size: 3}"), "does not divide among 3 ranks");
+  refused(ConfigYaml(8, "{world_size: 16}"), "does not divide among 16 ranks");
+  EXPECT_EQ(Stored(), before);
+  // No run number was used up by the refusals.
+  EXPECT_EQ(core_->StartRun(Start("good", ConfigYaml())).id(), "good-1");
+}
+
+TEST_F(CoordinatorTest, SchedulesByPriorityThenFifoAndDerivesThePerRankBatch) {
+  core_->StartRun(Start("first", ConfigYaml(8, "{max_rank_batch: 2}")));
+  core_->StartRun(Start("urgent", ConfigYaml(8, "{max_rank_batch: 2}"), 5));
+  core_->StartRun(Start("second", ConfigYaml(8, "{max_rank_batch: 2}")));
+  const std::string session = core_->Register(Group("g", 2)).session();
+  // The higher priority goes first.
+  v1::Run urgent = core_->GetRun("urgent");
+  EXPECT_EQ(urgent.state(), v1::STARTING);
+  // Batch 8 over 2 ranks is 4 per rank; at most 2 per micro-batch: 2 x 2 micro-batches.
+  EXPECT_EQ(urgent.placement().world_size(), 2);
+  EXPECT_EQ(urgent.placement().per_rank_batch(), 2);
+  EXPECT_EQ(urgent.placement().grad_accum(), 2);
+  const v1::GroupCommand train = CommandOf("g", session);
+  EXPECT_EQ(train.kind(), v1::GroupCommand::TRAIN);
+  EXPECT_EQ(train.run_id(), "urgent-2");
+  EXPECT_NE(train.config_yaml().find("grad_accum: 2"), std::string::npos) << train.config_yaml();
+  EXPECT_EQ(core_->GetRun("first").state(), v1::QUEUED);
+
+  // When it ends, the group takes the oldest of the equal-priority runs.
+  v1::ReportRunEndRequest end;
+  end.set_group_id("g");
+  end.set_run_id("urgent-2");
+  end.set_outcome(v1::ReportRunEndRequest::COMPLETED);
+  end.set_step(100);
+  core_->ReportRunEnd(end);
+  EXPECT_EQ(core_->GetRun("urgent").state(), v1::COMPLETED);
+  EXPECT_EQ(core_->GetRun("first").state(), v1::STARTING);
+  EXPECT_EQ(core_->GetRun("second").state(), v1::QUEUED);
+}
+
+TEST_F(CoordinatorTest, ARunWaitsForAGroupOfItsWorldSizeWithoutBlockingOthers) {
+  core_->StartRun(Start("four", ConfigYaml(8, "{world_size: 4}")));
+  core_->StartRun(Start("any", ConfigYaml(6)));
+  core_->Register(Group("pair", 2));
+  EXPECT_EQ(core_->GetRun("four").state(), v1::QUEUED);
+  const v1::Run any = core_->GetRun("any");
+  EXPECT_EQ(any.state(), v1::STARTING);
+  EXPECT_EQ(any.placement().per_rank_batch(), 3);
+  core_->Register(Group("quad", 4));
+  EXPECT_EQ(core_->GetRun("four").state(), v1::STARTING);
+  EXPECT_EQ(core_->GetRun("four").placement().group_id(), "quad");
+}
+
+TEST_F(CoordinatorTest, GracefulStopGoesThroughStoppingAndTheGroupTakesTheNextRun) {
+  core_->StartRun(Start("a", ConfigYaml()));
+  const std::string session = core_->Register(Group("g", 1)).session();
+  Heartbeat("g", 0, "a-1", 0);
+  EXPECT_EQ(core_->GetRun("a").state(), v1::STARTING);  // Loading: no step yet.
+  Heartbeat("g", 0, "a-1", 3);
+  EXPECT_EQ(core_->GetRun("a").state(), v1::RUNNING);
+  EXPECT_EQ(core_->StopRun("a", false).state(), v1::STOPPING);
+  EXPECT_EQ(CommandOf("g", session).kind(), v1::GroupCommand::STOP);
+  core_->StartRun(Start("b", ConfigYaml()));
+  EXPECT_EQ(core_->GetRun("b").state(), v1::QUEUED);  // The group is still busy.
+  v1::ReportRunEndRequest end;
+  end.set_group_id("g");
+  end.set_run_id("a-1");
+  end.set_outcome(v1::ReportRunEndRequest::STOPPED);
+  end.set_step(7);
+  core_->ReportRunEnd(end);
+  const v1::Run a = core_->GetRun("a");
+  EXPECT_EQ(a.state(), v1::STOPPED);
+  std::vector<v1::RunState> path;
+  for (const v1::Transition& t : a.transitions()) path.push_back(t.to());
+  EXPECT_EQ(path, (std::vector<v1::RunState>{v1::QUEUED, v1::STARTING, v1::RUNNING, v1::STOPPING,
+                                             v1::STOPPED}));
+  EXPECT_EQ(core_->GetRun("b").state(), v1::STARTING);
+  EXPECT_EQ(CommandOf("g", session).run_id(), "b-2");
+}
+
+TEST_F(CoordinatorTest, MissedHeartbeatsFailTheRunAndRequeueItFromItsCheckpoint) {
+  v1::StartRunRequest request = Start("a", ConfigYaml());
+  request.set_max_restarts(1);
+  core_->StartRun(request);
+  core_->Register(Group("g", 2));
+  Heartbeat("g", 0, "a-1", 5);
+  v1::ReportCheckpointRequest checkpoint;
+  checkpoint.set_group_id("g");
+  checkpoint.set_run_id("a-1");
+  checkpoint.mutable_checkpoint()->set_step(10);
+  checkpoint.mutable_checkpoint()->set_path("/runs/a-1/checkpoints/step_000000010");
+  core_->ReportCheckpoint(checkpoint);
+  // Rank 1 goes quiet; rank 0 keeps beating.
+  clock_.Advance(6);
+  Heartbeat("g", 0, "a-1", 12);
+  core_->Tick();
+  EXPECT_EQ(core_->GetRun("a").state(), v1::RUNNING);
+  clock_.Advance(5);
+  core_->Tick();
+  v1::Run a = core_->GetRun("a");
+  EXPECT_EQ(a.state(), v1::QUEUED);
+  EXPECT_EQ(a.restarts(), 1);
+  const int n = a.transitions_size();
+  EXPECT_EQ(a.transitions(n - 2).to(), v1::FAILED);
+  EXPECT_NE(a.transitions(n - 2).reason().find("no heartbeat from rank 1 of group g"),
+            std::string::npos)
+      << a.transitions(n - 2).reason();
+  EXPECT_NE(a.transitions(n - 1).reason().find("resume from the checkpoint of step 10"),
+            std::string::npos);
+  // A new group resumes it as attempt 2; a report from attempt 1 is refused.
+  core_->Register(Group("h", 2));
+  a = core_->GetRun("a");
+  EXPECT_EQ(a.state(), v1::STARTING);
+  EXPECT_EQ(a.placement().attempt(), 2);
+  EXPECT_NE(a.reason().find("resumes from step 10"), std::string::npos) << a.reason();
+  checkpoint.set_group_id("h");
+  checkpoint.set_attempt(1);
+  EXPECT_THROW(core_->ReportCheckpoint(checkpoint), CoordinatorError);
+  // Its second loss uses up max_restarts: it stays FAILED.
+  clock_.Advance(11);
+  core_->Tick();
+  EXPECT_EQ(core_->GetRun("a").state(), v1::FAILED);
+}
+
+TEST_F(CoordinatorTest, ARestartedCoordinatorKeepsEveryRunAndTakesBackItsGroup) {
+  core_->StartRun(Start("a", ConfigYaml()));
+  core_->StartRun(Start("b", ConfigYaml()));
+  core_->Register(Group("g", 1));
+  Heartbeat("g", 0, "a-1", 4);
+  core_->StopRun("b", false);
+  const std::string before = Stored();
+  Reopen();
+  EXPECT_EQ(Stored(), before);
+  EXPECT_EQ(core_->GetRun("a").state(), v1::RUNNING);
+  EXPECT_EQ(core_->GetRun("b").transitions_size(), 2);
+  // The group comes back, naming its run: it carries on.
+  v1::RegisterRequest again = Group("g", 1);
+  again.set_current_run("a-1");
+  again.set_current_step(9);
+  const std::string session = core_->Register(again).session();
+  EXPECT_EQ(CommandOf("g", session).kind(), v1::GroupCommand::TRAIN);
+  clock_.Advance(11);
+  Heartbeat("g", 0, "a-1", 20);
+  core_->Tick();
+  EXPECT_EQ(core_->GetRun("a").state(), v1::RUNNING);
+  // The next run gets the next number, even after a delete.
+  core_->DeleteRun("b");
+  EXPECT_EQ(core_->StartRun(Start("c", ConfigYaml())).id(), "c-3");
+}
+
+TEST_F(CoordinatorTest, AGroupThatDoesNotComeBackAfterARestartLosesItsRun) {
+  core_->StartRun(Start("a", ConfigYaml()));
+  core_->Register(Group("g", 1));
+  Heartbeat("g", 0, "a-1", 4);
+  Reopen();
+  clock_.Advance(5);
+  core_->Tick();
+  EXPECT_EQ(core_->GetRun("a").state(), v1::RUNNING);
+  clock_.Advance(6);
+  core_->Tick();
+  const v1::Run a = core_->GetRun("a");
+  EXPECT_EQ(a.state(), v1::QUEUED);
+  EXPECT_NE(a.transitions(a.transitions_size() - 2).reason().find("did not come back"),
+            std::string::npos);
+}
+
+TEST_F(CoordinatorTest, RefusedWorkerAndControlCallsChangeNothing) {
+  core_->StartRun(Start("a", ConfigYaml()));
+  core_->StartRun(Start("b", ConfigYaml()));
+  core_->Register(Group("g", 1));
+  const std::string before = Stored();
+  const auto code_of = [](const std::function<void()>& call) {
+    try {
+      call();
+    } catch (const CoordinatorError& error) {
+      return error.code();
+    }
+    ADD_FAILURE() << "not refused";
+    return ErrorCode::kUnavailable;
+  };
+  EXPECT_EQ(code_of([&] { core_->StopRun("nope", false); }), ErrorCode::kNotFound);
+  EXPECT_EQ(code_of([&] { core_->Register(Group("g", 1)); }), ErrorCode::kAlreadyExists);
+  EXPECT_EQ(code_of([&] { Heartbeat("g", 0, "b-2", 1); }), ErrorCode::kFailedPrecondition);
+  EXPECT_EQ(code_of([&] { Heartbeat("nobody", 0, "a-1", 1); }), ErrorCode::kNotFound);
+  EXPECT_EQ(code_of([&] { Heartbeat("g", 3, "a-1", 1); }), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(code_of([&] { core_->DeleteRun("a"); }), ErrorCode::kFailedPrecondition);
+  EXPECT_EQ(code_of([&] { core_->Register(Group("h", 0)); }), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(Stored(), before);
+  EXPECT_EQ(core_->Groups().size(), 1u);
+}
+
+TEST_F(CoordinatorTest, WatchReportsEachTransitionAndMetricsUntilTheEnd) {
+  core_->StartRun(Start("a", ConfigYaml()));
+  Coordinator::WatchCursor cursor;
+  bool done = false;
+  const auto soon = [] { return std::chrono::steady_clock::now() + std::chrono::milliseconds(50); };
+  std::vector<v1::WatchRunEvent> events = core_->WaitForRunEvents("a-1", cursor, soon(), done);
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_FALSE(events[0].has_transition());
+  core_->Register(Group("g", 1));
+  v1::HeartbeatRequest beat;
+  beat.set_group_id("g");
+  beat.set_run_id("a-1");
+  beat.mutable_rank_metrics()->set_step(5);
+  beat.mutable_train_metrics()->set_step(5);
+  beat.mutable_train_metrics()->set_loss(0.25);
+  core_->Heartbeat(beat);
+  events = core_->WaitForRunEvents("a-1", cursor, soon(), done);
+  ASSERT_EQ(events.size(), 3u);
+  EXPECT_EQ(events[0].transition().to(), v1::STARTING);
+  EXPECT_EQ(events[1].transition().to(), v1::RUNNING);
+  EXPECT_TRUE(events[2].metrics());
+  EXPECT_DOUBLE_EQ(events[2].run().metrics().loss(), 0.25);
+  EXPECT_FALSE(done);
+  core_->StopRun("a-1", true);
+  events = core_->WaitForRunEvents("a-1", cursor, soon(), done);
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].transition().to(), v1::STOPPED);
+  EXPECT_TRUE(done);
+}
+
+}  // namespace
+}  // namespace ddpm

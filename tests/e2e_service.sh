@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The whole service on loopback with the real binaries: a coordinator, a 2-rank worker group
+# under mpirun, and ddpmctl. A run is started, seen RUNNING and stopped; the same group takes a
+# second run to completion; a third survives a coordinator restart with nothing lost, and after
+# the group is SIGKILLed a new group resumes it from its last checkpoint to completion.
+# usage: e2e_service.sh MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL
+set -euo pipefail
+mpiexec=$1 coordinator=$2 worker=$3 ctl=$4
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2> /dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+fail() {
+  echo "e2e-service: FAIL: $*"
+  for f in "$work"/*.log; do echo "--- $f"; tr '\r' '\n' < "$f" | grep -v '^\s*$' | tail -25; done
+  exit 1
+}
+say() { echo "e2e-service: $*"; }
+
+cat > "$work/tiny.yaml" <<'YAML'
+model: {ch: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], image_size: 16,
+        norm_groups: 8, dropout: 0.1}
+train: {steps: 30, batch_size: 8, lr: 0.001, warmup_steps: 2, log_every: 10,
+        checkpoint_every: 20, threads: 1, device: cpu}
+data: {shapes_size: 64}
+sample: {sampler: ddim, steps: 4, num_images: 4}
+dist: {bucket_mb: 0.05, timeout_seconds: 60}
+YAML
+sed 's/steps: 30,/steps: 100000,/' "$work/tiny.yaml" > "$work/endless.yaml"
+sed 's/steps: 30,/steps: 1200,/' "$work/tiny.yaml" > "$work/long.yaml"
+
+data=$work/coordinator
+start_coordinator() {  # [ADDRESS]
+  "$coordinator" --data-dir "$data" --listen "${1:-127.0.0.1:0}" --metrics-listen 127.0.0.1:0 \
+    --heartbeat-interval 1 --heartbeat-timeout 6 >> "$work/coordinator.log" 2>&1 &
+  coordinator_pid=$!
+  pids+=("$coordinator_pid")
+  for _ in $(seq 1 100); do
+    if [ -s "$data/address" ] && grep -q "serving on" "$work/coordinator.log" &&
+       [ "$(grep -c 'serving on' "$work/coordinator.log")" -ge "${2:-1}" ]; then return; fi
+    sleep 0.1
+  done
+  fail "the coordinator did not start"
+}
+start_group() {  # LOG
+  DDPM_WORKER_TOKEN=$(cat "$data/worker.token") OMP_NUM_THREADS=1 \
+    "$mpiexec" -np 2 --oversubscribe -x DDPM_WORKER_TOKEN -x OMP_NUM_THREADS "$worker" \
+    --coordinator "$address" > "$work/$1" 2>&1 &
+  group_pid=$!
+  pids+=("$group_pid")
+}
+ctl() { "$ctl" --coordinator "$address" --token-file "$data/control.token" "$@"; }
+field() {  # RUN PYTHON-EXPRESSION over the run's JSON as r
+  ctl get "$1" --json | python3 -c "import json, sys; r = json.load(sys.stdin); print($2)"
+}
+wait_for() {  # SECONDS DESCRIPTION COMMAND...
+  local seconds=$1 what=$2
+  shift 2
+  for _ in $(seq 1 $((seconds * 4))); do
+    if "$@" > /dev/null 2>&1; then return; fi
+    sleep 0.25
+  done
+  fail "timed out after ${seconds}s waiting for $what"
+}
+state_is() { [ "$(field "$1" 'r["state"]')" = "$2" ]; }
+step_at_least() { [ "$(field "$1" 'int(r.get("metrics", {}).get("step", 0))')" -ge "$2" ]; }
+
+start_coordinator
+address=$(cat "$data/address")
+start_group group1.log
+say "coordinator at $address; a 2-rank group"
+
+say "1. a run reaches RUNNING and stops with a checkpoint"
+run=$(ctl start "$work/endless.yaml" --name smoke --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+wait_for 60 "$run RUNNING" state_is "$run" RUNNING
+wait_for 60 "$run past step 20" step_at_least "$run" 21
+ctl stop "$run" > /dev/null
+wait_for 60 "$run STOPPED" state_is "$run" STOPPED
+checkpoint=$(field "$run" 'r["latest_checkpoint"]["path"]')
+[ -f "$checkpoint/COMMITTED" ] || fail "the stop left no committed checkpoint ($checkpoint)"
+[ "$(field "$run" '" ".join(t["to"] for t in r["transitions"])')" = \
+  "QUEUED STARTING RUNNING STOPPING STOPPED" ] || fail "transitions: $(ctl get "$run")"
+
+say "2. the same group (no new mpirun) takes a second run to completion"
+ctl start "$work/tiny.yaml" --name second --watch > "$work/watch.log" || fail "watch exited $?"
+grep -q "run second-2 COMPLETED at step 30/30" "$work/watch.log" || fail "watch did not report completion"
+grep -q "step 30/30 loss" "$work/watch.log" || fail "watch printed no progress"
+[ -s "$(field second-2 'r["sample_grid"]')" ] || fail "no sample grid"
+[ "$(field second-2 'r["placement"]["group_id"]')" = "$(field smoke-1 'r["placement"]["group_id"]')" ] ||
+  fail "the second run went to another group"
+
+say "3. a coordinator restart mid-run loses nothing"
+run=long-3
+ctl start "$work/long.yaml" --name long > /dev/null
+wait_for 60 "$run past step 40" step_at_least "$run" 41
+before=$(field "$run" 'len(r["transitions"])')
+kill -TERM "$coordinator_pid"
+wait "$coordinator_pid" || fail "the coordinator did not exit cleanly on SIGTERM"
+start_coordinator "$address" 2
+step=$(field "$run" 'int(r["metrics"]["step"])')
+wait_for 30 "$run to advance after the restart" step_at_least "$run" $((step + 20))
+state_is "$run" RUNNING || fail "$run is $(field "$run" 'r["state"]') after the restart"
+[ "$(field "$run" 'len(r["transitions"])')" = "$before" ] || fail "transitions changed: $(ctl get "$run")"
+grep -q "carries on with run $run" "$work/coordinator.log" || fail "the group did not re-register with its run"
+[ "$(ctl list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["runs"]))')" = 3 ] ||
+  fail "runs lost in the restart"
+
+say "4. SIGKILL on mpirun: a new group resumes the run from its checkpoint"
+wait_for 60 "a checkpoint of $run after the restart" \
+  python3 -c "import sys; sys.exit(0 if int('$(field "$run" 'r["latest_checkpoint"]["step"]')') > $step else 1)"
+kill -KILL "$group_pid"
+sleep 1
+if pgrep -f "ddpm_worker --coordinator $address" > /dev/null; then fail "ranks outlived mpirun"; fi
+start_group group2.log
+wait_for 150 "$run COMPLETED" state_is "$run" COMPLETED
+[ "$(field "$run" 'r["restarts"]')" = 1 ] || fail "restarts: $(ctl get "$run")"
+ctl get "$run" | grep -q "FAILED    no heartbeat from rank" || fail "no heartbeat failure recorded: $(ctl get "$run")"
+ctl get "$run" | grep -q "resumes from step" || fail "it did not resume: $(ctl get "$run")"
+grep -q "resumed from .*$run/checkpoints/step_" "$work/group2.log" || fail "the new group did not resume"
+
+say "5. bad input gets one clear line and a non-zero exit"
+set +e
+ctl stop ghost 2> "$work/err.txt"; code=$?
+set -e
+[ "$code" = 1 ] && grep -q "StopRun: NOT_FOUND: no run 'ghost'" "$work/err.txt" || fail "stop ghost: $code $(cat "$work/err.txt")"
+printf 'train: {steps: [1}\n' > "$work/bad.yaml"
+set +e
+ctl start "$work/bad.yaml" 2> "$work/err.txt"; code=$?
+"$ctl" --coordinator "$address" list > /dev/null 2>&1; nokey=$?
+set -e
+[ "$code" = 1 ] && grep -q "INVALID_ARGUMENT: StartRun config:1" "$work/err.txt" || fail "bad yaml: $(cat "$work/err.txt")"
+[ "$nokey" = 66 ] || fail "ddpmctl without a token exited $nokey, not 66"
+
+say "6. clean shutdown"
+kill -TERM "$group_pid"
+# mpirun reports the signal it forwarded in its own exit code; the ranks must leave cleanly.
+wait "$group_pid" || true
+grep -q "left the coordinator (SIGTERM)" "$work/group2.log" || fail "the group did not leave"
+if grep -q "error" "$work/group2.log"; then fail "a rank reported an error on shutdown"; fi
+grep -q "group .* is gone: it left: SIGTERM" "$work/coordinator.log" || fail "the coordinator missed the leave"
+kill -TERM "$coordinator_pid"
+wait "$coordinator_pid" || fail "the coordinator did not exit cleanly"
+say "PASS"

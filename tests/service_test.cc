@@ -1,0 +1,333 @@
+// The coordinator's gRPC server in process, on a free loopback port, with real clients: every
+// RPC, bearer-token checks, the message-size limit, TLS, and a /metrics scrape.
+#include <arpa/inet.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "coordinator/service.h"
+#include "ddpm/v1/control.grpc.pb.h"
+#include "ddpm/v1/worker_gateway.grpc.pb.h"
+#include "proto/rpc.h"
+
+namespace ddpm {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr const char* kControlToken = "control-secret";
+constexpr const char* kWorkerToken = "worker-secret";
+
+const char* kTinyConfig =
+    "model: {ch: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], image_size: 16, "
+    "norm_groups: 8}\ntrain: {steps: 50, batch_size: 4}\n";
+
+// An HTTP GET of path on 127.0.0.1:port; the whole response.
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+  if (write(fd, request.data(), request.size()) < 0) return "";
+  std::string response;
+  char buffer[4096];
+  ssize_t n;
+  while ((n = read(fd, buffer, sizeof(buffer))) > 0) response.append(buffer, n);
+  close(fd);
+  return response;
+}
+
+class ServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("ddpm-service-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    core_options_.data_dir = dir_.string();
+    server_options_.listen = "127.0.0.1:0";
+    server_options_.metrics_listen = "127.0.0.1:0";
+    server_options_.control_token = kControlToken;
+    server_options_.worker_token = kWorkerToken;
+    server_options_.max_message_bytes = 64 << 10;
+  }
+  void TearDown() override {
+    server_.reset();
+    core_.reset();
+    fs::remove_all(dir_);
+  }
+  void StartServer() {
+    core_ = std::make_unique<Coordinator>(core_options_, clock_);
+    server_ = std::make_unique<CoordinatorServer>(*core_, server_options_);
+    ASSERT_GT(server_->port(), 0);
+  }
+  ChannelOptions Channel() const {
+    ChannelOptions options;
+    options.address = "127.0.0.1:" + std::to_string(server_->port());
+    return options;
+  }
+  std::unique_ptr<v1::Control::Stub> Control() {
+    return v1::Control::NewStub(MakeChannel(Channel()));
+  }
+  std::unique_ptr<v1::WorkerGateway::Stub> Gateway() {
+    return v1::WorkerGateway::NewStub(MakeChannel(Channel()));
+  }
+  static std::unique_ptr<grpc::ClientContext> Ctx(const std::string& token) {
+    return MakeContext(token, std::chrono::seconds(10));
+  }
+
+  fs::path dir_;
+  SystemClock clock_;
+  CoordinatorOptions core_options_;
+  ServerOptions server_options_;
+  std::unique_ptr<Coordinator> core_;
+  std::unique_ptr<CoordinatorServer> server_;
+};
+
+TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
+  StartServer();
+  auto control = Control();
+  auto gateway = Gateway();
+
+  v1::StartRunRequest start;
+  start.set_config_yaml(kTinyConfig);
+  start.set_name("svc");
+  v1::StartRunResponse started;
+  ASSERT_TRUE(control->StartRun(Ctx(kControlToken).get(), start, &started).ok());
+  EXPECT_EQ(started.run().id(), "svc-1");
+  EXPECT_EQ(started.run().state(), v1::QUEUED);
+
+  // A worker group registers and hears its assignment on the command stream.
+  v1::RegisterRequest registration;
+  registration.set_group_id("group-a");
+  registration.set_world_size(2);
+  registration.add_hostnames("h0");
+  registration.add_hostnames("h1");
+  v1::RegisterResponse registered;
+  ASSERT_TRUE(gateway->Register(Ctx(kWorkerToken).get(), registration, &registered).ok());
+  EXPECT_FALSE(registered.session().empty());
+  v1::CommandsRequest commands;
+  commands.set_group_id("group-a");
+  commands.set_session(registered.session());
+  auto stream_context = MakeContext(kWorkerToken, std::chrono::seconds(20));
+  auto reader = gateway->Commands(stream_context.get(), commands);
+  v1::GroupCommand command;
+  ASSERT_TRUE(reader->Read(&command));
+  EXPECT_EQ(command.kind(), v1::GroupCommand::TRAIN);
+  EXPECT_EQ(command.run_id(), "svc-1");
+  EXPECT_EQ(command.placement().per_rank_batch(), 2);
+
+  // A watcher follows the run from here to its end.
+  std::vector<v1::WatchRunEvent> watched;
+  grpc::Status watch_status;
+  std::thread watcher([&] {
+    auto stub = Control();
+    auto context = MakeContext(kControlToken, std::chrono::seconds(30));
+    v1::WatchRunRequest request;
+    request.set_run("svc");
+    auto events = stub->WatchRun(context.get(), request);
+    v1::WatchRunEvent event;
+    while (events->Read(&event)) watched.push_back(event);
+    watch_status = events->Finish();
+  });
+
+  v1::HeartbeatRequest beat;
+  beat.set_group_id("group-a");
+  beat.set_run_id("svc-1");
+  beat.set_attempt(1);
+  beat.mutable_rank_metrics()->set_step(10);
+  beat.mutable_train_metrics()->set_step(10);
+  beat.mutable_train_metrics()->set_loss(0.5);
+  v1::HeartbeatResponse beat_response;
+  ASSERT_TRUE(gateway->Heartbeat(Ctx(kWorkerToken).get(), beat, &beat_response).ok());
+  beat.set_rank(1);
+  beat.clear_train_metrics();
+  ASSERT_TRUE(gateway->Heartbeat(Ctx(kWorkerToken).get(), beat, &beat_response).ok());
+
+  v1::ReportCheckpointRequest checkpoint;
+  checkpoint.set_group_id("group-a");
+  checkpoint.set_run_id("svc-1");
+  checkpoint.mutable_checkpoint()->set_step(10);
+  checkpoint.mutable_checkpoint()->set_path("/x/step_000000010");
+  v1::ReportCheckpointResponse checkpoint_response;
+  ASSERT_TRUE(
+      gateway->ReportCheckpoint(Ctx(kWorkerToken).get(), checkpoint, &checkpoint_response).ok());
+  v1::ReportEvalRequest eval;
+  eval.set_group_id("group-a");
+  eval.set_run_id("svc-1");
+  eval.mutable_eval()->set_step(10);
+  eval.mutable_eval()->set_fid(42.5);
+  eval.mutable_eval()->set_inception_score(3.25);
+  v1::ReportEvalResponse eval_response;
+  ASSERT_TRUE(gateway->ReportEval(Ctx(kWorkerToken).get(), eval, &eval_response).ok());
+
+  v1::GetRunRequest get;
+  get.set_run("svc-1");
+  v1::GetRunResponse got;
+  ASSERT_TRUE(control->GetRun(Ctx(kControlToken).get(), get, &got).ok());
+  EXPECT_EQ(got.run().state(), v1::RUNNING);
+  EXPECT_EQ(got.run().latest_checkpoint().step(), 10);
+  EXPECT_DOUBLE_EQ(got.run().latest_eval().fid(), 42.5);
+  EXPECT_DOUBLE_EQ(got.run().metrics().loss(), 0.5);
+  EXPECT_EQ(got.run().ranks_size(), 2);
+
+  // The metrics endpoint shows the run.
+  const std::string scraped = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_NE(scraped.find("ddpm_run_state{run=\"svc-1\"} 3"), std::string::npos) << scraped;
+  EXPECT_NE(scraped.find("ddpm_train_loss{run=\"svc-1\"} 0.5"), std::string::npos);
+  EXPECT_NE(scraped.find("ddpm_eval_fid{run=\"svc-1\"} 42.5"), std::string::npos);
+  EXPECT_NE(scraped.find("ddpm_worker_up{group=\"group-a\",rank=\"1\"} 1"), std::string::npos);
+
+  // A graceful stop reaches the group as STOP; its report ends the run.
+  v1::StopRunRequest stop;
+  stop.set_run("svc");
+  v1::StopRunResponse stopped;
+  ASSERT_TRUE(control->StopRun(Ctx(kControlToken).get(), stop, &stopped).ok());
+  EXPECT_EQ(stopped.run().state(), v1::STOPPING);
+  ASSERT_TRUE(reader->Read(&command));
+  EXPECT_EQ(command.kind(), v1::GroupCommand::STOP);
+  v1::ReportRunEndRequest end;
+  end.set_group_id("group-a");
+  end.set_run_id("svc-1");
+  end.set_attempt(1);
+  end.set_outcome(v1::ReportRunEndRequest::STOPPED);
+  end.set_step(12);
+  v1::ReportRunEndResponse end_response;
+  ASSERT_TRUE(gateway->ReportRunEnd(Ctx(kWorkerToken).get(), end, &end_response).ok());
+  ASSERT_TRUE(reader->Read(&command));
+  EXPECT_EQ(command.kind(), v1::GroupCommand::IDLE);
+  watcher.join();
+  EXPECT_TRUE(watch_status.ok()) << watch_status.error_message();
+  ASSERT_FALSE(watched.empty());
+  EXPECT_EQ(watched.back().run().state(), v1::STOPPED);
+  bool saw_metrics = false, saw_stopping = false;
+  for (const v1::WatchRunEvent& event : watched) {
+    saw_metrics |= event.metrics();
+    saw_stopping |= event.transition().to() == v1::STOPPING;
+  }
+  EXPECT_TRUE(saw_metrics);
+  EXPECT_TRUE(saw_stopping);
+
+  v1::ListRunsRequest list;
+  list.set_state(v1::STOPPED);
+  v1::ListRunsResponse listed;
+  ASSERT_TRUE(control->ListRuns(Ctx(kControlToken).get(), list, &listed).ok());
+  ASSERT_EQ(listed.runs_size(), 1);
+  EXPECT_EQ(listed.runs(0).transitions_size(), 0);
+  v1::DeleteRunRequest remove;
+  remove.set_run("svc-1");
+  v1::DeleteRunResponse removed;
+  ASSERT_TRUE(control->DeleteRun(Ctx(kControlToken).get(), remove, &removed).ok());
+  const grpc::Status gone = control->GetRun(Ctx(kControlToken).get(), get, &got);
+  EXPECT_EQ(gone.error_code(), grpc::StatusCode::NOT_FOUND);
+
+  v1::LeaveRequest leave;
+  leave.set_group_id("group-a");
+  leave.set_reason("test over");
+  v1::LeaveResponse left;
+  ASSERT_TRUE(gateway->Leave(Ctx(kWorkerToken).get(), leave, &left).ok());
+  EXPECT_TRUE(core_->Groups().empty());
+  stream_context->TryCancel();
+}
+
+TEST_F(ServiceTest, WrongOrMissingTokensAreUnauthenticated) {
+  StartServer();
+  auto control = Control();
+  auto gateway = Gateway();
+  v1::ListRunsRequest list;
+  v1::ListRunsResponse listed;
+  grpc::ClientContext bare;
+  EXPECT_EQ(control->ListRuns(&bare, list, &listed).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(control->ListRuns(Ctx("guess").get(), list, &listed).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  // Each service takes only its own token.
+  EXPECT_EQ(control->ListRuns(Ctx(kWorkerToken).get(), list, &listed).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  v1::RegisterRequest registration;
+  registration.set_group_id("g");
+  registration.set_world_size(1);
+  v1::RegisterResponse registered;
+  EXPECT_EQ(gateway->Register(Ctx(kControlToken).get(), registration, &registered).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(core_->Groups().empty());
+  EXPECT_TRUE(control->ListRuns(Ctx(kControlToken).get(), list, &listed).ok());
+}
+
+TEST_F(ServiceTest, RefusedRequestsGetTheirCodeAndOversizedOnesTheLimit) {
+  StartServer();
+  auto control = Control();
+  v1::StartRunRequest start;
+  start.set_config_yaml("train: {stepz: 3}\n");
+  v1::StartRunResponse started;
+  const grpc::Status unknown = control->StartRun(Ctx(kControlToken).get(), start, &started);
+  EXPECT_EQ(unknown.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(unknown.error_message().find("train.stepz"), std::string::npos);
+  start.set_config_yaml(std::string(kTinyConfig) + "#" + std::string(100 << 10, 'x') + "\n");
+  EXPECT_EQ(control->StartRun(Ctx(kControlToken).get(), start, &started).error_code(),
+            grpc::StatusCode::RESOURCE_EXHAUSTED);
+  v1::StopRunRequest stop;
+  stop.set_run("ghost");
+  v1::StopRunResponse stopped;
+  EXPECT_EQ(control->StopRun(Ctx(kControlToken).get(), stop, &stopped).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(core_->ListRuns(v1::RUN_STATE_UNSPECIFIED).empty());
+}
+
+TEST_F(ServiceTest, ServesTlsWhenGivenACertificate) {
+  if (std::system("command -v openssl > /dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "openssl is not installed: cannot make a test certificate (apt-get install "
+                    "openssl)";
+  }
+  fs::create_directories(dir_);
+  const std::string cert = (dir_ / "cert.pem").string(), key = (dir_ / "key.pem").string();
+  const std::string make =
+      "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost -addext "
+      "subjectAltName=IP:127.0.0.1,DNS:localhost -keyout " +
+      key + " -out " + cert + " > /dev/null 2>&1";
+  ASSERT_EQ(std::system(make.c_str()), 0) << make;
+  server_options_.tls_cert = cert;
+  server_options_.tls_key = key;
+  StartServer();
+  ChannelOptions tls = Channel();
+  tls.tls_ca = cert;
+  auto secure = v1::Control::NewStub(MakeChannel(tls));
+  v1::ListRunsRequest list;
+  v1::ListRunsResponse listed;
+  const grpc::Status ok = secure->ListRuns(Ctx(kControlToken).get(), list, &listed);
+  EXPECT_TRUE(ok.ok()) << ok.error_message();
+  // A plaintext client cannot talk to it.
+  EXPECT_FALSE(Control()->ListRuns(Ctx(kControlToken).get(), list, &listed).ok());
+}
+
+TEST(ServiceSetup, TokensMustBeSetAndDistinct) {
+  CoordinatorOptions core_options;
+  core_options.data_dir = (fs::temp_directory_path() / ("ddpm-setup-" + std::to_string(getpid()))).string();
+  SystemClock clock;
+  Coordinator core(core_options, clock);
+  ServerOptions options;
+  options.listen = "127.0.0.1:0";
+  options.metrics_listen = "";
+  options.control_token = "same";
+  options.worker_token = "same";
+  EXPECT_THROW(CoordinatorServer(core, options), RpcSetupError);
+  options.worker_token = "";
+  EXPECT_THROW(CoordinatorServer(core, options), RpcSetupError);
+  fs::remove_all(core_options.data_dir);
+}
+
+}  // namespace
+}  // namespace ddpm

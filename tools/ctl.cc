@@ -1,0 +1,400 @@
+#include "tools/ctl.h"
+
+#include <google/protobuf/util/json_util.h>
+
+#include <chrono>
+#include <ctime>
+#include <memory>
+#include <thread>
+
+#include "ddpm/v1/control.grpc.pb.h"
+
+namespace ddpm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int ExitFor(const grpc::Status& status) {
+  switch (status.error_code()) {
+    case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return kCtlUnavailable;
+    case grpc::StatusCode::UNAUTHENTICATED:
+    case grpc::StatusCode::PERMISSION_DENIED:
+      return kCtlNoPermission;
+    default:
+      return kCtlFailed;
+  }
+}
+
+int Report(const std::string& rpc, const grpc::Status& status) {
+  std::fprintf(stderr, "ddpmctl: %s\n", DescribeStatus(rpc, status).c_str());
+  return ExitFor(status);
+}
+
+std::string Json(const google::protobuf::Message& message) {
+  std::string json;
+  google::protobuf::util::JsonPrintOptions print;
+  print.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(message, &json, print);
+  return json;
+}
+
+std::string Duration(double seconds) {
+  if (!(seconds >= 0) || seconds > 1e8) return "-";
+  const int64_t total = static_cast<int64_t>(seconds + 0.5);
+  char text[32];
+  std::snprintf(text, sizeof(text), "%lld:%02lld:%02lld", static_cast<long long>(total / 3600),
+                static_cast<long long>(total / 60 % 60), static_cast<long long>(total % 60));
+  return text;
+}
+
+std::string Time(int64_t unix_ms) {
+  if (unix_ms == 0) return "-";
+  const std::time_t seconds = unix_ms / 1000;
+  std::tm local{};
+  localtime_r(&seconds, &local);
+  char text[32];
+  std::strftime(text, sizeof(text), "%Y-%m-%d %H:%M:%S", &local);
+  return text;
+}
+
+std::string StateName(v1::RunState state) { return v1::RunState_Name(state); }
+
+// A client that carries the token; a token or CA that cannot be read is reported at once.
+class Client {
+ public:
+  explicit Client(const CtlOptions& options) : options_(options) {
+    token_ = ReadToken(options.token_file, "DDPM_CONTROL_TOKEN");
+    stub_ = v1::Control::NewStub(MakeChannel(options.channel));
+  }
+  std::unique_ptr<grpc::ClientContext> Context() const {
+    return MakeContext(token_, std::chrono::milliseconds(
+                                   static_cast<int64_t>(options_.timeout_seconds * 1000)));
+  }
+  std::unique_ptr<grpc::ClientContext> StreamContext() const { return MakeContext(token_); }
+  v1::Control::Stub& stub() { return *stub_; }
+
+ private:
+  const CtlOptions& options_;
+  std::string token_;
+  std::unique_ptr<v1::Control::Stub> stub_;
+};
+
+// Runs body with a client; local setup errors (token, CA, config file) exit with kCtlNoInput.
+template <typename Body>
+int WithClient(const CtlOptions& options, Body body) {
+  std::unique_ptr<Client> client;
+  try {
+    client = std::make_unique<Client>(options);
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "ddpmctl: %s\n", error.what());
+    return kCtlNoInput;
+  }
+  return body(*client);
+}
+
+void PrintRunSummary(FILE* out, const v1::Run& run) {
+  std::fprintf(out, "run %s (%s): %s: %s\n", run.id().c_str(), run.name().c_str(),
+               StateName(run.state()).c_str(), run.reason().c_str());
+}
+
+void PrintRunDetails(FILE* out, const v1::Run& run) {
+  const auto row = [out](const char* key, const std::string& value) {
+    if (!value.empty()) std::fprintf(out, "  %-18s %s\n", key, value.c_str());
+  };
+  std::fprintf(out, "run %s\n", run.id().c_str());
+  row("name", run.name());
+  row("state", StateName(run.state()));
+  row("reason", run.reason());
+  row("step", std::to_string(run.metrics().step()) + " / " + std::to_string(run.total_steps()));
+  if (run.metrics().at_unix_ms() != 0) {
+    char text[160];
+    std::snprintf(text, sizeof(text), "loss %.4f, grad norm %.3f, lr %.2e, %.1f images/s, eta %s",
+                  run.metrics().loss(), run.metrics().grad_norm(), run.metrics().lr(),
+                  run.metrics().images_per_second(), Duration(run.metrics().eta_seconds()).c_str());
+    row("metrics", text);
+  }
+  if (!run.placement().group_id().empty()) {
+    const v1::Placement& p = run.placement();
+    row("placement", "group " + p.group_id() + ": " + std::to_string(p.world_size()) +
+                         " ranks x " + std::to_string(p.per_rank_batch()) + " images x " +
+                         std::to_string(p.grad_accum()) + " micro-batches (attempt " +
+                         std::to_string(p.attempt()) + ")");
+  }
+  row("priority", std::to_string(run.priority()));
+  row("restarts", std::to_string(run.restarts()) + " of " + std::to_string(run.max_restarts()));
+  row("run dir", run.run_dir());
+  if (run.latest_checkpoint().step() > 0) {
+    row("checkpoint", run.latest_checkpoint().path() + " (step " +
+                          std::to_string(run.latest_checkpoint().step()) + ")");
+  }
+  row("sample grid", run.sample_grid());
+  row("ema weights", run.ema_weights());
+  if (run.has_latest_eval()) {
+    char text[96];
+    std::snprintf(text, sizeof(text), "FID %.3f, IS %.3f at step %lld", run.latest_eval().fid(),
+                  run.latest_eval().inception_score(),
+                  static_cast<long long>(run.latest_eval().step()));
+    row("eval", text);
+  }
+  row("created", Time(run.created_unix_ms()));
+  if (run.transitions_size() > 0) std::fprintf(out, "  transitions:\n");
+  for (const v1::Transition& t : run.transitions()) {
+    std::fprintf(out, "    %s  %-9s -> %-9s %s\n", Time(t.at_unix_ms()).c_str(),
+                 t.from() == v1::RUN_STATE_UNSPECIFIED ? "" : StateName(t.from()).c_str(),
+                 StateName(t.to()).c_str(), t.reason().c_str());
+  }
+}
+
+}  // namespace
+
+int CtlStart(const CtlOptions& options, const StartOptions& start, std::string* run_id) {
+  v1::StartRunRequest request;
+  try {
+    request.set_config_yaml(ReadTextFile(start.config_path, "config"));
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "ddpmctl: %s\n", error.what());
+    return kCtlNoInput;
+  }
+  request.set_name(start.name);
+  request.set_priority(start.priority);
+  if (start.max_restarts >= 0) request.set_max_restarts(start.max_restarts);
+  return WithClient(options, [&](Client& client) {
+    v1::StartRunResponse response;
+    const grpc::Status status = client.stub().StartRun(client.Context().get(), request, &response);
+    if (!status.ok()) return Report("StartRun", status);
+    if (run_id != nullptr) *run_id = response.run().id();
+    if (options.json) {
+      std::fprintf(options.out, "%s\n", Json(response.run()).c_str());
+    } else {
+      std::fprintf(options.out, "started run %s (%s)\n", response.run().id().c_str(),
+                   StateName(response.run().state()).c_str());
+    }
+    return static_cast<int>(kCtlOk);
+  });
+}
+
+int CtlStop(const CtlOptions& options, const std::string& run, bool immediate) {
+  return WithClient(options, [&](Client& client) {
+    v1::StopRunRequest request;
+    request.set_run(run);
+    request.set_immediate(immediate);
+    v1::StopRunResponse response;
+    const grpc::Status status = client.stub().StopRun(client.Context().get(), request, &response);
+    if (!status.ok()) return Report("StopRun", status);
+    if (options.json) {
+      std::fprintf(options.out, "%s\n", Json(response.run()).c_str());
+    } else {
+      PrintRunSummary(options.out, response.run());
+    }
+    return static_cast<int>(kCtlOk);
+  });
+}
+
+int CtlList(const CtlOptions& options, const std::string& state) {
+  v1::ListRunsRequest request;
+  if (!state.empty()) {
+    v1::RunState filter = v1::RUN_STATE_UNSPECIFIED;
+    if (!v1::RunState_Parse(state, &filter) || filter == v1::RUN_STATE_UNSPECIFIED) {
+      std::fprintf(stderr,
+                   "ddpmctl: --state %s: use QUEUED, STARTING, RUNNING, STOPPING, STOPPED, "
+                   "COMPLETED or FAILED\n",
+                   state.c_str());
+      return kCtlUsage;
+    }
+    request.set_state(filter);
+  }
+  return WithClient(options, [&](Client& client) {
+    v1::ListRunsResponse response;
+    const grpc::Status status = client.stub().ListRuns(client.Context().get(), request, &response);
+    if (!status.ok()) return Report("ListRuns", status);
+    if (options.json) {
+      std::fprintf(options.out, "%s\n", Json(response).c_str());
+      return static_cast<int>(kCtlOk);
+    }
+    std::fprintf(options.out, "%-24s %-10s %15s %9s %9s  %s\n", "RUN", "STATE", "STEP", "LOSS",
+                 "IMG/S", "UPDATED");
+    for (const v1::Run& run : response.runs()) {
+      const std::string step =
+          std::to_string(run.metrics().step()) + "/" + std::to_string(run.total_steps());
+      std::fprintf(options.out, "%-24s %-10s %15s %9.4f %9.1f  %s\n", run.id().c_str(),
+                   StateName(run.state()).c_str(), step.c_str(), run.metrics().loss(),
+                   run.metrics().images_per_second(), Time(run.updated_unix_ms()).c_str());
+    }
+    return static_cast<int>(kCtlOk);
+  });
+}
+
+int CtlGet(const CtlOptions& options, const std::string& run) {
+  return WithClient(options, [&](Client& client) {
+    v1::GetRunRequest request;
+    request.set_run(run);
+    v1::GetRunResponse response;
+    const grpc::Status status = client.stub().GetRun(client.Context().get(), request, &response);
+    if (!status.ok()) return Report("GetRun", status);
+    if (options.json) {
+      std::fprintf(options.out, "%s\n", Json(response.run()).c_str());
+    } else {
+      PrintRunDetails(options.out, response.run());
+    }
+    return static_cast<int>(kCtlOk);
+  });
+}
+
+int CtlDelete(const CtlOptions& options, const std::string& run) {
+  return WithClient(options, [&](Client& client) {
+    v1::DeleteRunRequest request;
+    request.set_run(run);
+    v1::DeleteRunResponse response;
+    const grpc::Status status = client.stub().DeleteRun(client.Context().get(), request, &response);
+    if (!status.ok()) return Report("DeleteRun", status);
+    if (options.json) {
+      std::fprintf(options.out, "{\"deleted\":\"%s\"}\n", run.c_str());
+    } else {
+      std::fprintf(options.out, "deleted run %s\n", run.c_str());
+    }
+    return static_cast<int>(kCtlOk);
+  });
+}
+
+namespace {
+
+// Draws watch output: a progress bar on a terminal, plain lines elsewhere, JSON lines for --json.
+class WatchPrinter {
+ public:
+  explicit WatchPrinter(const CtlOptions& options) : options_(options) {}
+
+  void Event(const v1::WatchRunEvent& event) {
+    const v1::Run& run = event.run();
+    if (options_.json) {
+      std::fprintf(options_.out, "%s\n", Json(event).c_str());
+      std::fflush(options_.out);
+      return;
+    }
+    // After a reconnect the first event repeats the whole history: print only what is new.
+    for (int i = printed_transitions_; i < run.transitions_size(); ++i) {
+      const v1::Transition& t = run.transitions(i);
+      ClearBar();
+      std::fprintf(options_.out, "%s  %s%s%s: %s\n", Time(t.at_unix_ms()).c_str(),
+                   t.from() == v1::RUN_STATE_UNSPECIFIED ? "" : StateName(t.from()).c_str(),
+                   t.from() == v1::RUN_STATE_UNSPECIFIED ? "" : " -> ", StateName(t.to()).c_str(),
+                   t.reason().c_str());
+    }
+    printed_transitions_ = std::max(printed_transitions_, run.transitions_size());
+    if (event.metrics() && run.metrics().step() > last_step_) {
+      last_step_ = run.metrics().step();
+      const v1::TrainMetrics& m = run.metrics();
+      if (options_.terminal) {
+        DrawBar(run);
+      } else {
+        std::fprintf(options_.out, "step %lld/%lld loss %.4f images/s %.1f eta %s\n",
+                     static_cast<long long>(m.step()), static_cast<long long>(run.total_steps()),
+                     m.loss(), m.images_per_second(), Duration(m.eta_seconds()).c_str());
+      }
+    }
+    std::fflush(options_.out);
+  }
+
+  void Finish(const v1::Run& run) {
+    if (options_.json) return;
+    ClearBar();
+    std::fprintf(options_.out, "run %s %s at step %lld/%lld\n", run.id().c_str(),
+                 StateName(run.state()).c_str(), static_cast<long long>(run.metrics().step()),
+                 static_cast<long long>(run.total_steps()));
+    if (!run.sample_grid().empty())
+      std::fprintf(options_.out, "  sample grid  %s\n", run.sample_grid().c_str());
+    if (!run.latest_checkpoint().path().empty())
+      std::fprintf(options_.out, "  checkpoint   %s\n", run.latest_checkpoint().path().c_str());
+    if (!run.ema_weights().empty())
+      std::fprintf(options_.out, "  ema weights  %s\n", run.ema_weights().c_str());
+    std::fflush(options_.out);
+  }
+
+  void Note(const std::string& text) {
+    if (options_.json) return;
+    ClearBar();
+    std::fprintf(options_.out, "%s\n", text.c_str());
+    std::fflush(options_.out);
+  }
+
+ private:
+  void DrawBar(const v1::Run& run) {
+    const v1::TrainMetrics& m = run.metrics();
+    const int width = 30;
+    const double done = run.total_steps() > 0
+                            ? std::min(1.0, static_cast<double>(m.step()) / run.total_steps())
+                            : 0;
+    const int filled = static_cast<int>(done * width);
+    std::string bar(filled, '#');
+    bar += std::string(width - filled, '.');
+    std::fprintf(options_.out, "\r\033[K[%s] %3.0f%% step %lld/%lld | loss %.4f | %.1f img/s | eta %s",
+                 bar.c_str(), 100 * done, static_cast<long long>(m.step()),
+                 static_cast<long long>(run.total_steps()), m.loss(), m.images_per_second(),
+                 Duration(m.eta_seconds()).c_str());
+    bar_shown_ = true;
+  }
+  void ClearBar() {
+    if (!bar_shown_) return;
+    std::fprintf(options_.out, "\r\033[K");
+    bar_shown_ = false;
+  }
+
+  const CtlOptions& options_;
+  int printed_transitions_ = 0;
+  int64_t last_step_ = 0;
+  bool bar_shown_ = false;
+};
+
+// How long watch keeps trying to reach a coordinator that went away (a restart).
+constexpr std::chrono::seconds kReconnectFor(120);
+
+}  // namespace
+
+int CtlWatch(const CtlOptions& options, const std::string& run) {
+  return WithClient(options, [&](Client& client) {
+    WatchPrinter printer(options);
+    v1::WatchRunRequest request;
+    request.set_run(run);
+    auto unavailable_since = Clock::time_point::max();
+    auto backoff = std::chrono::milliseconds(250);
+    v1::Run last;
+    bool announced = false;
+    while (true) {
+      auto context = client.StreamContext();
+      std::unique_ptr<grpc::ClientReader<v1::WatchRunEvent>> reader =
+          client.stub().WatchRun(context.get(), request);
+      v1::WatchRunEvent event;
+      while (reader->Read(&event)) {
+        unavailable_since = Clock::time_point::max();
+        backoff = std::chrono::milliseconds(250);
+        if (announced) {
+          printer.Note("ddpmctl: reconnected");
+          announced = false;
+        }
+        last = event.run();
+        printer.Event(event);
+      }
+      const grpc::Status status = reader->Finish();
+      if (status.ok()) {
+        printer.Finish(last);
+        return static_cast<int>(last.state() == v1::FAILED ? kCtlFailed : kCtlOk);
+      }
+      if (status.error_code() != grpc::StatusCode::UNAVAILABLE) {
+        return Report("WatchRun", status);
+      }
+      // The coordinator restarted or is unreachable: keep trying for a while.
+      const auto now = Clock::now();
+      if (unavailable_since == Clock::time_point::max()) unavailable_since = now;
+      if (now - unavailable_since > kReconnectFor) return Report("WatchRun", status);
+      if (!announced) {
+        printer.Note("ddpmctl: " + DescribeStatus("WatchRun", status) + "; reconnecting");
+        announced = true;
+      }
+      std::this_thread::sleep_for(backoff);
+      backoff = std::min(backoff * 2, std::chrono::milliseconds(4000));
+    }
+  });
+}
+
+}  // namespace ddpm

@@ -1,0 +1,60 @@
+// ddpmctl's commands over the Control service: start, stop, list, get, watch, delete.
+#pragma once
+
+#include <cstdio>
+#include <string>
+
+#include "proto/rpc.h"
+
+namespace ddpm {
+
+/// Exit codes of ddpmctl, after sysexits.h where one fits.
+enum CtlExit {
+  kCtlOk = 0,
+  /// The coordinator refused the request, or the watched run failed.
+  kCtlFailed = 1,
+  /// A bad command line.
+  kCtlUsage = 2,
+  /// The coordinator could not be reached (EX_UNAVAILABLE).
+  kCtlUnavailable = 69,
+  /// A local file (config, token, CA) could not be read (EX_NOINPUT).
+  kCtlNoInput = 66,
+  /// The token was refused (EX_NOPERM).
+  kCtlNoPermission = 77,
+};
+
+/// What every command needs.
+struct CtlOptions {
+  ChannelOptions channel;
+  /// File of the control token; empty: $DDPM_CONTROL_TOKEN.
+  std::string token_file;
+  /// Print JSON (one object per line for watch) instead of text.
+  bool json = false;
+  /// Seconds a unary call may take.
+  double timeout_seconds = 30;
+  /// Draw a progress bar (a terminal) or print plain lines.
+  bool terminal = false;
+  /// Where output goes.
+  FILE* out = stdout;
+};
+
+struct StartOptions {
+  std::string config_path;
+  std::string name;
+  int priority = 0;
+  /// Negative: the coordinator's default.
+  int max_restarts = -1;
+};
+
+/// Each returns a CtlExit code and prints results (or one error line on stderr).
+/// Queues a run; its id goes to *run_id when given.
+int CtlStart(const CtlOptions& options, const StartOptions& start, std::string* run_id = nullptr);
+int CtlStop(const CtlOptions& options, const std::string& run, bool immediate);
+int CtlList(const CtlOptions& options, const std::string& state);
+int CtlGet(const CtlOptions& options, const std::string& run);
+/// Follows a run to its end; reconnects if the coordinator restarts. Exit 0 for COMPLETED or
+/// STOPPED, 1 for FAILED.
+int CtlWatch(const CtlOptions& options, const std::string& run);
+int CtlDelete(const CtlOptions& options, const std::string& run);
+
+}  // namespace ddpm

@@ -1,0 +1,318 @@
+#include "worker/gateway_client.h"
+
+#include <cstdio>
+
+namespace ddpm {
+namespace {
+
+using SteadyClock = std::chrono::steady_clock;
+
+void Say(const std::string& text) {
+  std::printf("ddpm_worker: %s\n", text.c_str());
+  std::fflush(stdout);
+}
+
+bool Transient(const grpc::Status& status) {
+  return status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+         status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED ||
+         status.error_code() == grpc::StatusCode::CANCELLED;
+}
+
+}  // namespace
+
+GatewayClient::GatewayClient(const GatewayOptions& options)
+    : options_(options), stub_(v1::WorkerGateway::NewStub(MakeChannel(options.channel))) {}
+
+std::shared_ptr<v1::WorkerGateway::Stub> GatewayClient::stub() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stub_;
+}
+
+void GatewayClient::Reconnect() {
+  std::shared_ptr<v1::WorkerGateway::Stub> fresh =
+      v1::WorkerGateway::NewStub(MakeChannel(options_.channel));
+  std::lock_guard<std::mutex> lock(mutex_);
+  stub_ = std::move(fresh);
+}
+
+grpc::Status GatewayClient::Checked(const grpc::Status& status) {
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE) Reconnect();
+  return status;
+}
+
+std::unique_ptr<grpc::ClientContext> GatewayClient::Context() const {
+  return MakeContext(options_.token, std::chrono::milliseconds(static_cast<int64_t>(
+                                         options_.rpc_timeout_seconds * 1000)));
+}
+
+grpc::Status GatewayClient::Register(const v1::RegisterRequest& request,
+                                     v1::RegisterResponse* response) {
+  return Checked(stub()->Register(Context().get(), request, response));
+}
+
+grpc::Status GatewayClient::Heartbeat(const v1::HeartbeatRequest& request) {
+  v1::HeartbeatResponse response;
+  return Checked(stub()->Heartbeat(Context().get(), request, &response));
+}
+
+grpc::Status GatewayClient::ReportCheckpoint(const v1::ReportCheckpointRequest& request) {
+  v1::ReportCheckpointResponse response;
+  return Checked(stub()->ReportCheckpoint(Context().get(), request, &response));
+}
+
+grpc::Status GatewayClient::ReportRunEnd(const v1::ReportRunEndRequest& request) {
+  v1::ReportRunEndResponse response;
+  return Checked(stub()->ReportRunEnd(Context().get(), request, &response));
+}
+
+grpc::Status GatewayClient::Leave(const v1::LeaveRequest& request) {
+  v1::LeaveResponse response;
+  return Checked(stub()->Leave(Context().get(), request, &response));
+}
+
+grpc::Status ReportWithRetry(const std::function<grpc::Status()>& call,
+                             std::chrono::seconds patience) {
+  const auto give_up = SteadyClock::now() + patience;
+  auto backoff = std::chrono::milliseconds(250);
+  while (true) {
+    const grpc::Status status = call();
+    if (!Transient(status) || SteadyClock::now() + backoff > give_up) return status;
+    std::this_thread::sleep_for(backoff);
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(4000));
+  }
+}
+
+CommandChannel::CommandChannel(GatewayClient& client, v1::RegisterRequest registration)
+    : client_(client), registration_(std::move(registration)) {}
+
+CommandChannel::~CommandChannel() { Stop(); }
+
+bool CommandChannel::RegisterOnce(bool& unreachable_reported) {
+  v1::RegisterRequest request = registration_;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    request.set_current_run(current_run_);
+    request.set_current_step(current_step_);
+  }
+  v1::RegisterResponse response;
+  const grpc::Status status = client_.Register(request, &response);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (status.ok()) {
+    session_ = response.session();
+    heartbeat_interval_ = response.heartbeat_interval_seconds();
+    Say("group " + registration_.group_id() + " registered (" +
+        std::to_string(registration_.world_size()) + " ranks)" +
+        (request.current_run().empty() ? "" : ", training run " + request.current_run()));
+    unreachable_reported = false;
+    return true;
+  }
+  if (Transient(status)) {
+    if (!unreachable_reported) Say(DescribeStatus("Register", status) + "; retrying");
+    unreachable_reported = true;
+    return false;
+  }
+  fatal_ = DescribeStatus("Register", status);
+  changed_.notify_all();
+  return false;
+}
+
+bool CommandChannel::Start(const std::atomic<bool>& stop_waiting) {
+  bool reported = false;
+  auto backoff = std::chrono::milliseconds(250);
+  while (!RegisterOnce(reported)) {
+    if (!fatal().empty() || stop_waiting) return false;
+    std::this_thread::sleep_for(backoff);
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(4000));
+  }
+  thread_ = std::thread([this] { Run(); });
+  return true;
+}
+
+void CommandChannel::Run() {
+  auto backoff = std::chrono::milliseconds(250);
+  bool reported = false;
+  while (true) {
+    std::string session;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (stop_ || !fatal_.empty()) return;
+      session = session_;
+    }
+    if (session.empty()) {
+      if (!RegisterOnce(reported)) {
+        if (!fatal().empty()) return;
+        std::this_thread::sleep_for(backoff);
+        backoff = std::min(backoff * 2, std::chrono::milliseconds(2000));
+      }
+      continue;
+    }
+    v1::CommandsRequest request;
+    request.set_group_id(registration_.group_id());
+    request.set_session(session);
+    grpc::ClientContext* context = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (stop_) return;
+      stream_context_ = client_.StreamContext();
+      context = stream_context_.get();
+    }
+    const std::shared_ptr<v1::WorkerGateway::Stub> stub = client_.stub();
+    auto reader = stub->Commands(context, request);
+    v1::GroupCommand command;
+    while (reader->Read(&command)) {
+      backoff = std::chrono::milliseconds(250);
+      if (reported) Say("the coordinator is back");
+      reported = false;
+      std::lock_guard<std::mutex> lock(mutex_);
+      latest_ = command;
+      ++version_;
+      changed_.notify_all();
+    }
+    const grpc::Status status = reader->Finish();
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (stop_) return;
+    if (status.error_code() == grpc::StatusCode::NOT_FOUND) {
+      session_.clear();  // A restarted coordinator: register again, naming the current run.
+    } else if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
+               status.error_code() == grpc::StatusCode::PERMISSION_DENIED) {
+      fatal_ = DescribeStatus("Commands", status);
+      changed_.notify_all();
+      return;
+    } else {
+      if (!reported) Say(DescribeStatus("Commands", status) + "; reconnecting");
+      reported = true;
+      if (status.error_code() == grpc::StatusCode::UNAVAILABLE) client_.Reconnect();
+      mutex_.unlock();
+      std::this_thread::sleep_for(backoff);
+      mutex_.lock();
+      backoff = std::min(backoff * 2, std::chrono::milliseconds(4000));
+    }
+  }
+}
+
+v1::GroupCommand CommandChannel::Latest(int64_t* version) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (version != nullptr) *version = version_;
+  return latest_;
+}
+
+void CommandChannel::WaitForChange(int64_t seen, std::chrono::milliseconds timeout) const {
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait_for(lock, timeout, [&] { return version_ != seen || !fatal_.empty() || stop_; });
+}
+
+void CommandChannel::SetCurrentRun(const std::string& run_id, int64_t step) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  current_run_ = run_id;
+  current_step_ = step;
+}
+
+std::string CommandChannel::fatal() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return fatal_;
+}
+
+void CommandChannel::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+    if (stream_context_) stream_context_->TryCancel();
+    changed_.notify_all();
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+Heartbeater::Heartbeater(GatewayClient& client, std::string group_id, int rank,
+                         double interval_seconds)
+    : client_(client),
+      group_id_(std::move(group_id)),
+      rank_(rank),
+      interval_(static_cast<int64_t>(interval_seconds * 1000)) {
+  pending_.set_group_id(group_id_);
+  pending_.set_rank(rank_);
+  thread_ = std::thread([this] { Run(); });
+}
+
+Heartbeater::~Heartbeater() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  changed_.notify_all();
+  thread_.join();
+}
+
+void Heartbeater::SetRun(const std::string& run_id, int attempt) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  pending_.set_run_id(run_id);
+  pending_.set_attempt(attempt);
+  pending_.clear_rank_metrics();
+  pending_.clear_train_metrics();
+  pending_.clear_sample_grid();
+  poke_ = true;
+  changed_.notify_all();
+}
+
+void Heartbeater::SetRankMetrics(const WorkerMetrics& m) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  v1::RankMetrics& r = *pending_.mutable_rank_metrics();
+  r.set_rank(rank_);
+  r.set_step(m.step);
+  r.set_loss(m.loss);
+  r.set_step_seconds(m.step_seconds);
+  r.set_images_per_second(m.images_per_second);
+  r.set_allreduce_seconds(m.allreduce_seconds);
+  r.set_overlap_fraction(m.overlap_fraction);
+  r.set_exposed_seconds(m.exposed_seconds);
+  r.set_checkpoint_stall_seconds(m.checkpoint_stall_seconds);
+  r.set_checkpoint_write_seconds(m.checkpoint_write_seconds);
+}
+
+void Heartbeater::PushTrainMetrics(const LogMetrics& m) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  v1::TrainMetrics& t = *pending_.mutable_train_metrics();
+  t.set_step(m.step);
+  t.set_loss(m.loss);
+  t.set_grad_norm(m.grad_norm);
+  t.set_lr(m.lr);
+  t.set_images_per_second(m.images_per_second);
+  t.set_elapsed_seconds(m.elapsed_seconds);
+  t.set_eta_seconds(m.eta_seconds);
+  poke_ = true;
+  changed_.notify_all();
+}
+
+void Heartbeater::SetSampleGrid(const std::string& path) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  pending_.set_sample_grid(path);
+  poke_ = true;
+  changed_.notify_all();
+}
+
+void Heartbeater::Run() {
+  grpc::StatusCode last_error = grpc::StatusCode::OK;
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (!stop_) {
+    v1::HeartbeatRequest request = pending_;
+    // Train metrics and a sample grid go out once; rank metrics every time.
+    pending_.clear_train_metrics();
+    pending_.clear_sample_grid();
+    poke_ = false;
+    lock.unlock();
+    const grpc::Status status = client_.Heartbeat(request);
+    lock.lock();
+    if (!status.ok() && status.error_code() != last_error) {
+      // Once per kind of failure: a coordinator restart shows as UNAVAILABLE, then NOT_FOUND
+      // until rank 0 has registered the group again.
+      std::printf("ddpm_worker: rank %d: %s\n", rank_, DescribeStatus("Heartbeat", status).c_str());
+      std::fflush(stdout);
+    }
+    if (!status.ok() && request.has_train_metrics() && !pending_.has_train_metrics()) {
+      *pending_.mutable_train_metrics() = request.train_metrics();  // Try it again next time.
+    }
+    last_error = status.error_code();
+    changed_.wait_for(lock, interval_, [&] { return stop_ || poke_; });
+  }
+}
+
+}  // namespace ddpm

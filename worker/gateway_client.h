@@ -1,0 +1,134 @@
+// A worker group's side of the WorkerGateway: rank 0's registration and command stream, and
+// every rank's heartbeats. Torch-free.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "ddpm/v1/worker_gateway.grpc.pb.h"
+#include "proto/rpc.h"
+#include "trainer/train_loop.h"
+
+namespace ddpm {
+
+/// How a rank reaches the coordinator.
+struct GatewayOptions {
+  ChannelOptions channel;
+  /// The worker token.
+  std::string token;
+  /// Seconds a unary call may take.
+  double rpc_timeout_seconds = 10;
+};
+
+/// Unary WorkerGateway calls with the token and a deadline. Thread-safe.
+class GatewayClient {
+ public:
+  explicit GatewayClient(const GatewayOptions& options);
+  grpc::Status Register(const v1::RegisterRequest& request, v1::RegisterResponse* response);
+  grpc::Status Heartbeat(const v1::HeartbeatRequest& request);
+  grpc::Status ReportCheckpoint(const v1::ReportCheckpointRequest& request);
+  grpc::Status ReportRunEnd(const v1::ReportRunEndRequest& request);
+  grpc::Status Leave(const v1::LeaveRequest& request);
+  /// The current stub; keep the pointer for the length of a call.
+  std::shared_ptr<v1::WorkerGateway::Stub> stub() const;
+  std::unique_ptr<grpc::ClientContext> StreamContext() const { return MakeContext(options_.token); }
+  /// Replaces the channel with a new one. A channel whose server went away retries on its own
+  /// backoff schedule, which can leave it failing for seconds after a restarted coordinator is
+  /// back; a fresh channel connects at once.
+  void Reconnect();
+
+ private:
+  std::unique_ptr<grpc::ClientContext> Context() const;
+  /// Reconnects after a call that could not reach the coordinator.
+  grpc::Status Checked(const grpc::Status& status);
+
+  GatewayOptions options_;
+  mutable std::mutex mutex_;
+  std::shared_ptr<v1::WorkerGateway::Stub> stub_;
+};
+
+/// Rank 0's link to the coordinator: registers the group (again after a coordinator restart,
+/// naming the run it trains) and keeps the command stream open, reconnecting with backoff.
+class CommandChannel {
+ public:
+  CommandChannel(GatewayClient& client, v1::RegisterRequest registration);
+  ~CommandChannel();
+  /// Registers, retrying while the coordinator is unreachable; returns false (see fatal()) if it
+  /// refuses the group, or if stop_waiting becomes true first. Then starts the stream thread.
+  bool Start(const std::atomic<bool>& stop_waiting);
+  /// The newest command and its number (0 before the first).
+  v1::GroupCommand Latest(int64_t* version = nullptr) const;
+  /// Waits until the command numbered after seen arrives, a fatal error, or timeout.
+  void WaitForChange(int64_t seen, std::chrono::milliseconds timeout) const;
+  /// The run this group trains, for a re-registration (empty when idle).
+  void SetCurrentRun(const std::string& run_id, int64_t step);
+  /// A reason the group cannot go on (refused registration, rejected token), or empty.
+  std::string fatal() const;
+  /// Seconds between heartbeats, as the coordinator asked.
+  double heartbeat_interval_seconds() const { return heartbeat_interval_; }
+  /// Ends the stream and its thread.
+  void Stop();
+
+ private:
+  /// One Register call; true when registered. Sets fatal_ when refused for good.
+  bool RegisterOnce(bool& unreachable_reported);
+  void Run();
+
+  GatewayClient& client_;
+  const v1::RegisterRequest registration_;
+  mutable std::mutex mutex_;
+  mutable std::condition_variable changed_;
+  std::string session_;
+  v1::GroupCommand latest_;
+  int64_t version_ = 0;
+  std::string current_run_;
+  int64_t current_step_ = 0;
+  std::string fatal_;
+  double heartbeat_interval_ = 5;
+  bool stop_ = false;
+  std::unique_ptr<grpc::ClientContext> stream_context_;
+  std::thread thread_;
+};
+
+/// One rank's heartbeats: every interval, and at once when rank 0 has new train metrics.
+class Heartbeater {
+ public:
+  Heartbeater(GatewayClient& client, std::string group_id, int rank, double interval_seconds);
+  ~Heartbeater();
+  /// The run (and placement attempt) this rank now trains; empty when idle. Clears the metrics
+  /// of the last one.
+  void SetRun(const std::string& run_id, int attempt = 0);
+  /// This rank's last step. Safe from the train loop.
+  void SetRankMetrics(const WorkerMetrics& metrics);
+  /// Rank 0's log interval; sent at once.
+  void PushTrainMetrics(const LogMetrics& metrics);
+  /// Rank 0's newest sample grid.
+  void SetSampleGrid(const std::string& path);
+
+ private:
+  void Run();
+
+  GatewayClient& client_;
+  const std::string group_id_;
+  const int rank_;
+  const std::chrono::milliseconds interval_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  v1::HeartbeatRequest pending_;
+  bool poke_ = false;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+/// Sends request until the coordinator answers (not UNAVAILABLE) or for at most patience;
+/// returns the last status. For reports that must not be lost across a coordinator restart.
+grpc::Status ReportWithRetry(const std::function<grpc::Status()>& call,
+                             std::chrono::seconds patience);
+
+}  // namespace ddpm

@@ -1,0 +1,323 @@
+#include "worker/group.h"
+
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <optional>
+
+#include "trainer/communicator.h"
+#include "trainer/flags.h"
+#include "worker/gateway_client.h"
+#include "worker/worker.h"
+
+namespace ddpm {
+namespace {
+
+// SIGINT or SIGTERM while the group waits between runs (during a run, the train loop's own
+// handlers take them and stop the run with a checkpoint first).
+std::atomic<bool> g_shutdown{false};
+std::atomic<int> g_shutdown_signal{0};
+
+extern "C" void OnGroupSignal(int signal) {
+  g_shutdown_signal = signal;
+  g_shutdown = true;
+}
+
+class GroupSignals {
+ public:
+  GroupSignals() {
+    struct sigaction action {};
+    action.sa_handler = OnGroupSignal;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, &old_int_);
+    sigaction(SIGTERM, &action, &old_term_);
+  }
+  ~GroupSignals() {
+    sigaction(SIGINT, &old_int_, nullptr);
+    sigaction(SIGTERM, &old_term_, nullptr);
+  }
+
+ private:
+  struct sigaction old_int_ {};
+  struct sigaction old_term_ {};
+};
+
+// What rank 0 tells the other ranks between runs.
+enum Message : int64_t { kHello = 1, kTrain = 2, kShutdown = 3 };
+
+void SendMessage(Communicator& comm, Message kind, const std::string& payload) {
+  torch::Tensor header =
+      torch::tensor({static_cast<int64_t>(kind), static_cast<int64_t>(payload.size())}, torch::kLong);
+  comm.WaitForBroadcast(header, 0, "broadcast of the group's next message");
+  if (payload.empty()) return;
+  torch::Tensor bytes = torch::empty({static_cast<int64_t>(payload.size())}, torch::kUInt8);
+  std::memcpy(bytes.data_ptr(), payload.data(), payload.size());
+  comm.Broadcast(bytes, 0, "broadcast of the group's message body");
+}
+
+std::pair<Message, std::string> ReceiveMessage(Communicator& comm) {
+  torch::Tensor header = torch::zeros({2}, torch::kLong);
+  comm.WaitForBroadcast(header, 0, "broadcast of the group's next message");
+  const auto kind = static_cast<Message>(header[0].item<int64_t>());
+  const int64_t size = header[1].item<int64_t>();
+  std::string payload;
+  if (size > 0) {
+    torch::Tensor bytes = torch::empty({size}, torch::kUInt8);
+    comm.Broadcast(bytes, 0, "broadcast of the group's message body");
+    payload.assign(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(size));
+  }
+  return {kind, payload};
+}
+
+// Every rank's text, indexed by rank.
+std::vector<std::string> GatherText(Communicator& comm, const std::string& text) {
+  constexpr int64_t kWidth = 128;
+  torch::Tensor mine = torch::zeros({kWidth}, torch::kUInt8);
+  std::memcpy(mine.data_ptr(), text.data(), std::min<size_t>(text.size(), kWidth - 1));
+  const torch::Tensor all = comm.AllGather(mine, "all-gather of hostnames and devices");
+  std::vector<std::string> texts;
+  for (int64_t r = 0; r < all.size(0); ++r) {
+    texts.emplace_back(static_cast<const char*>(all[r].data_ptr()));
+  }
+  return texts;
+}
+
+std::string HostName() {
+  char name[256] = {};
+  if (gethostname(name, sizeof(name) - 1) != 0) return "unknown-host";
+  return name;
+}
+
+std::string Key(const v1::GroupCommand& command) {
+  return command.run_id() + "#" + std::to_string(command.placement().attempt());
+}
+
+void Say(const std::string& text) {
+  std::printf("ddpm_worker: %s\n", text.c_str());
+  std::fflush(stdout);
+}
+
+// What the coordinator's newest command means for the run this group trains.
+StopRequest StopFor(const v1::GroupCommand& latest, const v1::GroupCommand& assigned) {
+  if (latest.run_id() == assigned.run_id()) {
+    if (latest.kind() == v1::GroupCommand::STOP) return StopRequest::kStop;
+    if (latest.kind() == v1::GroupCommand::STOP_NOW) return StopRequest::kAbandon;
+    if (latest.kind() == v1::GroupCommand::TRAIN && Key(latest) == Key(assigned)) {
+      return StopRequest::kNone;
+    }
+  }
+  // The run was taken away (declared lost and placed again, or ended): stop without writing.
+  return StopRequest::kAbandon;
+}
+
+struct Member {
+  const WorkerOptions& options;
+  Communicator& comm;
+  const ContextFactory& context_for;
+  GatewayClient& client;
+  std::string group_id;
+  Heartbeater* heartbeats = nullptr;
+  CommandChannel* channel = nullptr;  // rank 0 only
+
+  // Trains one assigned run; returns true when a signal asked the whole group to shut down.
+  bool Train(const v1::GroupCommand& command) {
+    const int rank = comm.rank();
+    const std::string& run_id = command.run_id();
+    if (rank == 0) {
+      Say("training run " + run_id + " in " + command.run_dir() + " (attempt " +
+          std::to_string(command.placement().attempt()) + ")");
+    }
+    const int attempt = command.placement().attempt();
+    heartbeats->SetRun(run_id, attempt);
+    // Set when the coordinator gave the run to another attempt: then it is not ours to report.
+    bool taken_away = false;
+    TrainOptions train;
+    train.run_dir = command.run_dir();
+    train.resume = true;
+    train.on_step = [this, rank, &run_id](const WorkerMetrics& metrics) {
+      heartbeats->SetRankMetrics(metrics);
+      if (rank == 0) channel->SetCurrentRun(run_id, metrics.step);
+    };
+    if (rank == 0) {
+      channel->SetCurrentRun(run_id, 0);
+      train.poll_stop = [this, &command, &taken_away] {
+        const v1::GroupCommand latest = channel->Latest();
+        const StopRequest request = StopFor(latest, command);
+        taken_away = request == StopRequest::kAbandon &&
+                     !(latest.kind() == v1::GroupCommand::STOP_NOW &&
+                       latest.run_id() == command.run_id());
+        return request;
+      };
+      train.on_log = [this](const LogMetrics& metrics) { heartbeats->PushTrainMetrics(metrics); };
+      train.on_sample_grid = [this](const std::string& path) { heartbeats->SetSampleGrid(path); };
+      train.on_checkpoint = [this, &run_id, attempt](int64_t step, const std::string& dir) {
+        v1::ReportCheckpointRequest request;
+        request.set_group_id(group_id);
+        request.set_run_id(run_id);
+        request.set_attempt(attempt);
+        request.mutable_checkpoint()->set_step(step);
+        request.mutable_checkpoint()->set_path(dir);
+        const grpc::Status status = ReportWithRetry(
+            [&] { return client.ReportCheckpoint(request); }, std::chrono::seconds(30));
+        if (!status.ok()) Say(DescribeStatus("ReportCheckpoint", status));
+      };
+    }
+    TrainResult result;
+    try {
+      const Config config = LoadConfigString(command.config_yaml(),
+                                             "run " + run_id + "'s config from the coordinator");
+      result = RunTraining(config, train, context_for(config));
+    } catch (const std::exception& error) {
+      // Report it from the rank that saw it; the caller then ends the whole job.
+      const std::string message = "rank " + std::to_string(rank) + ": " + UserMessage(error);
+      v1::ReportRunEndRequest end;
+      end.set_group_id(group_id);
+      end.set_run_id(run_id);
+      end.set_attempt(attempt);
+      end.set_outcome(v1::ReportRunEndRequest::FAILED);
+      end.set_message(message);
+      client.ReportRunEnd(end);
+      v1::LeaveRequest leave;
+      leave.set_group_id(group_id);
+      leave.set_reason("the group exits after an error on " + message);
+      client.Leave(leave);
+      throw;
+    }
+    heartbeats->SetRun("");
+    if (rank != 0) return result.interrupted_by != 0;
+    channel->SetCurrentRun("", 0);
+    if (taken_away) {
+      Say("run " + run_id + " (attempt " + std::to_string(attempt) +
+          ") was taken away by the coordinator at step " + std::to_string(result.steps));
+      return false;
+    }
+    v1::ReportRunEndRequest end;
+    end.set_group_id(group_id);
+    end.set_run_id(run_id);
+    end.set_attempt(attempt);
+    end.set_step(result.steps);
+    if (!result.sample_grids.empty()) end.set_sample_grid(result.sample_grids.back());
+    end.set_ema_weights(result.ema_weights);
+    if (result.interrupted_by != 0) {
+      end.set_outcome(v1::ReportRunEndRequest::INTERRUPTED);
+      end.set_message(result.interrupted_by == SIGINT ? "SIGINT" : "SIGTERM");
+    } else if (result.stopped_by != StopRequest::kNone) {
+      end.set_outcome(v1::ReportRunEndRequest::STOPPED);
+    } else {
+      end.set_outcome(v1::ReportRunEndRequest::COMPLETED);
+    }
+    const grpc::Status status =
+        ReportWithRetry([&] { return client.ReportRunEnd(end); }, std::chrono::seconds(60));
+    // A run taken away from the group is no longer its to report.
+    if (!status.ok() && status.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
+      Say(DescribeStatus("ReportRunEnd", status));
+    }
+    Say("run " + run_id + " ended at step " + std::to_string(result.steps) + "; waiting for the next");
+    return result.interrupted_by != 0;
+  }
+};
+
+}  // namespace
+
+int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFactory& context_for,
+               const std::string& device) {
+  GroupSignals signals;
+  const int rank = comm.rank();
+  GatewayOptions gateway;
+  gateway.channel.address = options.coordinator;
+  gateway.channel.tls_ca = options.tls_ca;
+  gateway.token = ReadToken(options.worker_token_file, "DDPM_WORKER_TOKEN");
+  GatewayClient client(gateway);
+  const std::vector<std::string> hosts = GatherText(comm, HostName());
+  const std::vector<std::string> devices = GatherText(comm, device);
+
+  Member member{options, comm, context_for, client};
+  std::unique_ptr<CommandChannel> channel;
+  double interval = 5;
+  if (rank == 0) {
+    member.group_id = options.group_id.empty() ? HostName() + "-" + std::to_string(getpid())
+                                               : options.group_id;
+    v1::RegisterRequest registration;
+    registration.set_group_id(member.group_id);
+    registration.set_world_size(comm.world_size());
+    for (const std::string& host : hosts) registration.add_hostnames(host);
+    for (const std::string& name : devices) registration.add_devices(name);
+    channel = std::make_unique<CommandChannel>(client, registration);
+    if (!channel->Start(g_shutdown)) {
+      SendMessage(comm, kShutdown, "");
+      if (channel->fatal().empty()) return 0;
+      std::fprintf(stderr, "ddpm_worker: error: %s\n", channel->fatal().c_str());
+      return 1;
+    }
+    interval = channel->heartbeat_interval_seconds();
+    SendMessage(comm, kHello, member.group_id + "\n" + std::to_string(interval));
+    member.channel = channel.get();
+  } else {
+    const auto [kind, payload] = ReceiveMessage(comm);
+    if (kind != kHello) return 0;
+    const size_t newline = payload.find('\n');
+    member.group_id = payload.substr(0, newline);
+    interval = std::stod(payload.substr(newline + 1));
+  }
+  Heartbeater heartbeats(client, member.group_id, rank, interval);
+  member.heartbeats = &heartbeats;
+
+  int exit_code = 0;
+  std::string reason = "shut down";
+  std::string last_started;
+  while (true) {
+    v1::GroupCommand command;
+    if (rank == 0) {
+      // The next TRAIN that is not the one just run, a signal, or a refusal.
+      std::optional<v1::GroupCommand> next;
+      while (!next) {
+        if (g_shutdown) {
+          reason = g_shutdown_signal == SIGINT ? "SIGINT" : "SIGTERM";
+          break;
+        }
+        if (const std::string fatal = channel->fatal(); !fatal.empty()) {
+          std::fprintf(stderr, "ddpm_worker: error: %s\n", fatal.c_str());
+          reason = fatal;
+          exit_code = 1;
+          break;
+        }
+        int64_t version = 0;
+        const v1::GroupCommand latest = channel->Latest(&version);
+        if (latest.kind() == v1::GroupCommand::TRAIN && Key(latest) != last_started) {
+          next = latest;
+        } else {
+          channel->WaitForChange(version, std::chrono::milliseconds(200));
+        }
+      }
+      if (!next) {
+        SendMessage(comm, kShutdown, "");
+        break;
+      }
+      command = *next;
+      SendMessage(comm, kTrain, command.SerializeAsString());
+    } else {
+      const auto [kind, payload] = ReceiveMessage(comm);
+      if (kind != kTrain) break;
+      if (!command.ParseFromString(payload)) throw std::runtime_error("a garbled run assignment");
+    }
+    last_started = Key(command);
+    if (member.Train(command) && rank == 0) {
+      g_shutdown_signal = SIGTERM;
+      g_shutdown = true;
+    }
+  }
+  if (rank == 0) {
+    channel->Stop();
+    v1::LeaveRequest leave;
+    leave.set_group_id(member.group_id);
+    leave.set_reason(reason);
+    client.Leave(leave);
+    Say("group " + member.group_id + " left the coordinator (" + reason + ")");
+  }
+  return exit_code;
+}
+
+}  // namespace ddpm

@@ -1,0 +1,25 @@
+// A worker group in service mode: rank 0 registers it with the coordinator and receives run
+// assignments, every rank trains the runs it is given and heartbeats, and the group returns to
+// idle between runs without restarting mpirun. Torch-free header.
+#pragma once
+
+#include <functional>
+#include <string>
+
+#include "trainer/train_loop.h"
+
+namespace ddpm {
+
+class Communicator;
+struct WorkerOptions;
+
+/// Builds the distributed context a run's config needs (its device and gradient backend).
+using ContextFactory = std::function<DistributedContext(const Config&)>;
+
+/// Serves the coordinator at options.coordinator until SIGINT or SIGTERM, or until it refuses
+/// the group; comm carries the group's control messages. Returns the process exit code. A run
+/// that fails with an error is reported and rethrown (the caller ends the job).
+int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFactory& context_for,
+               const std::string& device);
+
+}  // namespace ddpm
