@@ -548,16 +548,23 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
     if (lead) {
       const std::string path = samples_dir + "/" + StepName(step) + ".png";
       const auto start = Clock::now();
+      // The other ranks of this node wait idle meanwhile: rank 0 borrows their threads.
+      const int node_ranks = std::max(1, dist.local_ranks);
+      if (device.is_cpu() && node_ranks > 1) torch::set_num_threads(threads * node_ranks);
       WriteSampleGrid(
           SampleImages(trainer.diffusion(), trainer.ema_model(), config, config.sample.num_images,
                        config.sample.num_images,
                        "sampling " + std::to_string(config.sample.num_images) + " EMA images"),
           path);
+      torch::set_num_threads(threads);
       say("ddpm: wrote %s (%.1fs)\n", path.c_str(), Seconds(start));
       result.sample_grids.push_back(path);
       if (options.on_sample_grid) options.on_sample_grid(path);
     }
-    comm.Barrier("barrier after the sample grid of step " + std::to_string(step));
+    // Rather than a barrier, in which MPI would spin on the cores rank 0 samples with, the
+    // other ranks sleep until rank 0 says it is done.
+    torch::Tensor done = torch::ones({1}, torch::kLong);
+    comm.WaitForBroadcast(done, 0, "the end of the sample grid of step " + std::to_string(step));
   };
 
   const int channels = dataset->channels();
