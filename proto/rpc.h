@@ -37,6 +37,12 @@ struct ChannelOptions {
 /// A channel to the coordinator, over TLS when options.tls_ca is set.
 std::shared_ptr<grpc::Channel> MakeChannel(const ChannelOptions& options);
 
+/// A client of Service (e.g. v1::Control) over a new channel to the coordinator.
+template <typename Service>
+auto MakeClient(const ChannelOptions& options) {
+  return Service::NewStub(MakeChannel(options));
+}
+
 /// A client context that carries the bearer token and, if timeout is positive, a deadline.
 std::unique_ptr<grpc::ClientContext> MakeContext(
     const std::string& token, std::chrono::milliseconds timeout = std::chrono::milliseconds(0));

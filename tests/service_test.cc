@@ -79,12 +79,8 @@ class ServiceTest : public ::testing::Test {
     options.address = "127.0.0.1:" + std::to_string(server_->port());
     return options;
   }
-  std::unique_ptr<v1::Control::Stub> Control() {
-    return v1::Control::NewStub(MakeChannel(Channel()));
-  }
-  std::unique_ptr<v1::WorkerGateway::Stub> Gateway() {
-    return v1::WorkerGateway::NewStub(MakeChannel(Channel()));
-  }
+  auto Control() { return MakeClient<v1::Control>(Channel()); }
+  auto Gateway() { return MakeClient<v1::WorkerGateway>(Channel()); }
   static std::unique_ptr<grpc::ClientContext> Ctx(const std::string& token) {
     return MakeContext(token, std::chrono::seconds(10));
   }
@@ -134,11 +130,11 @@ TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
   std::vector<v1::WatchRunEvent> watched;
   grpc::Status watch_status;
   std::thread watcher([&] {
-    auto stub = Control();
+    auto client = Control();
     auto context = MakeContext(kControlToken, std::chrono::seconds(30));
     v1::WatchRunRequest request;
     request.set_run("svc");
-    auto events = stub->WatchRun(context.get(), request);
+    auto events = client->WatchRun(context.get(), request);
     v1::WatchRunEvent event;
     while (events->Read(&event)) watched.push_back(event);
     watch_status = events->Finish();
@@ -304,7 +300,7 @@ TEST_F(ServiceTest, ServesTlsWhenGivenACertificate) {
   StartServer();
   ChannelOptions tls = Channel();
   tls.tls_ca = cert;
-  auto secure = v1::Control::NewStub(MakeChannel(tls));
+  auto secure = MakeClient<v1::Control>(tls);
   v1::ListRunsRequest list;
   v1::ListRunsResponse listed;
   const grpc::Status ok = secure->ListRuns(Ctx(kControlToken).get(), list, &listed);

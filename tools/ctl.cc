@@ -66,7 +66,7 @@ class Client {
  public:
   explicit Client(const CtlOptions& options) : options_(options) {
     token_ = ReadToken(options.token_file, "DDPM_CONTROL_TOKEN");
-    stub_ = v1::Control::NewStub(MakeChannel(options.channel));
+    stub_ = MakeClient<v1::Control>(options.channel);
   }
   std::unique_ptr<grpc::ClientContext> Context() const {
     return MakeContext(token_, std::chrono::milliseconds(

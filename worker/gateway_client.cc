@@ -21,7 +21,7 @@ bool Transient(const grpc::Status& status) {
 }  // namespace
 
 GatewayClient::GatewayClient(const GatewayOptions& options)
-    : options_(options), stub_(v1::WorkerGateway::NewStub(MakeChannel(options.channel))) {}
+    : options_(options), stub_(MakeClient<v1::WorkerGateway>(options.channel)) {}
 
 std::shared_ptr<v1::WorkerGateway::Stub> GatewayClient::stub() const {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -29,8 +29,7 @@ std::shared_ptr<v1::WorkerGateway::Stub> GatewayClient::stub() const {
 }
 
 void GatewayClient::Reconnect() {
-  std::shared_ptr<v1::WorkerGateway::Stub> fresh =
-      v1::WorkerGateway::NewStub(MakeChannel(options_.channel));
+  std::shared_ptr<v1::WorkerGateway::Stub> fresh = MakeClient<v1::WorkerGateway>(options_.channel);
   std::lock_guard<std::mutex> lock(mutex_);
   stub_ = std::move(fresh);
 }
