@@ -14,7 +14,9 @@ endif()
 
 # Warnings and definitions every target shares.
 add_library(ddpm_options INTERFACE)
-target_compile_options(ddpm_options INTERFACE -Wall -Wextra -Wno-unused-parameter)
+# -pthread everywhere: MPI and gRPC add it to their users, and a translation unit compiled with
+# it cannot use a precompiled header built without it (GCC: "_REENTRANT is defined").
+target_compile_options(ddpm_options INTERFACE -Wall -Wextra -Wno-unused-parameter -pthread)
 target_include_directories(ddpm_options INTERFACE ${PROJECT_SOURCE_DIR})
 if(DDPM_SANITIZE_ADDRESS)
   target_compile_options(ddpm_options INTERFACE -fsanitize=address -fno-omit-frame-pointer)

@@ -443,6 +443,7 @@ v1::RegisterResponse Coordinator::Register(const v1::RegisterRequest& request) {
   group.hostnames.assign(request.hostnames().begin(), request.hostnames().end());
   group.devices.assign(request.devices().begin(), request.devices().end());
   group.last_heartbeat_ms.assign(group.world_size, now);
+  group.device_memory_bytes.assign(group.world_size, 0);
   group.registered_seq = ++next_group_seq_;
   v1::GroupCommand command;
   command.set_kind(v1::GroupCommand::IDLE);
@@ -521,6 +522,7 @@ void Coordinator::Heartbeat(const v1::HeartbeatRequest& request) {
   if (!request.run_id().empty()) GroupHolding(group.id, request.run_id(), request.attempt());
   const int64_t now = clock_.NowUnixMs();
   group.last_heartbeat_ms[request.rank()] = now;
+  group.device_memory_bytes[request.rank()] = request.device_memory_bytes();
   if (request.run_id().empty()) return;
   RunEntry& entry = runs_.at(request.run_id());
   v1::Run& run = entry.run;
@@ -686,7 +688,11 @@ std::vector<GroupStatus> Coordinator::Groups() const {
     status.id = id;
     status.world_size = group.world_size;
     status.run_id = group.run_id;
-    for (int64_t at : group.last_heartbeat_ms) status.heartbeat_age_seconds.push_back((now - at) / 1000.0);
+    for (int64_t at : group.last_heartbeat_ms) {
+      status.heartbeat_age_seconds.push_back((now - at) / 1000.0);
+    }
+    status.devices = group.devices;
+    status.device_memory_bytes = group.device_memory_bytes;
   }
   return groups;
 }

@@ -67,6 +67,9 @@ struct GroupStatus {
   std::string run_id;
   /// Seconds since each rank's last heartbeat.
   std::vector<double> heartbeat_age_seconds;
+  /// Each rank's device ("cpu", "cuda:0") and the bytes in use on it at its last heartbeat.
+  std::vector<std::string> devices;
+  std::vector<int64_t> device_memory_bytes;
 };
 
 /// The coordinator. Thread-safe: every call takes one lock; the Wait* calls release it while
@@ -138,6 +141,7 @@ class Coordinator {
     v1::GroupCommand command;
     int64_t version = 0;
     std::vector<int64_t> last_heartbeat_ms;
+    std::vector<int64_t> device_memory_bytes;
     int64_t registered_seq = 0;
   };
   struct RunEntry {

@@ -59,21 +59,33 @@ bool SameToken(const std::string& given, const std::string& expected) {
   return difference == 0;
 }
 
+}  // namespace
+
+// What every call of one service shares: its token, and where its calls are counted.
+struct ServiceGate {
+  std::string service;  // "Control" or "WorkerGateway"
+  std::string token;
+  const char* which;    // "control" or "worker", the token's name in errors
+  RpcMetrics& metrics;
+};
+
+namespace {
+
 // Checks the bearer token, then runs body, turning exceptions into one status.
-grpc::Status Serve(grpc::ServerContext* context, const std::string& token, const char* rpc,
-                   const std::string& which, const std::function<void()>& body) {
+grpc::Status CheckAndRun(grpc::ServerContext* context, const ServiceGate& gate, const char* rpc,
+                         const std::function<void()>& body) {
   const auto& metadata = context->client_metadata();
   const auto header = metadata.find("authorization");
   if (header == metadata.end()) {
     return {grpc::StatusCode::UNAUTHENTICATED,
-            std::string(rpc) + ": no bearer token; send the " + which + " token"};
+            std::string(rpc) + ": no bearer token; send the " + gate.which + " token"};
   }
   const std::string value(header->second.data(), header->second.size());
   const std::string prefix = "Bearer ";
   if (value.compare(0, prefix.size(), prefix) != 0 ||
-      !SameToken(value.substr(prefix.size()), token)) {
+      !SameToken(value.substr(prefix.size()), gate.token)) {
     return {grpc::StatusCode::UNAUTHENTICATED,
-            std::string(rpc) + ": the bearer token is not the " + which + " token"};
+            std::string(rpc) + ": the bearer token is not the " + gate.which + " token"};
   }
   try {
     body();
@@ -83,6 +95,18 @@ grpc::Status Serve(grpc::ServerContext* context, const std::string& token, const
   }
 }
 
+// One call: checked, run, and counted by method and status code (timed when unary).
+grpc::Status Serve(grpc::ServerContext* context, const ServiceGate& gate, const char* rpc,
+                   const std::function<void()>& body, bool unary = true) {
+  const auto start = std::chrono::steady_clock::now();
+  grpc::Status status = CheckAndRun(context, gate, rpc, body);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  gate.metrics.Record(gate.service + "/" + rpc, StatusCodeName(status.error_code()),
+                      unary ? seconds : -1);
+  return status;
+}
+
 // How long a stream waits before it checks whether its client or the server went away.
 constexpr std::chrono::milliseconds kStreamPoll(500);
 
@@ -90,34 +114,35 @@ constexpr std::chrono::milliseconds kStreamPoll(500);
 
 class ControlService final : public v1::Control::Service {
  public:
-  ControlService(Coordinator& core, std::string token, const std::atomic<bool>& stopping)
-      : core_(core), token_(std::move(token)), stopping_(stopping) {}
+  ControlService(Coordinator& core, std::string token, RpcMetrics& metrics,
+                 const std::atomic<bool>& stopping)
+      : core_(core), gate_{"Control", std::move(token), "control", metrics}, stopping_(stopping) {}
 
   grpc::Status StartRun(grpc::ServerContext* context, const v1::StartRunRequest* request,
                         v1::StartRunResponse* response) override {
-    return Serve(context, token_, "StartRun", kWhich,
+    return Serve(context, gate_, "StartRun",
                  [&] { *response->mutable_run() = core_.StartRun(*request); });
   }
   grpc::Status StopRun(grpc::ServerContext* context, const v1::StopRunRequest* request,
                        v1::StopRunResponse* response) override {
-    return Serve(context, token_, "StopRun", kWhich, [&] {
+    return Serve(context, gate_, "StopRun", [&] {
       *response->mutable_run() = core_.StopRun(request->run(), request->immediate());
     });
   }
   grpc::Status GetRun(grpc::ServerContext* context, const v1::GetRunRequest* request,
                       v1::GetRunResponse* response) override {
-    return Serve(context, token_, "GetRun", kWhich,
+    return Serve(context, gate_, "GetRun",
                  [&] { *response->mutable_run() = core_.GetRun(request->run()); });
   }
   grpc::Status ListRuns(grpc::ServerContext* context, const v1::ListRunsRequest* request,
                         v1::ListRunsResponse* response) override {
-    return Serve(context, token_, "ListRuns", kWhich, [&] {
+    return Serve(context, gate_, "ListRuns", [&] {
       for (v1::Run& run : core_.ListRuns(request->state())) *response->add_runs() = std::move(run);
     });
   }
   grpc::Status WatchRun(grpc::ServerContext* context, const v1::WatchRunRequest* request,
                         grpc::ServerWriter<v1::WatchRunEvent>* writer) override {
-    return Serve(context, token_, "WatchRun", kWhich, [&] {
+    return Serve(context, gate_, "WatchRun", [&] {
       const std::string run_id = core_.GetRun(request->run()).id();
       Coordinator::WatchCursor cursor;
       bool done = false;
@@ -130,33 +155,35 @@ class ControlService final : public v1::Control::Service {
           if (!writer->Write(event)) return;
         }
       }
-    });
+    }, /*unary=*/false);
   }
   grpc::Status DeleteRun(grpc::ServerContext* context, const v1::DeleteRunRequest* request,
                          v1::DeleteRunResponse*) override {
-    return Serve(context, token_, "DeleteRun", kWhich, [&] { core_.DeleteRun(request->run()); });
+    return Serve(context, gate_, "DeleteRun", [&] { core_.DeleteRun(request->run()); });
   }
 
  private:
-  static constexpr const char* kWhich = "control";
   Coordinator& core_;
-  const std::string token_;
+  const ServiceGate gate_;
   const std::atomic<bool>& stopping_;
 };
 
 class WorkerGatewayService final : public v1::WorkerGateway::Service {
  public:
-  WorkerGatewayService(Coordinator& core, std::string token, const std::atomic<bool>& stopping)
-      : core_(core), token_(std::move(token)), stopping_(stopping) {}
+  WorkerGatewayService(Coordinator& core, std::string token, RpcMetrics& metrics,
+                       const std::atomic<bool>& stopping)
+      : core_(core),
+        gate_{"WorkerGateway", std::move(token), "worker", metrics},
+        stopping_(stopping) {}
 
   grpc::Status Register(grpc::ServerContext* context, const v1::RegisterRequest* request,
                         v1::RegisterResponse* response) override {
-    return Serve(context, token_, "Register", kWhich,
+    return Serve(context, gate_, "Register",
                  [&] { *response = core_.Register(*request); });
   }
   grpc::Status Commands(grpc::ServerContext* context, const v1::CommandsRequest* request,
                         grpc::ServerWriter<v1::GroupCommand>* writer) override {
-    return Serve(context, token_, "Commands", kWhich, [&] {
+    return Serve(context, gate_, "Commands", [&] {
       int64_t version = 0;
       while (!context->IsCancelled()) {
         if (stopping_) {
@@ -167,35 +194,34 @@ class WorkerGatewayService final : public v1::WorkerGateway::Service {
                                  std::chrono::steady_clock::now() + kStreamPoll);
         if (command && !writer->Write(*command)) return;
       }
-    });
+    }, /*unary=*/false);
   }
   grpc::Status Heartbeat(grpc::ServerContext* context, const v1::HeartbeatRequest* request,
                          v1::HeartbeatResponse*) override {
-    return Serve(context, token_, "Heartbeat", kWhich, [&] { core_.Heartbeat(*request); });
+    return Serve(context, gate_, "Heartbeat", [&] { core_.Heartbeat(*request); });
   }
   grpc::Status ReportCheckpoint(grpc::ServerContext* context,
                                 const v1::ReportCheckpointRequest* request,
                                 v1::ReportCheckpointResponse*) override {
-    return Serve(context, token_, "ReportCheckpoint", kWhich,
+    return Serve(context, gate_, "ReportCheckpoint",
                  [&] { core_.ReportCheckpoint(*request); });
   }
   grpc::Status ReportEval(grpc::ServerContext* context, const v1::ReportEvalRequest* request,
                           v1::ReportEvalResponse*) override {
-    return Serve(context, token_, "ReportEval", kWhich, [&] { core_.ReportEval(*request); });
+    return Serve(context, gate_, "ReportEval", [&] { core_.ReportEval(*request); });
   }
   grpc::Status ReportRunEnd(grpc::ServerContext* context, const v1::ReportRunEndRequest* request,
                             v1::ReportRunEndResponse*) override {
-    return Serve(context, token_, "ReportRunEnd", kWhich, [&] { core_.ReportRunEnd(*request); });
+    return Serve(context, gate_, "ReportRunEnd", [&] { core_.ReportRunEnd(*request); });
   }
   grpc::Status Leave(grpc::ServerContext* context, const v1::LeaveRequest* request,
                      v1::LeaveResponse*) override {
-    return Serve(context, token_, "Leave", kWhich, [&] { core_.Leave(*request); });
+    return Serve(context, gate_, "Leave", [&] { core_.Leave(*request); });
   }
 
  private:
-  static constexpr const char* kWhich = "worker";
   Coordinator& core_;
-  const std::string token_;
+  const ServiceGate gate_;
   const std::atomic<bool>& stopping_;
 };
 
@@ -210,8 +236,11 @@ CoordinatorServer::CoordinatorServer(Coordinator& core, const ServerOptions& opt
   if (options.tls_cert.empty() != options.tls_key.empty()) {
     throw RpcSetupError("TLS needs both a certificate and a key file");
   }
-  control_ = std::make_unique<ControlService>(core, options.control_token, stopping_);
-  gateway_ = std::make_unique<WorkerGatewayService>(core, options.worker_token, stopping_);
+  rpc_metrics_ = std::make_unique<RpcMetrics>();
+  control_ =
+      std::make_unique<ControlService>(core, options.control_token, *rpc_metrics_, stopping_);
+  gateway_ =
+      std::make_unique<WorkerGatewayService>(core, options.worker_token, *rpc_metrics_, stopping_);
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
   if (!options.tls_cert.empty()) {
     grpc::SslServerCredentialsOptions ssl;
@@ -239,6 +268,7 @@ CoordinatorServer::CoordinatorServer(Coordinator& core, const ServerOptions& opt
     }
     collector_ = std::make_shared<CoordinatorCollector>(core);
     exposer_->RegisterCollectable(collector_);
+    exposer_->RegisterCollectable(rpc_metrics_->registry());
     const std::vector<int> ports = exposer_->GetListeningPorts();
     metrics_port_ = ports.empty() ? 0 : ports.front();
   }

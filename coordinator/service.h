@@ -45,6 +45,7 @@ grpc::Status ToGrpcStatus(const std::exception& error);
 class ControlService;
 class WorkerGatewayService;
 class CoordinatorCollector;
+class RpcMetrics;
 
 /// A running server over a core it does not own. Starts in the constructor.
 class CoordinatorServer {
@@ -64,6 +65,7 @@ class CoordinatorServer {
 
  private:
   Coordinator& core_;
+  std::unique_ptr<RpcMetrics> rpc_metrics_;
   std::unique_ptr<ControlService> control_;
   std::unique_ptr<WorkerGatewayService> gateway_;
   std::unique_ptr<grpc::Server> server_;

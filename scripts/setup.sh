@@ -1,23 +1,45 @@
 #!/usr/bin/env bash
-# Installs every Debian package ddpm-train needs to build, run and test. Idempotent: packages
+# Installs the Debian packages ddpm-train needs, from scripts/packages.txt. Idempotent: packages
 # already present are skipped, and apt-get runs only when something is missing.
+# usage: setup.sh [--list] [SECTION...] [--exclude PACKAGE...]
+#   SECTION: build, runtime or test (default: all of them). --exclude leaves packages out (the
+#   CUDA image brings its own LibTorch instead of libtorch-dev). --list prints the packages and
+#   installs nothing.
 set -euo pipefail
+list="$(dirname "$0")/packages.txt"
+sections=()
+excluded=()
+list_only=false
+while [ $# -gt 0 ]; do
+  case $1 in
+    --list) list_only=true; shift ;;
+    --exclude) shift; while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do excluded+=("$1"); shift; done ;;
+    -*) echo "setup: unknown option $1 (usage: setup.sh [--list] [SECTION...] [--exclude PACKAGE...])" >&2; exit 2 ;;
+    *) sections+=("$1"); shift ;;
+  esac
+done
+known=$(sed -n 's/^\[\(.*\)\]$/\1/p' "$list")
+for section in "${sections[@]}"; do
+  grep -qx "$section" <<< "$known" || { echo "setup: no section [$section] in $list (sections: $(echo $known))" >&2; exit 2; }
+done
 
-packages=(
-  # toolchain
-  cmake g++ ninja-build ccache pkg-config git
-  # trainer: LibTorch (CPU) with a fast BLAS, yaml-cpp, image and archive I/O
-  libtorch-dev libopenblas0-pthread libyaml-cpp-dev libstb-dev libarchive-dev libzip-dev
-  # worker: MPI (NCCL comes with CUDA where there is a GPU); checkpoints: checksums, JSON
-  libopenmpi-dev openmpi-bin libxxhash-dev nlohmann-json3-dev
-  # coordinator and tools: gRPC, Protobuf, Prometheus, SQLite
-  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
-  libsqlite3-dev libcli11-dev
-  # the demo's metrics scrape, and the TLS test's throwaway certificate
-  curl openssl
-  # tests: GoogleTest, and Debian's PyTorch as the golden reference
-  libgtest-dev libgmock-dev python3-torch python3-numpy python3-scipy python3-yaml
-)
+# The packages of the chosen sections, comments and blank lines dropped, each once.
+packages=()
+section=""
+while IFS= read -r line; do
+  line=${line%%#*}
+  if [[ $line =~ ^\[(.*)\]$ ]]; then section=${BASH_REMATCH[1]}; continue; fi
+  if [ ${#sections[@]} -gt 0 ] && ! printf '%s\n' "${sections[@]}" | grep -qx "$section"; then continue; fi
+  for p in $line; do
+    if printf '%s\n' "${excluded[@]}" "${packages[@]}" | grep -qx "$p"; then continue; fi
+    packages+=("$p")
+  done
+done < "$list"
+
+if $list_only; then
+  printf '%s\n' "${packages[@]}"
+  exit 0
+fi
 
 missing=()
 for p in "${packages[@]}"; do

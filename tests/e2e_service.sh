@@ -6,70 +6,11 @@
 # usage: e2e_service.sh MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL
 set -euo pipefail
 mpiexec=$1 coordinator=$2 worker=$3 ctl=$4
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2> /dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-fail() {
-  echo "e2e-service: FAIL: $*"
-  for f in "$work"/*.log; do echo "--- $f"; tr '\r' '\n' < "$f" | grep -v '^\s*$' | tail -25; done
-  exit 1
-}
-say() { echo "e2e-service: $*"; }
-
-cat > "$work/tiny.yaml" <<'YAML'
-model: {ch: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], image_size: 16,
-        norm_groups: 8, dropout: 0.1}
-train: {steps: 30, batch_size: 8, lr: 0.001, warmup_steps: 2, log_every: 10,
-        checkpoint_every: 20, threads: 1, device: cpu}
-data: {shapes_size: 64}
-sample: {sampler: ddim, steps: 4, num_images: 4}
-dist: {bucket_mb: 0.05, timeout_seconds: 60}
-YAML
-sed 's/steps: 30,/steps: 100000,/' "$work/tiny.yaml" > "$work/endless.yaml"
-sed 's/steps: 30,/steps: 1200,/' "$work/tiny.yaml" > "$work/long.yaml"
-
-data=$work/coordinator
-start_coordinator() {  # [ADDRESS]
-  "$coordinator" --data-dir "$data" --listen "${1:-127.0.0.1:0}" --metrics-listen 127.0.0.1:0 \
-    --heartbeat-interval 1 --heartbeat-timeout 6 >> "$work/coordinator.log" 2>&1 &
-  coordinator_pid=$!
-  pids+=("$coordinator_pid")
-  for _ in $(seq 1 100); do
-    if [ -s "$data/address" ] && grep -q "serving on" "$work/coordinator.log" &&
-       [ "$(grep -c 'serving on' "$work/coordinator.log")" -ge "${2:-1}" ]; then return; fi
-    sleep 0.1
-  done
-  fail "the coordinator did not start"
-}
-start_group() {  # LOG
-  DDPM_WORKER_TOKEN=$(cat "$data/worker.token") OMP_NUM_THREADS=1 \
-    "$mpiexec" -np 2 --oversubscribe -x DDPM_WORKER_TOKEN -x OMP_NUM_THREADS "$worker" \
-    --coordinator "$address" > "$work/$1" 2>&1 &
-  group_pid=$!
-  pids+=("$group_pid")
-}
-ctl() { "$ctl" --coordinator "$address" --token-file "$data/control.token" "$@"; }
-field() {  # RUN PYTHON-EXPRESSION over the run's JSON as r
-  ctl get "$1" --json | python3 -c "import json, sys; r = json.load(sys.stdin); print($2)"
-}
-wait_for() {  # SECONDS DESCRIPTION COMMAND...
-  local seconds=$1 what=$2
-  shift 2
-  for _ in $(seq 1 $((seconds * 4))); do
-    if "$@" > /dev/null 2>&1; then return; fi
-    sleep 0.25
-  done
-  fail "timed out after ${seconds}s waiting for $what"
-}
-state_is() { [ "$(field "$1" 'r["state"]')" = "$2" ]; }
-step_at_least() { [ "$(field "$1" 'int(r.get("metrics", {}).get("step", 0))')" -ge "$2" ]; }
+name=e2e-service
+# shellcheck source=tests/service_lib.sh
+source "$(dirname "$0")/service_lib.sh"
 
 start_coordinator
-address=$(cat "$data/address")
 start_group group1.log
 say "coordinator at $address; a 2-rank group"
 

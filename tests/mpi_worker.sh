@@ -9,15 +9,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 fail() { echo "mpi: FAIL: $*"; for f in "$work"/*.log; do echo "--- $f"; tail -20 "$f"; done; exit 1; }
 mpirun() { timeout 300 "$mpiexec" -np 2 --oversubscribe "$@"; }
-cat > "$work/tiny.yaml" <<'YAML'
-model: {ch: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], image_size: 16,
-        norm_groups: 8, dropout: 0.1}
-train: {steps: 12, batch_size: 8, lr: 0.001, warmup_steps: 2, log_every: 4,
-        checkpoint_every: 6, threads: 1, device: cpu}
-data: {shapes_size: 64}
-sample: {sampler: ddim, steps: 4, num_images: 4}
-dist: {bucket_mb: 0.05, timeout_seconds: 60}
-YAML
+# tests/tiny.yaml, 12 steps: logs every 4, checkpoints every 6.
+sed -e 's/steps: 30,/steps: 12,/' -e 's/log_every: 10/log_every: 4/' \
+  -e 's/checkpoint_every: 20/checkpoint_every: 6/' "$(dirname "$0")/tiny.yaml" > "$work/tiny.yaml"
 
 echo "mpi: 2 ranks, 20 steps, checkpoints at 10 and 20"
 export DDPM_TRAIN_STEPS=20 DDPM_TRAIN_CHECKPOINT_EVERY=10

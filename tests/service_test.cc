@@ -1,10 +1,7 @@
 // The coordinator's gRPC server in process, on a free loopback port, with real clients: every
 // RPC, bearer-token checks, the message-size limit, TLS, and a /metrics scrape.
-#include <arpa/inet.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -16,6 +13,7 @@
 #include "ddpm/v1/control.grpc.pb.h"
 #include "ddpm/v1/worker_gateway.grpc.pb.h"
 #include "proto/rpc.h"
+#include "tests/http_get.h"
 
 namespace ddpm {
 namespace {
@@ -28,27 +26,6 @@ constexpr const char* kWorkerToken = "worker-secret";
 const char* kTinyConfig =
     "model: {ch: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], image_size: 16, "
     "norm_groups: 8}\ntrain: {steps: 50, batch_size: 4}\n";
-
-// An HTTP GET of path on 127.0.0.1:port; the whole response.
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-  if (write(fd, request.data(), request.size()) < 0) return "";
-  std::string response;
-  char buffer[4096];
-  ssize_t n;
-  while ((n = read(fd, buffer, sizeof(buffer))) > 0) response.append(buffer, n);
-  close(fd);
-  return response;
-}
 
 class ServiceTest : public ::testing::Test {
  protected:

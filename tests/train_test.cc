@@ -4,6 +4,7 @@
 #include <stb/stb_image.h>
 #include <torch/torch.h>
 
+#include <array>
 #include <filesystem>
 #include <numeric>
 #include <set>
@@ -197,6 +198,43 @@ TEST(Train, GradientAccumulationTakesOneStepPerBatch) {
   // One Adam step of the warmup learning rate, not two.
   EXPECT_NEAR(MaxMove(trainer.model(), before), 1e-4, 1e-6);
   EXPECT_THROW(trainer.Step(Batch(data, sampler, 15)), c10::Error);
+}
+
+TEST(Train, LossIsAlsoReportedPerQuarterOfTheTimesteps) {
+  // Independently: the same t and noise, q_sample from the closed form of the paper's linear
+  // schedule in float64, the model's eps, and each sample's squared error grouped by 4t / T.
+  Config config = Tiny();
+  Trainer trainer(config, torch::kCPU);
+  ShapesDataset data(64, 16, 0);
+  EpochSampler sampler(data.size(), 0);
+  const torch::Tensor x0 = Batch(data, sampler, 16);
+  const auto [t, noise] = trainer.DrawTimestepsAndNoise(0, 0, 16, x0.sizes().slice(1));
+  const torch::Tensor betas = torch::linspace(1e-4, 0.02, 1000, torch::kFloat64);
+  const torch::Tensor alphas_cumprod = torch::cumprod(1 - betas, 0);
+  const torch::Tensor abar = alphas_cumprod.index_select(0, t).view({-1, 1, 1, 1});
+  const torch::Tensor x_t =
+      (abar.sqrt() * x0.to(torch::kFloat64) + (1 - abar).sqrt() * noise.to(torch::kFloat64))
+          .to(torch::kFloat32);
+  torch::Tensor per_sample;
+  {
+    torch::NoGradGuard no_grad;
+    trainer.model()->train();
+    per_sample = (trainer.model()->forward(x_t, t) - noise).pow(2).flatten(1).mean(1).to(torch::kFloat64);
+  }
+  std::array<double, 4> sums{}, counts{};
+  for (int64_t i = 0; i < 16; ++i) {
+    const int64_t quarter = t[i].item<int64_t>() * 4 / 1000;
+    sums[quarter] += per_sample[i].item<double>();
+    counts[quarter] += 1;
+  }
+  const StepStats stats = trainer.Step(x0);
+  double total = 0;
+  for (int q = 0; q < 4; ++q) {
+    EXPECT_EQ(stats.quartile_count[q], counts[q]) << "q" << q;
+    EXPECT_NEAR(stats.quartile_loss_sum[q], sums[q], 1e-5 * (1 + sums[q])) << "q" << q;
+    total += stats.quartile_loss_sum[q];
+  }
+  EXPECT_NEAR(total / 16, stats.loss, 1e-6);
 }
 
 TEST(Train, LossHalvesOnTinyShapes) {

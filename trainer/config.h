@@ -9,6 +9,10 @@
 
 namespace ddpm {
 
+/// The training loss is also reported per quarter of the timesteps [0, T), q0..q3, as
+/// improved-diffusion logs it.
+constexpr int kTimestepQuartiles = 4;
+
 /// A configuration error. The message names the key (section.key), the file and line where
 /// known, and the allowed values.
 class ConfigError : public std::runtime_error {

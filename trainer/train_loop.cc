@@ -11,6 +11,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -498,7 +499,7 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
     metrics.open(metrics_path, new_metrics ? std::ios::trunc : std::ios::app);
     if (new_metrics) {
       metrics << "step,loss,grad_norm,lr,images_per_second,elapsed_seconds,allreduce_seconds,"
-                 "overlap_fraction\n";
+                 "overlap_fraction,loss_q0,loss_q1,loss_q2,loss_q3\n";
     }
   }
 
@@ -507,7 +508,14 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
   // commits. A checkpoint waits for the one before.
   CheckpointWriter writer(checkpoints.dir(), rank, world, config.train.keep_checkpoints,
                           config.dist.timeout_seconds);
-  if (lead && options.on_checkpoint) writer.set_on_commit(options.on_checkpoint);
+  if (lead && options.on_checkpoint) {
+    // Save waits for the previous checkpoint, so the times are this commit's.
+    writer.set_on_commit([&writer, &on_checkpoint = options.on_checkpoint](
+                             int64_t step, const std::string& dir) {
+      const CheckpointTimes times = writer.times();
+      on_checkpoint({step, dir, times.stall_seconds, times.write_seconds});
+    });
+  }
   int64_t last_saved_step = loaded ? trainer.step() : -1;
   auto save_checkpoint = [&] {
     // One checkpoint per step: a second request at the same step (SIGUSR1 right after a
@@ -580,6 +588,8 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
   const auto start = Clock::now();
   auto window_start = start;
   double window_loss = 0, window_grad = 0, window_allreduce = 0, window_overlap = 0;
+  // This rank's per-quartile loss sums, then counts, over the log interval.
+  std::array<double, 2 * kTimestepQuartiles> window_quartiles{};
   double last_rate = 0;
   int64_t window_steps = 0;
   int stop_signal = 0;
@@ -646,16 +656,33 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
       window_grad += stats.grad_norm;
       window_allreduce += m.allreduce_seconds;
       window_overlap += m.overlap_fraction;
+      for (int q = 0; q < kTimestepQuartiles; ++q) {
+        window_quartiles[q] += stats.quartile_loss_sum[q];
+        window_quartiles[kTimestepQuartiles + q] += stats.quartile_count[q];
+      }
       ++window_steps;
       const double elapsed = Seconds(start);
       const double eta = elapsed / (step - first_step) * (total - step);
       if (step % config.train.log_every == 0 || step == total) {
         last_rate = window_steps * config.train.batch_size / std::max(Seconds(window_start), 1e-9);
-        // The loss over every rank's samples.
-        torch::Tensor loss = torch::tensor({window_loss / window_steps}, torch::kFloat64);
-        comm.AllReduce(loss, ReduceOp::kAverage,
+        // The loss over every rank's samples, and the per-quartile sums and counts.
+        torch::Tensor sums = torch::empty({1 + 2 * kTimestepQuartiles}, torch::kFloat64);
+        sums[0] = window_loss / window_steps;
+        std::memcpy(sums.data_ptr<double>() + 1, window_quartiles.data(),
+                    sizeof(window_quartiles));
+        comm.AllReduce(sums, ReduceOp::kSum,
                        "all-reduce of the loss at step " + std::to_string(step));
-        result.last_loss = loss.item<double>();
+        const double* summed = sums.data_ptr<double>();
+        result.last_loss = summed[0] / world;
+        std::array<double, kTimestepQuartiles> loss_by_quartile{};
+        std::ostringstream quartile_csv;
+        for (int q = 0; q < kTimestepQuartiles; ++q) {
+          const double count = summed[1 + kTimestepQuartiles + q];
+          loss_by_quartile[q] =
+              count > 0 ? summed[1 + q] / count : std::numeric_limits<double>::quiet_NaN();
+          quartile_csv << ',';
+          if (count > 0) quartile_csv << loss_by_quartile[q];
+        }
         const double allreduce_ms = 1000 * window_allreduce / window_steps;
         const double overlap = window_overlap / window_steps;
         std::string comm_text;
@@ -680,15 +707,17 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
           log.images_per_second = last_rate;
           log.elapsed_seconds = elapsed;
           log.eta_seconds = eta;
+          log.loss_by_quartile = loss_by_quartile;
           options.on_log(log);
         }
         if (lead) {
           metrics << step << "," << result.last_loss << "," << window_grad / window_steps << ","
                   << stats.lr << "," << last_rate << "," << elapsed << ","
-                  << window_allreduce / window_steps << "," << overlap << "\n";
+                  << window_allreduce / window_steps << "," << overlap << quartile_csv.str() << "\n";
           metrics.flush();
         }
         window_loss = window_grad = window_allreduce = window_overlap = 0;
+        window_quartiles.fill(0);
         window_steps = 0;
         window_start = Clock::now();
       } else if (tty) {

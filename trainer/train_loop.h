@@ -2,6 +2,7 @@
 // checkpoints and resume, sample grids and exported EMA weights. Torch-free header.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -64,6 +65,20 @@ struct LogMetrics {
   double images_per_second = 0;
   double elapsed_seconds = 0;
   double eta_seconds = 0;
+  /// Mean loss over the interval and every rank of the samples whose timestep fell in each
+  /// quarter of [0, T); NaN for a quarter that none did.
+  std::array<double, kTimestepQuartiles> loss_by_quartile{};
+};
+
+/// A checkpoint that rank 0 has committed, with what it cost.
+struct CommittedCheckpoint {
+  int64_t step = 0;
+  /// Its directory.
+  std::string dir;
+  /// Seconds the train loop was blocked while the checkpoint's tensors were copied.
+  double stall_seconds = 0;
+  /// Seconds its background write and commit took.
+  double write_seconds = 0;
 };
 
 /// A stop that the caller of RunTraining asks for (the coordinator's commands).
@@ -90,7 +105,7 @@ struct TrainOptions {
   /// Rank 0, once per log interval.
   std::function<void(const LogMetrics&)> on_log;
   /// Rank 0, after each checkpoint has committed (called from the checkpoint writer's thread).
-  std::function<void(int64_t step, const std::string& dir)> on_checkpoint;
+  std::function<void(const CommittedCheckpoint&)> on_checkpoint;
   /// Rank 0, after each sample grid has been written.
   std::function<void(const std::string& path)> on_sample_grid;
 };

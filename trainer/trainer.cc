@@ -179,6 +179,10 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
   };
   const auto micro_batches = images.chunk(accum, 0);
   torch::Tensor loss_sum = torch::zeros({}, images.options());
+  // Per quarter of [0, T): the sum of the samples' losses, and how many there were.
+  const auto float64 = images.options().dtype(torch::kFloat64);
+  torch::Tensor quartile_loss = torch::zeros({kTimestepQuartiles}, float64);
+  torch::Tensor quartile_count = torch::zeros({kTimestepQuartiles}, float64);
   int64_t position = first_position;
   for (std::size_t m = 0; m < micro_batches.size(); ++m) {
     const torch::Tensor& micro = micro_batches[m];
@@ -189,6 +193,10 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
     if (sync_ != nullptr) sync_->BeginBackward(m + 1 == micro_batches.size());
     (out.loss / accum).backward();
     loss_sum += out.loss.detach();
+    const torch::Tensor quartile =
+        (t * kTimestepQuartiles).div(diffusion_.timesteps(), "floor").clamp_max(kTimestepQuartiles - 1);
+    quartile_loss.index_add_(0, quartile, out.per_sample.to(torch::kFloat64));
+    quartile_count.index_add_(0, quartile, torch::ones({t.size(0)}, float64));
   }
   if (sync_ != nullptr) sync_->FinishBackward();
   torch::Tensor grad = params_->grad();
@@ -196,7 +204,15 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
   optimizer_->Step(stats.lr);
   ema_->Update();
   ++step_;
-  stats.loss = loss_sum.item<double>() / accum;
+  // One copy from the device for the loss and the quartiles.
+  const torch::Tensor host =
+      torch::cat({loss_sum.to(torch::kFloat64).reshape({1}), quartile_loss, quartile_count}).cpu();
+  const double* values = host.data_ptr<double>();
+  stats.loss = values[0] / accum;
+  for (int q = 0; q < kTimestepQuartiles; ++q) {
+    stats.quartile_loss_sum[q] = values[1 + q];
+    stats.quartile_count[q] = values[1 + kTimestepQuartiles + q];
+  }
   return stats;
 }
 

@@ -3,6 +3,7 @@
 
 #include <torch/torch.h>
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -22,6 +23,10 @@ struct StepStats {
   double grad_norm = 0;
   /// Learning rate the step used.
   double lr = 0;
+  /// For each quarter of [0, T) (q0..q3): the sum of this rank's per-sample losses whose
+  /// timestep fell in it, and how many samples did.
+  std::array<double, kTimestepQuartiles> quartile_loss_sum{};
+  std::array<double, kTimestepQuartiles> quartile_count{};
 };
 
 /// Linear warmup of Ho et al.: update number k (1-based) uses lr * min(k / warmup_steps, 1).

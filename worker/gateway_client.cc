@@ -221,11 +221,12 @@ void CommandChannel::Stop() {
   if (thread_.joinable()) thread_.join();
 }
 
-Heartbeater::Heartbeater(GatewayClient& client, std::string group_id, int rank,
-                         double interval_seconds)
+Heartbeater::Heartbeater(GatewayClient& client, std::string group_id,
+                         const RankRecorder& recorder, double interval_seconds)
     : client_(client),
       group_id_(std::move(group_id)),
-      rank_(rank),
+      recorder_(recorder),
+      rank_(recorder.rank()),
       interval_(static_cast<int64_t>(interval_seconds * 1000)) {
   pending_.set_group_id(group_id_);
   pending_.set_rank(rank_);
@@ -245,26 +246,10 @@ void Heartbeater::SetRun(const std::string& run_id, int attempt) {
   std::lock_guard<std::mutex> lock(mutex_);
   pending_.set_run_id(run_id);
   pending_.set_attempt(attempt);
-  pending_.clear_rank_metrics();
   pending_.clear_train_metrics();
   pending_.clear_sample_grid();
   poke_ = true;
   changed_.notify_all();
-}
-
-void Heartbeater::SetRankMetrics(const WorkerMetrics& m) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  v1::RankMetrics& r = *pending_.mutable_rank_metrics();
-  r.set_rank(rank_);
-  r.set_step(m.step);
-  r.set_loss(m.loss);
-  r.set_step_seconds(m.step_seconds);
-  r.set_images_per_second(m.images_per_second);
-  r.set_allreduce_seconds(m.allreduce_seconds);
-  r.set_overlap_fraction(m.overlap_fraction);
-  r.set_exposed_seconds(m.exposed_seconds);
-  r.set_checkpoint_stall_seconds(m.checkpoint_stall_seconds);
-  r.set_checkpoint_write_seconds(m.checkpoint_write_seconds);
 }
 
 void Heartbeater::PushTrainMetrics(const LogMetrics& m) {
@@ -277,6 +262,7 @@ void Heartbeater::PushTrainMetrics(const LogMetrics& m) {
   t.set_images_per_second(m.images_per_second);
   t.set_elapsed_seconds(m.elapsed_seconds);
   t.set_eta_seconds(m.eta_seconds);
+  for (double loss : m.loss_by_quartile) t.add_loss_by_quartile(loss);
   poke_ = true;
   changed_.notify_all();
 }
@@ -298,6 +284,11 @@ void Heartbeater::Run() {
     pending_.clear_sample_grid();
     poke_ = false;
     lock.unlock();
+    const RankSnapshot snapshot = recorder_.Snapshot();
+    request.set_device_memory_bytes(snapshot.device_memory_bytes);
+    if (!request.run_id().empty() && snapshot.run_id == request.run_id() && snapshot.has_step) {
+      *request.mutable_rank_metrics() = snapshot.metrics;
+    }
     const grpc::Status status = client_.Heartbeat(request);
     lock.lock();
     if (!status.ok() && status.error_code() != last_error) {

@@ -14,6 +14,7 @@
 #include "ddpm/v1/worker_gateway.grpc.pb.h"
 #include "proto/rpc.h"
 #include "trainer/train_loop.h"
+#include "worker/rank_metrics.h"
 
 namespace ddpm {
 
@@ -96,16 +97,16 @@ class CommandChannel {
   std::thread thread_;
 };
 
-/// One rank's heartbeats: every interval, and at once when rank 0 has new train metrics.
+/// One rank's heartbeats: every interval, and at once when rank 0 has new train metrics. Each
+/// carries the recorder's measurements of the run.
 class Heartbeater {
  public:
-  Heartbeater(GatewayClient& client, std::string group_id, int rank, double interval_seconds);
+  Heartbeater(GatewayClient& client, std::string group_id, const RankRecorder& recorder,
+              double interval_seconds);
   ~Heartbeater();
   /// The run (and placement attempt) this rank now trains; empty when idle. Clears the metrics
   /// of the last one.
   void SetRun(const std::string& run_id, int attempt = 0);
-  /// This rank's last step. Safe from the train loop.
-  void SetRankMetrics(const WorkerMetrics& metrics);
   /// Rank 0's log interval; sent at once.
   void PushTrainMetrics(const LogMetrics& metrics);
   /// Rank 0's newest sample grid.
@@ -116,6 +117,7 @@ class Heartbeater {
 
   GatewayClient& client_;
   const std::string group_id_;
+  const RankRecorder& recorder_;
   const int rank_;
   const std::chrono::milliseconds interval_;
   std::mutex mutex_;

@@ -118,6 +118,7 @@ struct Member {
   Communicator& comm;
   const ContextFactory& context_for;
   GatewayClient& client;
+  RankRecorder& recorder;
   std::string group_id;
   Heartbeater* heartbeats = nullptr;
   CommandChannel* channel = nullptr;  // rank 0 only
@@ -131,6 +132,7 @@ struct Member {
           std::to_string(command.placement().attempt()) + ")");
     }
     const int attempt = command.placement().attempt();
+    recorder.SetRun(run_id);
     heartbeats->SetRun(run_id, attempt);
     // Set when the coordinator gave the run to another attempt: then it is not ours to report.
     bool taken_away = false;
@@ -138,7 +140,7 @@ struct Member {
     train.run_dir = command.run_dir();
     train.resume = true;
     train.on_step = [this, rank, &run_id](const WorkerMetrics& metrics) {
-      heartbeats->SetRankMetrics(metrics);
+      recorder.RecordStep(metrics);
       if (rank == 0) channel->SetCurrentRun(run_id, metrics.step);
     };
     if (rank == 0) {
@@ -153,13 +155,14 @@ struct Member {
       };
       train.on_log = [this](const LogMetrics& metrics) { heartbeats->PushTrainMetrics(metrics); };
       train.on_sample_grid = [this](const std::string& path) { heartbeats->SetSampleGrid(path); };
-      train.on_checkpoint = [this, &run_id, attempt](int64_t step, const std::string& dir) {
+      train.on_checkpoint = [this, &run_id, attempt](const CommittedCheckpoint& checkpoint) {
+        recorder.RecordCheckpoint(checkpoint);
         v1::ReportCheckpointRequest request;
         request.set_group_id(group_id);
         request.set_run_id(run_id);
         request.set_attempt(attempt);
-        request.mutable_checkpoint()->set_step(step);
-        request.mutable_checkpoint()->set_path(dir);
+        request.mutable_checkpoint()->set_step(checkpoint.step);
+        request.mutable_checkpoint()->set_path(checkpoint.dir);
         const grpc::Status status = ReportWithRetry(
             [&] { return client.ReportCheckpoint(request); }, std::chrono::seconds(30));
         if (!status.ok()) Say(DescribeStatus("ReportCheckpoint", status));
@@ -187,6 +190,7 @@ struct Member {
       throw;
     }
     heartbeats->SetRun("");
+    recorder.SetRun("");
     if (rank != 0) return result.interrupted_by != 0;
     channel->SetCurrentRun("", 0);
     if (taken_away) {
@@ -223,7 +227,7 @@ struct Member {
 }  // namespace
 
 int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFactory& context_for,
-               const std::string& device) {
+               RankRecorder& recorder) {
   GroupSignals signals;
   const int rank = comm.rank();
   GatewayOptions gateway;
@@ -232,9 +236,9 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
   gateway.token = ReadToken(options.worker_token_file, "DDPM_WORKER_TOKEN");
   GatewayClient client(gateway);
   const std::vector<std::string> hosts = GatherText(comm, HostName());
-  const std::vector<std::string> devices = GatherText(comm, device);
+  const std::vector<std::string> devices = GatherText(comm, recorder.device());
 
-  Member member{options, comm, context_for, client};
+  Member member{options, comm, context_for, client, recorder, {}};
   std::unique_ptr<CommandChannel> channel;
   double interval = 5;
   if (rank == 0) {
@@ -262,7 +266,7 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
     member.group_id = payload.substr(0, newline);
     interval = std::stod(payload.substr(newline + 1));
   }
-  Heartbeater heartbeats(client, member.group_id, rank, interval);
+  Heartbeater heartbeats(client, member.group_id, recorder, interval);
   member.heartbeats = &heartbeats;
 
   int exit_code = 0;

@@ -11,6 +11,7 @@
 namespace ddpm {
 
 class Communicator;
+class RankRecorder;
 struct WorkerOptions;
 
 /// Builds the distributed context a run's config needs (its device and gradient backend).
@@ -18,8 +19,9 @@ using ContextFactory = std::function<DistributedContext(const Config&)>;
 
 /// Serves the coordinator at options.coordinator until SIGINT or SIGTERM, or until it refuses
 /// the group; comm carries the group's control messages. Returns the process exit code. A run
-/// that fails with an error is reported and rethrown (the caller ends the job).
+/// that fails with an error is reported and rethrown (the caller ends the job). recorder holds
+/// this rank's measurements (and names its device) for the heartbeats.
 int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFactory& context_for,
-               const std::string& device);
+               RankRecorder& recorder);
 
 }  // namespace ddpm

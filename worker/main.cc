@@ -1,4 +1,6 @@
 // ddpm_worker: trains a DDPM from a YAML config. Thin main: flags to options, then the library.
+#include <cstdlib>
+
 #include "trainer/flags.h"
 #include "worker/worker.h"
 
@@ -20,6 +22,10 @@ int main(int argc, char** argv) {
             "");
   flags.Add("tls-ca", "PEM CA certificate: reach the coordinator over TLS", "");
   flags.Add("group-id", "the group's id at the coordinator (default: HOST-PID of rank 0)", "");
+  flags.Add("metrics-listen",
+            "HOST:PORT: each rank serves Prometheus /metrics on PORT + its local rank "
+            "(default: $DDPM_WORKER_METRICS_LISTEN, else none)",
+            "");
   return ddpm::RunMain(flags, argc, argv, [&] {
     ddpm::WorkerOptions options;
     options.config_path = flags.Get("config");
@@ -31,6 +37,10 @@ int main(int argc, char** argv) {
     options.worker_token_file = flags.Get("worker-token-file");
     options.tls_ca = flags.Get("tls-ca");
     options.group_id = flags.Get("group-id");
+    options.metrics_listen = flags.Get("metrics-listen");
+    if (options.metrics_listen.empty() && std::getenv("DDPM_WORKER_METRICS_LISTEN") != nullptr) {
+      options.metrics_listen = std::getenv("DDPM_WORKER_METRICS_LISTEN");
+    }
     options.run_dir = flags.Get("run-dir");
     options.resume = flags.GetSwitch("resume");
     options.resume_from = flags.Get("resume-from");

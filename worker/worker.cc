@@ -17,6 +17,10 @@
 #include "worker/gradient_buckets.h"
 #include "worker/group.h"
 #include "worker/mpi_communicator.h"
+#include "worker/rank_metrics.h"
+#ifdef DDPM_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 #ifdef DDPM_WITH_NCCL
 #include "worker/nccl_communicator.h"
 #endif
@@ -24,11 +28,47 @@
 namespace ddpm {
 namespace {
 
-TrainOptions ToTrainOptions(const WorkerOptions& options) {
+// Bytes in use on device: the CUDA caching allocator's on a GPU, resident memory on the CPU.
+int64_t DeviceMemoryBytes(const std::string& device) {
+#ifdef DDPM_WITH_CUDA
+  if (device.rfind("cuda", 0) == 0) {
+    const auto stats =
+        c10::cuda::CUDACachingAllocator::getDeviceStats(torch::Device(device).index());
+    return stats.allocated_bytes[0].current;  // [0]: the aggregate over pool kinds
+  }
+#endif
+  return ResidentMemoryBytes();
+}
+
+// This rank's measurements, and its own /metrics endpoint when options ask for one.
+struct RankTelemetry {
+  RankTelemetry(const WorkerOptions& options, int rank, int local_rank, const std::string& device)
+      : recorder(rank, device, [device] { return DeviceMemoryBytes(device); }) {
+    if (options.metrics_listen.empty()) return;
+    const std::string listen = OffsetListenAddress(options.metrics_listen, local_rank);
+    endpoint = std::make_unique<RankMetricsEndpoint>(recorder, listen);
+    std::printf("ddpm_worker: rank %d: metrics at http://%s:%d/metrics\n", rank,
+                listen.substr(0, listen.rfind(':')).c_str(), endpoint->port());
+    std::fflush(stdout);
+  }
+  RankRecorder recorder;
+  std::unique_ptr<RankMetricsEndpoint> endpoint;
+};
+
+// One run from the command line; the recorder follows it under the run directory's name.
+TrainOptions ToTrainOptions(const WorkerOptions& options, RankTelemetry& telemetry) {
   TrainOptions train;
   train.run_dir = options.run_dir;
   train.resume = options.resume;
   train.resume_from = options.resume_from;
+  std::string run = options.run_dir;
+  while (run.size() > 1 && run.back() == '/') run.pop_back();
+  telemetry.recorder.SetRun(run.substr(run.rfind('/') + 1));
+  RankRecorder& recorder = telemetry.recorder;
+  train.on_step = [&recorder](const WorkerMetrics& metrics) { recorder.RecordStep(metrics); };
+  train.on_checkpoint = [&recorder](const CommittedCheckpoint& checkpoint) {
+    recorder.RecordCheckpoint(checkpoint);
+  };
   return train;
 }
 
@@ -95,6 +135,12 @@ std::string DeviceOfRank(int local_rank) {
   return torch::cuda::is_available() ? "cuda:" + std::to_string(local_rank) : "cpu";
 }
 
+// The device of this rank for a run from the command line.
+std::string DeviceOfRun(const Config& config, int local_rank) {
+  const std::string device = ResolveDevice(config.train);
+  return device == "cuda" ? device + ":" + std::to_string(local_rank) : device;
+}
+
 // Ends this process when mpirun dies (SIGKILL cannot be forwarded), so that no orphaned rank
 // trains on, heartbeating for a group that is gone.
 void DieWithLauncher() {
@@ -114,12 +160,16 @@ int RunRank(const WorkerOptions& options, const Config* config) {
     MpiCommunicator mpi_comm(placement);
     RankContexts contexts(placement, mpi_comm);
     try {
+      RankTelemetry telemetry(options, placement.rank, placement.local_rank,
+                              config == nullptr ? DeviceOfRank(placement.local_rank)
+                                                : DeviceOfRun(*config, placement.local_rank));
       if (config == nullptr) {
         return ServeGroup(options, mpi_comm,
                           [&](const Config& run_config) { return contexts.For(run_config); },
-                          DeviceOfRank(placement.local_rank));
+                          telemetry.recorder);
       }
-      return ExitCode(RunTraining(*config, ToTrainOptions(options), contexts.For(*config)));
+      return ExitCode(
+          RunTraining(*config, ToTrainOptions(options, telemetry), contexts.For(*config)));
     } catch (const std::exception& e) {
       FailRank(placement, e);  // Here, while the communicators are still alive.
     }
@@ -137,6 +187,7 @@ int RunWorker(const WorkerOptions& options) {
       return RunRank(options, nullptr);
     }
     SoloCommunicator solo;
+    RankTelemetry telemetry(options, 0, 0, DeviceOfRank(0));
     return ServeGroup(
         options, solo,
         [](const Config& config) {
@@ -144,7 +195,7 @@ int RunWorker(const WorkerOptions& options) {
           dist.device = ResolveDevice(config.train);
           return dist;
         },
-        DeviceOfRank(0));
+        telemetry.recorder);
   }
   const Config config = LoadConfigFile(options.config_path);
   if (options.print_config) {
@@ -157,7 +208,8 @@ int RunWorker(const WorkerOptions& options) {
     return 0;
   }
   if (LaunchedByMpi()) return RunRank(options, &config);
-  return ExitCode(RunTraining(config, ToTrainOptions(options)));
+  RankTelemetry telemetry(options, 0, 0, DeviceOfRun(config, 0));
+  return ExitCode(RunTraining(config, ToTrainOptions(options, telemetry)));
 }
 
 }  // namespace ddpm

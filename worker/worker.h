@@ -27,6 +27,9 @@ struct WorkerOptions {
   std::string tls_ca;
   /// The group's id; empty: "<host>-<pid of rank 0>".
   std::string group_id;
+  /// HOST:PORT: each rank serves its own /metrics on PORT + its local rank (PORT 0: any free
+  /// port); empty: none.
+  std::string metrics_listen;
 };
 
 /// Runs what options ask for; returns the process exit code (128 + signal when Ctrl-C or

@@ -1,0 +1,238 @@
+#!/usr/bin/env bash
+# Metrics of the whole service during a smoke run: a coordinator and a 2-rank worker group on
+# loopback, each rank serving its own /metrics too.
+#   scrape:     scrapes every /metrics over HTTP, checks the series and labels the dashboard
+#               needs, lints them with promtool, and checks that a stopped run's series go.
+#   prometheus: a real Prometheus scrapes them; every PromQL query of the Grafana dashboard
+#               (deploy/grafana/dashboards/ddpm.json) must parse and return data.
+# usage: e2e_metrics.sh scrape|prometheus MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL
+#        REPORT_EVAL SOURCE_DIR
+# Exits 77 (skipped) when Debian's prometheus package (promtool, prometheus) is missing.
+set -euo pipefail
+mode=$1 mpiexec=$2 coordinator=$3 worker=$4 ctl=$5 report_eval=$6 source_dir=$7
+name="metrics-$mode"
+dashboard=$source_dir/deploy/grafana/dashboards/ddpm.json
+needed=promtool
+[ "$mode" = prometheus ] && needed=prometheus
+if ! command -v "$needed" > /dev/null; then
+  echo "$name: SKIPPED: '$needed' is not installed (Debian package 'prometheus'; scripts/setup.sh installs it)"
+  exit 77
+fi
+# shellcheck source=tests/service_lib.sh
+source "$(dirname "$0")/service_lib.sh"
+
+start_coordinator
+metrics_url=$(cat "$data/metrics_address")
+rank_base=$(free_ports 2)
+start_group group.log --metrics-listen "127.0.0.1:$rank_base"
+rank_urls=("http://127.0.0.1:$rank_base/metrics" "http://127.0.0.1:$((rank_base + 1))/metrics")
+say "coordinator at $address, metrics at $metrics_url; ranks at ${rank_urls[*]}"
+
+if [ "$mode" = prometheus ]; then
+  prometheus_port=$(free_ports 1)
+  cat > "$work/prometheus.yml" <<YAML
+global: {scrape_interval: 1s, evaluation_interval: 1s}
+scrape_configs:
+  - job_name: ddpm-coordinator
+    static_configs: [{targets: ['${metrics_url#http://}'], labels: {}}]
+    metrics_path: /metrics
+  - job_name: ddpm-worker
+    static_configs: [{targets: ['127.0.0.1:$rank_base', '127.0.0.1:$((rank_base + 1))']}]
+YAML
+  sed -i 's#/metrics\x27\]#\x27]#' "$work/prometheus.yml"
+  prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
+    --web.listen-address="127.0.0.1:$prometheus_port" > "$work/prometheus.log" 2>&1 &
+  pids+=($!)
+  prometheus_url=http://127.0.0.1:$prometheus_port
+  wait_for 60 "Prometheus to be ready" curl -fsS "$prometheus_url/-/ready"
+fi
+
+# Checkpoints every 10 steps and logs every 5, so that every series has values soon.
+sed -e 's/log_every: 10/log_every: 5/' -e 's/checkpoint_every: 20/checkpoint_every: 10/' \
+  "$work/endless.yaml" > "$work/run.yaml"
+run=$(ctl start "$work/run.yaml" --name metrics --json |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+wait_for 90 "$run RUNNING" state_is "$run" RUNNING
+wait_for 90 "$run past step 25" step_at_least "$run" 25
+wait_for 30 "a committed checkpoint of $run" \
+  python3 -c "import sys; sys.exit(0 if int('$(field "$run" 'r["latest_checkpoint"]["step"]')') > 0 else 1)"
+# The trainer does not evaluate FID yet; report one as its group would, so that the FID and IS
+# series have a value to carry.
+DDPM_CONTROL_TOKEN=$(cat "$data/control.token") DDPM_WORKER_TOKEN=$(cat "$data/worker.token") \
+  "$report_eval" "$address" "$run" 123.5 2.25 || fail "ReportEval was refused"
+group=$(field "$run" 'r["placement"]["group_id"]')
+
+# check_series FILE: each line of stdin is NAME [LABEL=VALUE ...] [= NUMBER]; each must match a
+# sample of the scrape in FILE (a label value of * matches any).
+check_series() {
+  python3 - "$1" <<'PY' || fail "series missing from $1 (above)"
+import re, sys
+samples = []
+for line in open(sys.argv[1]):
+    if line.startswith("#") or not line.strip():
+        continue
+    m = re.match(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)', line)
+    labels = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+    samples.append((m.group(1), labels, float(m.group(3))))
+missing = []
+for want in sys.stdin.read().splitlines():
+    if not want.strip():
+        continue
+    spec, _, value = want.partition(" = ")
+    name, *pairs = spec.split()
+    pairs = [p.split("=", 1) for p in pairs]
+    def match(sample):
+        n, labels, v = sample
+        if n != name or any(k not in labels or (x != "*" and labels[k] != x) for k, x in pairs):
+            return False
+        return not value or abs(v - float(value)) < 1e-9
+    if not any(match(s) for s in samples):
+        missing.append(want)
+for want in missing:
+    print("missing:", want)
+sys.exit(1 if missing else 0)
+PY
+}
+lint() {  # FILE: promtool must find no problem
+  promtool check metrics < "$1" > "$work/promtool.out" 2>&1 ||
+    fail "promtool check metrics on $1: $(cat "$work/promtool.out")"
+  [ ! -s "$work/promtool.out" ] || fail "promtool check metrics on $1: $(cat "$work/promtool.out")"
+}
+
+if [ "$mode" = scrape ]; then
+  say "1. the coordinator's /metrics during the run"
+  curl -fsS "$metrics_url" > "$work/coordinator.prom" || fail "cannot scrape $metrics_url"
+  check_series "$work/coordinator.prom" <<EOF
+ddpm_train_loss run=$run
+ddpm_train_step run=$run
+ddpm_train_total_steps run=$run = 100000
+ddpm_train_images_per_second run=$run
+ddpm_train_learning_rate run=$run = 0.001
+ddpm_train_grad_norm run=$run
+ddpm_train_loss_by_timestep_quartile run=$run quartile=q0
+ddpm_train_loss_by_timestep_quartile run=$run quartile=q1
+ddpm_train_loss_by_timestep_quartile run=$run quartile=q2
+ddpm_train_loss_by_timestep_quartile run=$run quartile=q3
+ddpm_allreduce_seconds_bucket run=$run rank=0 le=+Inf
+ddpm_allreduce_seconds_bucket run=$run rank=1 le=0.0005
+ddpm_allreduce_seconds_count run=$run rank=1
+ddpm_allreduce_seconds_sum run=$run rank=0
+ddpm_allreduce_overlap_ratio run=$run rank=0
+ddpm_allreduce_overlap_ratio run=$run rank=1
+ddpm_step_seconds_count run=$run rank=1
+ddpm_checkpoint_stall_seconds_bucket run=$run le=+Inf
+ddpm_checkpoint_stall_seconds_count run=$run
+ddpm_checkpoint_write_seconds_bucket run=$run le=300
+ddpm_checkpoint_write_seconds_sum run=$run
+ddpm_eval_fid run=$run = 123.5
+ddpm_eval_inception_score run=$run = 2.25
+ddpm_run_state run=$run = 3
+ddpm_runs state=RUNNING = 1
+ddpm_runs state=FAILED = 0
+ddpm_worker_up group=$group rank=0 = 1
+ddpm_worker_up group=$group rank=1 = 1
+ddpm_worker_heartbeat_age_seconds group=$group rank=1
+ddpm_device_memory_bytes group=$group rank=0 device=cpu
+ddpm_device_memory_bytes group=$group rank=1 device=cpu
+ddpm_grpc_requests_total method=WorkerGateway/Heartbeat code=OK
+ddpm_grpc_requests_total method=Control/StartRun code=OK = 1
+ddpm_grpc_requests_total method=WorkerGateway/ReportEval code=OK = 1
+ddpm_grpc_request_duration_seconds_count method=WorkerGateway/Heartbeat
+EOF
+  # Histogram buckets are cumulative and end with +Inf = _count.
+  python3 - "$work/coordinator.prom" "$run" <<'PY' || fail "malformed all-reduce histogram"
+import re, sys
+text, run = open(sys.argv[1]).read(), sys.argv[2]
+for rank in "01":
+    tag = f'run="{run}",rank="{rank}"'
+    buckets = [(float("inf") if le == "+Inf" else float(le), float(v)) for le, v in re.findall(
+        r'ddpm_allreduce_seconds_bucket\{' + tag + r',le="([^"]+)"\} (\S+)', text)]
+    count = float(re.search(r'ddpm_allreduce_seconds_count\{' + tag + r'\} (\S+)', text).group(1))
+    assert len(buckets) == 14, buckets
+    assert all(a[0] < b[0] and a[1] <= b[1] for a, b in zip(buckets, buckets[1:])), buckets
+    assert buckets[-1] == (float("inf"), count) and count >= 25, (buckets, count)
+PY
+  lint "$work/coordinator.prom"
+
+  say "2. each rank's own /metrics"
+  for rank in 0 1; do
+    curl -fsS "${rank_urls[$rank]}" > "$work/rank$rank.prom" || fail "cannot scrape ${rank_urls[$rank]}"
+    check_series "$work/rank$rank.prom" <<EOF
+ddpm_rank_step run=$run rank=$rank
+ddpm_rank_step_seconds_count run=$run rank=$rank
+ddpm_rank_allreduce_seconds_bucket run=$run rank=$rank le=+Inf
+ddpm_rank_device_memory_bytes rank=$rank device=cpu
+EOF
+    lint "$work/rank$rank.prom"
+  done
+
+  say "3. a stopped run's training series go; its state stays"
+  ctl stop "$run" > /dev/null
+  wait_for 60 "$run STOPPED" state_is "$run" STOPPED
+  curl -fsS "$metrics_url" > "$work/stopped.prom"
+  check_series "$work/stopped.prom" <<EOF
+ddpm_run_state run=$run = 5
+ddpm_runs state=STOPPED = 1
+ddpm_runs state=RUNNING = 0
+EOF
+  if grep -E "^ddpm_(train|allreduce|step|checkpoint|eval)_[a-z_]*\{[^}]*run=\"$run\"" "$work/stopped.prom"; then
+    fail "the stopped run still has the series above"
+  fi
+  curl -fsS "${rank_urls[0]}" > "$work/rank0-stopped.prom"
+  if grep -q "run=\"$run\"" "$work/rank0-stopped.prom"; then fail "rank 0 still shows $run"; fi
+  lint "$work/stopped.prom"
+else
+  say "1. Prometheus scrapes the coordinator and both ranks"
+  targets_up() {
+    curl -fsS "$prometheus_url/api/v1/query" --data-urlencode 'query=sum(up{job=~"ddpm.*"})' |
+      python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; sys.exit(0 if r and float(r[0]["value"][1]) == 3 else 1)'
+  }
+  wait_for 60 "all 3 targets up" targets_up
+  # Rates need a few scrapes of a run that keeps stepping.
+  sleep 12
+  say "2. every query of the dashboard returns data"
+  python3 - "$dashboard" "$prometheus_url" "$run" <<'PY' || fail "dashboard queries failed (above)"
+import json, sys, urllib.error, urllib.parse, urllib.request
+dashboard, url, run = sys.argv[1:]
+board = json.load(open(dashboard))
+def query(expr):
+    data = urllib.parse.urlencode({"query": expr}).encode()
+    try:
+        with urllib.request.urlopen(url + "/api/v1/query", data, timeout=30) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as error:
+        return json.load(error)
+def resolve(expr):
+    # Grafana's variables, as the dashboard would send them for this run.
+    return expr.replace("$__rate_interval", "15s").replace("$run", run)
+queries = []
+for panel in board["panels"]:
+    for target in panel.get("targets", []):
+        queries.append((panel["title"], target["expr"]))
+for variable in board["templating"]["list"]:
+    definition = variable["definition"]
+    assert definition.startswith("label_values(") and definition.endswith(")"), definition
+    metric, label = [p.strip() for p in definition[len("label_values("):-1].split(",")]
+    queries.append((f"variable ${variable['name']}", f"count by ({label}) ({metric})"))
+failed = 0
+for title, expr in queries:
+    answer = query(resolve(expr))
+    results = answer.get("data", {}).get("result", [])
+    values = [r["value"][1] for r in results]
+    ok = answer.get("status") == "success" and any(v not in ("NaN", "+Inf", "-Inf") for v in values)
+    print(f"  {'ok  ' if ok else 'FAIL'} {title}: {expr} -> "
+          f"{answer.get('error') or (str(len(results)) + ' series, ' + ', '.join(values[:4]))}")
+    failed += not ok
+print(f"{len(queries) - failed} of {len(queries)} queries returned data")
+sys.exit(1 if failed else 0)
+PY
+  ctl stop "$run" > /dev/null
+  wait_for 60 "$run STOPPED" state_is "$run" STOPPED
+fi
+
+say "clean shutdown"
+kill -TERM "$group_pid"
+wait "$group_pid" || true
+kill -TERM "$coordinator_pid"
+wait "$coordinator_pid" || fail "the coordinator did not exit cleanly"
+say "PASS"
