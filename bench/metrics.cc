@@ -20,13 +20,6 @@
 namespace ddpm::bench {
 namespace {
 
-std::string ArgOr(int argc, char** argv, const std::string& flag, const std::string& fallback) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (argv[i] == flag) return argv[i + 1];
-  }
-  return fallback;
-}
-
 WorkerMetrics StepOf(int64_t step) {
   WorkerMetrics m;
   m.step = step;

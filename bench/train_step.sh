@@ -14,19 +14,6 @@ build_dir=${DDPM_BUILD_DIR:-build}
 python=${DDPM_REFERENCE_PYTHON:-/usr/bin/python3}
 bash scripts/build.sh > /dev/null
 common=(--config "$config" --batch "$batch" --steps "$steps" --threads "$threads" --sample-batch "$batch")
-log=$(mktemp)
-for round in $(seq "$rounds"); do
-  echo "round $round: $("$build_dir/bench/ddpm_bench" "${common[@]}")" | tee -a "$log"
-  echo "round $round: $("$python" bench/train_step_torch.py "${common[@]}")" | tee -a "$log"
-done
-"$python" - "$log" <<'PY'
-import re, statistics, sys
-rows = [dict(re.findall(r"(\w+)=(\S+)", line)) for line in open(sys.argv[1])]
-def mean(impl, key):
-    return statistics.mean(float(r[key]) for r in rows if r["impl"] == impl)
-print("means over rounds (C++ / PyTorch):")
-for key in ("train_ms_median", "fwd_bwd_ms_median", "ddpm_step_ms", "ddim_step_ms", "peak_rss_mb"):
-    cpp, py = mean("cpp", key), mean("pytorch", key)
-    print(f"  {key:18s} {cpp:9.2f} / {py:9.2f}   ratio C++/PyTorch {cpp / py:.3f}")
-PY
-rm -f "$log"
+bash bench/alternate.sh "$rounds" \
+  "train_ms_median fwd_bwd_ms_median ddpm_step_ms ddim_step_ms peak_rss_mb" \
+  "$build_dir/bench/ddpm_bench" "${common[@]}" -- "$python" bench/train_step_torch.py "${common[@]}"

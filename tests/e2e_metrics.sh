@@ -5,17 +5,26 @@
 #               needs, lints them with promtool, and checks that a stopped run's series go.
 #   prometheus: a real Prometheus scrapes them; every PromQL query of the Grafana dashboard
 #               (deploy/grafana/dashboards/ddpm.json) must parse and return data.
-# usage: e2e_metrics.sh scrape|prometheus MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL
-#        REPORT_EVAL SOURCE_DIR
-# Exits 77 (skipped) when Debian's prometheus package (promtool, prometheus) is missing.
+# The run evaluates FID and IS (random Inception weights in the standard layout, from
+# tests/reference/fid_ref.py), so that the FID and IS series come the real way: the group's
+# ReportEval.
+# usage: e2e_metrics.sh scrape|prometheus MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL PYTHON
+#        SOURCE_DIR
+# Exits 77 (skipped) when Debian's prometheus package (promtool, prometheus) is missing, or
+# PYTHON lacks torchvision.
 set -euo pipefail
-mode=$1 mpiexec=$2 coordinator=$3 worker=$4 ctl=$5 report_eval=$6 source_dir=$7
+mode=$1 mpiexec=$2 coordinator=$3 worker=$4 ctl=$5 python=$6 source_dir=$7
 name="metrics-$mode"
 dashboard=$source_dir/deploy/grafana/dashboards/ddpm.json
 needed=promtool
 [ "$mode" = prometheus ] && needed=prometheus
 if ! command -v "$needed" > /dev/null; then
   echo "$name: SKIPPED: '$needed' is not installed (Debian package 'prometheus'; scripts/setup.sh installs it)"
+  exit 77
+fi
+if ! "$python" -c 'import torch, torchvision, numpy' 2> /dev/null; then
+  echo "$name: SKIPPED: $python lacks torch, torchvision or numpy (Debian: python3-torchvision)," \
+    "which write the run's Inception weights"
   exit 77
 fi
 # shellcheck source=tests/service_lib.sh
@@ -47,19 +56,29 @@ YAML
   wait_for 60 "Prometheus to be ready" curl -fsS "$prometheus_url/-/ready"
 fi
 
-# Checkpoints every 10 steps and logs every 5, so that every series has values soon.
+# Checkpoints every 10 steps, logs every 5 and evaluates every 25, so that every series has
+# values soon.
+"$python" "$source_dir/tests/reference/fid_ref.py" network "$work" > "$work/fid_ref.log" 2>&1 ||
+  fail "fid_ref.py network"
+"$python" -c "
+import numpy as np
+a = np.random.default_rng(0).normal(size=(3000, 2048))
+np.savez('$work/ref.npz', mu=a.mean(0), sigma=np.cov(a, rowvar=False))"
 sed -e 's/log_every: 10/log_every: 5/' -e 's/checkpoint_every: 20/checkpoint_every: 10/' \
   "$work/endless.yaml" > "$work/run.yaml"
+cat >> "$work/run.yaml" <<YAML
+eval: {every: 25, num_samples: 20, batch_size: 10, sampler: ddim, steps: 4,
+       inception_weights: $work/inception.pt, reference_stats: $work/ref.npz}
+YAML
 run=$(ctl start "$work/run.yaml" --name metrics --json |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 wait_for 90 "$run RUNNING" state_is "$run" RUNNING
 wait_for 90 "$run past step 25" step_at_least "$run" 25
 wait_for 30 "a committed checkpoint of $run" \
   python3 -c "import sys; sys.exit(0 if int('$(field "$run" 'r["latest_checkpoint"]["step"]')') > 0 else 1)"
-# The trainer does not evaluate FID yet; report one as its group would, so that the FID and IS
-# series have a value to carry.
-DDPM_CONTROL_TOKEN=$(cat "$data/control.token") DDPM_WORKER_TOKEN=$(cat "$data/worker.token") \
-  "$report_eval" "$address" "$run" 123.5 2.25 || fail "ReportEval was refused"
+has_eval() { [ "$(field "$run" 'int(r.get("latest_eval", {}).get("step", 0))')" -ge 25 ]; }
+wait_for 90 "the evaluation at step 25 of $run" has_eval
+[ "$(field "$run" 'r["latest_eval"]["num_samples"]')" = 20 ] || fail "eval: $(ctl get "$run")"
 group=$(field "$run" 'r["placement"]["group_id"]')
 
 # check_series FILE: each line of stdin is NAME [LABEL=VALUE ...] [= NUMBER]; each must match a
@@ -124,8 +143,8 @@ ddpm_checkpoint_stall_seconds_bucket run=$run le=+Inf
 ddpm_checkpoint_stall_seconds_count run=$run
 ddpm_checkpoint_write_seconds_bucket run=$run le=300
 ddpm_checkpoint_write_seconds_sum run=$run
-ddpm_eval_fid run=$run = 123.5
-ddpm_eval_inception_score run=$run = 2.25
+ddpm_eval_fid run=$run
+ddpm_eval_inception_score run=$run
 ddpm_run_state run=$run = 3
 ddpm_runs state=RUNNING = 1
 ddpm_runs state=FAILED = 0
@@ -136,7 +155,7 @@ ddpm_device_memory_bytes group=$group rank=0 device=cpu
 ddpm_device_memory_bytes group=$group rank=1 device=cpu
 ddpm_grpc_requests_total method=WorkerGateway/Heartbeat code=OK
 ddpm_grpc_requests_total method=Control/StartRun code=OK = 1
-ddpm_grpc_requests_total method=WorkerGateway/ReportEval code=OK = 1
+ddpm_grpc_requests_total method=WorkerGateway/ReportEval code=OK
 ddpm_grpc_request_duration_seconds_count method=WorkerGateway/Heartbeat
 EOF
   # Histogram buckets are cumulative and end with +Inf = _count.

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include "tests/dist_fixtures.h"
+#include "trainer/fid.h"
 #include "worker/mpi_communicator.h"
 
 namespace ddpm {
@@ -35,6 +36,31 @@ TEST(Mpi, Collectives) {
     error = e.what();
   }
   EXPECT_NE(error.find("int32 sum: the MPI backend does not handle"), std::string::npos) << error;
+}
+
+TEST(Mpi, FidAndIsStatisticsSummedOverRanksEqualOneProcess) {
+  // Every rank holds the same 37 samples; each adds only its share (rows r, r + W, ...), as
+  // evaluation does, then the sums are all-reduced; one process adds them all.
+  MpiCommunicator& comm = *g_comm;
+  const int rank = comm.rank(), world = comm.world_size();
+  torch::manual_seed(5);
+  const torch::Tensor features = torch::randn({37, 16}, torch::kFloat64);
+  const torch::Tensor logits = torch::randn({37, 30}, torch::kFloat64) * 2;
+  FeatureMoments whole(16), share(16);
+  ScoreMoments whole_score(37, 30), share_score(37, 30);
+  whole.Add(features);
+  whole_score.Add(logits, 0);
+  for (int64_t i = rank; i < 37; i += world) {
+    share.Add(features.slice(0, i, i + 1));
+    share_score.Add(logits.slice(0, i, i + 1), i);
+  }
+  comm.AllReduce(share.packed(), ReduceOp::kSum, "FID moments");
+  comm.AllReduce(share_score.packed(), ReduceOp::kSum, "IS moments");
+  EXPECT_EQ(share.count(), 37);
+  EXPECT_TRUE(torch::allclose(share.Mean(), whole.Mean(), 1e-12, 1e-12));
+  EXPECT_TRUE(torch::allclose(share.Covariance(), whole.Covariance(), 1e-12, 1e-12));
+  EXPECT_NEAR(share_score.Score().first, whole_score.Score().first, 1e-12);
+  EXPECT_NEAR(share_score.Score().second, whole_score.Score().second, 1e-12);
 }
 
 TEST(Mpi, RanksMatchOneRankWithTheWholeBatchAndEachOther) {

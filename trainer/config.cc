@@ -113,13 +113,21 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("sample", "clip_x0", c.sample.clip_x0);
   visit("sample", "num_images", c.sample.num_images);
   visit("sample", "seed", c.sample.seed);
+  visit("eval", "every", c.eval.every);
+  visit("eval", "num_samples", c.eval.num_samples);
+  visit("eval", "batch_size", c.eval.batch_size);
+  visit("eval", "sampler", c.eval.sampler);
+  visit("eval", "steps", c.eval.steps);
+  visit("eval", "seed", c.eval.seed);
+  visit("eval", "inception_weights", c.eval.inception_weights);
+  visit("eval", "reference_stats", c.eval.reference_stats);
   visit("dist", "bucket_mb", c.dist.bucket_mb);
   visit("dist", "timeout_seconds", c.dist.timeout_seconds);
   visit("dist", "world_size", c.dist.world_size);
   visit("dist", "max_rank_batch", c.dist.max_rank_batch);
 }
 
-constexpr const char* kSections[] = {"model", "diffusion", "train", "data", "sample", "dist"};
+constexpr const char* kSections[] = {"model", "diffusion", "train", "data", "sample", "eval", "dist"};
 
 std::string Where(const std::string& origin, const YAML::Node& node) {
   const YAML::Mark mark = node.Mark();
@@ -466,6 +474,28 @@ void Config::Validate(int world_size) const {
   if (sample.eta < 0) Invalid("sample.eta", "must be >= 0, got " + Format(sample.eta));
   if (sample.num_images < 1)
     Invalid("sample.num_images", "must be >= 1, got " + std::to_string(sample.num_images));
+  if (eval.every < 0) Invalid("eval.every", "must be >= 0 (0: never), got " + std::to_string(eval.every));
+  if (eval.num_samples < 2) {
+    Invalid("eval.num_samples", "must be >= 2 (a covariance needs two), got " +
+                                    std::to_string(eval.num_samples));
+  }
+  if (eval.batch_size < 1)
+    Invalid("eval.batch_size", "must be >= 1, got " + std::to_string(eval.batch_size));
+  if (eval.steps < 1 || eval.steps > d.timesteps) {
+    Invalid("eval.steps", "must be in [1, diffusion.timesteps = " + std::to_string(d.timesteps) +
+                              "], got " + std::to_string(eval.steps));
+  }
+  if (eval.every > 0 && eval.inception_weights.empty()) {
+    Invalid("eval.inception_weights",
+            "eval.every is set, so the FID Inception weights are needed: download "
+            "pt_inception-2015-12-05-6726825d.pth from "
+            "https://github.com/mseitzer/pytorch-fid/releases/tag/fid_weights and give its path");
+  }
+  if (eval.every > 0 && eval.reference_stats.empty()) {
+    Invalid("eval.reference_stats",
+            "eval.every is set, so reference statistics are needed: a .npz with mu and sigma "
+            "(`ddpm_fid stats --data cifar10:PATH --out FILE`, or the published CIFAR-10 file)");
+  }
   if (!(dist.bucket_mb > 0))
     Invalid("dist.bucket_mb", "must be > 0, got " + Format(dist.bucket_mb));
   if (!(dist.timeout_seconds > 0))

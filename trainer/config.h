@@ -148,6 +148,29 @@ struct SampleConfig {
   uint64_t seed = 0;
 };
 
+/// FID and Inception Score of EMA samples during training (Heusel et al. 2017; Salimans et al.
+/// 2016), on the protocol of Ho et al.: 50k samples against the training set's statistics.
+struct EvalConfig {
+  /// Steps between evaluations, and one at the last step; 0: never.
+  int64_t every = 0;
+  /// Samples per evaluation, split over the ranks (the paper: 50000).
+  int64_t num_samples = 50000;
+  /// Images per sampling forward pass and per Inception batch, on each rank.
+  int batch_size = 100;
+  /// Sampler of the evaluation: ddpm (the paper's ancestral sampler) or ddim.
+  SamplerKind sampler = SamplerKind::kDdpm;
+  /// DDIM steps (ignored by ddpm).
+  int steps = 100;
+  /// Seed of the evaluation's noise: sample i draws from (seed, i) on any world size.
+  uint64_t seed = 1;
+  /// The FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (re-saved
+  /// by PyTorch 1.6 or later) or a TorchScript module of the same network.
+  std::string inception_weights;
+  /// The reference statistics: a .npz with mu and sigma (pytorch-fid and TTUR's layout), as
+  /// `ddpm_fid stats` writes or as published for CIFAR-10.
+  std::string reference_stats;
+};
+
 /// Data-parallel training across ranks.
 struct DistConfig {
   /// Size of a gradient all-reduce bucket, in MiB (PyTorch DDP's default is 25).
@@ -181,6 +204,7 @@ struct Config {
   TrainConfig train;
   DataConfig data;
   SampleConfig sample;
+  EvalConfig eval;
   DistConfig dist;
 
   /// Checks every cross-field constraint that a world of world_size ranks must meet; throws

@@ -22,6 +22,7 @@
 #include "trainer/communicator.h"
 #include "trainer/data.h"
 #include "trainer/image_io.h"
+#include "trainer/evaluation.h"
 #include "trainer/trainer.h"
 
 namespace ddpm {
@@ -585,7 +586,21 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
   const DataShard shard = DataShard::Of(config.train.batch_size, rank, world);
   BatchLoader loader(*dataset, shard, config.data.random_flip, config.train.seed, cursor,
                      config.data.prefetch);
-  const auto start = Clock::now();
+  // FID and IS every eval.every steps: the network and reference load now, so that a missing
+  // file fails the run before it trains.
+  std::unique_ptr<RunEvaluator> evaluator;
+  if (config.eval.every > 0) evaluator = std::make_unique<RunEvaluator>(config, device);
+  std::ofstream eval_log;
+  if (lead && evaluator) {
+    const std::string eval_path = options.run_dir + "/eval.csv";
+    const bool new_log = !fs::exists(eval_path) || !loaded;
+    eval_log.open(eval_path, new_log ? std::ios::trunc : std::ios::app);
+    if (new_log) {
+      eval_log << "step,fid,inception_score,inception_score_std,num_samples,sampler,"
+                  "sampling_steps,eval_seconds,regularized,inception_sha256,reference_sha256\n";
+    }
+  }
+  auto start = Clock::now();
   auto window_start = start;
   double window_loss = 0, window_grad = 0, window_allreduce = 0, window_overlap = 0;
   // This rank's per-quartile loss sums, then counts, over the log interval.
@@ -729,6 +744,40 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
       }
       if (step != total && config.train.sample_every > 0 && step % config.train.sample_every == 0) {
         write_samples(step);
+      }
+      if (evaluator && (step % config.eval.every == 0 || step == total)) {
+        const auto eval_start = Clock::now();
+        say("%sddpm: evaluating FID and IS of %lld EMA samples at step %lld\n", tty ? "\r\033[K" : "",
+            static_cast<long long>(config.eval.num_samples), static_cast<long long>(step));
+        int64_t reported = 0;
+        const EvalReport report = evaluator->Evaluate(
+            trainer.diffusion(), trainer.ema_model(), comm, step, [&](int64_t done, int64_t share) {
+              if (done * 10 / share > reported * 10 / share || done == share) {
+                say("ddpm: eval: rank 0 has %lld/%lld of its samples (%.0fs)\n",
+                    static_cast<long long>(done), static_cast<long long>(share), Seconds(eval_start));
+              }
+              reported = done;
+            });
+        say("ddpm: eval at step %lld: FID %.4f, IS %.4f +- %.4f (%lld samples, %s %d steps, "
+            "%.1fs%s; Inception sha256 %.12s, reference sha256 %.12s)\n",
+            static_cast<long long>(step), report.fid, report.inception_score,
+            report.inception_score_std, static_cast<long long>(report.num_samples),
+            report.sampler.c_str(), report.sampling_steps, report.seconds,
+            report.regularized ? "; covariances regularized with eps" : "",
+            report.inception_sha256.c_str(), report.reference_sha256.c_str());
+        if (lead) {
+          eval_log << step << "," << report.fid << "," << report.inception_score << ","
+                   << report.inception_score_std << "," << report.num_samples << ","
+                   << report.sampler << "," << report.sampling_steps << "," << report.seconds
+                   << "," << report.regularized << "," << report.inception_sha256 << ","
+                   << report.reference_sha256 << "\n";
+          eval_log.flush();
+          if (options.on_eval) options.on_eval(report);
+        }
+        // Evaluation is not training: keep it out of images/s, elapsed and the ETA.
+        const auto spent = Clock::now() - eval_start;
+        start += spent;
+        window_start += spent;
       }
     }
   } catch (const CommError& error) {

@@ -59,6 +59,11 @@ grpc::Status GatewayClient::ReportCheckpoint(const v1::ReportCheckpointRequest& 
   return Checked(stub()->ReportCheckpoint(Context().get(), request, &response));
 }
 
+grpc::Status GatewayClient::ReportEval(const v1::ReportEvalRequest& request) {
+  v1::ReportEvalResponse response;
+  return Checked(stub()->ReportEval(Context().get(), request, &response));
+}
+
 grpc::Status GatewayClient::ReportRunEnd(const v1::ReportRunEndRequest& request) {
   v1::ReportRunEndResponse response;
   return Checked(stub()->ReportRunEnd(Context().get(), request, &response));

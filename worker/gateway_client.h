@@ -34,6 +34,7 @@ class GatewayClient {
   grpc::Status Register(const v1::RegisterRequest& request, v1::RegisterResponse* response);
   grpc::Status Heartbeat(const v1::HeartbeatRequest& request);
   grpc::Status ReportCheckpoint(const v1::ReportCheckpointRequest& request);
+  grpc::Status ReportEval(const v1::ReportEvalRequest& request);
   grpc::Status ReportRunEnd(const v1::ReportRunEndRequest& request);
   grpc::Status Leave(const v1::LeaveRequest& request);
   /// The current stub; keep the pointer for the length of a call.

@@ -155,6 +155,27 @@ struct Member {
       };
       train.on_log = [this](const LogMetrics& metrics) { heartbeats->PushTrainMetrics(metrics); };
       train.on_sample_grid = [this](const std::string& path) { heartbeats->SetSampleGrid(path); };
+      train.on_eval = [this, &run_id, attempt](const EvalReport& report) {
+        v1::ReportEvalRequest request;
+        request.set_group_id(group_id);
+        request.set_run_id(run_id);
+        request.set_attempt(attempt);
+        v1::EvalResult& eval = *request.mutable_eval();
+        eval.set_step(report.step);
+        eval.set_fid(report.fid);
+        eval.set_inception_score(report.inception_score);
+        eval.set_inception_score_std(report.inception_score_std);
+        eval.set_num_samples(report.num_samples);
+        eval.set_sampler(report.sampler);
+        eval.set_sampling_steps(report.sampling_steps);
+        eval.set_inception_sha256(report.inception_sha256);
+        eval.set_reference_sha256(report.reference_sha256);
+        eval.set_seconds(report.seconds);
+        eval.set_regularized(report.regularized);
+        const grpc::Status status =
+            ReportWithRetry([&] { return client.ReportEval(request); }, std::chrono::seconds(30));
+        if (!status.ok()) Say(DescribeStatus("ReportEval", status));
+      };
       train.on_checkpoint = [this, &run_id, attempt](const CommittedCheckpoint& checkpoint) {
         recorder.RecordCheckpoint(checkpoint);
         v1::ReportCheckpointRequest request;

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# FID and IS end to end, with random Inception weights in the standard file's layout (written by
+# tests/reference/fid_ref.py on torchvision):
+#   1. a 2-rank run evaluates every 10 steps: eval.csv and the log hold FID, IS, the protocol
+#      and the weights' SHA-256; an evaluation is not counted as training time;
+#   2. ddpm_sample writes PNGs, `ddpm_fid stats` makes their .npz (numpy reads mu and sigma),
+#      and `ddpm_fid score` of the same folder against it is FID 0;
+#   3. a missing weights file fails the run at start, saying where to get it.
+# usage: e2e_eval.sh MPIEXEC DDPM_WORKER DDPM_SAMPLE DDPM_FID PYTHON SOURCE_DIR
+# Exits 77 (skipped) when PYTHON lacks torch, torchvision or numpy.
+set -euo pipefail
+mpiexec=$1 worker=$2 sample=$3 fid=$4 python=$5 src=$6
+name=e2e-eval
+if ! "$python" -c 'import torch, torchvision, numpy' 2> /dev/null; then
+  echo "$name: SKIPPED: $python lacks torch, torchvision or numpy (Debian: python3-torchvision)," \
+    "which write the test's Inception weights"
+  exit 77
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+fail() { echo "$name: FAIL: $*"; for f in "$work"/*.log; do echo "--- $f"; tail -20 "$f"; done; exit 1; }
+say() { echo "$name: $*"; }
+
+"$python" "$src/tests/reference/fid_ref.py" network "$work" > "$work/reference.log" 2>&1 ||
+  fail "fid_ref.py network"
+weights=$work/inception.pt
+# Reference statistics of 3000 Gaussian vectors, in numpy's own .npz.
+"$python" -c "
+import numpy as np
+a = np.random.default_rng(0).normal(size=(3000, 2048))
+np.savez('$work/ref.npz', mu=a.mean(0), sigma=np.cov(a, rowvar=False))"
+sed -e 's/steps: 30,/steps: 20,/' "$src/tests/tiny.yaml" > "$work/run.yaml"
+cat >> "$work/run.yaml" <<YAML
+eval: {every: 10, num_samples: 20, batch_size: 10, sampler: ddim, steps: 4,
+       inception_weights: $weights, reference_stats: $work/ref.npz}
+YAML
+
+say "1. a 2-rank run evaluates at steps 10 and 20"
+OMP_NUM_THREADS=1 "$mpiexec" -np 2 --oversubscribe -x OMP_NUM_THREADS "$worker" \
+  --config "$work/run.yaml" --run-dir "$work/run" > "$work/train.log" 2>&1 || fail "training failed"
+sha=$(sha256sum "$weights" | cut -d' ' -f1)
+"$python" - "$work/run/eval.csv" "$sha" <<'PY' || fail "eval.csv (above)"
+import csv, math, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+assert [r["step"] for r in rows] == ["10", "20"], rows
+for r in rows:
+    assert math.isfinite(float(r["fid"])) and float(r["fid"]) > 0, r
+    assert 1 <= float(r["inception_score"]) < 1008, r
+    assert r["num_samples"] == "20" and r["sampler"] == "ddim" and r["sampling_steps"] == "4", r
+    assert r["inception_sha256"] == sys.argv[2], (r["inception_sha256"], sys.argv[2])
+    assert float(r["eval_seconds"]) > 0, r
+PY
+grep -q "ddpm: eval at step 20: FID .*20 samples, ddim 4 steps" "$work/train.log" || fail "no eval line"
+# Training time excludes evaluation: the run's elapsed time is well under one evaluation's.
+eval_seconds=$("$python" -c "import csv; print(float(list(csv.DictReader(open('$work/run/eval.csv')))[0]['eval_seconds']))")
+grep -q "trained to step 20 (20 this run) in 0:00:0" "$work/train.log" ||
+  fail "the run's time counts the evaluations ($eval_seconds s each): $(grep 'trained to' "$work/train.log")"
+
+say "2. ddpm_fid stats and score of sample PNGs: FID of a set against itself is 0"
+"$sample" --checkpoint "$work/run" --out "$work/samples/" --num 12 --sampler ddim --steps 4 \
+  > "$work/sample.log" 2>&1 || fail "ddpm_sample"
+"$fid" stats --data "folder:$work/samples" --out "$work/samples.npz" --inception "$weights" \
+  --image-size 16 --batch 5 > "$work/stats.log" 2>&1 || fail "ddpm_fid stats"
+grep -q "ddpm_fid stats: 12/12 images" "$work/stats.log" || fail "no progress in ddpm_fid stats"
+"$python" -c "
+import numpy as np
+z = np.load('$work/samples.npz')
+assert z['mu'].shape == (2048,) and z['sigma'].shape == (2048, 2048), z.files
+assert z['mu'].dtype == np.float64 and np.allclose(z['sigma'], z['sigma'].T)" ||
+  fail "numpy cannot read the statistics as pytorch-fid does"
+"$fid" score --samples "folder:$work/samples" --ref "$work/samples.npz" --inception "$weights" \
+  --image-size 16 > "$work/score.log" 2>&1 || fail "ddpm_fid score"
+"$python" -c "
+import re, sys
+text = open('$work/score.log').read()
+fid = float(re.search(r'^FID (\S+)', text, re.M).group(1))
+trace = float(sum(__import__('numpy').load('$work/samples.npz')['sigma'].diagonal()))
+sys.exit(0 if abs(fid) <= 1e-6 * trace else 'FID %g of a set against itself' % fid)" ||
+  fail "score: $(cat "$work/score.log")"
+grep -q "Inception sha256 $sha" "$work/score.log" || fail "score does not record the weights' hash"
+
+say "3. a missing weights file fails at start and says where to get it"
+sed "s#$weights#$work/missing.pth#" "$work/run.yaml" > "$work/missing.yaml"
+if OMP_NUM_THREADS=1 "$worker" --config "$work/missing.yaml" --run-dir "$work/run2" > "$work/missing.log" 2>&1; then
+  fail "trained without Inception weights"
+fi
+grep -q "missing.pth: no such Inception weights file; download pt_inception-2015-12-05" \
+  "$work/missing.log" || fail "unclear error: $(tail -3 "$work/missing.log")"
+[ ! -d "$work/run2/checkpoints" ] || [ -z "$(ls "$work/run2/checkpoints")" ] ||
+  fail "a run without weights wrote checkpoints"
+say "PASS"

@@ -1,0 +1,131 @@
+#include "trainer/evaluation.h"
+
+#include <chrono>
+#include <cstdio>
+
+#include "trainer/communicator.h"
+#include "trainer/data.h"
+#include "trainer/diffusion.h"
+#include "trainer/trainer.h"
+
+namespace ddpm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double SecondsSince(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Images as 8-bit files hold them: what FID is measured on.
+torch::Tensor Quantize(const torch::Tensor& images) {
+  return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1;
+}
+
+}  // namespace
+
+InceptionStatistics::InceptionStatistics(FidInception model, int64_t total_samples)
+    : model_(std::move(model)), features_(2048), scores_(total_samples, 1008) {}
+
+void InceptionStatistics::Add(const torch::Tensor& images, int64_t first_index) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor rgb = images.size(1) == 1 ? images.repeat({1, 3, 1, 1}) : images;
+  const InceptionOutput out = model_->forward(rgb.to(torch::kFloat32));
+  features_.Add(out.pool3);
+  scores_.Add(out.logits, first_index);
+}
+
+RunEvaluator::RunEvaluator(const Config& config, torch::Device device)
+    : config_(config),
+      device_(device),
+      model_(LoadFidInception(config.eval.inception_weights, device)) {
+  std::tie(mu_, sigma_) = ReadReferenceStats(config.eval.reference_stats);
+  if (mu_.size(0) != 2048) {
+    throw std::runtime_error(config.eval.reference_stats + ": mu has " +
+                             std::to_string(mu_.size(0)) + " entries; FID's pool3 has 2048");
+  }
+  inception_sha256_ = Sha256File(config.eval.inception_weights);
+  reference_sha256_ = Sha256File(config.eval.reference_stats);
+}
+
+EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
+                                  Communicator& comm, int64_t step,
+                                  const std::function<void(int64_t, int64_t)>& progress) {
+  const auto start = Clock::now();
+  const EvalConfig& eval = config_.eval;
+  const ModelConfig& m = config_.model;
+  const int rank = comm.rank(), world = comm.world_size();
+  const int64_t first = eval.num_samples * rank / world;
+  const int64_t end = eval.num_samples * (rank + 1) / world;
+  InceptionStatistics stats(model_, eval.num_samples);
+  SampleConfig sample = config_.sample;
+  sample.sampler = eval.sampler;
+  sample.steps = eval.steps;
+  for (int64_t index = first; index < end; index += eval.batch_size) {
+    const int64_t n = std::min<int64_t>(eval.batch_size, end - index);
+    sample.seed = eval.seed * 1000003ULL + static_cast<uint64_t>(index);
+    const torch::Tensor images =
+        diffusion.Sample(EvalDenoiser(ema), {n, m.in_channels, m.image_size, m.image_size}, sample);
+    stats.Add(Quantize(images).to(device_), index);
+    if (progress) progress(index + n - first, end - first);
+  }
+  // Sums of every rank's share, in float64; no image or feature leaves its rank.
+  comm.AllReduce(stats.features().packed(), ReduceOp::kSum,
+                 "all-reduce of the FID moments at step " + std::to_string(step));
+  comm.AllReduce(stats.scores().packed(), ReduceOp::kSum,
+                 "all-reduce of the Inception Score moments at step " + std::to_string(step));
+  const FrechetResult fid = FrechetDistance(stats.features().Mean(),
+                                            stats.features().Covariance(), mu_, sigma_);
+  const auto [is_mean, is_std] = stats.scores().Score();
+  EvalReport report;
+  report.step = step;
+  report.fid = fid.fid;
+  report.regularized = fid.regularized;
+  report.inception_score = is_mean;
+  report.inception_score_std = is_std;
+  report.num_samples = stats.features().count();
+  report.sampler = eval.sampler == SamplerKind::kDdpm ? "ddpm" : "ddim";
+  report.sampling_steps = eval.sampler == SamplerKind::kDdpm ? config_.diffusion.timesteps : eval.steps;
+  report.inception_sha256 = inception_sha256_;
+  report.reference_sha256 = reference_sha256_;
+  report.seconds = SecondsSince(start);
+  return report;
+}
+
+std::unique_ptr<ImageDataset> OpenImageSet(const std::string& spec, int image_size) {
+  const size_t colon = spec.find(':');
+  const std::string kind = spec.substr(0, colon), path = colon == std::string::npos ? "" : spec.substr(colon + 1);
+  if (colon != std::string::npos && !path.empty()) {
+    if (kind == "cifar10") return std::make_unique<Cifar10Dataset>(path, CifarSplit::kTrain);
+    if (kind == "folder") return std::make_unique<ImageFolderDataset>(path, image_size, 3);
+  }
+  throw std::invalid_argument("image set '" + spec + "' is not cifar10:PATH or folder:PATH");
+}
+
+InceptionStatistics MeasureImageSet(const ImageDataset& data, FidInception model, int batch_size,
+                                    torch::Device device, const std::string& what) {
+  const auto start = Clock::now();
+  InceptionStatistics stats(std::move(model), data.size());
+  const int channels = data.channels(), size = data.image_size();
+  std::vector<int64_t> indices;
+  for (int64_t first = 0; first < data.size(); first += batch_size) {
+    const int64_t n = std::min<int64_t>(batch_size, data.size() - first);
+    indices.resize(n);
+    for (int64_t i = 0; i < n; ++i) indices[i] = first + i;
+    const std::vector<uint8_t> bytes = ReadBatch(data, indices, {});
+    const torch::Tensor images = torch::from_blob(const_cast<uint8_t*>(bytes.data()),
+                                                  {n, channels, size, size}, torch::kUInt8)
+                                     .to(device)
+                                     .to(torch::kFloat32) / 127.5 - 1;
+    stats.Add(images, first);
+    const int64_t done = first + n;
+    const double rate = done / std::max(SecondsSince(start), 1e-9);
+    std::printf("%s: %lld/%lld images, %.1f images/s, eta %.0fs\n", what.c_str(),
+                static_cast<long long>(done), static_cast<long long>(data.size()), rate,
+                (data.size() - done) / rate);
+    std::fflush(stdout);
+  }
+  return stats;
+}
+
+}  // namespace ddpm

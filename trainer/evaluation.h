@@ -1,0 +1,67 @@
+// FID and IS of image sets: of a run's EMA samples during training (every rank samples and
+// extracts its share; the moments are all-reduced), and of datasets and sample folders for the
+// ddpm_fid tool.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+
+#include "trainer/config.h"
+#include "trainer/fid.h"
+#include "trainer/inception.h"
+#include "trainer/train_loop.h"
+#include "trainer/unet.h"
+
+namespace ddpm {
+
+class Communicator;
+class GaussianDiffusion;
+class ImageDataset;
+
+/// Inception features of images into FID and IS moments.
+class InceptionStatistics {
+ public:
+  /// total_samples: of the whole set, across ranks (the IS splits depend on it).
+  InceptionStatistics(FidInception model, int64_t total_samples);
+  /// images: [n, C, H, W] in [-1, 1] (one channel is repeated to three), samples first_index ...
+  /// first_index + n - 1 of the set.
+  void Add(const torch::Tensor& images, int64_t first_index);
+  FeatureMoments& features() { return features_; }
+  ScoreMoments& scores() { return scores_; }
+
+ private:
+  FidInception model_;
+  FeatureMoments features_;
+  ScoreMoments scores_;
+};
+
+/// A run's evaluation: the network and reference statistics are loaded (and hashed) once.
+class RunEvaluator {
+ public:
+  /// Loads config.eval's weights and reference on device; throws naming the file.
+  RunEvaluator(const Config& config, torch::Device device);
+  /// Samples this rank's share of eval.num_samples with the EMA model (contiguous shares;
+  /// batch k of the share draws from (eval.seed, its first sample index)), quantizes them to
+  /// 8 bits as saved images are, and returns FID and IS from the moments summed over comm.
+  EvalReport Evaluate(const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm,
+                      int64_t step, const std::function<void(int64_t done, int64_t share)>& progress);
+
+ private:
+  const Config config_;
+  torch::Device device_;
+  FidInception model_;
+  torch::Tensor mu_, sigma_;
+  std::string inception_sha256_, reference_sha256_;
+};
+
+/// An image set for ddpm_fid: "cifar10:PATH" (the training split) or "folder:PATH" (every PNG
+/// and JPEG, resized to image_size). Throws naming the spec when it is neither.
+std::unique_ptr<ImageDataset> OpenImageSet(const std::string& spec, int image_size);
+
+/// Extracts the Inception statistics of every image of data, batch_size at a time, printing
+/// progress to stdout.
+InceptionStatistics MeasureImageSet(const ImageDataset& data, FidInception model, int batch_size,
+                                    torch::Device device, const std::string& what);
+
+}  // namespace ddpm
