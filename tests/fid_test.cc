@@ -127,7 +127,7 @@ TEST_F(FidTest, NetworkMatchesTorchvisionInception3WithTheFidBlocks) {
   EXPECT_EQ(Sha256File(weights), want);
 }
 
-TEST_F(FidTest, WeightsFileErrorsSayWhatIsWrongAndWhatToDo) {
+TEST_F(FidTest, WeightsFileErrorsNameTheProblemAndTheFix) {
   auto message = [](const std::string& path) {
     try {
       LoadFidInception(path, torch::kCPU);
