@@ -50,16 +50,13 @@ ScoreMoments::ScoreMoments(int64_t total_samples, int classes, int splits)
 void ScoreMoments::Add(const torch::Tensor& logits, int64_t first_index) {
   const torch::Tensor log_p = torch::log_softmax(logits.to(torch::kFloat64), 1).cpu();
   const torch::Tensor p = log_p.exp();
-  const torch::Tensor p_log_p = (p * log_p).sum(1);
-  for (int64_t row = 0; row < logits.size(0); ++row) {
-    const int64_t i = first_index + row;
-    // The split whose slice [s * n / splits, (s + 1) * n / splits) holds i.
-    const int64_t split = ((i + 1) * splits_ + total_ - 1) / total_ - 1;
-    torch::Tensor stats = packed_[split];
-    stats[0] += 1;
-    stats[1] += p_log_p[row];
-    stats.slice(0, 2) += p[row];
-  }
+  // The split whose slice [s * n / splits, (s + 1) * n / splits) holds sample i.
+  const torch::Tensor index = torch::arange(first_index, first_index + logits.size(0), torch::kLong);
+  const torch::Tensor split = ((index + 1) * splits_ + total_ - 1).div(total_, "floor") - 1;
+  packed_.index_add_(0, split,
+                     torch::cat({torch::ones({p.size(0), 1}, torch::kFloat64),
+                                 (p * log_p).sum(1, /*keepdim=*/true), p},
+                                1));
 }
 
 std::pair<double, double> ScoreMoments::Score() const {
