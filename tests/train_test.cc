@@ -237,6 +237,30 @@ TEST(Train, LossIsAlsoReportedPerQuarterOfTheTimesteps) {
   EXPECT_NEAR(total / 16, stats.loss, 1e-6);
 }
 
+TEST(Train, Bf16AutocastStepStaysCloseToFp32) {
+  // The same steps in fp32 and with the forward under bf16 autocast (CPU autocast here): the
+  // loss agrees to bf16's precision but not bit for bit (the autocast path ran), and the
+  // weights, gradients and optimizer stay fp32. The UNet's output conv starts at zero, so the
+  // first step's loss is the same in both; the second step's is not.
+  Config config = Tiny();
+  Trainer fp32(config, torch::kCPU);
+  config.train.precision = Precision::kBf16;
+  Trainer bf16(config, torch::kCPU);
+  const std::vector<torch::Tensor> start = Snapshot(fp32.model());
+  ShapesDataset data(64, 16, 0);
+  EpochSampler sampler(data.size(), 0);
+  const torch::Tensor first = Batch(data, sampler, 16), second = Batch(data, sampler, 16);
+  fp32.Step(first);
+  bf16.Step(first);
+  // One warmup-sized Adam step from the same start moves each weight by about lr / 10 in both.
+  EXPECT_NEAR(MaxMove(bf16.model(), start), 1e-4, 1e-5);
+  const StepStats a = fp32.Step(second), b = bf16.Step(second);
+  EXPECT_NE(a.loss, b.loss);
+  EXPECT_NEAR(b.loss, a.loss, 0.03 * a.loss);
+  EXPECT_NEAR(b.grad_norm, a.grad_norm, 0.1 * a.grad_norm);
+  for (const auto& p : bf16.model()->parameters()) ASSERT_EQ(p.scalar_type(), torch::kFloat32);
+}
+
 TEST(Train, LossHalvesOnTinyShapes) {
   // The learning test: over 300 steps the mean loss of the last 50 is under half the
   // mean of the first 50.

@@ -49,6 +49,10 @@ template <>
 struct EnumNames<CifarSplit> {
   static constexpr const char* kNames[] = {"train", "test"};
 };
+template <>
+struct EnumNames<Precision> {
+  static constexpr const char* kNames[] = {"fp32", "bf16"};
+};
 
 template <typename E>
 std::string AllowedList() {
@@ -98,6 +102,7 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("train", "sample_every", c.train.sample_every);
   visit("train", "threads", c.train.threads);
   visit("train", "device", c.train.device);
+  visit("train", "precision", c.train.precision);
   visit("train", "checkpoint_every", c.train.checkpoint_every);
   visit("train", "keep_checkpoints", c.train.keep_checkpoints);
   visit("data", "dataset", c.data.dataset);
@@ -321,6 +326,7 @@ const char* Name(VarianceKind v) { return EnumNames<VarianceKind>::kNames[static
 const char* Name(SamplerKind v) { return EnumNames<SamplerKind>::kNames[static_cast<int>(v)]; }
 const char* Name(DatasetKind v) { return EnumNames<DatasetKind>::kNames[static_cast<int>(v)]; }
 const char* Name(CifarSplit v) { return EnumNames<CifarSplit>::kNames[static_cast<int>(v)]; }
+const char* Name(Precision v) { return EnumNames<Precision>::kNames[static_cast<int>(v)]; }
 
 int Config::PerRankMicroBatch(int world_size) const {
   if (world_size < 1)

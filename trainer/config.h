@@ -28,6 +28,7 @@ enum class VarianceKind { kFixedLarge, kFixedSmall };
 enum class SamplerKind { kDdpm, kDdim };
 enum class DatasetKind { kShapes, kCifar10, kFolder };
 enum class CifarSplit { kTrain, kTest };
+enum class Precision { kFp32, kBf16 };
 
 /// The UNet of Ho et al. (Appendix B), as in the authors' diffusion_tf/models/unet.py.
 struct ModelConfig {
@@ -108,6 +109,9 @@ struct TrainConfig {
   int threads = 0;
   /// Device: cpu, cuda, or auto (cuda when available).
   std::string device = "auto";
+  /// fp32, or bf16: the UNet's forward under bf16 autocast, with the loss, gradients, optimizer
+  /// state and EMA in fp32. With fp32 on a GPU, matmuls and convolutions may use TF32.
+  Precision precision = Precision::kFp32;
   /// Steps between checkpoints; 0 saves only at the end (and on Ctrl-C or SIGTERM).
   int64_t checkpoint_every = 5000;
   /// Checkpoints kept in the run directory; older ones are deleted.
@@ -244,5 +248,6 @@ const char* Name(VarianceKind v);
 const char* Name(SamplerKind v);
 const char* Name(DatasetKind v);
 const char* Name(CifarSplit v);
+const char* Name(Precision v);
 
 }  // namespace ddpm

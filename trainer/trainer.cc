@@ -1,5 +1,8 @@
 #include "trainer/trainer.h"
 
+#include <ATen/autocast_mode.h>
+#include <torch/version.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -13,6 +16,59 @@
 namespace ddpm {
 
 namespace {
+
+// bf16 autocast on the device for the scope's lifetime (nothing when disabled). LibTorch 2.4
+// replaced the per-device functions with ones that take the device type.
+class AutocastScope {
+ public:
+  AutocastScope(c10::DeviceType device, bool enabled) : device_(device), enabled_(enabled) {
+    if (!enabled_) return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    was_enabled_ = at::autocast::is_autocast_enabled(device_);
+    was_dtype_ = at::autocast::get_autocast_dtype(device_);
+    at::autocast::set_autocast_dtype(device_, at::kBFloat16);
+    at::autocast::set_autocast_enabled(device_, true);
+#else
+    if (device_ == c10::DeviceType::CUDA) {
+      was_enabled_ = at::autocast::is_enabled();
+      was_dtype_ = at::autocast::get_autocast_gpu_dtype();
+      at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+      at::autocast::set_enabled(true);
+    } else {
+      was_enabled_ = at::autocast::is_cpu_enabled();
+      was_dtype_ = at::autocast::get_autocast_cpu_dtype();
+      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+      at::autocast::set_cpu_enabled(true);
+    }
+#endif
+    at::autocast::increment_nesting();
+  }
+  ~AutocastScope() {
+    if (!enabled_) return;
+    // The casts of the weights are cached within the outermost scope only.
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_enabled(device_, was_enabled_);
+    at::autocast::set_autocast_dtype(device_, was_dtype_);
+#else
+    if (device_ == c10::DeviceType::CUDA) {
+      at::autocast::set_enabled(was_enabled_);
+      at::autocast::set_autocast_gpu_dtype(was_dtype_);
+    } else {
+      at::autocast::set_cpu_enabled(was_enabled_);
+      at::autocast::set_autocast_cpu_dtype(was_dtype_);
+    }
+#endif
+  }
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  c10::DeviceType device_;
+  bool enabled_;
+  bool was_enabled_ = false;
+  at::ScalarType was_dtype_ = at::kBFloat16;
+};
 
 // The seed of a stream of its own for (seed, a, b): SplitMix64's mix of a weighted sum; salt
 // keeps the different uses apart.
@@ -130,6 +186,12 @@ Trainer::Trainer(const Config& config, torch::Device device, int rank)
       model_(config.model, config.train.seed),
       ema_model_(config.model, config.train.seed),
       diffusion_(config.diffusion, device) {
+  // fp32 on a GPU: TF32 tensor cores for matmuls and convolutions (as PyTorch's default for
+  // convolutions); bf16 autocast covers the forward otherwise.
+  if (device.is_cuda() && config.train.precision == Precision::kFp32) {
+    at::globalContext().setAllowTF32CuBLAS(true);
+    at::globalContext().setAllowTF32CuDNN(true);
+  }
   // Dropout draws from the device's default generator: seed it too, so that a run depends on
   // its config alone (LoadState restores it on resume).
   {
@@ -174,8 +236,11 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
   stats.lr = WarmupLearningRate(config_.train, step_ + 1);
   params_->grad().zero_();
   const torch::Tensor images = batch.to(device_, /*non_blocking=*/true);
-  const Denoiser denoiser = [this](const torch::Tensor& x, const torch::Tensor& t) {
-    return model_->forward(x, t);
+  // The forward under bf16 autocast when asked; its output, and so the loss, back in fp32.
+  const bool bf16 = config_.train.precision == Precision::kBf16;
+  const Denoiser denoiser = [this, bf16](const torch::Tensor& x, const torch::Tensor& t) {
+    AutocastScope autocast(device_.type(), bf16);
+    return model_->forward(x, t).to(torch::kFloat32);
   };
   const auto micro_batches = images.chunk(accum, 0);
   torch::Tensor loss_sum = torch::zeros({}, images.options());

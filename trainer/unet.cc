@@ -41,6 +41,12 @@ nn::GroupNorm Norm(int groups, int channels) {
   return nn::GroupNorm(nn::GroupNormOptions(groups, channels).eps(1e-6));
 }
 
+// GroupNorm in its parameters' precision (fp32): under bf16 autocast the input arrives in bf16,
+// and CPU autocast (LibTorch 1.13) does not list group_norm among the fp32 ops as CUDA's does.
+torch::Tensor Normalize(nn::GroupNorm& norm, const torch::Tensor& x) {
+  return norm(x.to(norm->weight.scalar_type()));
+}
+
 }  // namespace
 
 torch::Tensor TimestepEmbedding(const torch::Tensor& t, int dim) {
@@ -68,7 +74,7 @@ AttnBlockImpl::AttnBlockImpl(int channels, int groups, torch::Generator& generat
 
 torch::Tensor AttnBlockImpl::forward(const torch::Tensor& x) {
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
-  const auto qkv = qkv_(norm_(x)).reshape({batch, 3, channels, height * width}).unbind(1);
+  const auto qkv = qkv_(Normalize(norm_, x)).reshape({batch, 3, channels, height * width}).unbind(1);
   const torch::Tensor& q = qkv[0];
   const torch::Tensor& k = qkv[1];
   const torch::Tensor& v = qkv[2];
@@ -97,9 +103,9 @@ ResBlockImpl::ResBlockImpl(int in_channels, int out_channels, int temb_channels,
 }
 
 torch::Tensor ResBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& temb) {
-  torch::Tensor h = conv1_(torch::silu(norm1_(x)));
+  torch::Tensor h = conv1_(torch::silu(Normalize(norm1_, x)));
   h = h + temb_proj_(torch::silu(temb)).unsqueeze(-1).unsqueeze(-1);
-  h = conv2_(dropout_(torch::silu(norm2_(h))));
+  h = conv2_(dropout_(torch::silu(Normalize(norm2_, h))));
   h = (nin_shortcut_ ? nin_shortcut_(x) : x) + h;
   return attn_ ? attn_(h) : h;
 }
@@ -201,7 +207,7 @@ torch::Tensor UNetImpl::forward(const torch::Tensor& x, const torch::Tensor& t) 
                                 .mode(torch::kNearest)));
     }
   }
-  return conv_out_(torch::silu(norm_out_(h)));
+  return conv_out_(torch::silu(Normalize(norm_out_, h)));
 }
 
 }  // namespace ddpm
