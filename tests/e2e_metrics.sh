@@ -79,6 +79,12 @@ wait_for 30 "a committed checkpoint of $run" \
 has_eval() { [ "$(field "$run" 'int(r.get("latest_eval", {}).get("step", 0))')" -ge 25 ]; }
 wait_for 90 "the evaluation at step 25 of $run" has_eval
 [ "$(field "$run" 'r["latest_eval"]["num_samples"]')" = 20 ] || fail "eval: $(ctl get "$run")"
+# ddpmctl get shows the evaluation with its protocol and the weights' hash.
+ctl get "$run" > "$work/get.txt"
+grep -q "eval .*FID [0-9.]*, IS [0-9.]* +- [0-9.]* at step [0-9]* (20 samples, ddim 4 steps" \
+  "$work/get.txt" || fail "ddpmctl get: $(cat "$work/get.txt")"
+grep -q "eval hashes .*Inception $(sha256sum "$work/inception.pt" | cut -c1-16)" "$work/get.txt" ||
+  fail "ddpmctl get shows no Inception hash: $(cat "$work/get.txt")"
 group=$(field "$run" 'r["placement"]["group_id"]')
 
 # check_series FILE: each line of stdin is NAME [LABEL=VALUE ...] [= NUMBER]; each must match a

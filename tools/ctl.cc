@@ -132,11 +132,19 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
   row("sample grid", run.sample_grid());
   row("ema weights", run.ema_weights());
   if (run.has_latest_eval()) {
-    char text[96];
-    std::snprintf(text, sizeof(text), "FID %.3f, IS %.3f at step %lld", run.latest_eval().fid(),
-                  run.latest_eval().inception_score(),
-                  static_cast<long long>(run.latest_eval().step()));
+    const v1::EvalResult& eval = run.latest_eval();
+    char text[256];
+    std::snprintf(text, sizeof(text),
+                  "FID %.3f, IS %.3f +- %.3f at step %lld (%lld samples, %s %d steps, %.0fs%s)",
+                  eval.fid(), eval.inception_score(), eval.inception_score_std(),
+                  static_cast<long long>(eval.step()), static_cast<long long>(eval.num_samples()),
+                  eval.sampler().c_str(), eval.sampling_steps(), eval.seconds(),
+                  eval.regularized() ? ", covariances regularized" : "");
     row("eval", text);
+    if (!eval.inception_sha256().empty()) {
+      row("eval hashes", "Inception " + eval.inception_sha256().substr(0, 16) + ", reference " +
+                             eval.reference_sha256().substr(0, 16));
+    }
   }
   row("created", Time(run.created_unix_ms()));
   if (run.transitions_size() > 0) std::fprintf(out, "  transitions:\n");
