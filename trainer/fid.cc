@@ -87,18 +87,18 @@ torch::Tensor CleanEigenvalues(const torch::Tensor& eigenvalues) {
   return torch::where(eigenvalues > tolerance, eigenvalues, torch::zeros_like(eigenvalues));
 }
 
-// tr(sqrt(S1 S2)) through sqrt(S1) S2 sqrt(S1), which is symmetric positive semi-definite.
-double TraceSqrtProduct(const torch::Tensor& sigma1, const torch::Tensor& sigma2) {
-  const auto [w1, v1] = torch::linalg::eigh(sigma1, "L");
+// tr(sqrt(S1 S2)) through sqrt(S1) S2 sqrt(S1), which is symmetric positive semi-definite,
+// from S1's eigendecomposition (w1, v1).
+double TraceSqrtProduct(const torch::Tensor& w1, const torch::Tensor& v1,
+                        const torch::Tensor& sigma2) {
   const torch::Tensor sqrt1 = v1.mm(torch::diag(CleanEigenvalues(w1).sqrt())).mm(v1.t());
   torch::Tensor product = sqrt1.mm(sigma2).mm(sqrt1);
   product = (product + product.t()) / 2;
   return CleanEigenvalues(torch::linalg::eigvalsh(product, "L")).sqrt().sum().item<double>();
 }
 
-// Whether a symmetric matrix has an eigenvalue below -tolerance x its largest magnitude.
-bool NotPositiveSemiDefinite(const torch::Tensor& sigma) {
-  const torch::Tensor eigenvalues = torch::linalg::eigvalsh(sigma, "L");
+// Whether a symmetric matrix's eigenvalues hold one below -tolerance x the largest magnitude.
+bool NotPositiveSemiDefinite(const torch::Tensor& eigenvalues) {
   const double largest = eigenvalues.abs().max().item<double>();
   return !std::isfinite(largest) || eigenvalues.min().item<double>() < -1e-8 * std::max(largest, 1.0);
 }
@@ -122,20 +122,22 @@ FrechetResult FrechetDistance(const torch::Tensor& mu1_in, const torch::Tensor& 
   }
   sigma1 = (sigma1 + sigma1.t()) / 2;
   sigma2 = (sigma2 + sigma2.t()) / 2;
+  // Each matrix is decomposed once: S1 for both the check and the square root.
   FrechetResult result;
-  double trace_sqrt = 0;
-  if (!NotPositiveSemiDefinite(sigma1) && !NotPositiveSemiDefinite(sigma2)) {
-    trace_sqrt = TraceSqrtProduct(sigma1, sigma2);
-  }
-  if (result.regularized = !std::isfinite(trace_sqrt) || NotPositiveSemiDefinite(sigma1) ||
-                           NotPositiveSemiDefinite(sigma2);
-      result.regularized) {
+  std::tuple<torch::Tensor, torch::Tensor> s1 = torch::linalg::eigh(sigma1, "L");
+  const bool broken = NotPositiveSemiDefinite(std::get<0>(s1)) ||
+                      NotPositiveSemiDefinite(torch::linalg::eigvalsh(sigma2, "L"));
+  double trace_sqrt = broken ? std::numeric_limits<double>::quiet_NaN()
+                             : TraceSqrtProduct(std::get<0>(s1), std::get<1>(s1), sigma2);
+  if (!std::isfinite(trace_sqrt)) {
     // As pytorch-fid does when sqrtm fails: offset both diagonals and try again.
+    result.regularized = true;
     result.eps = eps;
     const torch::Tensor offset = eps * torch::eye(d, torch::kFloat64);
     sigma1 = sigma1 + offset;
     sigma2 = sigma2 + offset;
-    trace_sqrt = TraceSqrtProduct(sigma1, sigma2);
+    s1 = torch::linalg::eigh(sigma1, "L");
+    trace_sqrt = TraceSqrtProduct(std::get<0>(s1), std::get<1>(s1), sigma2);
   }
   const torch::Tensor diff = mu1 - mu2;
   result.fid = diff.dot(diff).item<double>() + sigma1.trace().item<double>() +

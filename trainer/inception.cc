@@ -254,20 +254,20 @@ FidInception LoadFidInception(const std::string& path, torch::Device device) {
                                ")");
     }
   }
-  // pytorch-fid's file has no num_batches_tracked; a re-saved torchvision model may.
-  for (auto it = tensors.begin(); it != tensors.end();) {
-    it = it->first.size() > 20 && it->first.rfind("num_batches_tracked") == it->first.size() - 19
-             ? tensors.erase(it)
-             : std::next(it);
-  }
+  // pytorch-fid's file has no num_batches_tracked buffers (a re-saved torchvision model may):
+  // the network's own, which eval mode never reads, stand in for them.
+  auto batch_counter = [](const std::string& name) {
+    const std::string suffix = "num_batches_tracked";
+    return name.size() >= suffix.size() &&
+           name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
   FidInception model;
   std::map<std::string, torch::Tensor> own;
-  for (auto& [name, tensor] : tensors) own[name] = tensor.to(torch::kFloat32);
-  // Our BatchNorm modules have num_batches_tracked buffers the file lacks: fill them in.
+  for (const auto& [name, tensor] : tensors) {
+    if (!batch_counter(name)) own[name] = tensor.to(torch::kFloat32);
+  }
   for (const auto& item : model->named_buffers()) {
-    if (own.count(item.key()) == 0 && item.key().find("num_batches_tracked") != std::string::npos) {
-      own[item.key()] = item.value().clone();
-    }
+    if (batch_counter(item.key())) own[item.key()] = item.value().clone();
   }
   LoadStateDict(*model, own, path);
   model->eval();

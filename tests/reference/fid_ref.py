@@ -9,6 +9,9 @@ torchvision, numpy and scipy).
                               deficient) and logits in DIR/features.npz; pytorch-fid's Frechet
                               distance (scipy.linalg.sqrtm) and the standard 10-split IS in
                               DIR/expected.npz.
+  fid_ref.py gaussian-stats FILE
+                              FID reference statistics (mu, sigma) of 3000 standard Gaussian
+                              vectors of dimension 2048, in numpy's own .npz.
   fid_ref.py npz-write DIR    DIR/plain.npz (numpy.savez) and DIR/compressed.npz
                               (numpy.savez_compressed), with float64, float32 (Fortran order)
                               and int64 arrays.
@@ -173,6 +176,11 @@ def metrics(out_dir):
     np.savez(os.path.join(out_dir, "expected.npz"), **expected)
 
 
+def gaussian_stats(path):
+    a = np.random.default_rng(0).normal(size=(3000, 2048))
+    np.savez(path, mu=a.mean(0), sigma=np.cov(a, rowvar=False))
+
+
 def npz_arrays():
     return {
         "mu": np.linspace(-1, 1, 7),
@@ -201,5 +209,6 @@ def npz_check(path):
 
 if __name__ == "__main__":
     command, target = sys.argv[1], sys.argv[2]
-    {"network": network, "metrics": metrics, "npz-write": npz_write,
+    {"network": network, "metrics": metrics, "gaussian-stats": gaussian_stats,
+     "npz-write": npz_write,
      "npz-check": npz_check}[command](target)
