@@ -6,6 +6,7 @@
 
 #include <array>
 #include <filesystem>
+#include <limits>
 #include <numeric>
 #include <set>
 
@@ -133,6 +134,44 @@ TEST(Train, FlatAdamIsTorchAdamBitForBit) {
   EXPECT_EQ(adam.steps(), 5);
 }
 
+TEST(Train, FusedCpuUpdateMatchesClipAdamAndEmaOpByOp) {
+  // The CPU's one-pass update against the op-by-op path (which is torch.optim.Adam to the bit,
+  // above) with clipping active: five steps of random gradients, every buffer compared.
+  torch::manual_seed(7);
+  const int64_t n = 100003;  // not a multiple of any vector width or parallel grain
+  const torch::Tensor start = torch::randn({n});
+  torch::Tensor params_a = start.clone(), grads_a = torch::empty({n});
+  torch::Tensor params_b = start.clone(), grads_b = torch::empty({n});
+  torch::Tensor ema_a = torch::empty({n}), ema_b = torch::empty({n});
+  FlatAdam adam_a(params_a, grads_a, 0.9, 0.999, 1e-8), adam_b(params_b, grads_b, 0.9, 0.999, 1e-8);
+  Ema average_a(params_a, ema_a, 0.99), average_b(params_b, ema_b, 0.99);
+  for (int step = 1; step <= 5; ++step) {
+    const torch::Tensor g = torch::randn({n}) * 0.01;
+    grads_a.copy_(g);
+    grads_b.copy_(g);
+    const double max_norm = 1.0;
+    const double norm = ClipGradNorm(grads_a, max_norm).item<double>();
+    ASSERT_GT(norm, max_norm) << "the test wants clipping active";
+    adam_a.Step(1e-3 * step);
+    average_a.Update();
+    adam_b.Prepare(1e-3 * step);
+    adam_b.ApplyFusedCpu(std::min(1.0, max_norm / (norm + 1e-6)), &average_b);
+  }
+  // Within float rounding: every element within 8 float32 ulps of its buffer's largest value
+  // (cancellation leaves small elements with the larger terms' rounding).
+  auto within_rounding = [](const torch::Tensor& got, const torch::Tensor& want) {
+    const double worst = (got - want).abs().max().item<double>();
+    const double bound = 8 * std::numeric_limits<float>::epsilon() * want.abs().max().item<double>();
+    return ::testing::AssertionResult(worst <= bound)
+           << "largest difference " << worst << ", bound " << bound;
+  };
+  EXPECT_TRUE(within_rounding(params_b, params_a));
+  EXPECT_TRUE(within_rounding(adam_b.exp_avg(), adam_a.exp_avg()));
+  EXPECT_TRUE(within_rounding(adam_b.exp_avg_sq(), adam_a.exp_avg_sq()));
+  EXPECT_TRUE(within_rounding(ema_b, ema_a));
+  EXPECT_GT((params_b - start).abs().max().item<double>(), 1e-3) << "the weights moved";
+}
+
 TEST(Train, ClipGradNormMatchesTorch) {
   torch::manual_seed(6);
   torch::nn::Linear ours(8, 8), theirs(8, 8);
@@ -144,7 +183,7 @@ TEST(Train, ClipGradNormMatchesTorch) {
     theirs->bias.mutable_grad() = flat.grad().narrow(0, 64, 8).clone();
   }
   torch::Tensor grad = flat.grad();
-  const double norm = ClipGradNorm(grad, 1.0);
+  const double norm = ClipGradNorm(grad, 1.0).item<double>();
   const double expected = torch::nn::utils::clip_grad_norm_(theirs->parameters(), 1.0);
   EXPECT_NEAR(norm, expected, 1e-4 * expected);
   EXPECT_TRUE(torch::allclose(ours->weight.grad(), theirs->weight.grad(), 1e-5, 1e-7));
@@ -180,7 +219,7 @@ TEST(Train, GradientsAreClippedToTheConfiguredNorm) {
       squares += tensor.to(torch::kFloat64).square().sum().item<double>();
     }
   }
-  EXPECT_GT(stats.grad_norm, 1e-2) << "the raw norm is reported, before clipping";
+  EXPECT_GT(stats.grad_norm(), 1e-2) << "the raw norm is reported, before clipping";
   EXPECT_NEAR(std::sqrt(squares), 0.1 * 1e-3, 1e-6);
 }
 
@@ -194,7 +233,7 @@ TEST(Train, GradientAccumulationTakesOneStepPerBatch) {
   EpochSampler sampler(data.size(), 0);
   const StepStats stats = trainer.Step(Batch(data, sampler, 16));
   EXPECT_EQ(trainer.step(), 1) << "two micro-batches, one optimizer step";
-  EXPECT_TRUE(std::isfinite(stats.loss));
+  EXPECT_TRUE(std::isfinite(stats.loss()));
   // One Adam step of the warmup learning rate, not two.
   EXPECT_NEAR(MaxMove(trainer.model(), before), 1e-4, 1e-6);
   EXPECT_THROW(trainer.Step(Batch(data, sampler, 15)), c10::Error);
@@ -227,7 +266,7 @@ TEST(Train, LossIsAlsoReportedPerQuarterOfTheTimesteps) {
     sums[quarter] += per_sample[i].item<double>();
     counts[quarter] += 1;
   }
-  const StepStats stats = trainer.Step(x0);
+  const StepValues stats = ReadStepValues(trainer.Step(x0).values);
   double total = 0;
   for (int q = 0; q < 4; ++q) {
     EXPECT_EQ(stats.quartile_count[q], counts[q]) << "q" << q;
@@ -255,10 +294,67 @@ TEST(Train, Bf16AutocastStepStaysCloseToFp32) {
   // One warmup-sized Adam step from the same start moves each weight by about lr / 10 in both.
   EXPECT_NEAR(MaxMove(bf16.model(), start), 1e-4, 1e-5);
   const StepStats a = fp32.Step(second), b = bf16.Step(second);
-  EXPECT_NE(a.loss, b.loss);
-  EXPECT_NEAR(b.loss, a.loss, 0.03 * a.loss);
-  EXPECT_NEAR(b.grad_norm, a.grad_norm, 0.1 * a.grad_norm);
+  EXPECT_NE(a.loss(), b.loss());
+  EXPECT_NEAR(b.loss(), a.loss(), 0.03 * a.loss());
+  EXPECT_NEAR(b.grad_norm(), a.grad_norm(), 0.1 * a.grad_norm());
   for (const auto& p : bf16.model()->parameters()) ASSERT_EQ(p.scalar_type(), torch::kFloat32);
+}
+
+TEST(Train, ChannelsLastKeepsConvWeightsNhwcAndTrainsLikeContiguous) {
+  // The same two steps with the weights and inputs in channels_last: the conv weights are
+  // NHWC views of the flat buffer, the loss agrees to float rounding (other conv kernels run),
+  // and the checkpoint's tensors are the same in either layout, so each loads the other's.
+  Config config = Tiny();
+  config.model.attn_resolutions = {8};
+  Trainer contiguous(config, torch::kCPU);
+  config.train.channels_last = true;
+  Trainer nhwc(config, torch::kCPU);
+  int64_t convs = 0;
+  for (const auto& item : nhwc.model()->named_parameters()) {
+    if (item.value().dim() != 4) continue;
+    ++convs;
+    EXPECT_TRUE(item.value().is_contiguous(torch::MemoryFormat::ChannelsLast)) << item.key();
+    EXPECT_TRUE(item.value().grad().is_contiguous(torch::MemoryFormat::ChannelsLast)) << item.key();
+  }
+  EXPECT_GT(convs, 5);
+  // The same starting weights, NHWC or not.
+  const auto start_nhwc = nhwc.State();
+  for (const auto& [name, tensor] : contiguous.State()) {
+    if (name.rfind("model/", 0) == 0) ASSERT_TRUE(torch::equal(tensor, start_nhwc.at(name))) << name;
+  }
+  ShapesDataset data(64, 16, 0);
+  EpochSampler sampler(data.size(), 0);
+  const torch::Tensor first = Batch(data, sampler, 16), second = Batch(data, sampler, 16);
+  contiguous.Step(first);
+  nhwc.Step(first);
+  const StepStats a = contiguous.Step(second), b = nhwc.Step(second);
+  EXPECT_NEAR(b.loss(), a.loss(), 1e-4 * a.loss());
+  const auto state_a = contiguous.State(), state_b = nhwc.State();
+  ASSERT_EQ(state_a.size(), state_b.size());
+  for (const auto& [name, tensor] : state_a) {
+    ASSERT_EQ(tensor.sizes(), state_b.at(name).sizes()) << name;
+    if (tensor.is_floating_point() && name.rfind("model/", 0) == 0) {
+      EXPECT_TRUE(torch::allclose(tensor, state_b.at(name), 1e-3, 1e-5)) << name;
+    }
+  }
+  // A channels_last trainer restores a contiguous one's checkpoint exactly, and back.
+  Trainer restored(config, torch::kCPU);
+  restored.LoadState(state_a, "contiguous state");
+  for (const auto& [name, tensor] : restored.State()) {
+    EXPECT_TRUE(torch::equal(tensor, state_a.at(name))) << name;
+  }
+}
+
+TEST(Train, CudaGraphsOnTheCpuAreRefusedNamingTheKey) {
+  Config config = Tiny();
+  config.train.cuda_graphs = true;
+  try {
+    Trainer trainer(config, torch::kCPU);
+    FAIL() << "expected an error";
+  } catch (const std::runtime_error& error) {
+    EXPECT_NE(std::string(error.what()).find("train.cuda_graphs"), std::string::npos)
+        << error.what();
+  }
 }
 
 TEST(Train, LossHalvesOnTinyShapes) {
@@ -270,7 +366,7 @@ TEST(Train, LossHalvesOnTinyShapes) {
   EpochSampler sampler(data->size(), config.train.seed);
   std::vector<double> losses;
   for (int step = 0; step < 300; ++step) {
-    losses.push_back(trainer.Step(Batch(*data, sampler, 16)).loss);
+    losses.push_back(trainer.Step(Batch(*data, sampler, 16)).loss());
     ASSERT_TRUE(std::isfinite(losses.back())) << "step " << step;
   }
   const double first = std::accumulate(losses.begin(), losses.begin() + 50, 0.0) / 50;

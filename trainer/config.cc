@@ -103,6 +103,8 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("train", "threads", c.train.threads);
   visit("train", "device", c.train.device);
   visit("train", "precision", c.train.precision);
+  visit("train", "channels_last", c.train.channels_last);
+  visit("train", "cuda_graphs", c.train.cuda_graphs);
   visit("train", "checkpoint_every", c.train.checkpoint_every);
   visit("train", "keep_checkpoints", c.train.keep_checkpoints);
   visit("data", "dataset", c.data.dataset);

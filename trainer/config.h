@@ -112,6 +112,13 @@ struct TrainConfig {
   /// fp32, or bf16: the UNet's forward under bf16 autocast, with the loss, gradients, optimizer
   /// state and EMA in fp32. With fp32 on a GPU, matmuls and convolutions may use TF32.
   Precision precision = Precision::kFp32;
+  /// Keep the UNet's convolution weights, its inputs and so its activations in channels_last
+  /// (NHWC) memory order, which tensor-core convolutions on GPUs prefer.
+  bool channels_last = false;
+  /// Capture the whole training step (forward, backward, clipping, Adam, EMA) in one CUDA
+  /// graph after a few eager steps, and replay it: no per-kernel launch cost. CUDA only, and a
+  /// world of one (data-parallel runs all-reduce from host threads).
+  bool cuda_graphs = false;
   /// Steps between checkpoints; 0 saves only at the end (and on Ctrl-C or SIGTERM).
   int64_t checkpoint_every = 5000;
   /// Checkpoints kept in the run directory; older ones are deleted.

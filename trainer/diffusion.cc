@@ -231,8 +231,12 @@ Posterior GaussianDiffusion::p_mean_variance(const Denoiser& model, const torch:
 
 torch::Tensor GaussianDiffusion::Noise(torch::IntArrayRef shape,
                                        torch::Generator& generator) const {
-  // Drawn on the CPU so that a seed gives the same samples on every device.
-  return torch::randn(shape, generator, torch::TensorOptions().dtype(torch::kFloat32)).to(device_);
+  // Drawn on the CPU so that a seed gives the same samples on every device; for a GPU into
+  // pinned memory, so that the host draws the next step's noise while the GPU computes.
+  const bool pinned = device_.is_cuda();
+  return torch::randn(shape, generator,
+                      torch::TensorOptions().dtype(torch::kFloat32).pinned_memory(pinned))
+      .to(device_, /*non_blocking=*/pinned);
 }
 
 torch::Tensor GaussianDiffusion::SampleDdpm(const Denoiser& model, torch::IntArrayRef shape,

@@ -92,6 +92,17 @@ int64_t Flags::GetInt(const std::string& name) const {
   throw FlagError(program_ + ": --" + name + " expects an integer, got '" + value + "'");
 }
 
+double Flags::GetDouble(const std::string& name) const {
+  const std::string& value = Find(name).value;
+  try {
+    std::size_t used = 0;
+    const double parsed = std::stod(value, &used);
+    if (used == value.size()) return parsed;
+  } catch (const std::exception&) {
+  }
+  throw FlagError(program_ + ": --" + name + " expects a number, got '" + value + "'");
+}
+
 bool Flags::GetSwitch(const std::string& name) const { return Find(name).value == "true"; }
 
 bool Flags::Given(const std::string& name) const { return Find(name).given; }

@@ -29,6 +29,8 @@ class Flags {
 
   std::string Get(const std::string& name) const;
   int64_t GetInt(const std::string& name) const;
+  /// The flag's value as a number; throws FlagError naming the flag if it is not one.
+  double GetDouble(const std::string& name) const;
   bool GetSwitch(const std::string& name) const;
   /// True when the flag was given on the command line.
   bool Given(const std::string& name) const;

@@ -91,20 +91,22 @@ torch::Tensor SampleImages(const GaussianDiffusion& diffusion, UNet& model, cons
                                            : what + " (batch " + std::to_string(b + 1) + "/" +
                                                  std::to_string(batches) + ")";
     parts.push_back(diffusion
-                        .Sample(EvalDenoiser(model), {n, m.in_channels, m.image_size, m.image_size},
+                        .Sample(EvalDenoiser(model, config.train.precision),
+                                {n, m.in_channels, m.image_size, m.image_size},
                                 sample, ProgressPrinter(label))
                         .to(torch::kCPU));
   }
   return torch::cat(parts);
 }
 
+// The loader's bytes as model input in [-1, 1] on device. To a GPU the bytes travel as uint8,
+// a quarter of the floats' size, from pinned memory and without making the host wait.
 torch::Tensor ToModelInput(const std::vector<uint8_t>& bytes, int64_t count, int channels,
-                           int size) {
-  return torch::from_blob(const_cast<uint8_t*>(bytes.data()), {count, channels, size, size},
-                          torch::kUInt8)
-      .to(torch::kFloat32)
-      .div_(127.5)
-      .sub_(1.0);
+                           int size, torch::Device device) {
+  torch::Tensor pixels = torch::from_blob(const_cast<uint8_t*>(bytes.data()),
+                                          {count, channels, size, size}, torch::kUInt8);
+  if (device.is_cuda()) pixels = pixels.pin_memory().to(device, /*non_blocking=*/true);
+  return pixels.to(torch::kFloat32).div_(127.5).sub_(1.0);
 }
 
 torch::Tensor Text(const std::string& text) {
@@ -517,11 +519,45 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
       on_checkpoint({step, dir, times.stall_seconds, times.write_seconds});
     });
   }
+  // The steps' values (loss, grad norm, per-quartile sums and counts) add up on the device
+  // and are read only at log steps and checkpoints, so that no step waits for the GPU.
+  torch::Tensor pending_values =
+      torch::zeros({kStepValues}, torch::TensorOptions(device).dtype(torch::kFloat64));
+  int64_t pending_steps = 0;
+  // The same over the log interval, on the host.
+  StepValues window{};
+  int64_t window_steps = 0;
+  // Reads the pending values into the window; a loss that is not finite stops the run before
+  // anything is logged or saved from it.
+  auto read_pending = [&] {
+    if (pending_steps == 0) return;
+    const StepValues v = ReadStepValues(pending_values);
+    pending_values.zero_();
+    const int64_t first = trainer.step() - pending_steps + 1;
+    if (!std::isfinite(v.loss)) {
+      throw std::runtime_error(
+          "training diverged: the loss is not finite (" + std::to_string(v.loss) + ") in " +
+          (pending_steps == 1 ? "step " + std::to_string(first)
+                              : "steps " + std::to_string(first) + "-" +
+                                    std::to_string(trainer.step())) +
+          " on rank " + std::to_string(rank));
+    }
+    window.loss += v.loss;
+    window.grad_norm += v.grad_norm;
+    for (int q = 0; q < kTimestepQuartiles; ++q) {
+      window.quartile_loss_sum[q] += v.quartile_loss_sum[q];
+      window.quartile_count[q] += v.quartile_count[q];
+    }
+    result.last_metrics.loss = v.loss / pending_steps;
+    result.last_metrics.grad_norm = v.grad_norm / pending_steps;
+    pending_steps = 0;
+  };
   int64_t last_saved_step = loaded ? trainer.step() : -1;
   auto save_checkpoint = [&] {
     // One checkpoint per step: a second request at the same step (SIGUSR1 right after a
     // periodic one) has nothing new to write.
     if (trainer.step() == last_saved_step) return;
+    read_pending();
     last_saved_step = trainer.step();
     std::map<std::string, torch::Tensor> replicated = trainer.StateViews();
     std::map<std::string, torch::Tensor> own = {{"rng/default", replicated.at("rng/default")}};
@@ -602,11 +638,8 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
   }
   auto start = Clock::now();
   auto window_start = start;
-  double window_loss = 0, window_grad = 0, window_allreduce = 0, window_overlap = 0;
-  // This rank's per-quartile loss sums, then counts, over the log interval.
-  std::array<double, 2 * kTimestepQuartiles> window_quartiles{};
+  double window_allreduce = 0, window_overlap = 0;
   double last_rate = 0;
-  int64_t window_steps = 0;
   int stop_signal = 0;
   RankProgress progress(options.run_dir, rank, world);
   progress.Finished(trainer.step());
@@ -643,21 +676,16 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
       progress.Inside(trainer.step() + 1);
       const auto step_start = Clock::now();
       LoadedBatch batch = loader.Next();
-      const StepStats stats =
-          trainer.Step(ToModelInput(batch.pixels, batch.count, channels, size), shard.first);
+      const StepStats stats = trainer.Step(
+          ToModelInput(batch.pixels, batch.count, channels, size, device), shard.first);
       cursor = batch.after;
       progress.Finished(trainer.step());
-      if (!std::isfinite(stats.loss)) {
-        throw std::runtime_error("training diverged: loss is " + std::to_string(stats.loss) +
-                                 " at step " + std::to_string(trainer.step()) + " on rank " +
-                                 std::to_string(rank));
-      }
+      pending_values.add_(stats.values);
+      ++pending_steps;
       const int64_t step = trainer.step();
       WorkerMetrics& m = result.last_metrics;
       m.step = step;
       m.rank = rank;
-      m.loss = stats.loss;
-      m.grad_norm = stats.grad_norm;
       m.lr = stats.lr;
       m.step_seconds = Seconds(step_start);
       m.images_per_second = per_rank_batch / std::max(m.step_seconds, 1e-9);
@@ -667,24 +695,22 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
       m.exposed_seconds = comm_stats.exposed_seconds;
       if (options.on_step) options.on_step(m);
 
-      window_loss += stats.loss;
-      window_grad += stats.grad_norm;
       window_allreduce += m.allreduce_seconds;
       window_overlap += m.overlap_fraction;
-      for (int q = 0; q < kTimestepQuartiles; ++q) {
-        window_quartiles[q] += stats.quartile_loss_sum[q];
-        window_quartiles[kTimestepQuartiles + q] += stats.quartile_count[q];
-      }
       ++window_steps;
       const double elapsed = Seconds(start);
       const double eta = elapsed / (step - first_step) * (total - step);
       if (step % config.train.log_every == 0 || step == total) {
+        read_pending();  // waits for the device: the rate below counts finished steps
         last_rate = window_steps * config.train.batch_size / std::max(Seconds(window_start), 1e-9);
         // The loss over every rank's samples, and the per-quartile sums and counts.
         torch::Tensor sums = torch::empty({1 + 2 * kTimestepQuartiles}, torch::kFloat64);
-        sums[0] = window_loss / window_steps;
-        std::memcpy(sums.data_ptr<double>() + 1, window_quartiles.data(),
-                    sizeof(window_quartiles));
+        double* packed = sums.data_ptr<double>();
+        packed[0] = window.loss / window_steps;
+        for (int q = 0; q < kTimestepQuartiles; ++q) {
+          packed[1 + q] = window.quartile_loss_sum[q];
+          packed[1 + kTimestepQuartiles + q] = window.quartile_count[q];
+        }
         comm.AllReduce(sums, ReduceOp::kSum,
                        "all-reduce of the loss at step " + std::to_string(step));
         const double* summed = sums.data_ptr<double>();
@@ -710,14 +736,14 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
         say("%sstep %lld/%lld | loss %.4f | grad %.3f | lr %.2e | %.1f img/s%s | elapsed %s | "
             "eta %s\n",
             tty ? "\r\033[K" : "", static_cast<long long>(step), static_cast<long long>(total),
-            result.last_loss, window_grad / window_steps, stats.lr, last_rate, comm_text.c_str(),
+            result.last_loss, window.grad_norm / window_steps, stats.lr, last_rate, comm_text.c_str(),
             FormatDuration(elapsed).c_str(), FormatDuration(eta).c_str());
         if (lead && options.on_log) {
           LogMetrics log;
           log.step = step;
           log.total_steps = total;
           log.loss = result.last_loss;
-          log.grad_norm = window_grad / window_steps;
+          log.grad_norm = window.grad_norm / window_steps;
           log.lr = stats.lr;
           log.images_per_second = last_rate;
           log.elapsed_seconds = elapsed;
@@ -726,17 +752,17 @@ TrainResult RunTraining(const Config& config, const TrainOptions& options,
           options.on_log(log);
         }
         if (lead) {
-          metrics << step << "," << result.last_loss << "," << window_grad / window_steps << ","
+          metrics << step << "," << result.last_loss << "," << window.grad_norm / window_steps << ","
                   << stats.lr << "," << last_rate << "," << elapsed << ","
                   << window_allreduce / window_steps << "," << overlap << quartile_csv.str() << "\n";
           metrics.flush();
         }
-        window_loss = window_grad = window_allreduce = window_overlap = 0;
-        window_quartiles.fill(0);
+        window = StepValues{};
+        window_allreduce = window_overlap = 0;
         window_steps = 0;
         window_start = Clock::now();
       } else if (tty) {
-        DrawProgressBar(step, total, stats.loss, last_rate, eta);
+        DrawProgressBar(step, total, result.last_metrics.loss, last_rate, eta);
       }
       if (step != total && config.train.checkpoint_every > 0 &&
           step % config.train.checkpoint_every == 0) {

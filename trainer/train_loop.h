@@ -22,7 +22,8 @@ class Trainer;
 struct WorkerMetrics {
   int64_t step = 0;
   int rank = 0;
-  /// This rank's loss and the global gradient norm of the step.
+  /// This rank's mean loss and the global gradient norm over the steps up to the last read of
+  /// the device's values (a log step or a checkpoint): steps do not wait for the GPU.
   double loss = 0;
   double grad_norm = 0;
   double lr = 0;

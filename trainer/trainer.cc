@@ -12,6 +12,14 @@
 
 #include "trainer/checkpoint.h"
 #include "trainer/data.h"
+#include "trainer/fused_adam.h"
+
+#ifdef DDPM_HAS_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace ddpm {
 
@@ -84,7 +92,8 @@ double WarmupLearningRate(const TrainConfig& config, int64_t update) {
   return config.lr * std::min(1.0, static_cast<double>(update) / config.warmup_steps);
 }
 
-FlatParameters::FlatParameters(torch::nn::Module& module, bool with_grad) {
+FlatParameters::FlatParameters(torch::nn::Module& module, bool with_grad, bool channels_last)
+    : channels_last_(channels_last) {
   torch::NoGradGuard no_grad;
   const auto named = module.named_parameters();
   TORCH_CHECK(named.size() > 0, "FlatParameters: the module has no parameters");
@@ -99,21 +108,25 @@ FlatParameters::FlatParameters(torch::nn::Module& module, bool with_grad) {
   if (with_grad) grad_ = torch::zeros({total}, options);
   for (std::size_t i = 0; i < slots_.size(); ++i) {
     torch::Tensor p = named[i].value();
-    torch::Tensor view = data_.narrow(0, slots_[i].offset, slots_[i].numel).view(p.sizes());
+    torch::Tensor view = SlotView(data_, slots_[i]);
     view.copy_(p);
     p.set_data(view);
-    if (with_grad) {
-      p.mutable_grad() = grad_.narrow(0, slots_[i].offset, slots_[i].numel).view(p.sizes());
-    }
+    if (with_grad) p.mutable_grad() = SlotView(grad_, slots_[i]);
   }
+}
+
+torch::Tensor FlatParameters::SlotView(const torch::Tensor& flat, const Slot& slot) const {
+  const torch::Tensor slice = flat.narrow(0, slot.offset, slot.numel);
+  if (!channels_last_ || slot.shape.size() != 4) return slice.view(slot.shape);
+  // NHWC order in memory, NCHW sizes: the strides of torch::MemoryFormat::ChannelsLast.
+  const auto& s = slot.shape;
+  return slice.view({s[0], s[2], s[3], s[1]}).permute({0, 3, 1, 2});
 }
 
 std::map<std::string, torch::Tensor> FlatParameters::Views(const torch::Tensor& flat) const {
   std::map<std::string, torch::Tensor> out;
   const torch::Tensor detached = flat.detach();
-  for (const Slot& slot : slots_) {
-    out[slot.name] = detached.narrow(0, slot.offset, slot.numel).view(slot.shape);
-  }
+  for (const Slot& slot : slots_) out[slot.name] = SlotView(detached, slot);
   return out;
 }
 
@@ -131,7 +144,7 @@ void FlatParameters::Flatten(const std::map<std::string, torch::Tensor>& named,
                                c10::str(it->second.sizes()) + ", the model expects " +
                                c10::str(slot.shape));
     }
-    flat.narrow(0, slot.offset, slot.numel).copy_(it->second.reshape({-1}));
+    SlotView(flat, slot).copy_(it->second);
   }
 }
 
@@ -141,21 +154,75 @@ FlatAdam::FlatAdam(torch::Tensor params, torch::Tensor grads, double beta1, doub
       grads_(std::move(grads)),
       exp_avg_(torch::zeros_like(params_)),
       exp_avg_sq_(torch::zeros_like(params_)),
+      scalars_(torch::zeros({2}, params_.options().dtype(torch::kFloat32))),
       beta1_(beta1),
       beta2_(beta2),
       eps_(eps) {}
 
-void FlatAdam::Step(double lr) {
-  torch::NoGradGuard no_grad;
+void FlatAdam::Prepare(double lr) {
   ++steps_;
   const double bias_correction1 = 1.0 - std::pow(beta1_, static_cast<double>(steps_));
   const double bias_correction2 = 1.0 - std::pow(beta2_, static_cast<double>(steps_));
+  const bool pinned = scalars_.is_cuda();
+  torch::Tensor host = torch::empty({2}, torch::TensorOptions(torch::kFloat32).pinned_memory(pinned));
+  step_size_ = -lr / bias_correction1;
+  sqrt_bias_correction2_ = std::sqrt(bias_correction2);
+  host[0] = step_size_;
+  host[1] = sqrt_bias_correction2_;
+  // From a fresh pinned block each step: the caching host allocator keeps it until the copy
+  // has run, so the host never waits here.
+  scalars_.copy_(host, /*non_blocking=*/pinned);
+}
+
+void FlatAdam::Apply() {
+  torch::NoGradGuard no_grad;
   exp_avg_.mul_(beta1_).add_(grads_, 1.0 - beta1_);
   exp_avg_sq_.mul_(beta2_).addcmul_(grads_, grads_, 1.0 - beta2_);
   // denom = sqrt(v) / sqrt(bias_correction2) + eps, written over the spent gradients.
   torch::Tensor& denom = grads_;
-  torch::sqrt_out(denom, exp_avg_sq_).div_(std::sqrt(bias_correction2)).add_(eps_);
-  params_.addcdiv_(exp_avg_, denom, -lr / bias_correction1);
+  torch::sqrt_out(denom, exp_avg_sq_).div_(scalars_[1]).add_(eps_);
+  // param += (-lr / bias_correction1) * m / denom, evaluated in addcdiv_'s order (value times
+  // m, then the division), so that the result is torch.optim.Adam's to the bit; the value is a
+  // device tensor where addcdiv_ would want a host scalar.
+  if (!scratch_.defined()) scratch_ = torch::empty_like(params_);
+  torch::mul_out(scratch_, exp_avg_, scalars_[0]);
+  params_.add_(scratch_.div_(denom));
+}
+
+void FlatAdam::ApplyFusedCpu(double grad_scale, Ema* ema) {
+  TORCH_CHECK(params_.is_cpu() && params_.scalar_type() == torch::kFloat32 &&
+                  params_.is_contiguous() && grads_.is_contiguous(),
+              "FlatAdam::ApplyFusedCpu: needs contiguous float32 CPU buffers");
+  float* param = params_.data_ptr<float>();
+  const float* grad = grads_.data_ptr<float>();
+  float* m = exp_avg_.data_ptr<float>();
+  float* v = exp_avg_sq_.data_ptr<float>();
+  float* average = nullptr;
+  if (ema != nullptr) {
+    TORCH_CHECK(ema->target().is_contiguous() && ema->target().numel() == params_.numel(),
+                "FlatAdam::ApplyFusedCpu: the EMA's buffer does not match the parameters");
+    average = ema->target().data_ptr<float>();
+  }
+  // One pass over memory instead of about twelve; the arithmetic of the tensor path above.
+  FusedAdamConstants c;
+  c.grad_scale = static_cast<float>(grad_scale);
+  c.beta1 = static_cast<float>(beta1_);
+  c.beta2 = static_cast<float>(beta2_);
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1_);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2_);
+  c.step_size = static_cast<float>(step_size_);
+  c.sqrt_bias_correction2 = static_cast<float>(sqrt_bias_correction2_);
+  c.eps = static_cast<float>(eps_);
+  c.decay = ema != nullptr ? static_cast<float>(ema->decay()) : 0.0f;
+  c.one_minus_decay = ema != nullptr ? static_cast<float>(1.0 - ema->decay()) : 0.0f;
+  at::parallel_for(0, params_.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    FusedAdamUpdate(begin, end, param, grad, m, v, average, c);
+  });
+}
+
+void FlatAdam::Step(double lr) {
+  Prepare(lr);
+  Apply();
 }
 
 Ema::Ema(torch::Tensor source, torch::Tensor target, double decay)
@@ -170,14 +237,30 @@ void Ema::Update() {
   target_.mul_(decay_).add_(source_, 1.0 - decay_);
 }
 
-double ClipGradNorm(torch::Tensor& grad, double max_norm) {
+torch::Tensor ClipGradNorm(torch::Tensor& grad, double max_norm) {
   torch::NoGradGuard no_grad;
-  const double norm = grad.norm().item<double>();
+  torch::Tensor norm = grad.norm();
   if (max_norm > 0) {
-    const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) grad.mul_(coef);
+    // Multiplying by a coefficient clamped to 1 leaves unclipped gradients exact, and needs no
+    // host-side comparison (torch.nn.utils.clip_grad_norm_ does the same).
+    grad.mul_((max_norm / (norm + 1e-6)).clamp_max(1.0));
   }
   return norm;
+}
+
+StepValues ReadStepValues(const torch::Tensor& values) {
+  const torch::Tensor host = values.to(torch::kCPU, torch::kFloat64).contiguous();
+  TORCH_CHECK(host.numel() == kStepValues, "step values: expected ", kStepValues, ", got ",
+              host.numel());
+  const double* v = host.data_ptr<double>();
+  StepValues out;
+  out.loss = v[kLossValue];
+  out.grad_norm = v[kGradNormValue];
+  for (int q = 0; q < kTimestepQuartiles; ++q) {
+    out.quartile_loss_sum[q] = v[kQuartileLossValues + q];
+    out.quartile_count[q] = v[kQuartileCountValues + q];
+  }
+  return out;
 }
 
 Trainer::Trainer(const Config& config, torch::Device device, int rank)
@@ -203,19 +286,34 @@ Trainer::Trainer(const Config& config, torch::Device device, int rank)
   ema_model_->to(device);
   ema_model_->eval();
   for (auto& p : ema_model_->parameters()) p.set_requires_grad(false);
-  params_ = std::make_unique<FlatParameters>(*model_, /*with_grad=*/true);
-  ema_params_ = std::make_unique<FlatParameters>(*ema_model_, /*with_grad=*/false);
+  // The model and its EMA share one layout, so that the EMA update is one elementwise pass.
+  const bool channels_last = config.train.channels_last;
+  params_ = std::make_unique<FlatParameters>(*model_, /*with_grad=*/true, channels_last);
+  ema_params_ = std::make_unique<FlatParameters>(*ema_model_, /*with_grad=*/false, channels_last);
   optimizer_ = std::make_unique<FlatAdam>(params_->data(), params_->grad(), config.train.adam_beta1,
                                           config.train.adam_beta2, config.train.adam_eps);
   ema_ = std::make_unique<Ema>(params_->data(), ema_params_->data(), config.train.ema_decay);
+  if (config.train.cuda_graphs && !device.is_cuda()) {
+    throw std::runtime_error("train.cuda_graphs: CUDA graphs need a CUDA device, and this run "
+                             "trains on " + device.str() + "; set train.cuda_graphs: false");
+  }
+#ifndef DDPM_HAS_CUDA
+  if (config.train.cuda_graphs) {
+    throw std::runtime_error("train.cuda_graphs: this build's LibTorch has no CUDA");
+  }
+#endif
 }
+
+Trainer::~Trainer() = default;
 
 std::pair<torch::Tensor, torch::Tensor> Trainer::DrawTimestepsAndNoise(
     int64_t step, int64_t first_position, int64_t count, torch::IntArrayRef shape) const {
   std::vector<int64_t> noise_shape = {count};
   noise_shape.insert(noise_shape.end(), shape.begin(), shape.end());
-  torch::Tensor t = torch::empty({count}, torch::kLong);
-  torch::Tensor noise = torch::empty(noise_shape, torch::kFloat32);
+  // Pinned on a GPU run, so that the copies below do not make the host wait.
+  const auto host = torch::TensorOptions().pinned_memory(device_.is_cuda());
+  torch::Tensor t = torch::empty({count}, host.dtype(torch::kLong));
+  torch::Tensor noise = torch::empty(noise_shape, host.dtype(torch::kFloat32));
   for (int64_t i = 0; i < count; ++i) {
     // One independent CPU stream per sample, drawn in place: randint is random_, randn normal_.
     torch::Generator generator = at::detail::createCPUGenerator(
@@ -227,6 +325,76 @@ std::pair<torch::Tensor, torch::Tensor> Trainer::DrawTimestepsAndNoise(
   return {t.to(device_, /*non_blocking=*/true), noise.to(device_, /*non_blocking=*/true)};
 }
 
+void Trainer::Compute(const torch::Tensor& images, const torch::Tensor& t,
+                      const torch::Tensor& noise, torch::Tensor& values) {
+  const int accum = config_.train.grad_accum;
+  params_->grad().zero_();
+  // The forward under bf16 autocast when asked; its output, and so the loss, back in fp32.
+  const bool bf16 = config_.train.precision == Precision::kBf16;
+  const Denoiser denoiser = [this, bf16](const torch::Tensor& x, const torch::Tensor& tt) {
+    AutocastScope autocast(device_.type(), bf16);
+    return model_->forward(x, tt).to(torch::kFloat32);
+  };
+  const auto micro_images = images.chunk(accum, 0);
+  const auto micro_t = t.chunk(accum, 0);
+  const auto micro_noise = noise.chunk(accum, 0);
+  torch::Tensor loss_sum = torch::zeros({}, images.options());
+  // Per quarter of [0, T): the sum of the samples' losses, and how many there were.
+  const auto float64 = images.options().dtype(torch::kFloat64);
+  torch::Tensor quartile_loss = torch::zeros({kTimestepQuartiles}, float64);
+  torch::Tensor quartile_count = torch::zeros({kTimestepQuartiles}, float64);
+  for (std::size_t m = 0; m < micro_images.size(); ++m) {
+    const DiffusionLoss out =
+        diffusion_.TrainingLoss(denoiser, micro_images[m], micro_t[m], micro_noise[m]);
+    if (sync_ != nullptr) sync_->BeginBackward(m + 1 == micro_images.size());
+    (out.loss / accum).backward();
+    loss_sum += out.loss.detach();
+    const torch::Tensor quartile = (micro_t[m] * kTimestepQuartiles)
+                                       .div(diffusion_.timesteps(), "floor")
+                                       .clamp_max(kTimestepQuartiles - 1);
+    quartile_loss.index_add_(0, quartile, out.per_sample.detach().to(torch::kFloat64));
+    quartile_count.index_add_(0, quartile, torch::ones({micro_t[m].size(0)}, float64));
+  }
+  if (sync_ != nullptr) sync_->FinishBackward();
+  torch::Tensor grad = params_->grad();
+  torch::Tensor grad_norm;
+  if (device_.is_cpu()) {
+    // On the CPU the clip, Adam and the EMA are one pass over memory (the step is bound by
+    // it there), and reading the norm costs nothing.
+    torch::NoGradGuard no_grad;
+    grad_norm = grad.norm();
+    const double norm = grad_norm.item<double>();
+    const double max_norm = config_.train.grad_clip;
+    const double coef = max_norm > 0 ? std::min(1.0, max_norm / (norm + 1e-6)) : 1.0;
+    optimizer_->ApplyFusedCpu(coef, ema_.get());
+  } else {
+    grad_norm = ClipGradNorm(grad, config_.train.grad_clip);
+    optimizer_->Apply();
+    ema_->Update();
+  }
+  values.copy_(torch::cat({(loss_sum / accum).to(torch::kFloat64).reshape({1}),
+                           grad_norm.to(torch::kFloat64).reshape({1}), quartile_loss,
+                           quartile_count}));
+}
+
+#ifdef DDPM_HAS_CUDA
+struct Trainer::StepGraph {
+  /// Eager steps before the capture, on a side stream: they let cuDNN, cuBLAS and autograd
+  /// set up what a capture must not (as torch.cuda.graphs' warm-up does).
+  static constexpr int kWarmupSteps = 3;
+  at::cuda::CUDAGraph graph;
+  torch::Tensor images, t, noise, values;
+  int eager_steps = 0;
+  bool captured = false;
+};
+#else
+struct Trainer::StepGraph {
+  bool captured = false;
+};
+#endif
+
+bool Trainer::graph_captured() const { return graph_ != nullptr && graph_->captured; }
+
 StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
   const int accum = config_.train.grad_accum;
   TORCH_CHECK(batch.size(0) % accum == 0, "batch of ", batch.size(0),
@@ -234,51 +402,80 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
   model_->train();
   StepStats stats;
   stats.lr = WarmupLearningRate(config_.train, step_ + 1);
-  params_->grad().zero_();
-  const torch::Tensor images = batch.to(device_, /*non_blocking=*/true);
-  // The forward under bf16 autocast when asked; its output, and so the loss, back in fp32.
-  const bool bf16 = config_.train.precision == Precision::kBf16;
-  const Denoiser denoiser = [this, bf16](const torch::Tensor& x, const torch::Tensor& t) {
-    AutocastScope autocast(device_.type(), bf16);
-    return model_->forward(x, t).to(torch::kFloat32);
-  };
-  const auto micro_batches = images.chunk(accum, 0);
-  torch::Tensor loss_sum = torch::zeros({}, images.options());
-  // Per quarter of [0, T): the sum of the samples' losses, and how many there were.
-  const auto float64 = images.options().dtype(torch::kFloat64);
-  torch::Tensor quartile_loss = torch::zeros({kTimestepQuartiles}, float64);
-  torch::Tensor quartile_count = torch::zeros({kTimestepQuartiles}, float64);
-  int64_t position = first_position;
-  for (std::size_t m = 0; m < micro_batches.size(); ++m) {
-    const torch::Tensor& micro = micro_batches[m];
-    const auto [t, noise] =
-        DrawTimestepsAndNoise(step_, position, micro.size(0), micro.sizes().slice(1));
-    position += micro.size(0);
-    const DiffusionLoss out = diffusion_.TrainingLoss(denoiser, micro, t, noise);
-    if (sync_ != nullptr) sync_->BeginBackward(m + 1 == micro_batches.size());
-    (out.loss / accum).backward();
-    loss_sum += out.loss.detach();
-    const torch::Tensor quartile =
-        (t * kTimestepQuartiles).div(diffusion_.timesteps(), "floor").clamp_max(kTimestepQuartiles - 1);
-    quartile_loss.index_add_(0, quartile, out.per_sample.to(torch::kFloat64));
-    quartile_count.index_add_(0, quartile, torch::ones({t.size(0)}, float64));
+  const auto memory_format =
+      config_.train.channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+  const torch::Tensor images =
+      batch.to(device_, /*non_blocking=*/true).contiguous(memory_format);
+  // Every sample's timestep and noise for the whole batch; the micro-batches take slices.
+  auto [t, noise] = DrawTimestepsAndNoise(step_, first_position, images.size(0),
+                                          images.sizes().slice(1));
+  noise = noise.contiguous(memory_format);
+  optimizer_->Prepare(stats.lr);
+  if (!config_.train.cuda_graphs) {
+    stats.values = torch::empty({kStepValues}, images.options().dtype(torch::kFloat64));
+    Compute(images, t, noise, stats.values);
+    ++step_;
+    return stats;
   }
-  if (sync_ != nullptr) sync_->FinishBackward();
-  torch::Tensor grad = params_->grad();
-  stats.grad_norm = ClipGradNorm(grad, config_.train.grad_clip);
-  optimizer_->Step(stats.lr);
-  ema_->Update();
+#ifdef DDPM_HAS_CUDA
+  if (sync_ != nullptr) {
+    throw std::runtime_error(
+        "train.cuda_graphs: the captured step supports a world of one; the gradient buckets' "
+        "all-reduces are driven from host threads, which a CUDA graph cannot capture. Set "
+        "train.cuda_graphs: false for data-parallel runs");
+  }
+  if (graph_ == nullptr) {
+    graph_ = std::make_unique<StepGraph>();
+    graph_->images = torch::empty_like(images);
+    graph_->t = torch::empty_like(t);
+    graph_->noise = torch::empty_like(noise);
+    graph_->values = torch::empty({kStepValues}, images.options().dtype(torch::kFloat64));
+  }
+  StepGraph& g = *graph_;
+  TORCH_CHECK(images.sizes() == g.images.sizes(), "train.cuda_graphs: the batch shape changed from ",
+              g.images.sizes(), " to ", images.sizes(), "; a captured step has static shapes");
+  g.images.copy_(images, /*non_blocking=*/true);
+  g.t.copy_(t, /*non_blocking=*/true);
+  g.noise.copy_(noise, /*non_blocking=*/true);
+  if (g.captured) {
+    g.graph.replay();
+  } else {
+    // Warm-up and capture run on a side stream ordered after the inputs' copies; the current
+    // stream waits for it afterwards.
+    const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device_.index());
+    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device_.index());
+    at::cuda::CUDAEvent ready;
+    ready.record(current);
+    ready.block(side);
+    {
+      c10::cuda::CUDAStreamGuard guard(side);
+      if (g.eager_steps < StepGraph::kWarmupSteps) {
+        Compute(g.images, g.t, g.noise, g.values);
+        ++g.eager_steps;
+      } else {
+        // Autocast's cache of bf16 weights would outlive the capture's memory pool.
+        const bool cache = at::autocast::is_autocast_cache_enabled();
+        at::autocast::set_autocast_cache_enabled(false);
+        g.graph.capture_begin();
+        Compute(g.images, g.t, g.noise, g.values);
+        g.graph.capture_end();
+        at::autocast::set_autocast_cache_enabled(cache);
+        g.captured = true;
+        // A capture records the work without running it.
+        g.graph.replay();
+      }
+    }
+    at::cuda::CUDAEvent done;
+    done.record(side);
+    done.block(current);
+  }
+  // A copy: the next replay overwrites the static values.
+  stats.values = g.values.clone();
   ++step_;
-  // One copy from the device for the loss and the quartiles.
-  const torch::Tensor host =
-      torch::cat({loss_sum.to(torch::kFloat64).reshape({1}), quartile_loss, quartile_count}).cpu();
-  const double* values = host.data_ptr<double>();
-  stats.loss = values[0] / accum;
-  for (int q = 0; q < kTimestepQuartiles; ++q) {
-    stats.quartile_loss_sum[q] = values[1 + q];
-    stats.quartile_count[q] = values[1 + kTimestepQuartiles + q];
-  }
   return stats;
+#else
+  throw std::logic_error("train.cuda_graphs without CUDA: the constructor refuses this");
+#endif
 }
 
 namespace {
@@ -363,10 +560,16 @@ std::map<std::string, torch::Tensor> WeightsFromState(
   return out;
 }
 
-Denoiser EvalDenoiser(UNet& model) {
+Denoiser EvalDenoiser(UNet& model, Precision precision) {
   model->eval();
+  if (precision == Precision::kFp32) {
+    return [model](const torch::Tensor& x, const torch::Tensor& t) mutable {
+      return model->forward(x, t);
+    };
+  }
   return [model](const torch::Tensor& x, const torch::Tensor& t) mutable {
-    return model->forward(x, t);
+    AutocastScope autocast(x.device().type(), true);
+    return model->forward(x, t).to(torch::kFloat32);
   };
 }
 

@@ -15,18 +15,43 @@
 
 namespace ddpm {
 
-/// What one optimizer step measured.
-struct StepStats {
+/// Where each value of StepStats::values sits.
+enum StepValue : int64_t {
   /// Mean training loss over the step's micro-batches.
-  double loss = 0;
+  kLossValue = 0,
   /// Global gradient norm before clipping.
+  kGradNormValue = 1,
+  /// kTimestepQuartiles values: for each quarter of [0, T) (q0..q3), the sum of this rank's
+  /// per-sample losses whose timestep fell in it.
+  kQuartileLossValues = 2,
+  /// kTimestepQuartiles values: how many of this rank's samples fell in each quarter.
+  kQuartileCountValues = 2 + kTimestepQuartiles,
+  kStepValues = 2 + 2 * kTimestepQuartiles,
+};
+
+/// StepStats::values (or a sum of them) read on the host.
+struct StepValues {
+  double loss = 0;
   double grad_norm = 0;
-  /// Learning rate the step used.
-  double lr = 0;
-  /// For each quarter of [0, T) (q0..q3): the sum of this rank's per-sample losses whose
-  /// timestep fell in it, and how many samples did.
   std::array<double, kTimestepQuartiles> quartile_loss_sum{};
   std::array<double, kTimestepQuartiles> quartile_count{};
+};
+
+/// Copies values ([kStepValues] float64, any device) to the host: waits for the work that
+/// writes them.
+StepValues ReadStepValues(const torch::Tensor& values);
+
+/// What one optimizer step measured. The values stay on the step's device, so that a step
+/// never waits for the GPU; reading them (loss(), ReadStepValues) waits for the step.
+struct StepStats {
+  /// Learning rate the step used.
+  double lr = 0;
+  /// [kStepValues] float64 on the step's device, laid out as StepValue says.
+  torch::Tensor values;
+  /// The step's mean loss (waits for the step).
+  double loss() const { return ReadStepValues(values).loss; }
+  /// The step's gradient norm before clipping (waits for the step).
+  double grad_norm() const { return ReadStepValues(values).grad_norm; }
 };
 
 /// Linear warmup of Ho et al.: update number k (1-based) uses lr * min(k / warmup_steps, 1).
@@ -45,13 +70,17 @@ class FlatParameters {
     std::vector<int64_t> shape;
   };
 
-  /// Moves module's parameters (already on their device) into the flat buffer.
-  FlatParameters(torch::nn::Module& module, bool with_grad);
+  /// Moves module's parameters (already on their device) into the flat buffer. With
+  /// channels_last, each 4-D parameter's slice holds it in NHWC order (its view has
+  /// channels-last strides), as convolutions in channels_last want their weights.
+  FlatParameters(torch::nn::Module& module, bool with_grad, bool channels_last = false);
   /// The flat parameters.
   const torch::Tensor& data() const { return data_; }
   /// The flat gradients (undefined unless with_grad).
   const torch::Tensor& grad() const { return grad_; }
   const std::vector<Slot>& slots() const { return slots_; }
+  /// The view of slot's parameter in a same-layout flat tensor, with the parameter's strides.
+  torch::Tensor SlotView(const torch::Tensor& flat, const Slot& slot) const;
   /// A same-layout flat tensor split into named views, one per parameter: no copies, on
   /// flat's device.
   std::map<std::string, torch::Tensor> Views(const torch::Tensor& flat) const;
@@ -63,14 +92,28 @@ class FlatParameters {
   torch::Tensor data_;
   torch::Tensor grad_;
   std::vector<Slot> slots_;
+  bool channels_last_ = false;
 };
 
-/// Adam (Kingma & Ba), the arithmetic of torch.optim.Adam, over one flat buffer.
+class Ema;
+
+/// Adam (Kingma & Ba), the arithmetic of torch.optim.Adam, over one flat buffer: a handful of
+/// kernels per step whatever the number of parameters. The step's learning rate and bias
+/// corrections live in a device tensor, so that Apply() can be captured in a CUDA graph.
 class FlatAdam {
  public:
   FlatAdam(torch::Tensor params, torch::Tensor grads, double beta1, double beta2, double eps);
-  /// One update with learning rate lr. Uses the gradient buffer as scratch: the gradients are
-  /// spent afterwards (the next step zeroes them anyway), which saves a parameter-sized buffer.
+  /// Counts one more update and stages its learning rate and bias corrections on the device
+  /// (asynchronously from pinned memory on a GPU).
+  void Prepare(double lr);
+  /// The update Prepare staged. Uses the gradient buffer as scratch: the gradients are spent
+  /// afterwards (the next step zeroes them anyway).
+  void Apply();
+  /// On the CPU, the update Prepare staged fused with the gradient's scaling by grad_scale
+  /// (the clip coefficient) and, when ema is given, its update: one pass over memory. The same
+  /// float arithmetic as Apply() then Ema::Update(), within rounding; gradients untouched.
+  void ApplyFusedCpu(double grad_scale, Ema* ema);
+  /// Prepare(lr), then Apply().
   void Step(double lr);
   /// Updates taken so far.
   int64_t steps() const { return steps_; }
@@ -79,7 +122,10 @@ class FlatAdam {
   void set_steps(int64_t steps) { steps_ = steps; }
 
  private:
-  torch::Tensor params_, grads_, exp_avg_, exp_avg_sq_;
+  torch::Tensor params_, grads_, exp_avg_, exp_avg_sq_, scratch_;
+  /// [2] fp32 on the device: -lr / bias_correction1, sqrt(bias_correction2); and on the host.
+  torch::Tensor scalars_;
+  double step_size_ = 0, sqrt_bias_correction2_ = 1;
   double beta1_, beta2_, eps_;
   int64_t steps_ = 0;
 };
@@ -91,6 +137,8 @@ class Ema {
   Ema(torch::Tensor source, torch::Tensor target, double decay);
   /// Moves the average one step towards the source. Call after the optimizer step.
   void Update();
+  torch::Tensor& target() { return target_; }
+  double decay() const { return decay_; }
 
  private:
   torch::Tensor source_;
@@ -99,8 +147,9 @@ class Ema {
 };
 
 /// Clips the flat gradient to global norm max_norm (when max_norm > 0) as
-/// torch.nn.utils.clip_grad_norm_ does; returns the norm before clipping.
-double ClipGradNorm(torch::Tensor& grad, double max_norm);
+/// torch.nn.utils.clip_grad_norm_ does, on the device without waiting for it; returns the
+/// norm before clipping as a 0-dim tensor.
+torch::Tensor ClipGradNorm(torch::Tensor& grad, double max_norm);
 
 /// What the last step's gradient exchange cost.
 struct CommStats {
@@ -131,8 +180,13 @@ class Trainer {
  public:
   /// Builds the model on device, seeded from config.train.seed; rank seeds dropout's stream.
   Trainer(const Config& config, torch::Device device, int rank = 0);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
 
   /// One optimizer step on a batch of images in [-1, 1], split into grad_accum micro-batches.
+  /// Nothing in it waits for the device. With train.cuda_graphs, the first steps run eagerly,
+  /// the next is captured into a CUDA graph, and later ones replay it.
   /// The batch holds positions [first_position, first_position + B) of the step's global batch;
   /// each sample's timestep and noise are drawn from (seed, step, position), so they do not
   /// depend on how the global batch is split across ranks and micro-batches.
@@ -153,6 +207,8 @@ class Trainer {
   int64_t step() const { return step_; }
   torch::Device device() const { return device_; }
   const FlatParameters& parameters() const { return *params_; }
+  /// Whether steps replay a captured CUDA graph now.
+  bool graph_captured() const;
 
   /// Everything a bitwise-exact resume needs: weights, EMA, Adam moments, step and this rank's
   /// dropout RNG state ("rng/default"), as CPU copies.
@@ -175,6 +231,15 @@ class Trainer {
   std::unique_ptr<Ema> ema_;
   GradientSync* sync_ = nullptr;
   int64_t step_ = 0;
+  /// The captured step and its static buffers (train.cuda_graphs on a CUDA build).
+  struct StepGraph;
+  std::unique_ptr<StepGraph> graph_;
+
+  /// The step's work on device tensors: zeroes the gradients, runs forward and backward over
+  /// the micro-batches, clips, applies the staged Adam update and the EMA, and writes the
+  /// step's values into values. Never waits for the device, so it can be captured.
+  void Compute(const torch::Tensor& images, const torch::Tensor& t, const torch::Tensor& noise,
+               torch::Tensor& values);
 };
 
 /// The state of a CPU or CUDA generator on device seeded from (seed, rank, step): the dropout
@@ -190,8 +255,9 @@ std::map<std::string, torch::Tensor> StateForRank(
 std::map<std::string, torch::Tensor> WeightsFromState(
     const std::map<std::string, torch::Tensor>& state, const std::string& which);
 
-/// A Denoiser that runs module in eval mode (no dropout).
-Denoiser EvalDenoiser(UNet& model);
+/// A Denoiser that runs module in eval mode (no dropout); with bf16, under bf16 autocast and
+/// returning fp32.
+Denoiser EvalDenoiser(UNet& model, Precision precision = Precision::kFp32);
 
 /// The named parameters and buffers of module, detached on the CPU.
 std::map<std::string, torch::Tensor> StateDict(const torch::nn::Module& module);

@@ -18,7 +18,7 @@
 #include "worker/group.h"
 #include "worker/mpi_communicator.h"
 #include "worker/rank_metrics.h"
-#ifdef DDPM_WITH_CUDA
+#ifdef DDPM_HAS_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 #ifdef DDPM_WITH_NCCL
@@ -30,7 +30,7 @@ namespace {
 
 // Bytes in use on device: the CUDA caching allocator's on a GPU, resident memory on the CPU.
 int64_t DeviceMemoryBytes(const std::string& device) {
-#ifdef DDPM_WITH_CUDA
+#ifdef DDPM_HAS_CUDA
   if (device.rfind("cuda", 0) == 0) {
     const auto stats =
         c10::cuda::CUDACachingAllocator::getDeviceStats(torch::Device(device).index());
