@@ -29,7 +29,8 @@ void Synchronize(torch::Device device) {
   if (device.is_cuda()) torch::cuda::synchronize(device.index());
 }
 
-// Peak memory in MB: the CUDA caching allocator's peak on a GPU, else this process's peak RSS.
+// Peak memory so far in MB: the CUDA caching allocator's peak on a GPU, else this process's
+// peak RSS.
 double PeakMemoryMb(torch::Device device) {
 #ifdef DDPM_HAS_CUDA
   if (device.is_cuda()) {
@@ -100,6 +101,8 @@ int main(int argc, char** argv) {
       step_ms.push_back(ms / round);
     }
     const double steps_per_second = rounds * round * 1000.0 / total_ms;
+    // The training's peak, before the measurements below add buffers of their own.
+    const double train_peak_mb = PeakMemoryMb(device);
 
     // Forward and backward alone, on fixed timesteps and noise: the part both sides share.
     torch::manual_seed(0);
@@ -239,7 +242,7 @@ int main(int argc, char** argv) {
                   static_cast<long long>(sample_images), ddpm_seconds, ddim_seconds,
                   config.sample.steps);
     }
-    std::printf(" peak_%s_mb=%.0f\n", device.is_cuda() ? "device" : "rss", PeakMemoryMb(device));
+    std::printf(" peak_%s_mb=%.0f\n", device.is_cuda() ? "device" : "rss", train_peak_mb);
     return 0;
   });
 }

@@ -307,6 +307,32 @@ TEST(Export, PythonTorchLoadReadsTheCppEmaWeights) {
   EXPECT_NE(output.find(std::to_string(index) + " tensors equal"), std::string::npos) << output;
 }
 
+TEST(Run, DivergenceStopsBeforeACheckpointCouldSaveIt) {
+  // Steps never read their loss back; the run reads the device's sums at log steps and before
+  // checkpoints. A learning rate of 1e30 makes the loss infinite within two steps: the read
+  // before step 5's checkpoint must stop the run, name the steps, and leave no checkpoint.
+  const std::string dir = TempPath("diverge");
+  fs::remove_all(dir);
+  Config config = TinyRun(20);
+  config.train.lr = 1e30;
+  config.train.checkpoint_every = 5;
+  TrainOptions options;
+  options.run_dir = dir;
+  try {
+    RunTraining(config, options);
+    FAIL() << "a run whose loss is not finite must stop";
+  } catch (const std::runtime_error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("training diverged"), std::string::npos) << what;
+    EXPECT_NE(what.find("steps 1-5 on rank 0"), std::string::npos) << what;
+  }
+  int committed = 0;
+  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
+    if (entry.path().filename() == "COMMITTED") ++committed;
+  }
+  EXPECT_EQ(committed, 0) << "a checkpoint of diverged weights was committed";
+}
+
 TEST(Resume, RefusesToOverwriteARunAndChecksTheConfig) {
   const std::string dir = TempPath("refuse");
   fs::remove_all(dir);
