@@ -329,6 +329,14 @@ TEST(Train, ChannelsLastKeepsConvWeightsNhwcAndTrainsLikeContiguous) {
   nhwc.Step(first);
   const StepStats a = contiguous.Step(second), b = nhwc.Step(second);
   EXPECT_NEAR(b.loss(), a.loss(), 1e-4 * a.loss());
+  // Backward accumulated into the NHWC views of the flat gradient, and left them there.
+  for (const auto& item : nhwc.model()->named_parameters()) {
+    const torch::Tensor grad = item.value().grad();
+    EXPECT_TRUE(grad.storage().is_alias_of(nhwc.parameters().grad().storage())) << item.key();
+    if (item.value().dim() == 4) {
+      EXPECT_TRUE(grad.is_contiguous(torch::MemoryFormat::ChannelsLast)) << item.key();
+    }
+  }
   const auto state_a = contiguous.State(), state_b = nhwc.State();
   ASSERT_EQ(state_a.size(), state_b.size());
   for (const auto& [name, tensor] : state_a) {
