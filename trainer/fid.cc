@@ -94,7 +94,7 @@ double TraceSqrtProduct(const torch::Tensor& w1, const torch::Tensor& v1,
   const torch::Tensor sqrt1 = v1.mm(torch::diag(CleanEigenvalues(w1).sqrt())).mm(v1.t());
   torch::Tensor product = sqrt1.mm(sigma2).mm(sqrt1);
   product = (product + product.t()) / 2;
-  return CleanEigenvalues(torch::linalg::eigvalsh(product, "L")).sqrt().sum().item<double>();
+  return CleanEigenvalues(torch::linalg_eigvalsh(product, "L")).sqrt().sum().item<double>();
 }
 
 // Whether a symmetric matrix's eigenvalues hold one below -tolerance x the largest magnitude.
@@ -124,9 +124,9 @@ FrechetResult FrechetDistance(const torch::Tensor& mu1_in, const torch::Tensor& 
   sigma2 = (sigma2 + sigma2.t()) / 2;
   // Each matrix is decomposed once: S1 for both the check and the square root.
   FrechetResult result;
-  std::tuple<torch::Tensor, torch::Tensor> s1 = torch::linalg::eigh(sigma1, "L");
+  std::tuple<torch::Tensor, torch::Tensor> s1 = torch::linalg_eigh(sigma1, "L");
   const bool broken = NotPositiveSemiDefinite(std::get<0>(s1)) ||
-                      NotPositiveSemiDefinite(torch::linalg::eigvalsh(sigma2, "L"));
+                      NotPositiveSemiDefinite(torch::linalg_eigvalsh(sigma2, "L"));
   double trace_sqrt = broken ? std::numeric_limits<double>::quiet_NaN()
                              : TraceSqrtProduct(std::get<0>(s1), std::get<1>(s1), sigma2);
   if (!std::isfinite(trace_sqrt)) {
@@ -136,7 +136,7 @@ FrechetResult FrechetDistance(const torch::Tensor& mu1_in, const torch::Tensor& 
     const torch::Tensor offset = eps * torch::eye(d, torch::kFloat64);
     sigma1 = sigma1 + offset;
     sigma2 = sigma2 + offset;
-    s1 = torch::linalg::eigh(sigma1, "L");
+    s1 = torch::linalg_eigh(sigma1, "L");
     trace_sqrt = TraceSqrtProduct(std::get<0>(s1), std::get<1>(s1), sigma2);
   }
   const torch::Tensor diff = mu1 - mu2;
