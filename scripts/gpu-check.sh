@@ -28,8 +28,12 @@ if ! ls "$deps"/debs/*.deb > /dev/null 2>&1; then
   exit 2
 fi
 
-# The packages unpack into a prefix of their own, never over the machine's /.
-root=$deps/root
+# The packages unpack into a prefix of their own in the build folder, never over the
+# machine's / (and not into .gpu-deps, which must stay small enough to carry).
+build=${DDPM_GPU_BUILD_DIR:-build-gpu}
+mkdir -p "$build"
+build=$(cd "$build" && pwd)
+root=$build/deps
 rm -rf "$root"
 mkdir -p "$root"
 for deb in "$deps"/debs/*.deb; do
@@ -59,12 +63,24 @@ if command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 fi
 
+# pip's LibTorch needs the CUDA libraries of the nvidia-* wheels beside it (cuBLAS, cuDNN, ...),
+# which its own RUNPATH finds at run time; the linker needs to be shown them.
+nvidia_dirs=$($python - <<'PY'
+import glob, os, torch
+site = os.path.dirname(os.path.dirname(torch.__file__))
+dirs = sorted({os.path.dirname(f) for f in glob.glob(os.path.join(site, "nvidia", "**", "lib*.so*"),
+                                                     recursive=True)})
+print(":".join(dirs + [os.path.join(os.path.dirname(torch.__file__), "lib")]))
+PY
+)
+export LDFLAGS="-Wl,-rpath-link,$nvidia_dirs${LDFLAGS:+ $LDFLAGS}"
+[ -x /usr/local/cuda/bin/nvcc ] && export PATH=/usr/local/cuda/bin:$PATH
+
 # The unpacked libraries and headers, for the compiler, the linker and the programs; pip's
 # LibTorch is found through its own CMake files and RPATH.
 export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export LIBRARY_PATH=$lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 export CPATH=$root/usr/include${CPATH:+:$CPATH}
-build=${DDPM_GPU_BUILD_DIR:-build-gpu}
 generator=()
 command -v ninja > /dev/null && generator=(-G Ninja)
 set -o pipefail
