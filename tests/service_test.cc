@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <thread>
 
 #include "coordinator/service.h"
@@ -103,9 +104,11 @@ TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
   EXPECT_EQ(command.run_id(), "svc-1");
   EXPECT_EQ(command.placement().per_rank_batch(), 2);
 
-  // A watcher follows the run from here to its end.
+  // A watcher follows the run from here to its end. Its first event (the run as it stands)
+  // says it is subscribed: only then may the heartbeats below come, or it could miss them.
   std::vector<v1::WatchRunEvent> watched;
   grpc::Status watch_status;
+  std::promise<void> subscribed;
   std::thread watcher([&] {
     auto client = Control();
     auto context = MakeContext(kControlToken, std::chrono::seconds(30));
@@ -113,9 +116,17 @@ TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
     request.set_run("svc");
     auto events = client->WatchRun(context.get(), request);
     v1::WatchRunEvent event;
-    while (events->Read(&event)) watched.push_back(event);
+    bool first = true;
+    while (events->Read(&event)) {
+      watched.push_back(event);
+      if (first) subscribed.set_value();
+      first = false;
+    }
+    if (first) subscribed.set_value();
     watch_status = events->Finish();
   });
+  ASSERT_EQ(subscribed.get_future().wait_for(std::chrono::seconds(20)), std::future_status::ready)
+      << "the watcher got no first event";
 
   v1::HeartbeatRequest beat;
   beat.set_group_id("group-a");

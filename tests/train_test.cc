@@ -320,7 +320,9 @@ TEST(Train, ChannelsLastKeepsConvWeightsNhwcAndTrainsLikeContiguous) {
   // The same starting weights, NHWC or not.
   const auto start_nhwc = nhwc.State();
   for (const auto& [name, tensor] : contiguous.State()) {
-    if (name.rfind("model/", 0) == 0) ASSERT_TRUE(torch::equal(tensor, start_nhwc.at(name))) << name;
+    if (name.rfind("model/", 0) == 0) {
+      ASSERT_TRUE(torch::equal(tensor, start_nhwc.at(name))) << name;
+    }
   }
   ShapesDataset data(64, 16, 0);
   EpochSampler sampler(data.size(), 0);
@@ -550,6 +552,21 @@ TEST(Flags, ParsesValuesSwitchesAndRefusesUnknowns) {
   const char* not_int[] = {"prog", "--steps=many"};
   bad.Parse(2, not_int);
   EXPECT_THROW(bad.GetInt("steps"), FlagError);
+  Flags numbers("prog", "test");
+  numbers.Add("peak", "peak", "0");
+  const char* number[] = {"prog", "--peak", "790.5"};
+  numbers.Parse(3, number);
+  EXPECT_DOUBLE_EQ(numbers.GetDouble("peak"), 790.5);
+  EXPECT_THROW(numbers.GetInt("peak"), FlagError) << "an integer flag takes the whole value";
+  const char* trailing[] = {"prog", "--peak=790x"};
+  numbers.Parse(2, trailing);
+  try {
+    numbers.GetDouble("peak");
+    FAIL() << "790x is not a number";
+  } catch (const FlagError& e) {
+    EXPECT_NE(std::string(e.what()).find("--peak expects a number, got '790x'"), std::string::npos)
+        << e.what();
+  }
 }
 
 }  // namespace

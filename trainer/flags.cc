@@ -81,26 +81,33 @@ const Flags::Spec& Flags::Find(const std::string& name) const {
 
 std::string Flags::Get(const std::string& name) const { return Find(name).value; }
 
-int64_t Flags::GetInt(const std::string& name) const {
-  const std::string& value = Find(name).value;
+namespace {
+
+// value parsed whole by parse (std::stoll or std::stod), or FlagError naming the flag.
+template <typename Parse>
+auto ParseWhole(const std::string& program, const std::string& name, const std::string& value,
+                Parse parse, const char* expected) {
   try {
     std::size_t used = 0;
-    const int64_t parsed = std::stoll(value, &used);
+    const auto parsed = parse(value, &used);
     if (used == value.size()) return parsed;
   } catch (const std::exception&) {
   }
-  throw FlagError(program_ + ": --" + name + " expects an integer, got '" + value + "'");
+  throw FlagError(program + ": --" + name + " expects " + expected + ", got '" + value + "'");
+}
+
+}  // namespace
+
+int64_t Flags::GetInt(const std::string& name) const {
+  return ParseWhole(
+      program_, name, Find(name).value,
+      [](const std::string& v, std::size_t* used) { return std::stoll(v, used); }, "an integer");
 }
 
 double Flags::GetDouble(const std::string& name) const {
-  const std::string& value = Find(name).value;
-  try {
-    std::size_t used = 0;
-    const double parsed = std::stod(value, &used);
-    if (used == value.size()) return parsed;
-  } catch (const std::exception&) {
-  }
-  throw FlagError(program_ + ": --" + name + " expects a number, got '" + value + "'");
+  return ParseWhole(
+      program_, name, Find(name).value,
+      [](const std::string& v, std::size_t* used) { return std::stod(v, used); }, "a number");
 }
 
 bool Flags::GetSwitch(const std::string& name) const { return Find(name).value == "true"; }
