@@ -152,7 +152,7 @@ int main(int argc, char** argv) {
           start = Clock::now();
           const double norm = grads.norm().item<double>();
           adam.Prepare(1e-4);
-          adam.ApplyFusedCpu(std::min(1.0, config.train.grad_clip / (norm + 1e-6)), &average);
+          adam.ApplyFusedCpu(ddpm::ClipCoefficient(norm, config.train.grad_clip), &average);
           update_ms.push_back(Ms(start));
         } else {
           update_ms.push_back(op_by_op_ms.back());

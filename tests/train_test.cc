@@ -155,7 +155,7 @@ TEST(Train, FusedCpuUpdateMatchesClipAdamAndEmaOpByOp) {
     adam_a.Step(1e-3 * step);
     average_a.Update();
     adam_b.Prepare(1e-3 * step);
-    adam_b.ApplyFusedCpu(std::min(1.0, max_norm / (norm + 1e-6)), &average_b);
+    adam_b.ApplyFusedCpu(ClipCoefficient(norm, max_norm), &average_b);
   }
   // Within float rounding: every element within 8 float32 ulps of its buffer's largest value
   // (cancellation leaves small elements with the larger terms' rounding).
@@ -188,6 +188,11 @@ TEST(Train, ClipGradNormMatchesTorch) {
   EXPECT_NEAR(norm, expected, 1e-4 * expected);
   EXPECT_TRUE(torch::allclose(ours->weight.grad(), theirs->weight.grad(), 1e-5, 1e-7));
   EXPECT_NEAR(flat.grad().norm().item<double>(), 1.0, 1e-5);
+  // The host-side coefficient of the CPU's fused update: the same formula, and 1 when the
+  // gradient is within the norm or clipping is off.
+  EXPECT_DOUBLE_EQ(ClipCoefficient(4.0, 1.0), 1.0 / (4.0 + 1e-6));
+  EXPECT_DOUBLE_EQ(ClipCoefficient(0.5, 1.0), 1.0);
+  EXPECT_DOUBLE_EQ(ClipCoefficient(4.0, 0.0), 1.0);
 }
 
 TEST(Train, FirstAdamStepMovesEachWeightByTheWarmupLearningRate) {

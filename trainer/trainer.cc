@@ -237,6 +237,10 @@ void Ema::Update() {
   target_.mul_(decay_).add_(source_, 1.0 - decay_);
 }
 
+double ClipCoefficient(double norm, double max_norm) {
+  return max_norm > 0 ? std::min(1.0, max_norm / (norm + 1e-6)) : 1.0;
+}
+
 torch::Tensor ClipGradNorm(torch::Tensor& grad, double max_norm) {
   torch::NoGradGuard no_grad;
   torch::Tensor norm = grad.norm();
@@ -363,10 +367,8 @@ void Trainer::Compute(const torch::Tensor& images, const torch::Tensor& t,
     // it there), and reading the norm costs nothing.
     torch::NoGradGuard no_grad;
     grad_norm = grad.norm();
-    const double norm = grad_norm.item<double>();
-    const double max_norm = config_.train.grad_clip;
-    const double coef = max_norm > 0 ? std::min(1.0, max_norm / (norm + 1e-6)) : 1.0;
-    optimizer_->ApplyFusedCpu(coef, ema_.get());
+    optimizer_->ApplyFusedCpu(ClipCoefficient(grad_norm.item<double>(), config_.train.grad_clip),
+                              ema_.get());
   } else {
     grad_norm = ClipGradNorm(grad, config_.train.grad_clip);
     optimizer_->Apply();

@@ -146,6 +146,11 @@ class Ema {
   double decay_;
 };
 
+/// The factor that clipping to max_norm multiplies a gradient of global norm `norm` by, as
+/// torch.nn.utils.clip_grad_norm_ computes it: min(1, max_norm / (norm + 1e-6)); 1 when
+/// max_norm <= 0 (no clipping).
+double ClipCoefficient(double norm, double max_norm);
+
 /// Clips the flat gradient to global norm max_norm (when max_norm > 0) as
 /// torch.nn.utils.clip_grad_norm_ does, on the device without waiting for it; returns the
 /// norm before clipping as a 0-dim tensor.
