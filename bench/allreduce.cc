@@ -7,8 +7,9 @@
 #include <vector>
 
 #include "bench/stats.h"
-#include "trainer/config.h"
-#include "trainer/flags.h"
+#include "config/batch_plan.h"
+#include "config/config.h"
+#include "config/flags.h"
 #include "trainer/trainer.h"
 #include "worker/gradient_buckets.h"
 #include "worker/mpi_communicator.h"
@@ -38,8 +39,7 @@ int main(int argc, char** argv) {
     const int batch = static_cast<int>(flags.GetInt("batch"));
     ddpm::SetConfigKey(config, "train.batch_size", std::to_string(batch), "ddpm_bench_dist flags");
     ddpm::SetConfigKey(config, "train.grad_accum", "1", "ddpm_bench_dist flags");
-    config.Validate(world);
-    const int per_rank = config.PerRankMicroBatch(world);
+    const int per_rank = ddpm::PlanBatch(config, world).rank_batch();
     torch::set_num_threads(static_cast<int>(flags.GetInt("threads")));
     std::vector<double> step_ms, allreduce_ms, overlap, exposed_ms;
     double algbw_gbs = 0, busbw_gbs = 0, raw_ms = 0, raw_mb = 0;
@@ -50,7 +50,7 @@ int main(int argc, char** argv) {
       ddpm::Trainer trainer(config, torch::kCPU, rank);
       params = static_cast<long long>(ddpm::CountParameters(*trainer.model()));
       ddpm::GradientBuckets sync(*trainer.model(), trainer.parameters(), comm,
-                                 std::stod(flags.Get("bucket-mb")));
+                                 flags.GetDouble("bucket-mb"));
       trainer.set_gradient_sync(&sync);
       buckets = static_cast<int>(sync.buckets().size());
       const auto& m = config.model;
@@ -70,7 +70,7 @@ int main(int argc, char** argv) {
 
       // The raw all-reduce of one buffer, as nccl-tests reports it: algorithm bandwidth is
       // bytes / time; bus bandwidth scales it by 2 (W - 1) / W, the bytes each rank moves.
-      raw_mb = std::stod(flags.Get("allreduce-mb"));
+      raw_mb = flags.GetDouble("allreduce-mb");
       const int64_t elements = raw_mb > 0 ? static_cast<int64_t>(raw_mb * (1 << 20) / 4)
                                           : trainer.parameters().grad().numel();
       raw_mb = elements * 4.0 / (1 << 20);

@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "bench/stats.h"
-#include "trainer/config.h"
-#include "trainer/flags.h"
+#include "config/config.h"
+#include "config/flags.h"
 #include "trainer/trainer.h"
 
 using ddpm::bench::Clock;

@@ -2,6 +2,8 @@
 // one Frechet distance at dimension 2048. Prints one line of key=value pairs, as
 // bench/fid_torch.py does for the Python side (bench/fid.sh alternates them).
 // usage: ddpm_bench_fid [--batch N] [--batches K] [--threads T]
+#include "eval/fid.h"
+
 #include <torch/torch.h>
 
 #include <cstdio>
@@ -10,16 +12,16 @@
 #include <vector>
 
 #include "bench/stats.h"
-#include "trainer/fid.h"
-#include "trainer/inception.h"
+#include "config/flags.h"
+#include "eval/inception.h"
 
 namespace ddpm::bench {
 namespace {
 
-int Run(int argc, char** argv) {
-  const int batch = std::atoi(ArgOr(argc, argv, "--batch", "25").c_str());
-  const int batches = std::atoi(ArgOr(argc, argv, "--batches", "3").c_str());
-  torch::set_num_threads(std::atoi(ArgOr(argc, argv, "--threads", "2").c_str()));
+int Run(const Flags& flags) {
+  const int batch = static_cast<int>(flags.GetInt("batch"));
+  const int batches = static_cast<int>(flags.GetInt("batches"));
+  torch::set_num_threads(static_cast<int>(flags.GetInt("threads")));
   torch::manual_seed(0);
   // The speed does not depend on the weights' values: the network as constructed.
   FidInception model;
@@ -47,14 +49,22 @@ int Run(int argc, char** argv) {
     fid = FrechetDistance(mu1, s1, mu2, s2).fid;
     fid_ms.push_back(Ms(start));
   }
-  std::printf("impl=cpp batch=%d threads=%d images_per_second=%.2f batch_ms_median=%.1f "
-              "fid2048_ms_median=%.1f fid=%.6f\n",
-              batch, torch::get_num_threads(), batch * 1000.0 / Quantile(batch_ms, 0.5),
-              Quantile(batch_ms, 0.5), Quantile(fid_ms, 0.5), fid);
+  std::printf(
+      "impl=cpp batch=%d threads=%d images_per_second=%.2f batch_ms_median=%.1f "
+      "fid2048_ms_median=%.1f fid=%.6f\n",
+      batch, torch::get_num_threads(), batch * 1000.0 / Quantile(batch_ms, 0.5),
+      Quantile(batch_ms, 0.5), Quantile(fid_ms, 0.5), fid);
   return 0;
 }
 
 }  // namespace
 }  // namespace ddpm::bench
 
-int main(int argc, char** argv) { return ddpm::bench::Run(argc, argv); }
+int main(int argc, char** argv) {
+  ddpm::Flags flags("ddpm_bench_fid",
+                    "Times Inception feature extraction and one Frechet distance at 2048.");
+  flags.Add("batch", "images per Inception forward pass", "25");
+  flags.Add("batches", "timed forward passes", "3");
+  flags.Add("threads", "torch threads", "2");
+  return ddpm::RunMain(flags, argc, argv, [&] { return ddpm::bench::Run(flags); });
+}

@@ -3,6 +3,8 @@
 // and one /metrics scrape of many active runs' per-rank series. Each is timed side by side with
 // the budget it spends from: a train step, the heartbeat interval, the scrape interval.
 // usage: ddpm_bench_metrics [--ranks N] [--runs R] [--step-ms MS]
+#include "coordinator/metrics.h"
+
 #include <prometheus/text_serializer.h>
 #include <unistd.h>
 
@@ -13,8 +15,8 @@
 #include <vector>
 
 #include "bench/stats.h"
+#include "config/flags.h"
 #include "coordinator/core.h"
-#include "coordinator/metrics.h"
 #include "worker/rank_metrics.h"
 
 namespace ddpm::bench {
@@ -29,11 +31,10 @@ WorkerMetrics StepOf(int64_t step) {
   return m;
 }
 
-int Run(int argc, char** argv) {
-  const int ranks = std::atoi(ArgOr(argc, argv, "--ranks", "64").c_str());
-  const int runs = std::atoi(ArgOr(argc, argv, "--runs", "8").c_str());
-  // The step it is compared with: the demo UNet's p50 step on this machine (2 ranks, batch 8).
-  const double step_ms = std::atof(ArgOr(argc, argv, "--step-ms", "18").c_str());
+int Run(const Flags& flags) {
+  const int ranks = static_cast<int>(flags.GetInt("ranks"));
+  const int runs = static_cast<int>(flags.GetInt("runs"));
+  const double step_ms = flags.GetDouble("step-ms");
   constexpr double kHeartbeatSeconds = 5, kScrapeSeconds = 5;
 
   // 1. A rank records its step.
@@ -94,10 +95,11 @@ int Run(int argc, char** argv) {
     rounds_ms.push_back(Ms(start));
   }
   const double heartbeat_us = 1000 * Quantile(rounds_ms, 0.5) / beats.size();
-  std::printf("one heartbeat with histograms (%zu bytes): %.2f us; %d runs x %d ranks every %.0f s "
-              "= %.4f%% of one coordinator core\n",
-              beats[1].ByteSizeLong(), heartbeat_us, runs, ranks, kHeartbeatSeconds,
-              100 * heartbeat_us * beats.size() / (1e6 * kHeartbeatSeconds));
+  std::printf(
+      "one heartbeat with histograms (%zu bytes): %.2f us; %d runs x %d ranks every %.0f s "
+      "= %.4f%% of one coordinator core\n",
+      beats[1].ByteSizeLong(), heartbeat_us, runs, ranks, kHeartbeatSeconds,
+      100 * heartbeat_us * beats.size() / (1e6 * kHeartbeatSeconds));
 
   // 3. One scrape of every active run's per-rank series.
   CoordinatorCollector collector(core);
@@ -108,10 +110,11 @@ int Run(int argc, char** argv) {
     bytes = prometheus::TextSerializer().Serialize(collector.Collect()).size();
     scrape_ms.push_back(Ms(start));
   }
-  std::printf("one /metrics scrape of %d runs x %d ranks: %.2f ms (p50 of 10), %.1f KiB = %.3f%% "
-              "of one coordinator core at one scrape every %.0f s\n",
-              runs, ranks, Quantile(scrape_ms, 0.5), bytes / 1024.0,
-              100 * Quantile(scrape_ms, 0.5) / (1000 * kScrapeSeconds), kScrapeSeconds);
+  std::printf(
+      "one /metrics scrape of %d runs x %d ranks: %.2f ms (p50 of 10), %.1f KiB = %.3f%% "
+      "of one coordinator core at one scrape every %.0f s\n",
+      runs, ranks, Quantile(scrape_ms, 0.5), bytes / 1024.0,
+      100 * Quantile(scrape_ms, 0.5) / (1000 * kScrapeSeconds), kScrapeSeconds);
   std::filesystem::remove_all(dir);
   return 0;
 }
@@ -119,4 +122,12 @@ int Run(int argc, char** argv) {
 }  // namespace
 }  // namespace ddpm::bench
 
-int main(int argc, char** argv) { return ddpm::bench::Run(argc, argv); }
+int main(int argc, char** argv) {
+  ddpm::Flags flags("ddpm_bench_metrics",
+                    "Times recording a step, taking a heartbeat and serving a /metrics scrape.");
+  flags.Add("ranks", "ranks per run", "64");
+  flags.Add("runs", "active runs in the scrape", "8");
+  // The step it is compared with: the demo UNet's p50 step on this machine (2 ranks, batch 8).
+  flags.Add("step-ms", "the train step the recording is compared with, in ms", "18");
+  return ddpm::RunMain(flags, argc, argv, [&] { return ddpm::bench::Run(flags); });
+}

@@ -13,8 +13,8 @@
 #endif
 
 #include "bench/stats.h"
-#include "trainer/config.h"
-#include "trainer/flags.h"
+#include "config/config.h"
+#include "config/flags.h"
 #include "trainer/flops.h"
 #include "trainer/trainer.h"
 
@@ -81,7 +81,8 @@ int main(int argc, char** argv) {
     const double forward_flops = ddpm::CountFlops([&] {
       torch::NoGradGuard no_grad;
       const torch::Tensor one = images.narrow(0, 0, 1).to(device);
-      trainer.model()->forward(one, torch::zeros({1}, torch::TensorOptions(device).dtype(torch::kLong)));
+      trainer.model()->forward(one,
+                               torch::zeros({1}, torch::TensorOptions(device).dtype(torch::kLong)));
     });
     const double step_flops = 3 * forward_flops * batch;
 
@@ -162,8 +163,7 @@ int main(int argc, char** argv) {
 
     const int sample_batch = static_cast<int>(flags.GetInt("sample-batch"));
     const std::vector<int64_t> shape = {sample_batch, m.in_channels, m.image_size, m.image_size};
-    const ddpm::Denoiser denoiser =
-        ddpm::EvalDenoiser(trainer.ema_model(), config.train.precision);
+    const ddpm::Denoiser denoiser = ddpm::EvalDenoiser(trainer.ema_model(), config.train.precision);
     double ddpm_step_ms = 0, ddim_step_ms = 0, ddpm_seconds = 0, ddim_seconds = 0;
     const int64_t sample_images = flags.GetInt("sample-images");
     if (sample_images > 0) {
@@ -228,15 +228,14 @@ int main(int argc, char** argv) {
         static_cast<long long>(flags.GetInt("threads")), median, Quantile(step_ms, 0.1),
         Quantile(step_ms, 0.9), steps_per_second, steps_per_second * batch,
         Quantile(fwd_bwd_ms, 0.5), Quantile(draw_ms, 0.5), Quantile(update_ms, 0.5),
-        Quantile(op_by_op_ms, 0.5),
-        forward_flops / 1e9, step_flops * steps_per_second / 1e12);
+        Quantile(op_by_op_ms, 0.5), forward_flops / 1e9, step_flops * steps_per_second / 1e12);
     if (peak_tflops > 0) {
       std::printf(" mfu=%.3f", step_flops * steps_per_second / (peak_tflops * 1e12));
     }
-    std::printf(" ddpm_step_ms=%.2f ddim_step_ms=%.2f ddpm_ms_per_image=%.1f ddim_ms_per_image=%.1f",
-                ddpm_step_ms, ddim_step_ms,
-                ddpm_step_ms * config.diffusion.timesteps / sample_batch,
-                ddim_step_ms * config.sample.steps / sample_batch);
+    std::printf(
+        " ddpm_step_ms=%.2f ddim_step_ms=%.2f ddpm_ms_per_image=%.1f ddim_ms_per_image=%.1f",
+        ddpm_step_ms, ddim_step_ms, ddpm_step_ms * config.diffusion.timesteps / sample_batch,
+        ddim_step_ms * config.sample.steps / sample_batch);
     if (sample_images > 0) {
       std::printf(" sample_images=%lld ddpm_seconds=%.2f ddim_seconds=%.2f ddim_steps=%d",
                   static_cast<long long>(sample_images), ddpm_seconds, ddim_seconds,

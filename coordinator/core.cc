@@ -3,33 +3,18 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
-#include <random>
+#include <utility>
 
-#include "trainer/config.h"
+#include "base/random.h"
+#include "base/text.h"
+#include "config/batch_plan.h"
+#include "config/config.h"
+#include "proto/run_state.h"
 
 namespace ddpm {
 namespace {
 
 constexpr size_t kMaxNameLength = 64;
-
-std::string StateName(v1::RunState state) { return v1::RunState_Name(state); }
-
-std::string Seconds(double seconds) {
-  char text[32];
-  std::snprintf(text, sizeof(text), "%.1f s", seconds);
-  return text;
-}
-
-std::string NewSession() {
-  std::random_device entropy;
-  std::string session;
-  for (int i = 0; i < 4; ++i) {
-    char part[9];
-    std::snprintf(part, sizeof(part), "%08x", entropy());
-    session += part;
-  }
-  return session;
-}
 
 void CheckName(const std::string& name) {
   const bool ok =
@@ -38,9 +23,9 @@ void CheckName(const std::string& name) {
         return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
       });
   if (!ok) {
-    throw CoordinatorError(ErrorCode::kInvalidArgument,
-                           "run name '" + name + "': use 1 to " + std::to_string(kMaxNameLength) +
-                               " letters, digits, '-', '_' or '.'");
+    throw CoordinatorError(ErrorCode::kInvalidArgument, "run name '" + name + "': use 1 to " +
+                                                            std::to_string(kMaxNameLength) +
+                                                            " letters, digits, '-', '_' or '.'");
   }
 }
 
@@ -58,8 +43,8 @@ bool IsFinal(v1::RunState state) {
   return state == v1::STOPPED || state == v1::COMPLETED || state == v1::FAILED;
 }
 
-Coordinator::Coordinator(const CoordinatorOptions& options, const Clock& clock)
-    : options_(options), clock_(clock) {
+Coordinator::Coordinator(CoordinatorOptions options, const Clock& clock)
+    : options_(std::move(options)), clock_(clock) {
   namespace fs = std::filesystem;
   std::error_code error;
   fs::create_directories(options_.data_dir, error);
@@ -75,6 +60,14 @@ Coordinator::Coordinator(const CoordinatorOptions& options, const Clock& clock)
     RunEntry& entry = runs_[run.id()];
     entry.seq = seq;
     entry.run = std::move(run);
+    if (IsFinal(entry.run.state())) continue;
+    try {
+      entry.config = ParseRunConfig(entry.run.config_yaml());
+    } catch (const CoordinatorError& error) {
+      // A config this build no longer reads (a key removed since) cannot be scheduled.
+      Transition(entry, v1::FAILED,
+                 std::string("its stored config no longer loads: ") + error.what());
+    }
   }
   started_ms_ = clock_.NowUnixMs();
 }
@@ -113,7 +106,8 @@ Coordinator::Group& Coordinator::GroupHolding(const std::string& group_id,
   Group& group = FindGroup(group_id);
   if (run_id.empty() || group.run_id != run_id) {
     throw CoordinatorError(ErrorCode::kFailedPrecondition,
-                           "group '" + group_id + "' does not hold run '" + run_id + "' (it holds " +
+                           "group '" + group_id + "' does not hold run '" + run_id +
+                               "' (it holds " +
                                (group.run_id.empty() ? "no run" : "'" + group.run_id + "'") + ")");
   }
   const int current = runs_.at(run_id).run.placement().attempt();
@@ -169,12 +163,10 @@ void Coordinator::SetCommand(Group& group, v1::GroupCommand command) {
 }
 
 v1::GroupCommand Coordinator::TrainCommand(const v1::Run& run) const {
-  Config config = ParseRunConfig(run.config_yaml());
-  config.train.grad_accum = run.placement().grad_accum();
   v1::GroupCommand command;
   command.set_kind(v1::GroupCommand::TRAIN);
   command.set_run_id(run.id());
-  command.set_config_yaml(config.ToYaml());
+  command.set_config_yaml(run.config_yaml());
   command.set_run_dir(run.run_dir());
   *command.mutable_placement() = run.placement();
   return command;
@@ -214,11 +206,11 @@ void Coordinator::Schedule() {
   // fits none waits without holding back the runs behind it.
   for (RunEntry* entry : queued) {
     if (idle.empty()) return;
-    const Config config = ParseRunConfig(entry->run.config_yaml());
+    const Config& config = entry->config;
     for (auto group = idle.begin(); group != idle.end(); ++group) {
       BatchPlan plan;
       try {
-        plan = config.PlanBatch((*group)->world_size);
+        plan = PlanBatch(config, (*group)->world_size);
       } catch (const ConfigError&) {
         continue;
       }
@@ -226,17 +218,14 @@ void Coordinator::Schedule() {
       v1::Placement& placement = *run.mutable_placement();
       placement.set_group_id((*group)->id);
       placement.set_world_size((*group)->world_size);
-      placement.set_per_rank_batch(plan.per_rank_batch);
-      placement.set_grad_accum(plan.grad_accum);
+      placement.set_per_rank_batch(plan.micro_batch);
+      placement.set_grad_accum(plan.micro_batches);
+      placement.set_requested_grad_accum(config.train.grad_accum);
       placement.set_attempt(run.restarts() + 1);
       run.clear_ranks();
       const int64_t resume = run.latest_checkpoint().step();
       Transition(*entry, v1::STARTING,
-                 "assigned to group " + (*group)->id + ": " +
-                     std::to_string((*group)->world_size) + " ranks x " +
-                     std::to_string(plan.per_rank_batch) + " images x " +
-                     std::to_string(plan.grad_accum) + " micro-batches = global batch " +
-                     std::to_string(config.train.batch_size) +
+                 "assigned to group " + (*group)->id + ": " + plan.Describe() +
                      (resume > 0 ? "; resumes from step " + std::to_string(resume) : ""));
       (*group)->run_id = run.id();
       SetCommand(**group, TrainCommand(run));
@@ -250,19 +239,15 @@ v1::Run Coordinator::StartRun(const v1::StartRunRequest& request) {
   const std::string name = request.name().empty() ? "run" : request.name();
   CheckName(name);
   const Config config = ParseRunConfig(request.config_yaml());
-  const int world = config.dist.world_size > 0 ? config.dist.world_size : 1;
   try {
-    Config placed = config;
-    placed.train.grad_accum = config.PlanBatch(world).grad_accum;
-    placed.Validate(world);
+    PlanBatch(config, config.dist.world_size > 0 ? config.dist.world_size : 1);
   } catch (const ConfigError& error) {
     throw CoordinatorError(ErrorCode::kInvalidArgument,
                            std::string("no worker group can serve this config: ") + error.what());
   }
   if (request.has_max_restarts() && request.max_restarts() < 0) {
-    throw CoordinatorError(ErrorCode::kInvalidArgument,
-                           "max_restarts must be >= 0, got " +
-                               std::to_string(request.max_restarts()));
+    throw CoordinatorError(ErrorCode::kInvalidArgument, "max_restarts must be >= 0, got " +
+                                                            std::to_string(request.max_restarts()));
   }
 
   std::lock_guard<std::mutex> lock(mutex_);
@@ -295,6 +280,7 @@ v1::Run Coordinator::StartRun(const v1::StartRunRequest& request) {
   RunEntry& entry = runs_[run.id()];
   entry.seq = seq;
   entry.run = run;
+  entry.config = config;
   std::printf("ddpm_coordinator: run %s: queued (%lld steps, global batch %d)\n", run.id().c_str(),
               static_cast<long long>(config.train.steps), config.train.batch_size);
   std::fflush(stdout);
@@ -308,9 +294,9 @@ v1::Run Coordinator::StopRun(const std::string& run_name, bool immediate) {
   RunEntry& entry = Find(run_name);
   const v1::RunState state = entry.run.state();
   if (IsFinal(state)) {
-    throw CoordinatorError(ErrorCode::kFailedPrecondition,
-                           "run " + entry.run.id() + " has already ended (" + StateName(state) +
-                               ")");
+    throw CoordinatorError(
+        ErrorCode::kFailedPrecondition,
+        "run " + entry.run.id() + " has already ended (" + StateName(state) + ")");
   }
   if (state == v1::QUEUED) {
     Transition(entry, v1::STOPPED, "stopped before it was scheduled");
@@ -357,9 +343,9 @@ void Coordinator::DeleteRun(const std::string& run) {
   std::lock_guard<std::mutex> lock(mutex_);
   RunEntry& entry = Find(run);
   if (!IsFinal(entry.run.state())) {
-    throw CoordinatorError(ErrorCode::kFailedPrecondition,
-                           "run " + entry.run.id() + " is " + StateName(entry.run.state()) +
-                               "; stop it before deleting it");
+    throw CoordinatorError(ErrorCode::kFailedPrecondition, "run " + entry.run.id() + " is " +
+                                                               StateName(entry.run.state()) +
+                                                               "; stop it before deleting it");
   }
   const std::string id = entry.run.id();
   registry_->Transaction([&] { registry_->DeleteRun(id); });
@@ -413,9 +399,9 @@ v1::RegisterResponse Coordinator::Register(const v1::RegisterRequest& request) {
     throw CoordinatorError(ErrorCode::kInvalidArgument, "Register: group_id is empty");
   }
   if (request.world_size() < 1) {
-    throw CoordinatorError(ErrorCode::kInvalidArgument,
-                           "Register: group '" + request.group_id() + "': world_size must be >= 1, got " +
-                               std::to_string(request.world_size()));
+    throw CoordinatorError(ErrorCode::kInvalidArgument, "Register: group '" + request.group_id() +
+                                                            "': world_size must be >= 1, got " +
+                                                            std::to_string(request.world_size()));
   }
   for (const auto* list : {&request.hostnames(), &request.devices()}) {
     if (!list->empty() && list->size() != request.world_size()) {
@@ -432,13 +418,13 @@ v1::RegisterResponse Coordinator::Register(const v1::RegisterRequest& request) {
     for (int64_t at : it->second.last_heartbeat_ms) last = std::max(last, at);
     throw CoordinatorError(ErrorCode::kAlreadyExists,
                            "group '" + request.group_id() + "' is already registered (" +
-                               std::to_string(it->second.world_size) +
-                               " ranks, last heartbeat " + Seconds((now - last) / 1000.0) +
+                               std::to_string(it->second.world_size) + " ranks, last heartbeat " +
+                               FormatSeconds((now - last) / 1000.0) +
                                " ago); group ids must be unique among live groups");
   }
   Group& group = groups_[request.group_id()];
   group.id = request.group_id();
-  group.session = NewSession();
+  group.session = RandomHex(16);
   group.world_size = request.world_size();
   group.hostnames.assign(request.hostnames().begin(), request.hostnames().end());
   group.devices.assign(request.devices().begin(), request.devices().end());
@@ -495,9 +481,8 @@ std::optional<v1::GroupCommand> Coordinator::WaitForCommand(
   while (true) {
     const auto it = groups_.find(group_id);
     if (it == groups_.end() || it->second.session != session) {
-      throw CoordinatorError(ErrorCode::kNotFound, "group '" + group_id +
-                                                       "' has no session '" + session +
-                                                       "'; register again");
+      throw CoordinatorError(ErrorCode::kNotFound, "group '" + group_id + "' has no session '" +
+                                                       session + "'; register again");
     }
     if (shutdown_) {
       throw CoordinatorError(ErrorCode::kUnavailable, "the coordinator is shutting down");
@@ -567,7 +552,8 @@ void Coordinator::ReportCheckpoint(const v1::ReportCheckpointRequest& request) {
   v1::CheckpointInfo checkpoint = request.checkpoint();
   checkpoint.set_at_unix_ms(clock_.NowUnixMs());
   v1::Run next = entry.run;
-  if (checkpoint.step() >= next.latest_checkpoint().step()) *next.mutable_latest_checkpoint() = checkpoint;
+  if (checkpoint.step() >= next.latest_checkpoint().step())
+    *next.mutable_latest_checkpoint() = checkpoint;
   next.set_updated_unix_ms(checkpoint.at_unix_ms());
   registry_->Transaction([&] {
     registry_->AddCheckpoint(next.id(), checkpoint);
@@ -649,9 +635,9 @@ void Coordinator::Tick() {
     for (int rank = 0; rank < group.world_size; ++rank) {
       const double age = (now - group.last_heartbeat_ms[rank]) / 1000.0;
       if (age > timeout) {
-        lost.emplace_back(id, "no heartbeat from rank " + std::to_string(rank) + " of group " +
-                                  id + " for " + Seconds(age) + " (timeout " + Seconds(timeout) +
-                                  ")");
+        lost.emplace_back(id, "no heartbeat from rank " + std::to_string(rank) + " of group " + id +
+                                  " for " + FormatSeconds(age) + " (timeout " +
+                                  FormatSeconds(timeout) + ")");
         break;
       }
     }
@@ -665,7 +651,7 @@ void Coordinator::Tick() {
       const std::string& group = entry.run.placement().group_id();
       if (groups_.count(group) != 0) continue;
       FailRun(entry,
-              "group " + group + " did not come back within " + Seconds(timeout) +
+              "group " + group + " did not come back within " + FormatSeconds(timeout) +
                   " of the coordinator's start",
               state != v1::STOPPING);
     }

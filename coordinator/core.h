@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "config/config.h"
 #include "coordinator/clock.h"
 #include "coordinator/registry.h"
 #include "ddpm/v1/control.pb.h"
@@ -76,7 +77,7 @@ struct GroupStatus {
 /// they wait.
 class Coordinator {
  public:
-  Coordinator(const CoordinatorOptions& options, const Clock& clock);
+  Coordinator(CoordinatorOptions options, const Clock& clock);
   ~Coordinator();
 
   // --- Control ---
@@ -147,6 +148,8 @@ class Coordinator {
   struct RunEntry {
     int64_t seq = 0;
     v1::Run run;
+    /// run.config_yaml parsed once: at StartRun, or when the registry is loaded.
+    Config config;
     int64_t metrics_version = 0;
   };
 

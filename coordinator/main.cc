@@ -1,8 +1,8 @@
 // ddpm_coordinator: the control plane. Thin main: flags to options, then the library.
 #include <string>
 
+#include "config/flags.h"
 #include "coordinator/service.h"
-#include "trainer/flags.h"
 
 int main(int argc, char** argv) {
   ddpm::Flags flags(
@@ -14,8 +14,8 @@ int main(int argc, char** argv) {
       "directory. Stops cleanly on SIGINT or SIGTERM.");
   flags.Add("data-dir", "directory of the registry (registry.db), tokens and address files",
             "coordinator-data");
-  flags.Add("runs-dir", "where run directories go (every worker must see it); default DATA_DIR/runs",
-            "");
+  flags.Add("runs-dir",
+            "where run directories go (every worker must see it); default DATA_DIR/runs", "");
   flags.Add("listen", "gRPC HOST:PORT (port 0: any free port, written to DATA_DIR/address)",
             "127.0.0.1:7070");
   flags.Add("metrics-listen", "Prometheus /metrics HOST:PORT; empty: none", "127.0.0.1:9464");
@@ -32,8 +32,8 @@ int main(int argc, char** argv) {
     ddpm::CoordinatorOptions core;
     core.data_dir = flags.Get("data-dir");
     core.runs_dir = flags.Get("runs-dir");
-    core.heartbeat_interval_seconds = std::stod(flags.Get("heartbeat-interval"));
-    core.heartbeat_timeout_seconds = std::stod(flags.Get("heartbeat-timeout"));
+    core.heartbeat_interval_seconds = flags.GetDouble("heartbeat-interval");
+    core.heartbeat_timeout_seconds = flags.GetDouble("heartbeat-timeout");
     core.default_max_restarts = static_cast<int>(flags.GetInt("max-restarts"));
     if (core.heartbeat_interval_seconds <= 0 ||
         core.heartbeat_timeout_seconds <= core.heartbeat_interval_seconds) {

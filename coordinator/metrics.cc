@@ -53,8 +53,8 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
       Histogram("ddpm_allreduce_seconds", "Gradient all-reduce seconds of each step, per rank");
   MetricFamily overlap = Gauge("ddpm_allreduce_overlap_ratio",
                                "Share of the last step's all-reduce hidden behind backward");
-  MetricFamily stall = Histogram("ddpm_checkpoint_stall_seconds",
-                                 "Seconds each checkpoint blocked training");
+  MetricFamily stall =
+      Histogram("ddpm_checkpoint_stall_seconds", "Seconds each checkpoint blocked training");
   MetricFamily write = Histogram("ddpm_checkpoint_write_seconds",
                                  "Seconds each checkpoint's background write and commit took");
   MetricFamily fid = Gauge("ddpm_eval_fid", "FID of the newest evaluation");
@@ -115,15 +115,13 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
       AddValue(age, labels, group.heartbeat_age_seconds[rank]);
       if (rank < group.device_memory_bytes.size() && group.device_memory_bytes[rank] > 0) {
         const std::string device = rank < group.devices.size() ? group.devices[rank] : "unknown";
-        AddValue(memory,
-                 {{"group", group.id}, {"rank", std::to_string(rank)}, {"device", device}},
+        AddValue(memory, {{"group", group.id}, {"rank", std::to_string(rank)}, {"device", device}},
                  static_cast<double>(group.device_memory_bytes[rank]));
       }
     }
   }
-  return {state, by_state,     restarts,  step,  total, loss,  quartile_loss, rate,
-          lr,    grad,         step_seconds, allreduce, overlap, stall, write, fid,
-          inception, up,       age,       memory};
+  return {state,        by_state,  restarts, step,  total, loss, quartile_loss, rate, lr,  grad,
+          step_seconds, allreduce, overlap,  stall, write, fid,  inception,     up,   age, memory};
 }
 
 RpcMetrics::RpcMetrics()
@@ -142,8 +140,8 @@ void RpcMetrics::Record(const std::string& method, const std::string& code, doub
   if (seconds >= 0) {
     durations_
         .Add({{"method", method}},
-             prometheus::Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005, 0.001, 0.0025,
-                                                     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1})
+             prometheus::Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                                     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1})
         .Observe(seconds);
   }
 }

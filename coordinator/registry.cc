@@ -2,6 +2,8 @@
 
 #include <sqlite3.h>
 
+#include "base/check.h"
+
 namespace ddpm {
 namespace {
 
@@ -12,19 +14,19 @@ constexpr int kSchemaVersion = 1;
 [[noreturn]] void Fail(sqlite3* db, const std::string& path, int code, const char* call,
                        const char* file, int line) {
   const char* reason = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(code);
-  throw RegistryError("registry " + path + ": " + call + " failed at " + file + ":" +
-                      std::to_string(line) + ": " + reason + " (code " + std::to_string(code) +
-                      ")");
+  throw RegistryError(
+      CheckFailureMessage("registry " + path, call, file, line,
+                          std::string(reason) + " (code " + std::to_string(code) + ")"));
 }
 
 // Records the call, file:line, the database and SQLite's own message.
-#define DDPM_SQLITE_CHECK(db, path, call)                                          \
-  do {                                                                             \
-    const int ddpm_sqlite_code = (call);                                           \
-    if (ddpm_sqlite_code != SQLITE_OK && ddpm_sqlite_code != SQLITE_ROW &&         \
-        ddpm_sqlite_code != SQLITE_DONE) {                                         \
-      Fail((db), (path), ddpm_sqlite_code, #call, __FILE__, __LINE__);             \
-    }                                                                              \
+#define DDPM_SQLITE_CHECK(db, path, call)                                  \
+  do {                                                                     \
+    const int ddpm_sqlite_code = (call);                                   \
+    if (ddpm_sqlite_code != SQLITE_OK && ddpm_sqlite_code != SQLITE_ROW && \
+        ddpm_sqlite_code != SQLITE_DONE) {                                 \
+      Fail((db), (path), ddpm_sqlite_code, #call, __FILE__, __LINE__);     \
+    }                                                                      \
   } while (0)
 
 // One prepared statement, bound by position from 1, stepped to the end.
@@ -87,8 +89,8 @@ class Statement {
 }  // namespace
 
 Registry::Registry(const std::string& path) : path_(path) {
-  const int code = sqlite3_open_v2(path.c_str(), &db_,
-                                   SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr);
+  const int code =
+      sqlite3_open_v2(path.c_str(), &db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr);
   if (code != SQLITE_OK) {
     const std::string reason = db_ != nullptr ? sqlite3_errmsg(db_) : sqlite3_errstr(code);
     sqlite3_close(db_);

@@ -1,11 +1,10 @@
 #include "coordinator/service.h"
 
+#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
 #include <prometheus/collectable.h>
 #include <prometheus/exposer.h>
 #include <prometheus/metric_family.h>
-
-#include <fcntl.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -16,13 +15,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <random>
 
+#include "base/random.h"
+#include "config/config.h"
 #include "coordinator/metrics.h"
 #include "ddpm/v1/control.grpc.pb.h"
 #include "ddpm/v1/worker_gateway.grpc.pb.h"
 #include "proto/rpc.h"
-#include "trainer/config.h"
 
 namespace ddpm {
 
@@ -65,7 +64,7 @@ bool SameToken(const std::string& given, const std::string& expected) {
 struct ServiceGate {
   std::string service;  // "Control" or "WorkerGateway"
   std::string token;
-  const char* which;    // "control" or "worker", the token's name in errors
+  const char* which;  // "control" or "worker", the token's name in errors
   RpcMetrics& metrics;
 };
 
@@ -142,20 +141,23 @@ class ControlService final : public v1::Control::Service {
   }
   grpc::Status WatchRun(grpc::ServerContext* context, const v1::WatchRunRequest* request,
                         grpc::ServerWriter<v1::WatchRunEvent>* writer) override {
-    return Serve(context, gate_, "WatchRun", [&] {
-      const std::string run_id = core_.GetRun(request->run()).id();
-      Coordinator::WatchCursor cursor;
-      bool done = false;
-      while (!done && !context->IsCancelled()) {
-        if (stopping_) {
-          throw CoordinatorError(ErrorCode::kUnavailable, "the coordinator is shutting down");
-        }
-        for (const v1::WatchRunEvent& event : core_.WaitForRunEvents(
-                 run_id, cursor, std::chrono::steady_clock::now() + kStreamPoll, done)) {
-          if (!writer->Write(event)) return;
-        }
-      }
-    }, /*unary=*/false);
+    return Serve(
+        context, gate_, "WatchRun",
+        [&] {
+          const std::string run_id = core_.GetRun(request->run()).id();
+          Coordinator::WatchCursor cursor;
+          bool done = false;
+          while (!done && !context->IsCancelled()) {
+            if (stopping_) {
+              throw CoordinatorError(ErrorCode::kUnavailable, "the coordinator is shutting down");
+            }
+            for (const v1::WatchRunEvent& event : core_.WaitForRunEvents(
+                     run_id, cursor, std::chrono::steady_clock::now() + kStreamPoll, done)) {
+              if (!writer->Write(event)) return;
+            }
+          }
+        },
+        /*unary=*/false);
   }
   grpc::Status DeleteRun(grpc::ServerContext* context, const v1::DeleteRunRequest* request,
                          v1::DeleteRunResponse*) override {
@@ -178,23 +180,25 @@ class WorkerGatewayService final : public v1::WorkerGateway::Service {
 
   grpc::Status Register(grpc::ServerContext* context, const v1::RegisterRequest* request,
                         v1::RegisterResponse* response) override {
-    return Serve(context, gate_, "Register",
-                 [&] { *response = core_.Register(*request); });
+    return Serve(context, gate_, "Register", [&] { *response = core_.Register(*request); });
   }
   grpc::Status Commands(grpc::ServerContext* context, const v1::CommandsRequest* request,
                         grpc::ServerWriter<v1::GroupCommand>* writer) override {
-    return Serve(context, gate_, "Commands", [&] {
-      int64_t version = 0;
-      while (!context->IsCancelled()) {
-        if (stopping_) {
-          throw CoordinatorError(ErrorCode::kUnavailable, "the coordinator is shutting down");
-        }
-        const std::optional<v1::GroupCommand> command =
-            core_.WaitForCommand(request->group_id(), request->session(), version,
-                                 std::chrono::steady_clock::now() + kStreamPoll);
-        if (command && !writer->Write(*command)) return;
-      }
-    }, /*unary=*/false);
+    return Serve(
+        context, gate_, "Commands",
+        [&] {
+          int64_t version = 0;
+          while (!context->IsCancelled()) {
+            if (stopping_) {
+              throw CoordinatorError(ErrorCode::kUnavailable, "the coordinator is shutting down");
+            }
+            const std::optional<v1::GroupCommand> command =
+                core_.WaitForCommand(request->group_id(), request->session(), version,
+                                     std::chrono::steady_clock::now() + kStreamPoll);
+            if (command && !writer->Write(*command)) return;
+          }
+        },
+        /*unary=*/false);
   }
   grpc::Status Heartbeat(grpc::ServerContext* context, const v1::HeartbeatRequest* request,
                          v1::HeartbeatResponse*) override {
@@ -203,8 +207,7 @@ class WorkerGatewayService final : public v1::WorkerGateway::Service {
   grpc::Status ReportCheckpoint(grpc::ServerContext* context,
                                 const v1::ReportCheckpointRequest* request,
                                 v1::ReportCheckpointResponse*) override {
-    return Serve(context, gate_, "ReportCheckpoint",
-                 [&] { core_.ReportCheckpoint(*request); });
+    return Serve(context, gate_, "ReportCheckpoint", [&] { core_.ReportCheckpoint(*request); });
   }
   grpc::Status ReportEval(grpc::ServerContext* context, const v1::ReportEvalRequest* request,
                           v1::ReportEvalResponse*) override {
@@ -302,7 +305,8 @@ namespace {
 // The token from its file or environment variable, else one generated into the data directory.
 std::string ResolveToken(const std::string& file, const char* env, const std::string& data_dir,
                          const std::string& name, std::string& origin) {
-  if (!file.empty() || (std::getenv(env) != nullptr && *std::getenv(env) != '\0')) {
+  const char* from_env = std::getenv(env);
+  if (!file.empty() || (from_env != nullptr && *from_env != '\0')) {
     origin = file.empty() ? std::string("$") + env : file;
     return ReadToken(file, env);
   }
@@ -312,13 +316,7 @@ std::string ResolveToken(const std::string& file, const char* env, const std::st
     std::fclose(existing);
     return ReadToken(path, env);
   }
-  std::random_device entropy;
-  std::string token;
-  for (int i = 0; i < 8; ++i) {
-    char part[9];
-    std::snprintf(part, sizeof(part), "%08x", entropy());
-    token += part;
-  }
+  std::string token = RandomHex(32);
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
   if (fd < 0) throw RpcSetupError("cannot create token file " + path + ": " + std::strerror(errno));
   const std::string line = token + "\n";
@@ -355,14 +353,12 @@ int ServeUntilSignalled(const CoordinatorOptions& core_options, ServerOptions se
   Coordinator core(core_options, clock);
   std::string control_origin, worker_origin;
   if (server_options.control_token.empty()) {
-    server_options.control_token =
-        ResolveToken(tokens.control_token_file, "DDPM_CONTROL_TOKEN", core_options.data_dir,
-                     "control", control_origin);
+    server_options.control_token = ResolveToken(tokens.control_token_file, "DDPM_CONTROL_TOKEN",
+                                                core_options.data_dir, "control", control_origin);
   }
   if (server_options.worker_token.empty()) {
-    server_options.worker_token =
-        ResolveToken(tokens.worker_token_file, "DDPM_WORKER_TOKEN", core_options.data_dir,
-                     "worker", worker_origin);
+    server_options.worker_token = ResolveToken(tokens.worker_token_file, "DDPM_WORKER_TOKEN",
+                                               core_options.data_dir, "worker", worker_origin);
   }
   CoordinatorServer server(core, server_options);
   const std::string address = HostOf(server_options.listen) + ":" + std::to_string(server.port());

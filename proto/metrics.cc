@@ -7,9 +7,8 @@ namespace ddpm {
 
 const std::vector<double> kStepSecondsBounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                                 1,     2.5,  5,     10,   30,  60};
-const std::vector<double> kAllReduceSecondsBounds = {0.0005, 0.001, 0.0025, 0.005, 0.01,
-                                                     0.025,  0.05,  0.1,    0.25,  0.5,
-                                                     1,      2.5,   5};
+const std::vector<double> kAllReduceSecondsBounds = {
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
 const std::vector<double> kCheckpointStallSecondsBounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                                            0.5,   1,    2.5,   5,    10,  30};
 const std::vector<double> kCheckpointWriteSecondsBounds = {0.05, 0.1, 0.25, 0.5, 1,   2.5,
@@ -63,8 +62,7 @@ void AddHistogram(prometheus::MetricFamily& family, MetricLabels labels,
   for (int i = 0; i < buckets; ++i) {
     metric.histogram.bucket.push_back({histogram.cumulative_counts(i), histogram.upper_bounds(i)});
   }
-  metric.histogram.bucket.push_back(
-      {histogram.count(), std::numeric_limits<double>::infinity()});
+  metric.histogram.bucket.push_back({histogram.count(), std::numeric_limits<double>::infinity()});
 }
 
 }  // namespace ddpm

@@ -12,9 +12,10 @@
 #include <functional>
 #include <thread>
 
+#include "config/config.h"
+#include "run/run.h"
 #include "test_env.h"
-#include "trainer/config.h"
-#include "trainer/train_loop.h"
+#include "tools/export.h"
 #include "trainer/trainer.h"
 
 namespace ddpm {

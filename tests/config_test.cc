@@ -1,11 +1,14 @@
 // Config loading: defaults, unknown keys, wrong types, allowed values, batch division, and
 // environment overrides.
-#include "trainer/config.h"
+#include "config/config.h"
 
 #include <gtest/gtest.h>
 
 #include <cstdlib>
 #include <string>
+
+#include "config/batch_plan.h"
+#include "config/flags.h"
 
 namespace ddpm {
 namespace {
@@ -94,7 +97,7 @@ TEST(Config, EnumErrorListsTheAllowedValues) {
 
 TEST(Config, BatchThatDoesNotDivideIsRefusedWithTheReason) {
   const Config c = LoadConfigString("train: {batch_size: 128, grad_accum: 2}");
-  EXPECT_EQ(c.PerRankMicroBatch(8), 8);
+  EXPECT_EQ(PlanBatch(c, 8).micro_batch, 8);
   try {
     c.Validate(3);
     FAIL() << "128 does not split over 3 ranks x 2 micro-batches";
@@ -106,6 +109,44 @@ TEST(Config, BatchThatDoesNotDivideIsRefusedWithTheReason) {
   }
   EXPECT_NE(ErrorOf("train: {batch_size: 10, grad_accum: 4}").find("does not divide"),
             std::string::npos);
+}
+
+TEST(BatchPlan, EachWorldGetsTheFewestMicroBatchesWithinTheLimit) {
+  // 8 images over 2 ranks is 4 each; at most 2 per micro-batch: 2 micro-batches of 2.
+  const Config limited = LoadConfigString("train: {batch_size: 8}\ndist: {max_rank_batch: 2}");
+  EXPECT_TRUE(PlanBatch(limited, 2) == (BatchPlan{8, 2, 2, 2})) << PlanBatch(limited, 2).Describe();
+  EXPECT_EQ(PlanBatch(limited, 2).Describe(),
+            "2 ranks x 2 micro-batches x 2 images = global batch 8");
+  // 12 on one rank within 5: 12 > 5, 6 > 5, then 3 micro-batches of 4.
+  const Config twelve = LoadConfigString("train: {batch_size: 12}\ndist: {max_rank_batch: 5}");
+  EXPECT_TRUE(PlanBatch(twelve, 1) == (BatchPlan{12, 1, 4, 3})) << PlanBatch(twelve, 1).Describe();
+  // Without a limit the config's grad_accum is the split, as asked.
+  const Config asked = LoadConfigString("train: {batch_size: 8, grad_accum: 2}");
+  EXPECT_TRUE(PlanBatch(asked, 2) == (BatchPlan{8, 2, 2, 2})) << PlanBatch(asked, 2).Describe();
+  EXPECT_EQ(PlanBatch(asked, 1).Describe(), "1 rank x 2 micro-batches x 4 images = global batch 8");
+  // With a limit, never fewer micro-batches than asked.
+  const Config both =
+      LoadConfigString("train: {batch_size: 8, grad_accum: 4}\ndist: {max_rank_batch: 8}");
+  EXPECT_TRUE(PlanBatch(both, 1) == (BatchPlan{8, 1, 2, 4})) << PlanBatch(both, 1).Describe();
+}
+
+TEST(BatchPlan, RefusalsNameTheKey) {
+  const Config pinned = LoadConfigString("train: {batch_size: 8}\ndist: {world_size: 4}");
+  try {
+    PlanBatch(pinned, 2);
+    FAIL() << "dist.world_size 4 on 2 ranks";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("dist.world_size: asks for 4 ranks, but this run has 2"),
+              std::string::npos)
+        << e.what();
+  }
+  const Config eight = LoadConfigString("train: {batch_size: 8}");
+  EXPECT_THROW(PlanBatch(eight, 0), ConfigError);
+  // A placement's split is checked against the config before a worker trains with it.
+  EXPECT_NO_THROW(CheckBatchPlan(eight, BatchPlan{8, 2, 2, 2}, 2));
+  EXPECT_THROW(CheckBatchPlan(eight, BatchPlan{8, 2, 2, 1}, 2), ConfigError);
+  EXPECT_THROW(CheckBatchPlan(eight, BatchPlan{8, 2, 2, 2}, 4), ConfigError);
+  EXPECT_THROW(CheckBatchPlan(eight, BatchPlan{16, 2, 4, 2}, 2), ConfigError);
 }
 
 TEST(Config, CrossFieldChecksNameTheKey) {
@@ -189,6 +230,75 @@ TEST(Config, MissingFileNamesThePath) {
   } catch (const ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("/nonexistent/run.yaml"), std::string::npos);
   }
+}
+
+TEST(Flags, ParsesValuesSwitchesAndRefusesUnknowns) {
+  Flags flags("prog", "test");
+  flags.Add("config", "config path", "");
+  flags.Add("steps", "steps", "5");
+  flags.AddSwitch("print-params", "print");
+  const char* argv[] = {"prog", "--config=a.yaml", "--steps", "12", "--print-params"};
+  flags.Parse(5, argv);
+  EXPECT_EQ(flags.Get("config"), "a.yaml");
+  EXPECT_EQ(flags.GetInt("steps"), 12);
+  EXPECT_TRUE(flags.GetSwitch("print-params"));
+  Flags bad("prog", "test");
+  bad.Add("steps", "steps", "5");
+  const char* unknown[] = {"prog", "--step", "3"};
+  EXPECT_THROW(bad.Parse(3, unknown), FlagError);
+  const char* missing[] = {"prog", "--steps"};
+  EXPECT_THROW(bad.Parse(2, missing), FlagError);
+  const char* not_int[] = {"prog", "--steps=many"};
+  bad.Parse(2, not_int);
+  EXPECT_THROW(bad.GetInt("steps"), FlagError);
+  Flags numbers("prog", "test");
+  numbers.Add("peak", "peak", "0");
+  const char* number[] = {"prog", "--peak", "790.5"};
+  numbers.Parse(3, number);
+  EXPECT_DOUBLE_EQ(numbers.GetDouble("peak"), 790.5);
+  EXPECT_THROW(numbers.GetInt("peak"), FlagError) << "an integer flag takes the whole value";
+  const char* trailing[] = {"prog", "--peak=790x"};
+  numbers.Parse(2, trailing);
+  try {
+    numbers.GetDouble("peak");
+    FAIL() << "790x is not a number";
+  } catch (const FlagError& e) {
+    EXPECT_NE(std::string(e.what()).find("--peak expects a number, got '790x'"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(Flags, PositionalArgumentsFillInOrderAndAreRequired) {
+  Flags flags("ddpmctl start", "test");
+  flags.AddPositional("CONFIG", "the config");
+  flags.Add("name", "a name", "");
+  const char* argv[] = {"ddpmctl start", "--name", "x", "run.yaml"};
+  flags.Parse(4, argv);
+  EXPECT_EQ(flags.Get("CONFIG"), "run.yaml");
+  EXPECT_EQ(flags.Get("name"), "x");
+  EXPECT_TRUE(flags.Given("CONFIG"));
+  Flags missing("ddpmctl start", "test");
+  missing.AddPositional("CONFIG", "the config");
+  const char* none[] = {"ddpmctl start"};
+  try {
+    missing.Parse(1, none);
+    FAIL() << "CONFIG is required";
+  } catch (const FlagError& e) {
+    EXPECT_NE(std::string(e.what()).find("missing CONFIG"), std::string::npos) << e.what();
+  }
+  // --help needs no positional, and a positional is not a flag.
+  Flags help("ddpmctl start", "test");
+  help.AddPositional("CONFIG", "the config");
+  const char* asks[] = {"ddpmctl start", "--help"};
+  EXPECT_NO_THROW(help.Parse(2, asks));
+  EXPECT_NE(help.Usage().find("usage: ddpmctl start [flags] CONFIG"), std::string::npos)
+      << help.Usage();
+  Flags extra("ddpmctl get", "test");
+  extra.AddPositional("RUN", "the run");
+  const char* two[] = {"ddpmctl get", "a", "b"};
+  EXPECT_THROW(extra.Parse(3, two), FlagError);
+  const char* as_flag[] = {"ddpmctl get", "--RUN=a"};
+  EXPECT_THROW(extra.Parse(2, as_flag), FlagError);
 }
 
 }  // namespace

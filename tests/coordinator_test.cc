@@ -18,7 +18,8 @@ std::string ConfigYaml(int batch = 8, const std::string& dist = "") {
   return "model: {ch: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], "
          "image_size: 16, norm_groups: 8}\n"
          "train: {steps: 100, batch_size: " +
-         std::to_string(batch) + ", checkpoint_every: 10}\n" + (dist.empty() ? "" : "dist: " + dist + "\n");
+         std::to_string(batch) + ", checkpoint_every: 10}\n" +
+         (dist.empty() ? "" : "dist: " + dist + "\n");
 }
 
 v1::StartRunRequest Start(const std::string& name, const std::string& yaml, int priority = 0) {
@@ -109,8 +110,10 @@ TEST_F(CoordinatorTest, RefusedStartRunsNameTheProblemAndStoreNothing) {
   };
   refused("model: {ch: [16\n", "YAML syntax error");
   refused("model: {chh: 16}\n", "model.chh");
-  refused(ConfigYaml(8, "{world_size: 3}"), "does not divide among 3 ranks");
-  refused(ConfigYaml(8, "{world_size: 16}"), "does not divide among 16 ranks");
+  refused(ConfigYaml(8, "{world_size: 3}"),
+          "train.batch_size: 8 does not divide into world size 3");
+  refused(ConfigYaml(8, "{world_size: 16}"),
+          "train.batch_size: 8 does not divide into world size 16");
   EXPECT_EQ(Stored(), before);
   // No run number was used up by the refusals.
   EXPECT_EQ(core_->StartRun(Start("good", ConfigYaml())).id(), "good-1");
@@ -131,7 +134,10 @@ TEST_F(CoordinatorTest, SchedulesByPriorityThenFifoAndDerivesThePerRankBatch) {
   const v1::GroupCommand train = CommandOf("g", session);
   EXPECT_EQ(train.kind(), v1::GroupCommand::TRAIN);
   EXPECT_EQ(train.run_id(), "urgent-2");
-  EXPECT_NE(train.config_yaml().find("grad_accum: 2"), std::string::npos) << train.config_yaml();
+  // The split travels in the placement; the config is sent as it was submitted.
+  EXPECT_EQ(urgent.placement().requested_grad_accum(), 1);
+  EXPECT_EQ(train.placement().grad_accum(), 2);
+  EXPECT_NE(train.config_yaml().find("grad_accum: 1"), std::string::npos) << train.config_yaml();
   EXPECT_EQ(core_->GetRun("first").state(), v1::QUEUED);
 
   // When it ends, the group takes the oldest of the equal-priority runs.

@@ -7,8 +7,9 @@
 #include <memory>
 #include <vector>
 
+#include "config/batch_plan.h"
+#include "config/config.h"
 #include "trainer/communicator.h"
-#include "trainer/config.h"
 #include "trainer/data.h"
 #include "trainer/trainer.h"
 #include "worker/gradient_buckets.h"
@@ -48,7 +49,8 @@ inline torch::Tensor TrainRanks(const Config& config, int steps, Communicator* c
                                 double bucket_mb = kDefaultBucketMb) {
   const int rank = comm != nullptr ? comm->rank() : 0;
   const int world = comm != nullptr ? comm->world_size() : 1;
-  Trainer trainer(config, torch::kCPU, rank);
+  const BatchPlan plan = PlanBatch(config, world);
+  Trainer trainer(config, torch::kCPU, rank, plan.micro_batches);
   std::unique_ptr<GradientBuckets> buckets;
   if (comm != nullptr) {
     buckets =
@@ -56,7 +58,7 @@ inline torch::Tensor TrainRanks(const Config& config, int steps, Communicator* c
     trainer.set_gradient_sync(buckets.get());
   }
   const std::unique_ptr<ImageDataset> data = MakeDataset(config);
-  const DataShard shard = DataShard::Of(config.train.batch_size, rank, world);
+  const DataShard shard = DataShard::Of(plan.global_batch, rank, plan.ranks);
   for (int step = 0; step < steps; ++step) {
     const torch::Tensor batch =
         GlobalBatch(config, *data, step).narrow(0, shard.first, shard.count);

@@ -3,6 +3,8 @@
 // original 10-split IS; the network against torchvision's Inception3 with FID's block changes,
 // on the same random weights; the .npz layout against numpy in both directions; the weights
 // file's errors; and FID of a set against itself and against noisier copies.
+#include "eval/fid.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -12,10 +14,10 @@
 #include <fstream>
 #include <string>
 
+#include "eval/inception.h"
 #include "test_env.h"
 #include "trainer/data.h"
-#include "trainer/fid.h"
-#include "trainer/inception.h"
+#include "trainer/tensor_io.h"
 #include "trainer/trainer.h"
 
 namespace ddpm {
@@ -27,7 +29,8 @@ class FidTest : public ::testing::Test {
  protected:
   void SetUp() override {
     python_ = DDPM_REFERENCE_PYTHON;
-    if (std::system((python_ + " -c 'import torch, torchvision, scipy' > /dev/null 2>&1").c_str()) != 0) {
+    if (std::system(
+            (python_ + " -c 'import torch, torchvision, scipy' > /dev/null 2>&1").c_str()) != 0) {
       GTEST_SKIP() << "FID references need " << python_
                    << " with torch, torchvision and scipy (Debian: apt-get install "
                       "python3-torchvision python3-scipy); they cannot run here";
@@ -41,9 +44,10 @@ class FidTest : public ::testing::Test {
   // Runs a fid_ref.py command on target; fails the test when it fails.
   void Reference(const std::string& command, const std::string& target) {
     const std::string line = python_ + " " + DDPM_SOURCE_DIR + "/tests/reference/fid_ref.py " +
-                             command + " " + target + " > " + (dir_ / "python.log").string() + " 2>&1";
-    ASSERT_EQ(std::system(line.c_str()), 0) << "fid_ref.py " << command << " failed; see "
-                                            << (dir_ / "python.log").string();
+                             command + " " + target + " > " + (dir_ / "python.log").string() +
+                             " 2>&1";
+    ASSERT_EQ(std::system(line.c_str()), 0)
+        << "fid_ref.py " << command << " failed; see " << (dir_ / "python.log").string();
   }
   std::string python_;
   fs::path dir_;
@@ -58,11 +62,13 @@ TEST_F(FidTest, FrechetDistanceAndInceptionScoreMatchScipy) {
     const torch::Tensor a = features.at(name + "_a"), b = features.at(name + "_b");
     FeatureMoments moments_a(a.size(1)), moments_b(b.size(1));
     // In uneven chunks, as batches arrive.
-    for (int64_t start = 0; start < a.size(0); start += 97) moments_a.Add(a.slice(0, start, start + 97));
+    for (int64_t start = 0; start < a.size(0); start += 97)
+      moments_a.Add(a.slice(0, start, start + 97));
     moments_b.Add(b);
     if (expected.count(name + "_mu")) {
       EXPECT_TRUE(torch::allclose(moments_a.Mean(), expected.at(name + "_mu"), 1e-12, 1e-12));
-      EXPECT_TRUE(torch::allclose(moments_a.Covariance(), expected.at(name + "_sigma"), 1e-10, 1e-12));
+      EXPECT_TRUE(
+          torch::allclose(moments_a.Covariance(), expected.at(name + "_sigma"), 1e-10, 1e-12));
     }
     const FrechetResult result = FrechetDistance(moments_a.Mean(), moments_a.Covariance(),
                                                  moments_b.Mean(), moments_b.Covariance());
@@ -87,8 +93,8 @@ TEST_F(FidTest, FrechetDistanceAndInceptionScoreMatchScipy) {
 
 TEST_F(FidTest, FrechetDistanceRefusesMismatchedStatisticsAndRegularizesBrokenOnes) {
   const torch::Tensor mu = torch::zeros({3}, torch::kFloat64);
-  EXPECT_THROW(FrechetDistance(mu, torch::eye(3, torch::kFloat64), torch::zeros({4}, torch::kFloat64),
-                               torch::eye(4, torch::kFloat64)),
+  EXPECT_THROW(FrechetDistance(mu, torch::eye(3, torch::kFloat64),
+                               torch::zeros({4}, torch::kFloat64), torch::eye(4, torch::kFloat64)),
                std::invalid_argument);
   // Not a covariance (a negative eigenvalue well beyond rounding): regularized, and said so.
   torch::Tensor broken = torch::eye(3, torch::kFloat64);
@@ -108,7 +114,8 @@ TEST_F(FidTest, NetworkMatchesTorchvisionInception3WithTheFidBlocks) {
   Reference("network", dir_.string());
   const std::string weights = (dir_ / "inception.pt").string();
   FidInception model = LoadFidInception(weights, torch::kCPU);
-  const std::map<std::string, torch::Tensor> expected = LoadTensors((dir_ / "expected.pt").string());
+  const std::map<std::string, torch::Tensor> expected =
+      LoadTensors((dir_ / "expected.pt").string());
   const torch::Tensor images = expected.at("images");
   torch::NoGradGuard no_grad;
   const InceptionOutput out = model->forward(images);
@@ -159,9 +166,10 @@ TEST_F(FidTest, NpzRoundTripsWithNumpy) {
     std::map<std::string, torch::Tensor> arrays = ReadNpz((dir_ / file).string());
     ASSERT_EQ(arrays.size(), 4u);
     EXPECT_TRUE(torch::allclose(arrays.at("mu"), torch::linspace(-1, 1, 7, torch::kFloat64)));
-    EXPECT_TRUE(torch::equal(arrays.at("sigma"),
-                             torch::arange(12, torch::kFloat64).reshape({3, 4}) / 7));
-    EXPECT_TRUE(torch::equal(arrays.at("fortran"), torch::arange(6, torch::kFloat32).reshape({2, 3})));
+    EXPECT_TRUE(
+        torch::equal(arrays.at("sigma"), torch::arange(12, torch::kFloat64).reshape({3, 4}) / 7));
+    EXPECT_TRUE(
+        torch::equal(arrays.at("fortran"), torch::arange(6, torch::kFloat32).reshape({2, 3})));
     EXPECT_TRUE(torch::equal(arrays.at("counts"), torch::arange(5, torch::kLong) * 3));
     // Written back by C++, numpy reads the same arrays.
     const std::string back = (dir_ / ("back-" + std::string(file))).string();
@@ -180,7 +188,8 @@ TEST_F(FidTest, NpzRoundTripsWithNumpy) {
     ReadReferenceStats((dir_ / "plain.npz").string());  // sigma is 3 x 4
     FAIL() << "read a sigma that is not square";
   } catch (const std::runtime_error& error) {
-    EXPECT_NE(std::string(error.what()).find("sigma is [3, 4], mu has 7 entries"), std::string::npos)
+    EXPECT_NE(std::string(error.what()).find("sigma is [3, 4], mu has 7 entries"),
+              std::string::npos)
         << error.what();
   }
 }
@@ -200,7 +209,9 @@ TEST_F(FidTest, FidOfASetAgainstItselfIsZeroAndGrowsWithNoise) {
   };
   const FeatureMoments reference = moments_of(clean);
   auto fid_to = [&](const FeatureMoments& other) {
-    return FrechetDistance(reference.Mean(), reference.Covariance(), other.Mean(), other.Covariance()).fid;
+    return FrechetDistance(reference.Mean(), reference.Covariance(), other.Mean(),
+                           other.Covariance())
+        .fid;
   };
   // Zero up to rounding, relative to the size of the statistics (tr sigma).
   EXPECT_NEAR(fid_to(reference), 0, 1e-6 * reference.Covariance().trace().item<double>());

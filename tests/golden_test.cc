@@ -11,6 +11,7 @@
 
 #include "test_env.h"
 #include "trainer/diffusion.h"
+#include "trainer/tensor_io.h"
 #include "trainer/trainer.h"
 #include "trainer/unet.h"
 

@@ -4,7 +4,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include "trainer/config.h"
+#include "config/config.h"
 #include "trainer/data.h"
 #include "trainer/trainer.h"
 
@@ -49,8 +49,10 @@ std::pair<std::vector<double>, std::vector<torch::Tensor>> Train(const Config& c
   for (int i = 0; i < steps; ++i) losses.push_back(trainer.Step(batch).loss());
   if (captured != nullptr) *captured = trainer.graph_captured();
   std::vector<torch::Tensor> weights;
-  for (const auto& p : trainer.model()->parameters()) weights.push_back(p.detach().cpu().contiguous());
-  for (const auto& p : trainer.ema_model()->parameters()) weights.push_back(p.detach().cpu().contiguous());
+  for (const auto& p : trainer.model()->parameters())
+    weights.push_back(p.detach().cpu().contiguous());
+  for (const auto& p : trainer.ema_model()->parameters())
+    weights.push_back(p.detach().cpu().contiguous());
   return {losses, weights};
 }
 

@@ -1,6 +1,8 @@
 // Metrics without a training run: the cumulative histograms that heartbeats carry, a rank's
 // recorder and its own /metrics endpoint, and the coordinator's collector from heartbeats to
 // series, and their removal when the run ends. Expected values are counted by hand.
+#include "coordinator/metrics.h"
+
 #include <gtest/gtest.h>
 #include <prometheus/text_serializer.h>
 
@@ -11,7 +13,6 @@
 #include <string>
 
 #include "coordinator/core.h"
-#include "coordinator/metrics.h"
 #include "proto/metrics.h"
 #include "proto/rpc.h"
 #include "tests/http_get.h"
@@ -138,7 +139,7 @@ std::map<std::string, double> Scrape(const Coordinator& core) {
         }
       } else {
         values[key] = family.type == prometheus::MetricType::Counter ? metric.counter.value
-                                                                      : metric.gauge.value;
+                                                                     : metric.gauge.value;
       }
     }
   }

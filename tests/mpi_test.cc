@@ -3,8 +3,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "eval/fid.h"
 #include "tests/dist_fixtures.h"
-#include "trainer/fid.h"
 #include "worker/mpi_communicator.h"
 
 namespace ddpm {

@@ -17,7 +17,7 @@ echo "mpi: 2 ranks, 20 steps, checkpoints at 10 and 20"
 export DDPM_TRAIN_STEPS=20 DDPM_TRAIN_CHECKPOINT_EVERY=10
 mpirun "$worker" --config "$work/tiny.yaml" --run-dir "$work/run" > "$work/train.log" 2>&1 ||
   fail "training failed"
-grep -q "2 rank(s) x 4 images (global batch 8, mpi)" "$work/train.log" || fail "no world banner"
+grep -q "2 ranks x 1 micro-batch x 4 images = global batch 8 (mpi)" "$work/train.log" || fail "no world banner"
 grep -q "all-reduce .* ms, .*% hidden" "$work/train.log" || fail "no all-reduce metrics in the log"
 [ "$(grep -o 'step 20/20 | loss' "$work/train.log" | wc -l)" = 1 ] || fail "not exactly one rank logs"
 for step in 000000010 000000020; do

@@ -1,5 +1,7 @@
 // The coordinator's gRPC server in process, on a free loopback port, with real clients: every
 // RPC, bearer-token checks, the message-size limit, TLS, and a /metrics scrape.
+#include "coordinator/service.h"
+
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -10,7 +12,6 @@
 #include <future>
 #include <thread>
 
-#include "coordinator/service.h"
 #include "ddpm/v1/control.grpc.pb.h"
 #include "ddpm/v1/worker_gateway.grpc.pb.h"
 #include "proto/rpc.h"
@@ -299,7 +300,8 @@ TEST_F(ServiceTest, ServesTlsWhenGivenACertificate) {
 
 TEST(ServiceSetup, TokensMustBeSetAndDistinct) {
   CoordinatorOptions core_options;
-  core_options.data_dir = (fs::temp_directory_path() / ("ddpm-setup-" + std::to_string(getpid()))).string();
+  core_options.data_dir =
+      (fs::temp_directory_path() / ("ddpm-setup-" + std::to_string(getpid()))).string();
   SystemClock clock;
   Coordinator core(core_options, clock);
   ServerOptions options;

@@ -10,10 +10,11 @@
 #include <numeric>
 #include <set>
 
-#include "trainer/config.h"
+#include "config/batch_plan.h"
+#include "config/config.h"
 #include "trainer/data.h"
-#include "trainer/flags.h"
 #include "trainer/image_io.h"
+#include "trainer/tensor_io.h"
 #include "trainer/trainer.h"
 
 namespace ddpm {
@@ -161,7 +162,8 @@ TEST(Train, FusedCpuUpdateMatchesClipAdamAndEmaOpByOp) {
   // (cancellation leaves small elements with the larger terms' rounding).
   auto within_rounding = [](const torch::Tensor& got, const torch::Tensor& want) {
     const double worst = (got - want).abs().max().item<double>();
-    const double bound = 8 * std::numeric_limits<float>::epsilon() * want.abs().max().item<double>();
+    const double bound =
+        8 * std::numeric_limits<float>::epsilon() * want.abs().max().item<double>();
     return ::testing::AssertionResult(worst <= bound)
            << "largest difference " << worst << ", bound " << bound;
   };
@@ -232,7 +234,7 @@ TEST(Train, GradientAccumulationTakesOneStepPerBatch) {
   Config config = Tiny();
   config.train.grad_accum = 2;
   config.train.grad_clip = 0;
-  Trainer trainer(config, torch::kCPU);
+  Trainer trainer(config, torch::kCPU, 0, PlanBatch(config, 1).micro_batches);
   const std::vector<torch::Tensor> before = Snapshot(trainer.model());
   ShapesDataset data(64, 16, 0);
   EpochSampler sampler(data.size(), 0);
@@ -263,7 +265,8 @@ TEST(Train, LossIsAlsoReportedPerQuarterOfTheTimesteps) {
   {
     torch::NoGradGuard no_grad;
     trainer.model()->train();
-    per_sample = (trainer.model()->forward(x_t, t) - noise).pow(2).flatten(1).mean(1).to(torch::kFloat64);
+    per_sample =
+        (trainer.model()->forward(x_t, t) - noise).pow(2).flatten(1).mean(1).to(torch::kFloat64);
   }
   std::array<double, 4> sums{}, counts{};
   for (int64_t i = 0; i < 16; ++i) {
@@ -536,42 +539,6 @@ TEST(StateDict, RoundTripsAndRefusesMismatches) {
   }
   std::filesystem::remove(path);
   EXPECT_THROW(LoadTensors(path), std::runtime_error);
-}
-
-TEST(Flags, ParsesValuesSwitchesAndRefusesUnknowns) {
-  Flags flags("prog", "test");
-  flags.Add("config", "config path", "");
-  flags.Add("steps", "steps", "5");
-  flags.AddSwitch("print-params", "print");
-  const char* argv[] = {"prog", "--config=a.yaml", "--steps", "12", "--print-params"};
-  flags.Parse(5, argv);
-  EXPECT_EQ(flags.Get("config"), "a.yaml");
-  EXPECT_EQ(flags.GetInt("steps"), 12);
-  EXPECT_TRUE(flags.GetSwitch("print-params"));
-  Flags bad("prog", "test");
-  bad.Add("steps", "steps", "5");
-  const char* unknown[] = {"prog", "--step", "3"};
-  EXPECT_THROW(bad.Parse(3, unknown), FlagError);
-  const char* missing[] = {"prog", "--steps"};
-  EXPECT_THROW(bad.Parse(2, missing), FlagError);
-  const char* not_int[] = {"prog", "--steps=many"};
-  bad.Parse(2, not_int);
-  EXPECT_THROW(bad.GetInt("steps"), FlagError);
-  Flags numbers("prog", "test");
-  numbers.Add("peak", "peak", "0");
-  const char* number[] = {"prog", "--peak", "790.5"};
-  numbers.Parse(3, number);
-  EXPECT_DOUBLE_EQ(numbers.GetDouble("peak"), 790.5);
-  EXPECT_THROW(numbers.GetInt("peak"), FlagError) << "an integer flag takes the whole value";
-  const char* trailing[] = {"prog", "--peak=790x"};
-  numbers.Parse(2, trailing);
-  try {
-    numbers.GetDouble("peak");
-    FAIL() << "790x is not a number";
-  } catch (const FlagError& e) {
-    EXPECT_NE(std::string(e.what()).find("--peak expects a number, got '790x'"), std::string::npos)
-        << e.what();
-  }
 }
 
 }  // namespace

@@ -170,12 +170,15 @@ TEST(Flops, CountsConvolutionsAndMatrixProductsByTheirClosedForms) {
   torch::NoGradGuard no_grad;
   const torch::Tensor x = torch::randn({2, 3, 16, 16});
   const torch::Tensor w = torch::randn({8, 3, 3, 3});
-  EXPECT_EQ(CountFlops([&] { torch::conv2d(x, w, {}, 1, torch::IntArrayRef{1}); }), 2.0 * 2 * 8 * 16 * 16 * 3 * 9);
+  EXPECT_EQ(CountFlops([&] { torch::conv2d(x, w, {}, 1, torch::IntArrayRef{1}); }),
+            2.0 * 2 * 8 * 16 * 16 * 3 * 9);
   // Stride 2, no padding: (16 - 3) / 2 + 1 = 7 outputs per side.
-  EXPECT_EQ(CountFlops([&] { torch::conv2d(x, w, {}, 2, torch::IntArrayRef{0}); }), 2.0 * 2 * 8 * 7 * 7 * 3 * 9);
+  EXPECT_EQ(CountFlops([&] { torch::conv2d(x, w, {}, 2, torch::IntArrayRef{0}); }),
+            2.0 * 2 * 8 * 7 * 7 * 3 * 9);
   // Grouped: 2 groups of 4 input channels each.
   const torch::Tensor xg = torch::randn({1, 8, 5, 5}), wg = torch::randn({6, 4, 1, 1});
-  EXPECT_EQ(CountFlops([&] { torch::conv2d(xg, wg, {}, 1, torch::IntArrayRef{0}, 1, 2); }), 2.0 * 6 * 25 * 4);
+  EXPECT_EQ(CountFlops([&] { torch::conv2d(xg, wg, {}, 1, torch::IntArrayRef{0}, 1, 2); }),
+            2.0 * 6 * 25 * 4);
   torch::nn::Linear linear(5, 7);
   const torch::Tensor rows = torch::randn({4, 5});
   EXPECT_EQ(CountFlops([&] { linear->forward(rows); }), 2.0 * 4 * 5 * 7);

@@ -7,7 +7,9 @@
 #include <memory>
 #include <thread>
 
+#include "base/text.h"
 #include "ddpm/v1/control.grpc.pb.h"
+#include "proto/run_state.h"
 
 namespace ddpm {
 namespace {
@@ -40,15 +42,6 @@ std::string Json(const google::protobuf::Message& message) {
   return json;
 }
 
-std::string Duration(double seconds) {
-  if (!(seconds >= 0) || seconds > 1e8) return "-";
-  const int64_t total = static_cast<int64_t>(seconds + 0.5);
-  char text[32];
-  std::snprintf(text, sizeof(text), "%lld:%02lld:%02lld", static_cast<long long>(total / 3600),
-                static_cast<long long>(total / 60 % 60), static_cast<long long>(total % 60));
-  return text;
-}
-
 std::string Time(int64_t unix_ms) {
   if (unix_ms == 0) return "-";
   const std::time_t seconds = unix_ms / 1000;
@@ -59,8 +52,6 @@ std::string Time(int64_t unix_ms) {
   return text;
 }
 
-std::string StateName(v1::RunState state) { return v1::RunState_Name(state); }
-
 // A client that carries the token; a token or CA that cannot be read is reported at once.
 class Client {
  public:
@@ -69,8 +60,8 @@ class Client {
     stub_ = MakeClient<v1::Control>(options.channel);
   }
   std::unique_ptr<grpc::ClientContext> Context() const {
-    return MakeContext(token_, std::chrono::milliseconds(
-                                   static_cast<int64_t>(options_.timeout_seconds * 1000)));
+    return MakeContext(
+        token_, std::chrono::milliseconds(static_cast<int64_t>(options_.timeout_seconds * 1000)));
   }
   std::unique_ptr<grpc::ClientContext> StreamContext() const { return MakeContext(token_); }
   v1::Control::Stub& stub() { return *stub_; }
@@ -112,15 +103,20 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
     char text[160];
     std::snprintf(text, sizeof(text), "loss %.4f, grad norm %.3f, lr %.2e, %.1f images/s, eta %s",
                   run.metrics().loss(), run.metrics().grad_norm(), run.metrics().lr(),
-                  run.metrics().images_per_second(), Duration(run.metrics().eta_seconds()).c_str());
+                  run.metrics().images_per_second(),
+                  FormatDuration(run.metrics().eta_seconds()).c_str());
     row("metrics", text);
   }
   if (!run.placement().group_id().empty()) {
     const v1::Placement& p = run.placement();
-    row("placement", "group " + p.group_id() + ": " + std::to_string(p.world_size()) +
-                         " ranks x " + std::to_string(p.per_rank_batch()) + " images x " +
-                         std::to_string(p.grad_accum()) + " micro-batches (attempt " +
-                         std::to_string(p.attempt()) + ")");
+    std::string split = "group " + p.group_id() + ": " + std::to_string(p.world_size()) +
+                        " ranks x " + std::to_string(p.grad_accum()) + " micro-batches x " +
+                        std::to_string(p.per_rank_batch()) + " images";
+    if (p.requested_grad_accum() > 0 && p.requested_grad_accum() != p.grad_accum()) {
+      split += " (the config's train.grad_accum " + std::to_string(p.requested_grad_accum()) +
+               ", raised to keep each micro-batch within dist.max_rank_batch)";
+    }
+    row("placement", split + " (attempt " + std::to_string(p.attempt()) + ")");
   }
   row("priority", std::to_string(run.priority()));
   row("restarts", std::to_string(run.restarts()) + " of " + std::to_string(run.max_restarts()));
@@ -298,7 +294,7 @@ class WatchPrinter {
       } else {
         std::fprintf(options_.out, "step %lld/%lld loss %.4f images/s %.1f eta %s\n",
                      static_cast<long long>(m.step()), static_cast<long long>(run.total_steps()),
-                     m.loss(), m.images_per_second(), Duration(m.eta_seconds()).c_str());
+                     m.loss(), m.images_per_second(), FormatDuration(m.eta_seconds()).c_str());
       }
     }
     std::fflush(options_.out);
@@ -336,10 +332,11 @@ class WatchPrinter {
     const int filled = static_cast<int>(done * width);
     std::string bar(filled, '#');
     bar += std::string(width - filled, '.');
-    std::fprintf(options_.out, "\r\033[K[%s] %3.0f%% step %lld/%lld | loss %.4f | %.1f img/s | eta %s",
+    std::fprintf(options_.out,
+                 "\r\033[K[%s] %3.0f%% step %lld/%lld | loss %.4f | %.1f img/s | eta %s",
                  bar.c_str(), 100 * done, static_cast<long long>(m.step()),
                  static_cast<long long>(run.total_steps()), m.loss(), m.images_per_second(),
-                 Duration(m.eta_seconds()).c_str());
+                 FormatDuration(m.eta_seconds()).c_str());
     bar_shown_ = true;
   }
   void ClearBar() {

@@ -1,79 +1,136 @@
-// ddpmctl: starts, stops, lists, shows, watches and deletes runs on a ddpm_coordinator.
+// ddpmctl: starts, stops, lists, shows, watches and deletes runs on a ddpm_coordinator. Thin
+// main: the command and its flags to the library's Ctl* calls.
 #include <unistd.h>
 
-#include <CLI/CLI.hpp>
 #include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
 
+#include "config/flags.h"
 #include "tools/ctl.h"
 
-int main(int argc, char** argv) {
-  CLI::App app{
-      "ddpmctl: controls DDPM training runs on a ddpm_coordinator.\n"
-      "The control token comes from --token-file or $DDPM_CONTROL_TOKEN.\n"
-      "Exit codes: 0 ok, 1 refused or run failed, 2 bad command line, 66 unreadable file,\n"
-      "69 coordinator unreachable, 77 token refused."};
-  app.require_subcommand(1);
-  // Global options may also follow the subcommand: `ddpmctl get RUN --json`.
-  app.fallthrough();
+namespace {
+
+constexpr char kSummary[] =
+    "Controls DDPM training runs on a ddpm_coordinator.\n"
+    "Commands: start CONFIG, stop RUN, list, get RUN, watch RUN, delete RUN; flags may come\n"
+    "before or after the command (ddpmctl COMMAND --help for its own).\n"
+    "The control token comes from --token-file or $DDPM_CONTROL_TOKEN.\n"
+    "Exit codes: 0 ok, 1 refused or run failed, 2 bad command line, 66 unreadable file,\n"
+    "69 coordinator unreachable, 77 token refused.";
+
+// The flags every command takes; the ones that take a value are listed for finding the command.
+const char* const kGlobalValueFlags[] = {"coordinator", "token-file", "tls-ca", "timeout"};
+
+void AddGlobalFlags(ddpm::Flags& flags) {
+  flags.Add("coordinator", "coordinator HOST:PORT (default $DDPM_COORDINATOR, else 127.0.0.1:7070)",
+            "");
+  flags.Add("token-file", "file holding the control token", "");
+  flags.Add("tls-ca", "PEM CA certificate: connect over TLS and trust it", "");
+  flags.AddSwitch("json", "print JSON (one object per line for watch)");
+  flags.Add("timeout", "seconds a call may take", "30");
+}
+
+// The index of the command in argv: the first argument that is neither a flag nor the value
+// of a global flag; 0 when there is none.
+int CommandIndex(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--", 0) != 0) return i;
+    if (arg.find('=') != std::string::npos) continue;
+    for (const char* flag : kGlobalValueFlags) {
+      if (arg == std::string("--") + flag) ++i;
+    }
+  }
+  return 0;
+}
+
+// Declares the command's own flags and positional arguments; false for an unknown command.
+bool AddCommandFlags(const std::string& command, ddpm::Flags& flags) {
+  if (command == "start") {
+    flags.AddPositional("CONFIG", "the run's YAML config file");
+    flags.Add("name", "a name; the run id is NAME-N", "");
+    flags.Add("priority", "higher runs are scheduled first", "0");
+    flags.Add("max-restarts", "restarts after lost groups (default: the coordinator's)", "");
+    flags.AddSwitch("watch", "then watch it to its end");
+  } else if (command == "stop") {
+    flags.AddPositional("RUN", "run id or unique name");
+    flags.AddSwitch("now", "stop at once, without a checkpoint");
+  } else if (command == "list") {
+    flags.Add("state", "only runs in this state (e.g. RUNNING)", "");
+  } else if (command == "get" || command == "watch" || command == "delete") {
+    flags.AddPositional("RUN", "run id or unique name");
+  } else {
+    return false;
+  }
+  return true;
+}
+
+int RunCommand(const std::string& command, const ddpm::Flags& flags) {
   ddpm::CtlOptions options;
-  const char* address = std::getenv("DDPM_COORDINATOR");
-  if (address != nullptr) options.channel.address = address;
-  app.add_option("--coordinator", options.channel.address,
-                 "coordinator HOST:PORT (default $DDPM_COORDINATOR, else 127.0.0.1:7070)");
-  app.add_option("--token-file", options.token_file, "file holding the control token");
-  app.add_option("--tls-ca", options.channel.tls_ca,
-                 "PEM CA certificate: connect over TLS and trust it");
-  app.add_flag("--json", options.json, "print JSON (one object per line for watch)");
-  app.add_option("--timeout", options.timeout_seconds, "seconds a call may take")
-      ->check(CLI::PositiveNumber);
-
-  ddpm::StartOptions start;
-  bool start_watch = false;
-  CLI::App* start_cmd = app.add_subcommand("start", "queue a run from a YAML config");
-  start_cmd->add_option("config", start.config_path, "the run's config file")->required();
-  start_cmd->add_option("--name", start.name, "a name; the run id is NAME-N");
-  start_cmd->add_option("--priority", start.priority, "higher runs are scheduled first");
-  start_cmd->add_option("--max-restarts", start.max_restarts,
-                        "restarts after lost groups (default: the coordinator's)")
-      ->check(CLI::NonNegativeNumber);
-  start_cmd->add_flag("--watch", start_watch, "then watch it to its end");
-
-  std::string run;
-  bool now = false;
-  CLI::App* stop_cmd = app.add_subcommand("stop", "stop a run: checkpoint, then stop");
-  stop_cmd->add_option("run", run, "run id or unique name")->required();
-  stop_cmd->add_flag("--now", now, "stop at once, without a checkpoint");
-
-  std::string state;
-  CLI::App* list_cmd = app.add_subcommand("list", "list runs");
-  list_cmd->add_option("--state", state, "only runs in this state (e.g. RUNNING)");
-
-  CLI::App* get_cmd = app.add_subcommand("get", "show a run and its transitions");
-  get_cmd->add_option("run", run, "run id or unique name")->required();
-  CLI::App* watch_cmd =
-      app.add_subcommand("watch", "follow a run to its end: progress, loss, images/s, ETA");
-  watch_cmd->add_option("run", run, "run id or unique name")->required();
-  CLI::App* delete_cmd = app.add_subcommand("delete", "forget a finished run (files stay)");
-  delete_cmd->add_option("run", run, "run id or unique name")->required();
-
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& error) {
-    const int code = app.exit(error);
-    return code == 0 ? 0 : ddpm::kCtlUsage;
+  if (flags.Given("coordinator")) {
+    options.channel.address = flags.Get("coordinator");
+  } else if (const char* address = std::getenv("DDPM_COORDINATOR")) {
+    options.channel.address = address;
+  }
+  options.token_file = flags.Get("token-file");
+  options.channel.tls_ca = flags.Get("tls-ca");
+  options.json = flags.GetSwitch("json");
+  options.timeout_seconds = flags.GetDouble("timeout");
+  if (!(options.timeout_seconds > 0)) {
+    throw ddpm::FlagError("ddpmctl: --timeout must be a positive number of seconds, got " +
+                          flags.Get("timeout"));
   }
   options.terminal = !options.json && isatty(STDOUT_FILENO) != 0;
-
-  if (*start_cmd) {
+  if (command == "start") {
+    ddpm::StartOptions start;
+    start.config_path = flags.Get("CONFIG");
+    start.name = flags.Get("name");
+    start.priority = static_cast<int>(flags.GetInt("priority"));
+    if (flags.Given("max-restarts")) {
+      start.max_restarts = static_cast<int>(flags.GetInt("max-restarts"));
+      if (start.max_restarts < 0) {
+        throw ddpm::FlagError("ddpmctl start: --max-restarts must be >= 0, got " +
+                              flags.Get("max-restarts"));
+      }
+    }
     std::string id;
     const int code = ddpm::CtlStart(options, start, &id);
-    if (code != ddpm::kCtlOk || !start_watch) return code;
+    if (code != ddpm::kCtlOk || !flags.GetSwitch("watch")) return code;
     return ddpm::CtlWatch(options, id);
   }
-  if (*stop_cmd) return ddpm::CtlStop(options, run, now);
-  if (*list_cmd) return ddpm::CtlList(options, state);
-  if (*get_cmd) return ddpm::CtlGet(options, run);
-  if (*watch_cmd) return ddpm::CtlWatch(options, run);
-  if (*delete_cmd) return ddpm::CtlDelete(options, run);
-  return ddpm::kCtlUsage;
+  if (command == "stop") return ddpm::CtlStop(options, flags.Get("RUN"), flags.GetSwitch("now"));
+  if (command == "list") return ddpm::CtlList(options, flags.Get("state"));
+  if (command == "get") return ddpm::CtlGet(options, flags.Get("RUN"));
+  if (command == "watch") return ddpm::CtlWatch(options, flags.Get("RUN"));
+  return ddpm::CtlDelete(options, flags.Get("RUN"));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int at = CommandIndex(argc, argv);
+  const std::string command = at > 0 ? argv[at] : "";
+  ddpm::Flags flags(command.empty() ? "ddpmctl" : "ddpmctl " + command, kSummary);
+  AddGlobalFlags(flags);
+  if (!command.empty() && !AddCommandFlags(command, flags)) {
+    std::fprintf(stderr,
+                 "ddpmctl: unknown command '%s' (commands: start, stop, list, get, "
+                 "watch, delete)\n",
+                 command.c_str());
+    return ddpm::kCtlUsage;
+  }
+  // The command's own flags and arguments, without the command's name.
+  std::vector<const char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (i != at || at == 0) args.push_back(argv[i]);
+  }
+  return ddpm::RunMain(flags, static_cast<int>(args.size()), args.data(), [&] {
+    if (command.empty()) {
+      throw ddpm::FlagError(
+          "ddpmctl: give a command: start, stop, list, get, watch or delete (see --help)");
+    }
+    return RunCommand(command, flags);
+  });
 }

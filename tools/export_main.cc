@@ -1,7 +1,7 @@
 // ddpm_export: a checkpoint's EMA (or raw) weights as one state dict for Python's torch.load.
 // Thin main: flags to an ExportJob, then the library.
-#include "trainer/flags.h"
-#include "trainer/train_loop.h"
+#include "config/flags.h"
+#include "tools/export.h"
 
 int main(int argc, char** argv) {
   ddpm::Flags flags("ddpm_export",

@@ -1,5 +1,5 @@
 // ddpm_fid: FID reference statistics of a dataset, and FID and IS of a folder of samples. Thin
-// main over trainer/evaluation.h.
+// main over eval/evaluation.h.
 //   ddpm_fid stats --data cifar10:PATH|folder:PATH --out FILE.npz --inception WEIGHTS
 //   ddpm_fid score --samples folder:PATH --ref FILE.npz --inception WEIGHTS
 #include <cstdio>
@@ -7,10 +7,10 @@
 #include <cstring>
 #include <string>
 
-#include "trainer/evaluation.h"
+#include "config/flags.h"
+#include "eval/evaluation.h"
 #include "trainer/data.h"
-#include "trainer/flags.h"
-#include "trainer/train_loop.h"
+#include "trainer/device.h"
 
 int main(int argc, char** argv) {
   const std::string command = argc > 1 ? argv[1] : "";
@@ -35,9 +35,11 @@ int main(int argc, char** argv) {
     flags.Add("samples", "the samples: folder:PATH (or cifar10:PATH)", "");
     flags.Add("ref", "reference statistics .npz (mu, sigma), ours or pytorch-fid's/TTUR's", "");
   }
-  flags.Add("inception", "the FID Inception weights (pt_inception-2015-12-05, re-saved by "
-                         "PyTorch >= 1.6) or a TorchScript module of it (default: "
-                         "$DDPM_INCEPTION_WEIGHTS)", "");
+  flags.Add("inception",
+            "the FID Inception weights (pt_inception-2015-12-05, re-saved by "
+            "PyTorch >= 1.6) or a TorchScript module of it (default: "
+            "$DDPM_INCEPTION_WEIGHTS)",
+            "");
   flags.Add("image-size", "folder images are centre-cropped and resized to this first", "32");
   flags.Add("batch", "images per Inception forward pass", "50");
   flags.Add("device", "cpu or cuda", "cpu");
@@ -48,7 +50,9 @@ int main(int argc, char** argv) {
     }
     const torch::Device device(flags.Get("device"));
     const std::string set = flags.Get(stats ? "data" : "samples");
-    if (set.empty()) throw ddpm::FlagError(std::string("ddpm_fid: --") + (stats ? "data" : "samples") + " is required");
+    if (set.empty())
+      throw ddpm::FlagError(std::string("ddpm_fid: --") + (stats ? "data" : "samples") +
+                            " is required");
     ddpm::FidInception model = ddpm::LoadFidInception(weights, device);
     const std::string sha256 = ddpm::Sha256File(weights);
     if (stats) {
@@ -57,8 +61,8 @@ int main(int argc, char** argv) {
       const auto data = ddpm::OpenImageSet(set, static_cast<int>(flags.GetInt("image-size")));
       ddpm::InceptionStatistics measured = ddpm::MeasureImageSet(
           *data, model, static_cast<int>(flags.GetInt("batch")), device, "ddpm_fid stats");
-      ddpm::WriteNpz(out, {{"mu", measured.features().Mean()},
-                           {"sigma", measured.features().Covariance()}});
+      ddpm::WriteNpz(
+          out, {{"mu", measured.features().Mean()}, {"sigma", measured.features().Covariance()}});
       std::printf("ddpm_fid: wrote %s: mu and sigma of %lld images of %s (Inception sha256 %s)\n",
                   out.c_str(), static_cast<long long>(measured.features().count()),
                   data->Describe().c_str(), sha256.c_str());
@@ -70,14 +74,15 @@ int main(int argc, char** argv) {
     const auto data = ddpm::OpenImageSet(set, static_cast<int>(flags.GetInt("image-size")));
     ddpm::InceptionStatistics measured = ddpm::MeasureImageSet(
         *data, model, static_cast<int>(flags.GetInt("batch")), device, "ddpm_fid score");
-    const ddpm::FrechetResult fid =
-        ddpm::FrechetDistance(measured.features().Mean(), measured.features().Covariance(), mu, sigma);
+    const ddpm::FrechetResult fid = ddpm::FrechetDistance(
+        measured.features().Mean(), measured.features().Covariance(), mu, sigma);
     const auto [is_mean, is_std] = measured.scores().Score();
-    std::printf("FID %.4f\nIS %.4f +- %.4f\nsamples %lld (%s)\nInception sha256 %s\nreference %s "
-                "sha256 %s\n%s",
-                fid.fid, is_mean, is_std, static_cast<long long>(measured.features().count()),
-                data->Describe().c_str(), sha256.c_str(), ref.c_str(), ddpm::Sha256File(ref).c_str(),
-                fid.regularized ? "note: the covariances were regularized with eps * I\n" : "");
+    std::printf(
+        "FID %.4f\nIS %.4f +- %.4f\nsamples %lld (%s)\nInception sha256 %s\nreference %s "
+        "sha256 %s\n%s",
+        fid.fid, is_mean, is_std, static_cast<long long>(measured.features().count()),
+        data->Describe().c_str(), sha256.c_str(), ref.c_str(), ddpm::Sha256File(ref).c_str(),
+        fid.regularized ? "note: the covariances were regularized with eps * I\n" : "");
     return 0;
   });
 }

@@ -1,5 +1,19 @@
 #include "tools/sample.h"
 
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <map>
+
+#include "run/sampling.h"
+#include "trainer/checkpoint.h"
+#include "trainer/device.h"
+#include "trainer/diffusion.h"
+#include "trainer/tensor_io.h"
+#include "trainer/trainer.h"
+#include "trainer/unet.h"
+
 namespace ddpm {
 
 void AddSampleFlags(Flags& flags) {
@@ -40,6 +54,51 @@ SampleJob SampleJobFromFlags(const Flags& flags) {
     if (flags.Given(flag)) job.overrides.emplace_back(key, flags.Get(flag));
   }
   return job;
+}
+
+std::vector<std::string> RunSampleJob(const SampleJob& job) {
+  Config config;
+  std::map<std::string, torch::Tensor> weights;
+  std::string origin;
+  if (!job.checkpoint.empty()) {
+    const CheckpointDir::Loaded loaded = LoadCheckpointAt(
+        job.checkpoint,
+        [](const std::string& message) { std::printf("ddpm: warning: %s\n", message.c_str()); });
+    config = ConfigFromCheckpoint(loaded.tensors, loaded.path);
+    weights = WeightsFromState(loaded.tensors, "ema");
+    origin = loaded.path;
+  } else {
+    // An exported weights file carries its config beside it (ddpm_export writes both).
+    config = LoadConfigFile(job.config_path.empty() ? ConfigBesideWeights(job.weights)
+                                                    : job.config_path);
+    weights = LoadTensors(job.weights);
+    origin = job.weights;
+  }
+  for (const auto& [key, value] : job.overrides) {
+    SetConfigKey(config, key, value, "ddpm_sample flags");
+  }
+  config.Validate();
+  if (job.batch_size < 1) throw ConfigError("ddpm_sample: --batch must be >= 1");
+
+  ConfigureThreads(config.train);
+  const torch::Device device(ResolveDevice(config.train));
+  UNet model(config.model);
+  LoadStateDict(*model, weights, origin);
+  model->to(device);
+  const GaussianDiffusion diffusion(config.diffusion, device);
+  const int count = config.sample.num_images;
+  const torch::Tensor images = SampleImages(
+      diffusion, model, config, count, job.batch_size,
+      "sampling " + std::to_string(count) + " images (" + Name(config.sample.sampler) + ")");
+  const bool to_dir =
+      (!job.out.empty() && job.out.back() == '/') || std::filesystem::is_directory(job.out);
+  if (to_dir) return WriteSampleFiles(images, job.out);
+  WriteSampleGrid(images, job.out);
+  return {job.out};
+}
+
+std::string ConfigBesideWeights(const std::string& weights) {
+  return std::filesystem::path(weights).replace_extension(".yaml").string();
 }
 
 }  // namespace ddpm

@@ -15,6 +15,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "trainer/checkpoint_keys.h"
+
 namespace ddpm {
 namespace {
 
@@ -81,13 +83,7 @@ void WriteTextAtomically(const std::string& path, const std::string& text) {
 std::string ReadText(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw CheckpointError(path + ": missing or unreadable");
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
-std::string StepDirName(int64_t step) {
-  char name[48];
-  std::snprintf(name, sizeof(name), "step_%09lld", static_cast<long long>(step));
-  return name;
+  return {(std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()};
 }
 
 std::string ShardName(int rank, int world) {
@@ -169,40 +165,17 @@ Json ShapeJson(const torch::Tensor& tensor) {
 
 }  // namespace
 
-std::vector<char> PickleTensors(const std::map<std::string, torch::Tensor>& tensors) {
-  c10::Dict<std::string, torch::Tensor> dict;
-  for (const auto& [name, tensor] : tensors) dict.insert(name, tensor);
-  return torch::pickle_save(dict);
+std::string StepName(int64_t step) {
+  char name[48];
+  std::snprintf(name, sizeof(name), "step_%09lld", static_cast<long long>(step));
+  return name;
 }
 
-std::map<std::string, torch::Tensor> UnpickleTensors(const std::vector<char>& bytes,
-                                                     const std::string& origin) {
-  torch::IValue value;
-  try {
-    value = torch::pickle_load(bytes);
-  } catch (const c10::Error& e) {
-    throw std::runtime_error(origin +
-                             ": not a pickled dict of tensors: " + e.what_without_backtrace());
-  }
-  if (!value.isGenericDict()) throw std::runtime_error(origin + ": expected a dict of tensors");
-  std::map<std::string, torch::Tensor> out;
-  for (const auto& item : value.toGenericDict()) {
-    if (!item.key().isString() || !item.value().isTensor()) {
-      throw std::runtime_error(origin + ": expected a dict of str -> tensor");
-    }
-    out[item.key().toStringRef()] = item.value().toTensor();
-  }
-  return out;
+Config ConfigFromCheckpoint(const std::map<std::string, torch::Tensor>& tensors,
+                            const std::string& origin) {
+  return LoadConfigString(TensorText(RequireTensor(tensors, checkpoint_keys::kConfig, origin)),
+                          origin + " (its config)");
 }
-
-const torch::Tensor& RequireTensor(const std::map<std::string, torch::Tensor>& tensors,
-                                   const std::string& name, const std::string& origin) {
-  const auto it = tensors.find(name);
-  if (it == tensors.end()) throw CheckpointError(origin + ": missing '" + name + "'");
-  return it->second;
-}
-
-torch::Tensor Int64Tensor(int64_t value) { return torch::tensor(value, torch::kLong); }
 
 // ---- Reading ----------------------------------------------------------------------------
 
@@ -303,7 +276,7 @@ std::map<std::string, torch::Tensor> ReadCheckpoint(const std::string& step_dir)
         out[entry.at("name").get<std::string>() + "/" + std::to_string(r)] = tensor;
       }
     }
-    out["meta/world_size"] = Int64Tensor(manifest.at("world_size").get<int64_t>());
+    out[checkpoint_keys::kWorldSize] = Int64Tensor(manifest.at("world_size").get<int64_t>());
     return out;
   } catch (const Json::exception& e) {
     throw CheckpointError(manifest_path + ": malformed manifest: " + e.what());
@@ -313,7 +286,7 @@ std::map<std::string, torch::Tensor> ReadCheckpoint(const std::string& step_dir)
 CheckpointDir::CheckpointDir(std::string dir) : dir_(std::move(dir)) {}
 
 std::string CheckpointDir::PathFor(int64_t step) const {
-  return (fs::path(dir_) / StepDirName(step)).string();
+  return (fs::path(dir_) / StepName(step)).string();
 }
 
 std::vector<int64_t> CheckpointDir::Steps() const {
@@ -324,7 +297,7 @@ std::vector<int64_t> CheckpointDir::Steps() const {
     const std::string name = entry.path().filename().string();
     long long step = -1;
     if (entry.is_directory() && std::sscanf(name.c_str(), "step_%lld", &step) == 1 &&
-        name == StepDirName(step)) {
+        name == StepName(step)) {
       steps.push_back(step);
     }
   }
@@ -442,10 +415,13 @@ void CheckpointWriter::Save(int64_t step, const std::map<std::string, torch::Ten
   Wait();  // Never two at once; the host buffer is reused.
   auto job = std::make_unique<Job>();
   job->step = step;
-  job->final_dir = (fs::path(dir_) / StepDirName(step)).string();
+  job->final_dir = (fs::path(dir_) / StepName(step)).string();
   job->tmp_dir = job->final_dir + ".tmp";
   job->layout = Layout(replicated, &job->total);
-  const auto [first, last] = RangeOf(job->total, rank_, world_);
+  // Named variables, not a structured binding: the lambda below captures them (C++17).
+  const std::pair<int64_t, int64_t> range = RangeOf(job->total, rank_, world_);
+  const int64_t first = range.first;
+  const int64_t last = range.second;
 
   // The shard image: header, this rank's range of the logical space, then its own tensors.
   int64_t size = kShardHeaderBytes + (last - first);
@@ -505,13 +481,14 @@ void CheckpointWriter::Save(int64_t step, const std::map<std::string, torch::Ten
     const torch::Tensor bytes = ByteView(*tensor).to(torch::kCPU);
     std::memcpy(base + offset, bytes.data_ptr<uint8_t>(), bytes.numel());
   }
-  if (const auto it = replicated.find("meta/config"); it != replicated.end()) {
+  if (const auto it = replicated.find(checkpoint_keys::kConfig); it != replicated.end()) {
     const torch::Tensor bytes = ByteView(it->second).to(torch::kCPU);
     job->config_hash = XXH64(bytes.data_ptr<uint8_t>(), bytes.numel(), 0);
   }
-  for (const char* key : {"data/epoch", "data/offset"}) {
+  for (const auto& [key, name] : {std::pair{checkpoint_keys::kDataEpoch, "epoch"},
+                                  std::pair{checkpoint_keys::kDataOffset, "offset"}}) {
     if (const auto it = replicated.find(key); it != replicated.end()) {
-      job->data_cursor[std::string(key).substr(5)] = it->second.item<int64_t>();
+      job->data_cursor[name] = it->second.item<int64_t>();
     }
   }
   job->started = Clock::now();
@@ -654,7 +631,7 @@ void CheckpointWriter::Commit(Job& job) {
   const std::string stamp = std::to_string(job.step) + "\n";
   WriteAndSync(committed, stamp.data(), stamp.size());
   FsyncDir(job.final_dir);
-  WriteTextAtomically((fs::path(dir_) / "latest").string(), StepDirName(job.step) + "\n");
+  WriteTextAtomically((fs::path(dir_) / "latest").string(), StepName(job.step) + "\n");
   FsyncDir(dir_);
 
   // Keep the newest keep_, and any checkpoint marked with a KEEP file.

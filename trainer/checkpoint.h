@@ -1,8 +1,8 @@
-// Sharded checkpoints (../shared/DESIGN.md, "Checkpoints"): RUN_DIR/checkpoints/step_XXXXXXXXX/
-// holds manifest.json, one shard-RRRRR-of-WWWWW per rank and a COMMITTED marker, beside a
-// `latest` pointer. Every rank writes its byte range of the replicated state and its own small
-// state, in the background; rank 0 commits. Any world size reads any checkpoint. A world of one
-// is W = 1.
+// Sharded checkpoints (docs/architecture.md, "The life of a checkpoint"):
+// RUN_DIR/checkpoints/step_XXXXXXXXX/ holds manifest.json, one shard-RRRRR-of-WWWWW per rank and a
+// COMMITTED marker, beside a `latest` pointer. Every rank writes its byte range of the replicated
+// state and its own small state, in the background; rank 0 commits. Any world size reads any
+// checkpoint. A world of one is W = 1.
 #pragma once
 
 #include <torch/torch.h>
@@ -19,26 +19,13 @@
 #include <thread>
 #include <vector>
 
+#include "config/config.h"
+#include "trainer/tensor_io.h"
+
 namespace ddpm {
 
-/// A checkpoint that cannot be read or written: the message names the file and what is wrong.
-class CheckpointError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-/// A dict of named tensors as pickle bytes that Python's torch.load reads.
-std::vector<char> PickleTensors(const std::map<std::string, torch::Tensor>& tensors);
-/// The dict of named tensors in pickle bytes (from PickleTensors or Python's torch.save);
-/// throws std::runtime_error naming origin if the bytes are not one.
-std::map<std::string, torch::Tensor> UnpickleTensors(const std::vector<char>& bytes,
-                                                     const std::string& origin);
-
-/// tensors[name], or CheckpointError naming origin and the missing name.
-const torch::Tensor& RequireTensor(const std::map<std::string, torch::Tensor>& tensors,
-                                   const std::string& name, const std::string& origin);
-/// A 0-d int64 tensor, for counters and cursors in a checkpoint.
-torch::Tensor Int64Tensor(int64_t value);
+/// "step_000001000": the name of a step's checkpoint directory, and of its sample grid.
+std::string StepName(int64_t step);
 
 /// The first 8 bytes of every shard file.
 inline constexpr char kShardMagic[8] = {'D', 'D', 'P', 'M', 'S', 'H', 'R', 'D'};
@@ -147,6 +134,11 @@ class CheckpointWriter {
   CheckpointTimes times_;
   std::thread thread_;
 };
+
+/// The config a checkpoint was trained with (its checkpoint_keys::kConfig); throws naming
+/// origin when it is missing or does not load.
+Config ConfigFromCheckpoint(const std::map<std::string, torch::Tensor>& tensors,
+                            const std::string& origin);
 
 /// Saves one checkpoint of a world of one and waits for it; returns its directory.
 std::string SaveCheckpoint(const std::string& dir, int64_t step,

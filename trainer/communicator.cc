@@ -4,13 +4,13 @@
 
 #include <cstdio>
 
+#include "base/text.h"
+
 namespace ddpm {
 namespace {
 
 std::string SecondsText(std::chrono::milliseconds timeout) {
-  char text[32];
-  std::snprintf(text, sizeof(text), "%g s", timeout.count() / 1000.0);
-  return text;
+  return FormatSeconds(timeout.count() / 1000.0);
 }
 
 }  // namespace

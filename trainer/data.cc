@@ -19,25 +19,6 @@
 
 namespace ddpm {
 
-uint64_t SplitMix64::Mix(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-uint64_t SplitMix64::Next() { return Mix(state_ += 0x9e3779b97f4a7c15ULL); }
-
-uint64_t SplitMix64::Below(uint64_t bound) {
-  // Lemire's rejection: reject the low values that would bias the modulo.
-  const uint64_t threshold = (0 - bound) % bound;
-  while (true) {
-    const uint64_t r = Next();
-    if (r >= threshold) return r % bound;
-  }
-}
-
-double SplitMix64::Uniform() { return static_cast<double>(Next() >> 11) * 0x1.0p-53; }
-
 ShapesDataset::ShapesDataset(int64_t size, int image_size, uint64_t seed)
     : size_(size), image_size_(image_size), seed_(seed) {
   if (size < 1) throw std::invalid_argument("shapes dataset: size must be >= 1");

@@ -13,7 +13,8 @@
 #include <thread>
 #include <vector>
 
-#include "trainer/config.h"
+#include "base/random.h"
+#include "config/config.h"
 
 namespace ddpm {
 
@@ -106,24 +107,6 @@ class ImageFolderDataset : public ImageDataset {
 
 /// Builds the dataset that config names, for images of model.image_size and model.in_channels.
 std::unique_ptr<ImageDataset> MakeDataset(const Config& config);
-
-/// SplitMix64: a small, fast, portable 64-bit generator for data order and augmentation.
-class SplitMix64 {
- public:
-  explicit SplitMix64(uint64_t seed) : state_(seed) {}
-  uint64_t Next();
-  /// SplitMix64's output function: a 64-bit bijection that scatters nearby inputs.
-  static uint64_t Mix(uint64_t z);
-  /// The whole generator state; SplitMix64(state()) continues the same stream.
-  uint64_t state() const { return state_; }
-  /// Uniform in [0, bound) without modulo bias.
-  uint64_t Below(uint64_t bound);
-  /// Uniform in [0, 1).
-  double Uniform();
-
- private:
-  uint64_t state_;
-};
 
 /// Where the sampler is: which epoch, and how many of its indices were handed out.
 struct DataCursor {

@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <functional>
 
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace ddpm {
 

@@ -36,9 +36,8 @@ double ConvolutionFlops(c10::ArrayRef<const c10::IValue> inputs) {
     const int64_t in = input[d + 2], k = weight[d + 2];
     const int64_t s = stride[stride.size() == 1 ? 0 : d], p = padding[padding.size() == 1 ? 0 : d],
                   dl = dilation[dilation.size() == 1 ? 0 : d];
-    const int64_t out =
-        transposed ? (in - 1) * s - 2 * p + dl * (k - 1) + output_padding[d] + 1
-                   : (in + 2 * p - dl * (k - 1) - 1) / s + 1;
+    const int64_t out = transposed ? (in - 1) * s - 2 * p + dl * (k - 1) + output_padding[d] + 1
+                                   : (in + 2 * p - dl * (k - 1) - 1) / s + 1;
     output_spatial *= static_cast<double>(out);
   }
   // weight is [C_out, C_in / groups, k...] (transposed: [C_in, C_out / groups, k...]); either

@@ -8,10 +8,10 @@ namespace ddpm {
 
 /// The constants of one fused update, all as the op-by-op path rounds them to float.
 struct FusedAdamConstants {
-  float grad_scale;       ///< clip coefficient (1: no clipping)
-  float beta1, beta2;     ///< Adam's betas
+  float grad_scale;    ///< clip coefficient (1: no clipping)
+  float beta1, beta2;  ///< Adam's betas
   float one_minus_beta1, one_minus_beta2;
-  float step_size;        ///< -lr / bias_correction1
+  float step_size;  ///< -lr / bias_correction1
   float sqrt_bias_correction2;
   float eps;
   float decay, one_minus_decay;  ///< the EMA's; ignored without an average

@@ -6,13 +6,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
-#include <iterator>
 #include <stdexcept>
 
-#include "trainer/checkpoint.h"
-#include "trainer/data.h"
-#include "trainer/fused_adam.h"
+#include "base/random.h"
+#include "trainer/checkpoint_keys.h"
+#include "trainer/tensor_io.h"
 
 #ifdef DDPM_HAS_CUDA
 #include <ATen/cuda/CUDAEvent.h>
@@ -87,171 +85,6 @@ uint64_t StreamSeed(uint64_t seed, uint64_t a, uint64_t b, uint64_t salt) {
 
 }  // namespace
 
-double WarmupLearningRate(const TrainConfig& config, int64_t update) {
-  if (config.warmup_steps <= 0) return config.lr;
-  return config.lr * std::min(1.0, static_cast<double>(update) / config.warmup_steps);
-}
-
-FlatParameters::FlatParameters(torch::nn::Module& module, bool with_grad, bool channels_last)
-    : channels_last_(channels_last) {
-  torch::NoGradGuard no_grad;
-  const auto named = module.named_parameters();
-  TORCH_CHECK(named.size() > 0, "FlatParameters: the module has no parameters");
-  int64_t total = 0;
-  for (const auto& item : named) {
-    const torch::Tensor& p = item.value();
-    slots_.push_back(Slot{item.key(), total, p.numel(), p.sizes().vec()});
-    total += p.numel();
-  }
-  const auto options = named[0].value().options();
-  data_ = torch::empty({total}, options);
-  if (with_grad) grad_ = torch::zeros({total}, options);
-  for (std::size_t i = 0; i < slots_.size(); ++i) {
-    torch::Tensor p = named[i].value();
-    torch::Tensor view = SlotView(data_, slots_[i]);
-    view.copy_(p);
-    p.set_data(view);
-    if (with_grad) p.mutable_grad() = SlotView(grad_, slots_[i]);
-  }
-}
-
-torch::Tensor FlatParameters::SlotView(const torch::Tensor& flat, const Slot& slot) const {
-  const torch::Tensor slice = flat.narrow(0, slot.offset, slot.numel);
-  if (!channels_last_ || slot.shape.size() != 4) return slice.view(slot.shape);
-  // NHWC order in memory, NCHW sizes: the strides of torch::MemoryFormat::ChannelsLast.
-  const auto& s = slot.shape;
-  return slice.view({s[0], s[2], s[3], s[1]}).permute({0, 3, 1, 2});
-}
-
-std::map<std::string, torch::Tensor> FlatParameters::Views(const torch::Tensor& flat) const {
-  std::map<std::string, torch::Tensor> out;
-  const torch::Tensor detached = flat.detach();
-  for (const Slot& slot : slots_) out[slot.name] = SlotView(detached, slot);
-  return out;
-}
-
-void FlatParameters::Flatten(const std::map<std::string, torch::Tensor>& named,
-                             const std::string& prefix, torch::Tensor& flat,
-                             const std::string& origin) const {
-  torch::NoGradGuard no_grad;
-  for (const Slot& slot : slots_) {
-    const auto it = named.find(prefix + slot.name);
-    if (it == named.end()) {
-      throw std::runtime_error(origin + ": missing tensor '" + prefix + slot.name + "'");
-    }
-    if (it->second.sizes().vec() != slot.shape) {
-      throw std::runtime_error(origin + ": tensor '" + prefix + slot.name + "' has shape " +
-                               c10::str(it->second.sizes()) + ", the model expects " +
-                               c10::str(slot.shape));
-    }
-    SlotView(flat, slot).copy_(it->second);
-  }
-}
-
-FlatAdam::FlatAdam(torch::Tensor params, torch::Tensor grads, double beta1, double beta2,
-                   double eps)
-    : params_(std::move(params)),
-      grads_(std::move(grads)),
-      exp_avg_(torch::zeros_like(params_)),
-      exp_avg_sq_(torch::zeros_like(params_)),
-      scalars_(torch::zeros({2}, params_.options().dtype(torch::kFloat32))),
-      beta1_(beta1),
-      beta2_(beta2),
-      eps_(eps) {}
-
-void FlatAdam::Prepare(double lr) {
-  ++steps_;
-  const double bias_correction1 = 1.0 - std::pow(beta1_, static_cast<double>(steps_));
-  const double bias_correction2 = 1.0 - std::pow(beta2_, static_cast<double>(steps_));
-  const bool pinned = scalars_.is_cuda();
-  torch::Tensor host = torch::empty({2}, torch::TensorOptions(torch::kFloat32).pinned_memory(pinned));
-  step_size_ = -lr / bias_correction1;
-  sqrt_bias_correction2_ = std::sqrt(bias_correction2);
-  host[0] = step_size_;
-  host[1] = sqrt_bias_correction2_;
-  // From a fresh pinned block each step: the caching host allocator keeps it until the copy
-  // has run, so the host never waits here.
-  scalars_.copy_(host, /*non_blocking=*/pinned);
-}
-
-void FlatAdam::Apply() {
-  torch::NoGradGuard no_grad;
-  exp_avg_.mul_(beta1_).add_(grads_, 1.0 - beta1_);
-  exp_avg_sq_.mul_(beta2_).addcmul_(grads_, grads_, 1.0 - beta2_);
-  // denom = sqrt(v) / sqrt(bias_correction2) + eps, written over the spent gradients.
-  torch::Tensor& denom = grads_;
-  torch::sqrt_out(denom, exp_avg_sq_).div_(scalars_[1]).add_(eps_);
-  // param += (-lr / bias_correction1) * m / denom, evaluated in addcdiv_'s order (value times
-  // m, then the division), so that the result is torch.optim.Adam's to the bit; the value is a
-  // device tensor where addcdiv_ would want a host scalar.
-  if (!scratch_.defined()) scratch_ = torch::empty_like(params_);
-  torch::mul_out(scratch_, exp_avg_, scalars_[0]);
-  params_.add_(scratch_.div_(denom));
-}
-
-void FlatAdam::ApplyFusedCpu(double grad_scale, Ema* ema) {
-  TORCH_CHECK(params_.is_cpu() && params_.scalar_type() == torch::kFloat32 &&
-                  params_.is_contiguous() && grads_.is_contiguous(),
-              "FlatAdam::ApplyFusedCpu: needs contiguous float32 CPU buffers");
-  float* param = params_.data_ptr<float>();
-  const float* grad = grads_.data_ptr<float>();
-  float* m = exp_avg_.data_ptr<float>();
-  float* v = exp_avg_sq_.data_ptr<float>();
-  float* average = nullptr;
-  if (ema != nullptr) {
-    TORCH_CHECK(ema->target().is_contiguous() && ema->target().numel() == params_.numel(),
-                "FlatAdam::ApplyFusedCpu: the EMA's buffer does not match the parameters");
-    average = ema->target().data_ptr<float>();
-  }
-  // One pass over memory instead of about twelve; the arithmetic of the tensor path above.
-  FusedAdamConstants c;
-  c.grad_scale = static_cast<float>(grad_scale);
-  c.beta1 = static_cast<float>(beta1_);
-  c.beta2 = static_cast<float>(beta2_);
-  c.one_minus_beta1 = static_cast<float>(1.0 - beta1_);
-  c.one_minus_beta2 = static_cast<float>(1.0 - beta2_);
-  c.step_size = static_cast<float>(step_size_);
-  c.sqrt_bias_correction2 = static_cast<float>(sqrt_bias_correction2_);
-  c.eps = static_cast<float>(eps_);
-  c.decay = ema != nullptr ? static_cast<float>(ema->decay()) : 0.0f;
-  c.one_minus_decay = ema != nullptr ? static_cast<float>(1.0 - ema->decay()) : 0.0f;
-  at::parallel_for(0, params_.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-    FusedAdamUpdate(begin, end, param, grad, m, v, average, c);
-  });
-}
-
-void FlatAdam::Step(double lr) {
-  Prepare(lr);
-  Apply();
-}
-
-Ema::Ema(torch::Tensor source, torch::Tensor target, double decay)
-    : source_(std::move(source)), target_(std::move(target)), decay_(decay) {
-  TORCH_CHECK(source_.sizes() == target_.sizes(), "EMA: source and target differ in size");
-  torch::NoGradGuard no_grad;
-  target_.copy_(source_);
-}
-
-void Ema::Update() {
-  torch::NoGradGuard no_grad;
-  target_.mul_(decay_).add_(source_, 1.0 - decay_);
-}
-
-double ClipCoefficient(double norm, double max_norm) {
-  return max_norm > 0 ? std::min(1.0, max_norm / (norm + 1e-6)) : 1.0;
-}
-
-torch::Tensor ClipGradNorm(torch::Tensor& grad, double max_norm) {
-  torch::NoGradGuard no_grad;
-  torch::Tensor norm = grad.norm();
-  if (max_norm > 0) {
-    // Multiplying by a coefficient clamped to 1 leaves unclipped gradients exact, and needs no
-    // host-side comparison (torch.nn.utils.clip_grad_norm_ does the same).
-    grad.mul_((max_norm / (norm + 1e-6)).clamp_max(1.0));
-  }
-  return norm;
-}
-
 StepValues ReadStepValues(const torch::Tensor& values) {
   const torch::Tensor host = values.to(torch::kCPU, torch::kFloat64).contiguous();
   TORCH_CHECK(host.numel() == kStepValues, "step values: expected ", kStepValues, ", got ",
@@ -267,9 +100,10 @@ StepValues ReadStepValues(const torch::Tensor& values) {
   return out;
 }
 
-Trainer::Trainer(const Config& config, torch::Device device, int rank)
+Trainer::Trainer(const Config& config, torch::Device device, int rank, int micro_batches)
     : config_(config),
       device_(device),
+      micro_batches_(micro_batches),
       model_(config.model, config.train.seed),
       ema_model_(config.model, config.train.seed),
       diffusion_(config.diffusion, device) {
@@ -298,8 +132,10 @@ Trainer::Trainer(const Config& config, torch::Device device, int rank)
                                           config.train.adam_beta2, config.train.adam_eps);
   ema_ = std::make_unique<Ema>(params_->data(), ema_params_->data(), config.train.ema_decay);
   if (config.train.cuda_graphs && !device.is_cuda()) {
-    throw std::runtime_error("train.cuda_graphs: CUDA graphs need a CUDA device, and this run "
-                             "trains on " + device.str() + "; set train.cuda_graphs: false");
+    throw std::runtime_error(
+        "train.cuda_graphs: CUDA graphs need a CUDA device, and this run "
+        "trains on " +
+        device.str() + "; set train.cuda_graphs: false");
   }
 #ifndef DDPM_HAS_CUDA
   if (config.train.cuda_graphs) {
@@ -331,7 +167,7 @@ std::pair<torch::Tensor, torch::Tensor> Trainer::DrawTimestepsAndNoise(
 
 void Trainer::Compute(const torch::Tensor& images, const torch::Tensor& t,
                       const torch::Tensor& noise, torch::Tensor& values) {
-  const int accum = config_.train.grad_accum;
+  const int accum = micro_batches_;
   params_->grad().zero_();
   // The forward under bf16 autocast when asked; its output, and so the loss, back in fp32.
   const bool bf16 = config_.train.precision == Precision::kBf16;
@@ -374,9 +210,9 @@ void Trainer::Compute(const torch::Tensor& images, const torch::Tensor& t,
     optimizer_->Apply();
     ema_->Update();
   }
-  values.copy_(torch::cat({(loss_sum / accum).to(torch::kFloat64).reshape({1}),
-                           grad_norm.to(torch::kFloat64).reshape({1}), quartile_loss,
-                           quartile_count}));
+  values.copy_(
+      torch::cat({(loss_sum / accum).to(torch::kFloat64).reshape({1}),
+                  grad_norm.to(torch::kFloat64).reshape({1}), quartile_loss, quartile_count}));
 }
 
 #ifdef DDPM_HAS_CUDA
@@ -398,19 +234,18 @@ struct Trainer::StepGraph {
 bool Trainer::graph_captured() const { return graph_ != nullptr && graph_->captured; }
 
 StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
-  const int accum = config_.train.grad_accum;
+  const int accum = micro_batches_;
   TORCH_CHECK(batch.size(0) % accum == 0, "batch of ", batch.size(0),
-              " images does not split into train.grad_accum = ", accum, " micro-batches");
+              " images does not split into ", accum, " micro-batches");
   model_->train();
   StepStats stats;
   stats.lr = WarmupLearningRate(config_.train, step_ + 1);
-  const auto memory_format =
-      config_.train.channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
-  const torch::Tensor images =
-      batch.to(device_, /*non_blocking=*/true).contiguous(memory_format);
+  const auto memory_format = config_.train.channels_last ? torch::MemoryFormat::ChannelsLast
+                                                         : torch::MemoryFormat::Contiguous;
+  const torch::Tensor images = batch.to(device_, /*non_blocking=*/true).contiguous(memory_format);
   // Every sample's timestep and noise for the whole batch; the micro-batches take slices.
-  auto [t, noise] = DrawTimestepsAndNoise(step_, first_position, images.size(0),
-                                          images.sizes().slice(1));
+  auto [t, noise] =
+      DrawTimestepsAndNoise(step_, first_position, images.size(0), images.sizes().slice(1));
   noise = noise.contiguous(memory_format);
   optimizer_->Prepare(stats.lr);
   if (!config_.train.cuda_graphs) {
@@ -434,8 +269,9 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
     graph_->values = torch::empty({kStepValues}, images.options().dtype(torch::kFloat64));
   }
   StepGraph& g = *graph_;
-  TORCH_CHECK(images.sizes() == g.images.sizes(), "train.cuda_graphs: the batch shape changed from ",
-              g.images.sizes(), " to ", images.sizes(), "; a captured step has static shapes");
+  TORCH_CHECK(images.sizes() == g.images.sizes(),
+              "train.cuda_graphs: the batch shape changed from ", g.images.sizes(), " to ",
+              images.sizes(), "; a captured step has static shapes");
   g.images.copy_(images, /*non_blocking=*/true);
   g.t.copy_(t, /*non_blocking=*/true);
   g.noise.copy_(noise, /*non_blocking=*/true);
@@ -500,14 +336,14 @@ std::map<std::string, torch::Tensor> Trainer::StateViews() const {
   auto add = [&](const std::string& prefix, const torch::Tensor& flat) {
     for (auto& [name, tensor] : params_->Views(flat)) state[prefix + name] = tensor;
   };
-  add("model/", params_->data());
-  add("ema/", ema_params_->data());
-  add("adam/exp_avg/", optimizer_->exp_avg());
-  add("adam/exp_avg_sq/", optimizer_->exp_avg_sq());
-  state["adam/steps"] = Int64Tensor(optimizer_->steps());
-  state["step"] = Int64Tensor(step_);
+  add(checkpoint_keys::kModelPrefix, params_->data());
+  add(checkpoint_keys::kEmaPrefix, ema_params_->data());
+  add(checkpoint_keys::kAdamExpAvgPrefix, optimizer_->exp_avg());
+  add(checkpoint_keys::kAdamExpAvgSqPrefix, optimizer_->exp_avg_sq());
+  state[checkpoint_keys::kAdamSteps] = Int64Tensor(optimizer_->steps());
+  state[checkpoint_keys::kStep] = Int64Tensor(step_);
   // The device's default generator: dropout draws from it. Timesteps and noise need no state.
-  state["rng/default"] = GeneratorState(at::globalContext().defaultGenerator(device_));
+  state[checkpoint_keys::kRng] = GeneratorState(at::globalContext().defaultGenerator(device_));
   return state;
 }
 
@@ -521,15 +357,15 @@ void Trainer::LoadState(const std::map<std::string, torch::Tensor>& state,
                         const std::string& origin) {
   torch::NoGradGuard no_grad;
   torch::Tensor flat = params_->data();
-  params_->Flatten(state, "model/", flat, origin);
+  params_->Flatten(state, checkpoint_keys::kModelPrefix, flat, origin);
   flat = ema_params_->data();
-  ema_params_->Flatten(state, "ema/", flat, origin);
-  params_->Flatten(state, "adam/exp_avg/", optimizer_->exp_avg(), origin);
-  params_->Flatten(state, "adam/exp_avg_sq/", optimizer_->exp_avg_sq(), origin);
-  optimizer_->set_steps(RequireTensor(state, "adam/steps", origin).item<int64_t>());
-  step_ = RequireTensor(state, "step", origin).item<int64_t>();
+  ema_params_->Flatten(state, checkpoint_keys::kEmaPrefix, flat, origin);
+  params_->Flatten(state, checkpoint_keys::kAdamExpAvgPrefix, optimizer_->exp_avg(), origin);
+  params_->Flatten(state, checkpoint_keys::kAdamExpAvgSqPrefix, optimizer_->exp_avg_sq(), origin);
+  optimizer_->set_steps(RequireTensor(state, checkpoint_keys::kAdamSteps, origin).item<int64_t>());
+  step_ = RequireTensor(state, checkpoint_keys::kStep, origin).item<int64_t>();
   torch::Generator default_generator = at::globalContext().defaultGenerator(device_);
-  SetGeneratorState(default_generator, RequireTensor(state, "rng/default", origin));
+  SetGeneratorState(default_generator, RequireTensor(state, checkpoint_keys::kRng, origin));
 }
 
 torch::Tensor DerivedGeneratorState(torch::Device device, uint64_t seed, int rank, int64_t step) {
@@ -542,12 +378,12 @@ std::map<std::string, torch::Tensor> StateForRank(
     const std::map<std::string, torch::Tensor>& checkpoint, int rank, torch::Device device,
     uint64_t seed, const std::string& origin) {
   std::map<std::string, torch::Tensor> state = checkpoint;
-  const auto own = checkpoint.find("rng/default/" + std::to_string(rank));
+  const auto own = checkpoint.find(checkpoint_keys::RngOfRank(rank));
   if (own != checkpoint.end()) {
-    state["rng/default"] = own->second;
+    state[checkpoint_keys::kRng] = own->second;
   } else {
-    const int64_t step = RequireTensor(checkpoint, "step", origin).item<int64_t>();
-    state["rng/default"] = DerivedGeneratorState(device, seed, rank, step);
+    const int64_t step = RequireTensor(checkpoint, checkpoint_keys::kStep, origin).item<int64_t>();
+    state[checkpoint_keys::kRng] = DerivedGeneratorState(device, seed, rank, step);
   }
   return state;
 }
@@ -573,67 +409,6 @@ Denoiser EvalDenoiser(UNet& model, Precision precision) {
     AutocastScope autocast(x.device().type(), true);
     return model->forward(x, t).to(torch::kFloat32);
   };
-}
-
-std::map<std::string, torch::Tensor> StateDict(const torch::nn::Module& module) {
-  std::map<std::string, torch::Tensor> out;
-  // Copies, always: a parameter may be a view of a flat buffer, and pickling a view would
-  // write the whole buffer.
-  for (const auto& item : module.named_parameters()) {
-    out[item.key()] = item.value().detach().to(torch::kCPU).clone();
-  }
-  for (const auto& item : module.named_buffers()) {
-    out[item.key()] = item.value().detach().to(torch::kCPU).clone();
-  }
-  return out;
-}
-
-void SaveTensors(const std::map<std::string, torch::Tensor>& tensors, const std::string& path) {
-  const std::vector<char> bytes = PickleTensors(tensors);
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    out.flush();
-    if (!out) throw std::runtime_error(tmp + ": cannot write tensors");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    throw std::runtime_error(path + ": cannot rename " + tmp + " into place");
-  }
-}
-
-std::map<std::string, torch::Tensor> LoadTensors(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(path + ": cannot open tensor file");
-  return UnpickleTensors(
-      std::vector<char>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()),
-      path);
-}
-
-void LoadStateDict(torch::nn::Module& module, const std::map<std::string, torch::Tensor>& tensors,
-                   const std::string& origin) {
-  torch::NoGradGuard no_grad;
-  std::size_t expected = 0;
-  auto copy = [&](const std::string& name, torch::Tensor& target) {
-    const auto it = tensors.find(name);
-    if (it == tensors.end()) throw std::runtime_error(origin + ": missing tensor '" + name + "'");
-    if (it->second.sizes() != target.sizes()) {
-      throw std::runtime_error(origin + ": tensor '" + name + "' has shape " +
-                               c10::str(it->second.sizes()) + ", the model expects " +
-                               c10::str(target.sizes()));
-    }
-    target.copy_(it->second);
-    ++expected;
-  };
-  for (auto& item : module.named_parameters()) copy(item.key(), item.value());
-  for (auto& item : module.named_buffers()) copy(item.key(), item.value());
-  if (expected != tensors.size()) {
-    for (const auto& [name, tensor] : tensors) {
-      if (!module.named_parameters().contains(name) && !module.named_buffers().contains(name)) {
-        throw std::runtime_error(origin + ": unexpected tensor '" + name + "'");
-      }
-    }
-  }
 }
 
 }  // namespace ddpm

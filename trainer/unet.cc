@@ -74,7 +74,8 @@ AttnBlockImpl::AttnBlockImpl(int channels, int groups, torch::Generator& generat
 
 torch::Tensor AttnBlockImpl::forward(const torch::Tensor& x) {
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
-  const auto qkv = qkv_(Normalize(norm_, x)).reshape({batch, 3, channels, height * width}).unbind(1);
+  const auto qkv =
+      qkv_(Normalize(norm_, x)).reshape({batch, 3, channels, height * width}).unbind(1);
   const torch::Tensor& q = qkv[0];
   const torch::Tensor& k = qkv[1];
   const torch::Tensor& v = qkv[2];

@@ -40,8 +40,9 @@ grpc::Status GatewayClient::Checked(const grpc::Status& status) {
 }
 
 std::unique_ptr<grpc::ClientContext> GatewayClient::Context() const {
-  return MakeContext(options_.token, std::chrono::milliseconds(static_cast<int64_t>(
-                                         options_.rpc_timeout_seconds * 1000)));
+  return MakeContext(
+      options_.token,
+      std::chrono::milliseconds(static_cast<int64_t>(options_.rpc_timeout_seconds * 1000)));
 }
 
 grpc::Status GatewayClient::Register(const v1::RegisterRequest& request,
@@ -79,7 +80,7 @@ grpc::Status ReportWithRetry(const std::function<grpc::Status()>& call,
   const auto give_up = SteadyClock::now() + patience;
   auto backoff = std::chrono::milliseconds(250);
   while (true) {
-    const grpc::Status status = call();
+    grpc::Status status = call();
     if (!Transient(status) || SteadyClock::now() + backoff > give_up) return status;
     std::this_thread::sleep_for(backoff);
     backoff = std::min(backoff * 2, std::chrono::milliseconds(4000));
@@ -226,8 +227,8 @@ void CommandChannel::Stop() {
   if (thread_.joinable()) thread_.join();
 }
 
-Heartbeater::Heartbeater(GatewayClient& client, std::string group_id,
-                         const RankRecorder& recorder, double interval_seconds)
+Heartbeater::Heartbeater(GatewayClient& client, std::string group_id, const RankRecorder& recorder,
+                         double interval_seconds)
     : client_(client),
       group_id_(std::move(group_id)),
       recorder_(recorder),

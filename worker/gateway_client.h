@@ -13,7 +13,7 @@
 
 #include "ddpm/v1/worker_gateway.grpc.pb.h"
 #include "proto/rpc.h"
-#include "trainer/train_loop.h"
+#include "run/run.h"
 #include "worker/rank_metrics.h"
 
 namespace ddpm {

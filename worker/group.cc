@@ -8,8 +8,9 @@
 #include <cstdio>
 #include <optional>
 
+#include "base/signals.h"
+#include "config/flags.h"
 #include "trainer/communicator.h"
-#include "trainer/flags.h"
 #include "worker/gateway_client.h"
 #include "worker/worker.h"
 
@@ -26,31 +27,12 @@ extern "C" void OnGroupSignal(int signal) {
   g_shutdown = true;
 }
 
-class GroupSignals {
- public:
-  GroupSignals() {
-    struct sigaction action {};
-    action.sa_handler = OnGroupSignal;
-    sigemptyset(&action.sa_mask);
-    sigaction(SIGINT, &action, &old_int_);
-    sigaction(SIGTERM, &action, &old_term_);
-  }
-  ~GroupSignals() {
-    sigaction(SIGINT, &old_int_, nullptr);
-    sigaction(SIGTERM, &old_term_, nullptr);
-  }
-
- private:
-  struct sigaction old_int_ {};
-  struct sigaction old_term_ {};
-};
-
 // What rank 0 tells the other ranks between runs.
 enum Message : int64_t { kHello = 1, kTrain = 2, kShutdown = 3 };
 
 void SendMessage(Communicator& comm, Message kind, const std::string& payload) {
-  torch::Tensor header =
-      torch::tensor({static_cast<int64_t>(kind), static_cast<int64_t>(payload.size())}, torch::kLong);
+  torch::Tensor header = torch::tensor(
+      {static_cast<int64_t>(kind), static_cast<int64_t>(payload.size())}, torch::kLong);
   comm.WaitForBroadcast(header, 0, "broadcast of the group's next message");
   if (payload.empty()) return;
   torch::Tensor bytes = torch::empty({static_cast<int64_t>(payload.size())}, torch::kUInt8);
@@ -148,9 +130,9 @@ struct Member {
       train.poll_stop = [this, &command, &taken_away] {
         const v1::GroupCommand latest = channel->Latest();
         const StopRequest request = StopFor(latest, command);
-        taken_away = request == StopRequest::kAbandon &&
-                     !(latest.kind() == v1::GroupCommand::STOP_NOW &&
-                       latest.run_id() == command.run_id());
+        taken_away =
+            request == StopRequest::kAbandon &&
+            !(latest.kind() == v1::GroupCommand::STOP_NOW && latest.run_id() == command.run_id());
         return request;
       };
       train.on_log = [this](const LogMetrics& metrics) { heartbeats->PushTrainMetrics(metrics); };
@@ -193,7 +175,12 @@ struct Member {
     try {
       const Config config = LoadConfigString(command.config_yaml(),
                                              "run " + run_id + "'s config from the coordinator");
-      result = RunTraining(config, train, context_for(config));
+      DistributedContext dist = context_for(config);
+      // The split the coordinator placed the run with, used as it is (RunTraining checks it).
+      const v1::Placement& placement = command.placement();
+      dist.plan = BatchPlan{config.train.batch_size, placement.world_size(),
+                            placement.per_rank_batch(), placement.grad_accum()};
+      result = RunTraining(config, train, dist);
     } catch (const std::exception& error) {
       // Report it from the rank that saw it; the caller then ends the whole job.
       const std::string message = "rank " + std::to_string(rank) + ": " + UserMessage(error);
@@ -240,7 +227,8 @@ struct Member {
     if (!status.ok() && status.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
       Say(DescribeStatus("ReportRunEnd", status));
     }
-    Say("run " + run_id + " ended at step " + std::to_string(result.steps) + "; waiting for the next");
+    Say("run " + run_id + " ended at step " + std::to_string(result.steps) +
+        "; waiting for the next");
     return result.interrupted_by != 0;
   }
 };
@@ -249,7 +237,7 @@ struct Member {
 
 int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFactory& context_for,
                RankRecorder& recorder) {
-  GroupSignals signals;
+  const SignalScope signals({SIGINT, SIGTERM}, OnGroupSignal);
   const int rank = comm.rank();
   GatewayOptions gateway;
   gateway.channel.address = options.coordinator;
@@ -263,8 +251,8 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
   std::unique_ptr<CommandChannel> channel;
   double interval = 5;
   if (rank == 0) {
-    member.group_id = options.group_id.empty() ? HostName() + "-" + std::to_string(getpid())
-                                               : options.group_id;
+    member.group_id =
+        options.group_id.empty() ? HostName() + "-" + std::to_string(getpid()) : options.group_id;
     v1::RegisterRequest registration;
     registration.set_group_id(member.group_id);
     registration.set_world_size(comm.world_size());

@@ -6,7 +6,7 @@
 #include <functional>
 #include <string>
 
-#include "trainer/train_loop.h"
+#include "run/run.h"
 
 namespace ddpm {
 

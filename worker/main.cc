@@ -1,7 +1,7 @@
 // ddpm_worker: trains a DDPM from a YAML config. Thin main: flags to options, then the library.
 #include <cstdlib>
 
-#include "trainer/flags.h"
+#include "config/flags.h"
 #include "worker/worker.h"
 
 int main(int argc, char** argv) {
@@ -18,8 +18,7 @@ int main(int argc, char** argv) {
             "service mode: HOST:PORT of a ddpm_coordinator; the group registers and trains the "
             "runs it assigns (no --config)",
             "");
-  flags.Add("worker-token-file", "file holding the worker token (default: $DDPM_WORKER_TOKEN)",
-            "");
+  flags.Add("worker-token-file", "file holding the worker token (default: $DDPM_WORKER_TOKEN)", "");
   flags.Add("tls-ca", "PEM CA certificate: reach the coordinator over TLS", "");
   flags.Add("group-id", "the group's id at the coordinator (default: HOST-PID of rank 0)", "");
   flags.Add("metrics-listen",

@@ -5,6 +5,8 @@
 
 #include <cstdlib>
 
+#include "base/check.h"
+
 namespace ddpm {
 namespace {
 
@@ -23,8 +25,8 @@ void CheckMpi(int code, const char* call, const char* file, int line) {
   char reason[MPI_MAX_ERROR_STRING];
   int length = 0;
   if (MPI_Error_string(code, reason, &length) != MPI_SUCCESS) length = 0;
-  throw CommError("rank " + std::to_string(WorldRank()) + ": " + call + " failed at " + file + ":" +
-                  std::to_string(line) + ": " + std::string(reason, length));
+  throw CommError(CheckFailureMessage("rank " + std::to_string(WorldRank()), call, file, line,
+                                      std::string(reason, length)));
 }
 
 #define DDPM_MPI_CHECK(call) ::ddpm::CheckMpi((call), #call, __FILE__, __LINE__)

@@ -15,20 +15,22 @@
 #include <mutex>
 #include <thread>
 
+#include "base/check.h"
+
 namespace ddpm {
 namespace {
 
 // Throws CommError naming the call, where it was made, the rank and the library's own reason.
 void CheckNccl(ncclResult_t code, const char* call, const char* file, int line, int rank) {
   if (code == ncclSuccess) return;
-  throw CommError("rank " + std::to_string(rank) + ": " + call + " failed at " + file + ":" +
-                  std::to_string(line) + ": " + ncclGetErrorString(code));
+  throw CommError(CheckFailureMessage("rank " + std::to_string(rank), call, file, line,
+                                      ncclGetErrorString(code)));
 }
 
 void CheckCuda(cudaError_t code, const char* call, const char* file, int line, int rank) {
   if (code == cudaSuccess) return;
-  throw CommError("rank " + std::to_string(rank) + ": " + call + " failed at " + file + ":" +
-                  std::to_string(line) + ": " + cudaGetErrorString(code));
+  throw CommError(CheckFailureMessage("rank " + std::to_string(rank), call, file, line,
+                                      cudaGetErrorString(code)));
 }
 
 #define DDPM_NCCL_CHECK(call) CheckNccl((call), #call, __FILE__, __LINE__, rank_)
@@ -154,7 +156,7 @@ class NcclCommunicator : public Communicator {
 
   // Finishes each work once its event has passed; aborts the communicator on a timeout.
   void Watch() {
-    CheckCuda(cudaSetDevice(device_.index()), "cudaSetDevice", __FILE__, __LINE__, rank_);
+    DDPM_CUDA_CHECK(cudaSetDevice(device_.index()));
     while (true) {
       std::pair<std::shared_ptr<Work>, std::shared_ptr<at::cuda::CUDAEvent>> item;
       {

@@ -86,8 +86,8 @@ std::string OffsetListenAddress(const std::string& listen, int offset) {
   } catch (const std::exception&) {
     port = -1;
   }
-  if (colon == std::string::npos || colon == 0 || port < 0 ||
-      used != listen.size() - colon - 1 || port + offset > 65535) {
+  if (colon == std::string::npos || colon == 0 || port < 0 || used != listen.size() - colon - 1 ||
+      port + offset > 65535) {
     throw std::invalid_argument("metrics address '" + listen +
                                 "' is not HOST:PORT with PORT + local rank at most 65535");
   }
@@ -112,8 +112,8 @@ class RankCollector : public prometheus::Collectable {
              static_cast<double>(snapshot.device_memory_bytes));
     if (snapshot.run_id.empty() || !snapshot.has_step) return {memory};
     const MetricLabels labels = {{"run", snapshot.run_id}, {"rank", rank}};
-    prometheus::MetricFamily step = MetricFamilyOf(MetricType::Gauge, "ddpm_rank_step",
-                                                   "The last step this rank finished");
+    prometheus::MetricFamily step =
+        MetricFamilyOf(MetricType::Gauge, "ddpm_rank_step", "The last step this rank finished");
     AddValue(step, labels, static_cast<double>(snapshot.metrics.step()));
     prometheus::MetricFamily step_seconds = MetricFamilyOf(
         MetricType::Histogram, "ddpm_rank_step_seconds", "Seconds of each step on this rank");
@@ -133,24 +133,29 @@ class RankCollector : public prometheus::Collectable {
 
 RankMetricsEndpoint::RankMetricsEndpoint(const RankRecorder& recorder, const std::string& listen)
     : collector_(std::make_shared<RankCollector>(recorder)) {
-  const std::string where = "rank " + std::to_string(recorder.rank()) + ": cannot serve /metrics on " + listen;
+  const std::string where =
+      "rank " + std::to_string(recorder.rank()) + ": cannot serve /metrics on " + listen;
   const size_t colon = listen.rfind(':');
   if (colon == std::string::npos) throw RpcSetupError(where + ": not HOST:PORT");
   std::string host = listen.substr(0, colon);
-  if (host.size() > 1 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  if (host.size() > 1 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
   const std::string port = listen.substr(colon + 1);
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE;
   addrinfo* found = nullptr;
-  if (const int error = getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found);
+  if (const int error =
+          getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found);
       error != 0) {
     throw RpcSetupError(where + ": " + gai_strerror(error));
   }
   std::string failure = "no address";
-  for (addrinfo* address = found; address != nullptr && listen_fd_ < 0; address = address->ai_next) {
-    const int fd = socket(address->ai_family, address->ai_socktype | SOCK_CLOEXEC, address->ai_protocol);
+  for (addrinfo* address = found; address != nullptr && listen_fd_ < 0;
+       address = address->ai_next) {
+    const int fd =
+        socket(address->ai_family, address->ai_socktype | SOCK_CLOEXEC, address->ai_protocol);
     if (fd < 0) continue;
     const int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
@@ -208,7 +213,8 @@ void RankMetricsEndpoint::Serve() {
       request.append(buffer, static_cast<size_t>(n));
     }
     const std::string line = request.substr(0, request.find("\r\n"));
-    std::string status = "404 Not Found", type = "text/plain", body = "only GET /metrics is served\n";
+    std::string status = "404 Not Found", type = "text/plain",
+                body = "only GET /metrics is served\n";
     if (line.rfind("GET /metrics ", 0) == 0 || line.rfind("GET /metrics?", 0) == 0) {
       status = "200 OK";
       type = "text/plain; version=0.0.4; charset=utf-8";
@@ -223,9 +229,8 @@ void RankMetricsEndpoint::Serve() {
       status = "405 Method Not Allowed";
       body = "only GET /metrics is served\n";
     }
-    SendAll(client, "HTTP/1.1 " + status + "\r\nContent-Type: " + type +
-                        "\r\nContent-Length: " + std::to_string(body.size()) +
-                        "\r\nConnection: close\r\n\r\n" + body);
+    SendAll(client, "HTTP/1.1 " + status + "\r\nContent-Type: " + type + "\r\nContent-Length: " +
+                        std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body);
     close(client);
   }
 }

@@ -12,7 +12,7 @@
 #include <thread>
 
 #include "ddpm/v1/run.pb.h"
-#include "trainer/train_loop.h"
+#include "run/run.h"
 
 namespace prometheus {
 class Collectable;

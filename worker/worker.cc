@@ -1,8 +1,7 @@
 #include "worker/worker.h"
 
-#include <torch/torch.h>
-
 #include <signal.h>
+#include <torch/torch.h>
 #include <unistd.h>
 #ifdef __linux__
 #include <sys/prctl.h>
@@ -10,9 +9,10 @@
 
 #include <cstdio>
 
-#include "trainer/config.h"
-#include "trainer/flags.h"
-#include "trainer/train_loop.h"
+#include "config/config.h"
+#include "config/flags.h"
+#include "run/run.h"
+#include "trainer/device.h"
 #include "trainer/unet.h"
 #include "worker/gradient_buckets.h"
 #include "worker/group.h"
@@ -164,9 +164,9 @@ int RunRank(const WorkerOptions& options, const Config* config) {
                               config == nullptr ? DeviceOfRank(placement.local_rank)
                                                 : DeviceOfRun(*config, placement.local_rank));
       if (config == nullptr) {
-        return ServeGroup(options, mpi_comm,
-                          [&](const Config& run_config) { return contexts.For(run_config); },
-                          telemetry.recorder);
+        return ServeGroup(
+            options, mpi_comm, [&](const Config& run_config) { return contexts.For(run_config); },
+            telemetry.recorder);
       }
       return ExitCode(
           RunTraining(*config, ToTrainOptions(options, telemetry), contexts.For(*config)));

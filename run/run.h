@@ -1,15 +1,19 @@
 // The training run, on one process or one rank of a data-parallel job: data, steps, logs,
-// checkpoints and resume, sample grids and exported EMA weights. Torch-free header.
+// checkpoints and resume, sample grids, evaluations and exported EMA weights. Torch-free
+// header: the worker's gateway client and metrics read these structs without LibTorch.
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
-#include "trainer/config.h"
+#include "config/batch_plan.h"
+#include "config/config.h"
+#include "eval/report.h"
 
 namespace ddpm {
 
@@ -52,6 +56,9 @@ struct DistributedContext {
   std::string device;
   /// Ranks on this node, which share its cores; 0: from the launcher's environment.
   int local_ranks = 0;
+  /// The split of the batch that a coordinator placed the run with; empty: PlanBatch of the
+  /// config for this world.
+  std::optional<BatchPlan> plan;
 };
 
 /// What rank 0 reports once per log interval.
@@ -80,26 +87,6 @@ struct CommittedCheckpoint {
   double stall_seconds = 0;
   /// Seconds its background write and commit took.
   double write_seconds = 0;
-};
-
-/// One evaluation of a run's EMA samples (every rank computes the same numbers).
-struct EvalReport {
-  int64_t step = 0;
-  double fid = 0;
-  /// Inception Score over 10 splits: mean and standard deviation.
-  double inception_score = 0;
-  double inception_score_std = 0;
-  /// The protocol: samples, sampler ("ddpm" or "ddim") and its steps, and the SHA-256 of the
-  /// Inception weights and of the reference statistics file.
-  int64_t num_samples = 0;
-  std::string sampler;
-  int sampling_steps = 0;
-  std::string inception_sha256;
-  std::string reference_sha256;
-  /// Whether the Frechet distance needed eps * I on the covariances.
-  bool regularized = false;
-  /// Seconds the evaluation took (sampling and Inception), not counted as training time.
-  double seconds = 0;
 };
 
 /// A stop that the caller of RunTraining asks for (the coordinator's commands).
@@ -155,54 +142,8 @@ struct TrainResult {
 /// Trains to config.train.steps, writing into options.run_dir (rank 0 writes; every rank reads
 /// its shard of the data). Rank 0 decides at each step boundary whether to stop (SIGINT or
 /// SIGTERM), checkpoint now (SIGUSR1) or draw a sample grid now (SIGUSR2), and every rank acts on
-/// the same step.
+/// the same step. A TrainingRun, run to its end.
 TrainResult RunTraining(const Config& config, const TrainOptions& options,
                         const DistributedContext& dist = {});
-
-/// Sets torch's intra-op threads from train.threads; when it is 0, from OMP_NUM_THREADS if set,
-/// else the cores this process is bound to when a launcher bound it, else cores / local_ranks
-/// (0: from the launcher's environment). Returns the thread count in use.
-int ConfigureThreads(const TrainConfig& config, int local_ranks = 0);
-/// "cuda" or "cpu" for train.device ("auto" picks cuda when it is available).
-std::string ResolveDevice(const TrainConfig& config);
-/// Seconds as H:MM:SS.
-std::string FormatDuration(double seconds);
-
-/// What ddpm_sample draws from and where it writes.
-struct SampleJob {
-  /// A checkpoint directory, a checkpoints folder or a run directory (its newest valid
-  /// checkpoint); its EMA weights and config are used.
-  std::string checkpoint;
-  /// Or a weights file (ddpm_export's, ema_weights.pt, or a torch.save'd state dict) ...
-  std::string weights;
-  /// ... with the config it was trained with; empty: the .yaml beside the weights file.
-  std::string config_path;
-  /// "section.key" -> YAML value overrides of the config (sample.* mostly).
-  std::vector<std::pair<std::string, std::string>> overrides;
-  /// Images per forward pass.
-  int batch_size = 64;
-  /// A PNG grid, or a directory (existing, or ending in '/') for one PNG per image.
-  std::string out = "samples.png";
-};
-
-/// Draws the samples of job and writes them; returns the files written.
-std::vector<std::string> RunSampleJob(const SampleJob& job);
-
-/// The config file that goes with an exported weights file: model.pt -> model.yaml.
-std::string ConfigBesideWeights(const std::string& weights);
-
-/// What ddpm_export reads and writes.
-struct ExportJob {
-  /// A checkpoint directory, a checkpoints folder or a run directory.
-  std::string checkpoint;
-  /// "ema" (for sampling) or "model" (the raw trained weights).
-  std::string which = "ema";
-  /// The state dict file, which Python's torch.load reads; its config goes beside it as .yaml.
-  std::string out = "model.pt";
-};
-
-/// Writes job.which's weights of the checkpoint as one state dict with the UNet's names;
-/// returns the files written.
-std::vector<std::string> RunExport(const ExportJob& job);
 
 }  // namespace ddpm

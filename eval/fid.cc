@@ -1,4 +1,4 @@
-#include "trainer/fid.h"
+#include "eval/fid.h"
 
 #include <zip.h>
 
@@ -21,8 +21,9 @@ void FeatureMoments::Add(const torch::Tensor& features) {
               "], got ", features.sizes());
   const torch::Tensor f = features.to(torch::kFloat64);
   // On the features' device, then one copy of the sums to the host.
-  const torch::Tensor sums = torch::cat({torch::full({1}, static_cast<double>(f.size(0)), f.options()),
-                                         f.sum(0), f.t().mm(f).reshape({-1})});
+  const torch::Tensor sums =
+      torch::cat({torch::full({1}, static_cast<double>(f.size(0)), f.options()), f.sum(0),
+                  f.t().mm(f).reshape({-1})});
   packed_ += sums.cpu();
 }
 
@@ -51,7 +52,8 @@ void ScoreMoments::Add(const torch::Tensor& logits, int64_t first_index) {
   const torch::Tensor log_p = torch::log_softmax(logits.to(torch::kFloat64), 1).cpu();
   const torch::Tensor p = log_p.exp();
   // The split whose slice [s * n / splits, (s + 1) * n / splits) holds sample i.
-  const torch::Tensor index = torch::arange(first_index, first_index + logits.size(0), torch::kLong);
+  const torch::Tensor index =
+      torch::arange(first_index, first_index + logits.size(0), torch::kLong);
   const torch::Tensor split = ((index + 1) * splits_ + total_ - 1).div(total_, "floor") - 1;
   packed_.index_add_(0, split,
                      torch::cat({torch::ones({p.size(0), 1}, torch::kFloat64),
@@ -67,7 +69,8 @@ std::pair<double, double> ScoreMoments::Score() const {
     TORCH_CHECK(n > 0, "Inception Score split ", s, " has no samples");
     const torch::Tensor p_y = stats.slice(0, 2) / n;
     // E_x KL(p(y|x) || p(y)) = E_x sum p log p - sum p(y) log p(y).
-    const double kl = stats[1].item<double>() / n - torch::special::xlogy(p_y, p_y).sum().item<double>();
+    const double kl =
+        stats[1].item<double>() / n - torch::special::xlogy(p_y, p_y).sum().item<double>();
     scores.push_back(std::exp(kl));
   }
   double mean = 0, variance = 0;
@@ -100,7 +103,8 @@ double TraceSqrtProduct(const torch::Tensor& w1, const torch::Tensor& v1,
 // Whether a symmetric matrix's eigenvalues hold one below -tolerance x the largest magnitude.
 bool NotPositiveSemiDefinite(const torch::Tensor& eigenvalues) {
   const double largest = eigenvalues.abs().max().item<double>();
-  return !std::isfinite(largest) || eigenvalues.min().item<double>() < -1e-8 * std::max(largest, 1.0);
+  return !std::isfinite(largest) ||
+         eigenvalues.min().item<double>() < -1e-8 * std::max(largest, 1.0);
 }
 
 }  // namespace
@@ -115,10 +119,9 @@ FrechetResult FrechetDistance(const torch::Tensor& mu1_in, const torch::Tensor& 
   const int64_t d = mu1.size(0);
   if (mu2.size(0) != d || sigma1.sizes() != torch::IntArrayRef({d, d}) ||
       sigma2.sizes() != torch::IntArrayRef({d, d})) {
-    throw std::invalid_argument("FID: the statistics differ in dimension: mu " +
-                                std::to_string(d) + " and " + std::to_string(mu2.size(0)) +
-                                ", sigma " + c10::str(sigma1.sizes()) + " and " +
-                                c10::str(sigma2.sizes()));
+    throw std::invalid_argument("FID: the statistics differ in dimension: mu " + std::to_string(d) +
+                                " and " + std::to_string(mu2.size(0)) + ", sigma " +
+                                c10::str(sigma1.sizes()) + " and " + c10::str(sigma2.sizes()));
   }
   sigma1 = (sigma1 + sigma1.t()) / 2;
   sigma2 = (sigma2 + sigma2.t()) / 2;
@@ -156,17 +159,20 @@ torch::Tensor ParseNpy(const std::string& bytes, const std::string& where) {
   const int major = static_cast<unsigned char>(bytes[6]);
   size_t header_length = 0, offset = 0;
   if (major == 1) {
-    header_length = static_cast<unsigned char>(bytes[8]) | (static_cast<unsigned char>(bytes[9]) << 8);
+    header_length =
+        static_cast<unsigned char>(bytes[8]) | (static_cast<unsigned char>(bytes[9]) << 8);
     offset = 10;
   } else if (major == 2 || major == 3) {
     if (bytes.size() < 12) throw std::runtime_error(where + ": truncated .npy header");
-    for (int i = 0; i < 4; ++i) header_length |= static_cast<size_t>(static_cast<unsigned char>(bytes[8 + i])) << (8 * i);
+    for (int i = 0; i < 4; ++i)
+      header_length |= static_cast<size_t>(static_cast<unsigned char>(bytes[8 + i])) << (8 * i);
     offset = 12;
   } else {
     throw std::runtime_error(where + ": .npy format version " + std::to_string(major) +
                              " is not supported (1, 2 and 3 are)");
   }
-  if (offset + header_length > bytes.size()) throw std::runtime_error(where + ": truncated .npy header");
+  if (offset + header_length > bytes.size())
+    throw std::runtime_error(where + ": truncated .npy header");
   const std::string header = bytes.substr(offset, header_length);
   std::smatch descr, order, shape;
   if (!std::regex_search(header, descr, std::regex("'descr':\\s*'([^']*)'")) ||
@@ -206,7 +212,8 @@ torch::Tensor ParseNpy(const std::string& bytes, const std::string& where) {
   std::memcpy(tensor.data_ptr(), bytes.data() + data, bytes.size() - data);
   if (fortran) {
     std::vector<int64_t> reversed(stored.size());
-    for (size_t i = 0; i < stored.size(); ++i) reversed[i] = static_cast<int64_t>(stored.size() - 1 - i);
+    for (size_t i = 0; i < stored.size(); ++i)
+      reversed[i] = static_cast<int64_t>(stored.size() - 1 - i);
     tensor = tensor.permute(reversed).contiguous();
   }
   return tensor;
@@ -226,9 +233,11 @@ std::string NpyBytes(const torch::Tensor& input, const std::string& name) {
   }
   // numpy's own spelling: (), (3,), (2, 3).
   std::string shape;
-  for (int64_t i = 0; i < tensor.dim(); ++i) shape += (i ? ", " : "") + std::to_string(tensor.size(i));
+  for (int64_t i = 0; i < tensor.dim(); ++i)
+    shape += (i ? ", " : "") + std::to_string(tensor.size(i));
   if (tensor.dim() == 1) shape += ",";
-  std::string header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': (" + shape + "), }";
+  std::string header =
+      "{'descr': '" + descr + "', 'fortran_order': False, 'shape': (" + shape + "), }";
   // Padded with spaces and ended by a newline so that the data starts at a multiple of 64.
   const size_t total = 10 + header.size() + 1;
   header += std::string((64 - total % 64) % 64, ' ') + "\n";
@@ -261,17 +270,20 @@ std::map<std::string, torch::Tensor> ReadNpz(const std::string& path) {
     const zip_int64_t entries = zip_get_num_entries(archive, 0);
     for (zip_int64_t i = 0; i < entries; ++i) {
       zip_stat_t stat;
-      if (zip_stat_index(archive, i, 0, &stat) != 0) throw std::runtime_error(path + ": " + ZipError(archive));
+      if (zip_stat_index(archive, i, 0, &stat) != 0)
+        throw std::runtime_error(path + ": " + ZipError(archive));
       std::string name = stat.name;
       std::string bytes(stat.size, '\0');
       zip_file_t* member = zip_fopen_index(archive, i, 0);
-      if (member == nullptr) throw std::runtime_error(path + ": " + name + ": " + ZipError(archive));
+      if (member == nullptr)
+        throw std::runtime_error(path + ": " + name + ": " + ZipError(archive));
       const zip_int64_t read = zip_fread(member, bytes.data(), stat.size);
       zip_fclose(member);
       if (read != static_cast<zip_int64_t>(stat.size)) {
         throw std::runtime_error(path + ": " + name + ": truncated or corrupt member");
       }
-      if (name.size() > 4 && name.compare(name.size() - 4, 4, ".npy") == 0) name.resize(name.size() - 4);
+      if (name.size() > 4 && name.compare(name.size() - 4, 4, ".npy") == 0)
+        name.resize(name.size() - 4);
       arrays[name] = ParseNpy(bytes, path + ": array '" + name + "'");
     }
   } catch (...) {
@@ -292,9 +304,11 @@ void WriteNpz(const std::string& path, const std::map<std::string, torch::Tensor
   members.reserve(arrays.size());
   for (const auto& [name, tensor] : arrays) {
     members.push_back(NpyBytes(tensor, name));
-    zip_source_t* source = zip_source_buffer(archive, members.back().data(), members.back().size(), 0);
-    const zip_int64_t index =
-        source == nullptr ? -1 : zip_file_add(archive, (name + ".npy").c_str(), source, ZIP_FL_OVERWRITE);
+    zip_source_t* source =
+        zip_source_buffer(archive, members.back().data(), members.back().size(), 0);
+    const zip_int64_t index = source == nullptr ? -1
+                                                : zip_file_add(archive, (name + ".npy").c_str(),
+                                                               source, ZIP_FL_OVERWRITE);
     if (index < 0) {
       if (source != nullptr) zip_source_free(source);
       const std::string message = ZipError(archive);
@@ -313,13 +327,16 @@ void WriteNpz(const std::string& path, const std::map<std::string, torch::Tensor
 
 std::pair<torch::Tensor, torch::Tensor> ReadReferenceStats(const std::string& path) {
   if (!std::filesystem::is_regular_file(path)) {
-    throw std::runtime_error(path + ": no such reference statistics file (make one with "
-                             "`ddpm_fid stats --data cifar10:PATH --out " + path + "`)");
+    throw std::runtime_error(path +
+                             ": no such reference statistics file (make one with "
+                             "`ddpm_fid stats --data cifar10:PATH --out " +
+                             path + "`)");
   }
   std::map<std::string, torch::Tensor> arrays = ReadNpz(path);
   for (const char* name : {"mu", "sigma"}) {
     if (arrays.count(name) == 0) {
-      throw std::runtime_error(path + ": has no array '" + name + "' (a FID .npz holds mu and sigma)");
+      throw std::runtime_error(path + ": has no array '" + name +
+                               "' (a FID .npz holds mu and sigma)");
     }
   }
   torch::Tensor mu = arrays["mu"].to(torch::kFloat64).flatten();

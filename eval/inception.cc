@@ -1,4 +1,4 @@
-#include "trainer/inception.h"
+#include "eval/inception.h"
 
 #include <openssl/evp.h>
 #include <torch/script.h>
@@ -10,7 +10,7 @@
 #include <map>
 #include <stdexcept>
 
-#include "trainer/trainer.h"
+#include "trainer/tensor_io.h"
 
 namespace ddpm {
 namespace {
@@ -23,10 +23,13 @@ class BasicConv2dImpl : public nn::Module {
   BasicConv2dImpl(int in, int out, torch::ExpandingArray<2> kernel,
                   torch::ExpandingArray<2> stride = 1, torch::ExpandingArray<2> padding = 0) {
     conv_ = register_module(
-        "conv", nn::Conv2d(nn::Conv2dOptions(in, out, kernel).stride(stride).padding(padding).bias(false)));
+        "conv",
+        nn::Conv2d(nn::Conv2dOptions(in, out, kernel).stride(stride).padding(padding).bias(false)));
     bn_ = register_module("bn", nn::BatchNorm2d(nn::BatchNorm2dOptions(out).eps(0.001)));
   }
-  torch::Tensor forward(const torch::Tensor& x) { return torch::relu(bn_->forward(conv_->forward(x))); }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return torch::relu(bn_->forward(conv_->forward(x)));
+  }
 
  private:
   nn::Conv2d conv_{nullptr};
@@ -104,9 +107,9 @@ class InceptionCImpl : public BlockBase {
     pool_ = Add("branch_pool", in, 192, 1);
   }
   torch::Tensor forward(const torch::Tensor& x) {
-    return torch::cat({b1_(x), b7_3_(b7_2_(b7_1_(x))), d_5_(d_4_(d_3_(d_2_(d_1_(x))))),
-                       pool_(AvgPoolNoPad(x))},
-                      1);
+    return torch::cat(
+        {b1_(x), b7_3_(b7_2_(b7_1_(x))), d_5_(d_4_(d_3_(d_2_(d_1_(x))))), pool_(AvgPoolNoPad(x))},
+        1);
   }
 
  private:
@@ -168,7 +171,8 @@ TORCH_MODULE(InceptionE);
 // The named parameters and buffers of a TorchScript module, as a state dict.
 std::map<std::string, torch::Tensor> ScriptStateDict(const torch::jit::Module& module) {
   std::map<std::string, torch::Tensor> tensors;
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) tensors[item.name] = item.value;
+  for (const auto& item : module.named_parameters(/*recurse=*/true))
+    tensors[item.name] = item.value;
   for (const auto& item : module.named_buffers(/*recurse=*/true)) tensors[item.name] = item.value;
   return tensors;
 }
@@ -202,15 +206,16 @@ InceptionOutput FidInceptionImpl::forward(const torch::Tensor& images) {
   auto conv = [&](const char* name, const torch::Tensor& x) {
     return child(name)->as<BasicConv2dImpl>()->forward(x);
   };
-  torch::Tensor x = torch::nn::functional::interpolate(
-      images, torch::nn::functional::InterpolateFuncOptions()
-                  .size(std::vector<int64_t>{299, 299})
-                  .mode(torch::kBilinear)
-                  .align_corners(false));
+  torch::Tensor x =
+      torch::nn::functional::interpolate(images, torch::nn::functional::InterpolateFuncOptions()
+                                                     .size(std::vector<int64_t>{299, 299})
+                                                     .mode(torch::kBilinear)
+                                                     .align_corners(false));
   x = conv("Conv2d_2b_3x3", conv("Conv2d_2a_3x3", conv("Conv2d_1a_3x3", x)));
   x = torch::max_pool2d(x, 3, 2);
   x = torch::max_pool2d(conv("Conv2d_4a_3x3", conv("Conv2d_3b_1x1", x)), 3, 2);
-  for (const char* name : {"Mixed_5b", "Mixed_5c", "Mixed_5d"}) x = child(name)->as<InceptionAImpl>()->forward(x);
+  for (const char* name : {"Mixed_5b", "Mixed_5c", "Mixed_5d"})
+    x = child(name)->as<InceptionAImpl>()->forward(x);
   x = child("Mixed_6a")->as<InceptionBImpl>()->forward(x);
   for (const char* name : {"Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"}) {
     x = child(name)->as<InceptionCImpl>()->forward(x);
@@ -231,17 +236,21 @@ const char* const kInceptionWeightsHelp =
     "'OUT')\"), and give OUT as eval.inception_weights (ddpm_fid: --inception)";
 
 FidInception LoadFidInception(const std::string& path, torch::Device device) {
-  if (path.empty()) throw std::runtime_error(std::string("no Inception weights given: ") + kInceptionWeightsHelp);
+  if (path.empty())
+    throw std::runtime_error(std::string("no Inception weights given: ") + kInceptionWeightsHelp);
   if (!std::filesystem::is_regular_file(path)) {
     throw std::runtime_error(path + ": no such Inception weights file; " + kInceptionWeightsHelp);
   }
   std::ifstream file(path, std::ios::binary);
-  const std::vector<char> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(file)),
+                                std::istreambuf_iterator<char>());
   std::map<std::string, torch::Tensor> tensors;
   const bool zip = bytes.size() >= 4 && bytes[0] == 'P' && bytes[1] == 'K';
   if (!zip) {
-    throw std::runtime_error(path + ": not a zip archive; it is in PyTorch's legacy (pre-1.6) "
-                             "format, which LibTorch cannot read. " + kInceptionWeightsHelp);
+    throw std::runtime_error(path +
+                             ": not a zip archive; it is in PyTorch's legacy (pre-1.6) "
+                             "format, which LibTorch cannot read. " +
+                             kInceptionWeightsHelp);
   }
   try {
     tensors = LoadTensors(path);

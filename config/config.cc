@@ -1,4 +1,4 @@
-#include "trainer/config.h"
+#include "config/config.h"
 
 #include <yaml-cpp/yaml.h>
 
@@ -9,6 +9,8 @@
 #include <fstream>
 #include <iomanip>
 #include <sstream>
+
+#include "config/batch_plan.h"
 
 extern char** environ;
 
@@ -134,7 +136,8 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("dist", "max_rank_batch", c.dist.max_rank_batch);
 }
 
-constexpr const char* kSections[] = {"model", "diffusion", "train", "data", "sample", "eval", "dist"};
+constexpr const char* kSections[] = {"model",  "diffusion", "train", "data",
+                                     "sample", "eval",      "dist"};
 
 std::string Where(const std::string& origin, const YAML::Node& node) {
   const YAML::Mark mark = node.Mark();
@@ -198,7 +201,7 @@ void Parse(const YAML::Node& n, std::vector<int>& out, const std::string& w, con
 }
 template <typename E, typename = std::enable_if_t<std::is_enum_v<E>>>
 void Parse(const YAML::Node& n, E& out, const std::string& w, const std::string& k) {
-  const std::string text = ParseScalar<std::string>(n, w, k, "a name");
+  const auto text = ParseScalar<std::string>(n, w, k, "a name");
   const auto& names = EnumNames<E>::kNames;
   for (std::size_t i = 0; i < std::size(names); ++i) {
     if (text == names[i]) {
@@ -248,7 +251,7 @@ void ApplyYaml(Config& c, const YAML::Node& root, const std::string& origin) {
   std::string sections;
   for (const char* s : kSections) sections += (sections.empty() ? "" : ", ") + std::string(s);
   for (const auto& section_item : root) {
-    const std::string section = section_item.first.as<std::string>();
+    const auto section = section_item.first.as<std::string>();
     const YAML::Node& body = section_item.second;
     if (std::find_if(std::begin(kSections), std::end(kSections),
                      [&](const char* s) { return section == s; }) == std::end(kSections)) {
@@ -260,7 +263,7 @@ void ApplyYaml(Config& c, const YAML::Node& root, const std::string& origin) {
       throw ConfigError(Where(origin, body) + ": " + section + ": expected a mapping of keys");
     }
     for (const auto& item : body) {
-      const std::string key = item.first.as<std::string>();
+      const auto key = item.first.as<std::string>();
       bool found = false;
       VisitFields(c, [&](const char* s, const char* k, auto& field) {
         if (section == s && key == k) {
@@ -330,49 +333,6 @@ const char* Name(DatasetKind v) { return EnumNames<DatasetKind>::kNames[static_c
 const char* Name(CifarSplit v) { return EnumNames<CifarSplit>::kNames[static_cast<int>(v)]; }
 const char* Name(Precision v) { return EnumNames<Precision>::kNames[static_cast<int>(v)]; }
 
-int Config::PerRankMicroBatch(int world_size) const {
-  if (world_size < 1)
-    Invalid("world size", "must be at least 1, got " + std::to_string(world_size));
-  const int split = world_size * train.grad_accum;
-  if (train.batch_size % split != 0) {
-    Invalid("train.batch_size",
-            std::to_string(train.batch_size) + " does not divide into world size " +
-                std::to_string(world_size) + " x train.grad_accum " +
-                std::to_string(train.grad_accum) + " = " + std::to_string(split) +
-                " equal micro-batches; choose a batch_size that is a multiple of " +
-                std::to_string(split));
-  }
-  return train.batch_size / split;
-}
-
-void Config::CheckWorldSize(int world_size) const {
-  if (dist.world_size != 0 && dist.world_size != world_size) {
-    Invalid("dist.world_size", "asks for " + std::to_string(dist.world_size) +
-                                   " ranks, but this run has " + std::to_string(world_size));
-  }
-}
-
-BatchPlan Config::PlanBatch(int world_size) const {
-  if (world_size < 1)
-    Invalid("world size", "must be at least 1, got " + std::to_string(world_size));
-  CheckWorldSize(world_size);
-  if (train.batch_size % world_size != 0) {
-    Invalid("train.batch_size", std::to_string(train.batch_size) + " does not divide among " +
-                                    std::to_string(world_size) + " ranks");
-  }
-  BatchPlan plan;
-  const int per_rank = train.batch_size / world_size;
-  plan.grad_accum = 1;
-  if (dist.max_rank_batch > 0) {
-    // The fewest equal micro-batches no larger than the limit; per_rank of 1 image each always
-    // qualifies.
-    while (per_rank % plan.grad_accum != 0 || per_rank / plan.grad_accum > dist.max_rank_batch)
-      ++plan.grad_accum;
-  }
-  plan.per_rank_batch = per_rank / plan.grad_accum;
-  return plan;
-}
-
 void Config::Validate(int world_size) const {
   const ModelConfig& m = model;
   if (m.ch < 4 || m.ch % 2 != 0)
@@ -406,6 +366,7 @@ void Config::Validate(int world_size) const {
     }
   }
   std::vector<int> sizes;
+  sizes.reserve(levels);
   for (int level = 0; level < levels; ++level) sizes.push_back(m.image_size >> level);
   for (int res : m.attn_resolutions) {
     if (std::find(sizes.begin(), sizes.end(), res) == sizes.end()) {
@@ -435,7 +396,7 @@ void Config::Validate(int world_size) const {
     Invalid("train.batch_size", "must be >= 1, got " + std::to_string(t.batch_size));
   if (t.grad_accum < 1)
     Invalid("train.grad_accum", "must be >= 1, got " + std::to_string(t.grad_accum));
-  PerRankMicroBatch(world_size);
+  PlanBatch(*this, dist.world_size > 0 ? dist.world_size : world_size);
   if (t.lr <= 0) Invalid("train.lr", "must be > 0, got " + Format(t.lr));
   if (t.warmup_steps < 0)
     Invalid("train.warmup_steps", "must be >= 0, got " + std::to_string(t.warmup_steps));
@@ -482,10 +443,11 @@ void Config::Validate(int world_size) const {
   if (sample.eta < 0) Invalid("sample.eta", "must be >= 0, got " + Format(sample.eta));
   if (sample.num_images < 1)
     Invalid("sample.num_images", "must be >= 1, got " + std::to_string(sample.num_images));
-  if (eval.every < 0) Invalid("eval.every", "must be >= 0 (0: never), got " + std::to_string(eval.every));
+  if (eval.every < 0)
+    Invalid("eval.every", "must be >= 0 (0: never), got " + std::to_string(eval.every));
   if (eval.num_samples < 2) {
-    Invalid("eval.num_samples", "must be >= 2 (a covariance needs two), got " +
-                                    std::to_string(eval.num_samples));
+    Invalid("eval.num_samples",
+            "must be >= 2 (a covariance needs two), got " + std::to_string(eval.num_samples));
   }
   if (eval.batch_size < 1)
     Invalid("eval.batch_size", "must be >= 1, got " + std::to_string(eval.batch_size));

@@ -7,10 +7,10 @@
 
 #include <string>
 
-#include "trainer/config.h"
-#include "trainer/fid.h"
-#include "trainer/inception.h"
-#include "trainer/train_loop.h"
+#include "config/config.h"
+#include "eval/fid.h"
+#include "eval/inception.h"
+#include "eval/report.h"
 #include "trainer/unet.h"
 
 namespace ddpm {
@@ -45,7 +45,8 @@ class RunEvaluator {
   /// batch k of the share draws from (eval.seed, its first sample index)), quantizes them to
   /// 8 bits as saved images are, and returns FID and IS from the moments summed over comm.
   EvalReport Evaluate(const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm,
-                      int64_t step, const std::function<void(int64_t done, int64_t share)>& progress);
+                      int64_t step,
+                      const std::function<void(int64_t done, int64_t share)>& progress);
 
  private:
   const Config config_;

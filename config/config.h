@@ -2,6 +2,7 @@
 #pragma once
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -196,16 +197,8 @@ struct DistConfig {
 
   /// timeout_seconds as a duration.
   std::chrono::milliseconds timeout() const {
-    return std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000 + 0.5));
+    return std::chrono::milliseconds(std::llround(timeout_seconds * 1000));
   }
-};
-
-/// How a world of ranks trains a config's global batch.
-struct BatchPlan {
-  /// Images per rank per micro-batch.
-  int per_rank_batch = 0;
-  /// Micro-batches per optimizer step.
-  int grad_accum = 1;
 };
 
 /// A whole run.
@@ -218,16 +211,9 @@ struct Config {
   EvalConfig eval;
   DistConfig dist;
 
-  /// Checks every cross-field constraint that a world of world_size ranks must meet; throws
-  /// ConfigError naming the keys.
+  /// Checks every cross-field constraint; throws ConfigError naming the keys. The batch must
+  /// have a plan (PlanBatch) on dist.world_size ranks, or on world_size when that is 0.
   void Validate(int world_size = 1) const;
-  /// Per-rank micro-batch for world_size ranks; throws ConfigError if it does not divide.
-  int PerRankMicroBatch(int world_size) const;
-  /// Throws ConfigError when dist.world_size asks for another number of ranks than world_size.
-  void CheckWorldSize(int world_size) const;
-  /// The per-rank batch and the fewest micro-batches that keep train.batch_size on world_size
-  /// ranks within dist.max_rank_batch; throws ConfigError saying why world_size cannot serve it.
-  BatchPlan PlanBatch(int world_size) const;
   /// The resolved config as a two-column table, one key per row.
   std::string ToTable() const;
   /// The resolved config as YAML that LoadConfigString reads back to an equal config.

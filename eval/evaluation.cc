@@ -1,8 +1,9 @@
-#include "trainer/evaluation.h"
+#include "eval/evaluation.h"
 
 #include <chrono>
 #include <cstdio>
 
+#include "base/text.h"
 #include "trainer/communicator.h"
 #include "trainer/data.h"
 #include "trainer/diffusion.h"
@@ -12,10 +13,6 @@ namespace ddpm {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-double SecondsSince(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
 
 // Images as 8-bit files hold them: what FID is measured on.
 torch::Tensor Quantize(const torch::Tensor& images) {
@@ -48,8 +45,8 @@ RunEvaluator::RunEvaluator(const Config& config, torch::Device device)
   reference_sha256_ = Sha256File(config.eval.reference_stats);
 }
 
-EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
-                                  Communicator& comm, int64_t step,
+EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm,
+                                  int64_t step,
                                   const std::function<void(int64_t, int64_t)>& progress) {
   const auto start = Clock::now();
   const EvalConfig& eval = config_.eval;
@@ -74,8 +71,8 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
                  "all-reduce of the FID moments at step " + std::to_string(step));
   comm.AllReduce(stats.scores().packed(), ReduceOp::kSum,
                  "all-reduce of the Inception Score moments at step " + std::to_string(step));
-  const FrechetResult fid = FrechetDistance(stats.features().Mean(),
-                                            stats.features().Covariance(), mu_, sigma_);
+  const FrechetResult fid =
+      FrechetDistance(stats.features().Mean(), stats.features().Covariance(), mu_, sigma_);
   const auto [is_mean, is_std] = stats.scores().Score();
   EvalReport report;
   report.step = step;
@@ -85,7 +82,8 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
   report.inception_score_std = is_std;
   report.num_samples = stats.features().count();
   report.sampler = eval.sampler == SamplerKind::kDdpm ? "ddpm" : "ddim";
-  report.sampling_steps = eval.sampler == SamplerKind::kDdpm ? config_.diffusion.timesteps : eval.steps;
+  report.sampling_steps =
+      eval.sampler == SamplerKind::kDdpm ? config_.diffusion.timesteps : eval.steps;
   report.inception_sha256 = inception_sha256_;
   report.reference_sha256 = reference_sha256_;
   report.seconds = SecondsSince(start);
@@ -94,7 +92,8 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
 
 std::unique_ptr<ImageDataset> OpenImageSet(const std::string& spec, int image_size) {
   const size_t colon = spec.find(':');
-  const std::string kind = spec.substr(0, colon), path = colon == std::string::npos ? "" : spec.substr(colon + 1);
+  const std::string kind = spec.substr(0, colon),
+                    path = colon == std::string::npos ? "" : spec.substr(colon + 1);
   if (colon != std::string::npos && !path.empty()) {
     if (kind == "cifar10") return std::make_unique<Cifar10Dataset>(path, CifarSplit::kTrain);
     if (kind == "folder") return std::make_unique<ImageFolderDataset>(path, image_size, 3);
@@ -115,8 +114,10 @@ InceptionStatistics MeasureImageSet(const ImageDataset& data, FidInception model
     const std::vector<uint8_t> bytes = ReadBatch(data, indices, {});
     const torch::Tensor images = torch::from_blob(const_cast<uint8_t*>(bytes.data()),
                                                   {n, channels, size, size}, torch::kUInt8)
-                                     .to(device)
-                                     .to(torch::kFloat32) / 127.5 - 1;
+                                         .to(device)
+                                         .to(torch::kFloat32) /
+                                     127.5 -
+                                 1;
     stats.Add(images, first);
     const int64_t done = first + n;
     const double rate = done / std::max(SecondsSince(start), 1e-9);

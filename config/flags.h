@@ -1,4 +1,5 @@
-// A small command-line flag parser for the thin mains: --name=value, --name value, --switch.
+// The one command-line parser of every binary: --name=value, --name value, --switch, and
+// required positional arguments.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +25,9 @@ class Flags {
   void Add(const std::string& name, const std::string& help, const std::string& default_value);
   /// Declares a switch that is false unless given.
   void AddSwitch(const std::string& name, const std::string& help);
+  /// Declares a required positional argument; they are filled in the order declared, and Get
+  /// reads them by name.
+  void AddPositional(const std::string& name, const std::string& help);
   /// Parses argv; throws FlagError naming the offending argument.
   void Parse(int argc, const char* const* argv);
 
@@ -44,12 +48,14 @@ class Flags {
     std::string value;
     bool is_switch = false;
     bool given = false;
+    bool positional = false;
   };
   const Spec& Find(const std::string& name) const;
 
   std::string program_;
   std::string summary_;
   std::vector<std::string> order_;
+  std::vector<std::string> positionals_;
   std::map<std::string, Spec> specs_;
 };
 

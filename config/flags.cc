@@ -1,4 +1,4 @@
-#include "trainer/flags.h"
+#include "config/flags.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -42,11 +42,23 @@ void Flags::AddSwitch(const std::string& name, const std::string& help) {
   specs_[name] = Spec{help, "false", true, false};
 }
 
+void Flags::AddPositional(const std::string& name, const std::string& help) {
+  positionals_.push_back(name);
+  specs_[name] = Spec{help, "", false, false, true};
+}
+
 void Flags::Parse(int argc, const char* const* argv) {
+  std::size_t filled = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg.rfind("--", 0) != 0) {
-      throw FlagError(program_ + ": unexpected argument '" + arg + "' (flags start with --)");
+      if (filled == positionals_.size()) {
+        throw FlagError(program_ + ": unexpected argument '" + arg + "' (flags start with --)");
+      }
+      Spec& spec = specs_[positionals_[filled++]];
+      spec.value = arg;
+      spec.given = true;
+      continue;
     }
     std::string name = arg.substr(2);
     std::string value;
@@ -57,7 +69,7 @@ void Flags::Parse(int argc, const char* const* argv) {
       has_value = true;
     }
     const auto it = specs_.find(name);
-    if (it == specs_.end()) {
+    if (it == specs_.end() || it->second.positional) {
       throw FlagError(program_ + ": unknown flag --" + name + " (see --help)");
     }
     Spec& spec = it->second;
@@ -70,6 +82,9 @@ void Flags::Parse(int argc, const char* const* argv) {
     }
     spec.value = value;
     spec.given = true;
+  }
+  if (filled < positionals_.size() && !GetSwitch("help")) {
+    throw FlagError(program_ + ": missing " + positionals_[filled] + " (see --help)");
   }
 }
 
@@ -116,7 +131,13 @@ bool Flags::Given(const std::string& name) const { return Find(name).given; }
 
 std::string Flags::Usage() const {
   std::ostringstream out;
-  out << "usage: " << program_ << " [flags]\n" << summary_ << "\n\nflags:\n";
+  out << "usage: " << program_ << " [flags]";
+  for (const auto& name : positionals_) out << " " << name;
+  out << "\n" << summary_ << "\n";
+  if (!positionals_.empty()) out << "\narguments:\n";
+  for (const auto& name : positionals_)
+    out << "  " << name << "\n      " << specs_.at(name).help << "\n";
+  out << "\nflags:\n";
   for (const auto& name : order_) {
     const Spec& spec = specs_.at(name);
     out << "  --" << name << (spec.is_switch ? "" : " VALUE") << "\n      " << spec.help;

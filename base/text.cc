@@ -1,0 +1,27 @@
+#include "base/text.h"
+
+#include <cmath>
+#include <cstdio>
+
+namespace ddpm {
+
+std::string FormatDuration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0 || seconds > 1e8) return "-";
+  const long long total = std::llround(seconds);
+  char text[32];
+  std::snprintf(text, sizeof(text), "%lld:%02lld:%02lld", total / 3600, (total / 60) % 60,
+                total % 60);
+  return text;
+}
+
+std::string FormatSeconds(double seconds, int decimals) {
+  char text[48];
+  std::snprintf(text, sizeof(text), "%.*f s", decimals, seconds);
+  return text;
+}
+
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace ddpm

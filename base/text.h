@@ -1,0 +1,19 @@
+// How durations are written, once for every binary. No dependencies.
+#pragma once
+
+#include <chrono>
+#include <string>
+
+namespace ddpm {
+
+/// Seconds as H:MM:SS (rounded to the second); "-" for a value that is negative, not finite or
+/// beyond about three years (an ETA that cannot be estimated yet).
+std::string FormatDuration(double seconds);
+
+/// Seconds with `decimals` digits after the point and a unit, as "2.35 s".
+std::string FormatSeconds(double seconds, int decimals = 1);
+
+/// Seconds since `start` on the steady clock.
+double SecondsSince(std::chrono::steady_clock::time_point start);
+
+}  // namespace ddpm

@@ -1,0 +1,504 @@
+#include "run/run.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <limits>
+#include <sstream>
+
+#include "base/text.h"
+#include "eval/evaluation.h"
+#include "run/sampling.h"
+#include "run/training_run.h"
+#include "trainer/checkpoint_keys.h"
+#include "trainer/device.h"
+#include "trainer/image_io.h"
+#include "trainer/tensor_io.h"
+
+namespace ddpm {
+namespace {
+
+namespace keys = checkpoint_keys;
+
+// The loader's bytes as model input in [-1, 1] on device. To a GPU the bytes travel as uint8,
+// a quarter of the floats' size, from pinned memory and without making the host wait.
+torch::Tensor ToModelInput(const std::vector<uint8_t>& bytes, int64_t count, int channels, int size,
+                           torch::Device device) {
+  torch::Tensor pixels = torch::from_blob(const_cast<uint8_t*>(bytes.data()),
+                                          {count, channels, size, size}, torch::kUInt8);
+  if (device.is_cuda()) pixels = pixels.pin_memory().to(device, /*non_blocking=*/true);
+  return pixels.to(torch::kFloat32).div_(127.5).sub_(1.0);
+}
+
+// The lines of one section of Config::ToYaml().
+std::string SectionYaml(const Config& config, const std::string& section) {
+  std::istringstream in(config.ToYaml());
+  std::string line, out;
+  bool inside = false;
+  while (std::getline(in, line)) {
+    if (!line.empty() && line[0] != ' ') inside = line == section + ":";
+    if (inside) out += line + "\n";
+  }
+  return out;
+}
+
+BatchPlan PlanOf(const Config& config, const DistributedContext& dist, int world) {
+  config.Validate(world);
+  if (!dist.plan) return PlanBatch(config, world);
+  CheckBatchPlan(config, *dist.plan, world);
+  return *dist.plan;
+}
+
+constexpr char kMetricsHeader[] =
+    "step,loss,grad_norm,lr,images_per_second,elapsed_seconds,allreduce_seconds,"
+    "overlap_fraction,loss_q0,loss_q1,loss_q2,loss_q3";
+constexpr char kEvalHeader[] =
+    "step,fid,inception_score,inception_score_std,num_samples,sampler,sampling_steps,"
+    "eval_seconds,regularized,inception_sha256,reference_sha256";
+
+}  // namespace
+
+TrainingRun::TrainingRun(const Config& config, const TrainOptions& options,
+                         const DistributedContext& dist)
+    : config_(config),
+      options_(options),
+      dist_(dist),
+      comm_(dist.comm != nullptr ? *dist.comm : solo_),
+      rank_(comm_.rank()),
+      world_(comm_.world_size()),
+      plan_(PlanOf(config, dist, world_)),
+      console_(rank_ == 0),
+      threads_(ConfigureThreads(config.train, dist.local_ranks)),
+      device_(dist.device.empty() ? ResolveDevice(config.train) : dist.device),
+      checkpoints_(options.run_dir + "/checkpoints"),
+      window_(device_) {
+  comm_.set_timeout(config_.dist.timeout());
+  const std::optional<CheckpointDir::Loaded> loaded = FindCheckpoint();
+  resumed_ = loaded.has_value();
+  if (console_.lead()) {
+    MakeDirectories(options_.run_dir + "/samples");
+    // Before any rank writes (they all pass the broadcasts of JoinWorld first).
+    checkpoints_.RemoveTemporaries();
+  }
+  console_.Say("ddpm: resolved config\n%s", config_.ToTable().c_str());
+  dataset_ = MakeDataset(config_);
+  trainer_ = std::make_unique<Trainer>(config_, device_, rank_, plan_.micro_batches);
+  if (loaded) Resume(*loaded);
+  JoinWorld();
+  if (console_.lead()) {
+    std::ofstream resolved(options_.run_dir + "/config.yaml");
+    resolved << config_.ToYaml();
+  }
+  console_.Say(
+      "ddpm: %s\nddpm: UNet with %lld parameters on %s, %d threads per rank; %s (%s); run dir "
+      "%s\n",
+      dataset_->Describe().c_str(), static_cast<long long>(CountParameters(*trainer_->model())),
+      device_.str().c_str(), threads_, plan_.Describe().c_str(), comm_.backend().c_str(),
+      options_.run_dir.c_str());
+  if (console_.lead()) {
+    metrics_csv_ = CsvLog(options_.run_dir + "/metrics.csv", kMetricsHeader, resumed_);
+  }
+
+  // Every rank copies its share at the step boundary and writes it in the background; rank 0
+  // commits. A checkpoint waits for the one before.
+  writer_ = std::make_unique<CheckpointWriter>(checkpoints_.dir(), rank_, world_,
+                                               config_.train.keep_checkpoints,
+                                               config_.dist.timeout_seconds);
+  if (console_.lead() && options_.on_checkpoint) {
+    // Save waits for the previous checkpoint, so the times are this commit's.
+    writer_->set_on_commit([writer = writer_.get(), &on_checkpoint = options_.on_checkpoint](
+                               int64_t step, const std::string& dir) {
+      const CheckpointTimes times = writer->times();
+      on_checkpoint({step, dir, times.stall_seconds, times.write_seconds});
+    });
+  }
+  last_saved_step_ = resumed_ ? trainer_->step() : -1;
+  first_step_ = trainer_->step();
+  fault_ = FaultInjection::FromEnvironment(rank_);
+  signals_ = std::make_unique<RunSignals>(config_.dist.timeout_seconds);
+  shard_ = DataShard::Of(plan_.global_batch, rank_, plan_.ranks);
+  loader_ = std::make_unique<BatchLoader>(*dataset_, shard_, config_.data.random_flip,
+                                          config_.train.seed, cursor_, config_.data.prefetch);
+  // FID and IS every eval.every steps: the network and reference load now, so that a missing
+  // file fails the run before it trains.
+  if (config_.eval.every > 0) {
+    evaluator_ = std::make_unique<RunEvaluator>(config_, device_);
+    if (console_.lead()) {
+      eval_csv_ = CsvLog(options_.run_dir + "/eval.csv", kEvalHeader, resumed_);
+    }
+  }
+  progress_ = std::make_unique<RankProgress>(options_.run_dir, rank_, world_);
+  progress_->Finished(trainer_->step());
+}
+
+TrainingRun::~TrainingRun() = default;
+
+std::optional<CheckpointDir::Loaded> TrainingRun::FindCheckpoint() const {
+  const auto warn = [this](const std::string& message) {
+    console_.Say("ddpm: warning: %s\n", message.c_str());
+  };
+  if (!options_.resume_from.empty()) return LoadCheckpointAt(options_.resume_from, warn);
+  const std::vector<int64_t> existing = checkpoints_.Steps();
+  if (options_.resume) {
+    std::optional<CheckpointDir::Loaded> loaded = checkpoints_.LoadLatestValid(warn);
+    if (!loaded && !existing.empty()) {
+      throw CheckpointError(checkpoints_.dir() +
+                            ": no checkpoint there can be read (see the warnings above); move "
+                            "them aside to start afresh");
+    }
+    return loaded;
+  }
+  if (!existing.empty()) {
+    throw std::runtime_error(options_.run_dir + " already holds checkpoints (newest: step " +
+                             std::to_string(existing.front()) +
+                             "); pass --resume to continue that run, or choose another --run-dir");
+  }
+  return std::nullopt;
+}
+
+void TrainingRun::Resume(const CheckpointDir::Loaded& loaded) {
+  const Config saved = ConfigFromCheckpoint(loaded.tensors, loaded.path);
+  for (const char* section : {"model", "diffusion"}) {
+    if (SectionYaml(saved, section) != SectionYaml(config_, section)) {
+      throw ConfigError(loaded.path + ": the checkpoint's " + section +
+                        " section differs from this config's; resume with the config it was "
+                        "trained with.\ncheckpoint:\n" +
+                        SectionYaml(saved, section) + "this config:\n" +
+                        SectionYaml(config_, section));
+    }
+  }
+  // Each rank continues its own dropout stream. A rank the checkpoint's world did not have
+  // starts one derived from (seed, rank, step): the run is then statistically, not bitwise,
+  // the one it would have been.
+  const std::map<std::string, torch::Tensor> state =
+      StateForRank(loaded.tensors, rank_, device_, config_.train.seed, loaded.path);
+  const int64_t saved_world = RequireTensor(state, keys::kWorldSize, loaded.path).item<int64_t>();
+  if (saved_world != world_) {
+    console_.Say(
+        "ddpm: warning: the checkpoint was written by %lld rank(s) and this run has %d; "
+        "timesteps, noise and data order continue exactly, dropout is statistically "
+        "equivalent, not bitwise\n",
+        static_cast<long long>(saved_world), world_);
+  }
+  trainer_->LoadState(state, loaded.path);
+  cursor_.epoch = RequireTensor(state, keys::kDataEpoch, loaded.path).item<int64_t>();
+  cursor_.offset = RequireTensor(state, keys::kDataOffset, loaded.path).item<int64_t>();
+  const int64_t saved_threads = RequireTensor(state, keys::kThreads, loaded.path).item<int64_t>();
+  if (saved_threads != threads_) {
+    console_.Say(
+        "ddpm: warning: the checkpoint was written with %lld threads per rank and this run "
+        "uses %d; results will not be bitwise identical to an uninterrupted run\n",
+        static_cast<long long>(saved_threads), threads_);
+  }
+  console_.Say("ddpm: resumed from %s at step %lld (epoch %lld, offset %lld)\n",
+               loaded.path.c_str(), static_cast<long long>(trainer_->step()),
+               static_cast<long long>(cursor_.epoch), static_cast<long long>(cursor_.offset));
+}
+
+void TrainingRun::JoinWorld() {
+  if (world_ > 1) {
+    torch::NoGradGuard no_grad;
+    std::map<std::string, torch::Tensor> state = trainer_->State();
+    for (auto& [name, tensor] : state) {
+      if (name.rfind(keys::kRngPrefix, 0) == 0) continue;
+      comm_.Broadcast(tensor, 0, "broadcast of the initial " + name);
+    }
+    trainer_->LoadState(state, "rank 0's broadcast");
+  }
+  if (world_ > 1 || dist_.make_gradient_sync) {
+    if (!dist_.make_gradient_sync) {
+      throw std::logic_error("RunTraining: a world of " + std::to_string(world_) +
+                             " ranks needs DistributedContext::make_gradient_sync");
+    }
+    sync_ = dist_.make_gradient_sync(*trainer_);
+    trainer_->set_gradient_sync(sync_.get());
+  }
+}
+
+ControlDecision TrainingRun::Decide() {
+  ControlDecision decision = console_.lead() ? signals_->Take() : ControlDecision{};
+  if (console_.lead() && options_.poll_stop && !decision.stop) {
+    const StopRequest request = options_.poll_stop();
+    if (request != StopRequest::kNone) {
+      decision.stop = decision.requested = true;
+      decision.abandon = request == StopRequest::kAbandon;
+    }
+  }
+  if (world_ > 1) {
+    torch::Tensor word = torch::tensor({decision.Encode()}, torch::kLong);
+    comm_.Broadcast(
+        word, 0,
+        "broadcast of the control decision before step " + std::to_string(trainer_->step() + 1));
+    decision = ControlDecision::Decode(word.item<int64_t>());
+  }
+  return decision;
+}
+
+void TrainingRun::TrainStep() {
+  fault_.MaybeFail(trainer_->step() + 1);
+  progress_->Inside(trainer_->step() + 1);
+  const auto step_start = Clock::now();
+  LoadedBatch batch = loader_->Next();
+  const StepStats stats =
+      trainer_->Step(ToModelInput(batch.pixels, batch.count, dataset_->channels(),
+                                  dataset_->image_size(), device_),
+                     shard_.first);
+  cursor_ = batch.after;
+  progress_->Finished(trainer_->step());
+  const CommStats comm_stats = sync_ ? sync_->last_stats() : CommStats{};
+  window_.Add(stats.values, comm_stats.allreduce_seconds, comm_stats.overlap_fraction);
+
+  WorkerMetrics& m = result_.last_metrics;
+  m.step = trainer_->step();
+  m.rank = rank_;
+  m.lr = stats.lr;
+  m.step_seconds = SecondsSince(step_start);
+  m.images_per_second = plan_.rank_batch() / std::max(m.step_seconds, 1e-9);
+  m.allreduce_seconds = comm_stats.allreduce_seconds;
+  m.overlap_fraction = comm_stats.overlap_fraction;
+  m.exposed_seconds = comm_stats.exposed_seconds;
+  if (options_.on_step) options_.on_step(m);
+
+  const int64_t step = trainer_->step();
+  const int64_t total = config_.train.steps;
+  if (step % config_.train.log_every == 0 || step == total) {
+    Log(stats.lr);
+  } else {
+    console_.ProgressBar(step, total, m.loss, last_rate_,
+                         SecondsSince(start_) / (step - first_step_) * (total - step));
+  }
+}
+
+void TrainingRun::Log(double lr) {
+  const int64_t step = trainer_->step();
+  const int64_t total = config_.train.steps;
+  window_.ReadPending(step, rank_);  // waits for the device: the rate below counts finished steps
+  result_.last_metrics.loss = window_.last_read_loss();
+  result_.last_metrics.grad_norm = window_.last_read_grad_norm();
+  const double elapsed = SecondsSince(start_);
+  const double eta = elapsed / (step - first_step_) * (total - step);
+  last_rate_ = window_.steps() * plan_.global_batch / std::max(SecondsSince(window_start_), 1e-9);
+  // The loss over every rank's samples, and the per-quartile sums and counts.
+  torch::Tensor sums = torch::empty({1 + 2 * kTimestepQuartiles}, torch::kFloat64);
+  double* packed = sums.data_ptr<double>();
+  const StepValues& values = window_.values();
+  packed[0] = window_.mean_loss();
+  for (int q = 0; q < kTimestepQuartiles; ++q) {
+    packed[1 + q] = values.quartile_loss_sum[q];
+    packed[1 + kTimestepQuartiles + q] = values.quartile_count[q];
+  }
+  comm_.AllReduce(sums, ReduceOp::kSum, "all-reduce of the loss at step " + std::to_string(step));
+  const double* summed = sums.data_ptr<double>();
+  result_.last_loss = summed[0] / world_;
+  std::array<double, kTimestepQuartiles> loss_by_quartile{};
+  std::array<std::string, kTimestepQuartiles> quartile_fields;
+  for (int q = 0; q < kTimestepQuartiles; ++q) {
+    const double count = summed[1 + kTimestepQuartiles + q];
+    loss_by_quartile[q] =
+        count > 0 ? summed[1 + q] / count : std::numeric_limits<double>::quiet_NaN();
+    if (count > 0) {
+      std::ostringstream field;
+      field << loss_by_quartile[q];
+      quartile_fields[q] = field.str();
+    }
+  }
+  std::string comm_text;
+  if (world_ > 1) {
+    char text[96];
+    std::snprintf(text, sizeof(text), " | all-reduce %.1f ms, %.0f%% hidden",
+                  1000 * window_.mean_allreduce_seconds(), 100 * window_.mean_overlap());
+    comm_text = text;
+  }
+  console_.Say(
+      "step %lld/%lld | loss %.4f | grad %.3f | lr %.2e | %.1f img/s%s | elapsed %s | eta %s\n",
+      static_cast<long long>(step), static_cast<long long>(total), result_.last_loss,
+      window_.mean_grad_norm(), lr, last_rate_, comm_text.c_str(), FormatDuration(elapsed).c_str(),
+      FormatDuration(eta).c_str());
+  if (console_.lead() && options_.on_log) {
+    LogMetrics log;
+    log.step = step;
+    log.total_steps = total;
+    log.loss = result_.last_loss;
+    log.grad_norm = window_.mean_grad_norm();
+    log.lr = lr;
+    log.images_per_second = last_rate_;
+    log.elapsed_seconds = elapsed;
+    log.eta_seconds = eta;
+    log.loss_by_quartile = loss_by_quartile;
+    options_.on_log(log);
+  }
+  metrics_csv_.Row(step, result_.last_loss, window_.mean_grad_norm(), lr, last_rate_, elapsed,
+                   window_.mean_allreduce_seconds(), window_.mean_overlap(), quartile_fields[0],
+                   quartile_fields[1], quartile_fields[2], quartile_fields[3]);
+  window_.Reset();
+  window_start_ = Clock::now();
+}
+
+void TrainingRun::Checkpoint() {
+  // One checkpoint per step: a second request at the same step (SIGUSR1 right after a periodic
+  // one) has nothing new to write.
+  if (trainer_->step() == last_saved_step_) return;
+  window_.ReadPending(trainer_->step(), rank_);
+  result_.last_metrics.loss = window_.last_read_loss();
+  result_.last_metrics.grad_norm = window_.last_read_grad_norm();
+  last_saved_step_ = trainer_->step();
+  std::map<std::string, torch::Tensor> replicated = trainer_->StateViews();
+  std::map<std::string, torch::Tensor> own = {{keys::kRng, replicated.at(keys::kRng)}};
+  replicated.erase(keys::kRng);
+  replicated[keys::kDataEpoch] = Int64Tensor(cursor_.epoch);
+  replicated[keys::kDataOffset] = Int64Tensor(cursor_.offset);
+  replicated[keys::kThreads] = Int64Tensor(threads_);
+  replicated[keys::kConfig] = TextTensor(config_.ToYaml());
+  writer_->Save(trainer_->step(), replicated, own);  // waits for the previous one first
+  // write_seconds is now the previous checkpoint's (0 before the first has been written).
+  const CheckpointTimes times = writer_->times();
+  result_.last_metrics.checkpoint_stall_seconds = times.stall_seconds;
+  result_.last_metrics.checkpoint_write_seconds = times.write_seconds;
+  const std::string previous =
+      times.write_seconds > 0
+          ? " (the previous one took " + FormatSeconds(times.write_seconds, 2) + ")"
+          : "";
+  console_.Say(
+      "ddpm: checkpoint of step %lld: training resumed after %.2fs, writing in the "
+      "background%s\n",
+      static_cast<long long>(trainer_->step()), times.stall_seconds, previous.c_str());
+}
+
+void TrainingRun::FinishCheckpoint() {
+  const std::string committed = writer_->Wait();
+  result_.last_metrics.checkpoint_write_seconds = writer_->times().write_seconds;
+  if (console_.lead() && !committed.empty()) {
+    result_.checkpoint = committed;
+    console_.Say("ddpm: checkpoint %s committed (written in %.2fs)\n", committed.c_str(),
+                 writer_->times().write_seconds);
+  }
+}
+
+void TrainingRun::WriteSamples(int64_t step) {
+  if (console_.lead()) {
+    const std::string path = options_.run_dir + "/samples/" + StepName(step) + ".png";
+    const auto start = Clock::now();
+    // The other ranks of this node wait idle meanwhile: rank 0 borrows their threads.
+    const int node_ranks = std::max(1, dist_.local_ranks);
+    if (device_.is_cpu() && node_ranks > 1) torch::set_num_threads(threads_ * node_ranks);
+    const int count = config_.sample.num_images;
+    WriteSampleGrid(SampleImages(trainer_->diffusion(), trainer_->ema_model(), config_, count,
+                                 count, "sampling " + std::to_string(count) + " EMA images"),
+                    path);
+    torch::set_num_threads(threads_);
+    console_.Say("ddpm: wrote %s (%.1fs)\n", path.c_str(), SecondsSince(start));
+    result_.sample_grids.push_back(path);
+    if (options_.on_sample_grid) options_.on_sample_grid(path);
+  }
+  // Rather than a barrier, in which MPI would spin on the cores rank 0 samples with, the other
+  // ranks sleep until rank 0 says it is done.
+  torch::Tensor done = torch::ones({1}, torch::kLong);
+  comm_.WaitForBroadcast(done, 0, "the end of the sample grid of step " + std::to_string(step));
+}
+
+void TrainingRun::Evaluate(int64_t step) {
+  const auto eval_start = Clock::now();
+  console_.Say("ddpm: evaluating FID and IS of %lld EMA samples at step %lld\n",
+               static_cast<long long>(config_.eval.num_samples), static_cast<long long>(step));
+  int64_t reported = 0;
+  const EvalReport report = evaluator_->Evaluate(
+      trainer_->diffusion(), trainer_->ema_model(), comm_, step, [&](int64_t done, int64_t share) {
+        if (done * 10 / share > reported * 10 / share || done == share) {
+          console_.Say("ddpm: eval: rank 0 has %lld/%lld of its samples (%.0fs)\n",
+                       static_cast<long long>(done), static_cast<long long>(share),
+                       SecondsSince(eval_start));
+        }
+        reported = done;
+      });
+  console_.Say(
+      "ddpm: eval at step %lld: FID %.4f, IS %.4f +- %.4f (%lld samples, %s %d steps, %.1fs%s; "
+      "Inception sha256 %.12s, reference sha256 %.12s)\n",
+      static_cast<long long>(step), report.fid, report.inception_score, report.inception_score_std,
+      static_cast<long long>(report.num_samples), report.sampler.c_str(), report.sampling_steps,
+      report.seconds, report.regularized ? "; covariances regularized with eps" : "",
+      report.inception_sha256.c_str(), report.reference_sha256.c_str());
+  eval_csv_.Row(step, report.fid, report.inception_score, report.inception_score_std,
+                report.num_samples, report.sampler, report.sampling_steps, report.seconds,
+                report.regularized, report.inception_sha256, report.reference_sha256);
+  if (console_.lead() && options_.on_eval) options_.on_eval(report);
+  // Evaluation is not training: keep it out of images/s, elapsed and the ETA.
+  const auto spent = Clock::now() - eval_start;
+  start_ += spent;
+  window_start_ += spent;
+}
+
+TrainResult TrainingRun::Run() {
+  start_ = window_start_ = Clock::now();
+  const int64_t total = config_.train.steps;
+  ControlDecision stop;
+  try {
+    while (trainer_->step() < total) {
+      const ControlDecision decision = Decide();
+      if (decision.checkpoint) Checkpoint();
+      if (decision.sample) WriteSamples(trainer_->step());
+      if (decision.stop) {
+        stop = decision;
+        break;
+      }
+      TrainStep();
+      const int64_t step = trainer_->step();
+      const TrainConfig& t = config_.train;
+      if (step != total && t.checkpoint_every > 0 && step % t.checkpoint_every == 0) Checkpoint();
+      if (step != total && t.sample_every > 0 && step % t.sample_every == 0) WriteSamples(step);
+      if (evaluator_ && (step % config_.eval.every == 0 || step == total)) Evaluate(step);
+    }
+  } catch (const CommError& error) {
+    // Name the rank that is behind, if the others' progress shows one.
+    if (world_ > 1) throw CommError(std::string(error.what()) + "; " + progress_->Describe());
+    throw;
+  }
+  return Finish(stop);
+}
+
+TrainResult TrainingRun::Finish(const ControlDecision& stop) {
+  result_.steps = trainer_->step();
+  if (stop.requested) {
+    result_.stopped_by = stop.abandon ? StopRequest::kAbandon : StopRequest::kStop;
+  }
+  if (stop.abandon) {
+    FinishCheckpoint();
+    console_.Say("ddpm: stopped at step %lld without a checkpoint, as asked\n",
+                 static_cast<long long>(result_.steps));
+    return result_;
+  }
+  if (stop.stop) {
+    result_.interrupted_by = stop.signal;
+    console_.Say("ddpm: %s at step %lld; saving a checkpoint\n",
+                 stop.signal == 0 ? "asked to stop"
+                                  : (stop.signal == SIGINT ? "caught SIGINT" : "caught SIGTERM"),
+                 static_cast<long long>(result_.steps));
+    Checkpoint();
+    FinishCheckpoint();
+    console_.Say("ddpm: stopped; continue with --resume --run-dir %s\n", options_.run_dir.c_str());
+    return result_;
+  }
+  if (result_.steps != first_step_) Checkpoint();
+  FinishCheckpoint();
+  WriteSamples(result_.steps);
+  if (console_.lead()) {
+    result_.ema_weights = options_.run_dir + "/ema_weights.pt";
+    SaveTensors(StateDict(*trainer_->ema_model()), result_.ema_weights);
+  }
+  console_.Say("ddpm: trained to step %lld (%lld this run) in %s; EMA weights in %s\n",
+               static_cast<long long>(result_.steps),
+               static_cast<long long>(result_.steps - first_step_),
+               FormatDuration(SecondsSince(start_)).c_str(), result_.ema_weights.c_str());
+  return result_;
+}
+
+TrainResult RunTraining(const Config& config, const TrainOptions& options,
+                        const DistributedContext& dist) {
+  TrainingRun run(config, options, dist);
+  return run.Run();
+}
+
+}  // namespace ddpm

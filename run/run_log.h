@@ -1,0 +1,103 @@
+// What a run reports as it trains: rank 0's lines on stdout (a progress bar on a terminal,
+// plain lines in a log), the CSV files of the run directory, and the window of step values
+// that each log line sums up.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <array>
+#include <cstdint>
+#include <fstream>
+#include <string>
+
+#include "config/config.h"
+#include "trainer/trainer.h"
+
+namespace ddpm {
+
+/// Rank 0's voice: printf-style lines on stdout, flushed at once; other ranks say nothing
+/// (their warnings and errors go to stderr themselves). On a terminal a line first clears the
+/// progress bar it replaces.
+class RunConsole {
+ public:
+  explicit RunConsole(bool lead);
+  bool lead() const { return lead_; }
+  /// Whether stdout is a terminal that the progress bar redraws in place (rank 0 only).
+  bool tty() const { return tty_; }
+  /// One printf-style message (the caller ends it with a newline).
+  template <typename... Args>
+  void Say(const char* format, Args... args) const {
+    if (!lead_) return;
+    std::printf("%s", tty_ ? "\r\033[K" : "");
+    std::printf(format, args...);
+    std::fflush(stdout);
+  }
+  /// Redraws the one-line progress bar (a terminal only).
+  void ProgressBar(int64_t step, int64_t total, double loss, double images_per_second,
+                   double eta_seconds) const;
+
+ private:
+  bool lead_;
+  bool tty_;
+};
+
+/// A CSV file of the run directory, written by rank 0 a row at a time and flushed after each,
+/// so that a killed run keeps every row it logged. Other ranks hold a closed one.
+class CsvLog {
+ public:
+  CsvLog() = default;
+  /// Appends to path when `append` and it exists (a resumed run); otherwise starts it anew with
+  /// the header line.
+  CsvLog(const std::string& path, const std::string& header, bool append);
+  /// Writes one row; each field as an ostream writes it.
+  template <typename... Fields>
+  void Row(const Fields&... fields) {
+    if (!out_.is_open()) return;
+    int column = 0;
+    ((out_ << (column++ == 0 ? "" : ",") << fields), ...);
+    out_ << "\n";
+    out_.flush();
+  }
+
+ private:
+  std::ofstream out_;
+};
+
+/// The steps' values (loss, grad norm, per-quartile sums and counts) as they add up: on the
+/// device between reads, so that no step waits for the GPU, and on the host over the log
+/// window once read.
+class StepWindow {
+ public:
+  explicit StepWindow(torch::Device device);
+  /// Adds one step's StepStats::values (on the device) and its all-reduce costs.
+  void Add(const torch::Tensor& values, double allreduce_seconds, double overlap_fraction);
+  /// Reads the values added since the last read into the window (waits for the device). A loss
+  /// that is not finite throws, naming the steps up to last_step and the rank, before anything
+  /// is logged or saved from them.
+  void ReadPending(int64_t last_step, int rank);
+  /// Steps in the window.
+  int64_t steps() const { return steps_; }
+  /// Means over the window's steps.
+  double mean_loss() const { return values_.loss / static_cast<double>(steps_); }
+  double mean_grad_norm() const { return values_.grad_norm / static_cast<double>(steps_); }
+  double mean_allreduce_seconds() const { return allreduce_seconds_ / steps_; }
+  double mean_overlap() const { return overlap_ / steps_; }
+  const StepValues& values() const { return values_; }
+  /// Mean loss and gradient norm of the steps the last ReadPending read.
+  double last_read_loss() const { return last_read_loss_; }
+  double last_read_grad_norm() const { return last_read_grad_norm_; }
+  /// Empties the window (after a log line).
+  void Reset();
+
+ private:
+  torch::Tensor pending_;
+  int64_t pending_steps_ = 0;
+  StepValues values_{};
+  int64_t steps_ = 0;
+  double allreduce_seconds_ = 0;
+  double overlap_ = 0;
+  double last_read_loss_ = 0;
+  double last_read_grad_norm_ = 0;
+};
+
+}  // namespace ddpm

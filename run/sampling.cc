@@ -1,0 +1,85 @@
+#include "run/sampling.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <vector>
+
+#include "base/text.h"
+#include "trainer/image_io.h"
+#include "trainer/trainer.h"
+
+namespace ddpm {
+
+torch::Tensor ToBytes(const torch::Tensor& images) {
+  return ((images.detach().to(torch::kCPU).clamp(-1, 1) + 1) * 127.5)
+      .round()
+      .to(torch::kUInt8)
+      .contiguous();
+}
+
+void WriteSampleGrid(const torch::Tensor& images, const std::string& path) {
+  const torch::Tensor bytes = ToBytes(images);
+  const int count = static_cast<int>(bytes.size(0));
+  const int columns = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(count))));
+  const int size = static_cast<int>(bytes.size(2));
+  const int scale = std::max(1, 64 / size);
+  WritePng(path, TileGrid(bytes.data_ptr<uint8_t>(), count, static_cast<int>(bytes.size(1)), size,
+                          columns, 2, 255, scale));
+}
+
+std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std::string& dir) {
+  MakeDirectories(dir);
+  const torch::Tensor bytes = ToBytes(images);
+  std::vector<std::string> written;
+  for (int i = 0; i < bytes.size(0); ++i) {
+    char name[32];
+    std::snprintf(name, sizeof(name), "%06d.png", i);
+    const std::string path = (std::filesystem::path(dir) / name).string();
+    WritePng(path, TileGrid(bytes[i].data_ptr<uint8_t>(), 1, static_cast<int>(bytes.size(1)),
+                            static_cast<int>(bytes.size(2)), 1, 0));
+    written.push_back(path);
+  }
+  return written;
+}
+
+SampleProgress ProgressPrinter(const std::string& what) {
+  const bool tty = isatty(STDOUT_FILENO) != 0;
+  return [what, tty, start = std::chrono::steady_clock::now()](int done, int total) {
+    if (tty) {
+      std::printf("\r%s: %d/%d steps (%.1fs)%s", what.c_str(), done, total, SecondsSince(start),
+                  done == total ? "\n" : "");
+      std::fflush(stdout);
+    } else if (done == total || done % std::max(1, total / 4) == 0) {
+      std::printf("%s: %d/%d steps (%.1fs)\n", what.c_str(), done, total, SecondsSince(start));
+      std::fflush(stdout);
+    }
+  };
+}
+
+torch::Tensor SampleImages(const GaussianDiffusion& diffusion, UNet& model, const Config& config,
+                           int count, int batch_size, const std::string& what) {
+  const ModelConfig& m = config.model;
+  std::vector<torch::Tensor> parts;
+  const int batches = (count + batch_size - 1) / batch_size;
+  for (int b = 0; b < batches; ++b) {
+    const int n = std::min(batch_size, count - b * batch_size);
+    SampleConfig sample = config.sample;
+    sample.seed = config.sample.seed + static_cast<uint64_t>(b);
+    const std::string label = batches == 1 ? what
+                                           : what + " (batch " + std::to_string(b + 1) + "/" +
+                                                 std::to_string(batches) + ")";
+    parts.push_back(diffusion
+                        .Sample(EvalDenoiser(model, config.train.precision),
+                                {n, m.in_channels, m.image_size, m.image_size}, sample,
+                                ProgressPrinter(label))
+                        .to(torch::kCPU));
+  }
+  return torch::cat(parts);
+}
+
+}  // namespace ddpm

@@ -1,0 +1,33 @@
+// Drawing images from a model and writing them as PNG: the run's sample grids and ddpm_sample.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+
+#include "config/config.h"
+#include "trainer/diffusion.h"
+#include "trainer/unet.h"
+
+namespace ddpm {
+
+/// Images in [-1, 1], [N, C, H, W], as uint8 NCHW on the CPU.
+torch::Tensor ToBytes(const torch::Tensor& images);
+
+/// Writes images ([-1, 1], [N, C, H, W]) as one square-ish PNG grid; small images are enlarged
+/// (nearest neighbour) to at least 64 pixels, for looking at.
+void WriteSampleGrid(const torch::Tensor& images, const std::string& path);
+
+/// Writes each image as its own PNG, DIR/000000.png onwards; returns the paths.
+std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std::string& dir);
+
+/// A sampler progress report labelled `what`: a line rewritten in place on a terminal, a few
+/// plain lines otherwise.
+SampleProgress ProgressPrinter(const std::string& what);
+
+/// Samples count images with config.sample's sampler, batch_size at a time (batch b uses seed
+/// sample.seed + b), reporting progress as `what`; returns them on the CPU.
+torch::Tensor SampleImages(const GaussianDiffusion& diffusion, UNet& model, const Config& config,
+                           int count, int batch_size, const std::string& what);
+
+}  // namespace ddpm

@@ -1,0 +1,102 @@
+// The training run as a class whose steps have names: set up (or resume), then at each step
+// boundary decide, train one step, log, checkpoint, sample and evaluate, and finish.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "config/batch_plan.h"
+#include "config/config.h"
+#include "run/run.h"
+#include "run/run_control.h"
+#include "run/run_log.h"
+#include "trainer/checkpoint.h"
+#include "trainer/communicator.h"
+#include "trainer/data.h"
+#include "trainer/trainer.h"
+
+namespace ddpm {
+
+class RunEvaluator;
+
+/// One rank's part of a training run. Construct on every rank of the world (it loads or
+/// resumes the state and makes every rank start from rank 0's), then Run(). Used from one
+/// thread; only rank 0's checkpoint writer thread calls TrainOptions::on_checkpoint.
+class TrainingRun {
+ public:
+  TrainingRun(const Config& config, const TrainOptions& options, const DistributedContext& dist);
+  ~TrainingRun();
+  TrainingRun(const TrainingRun&) = delete;
+  TrainingRun& operator=(const TrainingRun&) = delete;
+
+  /// Trains to train.steps or to a stop; returns what the run produced.
+  TrainResult Run();
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  /// The checkpoint to resume from: options.resume_from, the run directory's newest valid one
+  /// (options.resume), or none; refuses a run directory that holds checkpoints without resume.
+  std::optional<CheckpointDir::Loaded> FindCheckpoint() const;
+  /// Restores the trainer and the data cursor from loaded, checking that the model and the
+  /// diffusion are the ones it was trained with.
+  void Resume(const CheckpointDir::Loaded& loaded);
+  /// Every rank takes rank 0's weights, EMA and optimizer state, and its gradient averaging.
+  void JoinWorld();
+  /// Rank 0's decision at this step boundary (signals, the caller's stop), the same on every rank.
+  ControlDecision Decide();
+  /// One optimizer step on this rank's share of the next batch, and its metrics.
+  void TrainStep();
+  /// The log line, metrics.csv row and on_log report of the window that ends at this step.
+  void Log(double lr);
+  /// Starts a checkpoint of this step (once per step); its write goes on in the background.
+  void Checkpoint();
+  /// Waits for the pending checkpoint (rank 0: until committed) and reports it.
+  void FinishCheckpoint();
+  /// Rank 0 draws a sample grid of the EMA model; the other ranks wait for it.
+  void WriteSamples(int64_t step);
+  /// FID and IS of the EMA model at step, over every rank; its time is not training time.
+  void Evaluate(int64_t step);
+  /// The end: a stop's checkpoint, or the final checkpoint, grid and exported EMA weights.
+  TrainResult Finish(const ControlDecision& stop);
+
+  const Config config_;
+  const TrainOptions options_;
+  const DistributedContext dist_;
+  SoloCommunicator solo_;
+  Communicator& comm_;
+  const int rank_;
+  const int world_;
+  const BatchPlan plan_;
+  const RunConsole console_;
+  const int threads_;
+  const torch::Device device_;
+  CheckpointDir checkpoints_;
+  bool resumed_ = false;
+  std::unique_ptr<ImageDataset> dataset_;
+  std::unique_ptr<Trainer> trainer_;
+  DataCursor cursor_;
+  std::unique_ptr<GradientSync> sync_;
+  CsvLog metrics_csv_;
+  CsvLog eval_csv_;
+  std::unique_ptr<CheckpointWriter> writer_;
+  StepWindow window_;
+  int64_t last_saved_step_ = -1;
+  int64_t first_step_ = 0;
+  FaultInjection fault_;
+  std::unique_ptr<RunSignals> signals_;
+  DataShard shard_;
+  std::unique_ptr<BatchLoader> loader_;
+  std::unique_ptr<RunEvaluator> evaluator_;
+  std::unique_ptr<RankProgress> progress_;
+  /// Training time: evaluations move these forward by their own length.
+  Clock::time_point start_, window_start_;
+  double last_rate_ = 0;
+  TrainResult result_;
+};
+
+}  // namespace ddpm

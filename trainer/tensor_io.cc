@@ -1,0 +1,116 @@
+#include "trainer/tensor_io.h"
+
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+
+namespace ddpm {
+
+std::vector<char> PickleTensors(const std::map<std::string, torch::Tensor>& tensors) {
+  c10::Dict<std::string, torch::Tensor> dict;
+  for (const auto& [name, tensor] : tensors) dict.insert(name, tensor);
+  return torch::pickle_save(dict);
+}
+
+std::map<std::string, torch::Tensor> UnpickleTensors(const std::vector<char>& bytes,
+                                                     const std::string& origin) {
+  torch::IValue value;
+  try {
+    value = torch::pickle_load(bytes);
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(origin +
+                             ": not a pickled dict of tensors: " + e.what_without_backtrace());
+  }
+  if (!value.isGenericDict()) throw std::runtime_error(origin + ": expected a dict of tensors");
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& item : value.toGenericDict()) {
+    if (!item.key().isString() || !item.value().isTensor()) {
+      throw std::runtime_error(origin + ": expected a dict of str -> tensor");
+    }
+    out[item.key().toStringRef()] = item.value().toTensor();
+  }
+  return out;
+}
+
+const torch::Tensor& RequireTensor(const std::map<std::string, torch::Tensor>& tensors,
+                                   const std::string& name, const std::string& origin) {
+  const auto it = tensors.find(name);
+  if (it == tensors.end()) throw CheckpointError(origin + ": missing '" + name + "'");
+  return it->second;
+}
+
+torch::Tensor Int64Tensor(int64_t value) { return torch::tensor(value, torch::kLong); }
+
+torch::Tensor TextTensor(const std::string& text) {
+  return torch::from_blob(const_cast<char*>(text.data()), {static_cast<int64_t>(text.size())},
+                          torch::kUInt8)
+      .clone();
+}
+
+std::string TensorText(const torch::Tensor& tensor) {
+  const torch::Tensor bytes = tensor.to(torch::kCPU).contiguous();
+  return std::string(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), bytes.numel());
+}
+
+std::map<std::string, torch::Tensor> StateDict(const torch::nn::Module& module) {
+  std::map<std::string, torch::Tensor> out;
+  // Copies, always: a parameter may be a view of a flat buffer, and pickling a view would
+  // write the whole buffer.
+  for (const auto& item : module.named_parameters()) {
+    out[item.key()] = item.value().detach().to(torch::kCPU).clone();
+  }
+  for (const auto& item : module.named_buffers()) {
+    out[item.key()] = item.value().detach().to(torch::kCPU).clone();
+  }
+  return out;
+}
+
+void SaveTensors(const std::map<std::string, torch::Tensor>& tensors, const std::string& path) {
+  const std::vector<char> bytes = PickleTensors(tensors);
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    out.flush();
+    if (!out) throw std::runtime_error(tmp + ": cannot write tensors");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    throw std::runtime_error(path + ": cannot rename " + tmp + " into place");
+  }
+}
+
+std::map<std::string, torch::Tensor> LoadTensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot open tensor file");
+  return UnpickleTensors(
+      std::vector<char>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()),
+      path);
+}
+
+void LoadStateDict(torch::nn::Module& module, const std::map<std::string, torch::Tensor>& tensors,
+                   const std::string& origin) {
+  torch::NoGradGuard no_grad;
+  std::size_t expected = 0;
+  auto copy = [&](const std::string& name, torch::Tensor& target) {
+    const auto it = tensors.find(name);
+    if (it == tensors.end()) throw std::runtime_error(origin + ": missing tensor '" + name + "'");
+    if (it->second.sizes() != target.sizes()) {
+      throw std::runtime_error(origin + ": tensor '" + name + "' has shape " +
+                               c10::str(it->second.sizes()) + ", the model expects " +
+                               c10::str(target.sizes()));
+    }
+    target.copy_(it->second);
+    ++expected;
+  };
+  for (auto& item : module.named_parameters()) copy(item.key(), item.value());
+  for (auto& item : module.named_buffers()) copy(item.key(), item.value());
+  if (expected != tensors.size()) {
+    for (const auto& [name, tensor] : tensors) {
+      if (!module.named_parameters().contains(name) && !module.named_buffers().contains(name)) {
+        throw std::runtime_error(origin + ": unexpected tensor '" + name + "'");
+      }
+    }
+  }
+}
+
+}  // namespace ddpm
