@@ -7,13 +7,19 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
+#include <set>
+#include <string>
 #include <thread>
 
+#include "config/batch_plan.h"
 #include "config/config.h"
 #include "run/run.h"
+#include "run/run_control.h"
 #include "test_env.h"
 #include "tools/export.h"
 #include "trainer/trainer.h"
@@ -332,6 +338,102 @@ TEST(Run, DivergenceStopsBeforeACheckpointCouldSaveIt) {
     if (entry.path().filename() == "COMMITTED") ++committed;
   }
   EXPECT_EQ(committed, 0) << "a checkpoint of diverged weights was committed";
+}
+
+// The model's weights of a checkpoint directory.
+std::map<std::string, torch::Tensor> ModelWeights(const std::string& checkpoint) {
+  std::map<std::string, torch::Tensor> weights;
+  for (const auto& [name, tensor] : ReadCheckpoint(checkpoint)) {
+    if (name.rfind("model/", 0) == 0) weights[name] = tensor;
+  }
+  return weights;
+}
+
+bool SameTensors(const std::map<std::string, torch::Tensor>& a,
+                 const std::map<std::string, torch::Tensor>& b) {
+  if (a.size() != b.size() || a.empty()) return false;
+  for (const auto& [name, tensor] : a) {
+    if (b.count(name) == 0 || !torch::equal(tensor, b.at(name))) return false;
+  }
+  return true;
+}
+
+TEST(Run, APlacementsBatchPlanIsTrainedAsItIsAndCheckedAgainstTheConfig) {
+  // A coordinator's placement may split the batch into more micro-batches than the config's
+  // train.grad_accum; the run trains with the placement's plan and the config stays as it was.
+  TrainOptions asked;
+  asked.run_dir = TempPath("plan_asked");
+  fs::remove_all(asked.run_dir);
+  Config two = TinyRun(6);
+  two.train.grad_accum = 2;
+  const TrainResult by_config = RunTraining(two, asked);
+
+  TrainOptions placed;
+  placed.run_dir = TempPath("plan_placed");
+  fs::remove_all(placed.run_dir);
+  DistributedContext dist;
+  dist.plan = BatchPlan{8, 1, 4, 2};
+  const TrainResult by_placement = RunTraining(TinyRun(6), placed, dist);
+  EXPECT_TRUE(
+      SameTensors(ModelWeights(by_config.checkpoint), ModelWeights(by_placement.checkpoint)))
+      << "2 micro-batches from the placement train as 2 from the config";
+  EXPECT_EQ(LoadConfigFile(placed.run_dir + "/config.yaml").train.grad_accum, 1)
+      << "the config is not rewritten";
+
+  // The split matters: one micro-batch of 8 gives other weights.
+  TrainOptions whole;
+  whole.run_dir = TempPath("plan_whole");
+  fs::remove_all(whole.run_dir);
+  const TrainResult one = RunTraining(TinyRun(6), whole);
+  EXPECT_FALSE(SameTensors(ModelWeights(one.checkpoint), ModelWeights(by_config.checkpoint)));
+
+  // A plan that is not a split of the config's batch is refused before anything is written.
+  TrainOptions wrong;
+  wrong.run_dir = TempPath("plan_wrong");
+  fs::remove_all(wrong.run_dir);
+  dist.plan = BatchPlan{8, 1, 8, 2};
+  try {
+    RunTraining(TinyRun(6), wrong, dist);
+    FAIL() << "16 images a step is not train.batch_size 8";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("the placement's split (1 rank x 2 micro-batches x 8 "
+                                         "images = global batch 8)"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_FALSE(fs::exists(wrong.run_dir + "/checkpoints"));
+  for (const std::string& dir : {asked.run_dir, placed.run_dir, whole.run_dir}) {
+    fs::remove_all(dir);
+  }
+}
+
+TEST(Run, EveryControlDecisionCrossesTheBroadcastWordIntact) {
+  // Every combination of the flags, with no signal, SIGINT and SIGTERM: the word rank 0
+  // broadcasts decodes to the same decision, and no two decisions share a word.
+  std::set<int64_t> words;
+  int decisions = 0;
+  for (int bits = 0; bits < 32; ++bits) {
+    for (const int signal : {0, SIGINT, SIGTERM}) {
+      ControlDecision decision;
+      decision.checkpoint = (bits & 1) != 0;
+      decision.sample = (bits & 2) != 0;
+      decision.stop = (bits & 4) != 0;
+      decision.requested = (bits & 8) != 0;
+      decision.abandon = (bits & 16) != 0;
+      decision.signal = signal;
+      const int64_t word = decision.Encode();
+      const ControlDecision back = ControlDecision::Decode(word);
+      EXPECT_EQ(back.checkpoint, decision.checkpoint) << word;
+      EXPECT_EQ(back.sample, decision.sample) << word;
+      EXPECT_EQ(back.stop, decision.stop) << word;
+      EXPECT_EQ(back.requested, decision.requested) << word;
+      EXPECT_EQ(back.abandon, decision.abandon) << word;
+      EXPECT_EQ(back.signal, signal) << word;
+      words.insert(word);
+      ++decisions;
+    }
+  }
+  EXPECT_EQ(words.size(), static_cast<size_t>(decisions));
 }
 
 TEST(Resume, RefusesToOverwriteARunAndChecksTheConfig) {
