@@ -537,6 +537,16 @@ Config LoadConfigString(const std::string& yaml, const std::string& origin, bool
   return config;
 }
 
+bool ConfigYamlSetsNothing(const std::string& yaml) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::ParserException&) {
+    return false;
+  }
+  return root.IsNull() || (root.IsMap() && root.size() == 0);
+}
+
 Config LoadConfigFile(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw ConfigError(path + ": cannot open the config file");

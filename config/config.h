@@ -227,6 +227,10 @@ Config LoadConfigFile(const std::string& path);
 Config LoadConfigString(const std::string& yaml, const std::string& origin = "<string>",
                         bool apply_env = false);
 
+/// Whether yaml sets nothing at all: empty, only comments, or an empty mapping (a YAML syntax
+/// error is not "nothing": the loader reports it).
+bool ConfigYamlSetsNothing(const std::string& yaml);
+
 /// Sets one key ("section.key") from YAML text, with the loader's checks; origin names the
 /// source in errors. Call Validate() after the last change.
 void SetConfigKey(Config& config, const std::string& key, const std::string& yaml_value,

@@ -79,6 +79,9 @@ Coordinator::RunEntry& Coordinator::Find(const std::string& run) {
 }
 
 const Coordinator::RunEntry& Coordinator::Find(const std::string& run) const {
+  if (run.empty()) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument, "run: empty; give a run id or name");
+  }
   if (const auto it = runs_.find(run); it != runs_.end()) return it->second;
   std::vector<const RunEntry*> named;
   for (const auto& [id, entry] : runs_) {
@@ -93,6 +96,9 @@ const Coordinator::RunEntry& Coordinator::Find(const std::string& run) const {
 }
 
 Coordinator::Group& Coordinator::FindGroup(const std::string& group_id) {
+  if (group_id.empty()) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument, "group_id: empty; give the group's id");
+  }
   const auto it = groups_.find(group_id);
   if (it == groups_.end()) {
     throw CoordinatorError(ErrorCode::kNotFound,
@@ -238,6 +244,18 @@ void Coordinator::Schedule() {
 v1::Run Coordinator::StartRun(const v1::StartRunRequest& request) {
   const std::string name = request.name().empty() ? "run" : request.name();
   CheckName(name);
+  if (ConfigYamlSetsNothing(request.config_yaml())) {
+    // Every default is the paper's run: 800,000 steps of the 35.7M-parameter UNet.
+    throw CoordinatorError(ErrorCode::kInvalidArgument,
+                           "config_yaml: the config sets nothing (empty, or only comments); "
+                           "every default would train the paper's UNet for 800000 steps, so "
+                           "give at least the keys you mean");
+  }
+  if (request.priority() < 0) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument,
+                           "priority must be >= 0 (higher runs are scheduled first), got " +
+                               std::to_string(request.priority()));
+  }
   const Config config = ParseRunConfig(request.config_yaml());
   try {
     PlanBatch(config, config.dist.world_size > 0 ? config.dist.world_size : 1);

@@ -71,7 +71,7 @@ TrainingRun::TrainingRun(const Config& config, const TrainOptions& options,
       rank_(comm_.rank()),
       world_(comm_.world_size()),
       plan_(PlanOf(config, dist, world_)),
-      console_(rank_ == 0),
+      console_(rank_ == 0, options.progress),
       threads_(ConfigureThreads(config.train, dist.local_ranks)),
       device_(dist.device.empty() ? ResolveDevice(config.train) : dist.device),
       checkpoints_(options.run_dir + "/checkpoints"),
@@ -313,7 +313,7 @@ void TrainingRun::Log(double lr) {
                   1000 * window_.mean_allreduce_seconds(), 100 * window_.mean_overlap());
     comm_text = text;
   }
-  console_.Say(
+  console_.Progress(
       "step %lld/%lld | loss %.4f | grad %.3f | lr %.2e | %.1f img/s%s | elapsed %s | eta %s\n",
       static_cast<long long>(step), static_cast<long long>(total), result_.last_loss,
       window_.mean_grad_norm(), lr, last_rate_, comm_text.c_str(), FormatDuration(elapsed).c_str(),
@@ -386,9 +386,10 @@ void TrainingRun::WriteSamples(int64_t step) {
     const int node_ranks = std::max(1, dist_.local_ranks);
     if (device_.is_cpu() && node_ranks > 1) torch::set_num_threads(threads_ * node_ranks);
     const int count = config_.sample.num_images;
-    WriteSampleGrid(SampleImages(trainer_->diffusion(), trainer_->ema_model(), config_, count,
-                                 count, "sampling " + std::to_string(count) + " EMA images"),
-                    path);
+    WriteSampleGrid(
+        SampleImages(trainer_->diffusion(), trainer_->ema_model(), config_, count, count,
+                     "sampling " + std::to_string(count) + " EMA images", console_.progress()),
+        path);
     torch::set_num_threads(threads_);
     console_.Say("ddpm: wrote %s (%.1fs)\n", path.c_str(), SecondsSince(start));
     result_.sample_grids.push_back(path);
@@ -408,9 +409,9 @@ void TrainingRun::Evaluate(int64_t step) {
   const EvalReport report = evaluator_->Evaluate(
       trainer_->diffusion(), trainer_->ema_model(), comm_, step, [&](int64_t done, int64_t share) {
         if (done * 10 / share > reported * 10 / share || done == share) {
-          console_.Say("ddpm: eval: rank 0 has %lld/%lld of its samples (%.0fs)\n",
-                       static_cast<long long>(done), static_cast<long long>(share),
-                       SecondsSince(eval_start));
+          console_.Progress("ddpm: eval: rank 0 has %lld/%lld of its samples (%.0fs)\n",
+                            static_cast<long long>(done), static_cast<long long>(share),
+                            SecondsSince(eval_start));
         }
         reported = done;
       });

@@ -98,6 +98,24 @@ enum class StopRequest {
   kAbandon,
 };
 
+/// How a run shows its progress on stdout.
+enum class ProgressMode {
+  /// A bar when stdout is the user's terminal, lines otherwise. Under an MPI launcher or Slurm
+  /// the ranks' stdout is a pseudo-terminal even when the job's output goes to a file: lines.
+  kAuto,
+  /// A bar redrawn in place every step, and a line at each log interval.
+  kBar,
+  /// A plain line at each log interval (and a few per sample grid): what a log file wants.
+  kLines,
+  /// No progress lines at all; every other message still prints.
+  kOff,
+};
+
+/// "auto", "bar", "lines" or "off"; throws ConfigError naming origin otherwise.
+ProgressMode ParseProgressMode(const std::string& text, const std::string& origin);
+/// What mode means for this process's stdout: kBar, kLines or kOff.
+ProgressMode ResolveProgressMode(ProgressMode mode);
+
 /// Where and how a run writes.
 struct TrainOptions {
   /// Run directory: config.yaml, metrics.csv, checkpoints/, samples/ and ema_weights.pt.
@@ -106,6 +124,8 @@ struct TrainOptions {
   bool resume = false;
   /// Continue from this checkpoint file instead.
   std::string resume_from;
+  /// How rank 0 shows progress on stdout.
+  ProgressMode progress = ProgressMode::kAuto;
   /// Called on every rank after every step.
   std::function<void(const WorkerMetrics&)> on_step;
   /// Rank 0, at every step boundary: whether to stop. Every rank acts on the answer together.

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <stdexcept>
 
@@ -11,11 +12,30 @@
 
 namespace ddpm {
 
-RunConsole::RunConsole(bool lead) : lead_(lead), tty_(lead && isatty(STDOUT_FILENO) != 0) {}
+ProgressMode ParseProgressMode(const std::string& text, const std::string& origin) {
+  if (text == "auto") return ProgressMode::kAuto;
+  if (text == "bar") return ProgressMode::kBar;
+  if (text == "lines") return ProgressMode::kLines;
+  if (text == "off") return ProgressMode::kOff;
+  throw ConfigError(origin + ": '" + text + "' is not one of: auto, bar, lines, off");
+}
+
+ProgressMode ResolveProgressMode(ProgressMode mode) {
+  if (mode != ProgressMode::kAuto) return mode;
+  // Launchers give each rank a pseudo-terminal whatever the job's output is bound for; a bar
+  // there would write a carriage-return line per step into the log.
+  for (const char* launcher : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_PROCID"}) {
+    if (std::getenv(launcher) != nullptr) return ProgressMode::kLines;
+  }
+  return isatty(STDOUT_FILENO) != 0 ? ProgressMode::kBar : ProgressMode::kLines;
+}
+
+RunConsole::RunConsole(bool lead, ProgressMode mode)
+    : lead_(lead), progress_(ResolveProgressMode(mode)) {}
 
 void RunConsole::ProgressBar(int64_t step, int64_t total, double loss, double images_per_second,
                              double eta_seconds) const {
-  if (!tty_) return;
+  if (!lead_ || progress_ != ProgressMode::kBar) return;
   constexpr int kWidth = 30;
   const int filled = total > 0 ? static_cast<int>(kWidth * step / total) : kWidth;
   std::printf("\r\033[K[%s%s] %lld/%lld | loss %.4f | %.1f img/s | eta %s",

@@ -11,34 +11,40 @@
 #include <string>
 
 #include "config/config.h"
+#include "run/run.h"
 #include "trainer/trainer.h"
 
 namespace ddpm {
 
 /// Rank 0's voice: printf-style lines on stdout, flushed at once; other ranks say nothing
-/// (their warnings and errors go to stderr themselves). On a terminal a line first clears the
-/// progress bar it replaces.
+/// (their warnings and errors go to stderr themselves). With a progress bar, a line first
+/// clears the bar it replaces.
 class RunConsole {
  public:
-  explicit RunConsole(bool lead);
+  RunConsole(bool lead, ProgressMode mode);
   bool lead() const { return lead_; }
-  /// Whether stdout is a terminal that the progress bar redraws in place (rank 0 only).
-  bool tty() const { return tty_; }
+  /// kBar, kLines or kOff, as resolved for this stdout.
+  ProgressMode progress() const { return progress_; }
   /// One printf-style message (the caller ends it with a newline).
   template <typename... Args>
   void Say(const char* format, Args... args) const {
     if (!lead_) return;
-    std::printf("%s", tty_ ? "\r\033[K" : "");
+    std::printf("%s", progress_ == ProgressMode::kBar ? "\r\033[K" : "");
     std::printf(format, args...);
     std::fflush(stdout);
   }
-  /// Redraws the one-line progress bar (a terminal only).
+  /// A progress message: said unless progress is off.
+  template <typename... Args>
+  void Progress(const char* format, Args... args) const {
+    if (progress_ != ProgressMode::kOff) Say(format, args...);
+  }
+  /// Redraws the one-line progress bar (in bar mode only).
   void ProgressBar(int64_t step, int64_t total, double loss, double images_per_second,
                    double eta_seconds) const;
 
  private:
   bool lead_;
-  bool tty_;
+  ProgressMode progress_;
 };
 
 /// A CSV file of the run directory, written by rank 0 a row at a time and flushed after each,

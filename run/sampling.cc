@@ -47,8 +47,10 @@ std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std
   return written;
 }
 
-SampleProgress ProgressPrinter(const std::string& what) {
-  const bool tty = isatty(STDOUT_FILENO) != 0;
+SampleProgress ProgressPrinter(const std::string& what, ProgressMode mode) {
+  const ProgressMode resolved = ResolveProgressMode(mode);
+  if (resolved == ProgressMode::kOff) return nullptr;
+  const bool tty = resolved == ProgressMode::kBar;
   return [what, tty, start = std::chrono::steady_clock::now()](int done, int total) {
     if (tty) {
       std::printf("\r%s: %d/%d steps (%.1fs)%s", what.c_str(), done, total, SecondsSince(start),
@@ -62,7 +64,8 @@ SampleProgress ProgressPrinter(const std::string& what) {
 }
 
 torch::Tensor SampleImages(const GaussianDiffusion& diffusion, UNet& model, const Config& config,
-                           int count, int batch_size, const std::string& what) {
+                           int count, int batch_size, const std::string& what,
+                           ProgressMode progress) {
   const ModelConfig& m = config.model;
   std::vector<torch::Tensor> parts;
   const int batches = (count + batch_size - 1) / batch_size;
@@ -76,7 +79,7 @@ torch::Tensor SampleImages(const GaussianDiffusion& diffusion, UNet& model, cons
     parts.push_back(diffusion
                         .Sample(EvalDenoiser(model, config.train.precision),
                                 {n, m.in_channels, m.image_size, m.image_size}, sample,
-                                ProgressPrinter(label))
+                                ProgressPrinter(label, progress))
                         .to(torch::kCPU));
   }
   return torch::cat(parts);

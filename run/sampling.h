@@ -6,6 +6,7 @@
 #include <string>
 
 #include "config/config.h"
+#include "run/run.h"
 #include "trainer/diffusion.h"
 #include "trainer/unet.h"
 
@@ -21,13 +22,14 @@ void WriteSampleGrid(const torch::Tensor& images, const std::string& path);
 /// Writes each image as its own PNG, DIR/000000.png onwards; returns the paths.
 std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std::string& dir);
 
-/// A sampler progress report labelled `what`: a line rewritten in place on a terminal, a few
-/// plain lines otherwise.
-SampleProgress ProgressPrinter(const std::string& what);
+/// A sampler progress report labelled `what`: a line rewritten in place (kBar), a few plain
+/// lines (kLines), or nothing (kOff); kAuto is resolved first.
+SampleProgress ProgressPrinter(const std::string& what, ProgressMode mode);
 
 /// Samples count images with config.sample's sampler, batch_size at a time (batch b uses seed
 /// sample.seed + b), reporting progress as `what`; returns them on the CPU.
 torch::Tensor SampleImages(const GaussianDiffusion& diffusion, UNet& model, const Config& config,
-                           int count, int batch_size, const std::string& what);
+                           int count, int batch_size, const std::string& what,
+                           ProgressMode progress = ProgressMode::kAuto);
 
 }  // namespace ddpm

@@ -436,6 +436,33 @@ TEST(Run, EveryControlDecisionCrossesTheBroadcastWordIntact) {
   EXPECT_EQ(words.size(), static_cast<size_t>(decisions));
 }
 
+TEST(Run, ProgressBarsAreForTerminalsOnlyAndNotUnderALauncher) {
+  EXPECT_EQ(ParseProgressMode("lines", "--progress"), ProgressMode::kLines);
+  EXPECT_EQ(ParseProgressMode("off", "--progress"), ProgressMode::kOff);
+  try {
+    ParseProgressMode("fancy", "--progress");
+    FAIL() << "fancy is not a progress mode";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(
+        std::string(e.what()).find("--progress: 'fancy' is not one of: auto, bar, lines, off"),
+        std::string::npos)
+        << e.what();
+  }
+  // What is asked for is what is drawn.
+  EXPECT_EQ(ResolveProgressMode(ProgressMode::kBar), ProgressMode::kBar);
+  EXPECT_EQ(ResolveProgressMode(ProgressMode::kOff), ProgressMode::kOff);
+  // Under mpirun (its ranks' stdout is a pseudo-terminal) auto means lines.
+  const char* before = std::getenv("OMPI_COMM_WORLD_SIZE");
+  const std::string saved = before != nullptr ? before : "";
+  setenv("OMPI_COMM_WORLD_SIZE", "2", 1);
+  EXPECT_EQ(ResolveProgressMode(ProgressMode::kAuto), ProgressMode::kLines);
+  if (before != nullptr) {
+    setenv("OMPI_COMM_WORLD_SIZE", saved.c_str(), 1);
+  } else {
+    unsetenv("OMPI_COMM_WORLD_SIZE");
+  }
+}
+
 TEST(Resume, RefusesToOverwriteARunAndChecksTheConfig) {
   const std::string dir = TempPath("refuse");
   fs::remove_all(dir);

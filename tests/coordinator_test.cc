@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <functional>
 #include <string>
 
 #include "coordinator/core.h"
@@ -114,9 +115,48 @@ TEST_F(CoordinatorTest, RefusedStartRunsNameTheProblemAndStoreNothing) {
           "train.batch_size: 8 does not divide into world size 3");
   refused(ConfigYaml(8, "{world_size: 16}"),
           "train.batch_size: 8 does not divide into world size 16");
+  // A config that sets nothing would train the paper's UNet for 800k steps.
+  refused("", "config_yaml: the config sets nothing");
+  refused("# only a comment\n\n", "config_yaml: the config sets nothing");
+  refused("{}\n", "config_yaml: the config sets nothing");
+  v1::StartRunRequest low = Start("low", ConfigYaml());
+  low.set_priority(-1);
+  try {
+    core_->StartRun(low);
+    ADD_FAILURE() << "a negative priority was accepted";
+  } catch (const CoordinatorError& error) {
+    EXPECT_EQ(error.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(error.what()).find("priority must be >= 0"), std::string::npos)
+        << error.what();
+  }
   EXPECT_EQ(Stored(), before);
   // No run number was used up by the refusals.
   EXPECT_EQ(core_->StartRun(Start("good", ConfigYaml())).id(), "good-1");
+}
+
+TEST_F(CoordinatorTest, AnEmptyRunOrGroupIdIsAnInvalidArgumentNotAMissingRun) {
+  core_->StartRun(Start("alpha", ConfigYaml()));
+  const auto invalid = [](const std::function<void()>& call, const std::string& expected) {
+    try {
+      call();
+      ADD_FAILURE() << "accepted an empty id";
+    } catch (const CoordinatorError& error) {
+      EXPECT_EQ(error.code(), ErrorCode::kInvalidArgument) << error.what();
+      EXPECT_NE(std::string(error.what()).find(expected), std::string::npos) << error.what();
+    }
+  };
+  invalid([&] { core_->GetRun(""); }, "run: empty");
+  invalid([&] { core_->StopRun("", false); }, "run: empty");
+  invalid([&] { core_->DeleteRun(""); }, "run: empty");
+  v1::HeartbeatRequest beat;
+  invalid([&] { core_->Heartbeat(beat); }, "group_id: empty");
+  // A run that is not there is still NOT_FOUND.
+  try {
+    core_->GetRun("nope");
+    ADD_FAILURE() << "found a run that does not exist";
+  } catch (const CoordinatorError& error) {
+    EXPECT_EQ(error.code(), ErrorCode::kNotFound);
+  }
 }
 
 TEST_F(CoordinatorTest, SchedulesByPriorityThenFifoAndDerivesThePerRankBatch) {

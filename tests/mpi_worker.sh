@@ -19,6 +19,9 @@ mpirun "$worker" --config "$work/tiny.yaml" --run-dir "$work/run" > "$work/train
   fail "training failed"
 grep -q "2 ranks x 1 micro-batch x 4 images = global batch 8 (mpi)" "$work/train.log" || fail "no world banner"
 grep -q "all-reduce .* ms, .*% hidden" "$work/train.log" || fail "no all-reduce metrics in the log"
+# mpirun gives the ranks a pseudo-terminal, but the job's output is a file: plain lines at the
+# log interval, no progress bar redrawn with carriage returns every step.
+! grep -q $'\r' "$work/train.log" || fail "a progress bar in a log file ($(grep -c $'\r' "$work/train.log") lines with CR)"
 [ "$(grep -o 'step 20/20 | loss' "$work/train.log" | wc -l)" = 1 ] || fail "not exactly one rank logs"
 for step in 000000010 000000020; do
   for f in manifest.json COMMITTED shard-00000-of-00002 shard-00001-of-00002; do

@@ -121,6 +121,7 @@ struct Member {
     TrainOptions train;
     train.run_dir = command.run_dir();
     train.resume = true;
+    train.progress = options.progress;
     train.on_step = [this, rank, &run_id](const WorkerMetrics& metrics) {
       recorder.RecordStep(metrics);
       if (rank == 0) channel->SetCurrentRun(run_id, metrics.step);

@@ -21,6 +21,11 @@ int main(int argc, char** argv) {
   flags.Add("worker-token-file", "file holding the worker token (default: $DDPM_WORKER_TOKEN)", "");
   flags.Add("tls-ca", "PEM CA certificate: reach the coordinator over TLS", "");
   flags.Add("group-id", "the group's id at the coordinator (default: HOST-PID of rank 0)", "");
+  flags.Add("progress",
+            "auto, bar, lines or off: a bar redrawn every step, a line per log interval, or "
+            "neither; auto draws the bar only on a terminal outside mpirun and Slurm (default: "
+            "$DDPM_PROGRESS, else auto)",
+            "");
   flags.Add("metrics-listen",
             "HOST:PORT: each rank serves Prometheus /metrics on PORT + its local rank "
             "(default: $DDPM_WORKER_METRICS_LISTEN, else none)",
@@ -39,6 +44,12 @@ int main(int argc, char** argv) {
     options.metrics_listen = flags.Get("metrics-listen");
     if (options.metrics_listen.empty() && std::getenv("DDPM_WORKER_METRICS_LISTEN") != nullptr) {
       options.metrics_listen = std::getenv("DDPM_WORKER_METRICS_LISTEN");
+    }
+    const char* progress_env = std::getenv("DDPM_PROGRESS");
+    if (flags.Given("progress")) {
+      options.progress = ddpm::ParseProgressMode(flags.Get("progress"), "ddpm_worker --progress");
+    } else if (progress_env != nullptr && *progress_env != '\0') {
+      options.progress = ddpm::ParseProgressMode(progress_env, "$DDPM_PROGRESS");
     }
     options.run_dir = flags.Get("run-dir");
     options.resume = flags.GetSwitch("resume");

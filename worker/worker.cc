@@ -61,6 +61,7 @@ TrainOptions ToTrainOptions(const WorkerOptions& options, RankTelemetry& telemet
   train.run_dir = options.run_dir;
   train.resume = options.resume;
   train.resume_from = options.resume_from;
+  train.progress = options.progress;
   std::string run = options.run_dir;
   while (run.size() > 1 && run.back() == '/') run.pop_back();
   telemetry.recorder.SetRun(run.substr(run.rfind('/') + 1));

@@ -3,6 +3,8 @@
 
 #include <string>
 
+#include "run/run.h"
+
 namespace ddpm {
 
 /// What the ddpm_worker command line asks for.
@@ -30,6 +32,8 @@ struct WorkerOptions {
   /// HOST:PORT: each rank serves its own /metrics on PORT + its local rank (PORT 0: any free
   /// port); empty: none.
   std::string metrics_listen;
+  /// How rank 0 shows training progress on stdout.
+  ProgressMode progress = ProgressMode::kAuto;
 };
 
 /// Runs what options ask for; returns the process exit code (128 + signal when Ctrl-C or
