@@ -13,6 +13,7 @@
 #include "bench/stats.h"
 #include "config/config.h"
 #include "config/flags.h"
+#include "trainer/checkpoint_keys.h"
 #include "trainer/trainer.h"
 
 using ddpm::bench::Clock;
@@ -32,8 +33,8 @@ int main(int argc, char** argv) {
     ddpm::Trainer trainer(config, torch::kCPU);
     std::map<std::string, torch::Tensor> replicated = trainer.StateViews();
     const std::map<std::string, torch::Tensor> own = {
-        {"rng/default", replicated.at("rng/default")}};
-    replicated.erase("rng/default");
+        {ddpm::checkpoint_keys::kRng, replicated.at(ddpm::checkpoint_keys::kRng)}};
+    replicated.erase(ddpm::checkpoint_keys::kRng);
     int64_t bytes = 0;
     for (const auto& [name, tensor] : replicated) bytes += tensor.numel() * tensor.element_size();
     const std::string dir = flags.Get("dir");

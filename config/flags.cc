@@ -129,6 +129,11 @@ bool Flags::GetSwitch(const std::string& name) const { return Find(name).value =
 
 bool Flags::Given(const std::string& name) const { return Find(name).given; }
 
+bool Flags::TakesValue(const std::string& name) const {
+  const auto it = specs_.find(name);
+  return it != specs_.end() && !it->second.is_switch && !it->second.positional;
+}
+
 std::string Flags::Usage() const {
   std::ostringstream out;
   out << "usage: " << program_ << " [flags]";

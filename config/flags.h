@@ -38,6 +38,8 @@ class Flags {
   bool GetSwitch(const std::string& name) const;
   /// True when the flag was given on the command line.
   bool Given(const std::string& name) const;
+  /// True when --name is declared and takes a value (so the next argument is its value).
+  bool TakesValue(const std::string& name) const;
   /// The --help text.
   std::string Usage() const;
   const std::string& program() const { return program_; }

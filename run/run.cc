@@ -273,12 +273,16 @@ void TrainingRun::TrainStep() {
   }
 }
 
+void TrainingRun::ReadPendingValues() {
+  window_.ReadPending(trainer_->step(), rank_);
+  result_.last_metrics.loss = window_.last_read_loss();
+  result_.last_metrics.grad_norm = window_.last_read_grad_norm();
+}
+
 void TrainingRun::Log(double lr) {
   const int64_t step = trainer_->step();
   const int64_t total = config_.train.steps;
-  window_.ReadPending(step, rank_);  // waits for the device: the rate below counts finished steps
-  result_.last_metrics.loss = window_.last_read_loss();
-  result_.last_metrics.grad_norm = window_.last_read_grad_norm();
+  ReadPendingValues();  // waits for the device: the rate below counts finished steps
   const double elapsed = SecondsSince(start_);
   const double eta = elapsed / (step - first_step_) * (total - step);
   last_rate_ = window_.steps() * plan_.global_batch / std::max(SecondsSince(window_start_), 1e-9);
@@ -342,9 +346,7 @@ void TrainingRun::Checkpoint() {
   // One checkpoint per step: a second request at the same step (SIGUSR1 right after a periodic
   // one) has nothing new to write.
   if (trainer_->step() == last_saved_step_) return;
-  window_.ReadPending(trainer_->step(), rank_);
-  result_.last_metrics.loss = window_.last_read_loss();
-  result_.last_metrics.grad_norm = window_.last_read_grad_norm();
+  ReadPendingValues();
   last_saved_step_ = trainer_->step();
   std::map<std::string, torch::Tensor> replicated = trainer_->StateViews();
   std::map<std::string, torch::Tensor> own = {{keys::kRng, replicated.at(keys::kRng)}};

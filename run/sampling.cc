@@ -1,7 +1,5 @@
 #include "run/sampling.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>

@@ -47,6 +47,9 @@ class TrainingRun {
   void Resume(const CheckpointDir::Loaded& loaded);
   /// Every rank takes rank 0's weights, EMA and optimizer state, and its gradient averaging.
   void JoinWorld();
+  /// Reads the steps' values summed on the device into the window and this rank's last
+  /// metrics (waits for the device; throws if the loss diverged).
+  void ReadPendingValues();
   /// Rank 0's decision at this step boundary (signals, the caller's stop), the same on every rank.
   ControlDecision Decide();
   /// One optimizer step on this rank's share of the next batch, and its metrics.

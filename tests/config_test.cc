@@ -277,6 +277,11 @@ TEST(Flags, PositionalArgumentsFillInOrderAndAreRequired) {
   EXPECT_EQ(flags.Get("CONFIG"), "run.yaml");
   EXPECT_EQ(flags.Get("name"), "x");
   EXPECT_TRUE(flags.Given("CONFIG"));
+  // What ddpmctl asks to find its command among the global flags.
+  EXPECT_TRUE(flags.TakesValue("name"));
+  EXPECT_FALSE(flags.TakesValue("help")) << "a switch";
+  EXPECT_FALSE(flags.TakesValue("CONFIG")) << "a positional";
+  EXPECT_FALSE(flags.TakesValue("nope")) << "undeclared";
   Flags missing("ddpmctl start", "test");
   missing.AddPositional("CONFIG", "the config");
   const char* none[] = {"ddpmctl start"};

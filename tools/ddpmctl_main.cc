@@ -20,9 +20,6 @@ constexpr char kSummary[] =
     "Exit codes: 0 ok, 1 refused or run failed, 2 bad command line, 66 unreadable file,\n"
     "69 coordinator unreachable, 77 token refused.";
 
-// The flags every command takes; the ones that take a value are listed for finding the command.
-const char* const kGlobalValueFlags[] = {"coordinator", "token-file", "tls-ca", "timeout"};
-
 void AddGlobalFlags(ddpm::Flags& flags) {
   flags.Add("coordinator", "coordinator HOST:PORT (default $DDPM_COORDINATOR, else 127.0.0.1:7070)",
             "");
@@ -33,15 +30,12 @@ void AddGlobalFlags(ddpm::Flags& flags) {
 }
 
 // The index of the command in argv: the first argument that is neither a flag nor the value
-// of a global flag; 0 when there is none.
-int CommandIndex(int argc, char** argv) {
+// of one of the global flags; 0 when there is none.
+int CommandIndex(const ddpm::Flags& globals, int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg.rfind("--", 0) != 0) return i;
-    if (arg.find('=') != std::string::npos) continue;
-    for (const char* flag : kGlobalValueFlags) {
-      if (arg == std::string("--") + flag) ++i;
-    }
+    if (arg.find('=') == std::string::npos && globals.TakesValue(arg.substr(2))) ++i;
   }
   return 0;
 }
@@ -110,7 +104,9 @@ int RunCommand(const std::string& command, const ddpm::Flags& flags) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int at = CommandIndex(argc, argv);
+  ddpm::Flags globals("ddpmctl", kSummary);
+  AddGlobalFlags(globals);
+  const int at = CommandIndex(globals, argc, argv);
   const std::string command = at > 0 ? argv[at] : "";
   ddpm::Flags flags(command.empty() ? "ddpmctl" : "ddpmctl " + command, kSummary);
   AddGlobalFlags(flags);

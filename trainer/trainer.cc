@@ -390,7 +390,11 @@ std::map<std::string, torch::Tensor> StateForRank(
 
 std::map<std::string, torch::Tensor> WeightsFromState(
     const std::map<std::string, torch::Tensor>& state, const std::string& which) {
-  const std::string prefix = which + "/";
+  if (which != "model" && which != "ema") {
+    throw std::invalid_argument("WeightsFromState: which is model or ema, got '" + which + "'");
+  }
+  const std::string prefix =
+      which == "model" ? checkpoint_keys::kModelPrefix : checkpoint_keys::kEmaPrefix;
   std::map<std::string, torch::Tensor> out;
   for (const auto& [name, tensor] : state) {
     if (name.rfind(prefix, 0) == 0) out[name.substr(prefix.size())] = tensor;
