@@ -1,6 +1,8 @@
 // ddpm_bench_checkpoint: the stall and the background write of one checkpoint of a config's
 // whole training state (weights, EMA, both Adam moments), beside a plain torch::save of the same
-// tensors, alternating. One process: the world-of-one case of the sharded format.
+// tensors, alternating. One process: the world-of-one case of the sharded format. Also the cost
+// of one fence check (reading RUN_DIR/ATTEMPT), which rank 0 makes at most once a second and
+// before each commit.
 #include "trainer/checkpoint.h"
 
 #include <fcntl.h>
@@ -8,8 +10,10 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <stdexcept>
 #include <vector>
 
+#include "base/fence.h"
 #include "bench/stats.h"
 #include "config/config.h"
 #include "config/flags.h"
@@ -66,16 +70,30 @@ int main(int argc, char** argv) {
         save_ms.push_back(Ms(start));
       }
     }
+    // A fence of a run that restarted twice, read as a check reads it.
+    const ddpm::RunFence fence(dir);
+    for (int attempt = 1; attempt <= 3; ++attempt) {
+      fence.Grant(attempt);
+      fence.Began(attempt, 1000 * attempt);
+    }
+    std::vector<double> fence_us;
+    for (int batch = 0; batch < 20; ++batch) {
+      const auto start = Clock::now();
+      for (int i = 0; i < 500; ++i) {
+        if (fence.Current() != 3) throw std::logic_error("the fence moved");
+      }
+      fence_us.push_back(Ms(start) * 1000 / 500);
+    }
     std::filesystem::remove_all(dir);
     std::printf(
         "impl=cpp_checkpoint params=%lld state_mb=%.1f rounds=%lld stall_ms_median=%.1f "
         "write_ms_median=%.1f torch_save_ms_median=%.1f stall_over_write=%.3f "
-        "write_over_torch_save=%.3f\n",
+        "write_over_torch_save=%.3f fence_check_us_median=%.1f\n",
         static_cast<long long>(ddpm::CountParameters(*trainer.model())), bytes / 1e6,
         static_cast<long long>(flags.GetInt("rounds")), Quantile(stall_ms, 0.5),
         Quantile(write_ms, 0.5), Quantile(save_ms, 0.5),
         Quantile(stall_ms, 0.5) / Quantile(write_ms, 0.5),
-        Quantile(write_ms, 0.5) / Quantile(save_ms, 0.5));
+        Quantile(write_ms, 0.5) / Quantile(save_ms, 0.5), Quantile(fence_us, 0.5));
     return 0;
   });
 }

@@ -23,8 +23,20 @@ if(DDPM_SANITIZE_ADDRESS)
   target_link_options(ddpm_options INTERFACE -fsanitize=address)
 endif()
 if(DDPM_SANITIZE_UNDEFINED)
-  target_compile_options(ddpm_options INTERFACE -fsanitize=undefined)
-  target_link_options(ddpm_options INTERFACE -fsanitize=undefined)
+  # Every finding is an error that stops the process, so that a test fails on it.
+  target_compile_options(ddpm_options INTERFACE -fsanitize=undefined -fno-sanitize-recover=all)
+  target_link_options(ddpm_options INTERFACE -fsanitize=undefined -fno-sanitize-recover=all)
+endif()
+if(DDPM_SANITIZE_THREAD)
+  target_compile_options(ddpm_options INTERFACE -fsanitize=thread)
+  target_link_options(ddpm_options INTERFACE -fsanitize=thread)
+endif()
+if(DDPM_BUILD_FUZZERS)
+  if(NOT CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+    message(FATAL_ERROR "ddpm: DDPM_BUILD_FUZZERS needs clang (libFuzzer); configure with CXX=clang++")
+  endif()
+  # Coverage for libFuzzer in every library the targets link; the targets add the driver.
+  target_compile_options(ddpm_options INTERFACE -fsanitize=fuzzer-no-link)
 endif()
 
 # One precompiled header for LibTorch, built once and reused by every target that includes

@@ -55,6 +55,10 @@ template <>
 struct EnumNames<Precision> {
   static constexpr const char* kNames[] = {"fp32", "bf16"};
 };
+template <>
+struct EnumNames<DivergencePolicy> {
+  static constexpr const char* kNames[] = {"stop", "rollback"};
+};
 
 template <typename E>
 std::string AllowedList() {
@@ -109,6 +113,11 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("train", "cuda_graphs", c.train.cuda_graphs);
   visit("train", "checkpoint_every", c.train.checkpoint_every);
   visit("train", "keep_checkpoints", c.train.keep_checkpoints);
+  visit("train", "max_checkpoint_failures", c.train.max_checkpoint_failures);
+  visit("train", "on_divergence", c.train.on_divergence);
+  visit("train", "max_rollbacks", c.train.max_rollbacks);
+  visit("train", "rollback_lr_scale", c.train.rollback_lr_scale);
+  visit("train", "spike_factor", c.train.spike_factor);
   visit("data", "dataset", c.data.dataset);
   visit("data", "path", c.data.path);
   visit("data", "split", c.data.split);
@@ -332,6 +341,9 @@ const char* Name(SamplerKind v) { return EnumNames<SamplerKind>::kNames[static_c
 const char* Name(DatasetKind v) { return EnumNames<DatasetKind>::kNames[static_cast<int>(v)]; }
 const char* Name(CifarSplit v) { return EnumNames<CifarSplit>::kNames[static_cast<int>(v)]; }
 const char* Name(Precision v) { return EnumNames<Precision>::kNames[static_cast<int>(v)]; }
+const char* Name(DivergencePolicy v) {
+  return EnumNames<DivergencePolicy>::kNames[static_cast<int>(v)];
+}
 
 void Config::Validate(int world_size) const {
   const ModelConfig& m = model;
@@ -423,6 +435,18 @@ void Config::Validate(int world_size) const {
     Invalid("train.checkpoint_every", "must be >= 0, got " + std::to_string(t.checkpoint_every));
   if (t.keep_checkpoints < 1)
     Invalid("train.keep_checkpoints", "must be >= 1, got " + std::to_string(t.keep_checkpoints));
+  if (t.max_checkpoint_failures < 1) {
+    Invalid("train.max_checkpoint_failures",
+            "must be >= 1, got " + std::to_string(t.max_checkpoint_failures));
+  }
+  if (t.max_rollbacks < 0)
+    Invalid("train.max_rollbacks", "must be >= 0, got " + std::to_string(t.max_rollbacks));
+  if (!(t.rollback_lr_scale > 0 && t.rollback_lr_scale <= 1)) {
+    Invalid("train.rollback_lr_scale", "must be in (0, 1], got " + Format(t.rollback_lr_scale));
+  }
+  if (!(t.spike_factor == 0 || t.spike_factor > 1)) {
+    Invalid("train.spike_factor", "must be 0 (off) or > 1, got " + Format(t.spike_factor));
+  }
   if (data.dataset != DatasetKind::kShapes && data.path.empty()) {
     Invalid("data.path", std::string("data.dataset ") + Name(data.dataset) + " needs a path");
   }

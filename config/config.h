@@ -30,6 +30,7 @@ enum class SamplerKind { kDdpm, kDdim };
 enum class DatasetKind { kShapes, kCifar10, kFolder };
 enum class CifarSplit { kTrain, kTest };
 enum class Precision { kFp32, kBf16 };
+enum class DivergencePolicy { kStop, kRollback };
 
 /// The UNet of Ho et al. (Appendix B), as in the authors' diffusion_tf/models/unet.py.
 struct ModelConfig {
@@ -124,6 +125,20 @@ struct TrainConfig {
   int64_t checkpoint_every = 5000;
   /// Checkpoints kept in the run directory; older ones are deleted.
   int keep_checkpoints = 3;
+  /// Checkpoints in a row that may fail to write (a full disk, an I/O error) before the run
+  /// stops naming the error; each failure before that is abandoned cleanly with a warning.
+  int max_checkpoint_failures = 3;
+  /// A non-finite loss (or a spike, with spike_factor): stop the run before any checkpoint of
+  /// those weights, or roll back to the newest good checkpoint and go on past the data that
+  /// diverged.
+  DivergencePolicy on_divergence = DivergencePolicy::kStop;
+  /// Rollbacks a run may make before a divergence stops it.
+  int max_rollbacks = 3;
+  /// Each rollback multiplies the learning rate by this (1 keeps it).
+  double rollback_lr_scale = 1.0;
+  /// A logged loss above this times the median of the last logged losses counts as a
+  /// divergence too; 0 turns the spike test off.
+  double spike_factor = 0;
 };
 
 /// The training images.
@@ -246,5 +261,6 @@ const char* Name(SamplerKind v);
 const char* Name(DatasetKind v);
 const char* Name(CifarSplit v);
 const char* Name(Precision v);
+const char* Name(DivergencePolicy v);
 
 }  // namespace ddpm

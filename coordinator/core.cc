@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <utility>
 
+#include "base/fence.h"
 #include "base/random.h"
 #include "base/text.h"
 #include "config/batch_plan.h"
@@ -193,6 +194,20 @@ void Coordinator::LoseGroup(const std::string& group_id, const std::string& reas
   FailRun(run->second, reason, run->second.run.state() != v1::STOPPING);
 }
 
+void Coordinator::FenceRunDir(const v1::Run& run) const {
+  // The new attempt's fencing token, in the run directory before its group starts: a group of
+  // an older attempt that is still alive reads it there and publishes nothing more. Where this
+  // process cannot reach the directory, the group's rank 0 records its attempt itself.
+  try {
+    std::filesystem::create_directories(run.run_dir());
+    RunFence(run.run_dir()).Grant(run.placement().attempt());
+  } catch (const std::exception& error) {
+    std::printf("ddpm_coordinator: warning: run %s: cannot record attempt %d in %s: %s\n",
+                run.id().c_str(), run.placement().attempt(), run.run_dir().c_str(), error.what());
+    std::fflush(stdout);
+  }
+}
+
 void Coordinator::Schedule() {
   std::vector<RunEntry*> queued;
   for (auto& [id, entry] : runs_) {
@@ -234,6 +249,7 @@ void Coordinator::Schedule() {
                  "assigned to group " + (*group)->id + ": " + plan.Describe() +
                      (resume > 0 ? "; resumes from step " + std::to_string(resume) : ""));
       (*group)->run_id = run.id();
+      FenceRunDir(run);
       SetCommand(**group, TrainCommand(run));
       idle.erase(group);
       break;

@@ -170,6 +170,8 @@ class Coordinator {
   void SetCommand(Group& group, v1::GroupCommand command);
   v1::GroupCommand TrainCommand(const v1::Run& run) const;
   void Schedule();
+  /// Records the run's current attempt in its directory (base/fence.h), if this process can.
+  void FenceRunDir(const v1::Run& run) const;
 
   const CoordinatorOptions options_;
   const Clock& clock_;

@@ -23,6 +23,10 @@ int main(int argc, char** argv) {
   flags.Add("worker-token-file", "file holding the token WorkerGateway calls must carry", "");
   flags.Add("tls-cert", "PEM certificate chain: serve TLS (with --tls-key)", "");
   flags.Add("tls-key", "PEM private key of --tls-cert", "");
+  flags.Add("tls-client-ca",
+            "PEM CA certificate of the worker groups: their calls must present a client "
+            "certificate it signed (mutual TLS; needs --tls-cert)",
+            "");
   flags.Add("heartbeat-interval", "seconds between each rank's heartbeats", "5");
   flags.Add("heartbeat-timeout", "seconds without a heartbeat before a group is declared lost",
             "30");
@@ -45,6 +49,7 @@ int main(int argc, char** argv) {
     server.metrics_listen = flags.Get("metrics-listen");
     server.tls_cert = flags.Get("tls-cert");
     server.tls_key = flags.Get("tls-key");
+    server.tls_client_ca = flags.Get("tls-client-ca");
     server.max_message_bytes = static_cast<int>(flags.GetInt("max-message-bytes"));
     ddpm::TokenSources tokens;
     tokens.control_token_file = flags.Get("control-token-file");

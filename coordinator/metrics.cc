@@ -22,6 +22,10 @@ MetricFamily Gauge(const std::string& name, const std::string& help) {
   return MetricFamilyOf(MetricType::Gauge, name, help);
 }
 
+MetricFamily Counter(const std::string& name, const std::string& help) {
+  return MetricFamilyOf(MetricType::Counter, name, help);
+}
+
 MetricFamily Histogram(const std::string& name, const std::string& help) {
   return MetricFamilyOf(MetricType::Histogram, name, help);
 }
@@ -57,6 +61,11 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
       Histogram("ddpm_checkpoint_stall_seconds", "Seconds each checkpoint blocked training");
   MetricFamily write = Histogram("ddpm_checkpoint_write_seconds",
                                  "Seconds each checkpoint's background write and commit took");
+  MetricFamily rollbacks = Counter("ddpm_train_rollbacks_total",
+                                   "Divergence rollbacks a run has made (train.on_divergence)");
+  MetricFamily checkpoint_failures =
+      Counter("ddpm_checkpoint_failures_total",
+              "Checkpoints of a run abandoned because they could not be written");
   MetricFamily fid = Gauge("ddpm_eval_fid", "FID of the newest evaluation");
   MetricFamily inception = Gauge("ddpm_eval_inception_score", "IS of the newest evaluation");
   std::map<v1::RunState, int> counts;
@@ -65,6 +74,9 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
     ++counts[run.state()];
     AddValue(state, {{"run", run.id()}}, run.state());
     AddValue(restarts, {{"run", run.id()}}, run.restarts());
+    AddValue(rollbacks, {{"run", run.id()}}, static_cast<double>(run.metrics().rollbacks()));
+    AddValue(checkpoint_failures, {{"run", run.id()}},
+             static_cast<double>(run.metrics().checkpoint_failures()));
     if (!IsActive(run.state())) continue;
     const MetricLabels labels = {{"run", run.id()}};
     AddValue(step, labels, static_cast<double>(run.metrics().step()));
@@ -120,8 +132,11 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
       }
     }
   }
-  return {state,        by_state,  restarts, step,  total, loss, quartile_loss, rate, lr,  grad,
-          step_seconds, allreduce, overlap,  stall, write, fid,  inception,     up,   age, memory};
+  return {state, by_state, restarts,     rollbacks,     checkpoint_failures,
+          step,  total,    loss,         quartile_loss, rate,
+          lr,    grad,     step_seconds, allreduce,     overlap,
+          stall, write,    fid,          inception,     up,
+          age,   memory};
 }
 
 RpcMetrics::RpcMetrics()

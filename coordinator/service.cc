@@ -66,6 +66,8 @@ struct ServiceGate {
   std::string token;
   const char* which;  // "control" or "worker", the token's name in errors
   RpcMetrics& metrics;
+  // Calls must come with a client certificate that the server verified (mutual TLS).
+  bool require_client_certificate = false;
 };
 
 namespace {
@@ -73,6 +75,17 @@ namespace {
 // Checks the bearer token, then runs body, turning exceptions into one status.
 grpc::Status CheckAndRun(grpc::ServerContext* context, const ServiceGate& gate, const char* rpc,
                          const std::function<void()>& body) {
+  if (gate.require_client_certificate) {
+    // The handshake verified any certificate the client sent against --tls-client-ca; here the
+    // call must have come with one.
+    const std::shared_ptr<const grpc::AuthContext> auth = context->auth_context();
+    if (auth == nullptr || !auth->IsPeerAuthenticated()) {
+      return {grpc::StatusCode::UNAUTHENTICATED,
+              std::string(rpc) +
+                  ": worker groups must present a client certificate signed by "
+                  "the coordinator's --tls-client-ca"};
+    }
+  }
   const auto& metadata = context->client_metadata();
   const auto header = metadata.find("authorization");
   if (header == metadata.end()) {
@@ -172,10 +185,10 @@ class ControlService final : public v1::Control::Service {
 
 class WorkerGatewayService final : public v1::WorkerGateway::Service {
  public:
-  WorkerGatewayService(Coordinator& core, std::string token, RpcMetrics& metrics,
-                       const std::atomic<bool>& stopping)
+  WorkerGatewayService(Coordinator& core, std::string token, bool require_client_certificate,
+                       RpcMetrics& metrics, const std::atomic<bool>& stopping)
       : core_(core),
-        gate_{"WorkerGateway", std::move(token), "worker", metrics},
+        gate_{"WorkerGateway", std::move(token), "worker", metrics, require_client_certificate},
         stopping_(stopping) {}
 
   grpc::Status Register(grpc::ServerContext* context, const v1::RegisterRequest* request,
@@ -239,16 +252,27 @@ CoordinatorServer::CoordinatorServer(Coordinator& core, const ServerOptions& opt
   if (options.tls_cert.empty() != options.tls_key.empty()) {
     throw RpcSetupError("TLS needs both a certificate and a key file");
   }
+  if (!options.tls_client_ca.empty() && options.tls_cert.empty()) {
+    throw RpcSetupError(
+        "--tls-client-ca (mutual TLS for worker groups) needs TLS: give "
+        "--tls-cert and --tls-key too");
+  }
   rpc_metrics_ = std::make_unique<RpcMetrics>();
   control_ =
       std::make_unique<ControlService>(core, options.control_token, *rpc_metrics_, stopping_);
-  gateway_ =
-      std::make_unique<WorkerGatewayService>(core, options.worker_token, *rpc_metrics_, stopping_);
+  gateway_ = std::make_unique<WorkerGatewayService>(
+      core, options.worker_token, !options.tls_client_ca.empty(), *rpc_metrics_, stopping_);
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
   if (!options.tls_cert.empty()) {
     grpc::SslServerCredentialsOptions ssl;
     ssl.pem_key_cert_pairs.push_back({ReadTextFile(options.tls_key, "TLS key"),
                                       ReadTextFile(options.tls_cert, "TLS certificate")});
+    if (!options.tls_client_ca.empty()) {
+      // Verify a client certificate when one is sent (worker groups must send one; ddpmctl
+      // need not), against the workers' CA only.
+      ssl.pem_root_certs = ReadTextFile(options.tls_client_ca, "TLS client CA certificate");
+      ssl.client_certificate_request = GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY;
+    }
     credentials = grpc::SslServerCredentials(ssl);
   }
   grpc::ServerBuilder builder;

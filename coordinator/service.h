@@ -31,6 +31,10 @@ struct ServerOptions {
   /// PEM certificate chain and private key; both set: TLS, both empty: plaintext.
   std::string tls_cert;
   std::string tls_key;
+  /// PEM CA certificate of the worker groups (needs TLS): WorkerGateway calls must come over a
+  /// connection whose client certificate this CA signed (mutual TLS); Control calls need none.
+  /// Empty: tokens alone.
+  std::string tls_client_ca;
   /// Requests larger than this many bytes are refused with RESOURCE_EXHAUSTED.
   int max_message_bytes = 4 << 20;
   /// HOST:PORT of the Prometheus /metrics endpoint; port 0 picks one; empty: none.

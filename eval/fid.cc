@@ -3,6 +3,7 @@
 #include <zip.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -192,15 +193,24 @@ torch::Tensor ParseNpy(const std::string& bytes, const std::string& where) {
     throw std::runtime_error(where + ": dtype " + descr[1].str() +
                              " is not supported (float64, float32 or int64, little-endian)");
   }
+  // The shape, each size and their product bounded by the bytes there are: a header cannot
+  // make the reader allocate more than the file holds.
+  const size_t data = offset + header_length;
+  const size_t available = bytes.size() - data;
   std::vector<int64_t> sizes;
   const std::string dims = shape[1];
   const std::regex number("\\d+");
-  for (std::sregex_iterator it(dims.begin(), dims.end(), number), end; it != end; ++it) {
-    sizes.push_back(std::stoll(it->str()));
-  }
   int64_t count = 1;
-  for (int64_t size : sizes) count *= size;
-  const size_t data = offset + header_length;
+  for (std::sregex_iterator it(dims.begin(), dims.end(), number), end; it != end; ++it) {
+    const std::string digits = it->str();
+    const size_t size = digits.size() > 18 ? SIZE_MAX : std::stoull(digits);
+    if (size > 0 && static_cast<size_t>(count) * item > available / size) {
+      throw std::runtime_error(where + ": its shape (" + dims + ") needs more than the " +
+                               std::to_string(available) + " bytes of data it holds");
+    }
+    sizes.push_back(static_cast<int64_t>(size));
+    count *= static_cast<int64_t>(size);
+  }
   if (bytes.size() - data != static_cast<size_t>(count) * item) {
     throw std::runtime_error(where + ": holds " + std::to_string(bytes.size() - data) +
                              " bytes of data, its header says " + std::to_string(count * item));
@@ -272,7 +282,21 @@ std::map<std::string, torch::Tensor> ReadNpz(const std::string& path) {
       zip_stat_t stat;
       if (zip_stat_index(archive, i, 0, &stat) != 0)
         throw std::runtime_error(path + ": " + ZipError(archive));
-      std::string name = stat.name;
+      std::string name =
+          (stat.valid & ZIP_STAT_NAME) != 0 && stat.name != nullptr ? stat.name : "(unnamed)";
+      if ((stat.valid & ZIP_STAT_SIZE) == 0) {
+        throw std::runtime_error(path + ": " + name + ": the archive gives no size for it");
+      }
+      // The member's size is what its header claims: bound it before allocating. Deflate
+      // expands at most about 1032 times; nothing FID reads is near 1 GiB.
+      constexpr zip_uint64_t kMaxMember = zip_uint64_t{1} << 30;
+      const bool compressed_known = (stat.valid & ZIP_STAT_COMP_SIZE) != 0;
+      if (stat.size > kMaxMember ||
+          (compressed_known && stat.size > 1032 * stat.comp_size + 4096)) {
+        throw std::runtime_error(path + ": " + name + ": claims " + std::to_string(stat.size) +
+                                 " bytes from " + std::to_string(stat.comp_size) +
+                                 " compressed; not an array this reader takes");
+      }
       std::string bytes(stat.size, '\0');
       zip_file_t* member = zip_fopen_index(archive, i, 0);
       if (member == nullptr)

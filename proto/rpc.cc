@@ -44,12 +44,22 @@ std::shared_ptr<grpc::Channel> MakeChannel(const ChannelOptions& options) {
   if (options.address.find(':') == std::string::npos) {
     throw RpcSetupError("coordinator address '" + options.address + "' is not HOST:PORT");
   }
+  if (options.tls_cert.empty() != options.tls_key.empty()) {
+    throw RpcSetupError("a TLS client certificate needs both --tls-cert and --tls-key");
+  }
+  if (!options.tls_cert.empty() && options.tls_ca.empty()) {
+    throw RpcSetupError("a TLS client certificate (--tls-cert) needs TLS: give --tls-ca too");
+  }
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   if (options.tls_ca.empty()) {
     credentials = grpc::InsecureChannelCredentials();
   } else {
     grpc::SslCredentialsOptions ssl;
     ssl.pem_root_certs = ReadTextFile(options.tls_ca, "TLS CA certificate");
+    if (!options.tls_cert.empty()) {
+      ssl.pem_cert_chain = ReadTextFile(options.tls_cert, "TLS client certificate");
+      ssl.pem_private_key = ReadTextFile(options.tls_key, "TLS client key");
+    }
     credentials = grpc::SslCredentials(ssl);
   }
   grpc::ChannelArguments arguments;

@@ -30,6 +30,10 @@ struct ChannelOptions {
   std::string address = "127.0.0.1:7070";
   /// PEM file of the CA that signed the coordinator's certificate; empty: plaintext.
   std::string tls_ca;
+  /// PEM client certificate and its key, for a coordinator that requires mutual TLS of worker
+  /// groups (its --tls-client-ca signed the certificate); both or neither.
+  std::string tls_cert;
+  std::string tls_key;
   /// The largest message the client accepts, in bytes.
   int max_message_bytes = 16 << 20;
 };

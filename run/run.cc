@@ -3,9 +3,11 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -46,6 +48,20 @@ std::string SectionYaml(const Config& config, const std::string& section) {
   return out;
 }
 
+// The step of a checkpoint directory's path (…/step_000000040), or -1.
+int64_t StepOfPath(const std::string& path) {
+  const std::size_t slash = path.find_last_of('/');
+  long long step = -1;
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  if (std::sscanf(name.c_str(), "step_%lld", &step) != 1 || name != StepName(step)) return -1;
+  return step;
+}
+
+// What DDPM_FAULT_DISK_FULL makes a write fail with.
+std::string InjectedDiskFull() {
+  return std::string(std::strerror(ENOSPC)) + " (injected by DDPM_FAULT_DISK_FULL)";
+}
+
 BatchPlan PlanOf(const Config& config, const DistributedContext& dist, int world) {
   config.Validate(world);
   if (!dist.plan) return PlanBatch(config, world);
@@ -75,10 +91,38 @@ TrainingRun::TrainingRun(const Config& config, const TrainOptions& options,
       threads_(ConfigureThreads(config.train, dist.local_ranks)),
       device_(dist.device.empty() ? ResolveDevice(config.train) : dist.device),
       checkpoints_(options.run_dir + "/checkpoints"),
+      fence_(options.run_dir),
+      attempt_(options.attempt),
       window_(device_) {
   comm_.set_timeout(config_.dist.timeout());
+  fault_ = FaultInjection::FromEnvironment(rank_);
+  spikes_ = LossSpikeDetector(config_.train.spike_factor);
   const std::optional<CheckpointDir::Loaded> loaded = FindCheckpoint();
   resumed_ = loaded.has_value();
+  // Rank 0 records where this attempt began, unless a newer attempt already holds the run; then
+  // every rank refuses together, before anything is written.
+  int64_t refused = 0;  // 1: superseded, 2: the fence file is unusable
+  std::string refusal;
+  if (console_.lead()) {
+    try {
+      MakeDirectories(options_.run_dir);
+      fence_.Began(attempt_, loaded ? StepOfPath(loaded->path) : 0);
+    } catch (const FencedError& error) {
+      refused = 1;
+      refusal = error.what();
+    } catch (const std::exception& error) {
+      refused = 2;
+      refusal = error.what();
+    }
+  }
+  if (world_ > 1) {
+    torch::Tensor word = torch::tensor({refused}, torch::kLong);
+    comm_.Broadcast(word, 0, "broadcast of the attempt's fence");
+    refused = word.item<int64_t>();
+  }
+  if (refused != 0 && refusal.empty()) refusal = "rank 0 could not take the run's fence";
+  if (refused == 1) throw FencedError(refusal);
+  if (refused == 2) throw std::runtime_error(refusal);
   if (console_.lead()) {
     MakeDirectories(options_.run_dir + "/samples");
     // Before any rank writes (they all pass the broadcasts of JoinWorld first).
@@ -104,10 +148,13 @@ TrainingRun::TrainingRun(const Config& config, const TrainOptions& options,
   }
 
   // Every rank copies its share at the step boundary and writes it in the background; rank 0
-  // commits. A checkpoint waits for the one before.
-  writer_ = std::make_unique<CheckpointWriter>(checkpoints_.dir(), rank_, world_,
-                                               config_.train.keep_checkpoints,
-                                               config_.dist.timeout_seconds);
+  // commits, unless a newer attempt holds the run. A checkpoint waits for the one before.
+  writer_ = std::make_unique<CheckpointWriter>(
+      checkpoints_.dir(), rank_, world_, config_.train.keep_checkpoints,
+      config_.dist.timeout_seconds, [this](std::size_t, std::size_t) {
+        if (inject_disk_full_) throw CheckpointError(InjectedDiskFull());
+      });
+  writer_->set_fence(attempt_, [this](const std::string& what) { fence_.Check(attempt_, what); });
   if (console_.lead() && options_.on_checkpoint) {
     // Save waits for the previous checkpoint, so the times are this commit's.
     writer_->set_on_commit([writer = writer_.get(), &on_checkpoint = options_.on_checkpoint](
@@ -118,7 +165,6 @@ TrainingRun::TrainingRun(const Config& config, const TrainOptions& options,
   }
   last_saved_step_ = resumed_ ? trainer_->step() : -1;
   first_step_ = trainer_->step();
-  fault_ = FaultInjection::FromEnvironment(rank_);
   signals_ = std::make_unique<RunSignals>(config_.dist.timeout_seconds);
   shard_ = DataShard::Of(plan_.global_batch, rank_, plan_.ranks);
   loader_ = std::make_unique<BatchLoader>(*dataset_, shard_, config_.data.random_flip,
@@ -144,7 +190,10 @@ std::optional<CheckpointDir::Loaded> TrainingRun::FindCheckpoint() const {
   if (!options_.resume_from.empty()) return LoadCheckpointAt(options_.resume_from, warn);
   const std::vector<int64_t> existing = checkpoints_.Steps();
   if (options_.resume) {
-    std::optional<CheckpointDir::Loaded> loaded = checkpoints_.LoadLatestValid(warn);
+    std::optional<CheckpointDir::Loaded> loaded =
+        checkpoints_.LoadLatestValid(warn, [this](const std::string& path) {
+          return fence_.Stale(CheckpointAttempt(path), StepOfPath(path));
+        });
     if (!loaded && !existing.empty()) {
       throw CheckpointError(checkpoints_.dir() +
                             ": no checkpoint there can be read (see the warnings above); move "
@@ -185,6 +234,16 @@ void TrainingRun::Resume(const CheckpointDir::Loaded& loaded) {
         static_cast<long long>(saved_world), world_);
   }
   trainer_->LoadState(state, loaded.path);
+  // The run's history (absent from checkpoints older than it).
+  if (const auto it = state.find(keys::kRollbacks); it != state.end()) {
+    rollbacks_ = it->second.item<int64_t>();
+  }
+  if (const auto it = state.find(keys::kLrScale); it != state.end()) {
+    trainer_->set_lr_scale(it->second.item<double>());
+  }
+  if (const auto it = state.find(keys::kCheckpointFailures); it != state.end()) {
+    checkpoint_failures_ = it->second.item<int64_t>();
+  }
   cursor_.epoch = RequireTensor(state, keys::kDataEpoch, loaded.path).item<int64_t>();
   cursor_.offset = RequireTensor(state, keys::kDataOffset, loaded.path).item<int64_t>();
   const int64_t saved_threads = RequireTensor(state, keys::kThreads, loaded.path).item<int64_t>();
@@ -221,6 +280,15 @@ void TrainingRun::JoinWorld() {
 
 ControlDecision TrainingRun::Decide() {
   ControlDecision decision = console_.lead() ? signals_->Take() : ControlDecision{};
+  if (console_.lead() && Superseded(false)) {
+    decision = ControlDecision{};
+    decision.stop = decision.abandon = decision.superseded = true;
+  }
+  if (console_.lead() && !decision.stop &&
+      consecutive_failures_ >= config_.train.max_checkpoint_failures) {
+    decision = ControlDecision{};
+    decision.stop = decision.abandon = decision.failed = true;
+  }
   if (console_.lead() && options_.poll_stop && !decision.stop) {
     const StopRequest request = options_.poll_stop();
     if (request != StopRequest::kNone) {
@@ -243,11 +311,14 @@ void TrainingRun::TrainStep() {
   progress_->Inside(trainer_->step() + 1);
   const auto step_start = Clock::now();
   LoadedBatch batch = loader_->Next();
-  const StepStats stats =
-      trainer_->Step(ToModelInput(batch.pixels, batch.count, dataset_->channels(),
-                                  dataset_->image_size(), device_),
-                     shard_.first);
+  torch::Tensor input = ToModelInput(batch.pixels, batch.count, dataset_->channels(),
+                                     dataset_->image_size(), device_);
+  if (const double scale = fault_.TakeInputScale(trainer_->step() + 1); scale != 1) {
+    input.mul_(scale);
+  }
+  const StepStats stats = trainer_->Step(input, shard_.first);
   cursor_ = batch.after;
+  ++steps_trained_;
   progress_->Finished(trainer_->step());
   const CommStats comm_stats = sync_ ? sync_->last_stats() : CommStats{};
   window_.Add(stats.values, comm_stats.allreduce_seconds, comm_stats.overlap_fraction);
@@ -269,12 +340,18 @@ void TrainingRun::TrainStep() {
     Log(stats.lr);
   } else {
     console_.ProgressBar(step, total, m.loss, last_rate_,
-                         SecondsSince(start_) / (step - first_step_) * (total - step));
+                         SecondsSince(start_) / steps_trained_ * (total - step));
   }
 }
 
 void TrainingRun::ReadPendingValues() {
-  window_.ReadPending(trainer_->step(), rank_);
+  const std::string diverged = window_.ReadPending(trainer_->step(), rank_);
+  if (!diverged.empty()) {
+    if (config_.train.on_divergence == DivergencePolicy::kStop) {
+      throw std::runtime_error("training diverged: " + diverged);
+    }
+    if (divergence_.empty()) divergence_ = diverged;
+  }
   result_.last_metrics.loss = window_.last_read_loss();
   result_.last_metrics.grad_norm = window_.last_read_grad_norm();
 }
@@ -284,10 +361,13 @@ void TrainingRun::Log(double lr) {
   const int64_t total = config_.train.steps;
   ReadPendingValues();  // waits for the device: the rate below counts finished steps
   const double elapsed = SecondsSince(start_);
-  const double eta = elapsed / (step - first_step_) * (total - step);
+  const double eta = elapsed / static_cast<double>(std::max<int64_t>(steps_trained_, 1)) *
+                     static_cast<double>(total - step);
   last_rate_ = window_.steps() * plan_.global_batch / std::max(SecondsSince(window_start_), 1e-9);
-  // The loss over every rank's samples, and the per-quartile sums and counts.
-  torch::Tensor sums = torch::empty({1 + 2 * kTimestepQuartiles}, torch::kFloat64);
+  // The loss over every rank's samples, the per-quartile sums and counts, and how many ranks
+  // saw the loss diverge.
+  constexpr int kDivergedSlot = 1 + 2 * kTimestepQuartiles;
+  torch::Tensor sums = torch::empty({kDivergedSlot + 1}, torch::kFloat64);
   double* packed = sums.data_ptr<double>();
   const StepValues& values = window_.values();
   packed[0] = window_.mean_loss();
@@ -295,9 +375,19 @@ void TrainingRun::Log(double lr) {
     packed[1 + q] = values.quartile_loss_sum[q];
     packed[1 + kTimestepQuartiles + q] = values.quartile_count[q];
   }
+  packed[kDivergedSlot] = divergence_.empty() ? 0 : 1;
   comm_.AllReduce(sums, ReduceOp::kSum, "all-reduce of the loss at step " + std::to_string(step));
   const double* summed = sums.data_ptr<double>();
+  if (summed[kDivergedSlot] > 0) {
+    RollBack(divergence_.empty() ? "the loss is not finite on another rank" : divergence_);
+    return;
+  }
   result_.last_loss = summed[0] / world_;
+  // Every rank computes the same: the loss above is all-reduced.
+  if (const std::string spike = spikes_.Check(result_.last_loss, step); !spike.empty()) {
+    RollBack(spike);
+    return;
+  }
   std::array<double, kTimestepQuartiles> loss_by_quartile{};
   std::array<std::string, kTimestepQuartiles> quartile_fields;
   for (int q = 0; q < kTimestepQuartiles; ++q) {
@@ -333,11 +423,20 @@ void TrainingRun::Log(double lr) {
     log.elapsed_seconds = elapsed;
     log.eta_seconds = eta;
     log.loss_by_quartile = loss_by_quartile;
+    log.rollbacks = rollbacks_;
+    log.checkpoint_failures = checkpoint_failures_;
+    log.last_incident = last_incident_;
+    last_log_ = log;
     options_.on_log(log);
   }
-  metrics_csv_.Row(step, result_.last_loss, window_.mean_grad_norm(), lr, last_rate_, elapsed,
-                   window_.mean_allreduce_seconds(), window_.mean_overlap(), quartile_fields[0],
-                   quartile_fields[1], quartile_fields[2], quartile_fields[3]);
+  // A superseded attempt never adds to the current attempt's metrics.csv.
+  if (console_.lead() && !Superseded(true)) {
+    Tolerate("metrics.csv row", step, [&] {
+      metrics_csv_.Row(step, result_.last_loss, window_.mean_grad_norm(), lr, last_rate_, elapsed,
+                       window_.mean_allreduce_seconds(), window_.mean_overlap(), quartile_fields[0],
+                       quartile_fields[1], quartile_fields[2], quartile_fields[3]);
+    });
+  }
   window_.Reset();
   window_start_ = Clock::now();
 }
@@ -347,6 +446,12 @@ void TrainingRun::Checkpoint() {
   // one) has nothing new to write.
   if (trainer_->step() == last_saved_step_) return;
   ReadPendingValues();
+  // No checkpoint of weights that diverged on any rank: roll back first.
+  if (const std::string diverged = AgreeOnDivergence(); !diverged.empty()) {
+    RollBack(diverged);
+    return;
+  }
+  SettleCheckpoint(false);  // the previous one: committed, or abandoned and counted
   last_saved_step_ = trainer_->step();
   std::map<std::string, torch::Tensor> replicated = trainer_->StateViews();
   std::map<std::string, torch::Tensor> own = {{keys::kRng, replicated.at(keys::kRng)}};
@@ -355,7 +460,11 @@ void TrainingRun::Checkpoint() {
   replicated[keys::kDataOffset] = Int64Tensor(cursor_.offset);
   replicated[keys::kThreads] = Int64Tensor(threads_);
   replicated[keys::kConfig] = TextTensor(config_.ToYaml());
-  writer_->Save(trainer_->step(), replicated, own);  // waits for the previous one first
+  replicated[keys::kRollbacks] = Int64Tensor(rollbacks_);
+  replicated[keys::kLrScale] = torch::scalar_tensor(trainer_->lr_scale(), torch::kFloat64);
+  replicated[keys::kCheckpointFailures] = Int64Tensor(checkpoint_failures_);
+  inject_disk_full_ = fault_.DiskFull(trainer_->step());
+  writer_->Save(trainer_->step(), replicated, own);
   // write_seconds is now the previous checkpoint's (0 before the first has been written).
   const CheckpointTimes times = writer_->times();
   result_.last_metrics.checkpoint_stall_seconds = times.stall_seconds;
@@ -370,14 +479,183 @@ void TrainingRun::Checkpoint() {
       static_cast<long long>(trainer_->step()), times.stall_seconds, previous.c_str());
 }
 
-void TrainingRun::FinishCheckpoint() {
-  const std::string committed = writer_->Wait();
+void TrainingRun::SettleCheckpoint(bool strict) {
+  std::string committed;
+  try {
+    committed = writer_->Wait();
+  } catch (const FencedError& error) {
+    // Not the disk's fault: a newer attempt holds the run. The next step boundary stops.
+    console_.Say("ddpm: %s\n", error.what());
+    superseded_ = true;
+    if (strict) throw;
+    return;
+  } catch (const std::exception& error) {
+    if (strict) throw;
+    // Each rank says what failed on it; rank 0, which commits, counts the checkpoint once.
+    if (!console_.lead()) {
+      std::fprintf(stderr, "ddpm: rank %d: warning: its shard of a checkpoint failed: %s\n", rank_,
+                   error.what());
+      return;
+    }
+    ++checkpoint_failures_;
+    ++consecutive_failures_;
+    checkpoint_error_ = error.what();
+    last_incident_ = "checkpoint failed: " + checkpoint_error_;
+    console_.Say(
+        "ddpm: warning: a checkpoint could not be written and was abandoned (%s); `latest` and "
+        "the older checkpoints are untouched; training goes on (%d in a row; the run stops at "
+        "%d, train.max_checkpoint_failures)\n",
+        error.what(), consecutive_failures_, config_.train.max_checkpoint_failures);
+    ReportIncidents();
+    return;
+  }
   result_.last_metrics.checkpoint_write_seconds = writer_->times().write_seconds;
-  if (console_.lead() && !committed.empty()) {
+  if (console_.lead() && !committed.empty() && committed != result_.checkpoint) {
     result_.checkpoint = committed;
+    consecutive_failures_ = 0;
     console_.Say("ddpm: checkpoint %s committed (written in %.2fs)\n", committed.c_str(),
                  writer_->times().write_seconds);
   }
+}
+
+bool TrainingRun::FinishCheckpoint() {
+  // Only rank 0 commits, so only it can see that the fence refused the commit: it tells all.
+  int64_t fenced = 0;
+  try {
+    SettleCheckpoint(true);
+  } catch (const FencedError&) {
+    fenced = 1;
+  }
+  if (world_ > 1) {
+    torch::Tensor word = torch::tensor({fenced}, torch::kLong);
+    comm_.Broadcast(word, 0, "broadcast of the last checkpoint's fence");
+    fenced = word.item<int64_t>();
+  }
+  if (fenced != 0) {
+    result_.superseded = true;
+    console_.Say("ddpm: attempt %d stopped at step %lld: a newer attempt holds %s\n", attempt_,
+                 static_cast<long long>(trainer_->step()), options_.run_dir.c_str());
+  }
+  return fenced == 0;
+}
+
+template <typename Write>
+void TrainingRun::Tolerate(const char* what, int64_t step, Write&& write) {
+  try {
+    if (fault_.DiskFull(step)) throw std::runtime_error(InjectedDiskFull());
+    write();
+  } catch (const std::exception& error) {
+    console_.Say("ddpm: warning: the %s of step %lld could not be written (%s); training goes on\n",
+                 what, static_cast<long long>(step), error.what());
+  }
+}
+
+bool TrainingRun::Superseded(bool now) {
+  if (attempt_ == 0 || superseded_) return superseded_;
+  if (!now && std::chrono::duration<double>(Clock::now() - fence_read_).count() <
+                  options_.fence_check_seconds) {
+    return false;
+  }
+  fence_read_ = Clock::now();
+  try {
+    superseded_ = fence_.Current() > attempt_;
+  } catch (const std::exception& error) {
+    console_.Say("ddpm: warning: %s; carrying on as attempt %d\n", error.what(), attempt_);
+  }
+  if (superseded_) {
+    console_.Say(
+        "ddpm: attempt %d of this run has been superseded by attempt %d (%s); this "
+        "group stops and writes nothing more into %s\n",
+        attempt_, fence_.Current(), fence_.path().c_str(), options_.run_dir.c_str());
+  }
+  return superseded_;
+}
+
+std::string TrainingRun::AgreeOnDivergence() {
+  double any = divergence_.empty() ? 0 : 1;
+  if (config_.train.on_divergence == DivergencePolicy::kRollback && world_ > 1) {
+    torch::Tensor flag = torch::tensor({any}, torch::kFloat64);
+    comm_.AllReduce(flag, ReduceOp::kSum,
+                    "all-reduce of divergence at step " + std::to_string(trainer_->step()));
+    any = flag.item<double>();
+  }
+  if (any == 0) return "";
+  return divergence_.empty() ? "the loss is not finite on another rank" : divergence_;
+}
+
+void TrainingRun::RollBack(const std::string& cause) {
+  const int64_t at = trainer_->step();
+  const TrainConfig& t = config_.train;
+  if (t.on_divergence == DivergencePolicy::kStop) {
+    throw std::runtime_error("training diverged: " + cause);
+  }
+  if (rollbacks_ >= t.max_rollbacks) {
+    throw std::runtime_error("training diverged again after " + std::to_string(rollbacks_) +
+                             " rollback(s), train.max_rollbacks: " + cause);
+  }
+  // The pending checkpoint first (its weights were good): committed, or abandoned.
+  SettleCheckpoint(false);
+  // Rank 0 picks the newest checkpoint that reads and verifies; every rank loads that one.
+  std::optional<CheckpointDir::Loaded> loaded;
+  int64_t step = -1;
+  if (console_.lead()) {
+    loaded = checkpoints_.LoadLatestValid(
+        [this](const std::string& message) {
+          console_.Say("ddpm: warning: %s\n", message.c_str());
+        },
+        [this](const std::string& path) {
+          return fence_.Stale(CheckpointAttempt(path), StepOfPath(path));
+        });
+    if (loaded) step = StepOfPath(loaded->path);
+  }
+  if (world_ > 1) {
+    torch::Tensor word = torch::tensor({step}, torch::kLong);
+    comm_.Broadcast(word, 0,
+                    "broadcast of the rollback's checkpoint at step " + std::to_string(at));
+    step = word.item<int64_t>();
+  }
+  if (step < 0 || step >= at) {
+    throw std::runtime_error("training diverged (" + cause +
+                             ") and there is no checkpoint before step " + std::to_string(at) +
+                             " in " + checkpoints_.dir() +
+                             " to roll back to; train.on_divergence: rollback needs one");
+  }
+  if (!loaded)
+    loaded = CheckpointDir::Loaded{checkpoints_.PathFor(step),
+                                   ReadCheckpoint(checkpoints_.PathFor(step))};
+  const std::map<std::string, torch::Tensor> state =
+      StateForRank(loaded->tensors, rank_, device_, t.seed, loaded->path);
+  trainer_->LoadState(state, loaded->path);
+  trainer_->set_lr_scale(trainer_->lr_scale() * t.rollback_lr_scale);
+  ++rollbacks_;
+  // The data of the steps that diverged is skipped: the loader and cursor_ go on from where
+  // they are, and only the trainer went back.
+  window_.DropPending();
+  window_.Reset();
+  window_start_ = Clock::now();
+  divergence_.clear();
+  last_saved_step_ = step;
+  progress_->Finished(step);
+  std::ostringstream text;
+  text << "rollback " << rollbacks_ << " of " << t.max_rollbacks << " at step " << at << ": "
+       << cause << "; restored the checkpoint of step " << step << ", skipping the data of steps "
+       << step + 1 << "-" << at << "; learning rate x" << trainer_->lr_scale();
+  last_incident_ = text.str();
+  console_.Say("ddpm: %s (%s)\n", last_incident_.c_str(), loaded->path.c_str());
+  ReportIncidents();
+}
+
+void TrainingRun::ReportIncidents() {
+  result_.rollbacks = rollbacks_;
+  result_.checkpoint_failures = checkpoint_failures_;
+  if (!console_.lead() || !options_.on_log) return;
+  LogMetrics log = last_log_;
+  log.step = trainer_->step();
+  log.total_steps = config_.train.steps;
+  log.rollbacks = rollbacks_;
+  log.checkpoint_failures = checkpoint_failures_;
+  log.last_incident = last_incident_;
+  options_.on_log(log);
 }
 
 void TrainingRun::WriteSamples(int64_t step) {
@@ -388,14 +666,24 @@ void TrainingRun::WriteSamples(int64_t step) {
     const int node_ranks = std::max(1, dist_.local_ranks);
     if (device_.is_cpu() && node_ranks > 1) torch::set_num_threads(threads_ * node_ranks);
     const int count = config_.sample.num_images;
-    WriteSampleGrid(
+    const torch::Tensor images =
         SampleImages(trainer_->diffusion(), trainer_->ema_model(), config_, count, count,
-                     "sampling " + std::to_string(count) + " EMA images", console_.progress()),
-        path);
+                     "sampling " + std::to_string(count) + " EMA images", console_.progress());
     torch::set_num_threads(threads_);
-    console_.Say("ddpm: wrote %s (%.1fs)\n", path.c_str(), SecondsSince(start));
-    result_.sample_grids.push_back(path);
-    if (options_.on_sample_grid) options_.on_sample_grid(path);
+    // A superseded attempt never replaces the current attempt's grid; a failed write (a full
+    // disk) never takes training down.
+    bool written = false;
+    if (!Superseded(true)) {
+      Tolerate("sample grid", step, [&] {
+        WriteSampleGrid(images, path);
+        written = true;
+      });
+    }
+    if (written) {
+      console_.Say("ddpm: wrote %s (%.1fs)\n", path.c_str(), SecondsSince(start));
+      result_.sample_grids.push_back(path);
+      if (options_.on_sample_grid) options_.on_sample_grid(path);
+    }
   }
   // Rather than a barrier, in which MPI would spin on the cores rank 0 samples with, the other
   // ranks sleep until rank 0 says it is done.
@@ -424,9 +712,13 @@ void TrainingRun::Evaluate(int64_t step) {
       static_cast<long long>(report.num_samples), report.sampler.c_str(), report.sampling_steps,
       report.seconds, report.regularized ? "; covariances regularized with eps" : "",
       report.inception_sha256.c_str(), report.reference_sha256.c_str());
-  eval_csv_.Row(step, report.fid, report.inception_score, report.inception_score_std,
-                report.num_samples, report.sampler, report.sampling_steps, report.seconds,
-                report.regularized, report.inception_sha256, report.reference_sha256);
+  if (console_.lead() && !Superseded(true)) {
+    Tolerate("eval.csv row", step, [&] {
+      eval_csv_.Row(step, report.fid, report.inception_score, report.inception_score_std,
+                    report.num_samples, report.sampler, report.sampling_steps, report.seconds,
+                    report.regularized, report.inception_sha256, report.reference_sha256);
+    });
+  }
   if (console_.lead() && options_.on_eval) options_.on_eval(report);
   // Evaluation is not training: keep it out of images/s, elapsed and the ETA.
   const auto spent = Clock::now() - eval_start;
@@ -464,11 +756,35 @@ TrainResult TrainingRun::Run() {
 
 TrainResult TrainingRun::Finish(const ControlDecision& stop) {
   result_.steps = trainer_->step();
+  result_.rollbacks = rollbacks_;
+  result_.checkpoint_failures = checkpoint_failures_;
+  if (stop.superseded) {
+    // Whatever was still being written is refused by the fence; nothing else is written.
+    try {
+      writer_->Wait();
+    } catch (const std::exception& error) {
+      console_.Say("ddpm: the last checkpoint of this attempt was not committed: %s\n",
+                   error.what());
+    }
+    result_.superseded = true;
+    console_.Say("ddpm: attempt %d stopped at step %lld: a newer attempt holds %s\n", attempt_,
+                 static_cast<long long>(result_.steps), options_.run_dir.c_str());
+    return result_;
+  }
+  if (stop.failed) {
+    throw CheckpointError(
+        console_.lead()
+            ? std::to_string(consecutive_failures_) +
+                  " checkpoints in a row could not be written (train.max_checkpoint_failures); "
+                  "the last error: " +
+                  checkpoint_error_
+            : std::string("rank 0 stopped the run: its checkpoints kept failing to write"));
+  }
   if (stop.requested) {
     result_.stopped_by = stop.abandon ? StopRequest::kAbandon : StopRequest::kStop;
   }
   if (stop.abandon) {
-    FinishCheckpoint();
+    if (!FinishCheckpoint()) return result_;
     console_.Say("ddpm: stopped at step %lld without a checkpoint, as asked\n",
                  static_cast<long long>(result_.steps));
     return result_;
@@ -480,20 +796,19 @@ TrainResult TrainingRun::Finish(const ControlDecision& stop) {
                                   : (stop.signal == SIGINT ? "caught SIGINT" : "caught SIGTERM"),
                  static_cast<long long>(result_.steps));
     Checkpoint();
-    FinishCheckpoint();
+    if (!FinishCheckpoint()) return result_;
     console_.Say("ddpm: stopped; continue with --resume --run-dir %s\n", options_.run_dir.c_str());
     return result_;
   }
   if (result_.steps != first_step_) Checkpoint();
-  FinishCheckpoint();
+  if (!FinishCheckpoint()) return result_;
   WriteSamples(result_.steps);
-  if (console_.lead()) {
+  if (console_.lead() && !Superseded(true)) {
     result_.ema_weights = options_.run_dir + "/ema_weights.pt";
     SaveTensors(StateDict(*trainer_->ema_model()), result_.ema_weights);
   }
   console_.Say("ddpm: trained to step %lld (%lld this run) in %s; EMA weights in %s\n",
-               static_cast<long long>(result_.steps),
-               static_cast<long long>(result_.steps - first_step_),
+               static_cast<long long>(result_.steps), static_cast<long long>(steps_trained_),
                FormatDuration(SecondsSince(start_)).c_str(), result_.ema_weights.c_str());
   return result_;
 }

@@ -76,6 +76,12 @@ struct LogMetrics {
   /// Mean loss over the interval and every rank of the samples whose timestep fell in each
   /// quarter of [0, T); NaN for a quarter that none did.
   std::array<double, kTimestepQuartiles> loss_by_quartile{};
+  /// Over the run's life so far (carried by its checkpoints): divergence rollbacks, and
+  /// checkpoints abandoned because they could not be written.
+  int64_t rollbacks = 0;
+  int64_t checkpoint_failures = 0;
+  /// The newest of those, in words ("" when none): what a user should look at.
+  std::string last_incident;
 };
 
 /// A checkpoint that rank 0 has committed, with what it cost.
@@ -126,6 +132,13 @@ struct TrainOptions {
   std::string resume_from;
   /// How rank 0 shows progress on stdout.
   ProgressMode progress = ProgressMode::kAuto;
+  /// The coordinator's attempt of this run (its fencing token, base/fence.h): rank 0 records it
+  /// in RUN_DIR/ATTEMPT and the run writes nothing once a newer attempt holds the directory.
+  /// 0: a run started by hand, not fenced.
+  int attempt = 0;
+  /// Rank 0 reads the fence at step boundaries at most this often (and always before it writes
+  /// a grid, a metrics row or the exported weights, and before a checkpoint publishes).
+  double fence_check_seconds = 1.0;
   /// Called on every rank after every step.
   std::function<void(const WorkerMetrics&)> on_step;
   /// Rank 0, at every step boundary: whether to stop. Every rank acts on the answer together.
@@ -155,6 +168,11 @@ struct TrainResult {
   int interrupted_by = 0;
   /// The stop TrainOptions::poll_stop asked for, if the run ended by one.
   StopRequest stopped_by = StopRequest::kNone;
+  /// The run stopped because a newer attempt holds its directory; it wrote nothing after that.
+  bool superseded = false;
+  /// Divergence rollbacks and failed checkpoints over the run's life, as in LogMetrics.
+  int64_t rollbacks = 0;
+  int64_t checkpoint_failures = 0;
   /// This rank's last step.
   WorkerMetrics last_metrics;
 };

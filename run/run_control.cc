@@ -45,14 +45,16 @@ constexpr int64_t kCheckpoint = 2;
 constexpr int64_t kSample = 4;
 constexpr int64_t kRequested = 8;
 constexpr int64_t kAbandon = 16;
+constexpr int64_t kSuperseded = 32;
+constexpr int64_t kFailed = 64;
 constexpr int kSignalShift = 8;
 
 }  // namespace
 
 int64_t ControlDecision::Encode() const {
   return (stop ? kStop : 0) | (checkpoint ? kCheckpoint : 0) | (sample ? kSample : 0) |
-         (requested ? kRequested : 0) | (abandon ? kAbandon : 0) |
-         (static_cast<int64_t>(signal) << kSignalShift);
+         (requested ? kRequested : 0) | (abandon ? kAbandon : 0) | (superseded ? kSuperseded : 0) |
+         (failed ? kFailed : 0) | (static_cast<int64_t>(signal) << kSignalShift);
 }
 
 ControlDecision ControlDecision::Decode(int64_t word) {
@@ -62,6 +64,8 @@ ControlDecision ControlDecision::Decode(int64_t word) {
   decision.sample = (word & kSample) != 0;
   decision.requested = (word & kRequested) != 0;
   decision.abandon = (word & kAbandon) != 0;
+  decision.superseded = (word & kSuperseded) != 0;
+  decision.failed = (word & kFailed) != 0;
   decision.signal = static_cast<int>(word >> kSignalShift);
   return decision;
 }
@@ -89,23 +93,48 @@ ControlDecision RunSignals::Take() {
 
 FaultInjection FaultInjection::FromEnvironment(int rank) {
   FaultInjection fault;
+  if (const char* disk = std::getenv("DDPM_FAULT_DISK_FULL"); disk != nullptr) {
+    long long from = 0, to = 0;
+    char end = 0;
+    if (std::sscanf(disk, "%lld-%lld%c", &from, &to, &end) != 2 || from < 0 || to < from) {
+      throw std::invalid_argument(
+          std::string("DDPM_FAULT_DISK_FULL: expected FROM-TO (steps, FROM <= TO), got '") + disk +
+          "'");
+    }
+    fault.disk_full_from_ = from;
+    fault.disk_full_to_ = to;
+  }
   const char* text = std::getenv("DDPM_FAULT_INJECT");
   if (text == nullptr) return fault;
   int fault_rank = -1;
   long long fault_step = -1;
-  if (std::sscanf(text, "rank=%d,step=%lld", &fault_rank, &fault_step) != 2) {
+  int consumed = 0;
+  const std::string all(text);
+  if (std::sscanf(text, "rank=%d,step=%lld%n", &fault_rank, &fault_step, &consumed) != 2 ||
+      (all.substr(consumed) != "" && all.substr(consumed) != ",hang" &&
+       all.substr(consumed) != ",nan")) {
     throw std::invalid_argument(
-        std::string("DDPM_FAULT_INJECT: expected rank=R,step=S[,hang], got '") + text + "'");
+        std::string("DDPM_FAULT_INJECT: expected rank=R,step=S[,hang|,nan], got '") + text + "'");
   }
   if (fault_rank == rank) {
+    const std::string kind = all.substr(consumed);
     fault.step_ = fault_step;
-    fault.hang_ = std::string(text).find(",hang") != std::string::npos;
+    fault.hang_ = kind == ",hang";
+    if (kind == ",nan") fault.input_scale_ = std::numeric_limits<double>::quiet_NaN();
   }
   return fault;
 }
 
+double FaultInjection::TakeInputScale(int64_t next_step) {
+  if (input_scale_ == 1 || input_taken_ || next_step != step_) return 1;
+  input_taken_ = true;
+  std::fprintf(stderr, "ddpm: DDPM_FAULT_INJECT: input x %g at step %lld\n", input_scale_,
+               static_cast<long long>(next_step));
+  return input_scale_;
+}
+
 void FaultInjection::MaybeFail(int64_t next_step) const {
-  if (next_step != step_) return;
+  if (next_step != step_ || input_scale_ != 1) return;
   if (hang_) {
     std::fprintf(stderr, "ddpm: DDPM_FAULT_INJECT: hanging before step %lld\n",
                  static_cast<long long>(step_));
@@ -113,6 +142,27 @@ void FaultInjection::MaybeFail(int64_t next_step) const {
   }
   throw std::runtime_error("DDPM_FAULT_INJECT: injected failure before step " +
                            std::to_string(step_));
+}
+
+std::string LossSpikeDetector::Check(double loss, int64_t step) {
+  if (factor_ <= 0 || !std::isfinite(loss)) return "";
+  constexpr std::size_t kHistory = 21, kEnough = 5;
+  if (recent_.size() >= kEnough) {
+    std::vector<double> sorted = recent_;
+    std::nth_element(sorted.begin(), sorted.begin() + sorted.size() / 2, sorted.end());
+    const double median = sorted[sorted.size() / 2];
+    if (loss > factor_ * median) {
+      char text[200];
+      std::snprintf(text, sizeof(text),
+                    "a loss spike at step %lld: %.4g is above %g x %.4g, the median of the last "
+                    "%zu logged losses (train.spike_factor)",
+                    static_cast<long long>(step), loss, factor_, median, recent_.size());
+      return text;
+    }
+  }
+  recent_.push_back(loss);
+  if (recent_.size() > kHistory) recent_.erase(recent_.begin());
+  return "";
 }
 
 // Progress is 2 x step + 1 inside a step, 2 x step after it.

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace ddpm {
 
@@ -24,6 +25,12 @@ struct ControlDecision {
   bool requested = false;
   /// Stop without a checkpoint.
   bool abandon = false;
+  /// The stop is because a newer attempt holds the run directory (base/fence.h): nothing more
+  /// is written.
+  bool superseded = false;
+  /// The stop is because checkpoints kept failing (train.max_checkpoint_failures): the run
+  /// ends with that error.
+  bool failed = false;
   /// The signal that stopped the run (SIGINT or SIGTERM), or 0.
   int signal = 0;
 
@@ -50,18 +57,45 @@ class RunSignals {
   std::unique_ptr<SignalScope> stop_, requests_;
 };
 
-/// A test hook: DDPM_FAULT_INJECT="rank=R,step=S[,hang]" makes rank R throw (or hang) before
-/// step S, to check that one failing rank ends the whole job.
+/// Test hooks. DDPM_FAULT_INJECT="rank=R,step=S[,hang|,nan]" makes rank R throw (or hang)
+/// before step S, to check that one failing rank ends the whole job, or feed step S, once, a
+/// batch of NaNs (nan), to check divergence handling. DDPM_FAULT_DISK_FULL="FROM-TO" makes every
+/// write of the run directory at steps FROM..TO fail as on a full disk (ENOSPC), on every rank.
 class FaultInjection {
  public:
-  /// Reads DDPM_FAULT_INJECT for rank; throws std::invalid_argument when it is malformed.
+  /// Reads the variables for rank; throws std::invalid_argument when one is malformed.
   static FaultInjection FromEnvironment(int rank);
   /// Throws (or hangs) when next_step is the injected one.
   void MaybeFail(int64_t next_step) const;
+  /// What step next_step's input must be multiplied by: NaN once, at the step of a nan fault; 1
+  /// otherwise.
+  double TakeInputScale(int64_t next_step);
+  /// Whether writes at step fail as on a full disk.
+  bool DiskFull(int64_t step) const { return step >= disk_full_from_ && step <= disk_full_to_; }
 
  private:
   int64_t step_ = -1;
   bool hang_ = false;
+  double input_scale_ = 1;  // NaN for the nan fault
+  bool input_taken_ = false;
+  int64_t disk_full_from_ = 1;
+  int64_t disk_full_to_ = 0;
+};
+
+/// The loss spike test of train.spike_factor: a logged loss above factor times the median of
+/// the recent logged losses (at least 5 of them, the last 21) is a divergence. Fed the loss every
+/// rank logged alike, it decides alike on every rank.
+class LossSpikeDetector {
+ public:
+  /// factor 0 turns the test off.
+  explicit LossSpikeDetector(double factor) : factor_(factor) {}
+  /// "" for a loss that is no spike (it joins the history), else the cause in words, naming the
+  /// step (a spike never joins the history; a loss that is not finite is not this test's).
+  std::string Check(double loss, int64_t step);
+
+ private:
+  double factor_;
+  std::vector<double> recent_;
 };
 
 /// Where each rank has got to, one small file per rank in RUN_DIR/ranks/ (a folder all ranks

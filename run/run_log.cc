@@ -1,10 +1,13 @@
 #include "run/run_log.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <stdexcept>
 
@@ -45,13 +48,47 @@ void RunConsole::ProgressBar(int64_t step, int64_t total, double loss, double im
   std::fflush(stdout);
 }
 
-CsvLog::CsvLog(const std::string& path, const std::string& header, bool append) {
+CsvLog::CsvLog(const std::string& path, const std::string& header, bool append) : path_(path) {
   const bool fresh = !append || !std::filesystem::exists(path);
-  out_.open(path, fresh ? std::ios::trunc : std::ios::app);
-  if (!out_) throw std::runtime_error(path + ": cannot open for writing");
-  if (fresh) {
-    out_ << header << "\n";
-    out_.flush();
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (fresh ? O_TRUNC : O_APPEND), 0644);
+  if (fd_ < 0) {
+    throw std::runtime_error(path + ": cannot open for writing: " + std::strerror(errno));
+  }
+  if (fresh) Append(header + "\n");
+}
+
+CsvLog::~CsvLog() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+CsvLog::CsvLog(CsvLog&& other) noexcept : path_(std::move(other.path_)), fd_(other.fd_) {
+  other.fd_ = -1;
+}
+
+CsvLog& CsvLog::operator=(CsvLog&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    path_ = std::move(other.path_);
+    fd_ = other.fd_;
+    other.fd_ = -1;
+  }
+  return *this;
+}
+
+void CsvLog::Append(const std::string& text) {
+  const off_t before = ::lseek(fd_, 0, SEEK_END);
+  std::size_t written = 0;
+  while (written < text.size()) {
+    const ssize_t got = ::write(fd_, text.data() + written, text.size() - written);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      const int error = got < 0 ? errno : EIO;
+      // Take back the part of the row that went out: the file keeps whole rows only.
+      const bool restored = before >= 0 && ::ftruncate(fd_, before) == 0;
+      throw std::runtime_error(path_ + ": cannot append a row: " + std::strerror(error) +
+                               (restored ? "" : " (and the part written could not be removed)"));
+    }
+    written += static_cast<std::size_t>(got);
   }
 }
 
@@ -67,17 +104,18 @@ void StepWindow::Add(const torch::Tensor& values, double allreduce_seconds,
   overlap_ += overlap_fraction;
 }
 
-void StepWindow::ReadPending(int64_t last_step, int rank) {
-  if (pending_steps_ == 0) return;
+std::string StepWindow::ReadPending(int64_t last_step, int rank) {
+  if (pending_steps_ == 0) return "";
   const StepValues v = ReadStepValues(pending_);
   pending_.zero_();
   const int64_t first = last_step - pending_steps_ + 1;
   if (!std::isfinite(v.loss)) {
-    throw std::runtime_error(
-        "training diverged: the loss is not finite (" + std::to_string(v.loss) + ") in " +
-        (pending_steps_ == 1 ? "step " + std::to_string(first)
-                             : "steps " + std::to_string(first) + "-" + std::to_string(last_step)) +
-        " on rank " + std::to_string(rank));
+    pending_steps_ = 0;
+    return "the loss is not finite (" + std::to_string(v.loss) + ") in " +
+           (first == last_step
+                ? "step " + std::to_string(first)
+                : "steps " + std::to_string(first) + "-" + std::to_string(last_step)) +
+           " on rank " + std::to_string(rank);
   }
   values_.loss += v.loss;
   values_.grad_norm += v.grad_norm;
@@ -87,6 +125,12 @@ void StepWindow::ReadPending(int64_t last_step, int rank) {
   }
   last_read_loss_ = v.loss / static_cast<double>(pending_steps_);
   last_read_grad_norm_ = v.grad_norm / static_cast<double>(pending_steps_);
+  pending_steps_ = 0;
+  return "";
+}
+
+void StepWindow::DropPending() {
+  pending_.zero_();
   pending_steps_ = 0;
 }
 

@@ -7,7 +7,7 @@
 
 #include <array>
 #include <cstdint>
-#include <fstream>
+#include <sstream>
 #include <string>
 
 #include "config/config.h"
@@ -47,26 +47,39 @@ class RunConsole {
   ProgressMode progress_;
 };
 
-/// A CSV file of the run directory, written by rank 0 a row at a time and flushed after each,
-/// so that a killed run keeps every row it logged. Other ranks hold a closed one.
+/// A CSV file of the run directory, written by rank 0 a row at a time with one write each, so
+/// that a killed run keeps every row it logged and a failed write (a full disk) leaves no part
+/// of a row behind. Other ranks hold a closed one.
 class CsvLog {
  public:
   CsvLog() = default;
   /// Appends to path when `append` and it exists (a resumed run); otherwise starts it anew with
-  /// the header line.
+  /// the header line. Throws std::runtime_error naming path when it cannot.
   CsvLog(const std::string& path, const std::string& header, bool append);
-  /// Writes one row; each field as an ostream writes it.
+  ~CsvLog();
+  CsvLog(CsvLog&& other) noexcept;
+  CsvLog& operator=(CsvLog&& other) noexcept;
+  CsvLog(const CsvLog&) = delete;
+  CsvLog& operator=(const CsvLog&) = delete;
+
+  /// Writes one row, each field as an ostream writes it. Throws std::runtime_error naming the
+  /// file and the error when the row could not be written whole; the file is then as before.
   template <typename... Fields>
   void Row(const Fields&... fields) {
-    if (!out_.is_open()) return;
+    if (fd_ < 0) return;
+    std::ostringstream line;
     int column = 0;
-    ((out_ << (column++ == 0 ? "" : ",") << fields), ...);
-    out_ << "\n";
-    out_.flush();
+    ((line << (column++ == 0 ? "" : ",") << fields), ...);
+    line << "\n";
+    Append(line.str());
   }
+  const std::string& path() const { return path_; }
 
  private:
-  std::ofstream out_;
+  void Append(const std::string& text);
+
+  std::string path_;
+  int fd_ = -1;
 };
 
 /// The steps' values (loss, grad norm, per-quartile sums and counts) as they add up: on the
@@ -78,9 +91,11 @@ class StepWindow {
   /// Adds one step's StepStats::values (on the device) and its all-reduce costs.
   void Add(const torch::Tensor& values, double allreduce_seconds, double overlap_fraction);
   /// Reads the values added since the last read into the window (waits for the device). A loss
-  /// that is not finite throws, naming the steps up to last_step and the rank, before anything
-  /// is logged or saved from them.
-  void ReadPending(int64_t last_step, int rank);
+  /// that is not finite is kept out of the window and returned in words, naming the steps up to
+  /// last_step and the rank; "" otherwise.
+  std::string ReadPending(int64_t last_step, int rank);
+  /// Forgets the values not yet read (a rollback discards the steps they came from).
+  void DropPending();
   /// Steps in the window.
   int64_t steps() const { return steps_; }
   /// Means over the window's steps.

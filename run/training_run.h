@@ -4,11 +4,13 @@
 
 #include <torch/torch.h>
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <optional>
 #include <string>
 
+#include "base/fence.h"
 #include "config/batch_plan.h"
 #include "config/config.h"
 #include "run/run.h"
@@ -48,8 +50,30 @@ class TrainingRun {
   /// Every rank takes rank 0's weights, EMA and optimizer state, and its gradient averaging.
   void JoinWorld();
   /// Reads the steps' values summed on the device into the window and this rank's last
-  /// metrics (waits for the device; throws if the loss diverged).
+  /// metrics (waits for the device). A loss that is not finite throws (train.on_divergence:
+  /// stop) or is kept as this rank's divergence for the next collective check (rollback).
   void ReadPendingValues();
+  /// The divergence that any rank saw since the last check, agreed on by every rank (an
+  /// all-reduce when the world has more than one); "" when none did.
+  std::string AgreeOnDivergence();
+  /// Every rank at the same step: throws for train.on_divergence stop (or when no rollback is
+  /// left, or no checkpoint to go back to); otherwise restores the newest good checkpoint, keeps
+  /// the data cursor past the steps that diverged, scales the learning rate and goes on.
+  void RollBack(const std::string& cause);
+  /// Rank 0: whether a newer attempt holds the run directory; reads RUN_DIR/ATTEMPT at most
+  /// once a second unless now.
+  bool Superseded(bool now);
+  /// Waits for the pending checkpoint. One that failed to write is abandoned (the writer has
+  /// cleaned up), counted and warned about, and training goes on; after
+  /// train.max_checkpoint_failures in a row the next step boundary stops the run with the
+  /// error. strict rethrows instead: the run's last checkpoint must not fail quietly.
+  void SettleCheckpoint(bool strict);
+  /// Runs write (a sample grid, a metrics row) and turns its failure into a warning: those
+  /// never take training down.
+  template <typename Write>
+  void Tolerate(const char* what, int64_t step, Write&& write);
+  /// The counters and the last incident, for on_log.
+  void ReportIncidents();
   /// Rank 0's decision at this step boundary (signals, the caller's stop), the same on every rank.
   ControlDecision Decide();
   /// One optimizer step on this rank's share of the next batch, and its metrics.
@@ -58,8 +82,9 @@ class TrainingRun {
   void Log(double lr);
   /// Starts a checkpoint of this step (once per step); its write goes on in the background.
   void Checkpoint();
-  /// Waits for the pending checkpoint (rank 0: until committed) and reports it.
-  void FinishCheckpoint();
+  /// Waits for the pending checkpoint (rank 0: until committed) and reports it; rethrows its
+  /// error. False, on every rank, when the fence refused it: a newer attempt holds the run.
+  bool FinishCheckpoint();
   /// Rank 0 draws a sample grid of the EMA model; the other ranks wait for it.
   void WriteSamples(int64_t step);
   /// FID and IS of the EMA model at step, over every rank; its time is not training time.
@@ -79,6 +104,8 @@ class TrainingRun {
   const int threads_;
   const torch::Device device_;
   CheckpointDir checkpoints_;
+  const RunFence fence_;
+  const int attempt_;
   bool resumed_ = false;
   std::unique_ptr<ImageDataset> dataset_;
   std::unique_ptr<Trainer> trainer_;
@@ -99,7 +126,25 @@ class TrainingRun {
   /// Training time: evaluations move these forward by their own length.
   Clock::time_point start_, window_start_;
   double last_rate_ = 0;
+  /// Steps this process trained (a rollback does not take them back): the ETA's rate.
+  int64_t steps_trained_ = 0;
   TrainResult result_;
+
+  // Fencing: when rank 0 last read the fence, and whether a newer attempt held the run then.
+  Clock::time_point fence_read_{};
+  bool superseded_ = false;
+  // Failed checkpoints: over the run's life, in a row now, and the last error.
+  int64_t checkpoint_failures_ = 0;
+  int consecutive_failures_ = 0;
+  std::string checkpoint_error_;
+  /// Set around a checkpoint's Save when DDPM_FAULT_DISK_FULL covers its step.
+  std::atomic<bool> inject_disk_full_{false};
+  // Divergence: this rank's unchecked cause, rollbacks over the run's life, recent logged losses.
+  std::string divergence_;
+  int64_t rollbacks_ = 0;
+  LossSpikeDetector spikes_{0};
+  std::string last_incident_;
+  LogMetrics last_log_;
 };
 
 }  // namespace ddpm

@@ -188,7 +188,7 @@ EOF
     lint "$work/rank$rank.prom"
   done
 
-  say "3. a stopped run's training series go; its state stays"
+  say "3. a stopped run's training series go; its state and its life's counters stay"
   ctl stop "$run" > /dev/null
   wait_for 60 "$run STOPPED" state_is "$run" STOPPED
   curl -fsS "$metrics_url" > "$work/stopped.prom"
@@ -196,8 +196,11 @@ EOF
 ddpm_run_state run=$run = 5
 ddpm_runs state=STOPPED = 1
 ddpm_runs state=RUNNING = 0
+ddpm_train_rollbacks_total run=$run = 0
+ddpm_checkpoint_failures_total run=$run = 0
 EOF
-  if grep -E "^ddpm_(train|allreduce|step|checkpoint|eval)_[a-z_]*\{[^}]*run=\"$run\"" "$work/stopped.prom"; then
+  if grep -E "^ddpm_(train|allreduce|step|checkpoint|eval)_[a-z_]*\{[^}]*run=\"$run\"" "$work/stopped.prom" |
+    grep -vE "^ddpm_(train_rollbacks|checkpoint_failures)_total\{"; then
     fail "the stopped run still has the series above"
   fi
   curl -fsS "${rank_urls[0]}" > "$work/rank0-stopped.prom"

@@ -75,6 +75,18 @@ set -e
 [ "$code" = 1 ] && grep -q "INVALID_ARGUMENT: StartRun config:1" "$work/err.txt" || fail "bad yaml: $(cat "$work/err.txt")"
 [ "$nokey" = 66 ] || fail "ddpmctl without a token exited $nokey, not 66"
 
+say "5b. tokens: never a flag (ps shows flags), never in a log"
+for binary in "$coordinator" "$worker" "$ctl"; do
+  if "$binary" --help 2>&1 | grep -E -- "--[a-z-]*token[a-z-]* VALUE" | grep -v -- "-file VALUE"; then
+    fail "$(basename "$binary") takes a token on its command line"
+  fi
+done
+for token in "$data/control.token" "$data/worker.token"; do
+  if grep -rqF "$(cat "$token")" "$work"/*.log "$work"/*.txt 2> /dev/null; then
+    fail "the token of $token appears in a log: $(grep -rlF "$(cat "$token")" "$work"/*.log "$work"/*.txt)"
+  fi
+done
+
 say "6. clean shutdown"
 kill -TERM "$group_pid"
 # mpirun reports the signal it forwarded in its own exit code; the ranks must leave cleanly.

@@ -190,6 +190,8 @@ TEST(CoordinatorMetrics, HeartbeatsBecomeSeriesThatEndWithTheRun) {
       for (double loss : {0.5, 0.25, std::numeric_limits<double>::quiet_NaN(), 0.125}) {
         train.add_loss_by_quartile(loss);
       }
+      train.set_rollbacks(2);
+      train.set_checkpoint_failures(1);
     }
     core.Heartbeat(beat);
   }
@@ -197,6 +199,8 @@ TEST(CoordinatorMetrics, HeartbeatsBecomeSeriesThatEndWithTheRun) {
   EXPECT_EQ(values["ddpm_run_state{run=m-1,}"], v1::RUNNING);
   EXPECT_EQ(values["ddpm_runs{state=RUNNING,}"], 1);
   EXPECT_EQ(values["ddpm_train_loss{run=m-1,}"], 0.25);
+  EXPECT_EQ(values["ddpm_train_rollbacks_total{run=m-1,}"], 2);
+  EXPECT_EQ(values["ddpm_checkpoint_failures_total{run=m-1,}"], 1);
   EXPECT_EQ(values["ddpm_train_learning_rate{run=m-1,}"], 2e-4);
   EXPECT_EQ(values["ddpm_train_loss_by_timestep_quartile{run=m-1,quartile=q0,}"], 0.5);
   EXPECT_EQ(values["ddpm_train_loss_by_timestep_quartile{run=m-1,quartile=q3,}"], 0.125);
@@ -227,11 +231,15 @@ TEST(CoordinatorMetrics, HeartbeatsBecomeSeriesThatEndWithTheRun) {
   values = Scrape(core);
   EXPECT_EQ(values["ddpm_run_state{run=m-1,}"], v1::COMPLETED);
   EXPECT_EQ(values["ddpm_runs{state=COMPLETED,}"], 1);
+  // The state and the counters of the run's life stay; its training series go.
   for (const auto& [key, value] : values) {
     if (key.find("run=m-1") == std::string::npos) continue;
-    EXPECT_TRUE(key.rfind("ddpm_run_state{", 0) == 0 || key.rfind("ddpm_run_restarts{", 0) == 0)
+    EXPECT_TRUE(key.rfind("ddpm_run_state{", 0) == 0 || key.rfind("ddpm_run_restarts{", 0) == 0 ||
+                key.rfind("ddpm_train_rollbacks_total{", 0) == 0 ||
+                key.rfind("ddpm_checkpoint_failures_total{", 0) == 0)
         << key << " outlived the run";
   }
+  EXPECT_EQ(values["ddpm_train_rollbacks_total{run=m-1,}"], 2);
   fs::remove_all(dir);
 }
 

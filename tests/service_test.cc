@@ -298,6 +298,115 @@ TEST_F(ServiceTest, ServesTlsWhenGivenACertificate) {
   EXPECT_FALSE(Control()->ListRuns(Ctx(kControlToken).get(), list, &listed).ok());
 }
 
+TEST_F(ServiceTest, MutualTlsAdmitsOnlyWorkerGroupsWithACertificateOfTheClientCa) {
+  if (std::system("command -v openssl > /dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "openssl is not installed: cannot make test certificates (apt-get install "
+                    "openssl)";
+  }
+  fs::create_directories(dir_);
+  const auto path = [&](const std::string& name) { return (dir_ / name).string(); };
+  // The server's own certificate; the workers' CA and a worker certificate it signed; and a
+  // certificate of the same name that nobody signed.
+  const std::string make =
+      "cd " + dir_.string() +
+      " && openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost -addext "
+      "subjectAltName=IP:127.0.0.1,DNS:localhost -keyout server.key -out server.pem"
+      " && openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=workers-ca -keyout ca.key "
+      "-out ca.pem"
+      " && openssl req -newkey rsa:2048 -nodes -subj /CN=group -keyout worker.key -out worker.csr"
+      " && openssl x509 -req -in worker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 "
+      "-out worker.pem"
+      " && openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=group -keyout rogue.key "
+      "-out rogue.pem > /dev/null 2>&1";
+  ASSERT_EQ(std::system((make + " > /dev/null 2>&1").c_str()), 0) << make;
+  server_options_.tls_cert = path("server.pem");
+  server_options_.tls_key = path("server.key");
+  server_options_.tls_client_ca = path("ca.pem");
+  StartServer();
+
+  const auto gateway = [&](const std::string& cert, const std::string& key) {
+    ChannelOptions options = Channel();
+    options.tls_ca = path("server.pem");
+    options.tls_cert = cert;
+    options.tls_key = key;
+    return MakeClient<v1::WorkerGateway>(options);
+  };
+  v1::RegisterRequest registration;
+  registration.set_group_id("g");
+  registration.set_world_size(1);
+  v1::RegisterResponse registered;
+  // No client certificate: refused by name, even with the right token.
+  const grpc::Status bare =
+      gateway("", "")->Register(Ctx(kWorkerToken).get(), registration, &registered);
+  EXPECT_EQ(bare.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_NE(bare.error_message().find("client certificate signed by the coordinator's "
+                                      "--tls-client-ca"),
+            std::string::npos)
+      << bare.error_message();
+  // A certificate the CA did not sign: the handshake fails.
+  EXPECT_FALSE(gateway(path("rogue.pem"), path("rogue.key"))
+                   ->Register(Ctx(kWorkerToken).get(), registration, &registered)
+                   .ok());
+  // The CA's worker certificate, with the worker token: in.
+  const grpc::Status signed_in = gateway(path("worker.pem"), path("worker.key"))
+                                     ->Register(Ctx(kWorkerToken).get(), registration, &registered);
+  EXPECT_TRUE(signed_in.ok()) << signed_in.error_message();
+  // ddpmctl's Control calls need no client certificate, only TLS and the control token.
+  ChannelOptions control = Channel();
+  control.tls_ca = path("server.pem");
+  v1::ListRunsRequest list;
+  v1::ListRunsResponse listed;
+  const grpc::Status listed_ok =
+      MakeClient<v1::Control>(control)->ListRuns(Ctx(kControlToken).get(), list, &listed);
+  EXPECT_TRUE(listed_ok.ok()) << listed_ok.error_message();
+}
+
+TEST_F(ServiceTest, TokensAppearInNoErrorMessage) {
+  StartServer();
+  v1::ListRunsRequest list;
+  v1::ListRunsResponse listed;
+  // The wrong token, and the worker token on the control service: refused without echoing
+  // either token (or the right one).
+  for (const std::string& token : {std::string("guess-1234"), std::string(kWorkerToken)}) {
+    const grpc::Status refused = Control()->ListRuns(Ctx(token).get(), list, &listed);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+    for (const std::string& secret : {token, std::string(kControlToken)}) {
+      EXPECT_EQ(refused.error_message().find(secret), std::string::npos) << refused.error_message();
+    }
+  }
+}
+
+TEST(ServiceSetup, MetricsBindLoopbackByDefaultAndMutualTlsNeedsTls) {
+  const ServerOptions defaults;
+  EXPECT_EQ(defaults.metrics_listen.rfind("127.0.0.1:", 0), 0u) << defaults.metrics_listen;
+  EXPECT_EQ(defaults.listen.rfind("127.0.0.1:", 0), 0u) << defaults.listen;
+  CoordinatorOptions core_options;
+  core_options.data_dir =
+      (fs::temp_directory_path() / ("ddpm-mtls-" + std::to_string(getpid()))).string();
+  SystemClock clock;
+  Coordinator core(core_options, clock);
+  ServerOptions options;
+  options.listen = "127.0.0.1:0";
+  options.metrics_listen = "";
+  options.control_token = "c";
+  options.worker_token = "w";
+  options.tls_client_ca = "/nonexistent/ca.pem";
+  try {
+    CoordinatorServer server(core, options);
+    FAIL() << "mutual TLS without TLS must be refused";
+  } catch (const RpcSetupError& e) {
+    EXPECT_NE(std::string(e.what()).find("--tls-client-ca (mutual TLS for worker groups) needs "
+                                         "TLS"),
+              std::string::npos)
+        << e.what();
+  }
+  ChannelOptions half;
+  half.tls_ca = "/nonexistent/ca.pem";
+  half.tls_cert = "/nonexistent/cert.pem";
+  EXPECT_THROW(MakeChannel(half), RpcSetupError) << "a client certificate without its key";
+  fs::remove_all(core_options.data_dir);
+}
+
 TEST(ServiceSetup, TokensMustBeSetAndDistinct) {
   CoordinatorOptions core_options;
   core_options.data_dir =

@@ -107,6 +107,12 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
                   FormatDuration(run.metrics().eta_seconds()).c_str());
     row("metrics", text);
   }
+  if (run.metrics().rollbacks() > 0 || run.metrics().checkpoint_failures() > 0) {
+    row("incidents",
+        std::to_string(run.metrics().rollbacks()) + " divergence rollback(s), " +
+            std::to_string(run.metrics().checkpoint_failures()) +
+            " checkpoint(s) that failed to write; newest: " + run.metrics().last_incident());
+  }
   if (!run.placement().group_id().empty()) {
     const v1::Placement& p = run.placement();
     std::string split = "group " + p.group_id() + ": " + std::to_string(p.world_size()) +

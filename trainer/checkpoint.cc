@@ -58,14 +58,24 @@ void WriteAndSync(const std::string& path, const char* data, std::size_t size,
       const std::string error =
           Errno(path + ": write failed at byte offset " + std::to_string(written));
       ::close(fd);
+      ::unlink(path.c_str());  // a partial file would only hold on to the space
       throw CheckpointError(error);
     }
     written += static_cast<std::size_t>(got);
-    if (hook) hook(written, size);
+    if (hook) {
+      try {
+        hook(written, size);
+      } catch (...) {
+        ::close(fd);
+        ::unlink(path.c_str());
+        throw;
+      }
+    }
   }
   if (::fsync(fd) != 0) {
     const std::string error = Errno(path + ": fsync failed");
     ::close(fd);
+    ::unlink(path.c_str());
     throw CheckpointError(error);
   }
   ::close(fd);
@@ -231,14 +241,27 @@ std::map<std::string, torch::Tensor> ReadCheckpoint(const std::string& step_dir)
       }
       std::memcpy(out, shards[shard].data() + offset, static_cast<std::size_t>(bytes));
     };
+    int64_t shard_bytes = 0;
+    for (const std::string& shard : shards) shard_bytes += static_cast<int64_t>(shard.size());
     auto make = [&](const Json& entry) {
+      const std::string name = entry.at("name").get<std::string>();
       const std::string dtype = entry.at("dtype").get<std::string>();
       const auto it = DtypesByName().find(dtype);
       if (it == DtypesByName().end()) {
-        throw CheckpointError(manifest_path + ": tensor '" + entry.at("name").get<std::string>() +
-                              "' has unknown dtype " + dtype);
+        throw CheckpointError(manifest_path + ": tensor '" + name + "' has unknown dtype " + dtype);
       }
-      return torch::empty(entry.at("shape").get<std::vector<int64_t>>(), it->second);
+      // A shape the shards cannot hold is refused before anything is allocated for it.
+      const std::vector<int64_t> shape = entry.at("shape").get<std::vector<int64_t>>();
+      int64_t bytes = c10::elementSize(it->second);
+      for (const int64_t size : shape) {
+        if (size < 0 || (size > 0 && bytes > shard_bytes / size)) {
+          throw CheckpointError(manifest_path + ": tensor '" + name + "' has shape " +
+                                Json(shape).dump() + ", more than the shards' " +
+                                std::to_string(shard_bytes) + " bytes hold");
+        }
+        bytes *= size;
+      }
+      return torch::empty(shape, it->second);
     };
     std::map<std::string, torch::Tensor> out;
     for (const Json& entry : manifest.at("tensors")) {
@@ -318,7 +341,8 @@ void CheckpointDir::RemoveTemporaries() const {
 }
 
 std::optional<CheckpointDir::Loaded> CheckpointDir::LoadLatestValid(
-    const std::function<void(const std::string&)>& warn) const {
+    const std::function<void(const std::string&)>& warn,
+    const std::function<std::string(const std::string& path)>& refuse) const {
   std::vector<std::string> candidates;
   std::ifstream latest(fs::path(dir_) / "latest");
   std::string name;
@@ -330,6 +354,13 @@ std::optional<CheckpointDir::Loaded> CheckpointDir::LoadLatestValid(
     }
   }
   for (const std::string& path : candidates) {
+    if (refuse) {
+      const std::string why = refuse(path);
+      if (!why.empty()) {
+        if (warn) warn("skipping checkpoint " + path + ": " + why);
+        continue;
+      }
+    }
     try {
       return Loaded{path, ReadCheckpoint(path)};
     } catch (const CheckpointError& e) {
@@ -337,6 +368,15 @@ std::optional<CheckpointDir::Loaded> CheckpointDir::LoadLatestValid(
     }
   }
   return std::nullopt;
+}
+
+int CheckpointAttempt(const std::string& step_dir) {
+  try {
+    const Json manifest = Json::parse(ReadText((fs::path(step_dir) / "manifest.json").string()));
+    return manifest.value("attempt", 0);
+  } catch (const std::exception&) {
+    return 0;  // ReadCheckpoint names what is wrong with it
+  }
 }
 
 CheckpointDir::Loaded LoadCheckpointAt(const std::string& path,
@@ -370,6 +410,9 @@ struct CheckpointWriter::Job {
   Json own = Json::array();               // this rank's own tensors
   Json data_cursor = Json::object();
   Clock::time_point started;
+  // How far the commit got: the folder renamed into place, `latest` moved to it.
+  bool renamed = false;
+  bool published = false;
 };
 
 CheckpointWriter::CheckpointWriter(std::string dir, int rank, int world_size, int keep,
@@ -518,8 +561,12 @@ void CheckpointWriter::Run() {
         Commit(*job);
         committed = job->final_dir;
       }
+    } catch (const std::exception& e) {
+      error = std::current_exception();
+      Abandon(*job, e.what());
     } catch (...) {
       error = std::current_exception();
+      Abandon(*job, "unknown error");
     }
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -540,6 +587,28 @@ void CheckpointWriter::Run() {
       busy_ = false;
     }
     changed_.notify_all();
+  }
+}
+
+void CheckpointWriter::Abandon(const Job& job, const std::string& why) {
+  std::error_code error;
+  if (rank_ != 0) {
+    // Tell rank 0 at once rather than let it wait dist.timeout_seconds for this shard (on a full
+    // disk this small file may not fit either; rank 0 then times out).
+    const std::string failed =
+        (fs::path(job.tmp_dir) / (ShardName(rank_, world_) + ".failed")).string();
+    try {
+      WriteAndSync(failed, why.data(), why.size());
+    } catch (const std::exception&) {
+    }
+    return;
+  }
+  // Rank 0: nothing of this step stays. A folder that was already renamed into place loses its
+  // COMMITTED marker first, so that no reader takes it while it goes.
+  fs::remove_all(job.tmp_dir, error);
+  if (job.renamed && !job.published) {
+    fs::remove(fs::path(job.final_dir) / "COMMITTED", error);
+    fs::remove_all(job.final_dir, error);
   }
 }
 
@@ -565,7 +634,12 @@ void CheckpointWriter::Commit(Job& job) {
   std::vector<Json> receipts(world_);
   for (int r = 0; r < world_; ++r) {
     const fs::path receipt = tmp / (ShardName(r, world_) + ".done");
+    const fs::path failed = tmp / (ShardName(r, world_) + ".failed");
     while (!fs::exists(receipt)) {
+      if (fs::exists(failed)) {
+        throw CheckpointError("rank " + std::to_string(r) + " could not write its shard of step " +
+                              std::to_string(job.step) + ": " + ReadText(failed.string()));
+      }
       if (Clock::now() > deadline) {
         throw CheckpointError(receipt.string() + ": rank " + std::to_string(r) +
                               "'s shard of step " + std::to_string(job.step) +
@@ -584,6 +658,7 @@ void CheckpointWriter::Commit(Job& job) {
                    {"version", kCheckpointVersion},
                    {"step", job.step},
                    {"world_size", world_},
+                   {"attempt", attempt_},
                    {"config_hash", Hex(job.config_hash)},
                    {"data_cursor", job.data_cursor}};
   Json shards = Json::array(), ranks = Json::array();
@@ -620,18 +695,24 @@ void CheckpointWriter::Commit(Job& job) {
   for (int r = 0; r < world_; ++r) fs::remove(tmp / (ShardName(r, world_) + ".done"));
   FsyncDir(job.tmp_dir);
 
-  // Publish: rename the folder, then COMMITTED, then `latest`.
+  // COMMITTED goes in before the folder is renamed into place, so that a process killed at any
+  // moment leaves either step_X.tmp (never read, removed at the next start) or a whole step_X.
+  const std::string stamp = std::to_string(job.step) + "\n";
+  WriteAndSync((tmp / "COMMITTED").string(), stamp.data(), stamp.size());
+  FsyncDir(job.tmp_dir);
+
+  // Publish: rename the folder, then move `latest`; a superseded attempt stops before each.
+  if (check_fence_) check_fence_("the checkpoint of step " + std::to_string(job.step));
   std::error_code error;
   fs::remove_all(job.final_dir, error);
   if (std::rename(job.tmp_dir.c_str(), job.final_dir.c_str()) != 0) {
     throw CheckpointError(Errno(job.final_dir + ": cannot rename " + job.tmp_dir + " into place"));
   }
+  job.renamed = true;
   FsyncDir(dir_);
-  const std::string committed = (fs::path(job.final_dir) / "COMMITTED").string();
-  const std::string stamp = std::to_string(job.step) + "\n";
-  WriteAndSync(committed, stamp.data(), stamp.size());
-  FsyncDir(job.final_dir);
+  if (check_fence_) check_fence_("`latest` (step " + std::to_string(job.step) + ")");
   WriteTextAtomically((fs::path(dir_) / "latest").string(), StepName(job.step) + "\n");
+  job.published = true;
   FsyncDir(dir_);
 
   // Keep the newest keep_, and any checkpoint marked with a KEEP file.
@@ -639,7 +720,20 @@ void CheckpointWriter::Commit(Job& job) {
   const std::vector<int64_t> steps = folder.Steps();
   for (std::size_t i = static_cast<std::size_t>(keep_); i < steps.size(); ++i) {
     const std::string path = folder.PathFor(steps[i]);
-    if (!fs::exists(fs::path(path) / "KEEP")) fs::remove_all(path, error);
+    if (fs::exists(fs::path(path) / "KEEP")) continue;
+    // COMMITTED first: a deletion cut short leaves a folder no reader takes for a checkpoint.
+    fs::remove(fs::path(path) / "COMMITTED", error);
+    fs::remove_all(path, error);
+  }
+  // A rank that was still writing when an earlier checkpoint was abandoned may have left its
+  // step_X.tmp behind.
+  for (const auto& entry : fs::directory_iterator(dir_, error)) {
+    long long step = -1;
+    const std::string name = entry.path().filename().string();
+    if (std::sscanf(name.c_str(), "step_%lld.tmp", &step) == 1 && name == StepName(step) + ".tmp" &&
+        step < job.step) {
+      fs::remove_all(entry.path(), error);
+    }
   }
 }
 

@@ -59,12 +59,19 @@ class CheckpointDir {
     std::map<std::string, torch::Tensor> tensors;
   };
   /// The newest checkpoint that reads and verifies, starting from `latest`. Each one refused on
-  /// the way is reported to warn with the reason. Empty when there is none.
-  std::optional<Loaded> LoadLatestValid(const std::function<void(const std::string&)>& warn) const;
+  /// the way is reported to warn with the reason. Empty when there is none. refuse, when given,
+  /// sees each candidate's path first and returns why it must be skipped (or "").
+  std::optional<Loaded> LoadLatestValid(
+      const std::function<void(const std::string&)>& warn,
+      const std::function<std::string(const std::string& path)>& refuse = nullptr) const;
 
  private:
   std::string dir_;
 };
+
+/// The attempt that wrote the checkpoint in step_dir, from its manifest (0 when it was written
+/// outside a coordinator, by an older version, or the manifest cannot be read).
+int CheckpointAttempt(const std::string& step_dir);
 
 /// A checkpoint at path: a step directory, a checkpoints folder (its newest valid checkpoint) or
 /// a run directory (its checkpoints/). Refused checkpoints are reported to warn.
@@ -82,9 +89,13 @@ struct CheckpointTimes {
 /// Writes the checkpoints of one rank of a world. Save copies the rank's share to host memory
 /// (reused buffers, pinned when the state is on a GPU) and returns; a background thread writes
 /// the shard into step_X.tmp/ and fsyncs it. Rank 0's thread then waits until every rank's
-/// shard is in, writes the manifest, renames the folder to step_X, writes COMMITTED, moves
+/// shard is in, writes the manifest and COMMITTED, renames the folder to step_X, moves
 /// `latest` and deletes all but the newest keep checkpoints (those holding a KEEP file stay).
-/// The folder must be shared by the ranks. Use from one thread.
+/// A checkpoint whose write fails anywhere (a full disk, an I/O error, a fence) is abandoned:
+/// the failing rank leaves a `.failed` receipt so that rank 0 stops waiting, rank 0 removes the
+/// temporary folder (or the half-published one), and `latest` and the older checkpoints stay as
+/// they were; Wait() rethrows the error. The folder must be shared by the ranks. Use from one
+/// thread.
 class CheckpointWriter {
  public:
   CheckpointWriter(std::string dir, int rank, int world_size, int keep, double timeout_seconds,
@@ -109,12 +120,22 @@ class CheckpointWriter {
   void set_on_commit(std::function<void(int64_t, const std::string&)> on_commit) {
     on_commit_ = std::move(on_commit);
   }
+  /// Fencing (base/fence.h): the manifest records attempt, and rank 0 calls check(what) right
+  /// before it publishes the folder and before it moves `latest`; check throws (FencedError)
+  /// when a newer attempt holds the run, and the checkpoint is abandoned. Set it before the
+  /// first Save.
+  void set_fence(int attempt, std::function<void(const std::string& what)> check) {
+    attempt_ = attempt;
+    check_fence_ = std::move(check);
+  }
 
  private:
   struct Job;
   void Run();
   void Write(Job& job);
   void Commit(Job& job);
+  /// Removes what a failed checkpoint left (rank 0) or tells rank 0 that it failed (others).
+  void Abandon(const Job& job, const std::string& why);
 
   const std::string dir_;
   const int rank_;
@@ -123,6 +144,8 @@ class CheckpointWriter {
   const double timeout_seconds_;
   const WriteHook hook_;
   std::function<void(int64_t, const std::string&)> on_commit_;
+  int attempt_ = 0;
+  std::function<void(const std::string&)> check_fence_;
   torch::Tensor host_;
   mutable std::mutex mutex_;
   std::condition_variable changed_;

@@ -29,6 +29,12 @@ inline constexpr char kDataOffset[] = "data/offset";
 inline constexpr char kThreads[] = "meta/threads";
 /// The resolved config as YAML text (uint8).
 inline constexpr char kConfig[] = "meta/config";
+/// The run's history that a resume carries on (0-d each): divergence rollbacks so far (int64),
+/// the learning-rate factor they left (float64), checkpoints that failed to write (int64).
+/// Checkpoints written before they existed lack them: 0, 1 and 0.
+inline constexpr char kRollbacks[] = "run/rollbacks";
+inline constexpr char kLrScale[] = "run/lr_scale";
+inline constexpr char kCheckpointFailures[] = "run/checkpoint_failures";
 /// Ranks of the world that wrote it (0-d int64): added when the checkpoint is read.
 inline constexpr char kWorldSize[] = "meta/world_size";
 

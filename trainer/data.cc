@@ -104,6 +104,18 @@ std::vector<uint8_t> ReadWholeFile(const std::string& path) {
                               std::istreambuf_iterator<char>());
 }
 
+// libarchive's message for its last error; it may have none (a null pointer).
+std::string ArchiveError(archive* reader) {
+  const char* message = archive_error_string(reader);
+  return message != nullptr ? message : "unknown error";
+}
+
+// A member's path as the archive names it; a member may have none.
+std::string MemberName(archive_entry* entry) {
+  const char* name = archive_entry_pathname(entry);
+  return name != nullptr ? name : "(a member without a name)";
+}
+
 // Reads the wanted members of a (compressed) tar archive with libarchive, keyed by base name.
 std::map<std::string, std::vector<uint8_t>> ReadArchiveMembers(
     const std::string& path, const std::vector<std::string>& wanted) {
@@ -112,7 +124,7 @@ std::map<std::string, std::vector<uint8_t>> ReadArchiveMembers(
   archive_read_support_filter_all(reader.get());
   archive_read_support_format_all(reader.get());
   if (archive_read_open_filename(reader.get(), path.c_str(), 1 << 16) != ARCHIVE_OK) {
-    throw DataError(path + ": cannot open archive: " + archive_error_string(reader.get()));
+    throw DataError(path + ": cannot open archive: " + ArchiveError(reader.get()));
   }
   std::map<std::string, std::vector<uint8_t>> members;
   archive_entry* entry = nullptr;
@@ -120,26 +132,24 @@ std::map<std::string, std::vector<uint8_t>> ReadArchiveMembers(
     const int status = archive_read_next_header(reader.get(), &entry);
     if (status == ARCHIVE_EOF) break;
     if (status != ARCHIVE_OK) {
-      throw DataError(path +
-                      ": corrupt or truncated archive: " + archive_error_string(reader.get()));
+      throw DataError(path + ": corrupt or truncated archive: " + ArchiveError(reader.get()));
     }
-    const std::string name = fs::path(archive_entry_pathname(entry)).filename().string();
+    const std::string name = fs::path(MemberName(entry)).filename().string();
     if (std::find(wanted.begin(), wanted.end(), name) == wanted.end()) continue;
     std::vector<uint8_t> bytes;
     std::array<uint8_t, 1 << 16> chunk{};
     while (true) {
       const la_ssize_t got = archive_read_data(reader.get(), chunk.data(), chunk.size());
       if (got < 0) {
-        throw DataError(path + ": " + archive_entry_pathname(entry) +
-                        ": cannot read at byte offset " + std::to_string(bytes.size()) + ": " +
-                        archive_error_string(reader.get()));
+        throw DataError(path + ": " + MemberName(entry) + ": cannot read at byte offset " +
+                        std::to_string(bytes.size()) + ": " + ArchiveError(reader.get()));
       }
       if (got == 0) break;
       bytes.insert(bytes.end(), chunk.data(), chunk.data() + got);
     }
     const la_int64_t declared = archive_entry_size(entry);
     if (archive_entry_size_is_set(entry) && declared != static_cast<la_int64_t>(bytes.size())) {
-      throw DataError(path + ": " + archive_entry_pathname(entry) + ": truncated at byte offset " +
+      throw DataError(path + ": " + MemberName(entry) + ": truncated at byte offset " +
                       std::to_string(bytes.size()) + " of " + std::to_string(declared));
     }
     members[name] = std::move(bytes);

@@ -1,8 +1,12 @@
 #include "trainer/image_io.h"
 
+#include <fcntl.h>
 #include <stb/stb_image_write.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <stdexcept>
 #include <system_error>
@@ -40,11 +44,33 @@ Image TileGrid(const uint8_t* nchw, int count, int channels, int size, int colum
 }
 
 void WritePng(const std::string& path, const Image& image) {
+  // Encoded in memory, then written with every error checked (stb's own file writer ignores
+  // them, so a full disk would leave a truncated PNG), and renamed into place.
+  std::string png;
+  const auto append = [](void* context, void* data, int size) {
+    static_cast<std::string*>(context)->append(static_cast<const char*>(data),
+                                               static_cast<std::size_t>(size));
+  };
+  if (stbi_write_png_to_func(append, &png, image.width, image.height, image.channels,
+                             image.pixels.data(), image.width * image.channels) == 0) {
+    throw std::runtime_error(path + ": cannot encode PNG");
+  }
   const std::string tmp = path + ".tmp";
-  if (stbi_write_png(tmp.c_str(), image.width, image.height, image.channels, image.pixels.data(),
-                     image.width * image.channels) == 0) {
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0)
+    throw std::runtime_error(path + ": cannot create " + tmp + ": " + std::strerror(errno));
+  std::size_t written = 0;
+  while (written < png.size()) {
+    const ssize_t got = ::write(fd, png.data() + written, png.size() - written);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) break;
+    written += static_cast<std::size_t>(got);
+  }
+  const int error = written == png.size() ? 0 : (errno != 0 ? errno : EIO);
+  ::close(fd);
+  if (error != 0) {
     std::remove(tmp.c_str());
-    throw std::runtime_error(path + ": cannot write PNG");
+    throw std::runtime_error(path + ": cannot write PNG: " + std::strerror(error));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     std::remove(tmp.c_str());

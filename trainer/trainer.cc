@@ -239,7 +239,7 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
               " images does not split into ", accum, " micro-batches");
   model_->train();
   StepStats stats;
-  stats.lr = WarmupLearningRate(config_.train, step_ + 1);
+  stats.lr = WarmupLearningRate(config_.train, step_ + 1) * lr_scale_;
   const auto memory_format = config_.train.channels_last ? torch::MemoryFormat::ChannelsLast
                                                          : torch::MemoryFormat::Contiguous;
   const torch::Tensor images = batch.to(device_, /*non_blocking=*/true).contiguous(memory_format);

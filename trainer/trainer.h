@@ -97,6 +97,10 @@ class Trainer {
   /// each sample's timestep and noise are drawn from (seed, step, position), so they do not
   /// depend on how the global batch is split across ranks and micro-batches.
   StepStats Step(const torch::Tensor& batch, int64_t first_position = 0);
+  /// Multiplies every later step's learning rate (warmup included) by scale; a divergence
+  /// rollback lowers it.
+  void set_lr_scale(double scale) { lr_scale_ = scale; }
+  double lr_scale() const { return lr_scale_; }
   /// Makes Step average gradients through sync (null: a world of one). Not owned.
   void set_gradient_sync(GradientSync* sync) { sync_ = sync; }
   /// The timesteps [count] and noise [count, ...shape] that Step draws for the samples at
@@ -138,6 +142,7 @@ class Trainer {
   std::unique_ptr<Ema> ema_;
   GradientSync* sync_ = nullptr;
   int64_t step_ = 0;
+  double lr_scale_ = 1.0;
   /// The captured step and its static buffers (train.cuda_graphs on a CUDA build).
   struct StepGraph;
   std::unique_ptr<StepGraph> graph_;

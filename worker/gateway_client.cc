@@ -268,7 +268,11 @@ void Heartbeater::PushTrainMetrics(const LogMetrics& m) {
   t.set_images_per_second(m.images_per_second);
   t.set_elapsed_seconds(m.elapsed_seconds);
   t.set_eta_seconds(m.eta_seconds);
+  t.clear_loss_by_quartile();
   for (double loss : m.loss_by_quartile) t.add_loss_by_quartile(loss);
+  t.set_rollbacks(m.rollbacks);
+  t.set_checkpoint_failures(m.checkpoint_failures);
+  t.set_last_incident(m.last_incident);
   poke_ = true;
   changed_.notify_all();
 }

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <optional>
 
+#include "base/fence.h"
 #include "base/signals.h"
 #include "config/flags.h"
 #include "trainer/communicator.h"
@@ -122,6 +123,7 @@ struct Member {
     train.run_dir = command.run_dir();
     train.resume = true;
     train.progress = options.progress;
+    train.attempt = attempt;
     train.on_step = [this, rank, &run_id](const WorkerMetrics& metrics) {
       recorder.RecordStep(metrics);
       if (rank == 0) channel->SetCurrentRun(run_id, metrics.step);
@@ -182,6 +184,16 @@ struct Member {
       dist.plan = BatchPlan{config.train.batch_size, placement.world_size(),
                             placement.per_rank_batch(), placement.grad_accum()};
       result = RunTraining(config, train, dist);
+    } catch (const FencedError& error) {
+      // A newer attempt holds the run: it is not this group's to report. Every rank got here
+      // together (the fence is broadcast); the group waits for its next command.
+      heartbeats->SetRun("");
+      recorder.SetRun("");
+      if (rank == 0) {
+        channel->SetCurrentRun("", 0);
+        Say("run " + run_id + " (attempt " + std::to_string(attempt) + "): " + error.what());
+      }
+      return false;
     } catch (const std::exception& error) {
       // Report it from the rank that saw it; the caller then ends the whole job.
       const std::string message = "rank " + std::to_string(rank) + ": " + UserMessage(error);
@@ -201,8 +213,15 @@ struct Member {
     heartbeats->SetRun("");
     recorder.SetRun("");
     if (rank != 0) return result.interrupted_by != 0;
-    channel->SetCurrentRun("", 0);
+    if (result.superseded) {
+      channel->SetCurrentRun("", 0);
+      Say("run " + run_id + " (attempt " + std::to_string(attempt) +
+          ") was superseded by a newer attempt at step " + std::to_string(result.steps) +
+          "; it wrote nothing after that");
+      return false;
+    }
     if (taken_away) {
+      channel->SetCurrentRun("", 0);
       Say("run " + run_id + " (attempt " + std::to_string(attempt) +
           ") was taken away by the coordinator at step " + std::to_string(result.steps));
       return false;
@@ -222,8 +241,12 @@ struct Member {
     } else {
       end.set_outcome(v1::ReportRunEndRequest::COMPLETED);
     }
+    // The group goes on claiming the run until its end is reported: a coordinator that restarts
+    // meanwhile must see the group come back with the run, not without it (which would fail
+    // and restart a run that has ended).
     const grpc::Status status =
         ReportWithRetry([&] { return client.ReportRunEnd(end); }, std::chrono::seconds(60));
+    channel->SetCurrentRun("", 0);
     // A run taken away from the group is no longer its to report.
     if (!status.ok() && status.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
       Say(DescribeStatus("ReportRunEnd", status));
@@ -243,6 +266,8 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
   GatewayOptions gateway;
   gateway.channel.address = options.coordinator;
   gateway.channel.tls_ca = options.tls_ca;
+  gateway.channel.tls_cert = options.tls_cert;
+  gateway.channel.tls_key = options.tls_key;
   gateway.token = ReadToken(options.worker_token_file, "DDPM_WORKER_TOKEN");
   GatewayClient client(gateway);
   const std::vector<std::string> hosts = GatherText(comm, HostName());

@@ -20,6 +20,11 @@ int main(int argc, char** argv) {
             "");
   flags.Add("worker-token-file", "file holding the worker token (default: $DDPM_WORKER_TOKEN)", "");
   flags.Add("tls-ca", "PEM CA certificate: reach the coordinator over TLS", "");
+  flags.Add("tls-cert",
+            "PEM client certificate for a coordinator that requires mutual TLS (--tls-client-ca "
+            "there); with --tls-key and --tls-ca",
+            "");
+  flags.Add("tls-key", "PEM private key of --tls-cert", "");
   flags.Add("group-id", "the group's id at the coordinator (default: HOST-PID of rank 0)", "");
   flags.Add("progress",
             "auto, bar, lines or off: a bar redrawn every step, a line per log interval, or "
@@ -40,6 +45,8 @@ int main(int argc, char** argv) {
     }
     options.worker_token_file = flags.Get("worker-token-file");
     options.tls_ca = flags.Get("tls-ca");
+    options.tls_cert = flags.Get("tls-cert");
+    options.tls_key = flags.Get("tls-key");
     options.group_id = flags.Get("group-id");
     options.metrics_listen = flags.Get("metrics-listen");
     if (options.metrics_listen.empty() && std::getenv("DDPM_WORKER_METRICS_LISTEN") != nullptr) {

@@ -27,6 +27,9 @@ struct WorkerOptions {
   std::string worker_token_file;
   /// PEM CA certificate to reach the coordinator over TLS; empty: plaintext.
   std::string tls_ca;
+  /// PEM client certificate and key, for a coordinator that requires mutual TLS.
+  std::string tls_cert;
+  std::string tls_key;
   /// The group's id; empty: "<host>-<pid of rank 0>".
   std::string group_id;
   /// HOST:PORT: each rank serves its own /metrics on PORT + its local rank (PORT 0: any free
