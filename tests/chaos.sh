@@ -21,6 +21,10 @@ name=chaos
 heartbeat_interval=0.5 heartbeat_timeout=5
 # shellcheck source=tests/service_lib.sh
 source "$(dirname "$0")/service_lib.sh"
+# Any command that fails where nothing expects it names itself, rather than ending the suite
+# without a word.
+set -E
+trap 'fail "unexpected failure at line $LINENO: $BASH_COMMAND"' ERR
 
 trials=${DDPM_CHAOS_TRIALS:-20}
 seed=${DDPM_CHAOS_SEED:-$(($(date +%s%N) / 1000 % 32768))}
@@ -99,15 +103,15 @@ for trial in $(seq 1 "$trials"); do
   sleep "0.$(printf '%03d' "$pause")"
   case $kind in
     rank)
-      kill -KILL "${ranks[$((RANDOM % 2))]}"
+      kill -KILL "${ranks[$((RANDOM % 2))]}" || fail "trial $trial: the rank had already exited"
       kills_rank=$((kills_rank + 1))
       ;;
     mpirun)
-      kill -KILL "$group_pid"
+      kill -KILL "$group_pid" || fail "trial $trial: mpirun had already exited"
       kills_mpirun=$((kills_mpirun + 1))
       ;;
     coordinator)
-      kill -KILL "$coordinator_pid"
+      kill -KILL "$coordinator_pid" || fail "trial $trial: the coordinator had already exited"
       kills_coordinator=$((kills_coordinator + 1))
       ;;
   esac
@@ -124,14 +128,15 @@ for trial in $(seq 1 "$trials"); do
     wait_gone "$group_pid" "${ranks[@]}"
     # What the kill left: the step every rank had finished, and a checkpoint still being written.
     killed_at=$(finished_step "$run_dir")
-    in_flight=$(find "$run_dir/checkpoints" -maxdepth 1 -name 'step_*.tmp' 2> /dev/null |
+    # (No checkpoints folder yet when the kill came before the first checkpoint.)
+    in_flight=$( (find "$run_dir/checkpoints" -maxdepth 1 -name 'step_*.tmp' 2> /dev/null || true) |
       sed 's/.*step_0*\([0-9][0-9]*\)\.tmp/\1/' | sort -n | tail -1)
     start_group "group$trial.log"
     group_log=group$trial.log
     wait_for 120 "$run COMPLETED" state_is "$run" COMPLETED
     [ "$(field "$run" 'r.get("restarts", 0)')" = 1 ] || fail "trial $trial: $run restarted $(field "$run" 'r.get("restarts", 0)') times"
-    resumed=$(grep -o "resumed from [^ ]*/$run/checkpoints/step_[0-9]* at step [0-9]*" "$work/group$trial.log" |
-      awk '{print $NF}' | head -1)
+    resumed=$( (grep -o "resumed from [^ ]*/$run/checkpoints/step_[0-9]* at step [0-9]*" \
+      "$work/group$trial.log" || true) | awk '{print $NF}' | head -1)
     if [ -z "$resumed" ]; then
       grep -q "$run: .*starts over: no checkpoint had committed" "$work/coordinator.log" ||
         fail "trial $trial: the new group neither resumed $run nor started it over"
@@ -211,7 +216,8 @@ for dir in "$run_dir"/checkpoints/step_*; do
     fail "$dir was committed by the superseded attempt after attempt 2 began at step $began"
   fi
 done
-how=$(grep -oE "superseded by a newer attempt|was taken away by the coordinator" "$work/$group_a_log" | head -1)
+how=$( (grep -oE "superseded by a newer attempt|was taken away by the coordinator" \
+  "$work/$group_a_log" || true) | head -1)
 say "the woken group stopped: $how; latest is attempt 2's $latest"
 # The woken group leaves (SIGTERM), so that no later run is assigned to it.
 kill -TERM "$group_a" 2> /dev/null || true
