@@ -3,10 +3,12 @@
 if(DDPM_USE_CCACHE)
   find_program(DDPM_CCACHE ccache)
   if(DDPM_CCACHE)
-    # pch_defines and time_macros let ccache cache translation units that use the PCH.
+    # pch_defines and time_macros let ccache cache translation units that use the PCH. BASEDIR
+    # and NOHASHDIR let two clones of the project (a CI checkout, a worktree) share the cache.
     set(CMAKE_CXX_COMPILER_LAUNCHER
         ${CMAKE_COMMAND} -E env
         CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
+        CCACHE_BASEDIR=${PROJECT_SOURCE_DIR} CCACHE_NOHASHDIR=1
         ${DDPM_CCACHE})
     message(STATUS "ddpm: compiling through ${DDPM_CCACHE}")
   endif()
