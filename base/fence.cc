@@ -17,6 +17,13 @@ constexpr char kHeader[] = "ddpm-train attempt fence 1";
 
 std::string Errno(const std::string& what) { return what + ": " + std::strerror(errno); }
 
+// The attempt that holds the run: the newest listed (0 for none).
+int Holder(const std::vector<AttemptRecord>& records) {
+  int holder = 0;
+  for (const AttemptRecord& record : records) holder = std::max(holder, record.attempt);
+  return holder;
+}
+
 }  // namespace
 
 RunFence::RunFence(std::string run_dir)
@@ -53,11 +60,7 @@ std::vector<AttemptRecord> RunFence::Read() const {
   return records;
 }
 
-int RunFence::Current() const {
-  int current = 0;
-  for (const AttemptRecord& record : Read()) current = std::max(current, record.attempt);
-  return current;
-}
+int RunFence::Current() const { return Holder(Read()); }
 
 void RunFence::Write(const std::vector<AttemptRecord>& records) const {
   std::string text = std::string(kHeader) + "\n";
@@ -89,13 +92,7 @@ void RunFence::Write(const std::vector<AttemptRecord>& records) const {
 
 void RunFence::Grant(int attempt) const {
   std::vector<AttemptRecord> records = Read();
-  const int current = records.empty()
-                          ? 0
-                          : std::max_element(records.begin(), records.end(),
-                                             [](const AttemptRecord& a, const AttemptRecord& b) {
-                                               return a.attempt < b.attempt;
-                                             })
-                                ->attempt;
+  const int current = Holder(records);
   if (attempt < current) {
     throw FencedError(path_ + ": attempt " + std::to_string(current) +
                       " already holds the run; attempt " + std::to_string(attempt) +
