@@ -2,7 +2,8 @@
 // whole training state (weights, EMA, both Adam moments), beside a plain torch::save of the same
 // tensors, alternating. One process: the world-of-one case of the sharded format. Also the cost
 // of one fence check (reading RUN_DIR/ATTEMPT), which rank 0 makes at most once a second and
-// before each commit.
+// before each commit, and the cost of reading the EMA weights as ema_weights.pt holds them with
+// our unpickler against LibTorch's torch::pickle_load of the same bytes, alternating.
 #include "trainer/checkpoint.h"
 
 #include <fcntl.h>
@@ -18,6 +19,7 @@
 #include "config/config.h"
 #include "config/flags.h"
 #include "trainer/checkpoint_keys.h"
+#include "trainer/tensor_io.h"
 #include "trainer/trainer.h"
 
 using ddpm::bench::Clock;
@@ -85,15 +87,30 @@ int main(int argc, char** argv) {
       fence_us.push_back(Ms(start) * 1000 / 500);
     }
     std::filesystem::remove_all(dir);
+
+    const std::vector<char> pickled = ddpm::PickleTensors(ddpm::StateDict(*trainer.ema_model()));
+    std::vector<double> unpickle_ms, pickle_load_ms;
+    for (int64_t round = 0; round < flags.GetInt("rounds"); ++round) {
+      auto start = Clock::now();
+      const auto ours = ddpm::UnpickleTensors(pickled, "ema_weights.pt");
+      unpickle_ms.push_back(Ms(start));
+      start = Clock::now();
+      const torch::IValue theirs = torch::pickle_load(pickled);
+      pickle_load_ms.push_back(Ms(start));
+      if (ours.size() != theirs.toGenericDict().size()) throw std::logic_error("readers disagree");
+    }
     std::printf(
         "impl=cpp_checkpoint params=%lld state_mb=%.1f rounds=%lld stall_ms_median=%.1f "
         "write_ms_median=%.1f torch_save_ms_median=%.1f stall_over_write=%.3f "
-        "write_over_torch_save=%.3f fence_check_us_median=%.1f\n",
+        "write_over_torch_save=%.3f fence_check_us_median=%.1f weights_mb=%.1f "
+        "unpickle_ms_median=%.1f torch_pickle_load_ms_median=%.1f unpickle_over_torch=%.3f\n",
         static_cast<long long>(ddpm::CountParameters(*trainer.model())), bytes / 1e6,
         static_cast<long long>(flags.GetInt("rounds")), Quantile(stall_ms, 0.5),
         Quantile(write_ms, 0.5), Quantile(save_ms, 0.5),
         Quantile(stall_ms, 0.5) / Quantile(write_ms, 0.5),
-        Quantile(write_ms, 0.5) / Quantile(save_ms, 0.5), Quantile(fence_us, 0.5));
+        Quantile(write_ms, 0.5) / Quantile(save_ms, 0.5), Quantile(fence_us, 0.5),
+        pickled.size() / 1e6, Quantile(unpickle_ms, 0.5), Quantile(pickle_load_ms, 0.5),
+        Quantile(unpickle_ms, 0.5) / Quantile(pickle_load_ms, 0.5));
     return 0;
   });
 }

@@ -253,6 +253,14 @@ std::string KeysOf(const Config& c, const std::string& section) {
   return keys;
 }
 
+// A mapping's key as text; a key that is itself a list or mapping is refused by its place.
+std::string KeyText(const YAML::Node& key, const std::string& origin) {
+  if (!key.IsScalar()) {
+    throw ConfigError(Where(origin, key) + ": a key must be a plain name, not a list or mapping");
+  }
+  return key.Scalar();
+}
+
 void ApplyYaml(Config& c, const YAML::Node& root, const std::string& origin) {
   if (root.IsNull()) return;
   if (!root.IsMap())
@@ -260,7 +268,7 @@ void ApplyYaml(Config& c, const YAML::Node& root, const std::string& origin) {
   std::string sections;
   for (const char* s : kSections) sections += (sections.empty() ? "" : ", ") + std::string(s);
   for (const auto& section_item : root) {
-    const auto section = section_item.first.as<std::string>();
+    const std::string section = KeyText(section_item.first, origin);
     const YAML::Node& body = section_item.second;
     if (std::find_if(std::begin(kSections), std::end(kSections),
                      [&](const char* s) { return section == s; }) == std::end(kSections)) {
@@ -272,7 +280,7 @@ void ApplyYaml(Config& c, const YAML::Node& root, const std::string& origin) {
       throw ConfigError(Where(origin, body) + ": " + section + ": expected a mapping of keys");
     }
     for (const auto& item : body) {
-      const auto key = item.first.as<std::string>();
+      const std::string key = KeyText(item.first, origin);
       bool found = false;
       VisitFields(c, [&](const char* s, const char* k, auto& field) {
         if (section == s && key == k) {

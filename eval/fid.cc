@@ -50,6 +50,8 @@ ScoreMoments::ScoreMoments(int64_t total_samples, int classes, int splits)
 }
 
 void ScoreMoments::Add(const torch::Tensor& logits, int64_t first_index) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) == classes_, "the Inception Score expects ",
+              classes_, " class logits per sample, got shape ", logits.sizes());
   const torch::Tensor log_p = torch::log_softmax(logits.to(torch::kFloat64), 1).cpu();
   const torch::Tensor p = log_p.exp();
   // The split whose slice [s * n / splits, (s + 1) * n / splits) holds sample i.

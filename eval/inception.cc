@@ -249,11 +249,11 @@ FidInception LoadFidInception(const std::string& path, torch::Device device) {
   if (!zip) {
     throw std::runtime_error(path +
                              ": not a zip archive; it is in PyTorch's legacy (pre-1.6) "
-                             "format, which LibTorch cannot read. " +
+                             "format, which ddpm-train does not read. " +
                              kInceptionWeightsHelp);
   }
   try {
-    tensors = LoadTensors(path);
+    tensors = UnpickleTensors(bytes, path);
   } catch (const std::exception& as_state_dict) {
     try {
       tensors = ScriptStateDict(torch::jit::load(path, torch::kCPU));

@@ -76,6 +76,15 @@ TEST(Config, UnknownSectionIsAnError) {
   EXPECT_NE(error.find("unknown section 'modle'"), std::string::npos) << error;
 }
 
+TEST(Config, AKeyThatIsAListOrMappingIsRefusedByItsLine) {
+  // Found by fuzz_config: a flow-style list as a key threw yaml-cpp's own exception.
+  std::string error = ErrorOf("train: {steps: 3,\n  [1, 2]: 4}\n");
+  EXPECT_NE(error.find("a key must be a plain name"), std::string::npos) << error;
+  EXPECT_NE(error.find("test.yaml:2:"), std::string::npos) << error;
+  error = ErrorOf("? {model: 1}\n: 2\n");
+  EXPECT_NE(error.find("a key must be a plain name"), std::string::npos) << error;
+}
+
 TEST(Config, WrongTypeNamesTheKeyAndWhatWasExpected) {
   std::string error = ErrorOf("train:\n  batch_size: lots\n");
   EXPECT_NE(error.find("train.batch_size"), std::string::npos) << error;

@@ -12,26 +12,6 @@ std::vector<char> PickleTensors(const std::map<std::string, torch::Tensor>& tens
   return torch::pickle_save(dict);
 }
 
-std::map<std::string, torch::Tensor> UnpickleTensors(const std::vector<char>& bytes,
-                                                     const std::string& origin) {
-  torch::IValue value;
-  try {
-    value = torch::pickle_load(bytes);
-  } catch (const c10::Error& e) {
-    throw std::runtime_error(origin +
-                             ": not a pickled dict of tensors: " + e.what_without_backtrace());
-  }
-  if (!value.isGenericDict()) throw std::runtime_error(origin + ": expected a dict of tensors");
-  std::map<std::string, torch::Tensor> out;
-  for (const auto& item : value.toGenericDict()) {
-    if (!item.key().isString() || !item.value().isTensor()) {
-      throw std::runtime_error(origin + ": expected a dict of str -> tensor");
-    }
-    out[item.key().toStringRef()] = item.value().toTensor();
-  }
-  return out;
-}
-
 const torch::Tensor& RequireTensor(const std::map<std::string, torch::Tensor>& tensors,
                                    const std::string& name, const std::string& origin) {
   const auto it = tensors.find(name);

@@ -21,8 +21,9 @@ class CheckpointError : public std::runtime_error {
 
 /// A dict of named tensors as pickle bytes that Python's torch.load reads.
 std::vector<char> PickleTensors(const std::map<std::string, torch::Tensor>& tensors);
-/// The dict of named tensors in pickle bytes (from PickleTensors or Python's torch.save);
-/// throws std::runtime_error naming origin if the bytes are not one.
+/// The dict of named tensors in pickle bytes (from PickleTensors or Python's torch.save), read
+/// by our own interpreter (unpickler.h); throws std::runtime_error naming origin if the bytes
+/// are not one.
 std::map<std::string, torch::Tensor> UnpickleTensors(const std::vector<char>& bytes,
                                                      const std::string& origin);
 

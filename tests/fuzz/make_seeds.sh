@@ -119,14 +119,37 @@ text = json.dumps(manifest, indent=1).encode()
 open(os.path.join(sys.argv[1], "checkpoint"), "wb").write(struct.pack("<H", len(text)) + text + shard)
 PY
 
-# Pickled dicts of tensors as Python's torch.save writes them (and as the legacy format).
+# torch.save files as Python writes them (zip; the legacy format, which is refused), and the
+# data.pkl alone of several (views, a state_dict with its _metadata, protocol 4, a Parameter,
+# LibTorch's type tag), which the target runs without the zip around it.
 /usr/bin/python3 - "$out/fuzz_pickle" <<'PY'
-import io, os, sys, torch
-tensors = {"a": torch.arange(6.0).reshape(2, 3), "step": torch.tensor(7)}
-for name, legacy in (("zip", False), ("legacy", True)):
+import io, os, sys, zipfile, torch
+out = sys.argv[1]
+def saved(obj, **kwargs):
     buffer = io.BytesIO()
-    torch.save(tensors, buffer, _use_new_zipfile_serialization=not legacy)
-    open(os.path.join(sys.argv[1], name), "wb").write(buffer.getvalue())
+    torch.save(obj, buffer, **kwargs)
+    return buffer.getvalue()
+def data_pkl(obj, **kwargs):
+    with zipfile.ZipFile(io.BytesIO(saved(obj, **kwargs))) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+tensors = {"a": torch.arange(6.0).reshape(2, 3), "step": torch.tensor(7)}
+open(os.path.join(out, "zip"), "wb").write(saved(tensors))
+open(os.path.join(out, "legacy"), "wb").write(saved(tensors, _use_new_zipfile_serialization=False))
+base = torch.arange(12.0).reshape(3, 4)
+views = {"base": base, "t": base.t(), "cols": base[:, 1:3], "row": base[2], "half": base.half(),
+         "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 2)}
+model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+pickles = {"views.pkl": data_pkl(views),
+           "state_dict.pkl": data_pkl(model.state_dict()),
+           "protocol4.pkl": data_pkl(views, pickle_protocol=4),
+           "parameter.pkl": data_pkl({"w": torch.nn.Parameter(base)})}
+# LibTorch's writer wraps the dict in restore_type_tag(dict, 'Dict[str, Tensor]').
+body = pickles["views.pkl"][2:-1]
+tag = "Dict[str, Tensor]".encode()
+pickles["libtorch.pkl"] = (b"\x80\x02ctorch.jit._pickle\nrestore_type_tag\n" + body +
+                           b"X" + len(tag).to_bytes(4, "little") + tag + b"\x86R.")
+for name, data in pickles.items():
+    open(os.path.join(out, name), "wb").write(data)
 PY
 
 # FID statistics as numpy writes them, stored and deflated.
