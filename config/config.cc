@@ -29,7 +29,7 @@ struct EnumNames<Objective> {
 };
 template <>
 struct EnumNames<LossKind> {
-  static constexpr const char* kNames[] = {"l2", "l1"};
+  static constexpr const char* kNames[] = {"l2", "l1", "hybrid", "vlb"};
 };
 template <>
 struct EnumNames<LossWeighting> {
@@ -82,6 +82,7 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("model", "image_size", c.model.image_size);
   visit("model", "in_channels", c.model.in_channels);
   visit("model", "norm_groups", c.model.norm_groups);
+  visit("model", "learn_sigma", c.model.learn_sigma);
   visit("diffusion", "timesteps", c.diffusion.timesteps);
   visit("diffusion", "schedule", c.diffusion.schedule);
   visit("diffusion", "beta_start", c.diffusion.beta_start);
@@ -89,6 +90,7 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("diffusion", "cosine_s", c.diffusion.cosine_s);
   visit("diffusion", "objective", c.diffusion.objective);
   visit("diffusion", "loss", c.diffusion.loss);
+  visit("diffusion", "vlb_weight", c.diffusion.vlb_weight);
   visit("diffusion", "weighting", c.diffusion.weighting);
   visit("diffusion", "p2_gamma", c.diffusion.p2_gamma);
   visit("diffusion", "p2_k", c.diffusion.p2_k);
@@ -405,6 +407,18 @@ void Config::Validate(int world_size) const {
                 " and " + Format(d.beta_end));
   }
   if (d.cosine_s <= 0) Invalid("diffusion.cosine_s", "must be > 0, got " + Format(d.cosine_s));
+  if (d.vlb_weight < 0)
+    Invalid("diffusion.vlb_weight", "must be >= 0, got " + Format(d.vlb_weight));
+  if (d.loss == LossKind::kHybrid && !model.learn_sigma) {
+    Invalid("diffusion.loss",
+            "hybrid trains the learned variances and needs model.learn_sigma: true (without it "
+            "the bound's term has no gradient; use vlb to train the bound)");
+  }
+  if ((d.loss == LossKind::kHybrid || d.loss == LossKind::kVlb) &&
+      d.weighting != LossWeighting::kNone) {
+    Invalid("diffusion.weighting", std::string("must be none with diffusion.loss: ") +
+                                       Name(d.loss) + ", which weights the bound's terms itself");
+  }
   if (d.p2_k <= 0) Invalid("diffusion.p2_k", "must be > 0, got " + Format(d.p2_k));
   if (d.p2_gamma < 0) Invalid("diffusion.p2_gamma", "must be >= 0, got " + Format(d.p2_gamma));
   if (d.min_snr_gamma <= 0)

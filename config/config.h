@@ -23,7 +23,7 @@ class ConfigError : public std::runtime_error {
 
 enum class ScheduleKind { kLinear, kCosine };
 enum class Objective { kEps, kX0, kV };
-enum class LossKind { kL2, kL1 };
+enum class LossKind { kL2, kL1, kHybrid, kVlb };
 enum class LossWeighting { kNone, kP2, kMinSnr };
 enum class VarianceKind { kFixedLarge, kFixedSmall };
 enum class SamplerKind { kDdpm, kDdim };
@@ -50,6 +50,9 @@ struct ModelConfig {
   int in_channels = 3;
   /// GroupNorm groups; every level's channel count must divide by it.
   int norm_groups = 32;
+  /// Learned variances (Nichol & Dhariwal 2021): twice the output channels, the second half
+  /// interpolating the log-variance between beta-tilde_t and beta_t.
+  bool learn_sigma = false;
 };
 
 /// The forward process, the objective and the loss.
@@ -66,8 +69,12 @@ struct DiffusionConfig {
   double cosine_s = 0.008;
   /// What the network predicts: eps (the paper's L_simple), x0 or v.
   Objective objective = Objective::kEps;
-  /// Distance between prediction and target: l2 or l1.
+  /// The loss: l2 or l1 between prediction and target (l2 is L_simple), hybrid (L_simple +
+  /// vlb_weight x L_vlb, the bound's gradient stopped through the mean; needs
+  /// model.learn_sigma), or vlb (the variational bound alone).
   LossKind loss = LossKind::kL2;
+  /// lambda of L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal: 0.001).
+  double vlb_weight = 0.001;
   /// Per-timestep loss weight: none, p2 (Choi et al. 2022) or min_snr (Hang et al. 2023).
   LossWeighting weighting = LossWeighting::kNone;
   /// P2 weighting exponent gamma: weight = (k + snr)^-gamma.

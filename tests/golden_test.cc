@@ -133,5 +133,98 @@ TEST(Golden, UNetOutputLossAndGradientsMatchPyTorch) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(Golden, LearnedVariancesHybridAndVlbLossesAndGradientsMatchPyTorch) {
+  const std::string python = DDPM_REFERENCE_PYTHON;
+  if (RunCommand(python + " -c 'import torch' > /dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "golden parity needs " << python
+                 << " with torch (Debian: apt-get install python3-torch); it cannot run here";
+  }
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("ddpm_golden_vlb_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  ModelConfig m;
+  m.ch = 32;
+  m.ch_mult = {1, 2};
+  m.num_res_blocks = 1;
+  m.attn_resolutions = {8};
+  m.image_size = 16;
+  m.norm_groups = 8;
+  m.dropout = 0.1;
+  m.learn_sigma = true;
+  UNet model(m, /*seed=*/6);
+  model->eval();
+  torch::manual_seed(12);
+  {
+    // Random weights, small enough that the variance half stays inside (-1, 1) mostly, as
+    // trained networks keep it.
+    torch::NoGradGuard no_grad;
+    for (auto& item : model->named_parameters()) {
+      torch::Tensor p = item.value();
+      if (p.dim() > 1) {
+        p.copy_(torch::randn_like(p) * (0.5 / std::sqrt(static_cast<double>(p[0].numel()))));
+      } else {
+        p.copy_(0.05 * torch::randn_like(p));
+      }
+    }
+  }
+  // In float64 on both sides: the KL term at t = 1 divides by beta-tilde_1 ~ 1e-4, which would
+  // magnify the float32 rounding differences of two convolution libraries past any tolerance
+  // that still checks the formulas.
+  model->to(torch::kFloat64);
+  // Images on the 8-bit grid (the decoder's bins), t = 0 (the decoder term) among the steps.
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const torch::Tensor x0 = torch::round((torch::rand({4, 3, 16, 16}, f64) * 2 - 1) * 127.5) / 127.5;
+  const torch::Tensor t = torch::tensor({0, 1, 300, 999}, torch::kLong);
+  const torch::Tensor noise = torch::randn({4, 3, 16, 16}, f64);
+  std::map<std::string, torch::Tensor> inputs;
+  for (const auto& [name, tensor] : StateDict(*model)) inputs["param." + name] = tensor;
+  inputs["x0"] = x0;
+  inputs["t"] = t;
+  inputs["noise"] = noise;
+  const std::string in_path = (dir / "in.pt").string();
+  const std::string out_path = (dir / "out.pt").string();
+  SaveTensors(inputs, in_path);
+  const std::string config_json =
+      "{\"ch\": 32, \"ch_mult\": [1, 2], \"num_res_blocks\": 1, \"attn_resolutions\": [8], "
+      "\"dropout\": 0.1, \"image_size\": 16, \"in_channels\": 3, \"norm_groups\": 8, "
+      "\"timesteps\": 1000}";
+  const std::string log_path = (dir / "python.log").string();
+  ASSERT_EQ(RunCommand(python + " " + DDPM_SOURCE_DIR + "/tests/reference/golden_vlb.py " +
+                       in_path + " " + out_path + " '" + config_json + "' > " + log_path + " 2>&1"),
+            0)
+      << "the Python reference failed; see " << log_path;
+  const std::map<std::string, torch::Tensor> ref = LoadTensors(out_path);
+
+  const Denoiser denoiser = [&](const torch::Tensor& x, const torch::Tensor& tt) {
+    return model->forward(x, tt);
+  };
+  for (const LossKind kind : {LossKind::kHybrid, LossKind::kVlb}) {
+    SCOPED_TRACE(Name(kind));
+    DiffusionConfig dc;
+    dc.loss = kind;
+    const GaussianDiffusion diffusion(dc);
+    model->zero_grad();
+    const DiffusionLoss loss = diffusion.TrainingLoss(denoiser, x0, t, noise);
+    const double expected_loss = ref.at(std::string("loss_") + Name(kind)).item<double>();
+    // Relative to the loss's size (the vlb loss is T L_t). In float64 the two agree to about
+    // 1e-14; 1e-9 leaves room for summation order and still catches any formula's slip.
+    EXPECT_NEAR(loss.loss.item<double>(), expected_loss,
+                1e-9 * std::max(1.0, std::abs(expected_loss)));
+    loss.loss.backward();
+    double worst = 0;
+    for (const auto& item : model->named_parameters()) {
+      const torch::Tensor& expected = ref.at(std::string("grad_") + Name(kind) + "." + item.key());
+      ASSERT_TRUE(item.value().grad().defined()) << item.key();
+      const double scale = std::max(1.0, expected.abs().max().item<double>());
+      const double diff = (item.value().grad() - expected).abs().max().item<double>() / scale;
+      worst = std::max(worst, diff);
+      EXPECT_LT(diff, 1e-9) << item.key() << ": max |grad| " << scale;
+    }
+    std::printf("golden %s: loss %.6g (reference %.6g), worst relative grad diff %.3g\n",
+                Name(kind), loss.loss.item<double>(), expected_loss, worst);
+  }
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace ddpm

@@ -83,6 +83,7 @@ std::vector<std::string> RunSampleJob(const SampleJob& job) {
   ConfigureThreads(config.train);
   const torch::Device device(ResolveDevice(config.train));
   UNet model(config.model);
+  CheckLearnSigma(config.model, weights, origin);
   LoadStateDict(*model, weights, origin);
   model->to(device);
   const GaussianDiffusion diffusion(config.diffusion, device);

@@ -9,6 +9,16 @@ namespace ddpm {
 namespace {
 
 constexpr double kPi = 3.14159265358979323846;
+constexpr double kLn2 = 0.69314718055994530942;
+
+// Whether a model output carries learned variances: twice the image channels.
+bool Learned(const torch::Tensor& model_out, const torch::Tensor& x) {
+  return model_out.size(1) == 2 * x.size(1);
+}
+// The prediction half of a model output (all of it without learned variances).
+torch::Tensor Prediction(const torch::Tensor& model_out, const torch::Tensor& x) {
+  return Learned(model_out, x) ? model_out.slice(1, 0, x.size(1)) : model_out;
+}
 
 torch::Tensor BetasFor(const DiffusionConfig& config) {
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
@@ -31,6 +41,34 @@ torch::Tensor BetasFor(const DiffusionConfig& config) {
 }
 
 }  // namespace
+
+torch::Tensor NormalKl(const torch::Tensor& mean1, const torch::Tensor& logvar1,
+                       const torch::Tensor& mean2, const torch::Tensor& logvar2) {
+  return 0.5 * (-1.0 + logvar2 - logvar1 + torch::exp(logvar1 - logvar2) +
+                (mean1 - mean2).square() * torch::exp(-logvar2));
+}
+
+torch::Tensor DiscretizedGaussianLogLikelihood(const torch::Tensor& x, const torch::Tensor& mean,
+                                               const torch::Tensor& log_scale) {
+  constexpr double kSqrtHalf = 0.70710678118654752440;
+  constexpr double kHalfBin = 1.0 / 255.0;
+  constexpr double kFloor = 1e-12;  // the authors' floor under every probability
+  const torch::Tensor x64 = x.to(torch::kFloat64);
+  const torch::Tensor inv_scale = torch::exp(-log_scale.to(torch::kFloat64));
+  const torch::Tensor centred = x64 - mean.to(torch::kFloat64);
+  const torch::Tensor upper = (centred + kHalfBin) * inv_scale;
+  const torch::Tensor lower = (centred - kHalfBin) * inv_scale;
+  // Phi(z) = erfc(-z / sqrt 2) / 2 and 1 - Phi(z) = erfc(z / sqrt 2) / 2, each accurate in its
+  // own tail; a bin's mass is the difference on the side where it does not cancel.
+  const torch::Tensor cdf_upper = 0.5 * torch::erfc(-upper * kSqrtHalf);
+  const torch::Tensor sf_lower = 0.5 * torch::erfc(lower * kSqrtHalf);
+  const torch::Tensor mass =
+      torch::where(lower > 0, sf_lower - 0.5 * torch::erfc(upper * kSqrtHalf),
+                   cdf_upper - 0.5 * torch::erfc(-lower * kSqrtHalf));
+  return torch::where(x64 < -0.999, torch::log(cdf_upper.clamp_min(kFloor)),
+                      torch::where(x64 > 0.999, torch::log(sf_lower.clamp_min(kFloor)),
+                                   torch::log(mass.clamp_min(kFloor))));
+}
 
 NoiseSchedule NoiseSchedule::Make(const DiffusionConfig& config) {
   NoiseSchedule s;
@@ -92,7 +130,9 @@ GaussianDiffusion::GaussianDiffusion(const DiffusionConfig& config, torch::Devic
     : config_(config),
       device_(device),
       schedule64_(NoiseSchedule::Make(config)),
-      schedule_(schedule64_.To(torch::TensorOptions().dtype(torch::kFloat32).device(device))) {}
+      schedule_(schedule64_.To(torch::TensorOptions().dtype(torch::kFloat32).device(device))),
+      schedule64_device_(
+          schedule64_.To(torch::TensorOptions().dtype(torch::kFloat64).device(device))) {}
 
 torch::Tensor GaussianDiffusion::Extract(const torch::Tensor& buffer, const torch::Tensor& t) {
   return buffer.index_select(0, t.to(buffer.device())).view({-1, 1, 1, 1});
@@ -100,8 +140,10 @@ torch::Tensor GaussianDiffusion::Extract(const torch::Tensor& buffer, const torc
 
 torch::Tensor GaussianDiffusion::q_sample(const torch::Tensor& x0, const torch::Tensor& t,
                                           const torch::Tensor& noise) const {
-  return Extract(schedule_.sqrt_alphas_cumprod, t) * x0 +
-         Extract(schedule_.sqrt_one_minus_alphas_cumprod, t) * noise;
+  // float64 data (the golden tests) get the float64 schedule.
+  const NoiseSchedule& s = x0.scalar_type() == torch::kFloat64 ? schedule64_device_ : schedule_;
+  return Extract(s.sqrt_alphas_cumprod, t) * x0 +
+         Extract(s.sqrt_one_minus_alphas_cumprod, t) * noise;
 }
 
 Posterior GaussianDiffusion::q_posterior(const torch::Tensor& x0, const torch::Tensor& x_t,
@@ -183,21 +225,41 @@ DiffusionLoss GaussianDiffusion::TrainingLoss(const Denoiser& model, const torch
                                               const torch::Tensor& noise) const {
   const torch::Tensor x_t = q_sample(x0, t, noise);
   const torch::Tensor model_out = model(x_t, t);
-  torch::Tensor target;
-  switch (config_.objective) {
-    case Objective::kEps:
-      target = noise;
-      break;
-    case Objective::kX0:
-      target = x0;
-      break;
-    case Objective::kV:
-      target = velocity(x0, t, noise);
-      break;
+  const double timesteps = config_.timesteps;
+  torch::Tensor per_sample;
+  if (config_.loss == LossKind::kVlb) {
+    // T L_t: with t uniform, an unbiased estimate of the bound (bits/dim), through the mean
+    // and the variance alike. Without learned variances, p has beta-tilde_t (fixedsmall).
+    per_sample = (timesteps * VbTerms(model_out, x0, x_t, t, VarianceKind::kFixedSmall))
+                     .to(x0.scalar_type());
+  } else {
+    torch::Tensor target;
+    switch (config_.objective) {
+      case Objective::kEps:
+        target = noise;
+        break;
+      case Objective::kX0:
+        target = x0;
+        break;
+      case Objective::kV:
+        target = velocity(x0, t, noise);
+        break;
+    }
+    const torch::Tensor prediction = Prediction(model_out, x0);
+    const torch::Tensor diff = prediction - target;
+    const torch::Tensor elementwise = config_.loss == LossKind::kL1 ? diff.abs() : diff.square();
+    per_sample = elementwise.flatten(1).mean(1);
+    if (config_.loss == LossKind::kHybrid) {
+      // L_hybrid (Nichol & Dhariwal, section 3.1): L_simple + lambda L_vlb, the bound's term
+      // seeing the mean frozen so that it trains only the variance; lambda T L_t estimates
+      // lambda L_vlb.
+      const torch::Tensor frozen =
+          torch::cat({prediction.detach(), model_out.slice(1, x0.size(1))}, 1);
+      per_sample = per_sample + (config_.vlb_weight * timesteps *
+                                 VbTerms(frozen, x0, x_t, t, VarianceKind::kFixedSmall))
+                                    .to(x0.scalar_type());
+    }
   }
-  const torch::Tensor diff = model_out - target;
-  const torch::Tensor elementwise = config_.loss == LossKind::kL2 ? diff.square() : diff.abs();
-  const torch::Tensor per_sample = elementwise.flatten(1).mean(1);
   DiffusionLoss out;
   out.loss = config_.weighting == LossWeighting::kNone ? per_sample.mean()
                                                        : (per_sample * LossWeight(t)).mean();
@@ -218,15 +280,132 @@ DiffusionLoss GaussianDiffusion::TrainingLoss(const Denoiser& model, const torch
 Posterior GaussianDiffusion::p_mean_variance(const Denoiser& model, const torch::Tensor& x_t,
                                              const torch::Tensor& t, VarianceKind variance,
                                              bool clip_x0) const {
-  torch::Tensor x0 = predict_start(x_t, t, model(x_t, t));
+  return PosteriorFromOutput(x_t, t, model(x_t, t), variance, clip_x0);
+}
+
+Posterior GaussianDiffusion::PosteriorFromOutput(const torch::Tensor& x_t, const torch::Tensor& t,
+                                                 const torch::Tensor& model_out,
+                                                 VarianceKind variance, bool clip_x0) const {
+  torch::Tensor x0 = predict_start(x_t, t, Prediction(model_out, x_t));
   if (clip_x0) x0 = x0.clamp(-1.0, 1.0);
   Posterior p = q_posterior(x0, x_t, t);
-  if (variance == VarianceKind::kFixedLarge) {
+  if (Learned(model_out, x_t)) {
+    // Eq. 15 of Nichol & Dhariwal: log sigma^2 = v log beta_t + (1 - v) log beta-tilde_t, v
+    // mapped from the network's [-1, 1] to [0, 1] as in their code.
+    const torch::Tensor fraction = (model_out.slice(1, x_t.size(1)) + 1.0) / 2.0;
+    p.log_variance = fraction * torch::log(Extract(schedule_.betas, t)) +
+                     (1.0 - fraction) * Extract(schedule_.posterior_log_variance_clipped, t);
+    p.variance = torch::exp(p.log_variance);
+  } else if (variance == VarianceKind::kFixedLarge) {
     // The authors' fixedlarge: variance beta_t, with the log at t = 0 set from beta-tilde_1.
     p.variance = Extract(schedule_.betas, t);
     p.log_variance = Extract(schedule_.fixedlarge_log_variance, t);
   }
   return p;
+}
+
+torch::Tensor GaussianDiffusion::FixedLogVariance64(const torch::Tensor& t,
+                                                    VarianceKind variance) const {
+  return Extract(variance == VarianceKind::kFixedLarge
+                     ? schedule64_device_.fixedlarge_log_variance
+                     : schedule64_device_.posterior_log_variance_clipped,
+                 t);
+}
+
+torch::Tensor GaussianDiffusion::VbTerms(const torch::Tensor& model_out, const torch::Tensor& x0,
+                                         const torch::Tensor& x_t, const torch::Tensor& t,
+                                         VarianceKind variance) const {
+  const NoiseSchedule& s = schedule64_device_;
+  const torch::Tensor out64 = model_out.to(torch::kFloat64);
+  const torch::Tensor x0_64 = x0.to(torch::kFloat64);
+  const torch::Tensor x_t64 = x_t.to(torch::kFloat64);
+  const torch::Tensor prediction = Prediction(out64, x_t64);
+  torch::Tensor x0_pred;
+  switch (config_.objective) {
+    case Objective::kEps:
+      x0_pred = Extract(s.sqrt_recip_alphas_cumprod, t) * x_t64 -
+                Extract(s.sqrt_recipm1_alphas_cumprod, t) * prediction;
+      break;
+    case Objective::kX0:
+      x0_pred = prediction;
+      break;
+    case Objective::kV:
+      x0_pred = Extract(s.sqrt_alphas_cumprod, t) * x_t64 -
+                Extract(s.sqrt_one_minus_alphas_cumprod, t) * prediction;
+      break;
+  }
+  const torch::Tensor coef1 = Extract(s.posterior_mean_coef1, t);
+  const torch::Tensor coef2 = Extract(s.posterior_mean_coef2, t);
+  const torch::Tensor log_beta_tilde = Extract(s.posterior_log_variance_clipped, t);
+  const torch::Tensor mean_p = coef1 * x0_pred + coef2 * x_t64;
+  torch::Tensor logvar_p;
+  if (Learned(out64, x_t64)) {
+    const torch::Tensor fraction = (out64.slice(1, x_t.size(1)) + 1.0) / 2.0;
+    logvar_p = fraction * torch::log(Extract(s.betas, t)) + (1.0 - fraction) * log_beta_tilde;
+  } else {
+    logvar_p = FixedLogVariance64(t, variance).expand_as(mean_p);
+  }
+  const torch::Tensor mean_q = coef1 * x0_64 + coef2 * x_t64;
+  const torch::Tensor kl = NormalKl(mean_q, log_beta_tilde, mean_p, logvar_p).flatten(1).mean(1);
+  const torch::Tensor decoder_nll =
+      -DiscretizedGaussianLogLikelihood(x0_64, mean_p, 0.5 * logvar_p).flatten(1).mean(1);
+  return torch::where(t.to(kl.device()) == 0, decoder_nll, kl) / kLn2;
+}
+
+torch::Tensor GaussianDiffusion::PriorBits(const torch::Tensor& x0) const {
+  const int64_t last = config_.timesteps - 1;
+  const double abar = schedule64_.alphas_cumprod[last].item<double>();
+  const torch::Tensor x0_64 = x0.to(torch::kFloat64);
+  const torch::Tensor kl =
+      NormalKl(std::sqrt(abar) * x0_64, torch::full_like(x0_64, std::log(1.0 - abar)),
+               torch::zeros_like(x0_64), torch::zeros_like(x0_64));
+  return kl.flatten(1).mean(1) / kLn2;
+}
+
+VariationalBound GaussianDiffusion::Bound(const Denoiser& model, const torch::Tensor& x0,
+                                          int num_timesteps, VarianceKind variance,
+                                          torch::Generator& generator,
+                                          const SampleProgress& progress) const {
+  const int steps = config_.timesteps;
+  TORCH_CHECK(num_timesteps == 0 || (num_timesteps >= 2 && num_timesteps <= steps),
+              "the bound's timesteps must be 0 (all), or in [2, T = ", steps, "], got ",
+              num_timesteps);
+  std::vector<int64_t> timesteps;
+  std::vector<double> weights;
+  if (num_timesteps == 0 || num_timesteps == steps) {
+    for (int i = 0; i < steps; ++i) {
+      timesteps.push_back(i);
+      weights.push_back(1.0);
+    }
+  } else {
+    timesteps.push_back(0);
+    weights.push_back(1.0);
+    const int strata = num_timesteps - 1;
+    for (int k = 0; k < strata; ++k) {
+      const int64_t begin = 1 + static_cast<int64_t>(k) * (steps - 1) / strata;
+      const int64_t end = 1 + static_cast<int64_t>(k + 1) * (steps - 1) / strata;
+      timesteps.push_back(torch::randint(begin, end, {1}, generator, torch::kLong).item<int64_t>());
+      weights.push_back(static_cast<double>(end - begin));
+    }
+  }
+  torch::NoGradGuard no_grad;
+  const int64_t batch = x0.size(0);
+  const auto long_options = torch::TensorOptions().dtype(torch::kLong).device(x0.device());
+  std::vector<torch::Tensor> columns;
+  for (std::size_t k = 0; k < timesteps.size(); ++k) {
+    const torch::Tensor t = torch::full({batch}, timesteps[k], long_options);
+    const torch::Tensor noise = Noise(x0.sizes(), generator).to(x0.device());
+    const torch::Tensor x_t = q_sample(x0, t, noise);
+    columns.push_back(VbTerms(model(x_t, t), x0, x_t, t, variance).cpu());
+    if (progress) progress(static_cast<int>(k + 1), static_cast<int>(timesteps.size()));
+  }
+  VariationalBound bound;
+  bound.timesteps = torch::tensor(timesteps, torch::kLong);
+  bound.weights = torch::tensor(weights, torch::kFloat64);
+  bound.terms = torch::stack(columns, 1);
+  bound.prior = PriorBits(x0).cpu();
+  bound.total = bound.prior + (bound.terms * bound.weights).sum(1);
+  return bound;
 }
 
 torch::Tensor GaussianDiffusion::Noise(torch::IntArrayRef shape,
@@ -280,7 +459,8 @@ torch::Tensor GaussianDiffusion::SampleDdim(const Denoiser& model, torch::IntArr
     const double abar = abar64[tau].item<double>();
     const double abar_prev = i > 0 ? abar64[taus[i - 1]].item<double>() : 1.0;
     const torch::Tensor t = torch::full({shape[0]}, tau, long_options);
-    torch::Tensor x0 = predict_start(x, t, model(x, t));
+    // DDIM ignores learned variances: only the prediction half of the output is used.
+    torch::Tensor x0 = predict_start(x, t, Prediction(model(x, t), x));
     if (clip_x0) x0 = x0.clamp(-1.0, 1.0);
     const torch::Tensor eps = predict_noise_from_start(x, t, x0);
     // Eq. 16 of Song et al.: sigma = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev).

@@ -60,6 +60,29 @@ struct DiffusionLoss {
   torch::Tensor t;
 };
 
+/// KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) per element, in nats.
+torch::Tensor NormalKl(const torch::Tensor& mean1, const torch::Tensor& logvar1,
+                       const torch::Tensor& mean2, const torch::Tensor& logvar2);
+/// log P(the 8-bit bin of x) under N(mean, exp(2 log_scale)), per element, in nats: bins of
+/// width 2/255 centred on the 256 levels of [-1, 1], the first and last open to -inf and +inf
+/// (the authors' decoder, with the exact normal CDF in float64 rather than their tanh fit).
+torch::Tensor DiscretizedGaussianLogLikelihood(const torch::Tensor& x, const torch::Tensor& mean,
+                                               const torch::Tensor& log_scale);
+
+/// The variational bound of Ho et al. (Eq. 5) of each image, in bits/dim.
+struct VariationalBound {
+  /// [K] int64: the timesteps evaluated, ascending (all T unless a strided estimate).
+  torch::Tensor timesteps;
+  /// [B, K] float64: L_t of each image at each evaluated t.
+  torch::Tensor terms;
+  /// [K] float64: how many timesteps each evaluated one stands for (1 for the full bound).
+  torch::Tensor weights;
+  /// [B] float64: L_T = KL(q(x_T | x_0) || N(0, I)).
+  torch::Tensor prior;
+  /// [B] float64: prior + sum_k weights[k] terms[:, k].
+  torch::Tensor total;
+};
+
 /// The forward process, the objective and the samplers. Holds the float64 schedule and a
 /// float32 copy on the compute device.
 class GaussianDiffusion {
@@ -102,9 +125,28 @@ class GaussianDiffusion {
   /// The per-timestep weight of the configured weighting, float32 [B].
   torch::Tensor LossWeight(const torch::Tensor& t) const;
 
-  /// p(x_{t-1} | x_t) of the model, with the fixed variance of Ho et al.
+  /// p(x_{t-1} | x_t) of the model: the fixed variance of Ho et al., or the learned one when
+  /// the model's output has twice the image channels (model.learn_sigma).
   Posterior p_mean_variance(const Denoiser& model, const torch::Tensor& x_t, const torch::Tensor& t,
                             VarianceKind variance, bool clip_x0) const;
+  /// p(x_{t-1} | x_t) from a model output already computed (see p_mean_variance).
+  Posterior PosteriorFromOutput(const torch::Tensor& x_t, const torch::Tensor& t,
+                                const torch::Tensor& model_out, VarianceKind variance,
+                                bool clip_x0) const;
+  /// Each image's L_t in bits/dim, float64 [B]: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))
+  /// for t > 0 and -log p(x_0 | x_1) for t = 0 (Eq. 5 of Ho et al.), from a model output.
+  torch::Tensor VbTerms(const torch::Tensor& model_out, const torch::Tensor& x0,
+                        const torch::Tensor& x_t, const torch::Tensor& t,
+                        VarianceKind variance) const;
+  /// Each image's prior term KL(q(x_T | x_0) || N(0, I)) in bits/dim, float64 [B].
+  torch::Tensor PriorBits(const torch::Tensor& x0) const;
+  /// The bound of each image of x0 in bits/dim: every one of the T terms when num_timesteps is
+  /// 0 or T; otherwise t = 0 exactly and an unbiased stratified estimate of the rest from
+  /// num_timesteps - 1 more (one t drawn in each of that many equal strata of 1..T-1, weighted
+  /// by its stratum's size). Noise and strata are drawn from generator.
+  VariationalBound Bound(const Denoiser& model, const torch::Tensor& x0, int num_timesteps,
+                         VarianceKind variance, torch::Generator& generator,
+                         const SampleProgress& progress = nullptr) const;
   /// Algorithm 2 of Ho et al.: ancestral sampling over all T steps. Deterministic given seed.
   torch::Tensor SampleDdpm(const Denoiser& model, torch::IntArrayRef shape, VarianceKind variance,
                            bool clip_x0, uint64_t seed,
@@ -123,11 +165,15 @@ class GaussianDiffusion {
 
  private:
   torch::Tensor Noise(torch::IntArrayRef shape, torch::Generator& generator) const;
+  /// The fixed log-variance of p(x_{t-1} | x_t) of kind variance, float64 [B, 1, 1, 1].
+  torch::Tensor FixedLogVariance64(const torch::Tensor& t, VarianceKind variance) const;
 
   DiffusionConfig config_;
   torch::Device device_;
   NoiseSchedule schedule64_;
   NoiseSchedule schedule_;
+  /// The float64 buffers on the compute device, for the bound.
+  NoiseSchedule schedule64_device_;
 };
 
 /// A CPU generator seeded with seed.

@@ -58,6 +58,20 @@ torch::Tensor TimestepEmbedding(const torch::Tensor& t, int dim) {
   return torch::cat({torch::sin(args), torch::cos(args)}, 1);
 }
 
+void CheckLearnSigma(const ModelConfig& model, const std::map<std::string, torch::Tensor>& weights,
+                     const std::string& origin) {
+  const auto it = weights.find("conv_out.weight");
+  if (it == weights.end() || it->second.dim() < 1) return;  // LoadStateDict names what is missing
+  const int64_t channels = it->second.size(0);
+  const bool learned = channels == 2 * model.in_channels;
+  if (learned != model.learn_sigma && (learned || channels == model.in_channels)) {
+    throw std::runtime_error(
+        origin + ": the weights have " + std::to_string(channels) +
+        " output channels, a model with learn_sigma: " + (learned ? "true" : "false") +
+        "; the config says model.learn_sigma: " + (model.learn_sigma ? "true" : "false"));
+  }
+}
+
 int64_t CountParameters(const torch::nn::Module& module) {
   int64_t count = 0;
   for (const auto& p : module.parameters()) count += p.numel();
@@ -175,12 +189,14 @@ UNetImpl::UNetImpl(const ModelConfig& config, uint64_t seed) : config_(config) {
   }
 
   norm_out_ = register_module("norm_out", Norm(groups, cur));
-  conv_out_ = register_module("conv_out",
-                              Conv(cur, config.in_channels, 3, 1, 1, kZeroInitScale, generator));
+  conv_out_ =
+      register_module("conv_out", Conv(cur, config.in_channels * (config.learn_sigma ? 2 : 1), 3, 1,
+                                       1, kZeroInitScale, generator));
 }
 
 torch::Tensor UNetImpl::forward(const torch::Tensor& x, const torch::Tensor& t) {
-  torch::Tensor temb = TimestepEmbedding(t, config_.ch);
+  // The embedding is computed in float32 and takes the images' type (float64 in golden tests).
+  torch::Tensor temb = TimestepEmbedding(t, config_.ch).to(x.scalar_type());
   temb = temb_dense1_(torch::silu(temb_dense0_(temb)));
 
   const int levels = static_cast<int>(config_.ch_mult.size());

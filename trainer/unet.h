@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -49,7 +50,8 @@ class UNetImpl : public torch::nn::Module {
  public:
   /// Builds the network and initializes it like the authors' code from seed.
   UNetImpl(const ModelConfig& config, uint64_t seed = 0);
-  /// eps_theta(x_t, t): x [B,C,H,W] in data space, t [B] int64 timesteps.
+  /// eps_theta(x_t, t) [B,C,H,W] (with learn_sigma [B,2C,H,W], the second half v of the
+  /// variance): x [B,C,H,W] in data space, t [B] int64 timesteps.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t);
 
   const ModelConfig& config() const { return config_; }
@@ -74,5 +76,10 @@ TORCH_MODULE(UNet);
 torch::Tensor TimestepEmbedding(const torch::Tensor& t, int dim);
 /// Number of scalar parameters of a module.
 int64_t CountParameters(const torch::nn::Module& module);
+
+/// Throws std::runtime_error naming origin and both settings when weights were trained with
+/// learned variances and model does not have them, or the reverse (conv_out's channels).
+void CheckLearnSigma(const ModelConfig& model, const std::map<std::string, torch::Tensor>& weights,
+                     const std::string& origin);
 
 }  // namespace ddpm

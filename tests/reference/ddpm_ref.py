@@ -81,7 +81,7 @@ class Upsample(nn.Conv2d):
 
 class UNet(nn.Module):
     def __init__(self, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                 dropout=0.1, image_size=32, in_channels=3, norm_groups=32):
+                 dropout=0.1, image_size=32, in_channels=3, norm_groups=32, learn_sigma=False):
         super().__init__()
         self.ch = ch
         self.ch_mult = tuple(ch_mult)
@@ -118,10 +118,12 @@ class UNet(nn.Module):
                 self.add_module(f"up_{level}_us", Upsample(cur_ch))
                 res *= 2
         self.norm_out = nn.GroupNorm(norm_groups, cur_ch, eps=1e-6)
-        self.conv_out = nn.Conv2d(cur_ch, in_channels, 3, padding=1)
+        # Learned variances (Nichol & Dhariwal 2021): a second set of output channels.
+        self.conv_out = nn.Conv2d(cur_ch, in_channels * (2 if learn_sigma else 1), 3, padding=1)
 
     def forward(self, x, t):
-        temb = self.temb_dense1(F.silu(self.temb_dense0(timestep_embedding(t, self.ch))))
+        temb = timestep_embedding(t, self.ch).to(x.dtype)
+        temb = self.temb_dense1(F.silu(self.temb_dense0(temb)))
         hs = [self.conv_in(x)]
         levels = len(self.ch_mult)
         for level in range(levels):
@@ -150,6 +152,80 @@ def loss_eps_l2(model, x0, t, noise, alphas_cumprod):
     abar = alphas_cumprod[t].float()[:, None, None, None]
     x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
     return ((model(x_t, t) - noise) ** 2).mean()
+
+
+
+# The variational bound of Ho et al. (Eq. 5) and L_hybrid of Nichol & Dhariwal (2021), written
+# from the papers' equations: KL terms for t > 0, the discretized decoder for t = 0.
+class Schedule:
+    def __init__(self, timesteps, beta_start=1e-4, beta_end=0.02):
+        self.betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+        self.abar = torch.cumprod(1.0 - self.betas, dim=0)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
+        # Eq. 7 of Ho et al.: beta-tilde and the posterior mean's coefficients.
+        self.beta_tilde = self.betas * (1.0 - abar_prev) / (1.0 - self.abar)
+        self.log_beta_tilde = torch.log(torch.cat([self.beta_tilde[1:2], self.beta_tilde[1:]]))
+        self.coef_x0 = self.betas * abar_prev.sqrt() / (1.0 - self.abar)
+        self.coef_xt = (1.0 - abar_prev) * (1.0 - self.betas).sqrt() / (1.0 - self.abar)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log P(bin of x) under N(mean, e^(2 log_scale)): bins of width 2/255 over [-1, 1], the
+    first and last open to -inf and +inf. In float64 with the exact normal CDF."""
+    x, mean, log_scale = x.double(), mean.double(), log_scale.double()
+    inv = torch.exp(-log_scale)
+    upper = (x - mean + 1.0 / 255) * inv
+    lower = (x - mean - 1.0 / 255) * inv
+    # Every probability floored at 1e-12, as in the authors' code.
+    log_cdf_upper = torch.log(torch.special.ndtr(upper).clamp(min=1e-12))
+    log_sf_lower = torch.log(torch.special.ndtr(-lower).clamp(min=1e-12))
+    log_delta = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_delta))
+
+
+def vb_terms_bits(out, x0, x_t, t, sched, learn_sigma):
+    """Each sample's L_t in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and
+    -log p(x_0|x_1) for t = 0. The model predicts eps (and v, the variance interpolation)."""
+    view = lambda a: a[t][:, None, None, None]  # noqa: E731
+    if learn_sigma:
+        eps, v = out.double().chunk(2, dim=1)
+        # Eq. 15 of Nichol & Dhariwal, v mapped from the network's [-1, 1] to [0, 1].
+        frac = (v + 1.0) / 2.0
+        logvar_p = frac * view(torch.log(sched.betas)) + (1.0 - frac) * view(sched.log_beta_tilde)
+    else:
+        eps = out.double()
+        logvar_p = view(sched.log_beta_tilde).expand_as(eps)
+    x0_pred = (1.0 / view(sched.abar)).sqrt() * x_t - (1.0 / view(sched.abar) - 1.0).sqrt() * eps
+    mean_p = view(sched.coef_x0) * x0_pred + view(sched.coef_xt) * x_t
+    mean_q = view(sched.coef_x0) * x0 + view(sched.coef_xt) * x_t
+    kl = normal_kl(mean_q, view(sched.log_beta_tilde), mean_p, logvar_p)
+    nll = -discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * logvar_p)
+    per_dim = torch.where((t == 0)[:, None, None, None], nll, kl)
+    return per_dim.flatten(1).mean(1) / math.log(2.0)
+
+
+def loss_hybrid(model, x0, t, noise, sched, kind, vlb_weight=0.001):
+    """L_simple + lambda T L_t (hybrid; the bound's part sees the mean frozen), or T L_t (vlb),
+    averaged over the batch; the bound in float64."""
+    abar = sched.abar[t].to(x0.dtype)[:, None, None, None]
+    x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+    out = model(x_t, t)
+    learn_sigma = out.shape[1] == 2 * x0.shape[1]
+    eps = out[:, :x0.shape[1]]
+    timesteps = len(sched.betas)
+    if kind == "vlb":
+        return (timesteps * vb_terms_bits(out, x0.double(), x_t.double(), t, sched,
+                                          learn_sigma)).mean()
+    mse = ((eps - noise) ** 2).flatten(1).mean(1)
+    frozen = torch.cat([eps.detach(), out[:, x0.shape[1]:]], dim=1)
+    vb = vb_terms_bits(frozen, x0.double(), x_t.double(), t, sched, learn_sigma)
+    return (mse.double() + vlb_weight * timesteps * vb).mean()
 
 
 if __name__ == "__main__":
