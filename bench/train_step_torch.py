@@ -1,8 +1,9 @@
 """The peer of ddpm_bench: the same DDPM training and sampling steps in plain PyTorch (Python).
 
-Training: L_simple, backward, grad-norm clip, torch.optim.Adam and an EMA update, on the
-reference UNet of tests/reference/ddpm_ref.py built from a ddpm-train YAML config's model
-section. Sampling: one ancestral (DDPM) step and one DDIM step, as the paper and Song et al.
+Training: L_simple (or, with model.learn_sigma and diffusion.loss hybrid or vlb, the
+reference's L_hybrid / L_vlb), backward, grad-norm clip, torch.optim.Adam and an EMA update, on
+the reference UNet of tests/reference/ddpm_ref.py built from a ddpm-train YAML config's model
+section. DDPM_MODEL_LEARN_SIGMA and DDPM_DIFFUSION_LOSS override the config, as in C++. Sampling: one ancestral (DDPM) step and one DDIM step, as the paper and Song et al.
 write them. Prints the same keys as ddpm_bench.
 """
 import argparse
@@ -18,10 +19,10 @@ import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                 "reference"))
-from ddpm_ref import UNet  # noqa: E402
+from ddpm_ref import Schedule, UNet, loss_hybrid  # noqa: E402
 
 MODEL_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "image_size",
-              "in_channels", "norm_groups")
+              "in_channels", "norm_groups", "learn_sigma")
 
 
 def quantile(values, q):
@@ -51,6 +52,9 @@ def main():
     train_cfg = cfg.get("train") or {}
     diffusion_cfg = cfg.get("diffusion") or {}
     sample_cfg = cfg.get("sample") or {}
+    if "DDPM_MODEL_LEARN_SIGMA" in os.environ:
+        model_cfg["learn_sigma"] = os.environ["DDPM_MODEL_LEARN_SIGMA"] == "true"
+    loss_kind = os.environ.get("DDPM_DIFFUSION_LOSS", diffusion_cfg.get("loss", "l2"))
     timesteps = diffusion_cfg.get("timesteps", 1000)
     model = UNet(**model_cfg)
     size = model_cfg.get("image_size", 32)
@@ -65,6 +69,8 @@ def main():
     abar64 = torch.cumprod(1 - betas, 0)
     abar = abar64.float()
     images = torch.rand(args.batch, channels, size, size) * 2 - 1
+    schedule = Schedule(timesteps, diffusion_cfg.get("beta_start", 1e-4),
+                        diffusion_cfg.get("beta_end", 0.02))
     decay = train_cfg.get("ema_decay", 0.9999)
 
     def train_step():
@@ -74,7 +80,10 @@ def main():
         noise = torch.randn_like(images)
         a = abar[t][:, None, None, None]
         x_t = a.sqrt() * images + (1 - a).sqrt() * noise
-        loss = ((model(x_t, t) - noise) ** 2).mean()
+        if loss_kind in ("hybrid", "vlb"):
+            loss = loss_hybrid(model, images, t, noise, schedule, loss_kind)
+        else:
+            loss = ((model(x_t, t)[:, :channels] - noise) ** 2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train_cfg.get("grad_clip", 1.0))
         opt.step()
@@ -100,7 +109,7 @@ def main():
     for _ in range(args.steps):
         start = time.perf_counter()
         x_t = a_fixed.sqrt() * images + (1 - a_fixed).sqrt() * noise_fixed
-        ((model(x_t, t_fixed) - noise_fixed) ** 2).mean().backward()
+        ((model(x_t, t_fixed)[:, :channels] - noise_fixed) ** 2).mean().backward()
         fwd_bwd_ms.append(1000 * (time.perf_counter() - start))
 
     # Sampler steps, with precomputed buffers as any implementation would hold them.
@@ -115,14 +124,14 @@ def main():
 
     def ddpm_step(x, i):
         t = torch.full((shape[0],), i, dtype=torch.long)
-        eps = ema(x, t)
+        eps = ema(x, t)[:, :channels]
         x0 = (sqrt_recip[i] * x - sqrt_recipm1[i] * eps).clamp(-1, 1)
         mean = coef1[i] * x0 + coef2[i] * x
         return mean + torch.exp(0.5 * log_var[i]) * torch.randn(shape)
 
     def ddim_step(x, i, prev):
         t = torch.full((shape[0],), i, dtype=torch.long)
-        eps = ema(x, t)
+        eps = ema(x, t)[:, :channels]
         x0 = (sqrt_recip[i] * x - sqrt_recipm1[i] * eps).clamp(-1, 1)
         eps = (sqrt_recip[i] * x - x0) / sqrt_recipm1[i]
         a_prev = float(abar64[prev]) if prev >= 0 else 1.0

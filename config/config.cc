@@ -129,6 +129,7 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("sample", "sampler", c.sample.sampler);
   visit("sample", "variance", c.sample.variance);
   visit("sample", "steps", c.sample.steps);
+  visit("sample", "timesteps", c.sample.timesteps);
   visit("sample", "eta", c.sample.eta);
   visit("sample", "clip_x0", c.sample.clip_x0);
   visit("sample", "num_images", c.sample.num_images);
@@ -355,6 +356,11 @@ const char* Name(DivergencePolicy v) {
   return EnumNames<DivergencePolicy>::kNames[static_cast<int>(v)];
 }
 
+int SampleConfig::ResolvedSteps(int diffusion_timesteps) const {
+  if (steps > 0) return steps;
+  return sampler == SamplerKind::kDdpm ? diffusion_timesteps : std::min(100, diffusion_timesteps);
+}
+
 void Config::Validate(int world_size) const {
   const ModelConfig& m = model;
   if (m.ch < 4 || m.ch % 2 != 0)
@@ -482,9 +488,24 @@ void Config::Validate(int world_size) const {
   if (data.shapes_size < 1)
     Invalid("data.shapes_size", "must be >= 1, got " + std::to_string(data.shapes_size));
 
-  if (sample.steps < 1 || sample.steps > d.timesteps) {
+  if (sample.steps < 0 || sample.steps > d.timesteps) {
     Invalid("sample.steps", "must be in [1, diffusion.timesteps = " + std::to_string(d.timesteps) +
-                                "], got " + std::to_string(sample.steps));
+                                "], or 0 for the sampler's default, got " +
+                                std::to_string(sample.steps));
+  }
+  if (!sample.timesteps.empty()) {
+    if (sample.sampler != SamplerKind::kDdpm) {
+      Invalid("sample.timesteps", "respaces the ddpm sampler only; sample.sampler is " +
+                                      std::string(Name(sample.sampler)));
+    }
+    for (std::size_t i = 0; i < sample.timesteps.size(); ++i) {
+      const int t = sample.timesteps[i];
+      if (t < 0 || t >= d.timesteps || (i > 0 && t <= sample.timesteps[i - 1])) {
+        Invalid("sample.timesteps", "must increase strictly within [0, diffusion.timesteps = " +
+                                        std::to_string(d.timesteps) + "), got " +
+                                        Format(sample.timesteps));
+      }
+    }
   }
   if (sample.eta < 0) Invalid("sample.eta", "must be >= 0, got " + Format(sample.eta));
   if (sample.num_images < 1)
@@ -497,9 +518,10 @@ void Config::Validate(int world_size) const {
   }
   if (eval.batch_size < 1)
     Invalid("eval.batch_size", "must be >= 1, got " + std::to_string(eval.batch_size));
-  if (eval.steps < 1 || eval.steps > d.timesteps) {
+  if (eval.steps < 0 || eval.steps > d.timesteps) {
     Invalid("eval.steps", "must be in [1, diffusion.timesteps = " + std::to_string(d.timesteps) +
-                              "], got " + std::to_string(eval.steps));
+                              "], or 0 for the sampler's default, got " +
+                              std::to_string(eval.steps));
   }
   if (eval.every > 0 && eval.inception_weights.empty()) {
     Invalid("eval.inception_weights",

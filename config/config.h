@@ -170,14 +170,22 @@ struct SampleConfig {
   SamplerKind sampler = SamplerKind::kDdpm;
   /// Variance of the ancestral sampler: fixedlarge (beta_t) or fixedsmall (beta-tilde).
   VarianceKind variance = VarianceKind::kFixedLarge;
-  /// DDIM steps S (ignored by ddpm).
-  int steps = 100;
+  /// Sampler steps: for ddim its S; for ddpm, fewer than T respaces the ancestral sampler onto
+  /// that many evenly strided timesteps (Nichol & Dhariwal, section 4). 0: the sampler's
+  /// default, all T for ddpm (the paper) and 100 for ddim.
+  int steps = 0;
+  /// ddpm only: an explicit increasing list of timesteps in [0, T) to respace onto (overrides
+  /// steps).
+  std::vector<int> timesteps;
   /// DDIM eta: 0 is deterministic, 1 matches the ancestral posterior variance.
   double eta = 0.0;
   /// Clip the predicted x0 to [-1, 1] at every step.
   bool clip_x0 = true;
   /// Images per sample grid.
   int num_images = 64;
+
+  /// The sampler's steps with 0 resolved: T for ddpm, 100 for ddim (never more than T).
+  int ResolvedSteps(int diffusion_timesteps) const;
   /// Seed of the sampler's noise.
   uint64_t seed = 0;
 };
@@ -193,8 +201,9 @@ struct EvalConfig {
   int batch_size = 100;
   /// Sampler of the evaluation: ddpm (the paper's ancestral sampler) or ddim.
   SamplerKind sampler = SamplerKind::kDdpm;
-  /// DDIM steps (ignored by ddpm).
-  int steps = 100;
+  /// Sampler steps, as sample.steps: 0 is all T for ddpm (the paper) and 100 for ddim; fewer
+  /// than T respaces ddpm.
+  int steps = 0;
   /// Seed of the evaluation's noise: sample i draws from (seed, i) on any world size.
   uint64_t seed = 1;
   /// The FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (re-saved

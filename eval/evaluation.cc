@@ -58,6 +58,7 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
   SampleConfig sample = config_.sample;
   sample.sampler = eval.sampler;
   sample.steps = eval.steps;
+  sample.timesteps.clear();
   for (int64_t index = first; index < end; index += eval.batch_size) {
     const int64_t n = std::min<int64_t>(eval.batch_size, end - index);
     sample.seed = eval.seed * 1000003ULL + static_cast<uint64_t>(index);

@@ -5,10 +5,12 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 
 #include "config/batch_plan.h"
 #include "config/flags.h"
+#include "test_env.h"
 
 namespace ddpm {
 namespace {
@@ -166,6 +168,11 @@ TEST(Config, CrossFieldChecksNameTheKey) {
   EXPECT_NE(ErrorOf("diffusion: {beta_start: 0.1, beta_end: 0.01}").find("diffusion.beta_start"),
             std::string::npos);
   EXPECT_NE(ErrorOf("sample: {steps: 2000}").find("sample.steps"), std::string::npos);
+  // Respacing onto an explicit list: strictly increasing within [0, T), and for ddpm only.
+  EXPECT_NE(ErrorOf("sample: {timesteps: [0, 5, 5]}").find("sample.timesteps"), std::string::npos);
+  EXPECT_NE(ErrorOf("sample: {timesteps: [0, 1000]}").find("sample.timesteps"), std::string::npos);
+  EXPECT_NE(ErrorOf("sample: {sampler: ddim, timesteps: [0, 10]}").find("ddpm sampler only"),
+            std::string::npos);
   EXPECT_NE(ErrorOf("train: {device: tpu}").find("train.device"), std::string::npos);
 }
 
@@ -313,6 +320,18 @@ TEST(Flags, PositionalArgumentsFillInOrderAndAreRequired) {
   EXPECT_THROW(extra.Parse(3, two), FlagError);
   const char* as_flag[] = {"ddpmctl get", "--RUN=a"};
   EXPECT_THROW(extra.Parse(2, as_flag), FlagError);
+}
+
+TEST(Config, EveryShippedConfigLoadsAndValidates) {
+  int checked = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(DDPM_SOURCE_DIR "/configs")) {
+    if (entry.path().extension() != ".yaml") continue;
+    SCOPED_TRACE(entry.path().string());
+    const Config config = LoadConfigFile(entry.path().string());
+    EXPECT_NO_THROW(config.Validate(1));
+    ++checked;
+  }
+  EXPECT_EQ(checked, 4) << "a config was added or removed: update this count";
 }
 
 }  // namespace

@@ -2,6 +2,8 @@
 // against SciPy's numerical integration (tests/reference/bound_ref.py), its prior term and,
 // for Gaussian data with the exact denoiser, every KL term against closed forms in float64;
 // learned variances; and the settings that go with them.
+#include "eval/likelihood.h"
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -9,11 +11,15 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "config/config.h"
 #include "test_env.h"
+#include "trainer/communicator.h"
+#include "trainer/data.h"
 #include "trainer/diffusion.h"
 #include "trainer/tensor_io.h"
 #include "trainer/unet.h"
@@ -206,6 +212,113 @@ TEST(Bound, SettingsAreCheckedByName) {
   }
   m.learn_sigma = true;
   EXPECT_NO_THROW(CheckLearnSigma(m, StateDict(*learned), "w.pt"));
+}
+
+}  // namespace
+}  // namespace ddpm
+
+namespace ddpm {
+namespace {
+
+// The bound of a small model on shapes, measured by ddpm_nll's code on one rank and on two
+// threads acting as ranks (each takes half the images; a batch's noise depends only on its
+// first image), and directly with GaussianDiffusion::Bound: the three agree.
+TEST(MeasureBound, OneRankTwoRanksAndDirectAgreeAndTheFilesAreWritten) {
+  ModelConfig m;
+  m.ch = 16;
+  m.ch_mult = {1};
+  m.num_res_blocks = 1;
+  m.attn_resolutions = {};
+  m.image_size = 8;
+  m.norm_groups = 8;
+  m.learn_sigma = true;
+  DiffusionConfig dc;
+  dc.timesteps = 12;
+  const GaussianDiffusion diffusion(dc);
+  const ShapesDataset data(8, 8, 3);
+  BoundOptions options;
+  options.batch_size = 4;
+  options.seed = 21;
+  options.variance = VarianceKind::kFixedSmall;
+
+  UNet model(m, 4);
+  SoloCommunicator solo;
+  const BoundReport one = MeasureBound(diffusion, model, data, options, solo, torch::kCPU, {});
+  EXPECT_EQ(one.images, 8);
+  EXPECT_TRUE(one.full());
+
+  BoundReport halves[2];
+  {
+    LocalGroup group(2);
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < 2; ++r) {
+      ranks.emplace_back([&, r] {
+        UNet replica(m, 4);
+        halves[r] = MeasureBound(diffusion, replica, data, options, group.rank(r), torch::kCPU, {});
+      });
+    }
+    for (auto& rank : ranks) rank.join();
+  }
+  for (const BoundReport& half : halves) {
+    EXPECT_EQ(half.images, 8);
+    EXPECT_NEAR(half.total_mean, one.total_mean, 1e-12 * one.total_mean);
+    for (std::size_t i = 0; i < one.term_means.size(); ++i) {
+      EXPECT_NEAR(half.term_means[i], one.term_means[i],
+                  1e-12 * std::abs(one.term_means[i]) + 1e-15);
+    }
+  }
+
+  // Directly: the same batches with the same generators.
+  double direct = 0;
+  for (int64_t begin = 0; begin < 8; begin += 4) {
+    const std::vector<uint8_t> bytes = ReadBatch(data, {begin, begin + 1, begin + 2, begin + 3});
+    const torch::Tensor x0 =
+        torch::from_blob(const_cast<uint8_t*>(bytes.data()), {4, 3, 8, 8}, torch::kUInt8)
+                .to(torch::kFloat32) /
+            127.5 -
+        1.0;
+    torch::Generator generator = MakeCpuGenerator(21 * 1000003ULL + begin + 1);
+    const Denoiser denoiser = [&](const torch::Tensor& x, const torch::Tensor& t) {
+      return model->forward(x, t);
+    };
+    direct += diffusion.Bound(denoiser, x0, 0, VarianceKind::kFixedSmall, generator)
+                  .total.sum()
+                  .item<double>();
+  }
+  EXPECT_NEAR(one.total_mean, direct / 8, 1e-12 * direct);
+
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("ddpm_nll_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  WriteBoundCsv(one, (dir / "terms.csv").string());
+  WriteBoundPlot(one, (dir / "terms.png").string());
+  std::ifstream csv(dir / "terms.csv");
+  std::string line;
+  std::getline(csv, line);
+  EXPECT_EQ(line, "t,weight,bits_per_dim");
+  int rows = 0;
+  double sum = 0;
+  while (std::getline(csv, line)) {
+    ++rows;
+    sum += std::stod(line.substr(line.rfind(',') + 1));
+  }
+  EXPECT_EQ(rows, dc.timesteps + 1) << "every t and the prior";
+  EXPECT_NEAR(sum, one.total_mean, 1e-8 * one.total_mean) << "the rows add up to the bound";
+  EXPECT_GT(std::filesystem::file_size(dir / "terms.png"), 1000u);
+  std::filesystem::remove_all(dir);
+
+  // Bad options name the flag.
+  options.num_timesteps = 1;
+  try {
+    MeasureBound(diffusion, model, data, options, solo, torch::kCPU, {});
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("--timesteps 1"), std::string::npos) << e.what();
+  }
+  options.num_timesteps = 0;
+  options.num_images = 9;
+  EXPECT_THROW(MeasureBound(diffusion, model, data, options, solo, torch::kCPU, {}),
+               std::invalid_argument);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <map>
 
 #include "run/sampling.h"
+#include "tools/trained_model.h"
 #include "trainer/checkpoint.h"
 #include "trainer/device.h"
 #include "trainer/diffusion.h"
@@ -27,7 +28,10 @@ void AddSampleFlags(Flags& flags) {
   flags.Add("out", "a PNG grid, or a directory (ending in /) for one PNG per image", "samples.png");
   flags.Add("num", "number of images (default: the config's sample.num_images)", "");
   flags.Add("sampler", "ddpm or ddim (default: the config's sample.sampler)", "");
-  flags.Add("steps", "DDIM steps (default: the config's sample.steps)", "");
+  flags.Add("steps",
+            "sampler steps: DDIM's S, or fewer than T to respace the ancestral sampler (default: "
+            "the config's sample.steps; 0: T for ddpm, 100 for ddim)",
+            "");
   flags.Add("eta", "DDIM eta (default: the config's sample.eta)", "");
   flags.Add("variance", "DDPM variance, fixedlarge or fixedsmall (default: the config's)", "");
   flags.Add("seed", "sampler seed; batch b uses seed + b (default: the config's sample.seed)", "");
@@ -56,36 +60,46 @@ SampleJob SampleJobFromFlags(const Flags& flags) {
   return job;
 }
 
-std::vector<std::string> RunSampleJob(const SampleJob& job) {
-  Config config;
+TrainedModel LoadTrainedModel(const std::string& checkpoint, const std::string& weights_path,
+                              const std::string& config_path,
+                              const std::vector<std::pair<std::string, std::string>>& overrides,
+                              const std::string& tool) {
+  TrainedModel trained;
   std::map<std::string, torch::Tensor> weights;
-  std::string origin;
-  if (!job.checkpoint.empty()) {
+  if (!checkpoint.empty()) {
     const CheckpointDir::Loaded loaded = LoadCheckpointAt(
-        job.checkpoint,
+        checkpoint,
         [](const std::string& message) { std::printf("ddpm: warning: %s\n", message.c_str()); });
-    config = ConfigFromCheckpoint(loaded.tensors, loaded.path);
+    trained.config = ConfigFromCheckpoint(loaded.tensors, loaded.path);
     weights = WeightsFromState(loaded.tensors, "ema");
-    origin = loaded.path;
+    trained.origin = loaded.path;
   } else {
     // An exported weights file carries its config beside it (ddpm_export writes both).
-    config = LoadConfigFile(job.config_path.empty() ? ConfigBesideWeights(job.weights)
-                                                    : job.config_path);
-    weights = LoadTensors(job.weights);
-    origin = job.weights;
+    trained.config =
+        LoadConfigFile(config_path.empty() ? ConfigBesideWeights(weights_path) : config_path);
+    weights = LoadTensors(weights_path);
+    trained.origin = weights_path;
   }
-  for (const auto& [key, value] : job.overrides) {
-    SetConfigKey(config, key, value, "ddpm_sample flags");
+  for (const auto& [key, value] : overrides) {
+    SetConfigKey(trained.config, key, value, tool + " flags");
   }
-  config.Validate();
-  if (job.batch_size < 1) throw ConfigError("ddpm_sample: --batch must be >= 1");
+  trained.config.Validate();
+  ConfigureThreads(trained.config.train);
+  trained.device = torch::Device(ResolveDevice(trained.config.train));
+  trained.model = UNet(trained.config.model);
+  CheckLearnSigma(trained.config.model, weights, trained.origin);
+  LoadStateDict(*trained.model, weights, trained.origin);
+  trained.model->to(trained.device);
+  return trained;
+}
 
-  ConfigureThreads(config.train);
-  const torch::Device device(ResolveDevice(config.train));
-  UNet model(config.model);
-  CheckLearnSigma(config.model, weights, origin);
-  LoadStateDict(*model, weights, origin);
-  model->to(device);
+std::vector<std::string> RunSampleJob(const SampleJob& job) {
+  if (job.batch_size < 1) throw ConfigError("ddpm_sample: --batch must be >= 1");
+  TrainedModel trained =
+      LoadTrainedModel(job.checkpoint, job.weights, job.config_path, job.overrides, "ddpm_sample");
+  const Config& config = trained.config;
+  const torch::Device device = trained.device;
+  UNet& model = trained.model;
   const GaussianDiffusion diffusion(config.diffusion, device);
   const int count = config.sample.num_images;
   const torch::Tensor images = SampleImages(

@@ -71,8 +71,12 @@ torch::Tensor DiscretizedGaussianLogLikelihood(const torch::Tensor& x, const tor
 }
 
 NoiseSchedule NoiseSchedule::Make(const DiffusionConfig& config) {
+  return FromBetas(BetasFor(config));
+}
+
+NoiseSchedule NoiseSchedule::FromBetas(const torch::Tensor& betas) {
   NoiseSchedule s;
-  s.betas = BetasFor(config);
+  s.betas = betas.to(torch::kFloat64);
   s.alphas = 1.0 - s.betas;
   s.alphas_cumprod = torch::cumprod(s.alphas, 0);
   s.alphas_cumprod_prev =
@@ -127,9 +131,17 @@ torch::Generator MakeGenerator(torch::Device device, uint64_t seed) {
 }
 
 GaussianDiffusion::GaussianDiffusion(const DiffusionConfig& config, torch::Device device)
+    : GaussianDiffusion(config, device, BetasFor(config), {}) {}
+
+GaussianDiffusion::GaussianDiffusion(const DiffusionConfig& config, torch::Device device,
+                                     const torch::Tensor& betas, std::vector<int64_t> timestep_map)
     : config_(config),
       device_(device),
-      schedule64_(NoiseSchedule::Make(config)),
+      timestep_map_(std::move(timestep_map)),
+      timestep_map_tensor_(timestep_map_.empty()
+                               ? torch::Tensor()
+                               : torch::tensor(timestep_map_, torch::kLong).to(device)),
+      schedule64_(NoiseSchedule::FromBetas(betas)),
       schedule_(schedule64_.To(torch::TensorOptions().dtype(torch::kFloat32).device(device))),
       schedule64_device_(
           schedule64_.To(torch::TensorOptions().dtype(torch::kFloat64).device(device))) {}
@@ -362,10 +374,8 @@ torch::Tensor GaussianDiffusion::PriorBits(const torch::Tensor& x0) const {
   return kl.flatten(1).mean(1) / kLn2;
 }
 
-VariationalBound GaussianDiffusion::Bound(const Denoiser& model, const torch::Tensor& x0,
-                                          int num_timesteps, VarianceKind variance,
-                                          torch::Generator& generator,
-                                          const SampleProgress& progress) const {
+std::pair<std::vector<int64_t>, std::vector<double>> GaussianDiffusion::BoundTimesteps(
+    int num_timesteps, torch::Generator& generator) const {
   const int steps = config_.timesteps;
   TORCH_CHECK(num_timesteps == 0 || (num_timesteps >= 2 && num_timesteps <= steps),
               "the bound's timesteps must be 0 (all), or in [2, T = ", steps, "], got ",
@@ -377,22 +387,42 @@ VariationalBound GaussianDiffusion::Bound(const Denoiser& model, const torch::Te
       timesteps.push_back(i);
       weights.push_back(1.0);
     }
-  } else {
-    timesteps.push_back(0);
-    weights.push_back(1.0);
-    const int strata = num_timesteps - 1;
-    for (int k = 0; k < strata; ++k) {
-      const int64_t begin = 1 + static_cast<int64_t>(k) * (steps - 1) / strata;
-      const int64_t end = 1 + static_cast<int64_t>(k + 1) * (steps - 1) / strata;
-      timesteps.push_back(torch::randint(begin, end, {1}, generator, torch::kLong).item<int64_t>());
-      weights.push_back(static_cast<double>(end - begin));
-    }
+    return {timesteps, weights};
   }
+  timesteps.push_back(0);
+  weights.push_back(1.0);
+  const int strata = num_timesteps - 1;
+  for (int k = 0; k < strata; ++k) {
+    const int64_t begin = 1 + static_cast<int64_t>(k) * (steps - 1) / strata;
+    const int64_t end = 1 + static_cast<int64_t>(k + 1) * (steps - 1) / strata;
+    timesteps.push_back(torch::randint(begin, end, {1}, generator, torch::kLong).item<int64_t>());
+    weights.push_back(static_cast<double>(end - begin));
+  }
+  return {timesteps, weights};
+}
+
+VariationalBound GaussianDiffusion::Bound(const Denoiser& model, const torch::Tensor& x0,
+                                          int num_timesteps, VarianceKind variance,
+                                          torch::Generator& generator,
+                                          const SampleProgress& progress) const {
+  const auto [timesteps, weights] = BoundTimesteps(num_timesteps, generator);
+  return Bound(model, x0, timesteps, weights, variance, generator, progress);
+}
+
+VariationalBound GaussianDiffusion::Bound(const Denoiser& model, const torch::Tensor& x0,
+                                          const std::vector<int64_t>& timesteps,
+                                          const std::vector<double>& weights, VarianceKind variance,
+                                          torch::Generator& generator,
+                                          const SampleProgress& progress) const {
+  TORCH_CHECK(!timesteps.empty() && timesteps.size() == weights.size(),
+              "the bound needs as many weights as timesteps");
   torch::NoGradGuard no_grad;
   const int64_t batch = x0.size(0);
   const auto long_options = torch::TensorOptions().dtype(torch::kLong).device(x0.device());
   std::vector<torch::Tensor> columns;
   for (std::size_t k = 0; k < timesteps.size(); ++k) {
+    TORCH_CHECK(timesteps[k] >= 0 && timesteps[k] < config_.timesteps, "timestep ", timesteps[k],
+                " is outside [0, T = ", config_.timesteps, ")");
     const torch::Tensor t = torch::full({batch}, timesteps[k], long_options);
     const torch::Tensor noise = Noise(x0.sizes(), generator).to(x0.device());
     const torch::Tensor x_t = q_sample(x0, t, noise);
@@ -423,13 +453,14 @@ torch::Tensor GaussianDiffusion::SampleDdpm(const Denoiser& model, torch::IntArr
                                             const SampleProgress& progress) const {
   // Inference mode: no autograd bookkeeping at all, cheaper than NoGradGuard.
   c10::InferenceMode inference;
+  const Denoiser mapped = Mapped(model);
   torch::Generator generator = MakeCpuGenerator(seed);
   torch::Tensor x = Noise(shape, generator);
   const int steps = config_.timesteps;
   for (int i = steps - 1; i >= 0; --i) {
     const torch::Tensor t =
         torch::full({shape[0]}, i, torch::TensorOptions().dtype(torch::kLong).device(device_));
-    const Posterior p = p_mean_variance(model, x, t, variance, clip_x0);
+    const Posterior p = p_mean_variance(mapped, x, t, variance, clip_x0);
     const torch::Tensor z = Noise(shape, generator);
     // Algorithm 2, line 4: no noise is added at the last step (t = 0).
     x = i > 0 ? p.mean + torch::exp(0.5 * p.log_variance) * z : p.mean;
@@ -475,12 +506,61 @@ torch::Tensor GaussianDiffusion::SampleDdim(const Denoiser& model, torch::IntArr
   return x;
 }
 
+GaussianDiffusion GaussianDiffusion::Respaced(const std::vector<int64_t>& timesteps) const {
+  TORCH_CHECK(!timesteps.empty(), "respacing needs at least one timestep");
+  const auto& abar = schedule64_.alphas_cumprod;
+  std::vector<double> betas;
+  std::vector<int64_t> map;
+  for (std::size_t k = 0; k < timesteps.size(); ++k) {
+    const int64_t t = timesteps[k];
+    TORCH_CHECK(t >= 0 && t < config_.timesteps && (k == 0 || t > timesteps[k - 1]),
+                "respaced timesteps must increase strictly within [0, T = ", config_.timesteps,
+                ")");
+    if (k == 0 ? t == 0 : t == timesteps[k - 1] + 1) {
+      betas.push_back(schedule64_.betas[t].item<double>());
+    } else {
+      const double abar_prev = k == 0 ? 1.0 : abar[timesteps[k - 1]].item<double>();
+      betas.push_back(1.0 - abar[t].item<double>() / abar_prev);
+    }
+    // A respaced process maps onto the original's timesteps, even when respaced again.
+    map.push_back(timestep_map_.empty() ? t : timestep_map_[t]);
+  }
+  DiffusionConfig config = config_;
+  config.timesteps = static_cast<int>(timesteps.size());
+  return GaussianDiffusion(config, device_, torch::tensor(betas, torch::kFloat64), std::move(map));
+}
+
+std::vector<int64_t> GaussianDiffusion::EvenlyStrided(int count) const {
+  TORCH_CHECK(count >= 1 && count <= config_.timesteps,
+              "respaced steps must be in [1, T = ", config_.timesteps, "], got ", count);
+  std::vector<int64_t> out;
+  if (count == 1) return {config_.timesteps - 1};
+  const double stride = static_cast<double>(config_.timesteps - 1) / (count - 1);
+  for (int i = 0; i < count; ++i) out.push_back(std::llround(i * stride));
+  return out;
+}
+
+Denoiser GaussianDiffusion::Mapped(const Denoiser& model) const {
+  if (timestep_map_.empty()) return model;
+  return [this, model](const torch::Tensor& x_t, const torch::Tensor& t) {
+    return model(x_t, timestep_map_tensor_.index_select(0, t.to(timestep_map_tensor_.device())));
+  };
+}
+
 torch::Tensor GaussianDiffusion::Sample(const Denoiser& model, torch::IntArrayRef shape,
                                         const SampleConfig& config,
                                         const SampleProgress& progress) const {
+  const int steps = config.ResolvedSteps(config_.timesteps);
   if (config.sampler == SamplerKind::kDdim) {
-    return SampleDdim(model, shape, config.steps, config.eta, config.clip_x0, config.seed,
-                      progress);
+    return SampleDdim(model, shape, steps, config.eta, config.clip_x0, config.seed, progress);
+  }
+  if (!config.timesteps.empty() || steps < config_.timesteps) {
+    const std::vector<int64_t> subsequence =
+        config.timesteps.empty()
+            ? EvenlyStrided(steps)
+            : std::vector<int64_t>(config.timesteps.begin(), config.timesteps.end());
+    return Respaced(subsequence)
+        .SampleDdpm(model, shape, config.variance, config.clip_x0, config.seed, progress);
   }
   return SampleDdpm(model, shape, config.variance, config.clip_x0, config.seed, progress);
 }

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <utility>
+#include <vector>
 
 #include "config/config.h"
 
@@ -33,6 +35,8 @@ struct NoiseSchedule {
 
   /// Builds the float64 buffers of the linear or cosine schedule in config.
   static NoiseSchedule Make(const DiffusionConfig& config);
+  /// Builds the float64 buffers from float64 betas [T].
+  static NoiseSchedule FromBetas(const torch::Tensor& betas);
   /// A copy of every buffer converted to options (dtype and device).
   NoiseSchedule To(const torch::TensorOptions& options) const;
 };
@@ -147,6 +151,15 @@ class GaussianDiffusion {
   VariationalBound Bound(const Denoiser& model, const torch::Tensor& x0, int num_timesteps,
                          VarianceKind variance, torch::Generator& generator,
                          const SampleProgress& progress = nullptr) const;
+  /// The timesteps and weights that Bound with num_timesteps evaluates (strata drawn from
+  /// generator), so that a job over many batches can use one draw for all of them.
+  std::pair<std::vector<int64_t>, std::vector<double>> BoundTimesteps(
+      int num_timesteps, torch::Generator& generator) const;
+  /// The bound at given timesteps with given weights (from BoundTimesteps); noise from generator.
+  VariationalBound Bound(const Denoiser& model, const torch::Tensor& x0,
+                         const std::vector<int64_t>& timesteps, const std::vector<double>& weights,
+                         VarianceKind variance, torch::Generator& generator,
+                         const SampleProgress& progress = nullptr) const;
   /// Algorithm 2 of Ho et al.: ancestral sampling over all T steps. Deterministic given seed.
   torch::Tensor SampleDdpm(const Denoiser& model, torch::IntArrayRef shape, VarianceKind variance,
                            bool clip_x0, uint64_t seed,
@@ -156,7 +169,16 @@ class GaussianDiffusion {
   torch::Tensor SampleDdim(const Denoiser& model, torch::IntArrayRef shape, int steps, double eta,
                            bool clip_x0, uint64_t seed,
                            const SampleProgress& progress = nullptr) const;
-  /// Samples with the sampler that config names.
+  /// The ancestral process on the subsequence timesteps (strictly increasing in [0, T)) of
+  /// this one (Nichol & Dhariwal, section 4): betas re-derived from the subsequence's
+  /// alphas_cumprod (beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}}; beta_{s_k} itself where the
+  /// subsequence is consecutive), its samplers evaluating the model at the original s_k.
+  GaussianDiffusion Respaced(const std::vector<int64_t>& timesteps) const;
+  /// K timesteps evenly strided over [0, T), the first 0 and the last T - 1, as improved-
+  /// diffusion's space_timesteps.
+  std::vector<int64_t> EvenlyStrided(int count) const;
+  /// Samples with the sampler that config names; ddpm with fewer steps than T (or a list of
+  /// sample.timesteps) samples the respaced process.
   torch::Tensor Sample(const Denoiser& model, torch::IntArrayRef shape, const SampleConfig& config,
                        const SampleProgress& progress = nullptr) const;
 
@@ -168,8 +190,16 @@ class GaussianDiffusion {
   /// The fixed log-variance of p(x_{t-1} | x_t) of kind variance, float64 [B, 1, 1, 1].
   torch::Tensor FixedLogVariance64(const torch::Tensor& t, VarianceKind variance) const;
 
+  GaussianDiffusion(const DiffusionConfig& config, torch::Device device, const torch::Tensor& betas,
+                    std::vector<int64_t> timestep_map);
+  /// model with its timesteps mapped to the original process's (identity when not respaced).
+  Denoiser Mapped(const Denoiser& model) const;
+
   DiffusionConfig config_;
   torch::Device device_;
+  /// The original timestep of each of this process's (empty: not respaced).
+  std::vector<int64_t> timestep_map_;
+  torch::Tensor timestep_map_tensor_;
   NoiseSchedule schedule64_;
   NoiseSchedule schedule_;
   /// The float64 buffers on the compute device, for the bound.

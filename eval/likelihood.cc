@@ -1,0 +1,230 @@
+#include "eval/likelihood.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <stdexcept>
+
+#include "trainer/communicator.h"
+#include "trainer/data.h"
+#include "trainer/diffusion.h"
+#include "trainer/image_io.h"
+
+namespace ddpm {
+
+BoundReport MeasureBound(const GaussianDiffusion& diffusion, UNet& model, const ImageDataset& data,
+                         const BoundOptions& options, Communicator& comm, torch::Device device,
+                         const std::function<void(int64_t done, int64_t share)>& progress) {
+  const int steps = diffusion.timesteps();
+  if (options.num_images < 0 || options.num_images > data.size()) {
+    throw std::invalid_argument("--num " + std::to_string(options.num_images) +
+                                ": the dataset has " + std::to_string(data.size()) + " images");
+  }
+  if (options.num_timesteps != 0 && (options.num_timesteps < 2 || options.num_timesteps > steps)) {
+    throw std::invalid_argument("--timesteps " + std::to_string(options.num_timesteps) +
+                                ": must be 0 (all T = " + std::to_string(steps) + ") or in [2, T]");
+  }
+  if (options.batch_size < 1) throw std::invalid_argument("--batch must be >= 1");
+  const int64_t total = options.num_images == 0 ? data.size() : options.num_images;
+  const int rank = comm.rank(), world = comm.world_size();
+  if (total < world) {
+    throw std::invalid_argument("--num " + std::to_string(total) + ": fewer images than the " +
+                                std::to_string(world) + " ranks");
+  }
+  const int64_t first = total * rank / world, last = total * (rank + 1) / world;
+
+  torch::Generator strata = MakeCpuGenerator(options.seed);
+  const auto [timesteps, weights] = diffusion.BoundTimesteps(options.num_timesteps, strata);
+  const auto k = static_cast<int64_t>(timesteps.size());
+  // Sums over this rank's images: each term, the prior, the total and its square, the count.
+  torch::Tensor sums = torch::zeros({k + 4}, torch::kFloat64);
+
+  model->eval();
+  const Denoiser denoiser = [&](const torch::Tensor& x, const torch::Tensor& t) {
+    return model->forward(x, t);
+  };
+  const int channels = data.channels(), size = data.image_size();
+  const int64_t share = (last - first) * k;
+  std::vector<int64_t> indices;
+  for (int64_t begin = first; begin < last; begin += options.batch_size) {
+    const int64_t n = std::min<int64_t>(options.batch_size, last - begin);
+    indices.resize(n);
+    for (int64_t i = 0; i < n; ++i) indices[i] = begin + i;
+    const std::vector<uint8_t> bytes = ReadBatch(data, indices, {});
+    const torch::Tensor x0 = torch::from_blob(const_cast<uint8_t*>(bytes.data()),
+                                              {n, channels, size, size}, torch::kUInt8)
+                                     .to(device)
+                                     .to(torch::kFloat32) /
+                                 127.5 -
+                             1.0;
+    // The noise of a batch depends on (seed, its first image), not on the rank.
+    torch::Generator generator =
+        MakeCpuGenerator(options.seed * 1000003ULL + static_cast<uint64_t>(begin) + 1);
+    const int64_t done_before = (begin - first) * k;
+    const VariationalBound bound = diffusion.Bound(denoiser, x0, timesteps, weights,
+                                                   options.variance, generator, [&](int done, int) {
+                                                     if (progress)
+                                                       progress(done_before + done * n, share);
+                                                   });
+    sums.slice(0, 0, k) += bound.terms.sum(0);
+    sums[k] += bound.prior.sum();
+    sums[k + 1] += bound.total.sum();
+    sums[k + 2] += bound.total.square().sum();
+    sums[k + 3] += static_cast<double>(n);
+  }
+  comm.AllReduce(sums, ReduceOp::kSum, "the bound's sums");
+
+  BoundReport report;
+  report.images = static_cast<int64_t>(sums[k + 3].item<double>());
+  report.timesteps_in_all = steps;
+  report.timesteps = timesteps;
+  report.weights = weights;
+  const double n = static_cast<double>(report.images);
+  for (int64_t i = 0; i < k; ++i) report.term_means.push_back(sums[i].item<double>() / n);
+  report.prior_mean = sums[k].item<double>() / n;
+  report.total_mean = sums[k + 1].item<double>() / n;
+  const double variance =
+      std::max(0.0, sums[k + 2].item<double>() / n - report.total_mean * report.total_mean);
+  report.total_std_error = n > 1 ? std::sqrt(variance / (n - 1)) : 0.0;
+  return report;
+}
+
+void WriteBoundCsv(const BoundReport& report, const std::string& path) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << "t,weight,bits_per_dim\n";
+    char line[96];
+    for (std::size_t i = 0; i < report.timesteps.size(); ++i) {
+      std::snprintf(line, sizeof(line), "%lld,%g,%.10g\n",
+                    static_cast<long long>(report.timesteps[i]), report.weights[i],
+                    report.term_means[i]);
+      out << line;
+    }
+    std::snprintf(line, sizeof(line), "%d,1,%.10g\n", report.timesteps_in_all, report.prior_mean);
+    out << line;  // the prior term L_T, as t = T
+    out.flush();
+    if (!out) throw std::runtime_error(tmp + ": cannot write the bound's terms");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    throw std::runtime_error(path + ": cannot rename " + tmp + " into place");
+  }
+}
+
+namespace {
+
+// A 3x5 pixel font for tick labels: each glyph is 5 rows of 3 bits.
+const std::array<uint8_t, 5>* Glyph(char c) {
+  static const std::array<std::array<uint8_t, 5>, 13> kGlyphs = {{{7, 5, 5, 5, 7},
+                                                                  {2, 6, 2, 2, 7},
+                                                                  {7, 1, 7, 4, 7},
+                                                                  {7, 1, 7, 1, 7},
+                                                                  {5, 5, 7, 1, 1},
+                                                                  {7, 4, 7, 1, 7},
+                                                                  {7, 4, 7, 5, 7},
+                                                                  {7, 1, 1, 1, 1},
+                                                                  {7, 5, 7, 5, 7},
+                                                                  {7, 5, 7, 1, 7},
+                                                                  {0, 0, 0, 0, 2},
+                                                                  {0, 0, 7, 0, 0},
+                                                                  {7, 4, 7, 4, 7}}};
+  if (c >= '0' && c <= '9') return &kGlyphs[c - '0'];
+  if (c == '.') return &kGlyphs[10];
+  if (c == '-') return &kGlyphs[11];
+  if (c == 'e') return &kGlyphs[12];
+  return nullptr;
+}
+
+struct Canvas {
+  Image image;
+  void Set(int x, int y, uint8_t r, uint8_t g, uint8_t b) {
+    if (x < 0 || y < 0 || x >= image.width || y >= image.height) return;
+    uint8_t* p = &image.pixels[(static_cast<std::size_t>(y) * image.width + x) * 3];
+    p[0] = r;
+    p[1] = g;
+    p[2] = b;
+  }
+  void Line(double x0, double y0, double x1, double y1, uint8_t r, uint8_t g, uint8_t b) {
+    const int n = static_cast<int>(std::max(std::abs(x1 - x0), std::abs(y1 - y0))) + 1;
+    for (int i = 0; i <= n; ++i) {
+      const double f = static_cast<double>(i) / n;
+      Set(static_cast<int>(std::lround(x0 + f * (x1 - x0))),
+          static_cast<int>(std::lround(y0 + f * (y1 - y0))), r, g, b);
+    }
+  }
+  // Text at (x, y) (top left), each font pixel scale x scale.
+  void Text(int x, int y, const std::string& text, int scale = 2) {
+    for (char c : text) {
+      if (const auto* glyph = Glyph(c)) {
+        for (int row = 0; row < 5; ++row) {
+          for (int col = 0; col < 3; ++col) {
+            if (((*glyph)[row] >> (2 - col)) & 1) {
+              for (int dy = 0; dy < scale; ++dy) {
+                for (int dx = 0; dx < scale; ++dx) {
+                  Set(x + col * scale + dx, y + row * scale + dy, 0, 0, 0);
+                }
+              }
+            }
+          }
+        }
+      }
+      x += 4 * scale;
+    }
+  }
+};
+
+}  // namespace
+
+void WriteBoundPlot(const BoundReport& report, const std::string& path) {
+  constexpr int kWidth = 720, kHeight = 420, kLeft = 70, kRight = 20, kTop = 20, kBottom = 40;
+  Canvas canvas;
+  canvas.image = {kWidth, kHeight, 3, std::vector<uint8_t>(kWidth * kHeight * 3, 255)};
+  double low = 1e300, high = -1e300;
+  for (double value : report.term_means) {
+    if (value > 0) {
+      low = std::min(low, std::log10(value));
+      high = std::max(high, std::log10(value));
+    }
+  }
+  if (low > high) low = high = 0;
+  low = std::floor(low);
+  high = std::max(std::ceil(high), low + 1);
+  const double plot_w = kWidth - kLeft - kRight, plot_h = kHeight - kTop - kBottom;
+  const double steps = std::max(1, report.timesteps_in_all - 1);
+  auto px = [&](double t) { return kLeft + t / steps * plot_w; };
+  auto py = [&](double log_value) { return kTop + (high - log_value) / (high - low) * plot_h; };
+  // Decades: grid lines and labels.
+  for (int decade = static_cast<int>(low); decade <= static_cast<int>(high); ++decade) {
+    const double y = py(decade);
+    canvas.Line(kLeft, y, kWidth - kRight, y, 220, 220, 220);
+    canvas.Text(6, static_cast<int>(y) - 5, "1e" + std::to_string(decade));
+  }
+  for (int quarter = 0; quarter <= 4; ++quarter) {
+    // 0, T/4, T/2, 3T/4 and the last step, T - 1.
+    const double t = std::min(steps, std::round(report.timesteps_in_all * quarter / 4.0));
+    canvas.Line(px(t), kTop, px(t), kHeight - kBottom, 235, 235, 235);
+    const std::string label = std::to_string(static_cast<int>(std::lround(t)));
+    canvas.Text(static_cast<int>(px(t)) - 4 * static_cast<int>(label.size()), kHeight - kBottom + 8,
+                label);
+  }
+  canvas.Line(kLeft, kTop, kLeft, kHeight - kBottom, 0, 0, 0);
+  canvas.Line(kLeft, kHeight - kBottom, kWidth - kRight, kHeight - kBottom, 0, 0, 0);
+  // The terms, joined in t order (non-positive ones, which a log axis cannot show, skipped).
+  bool have_previous = false;
+  double previous_x = 0, previous_y = 0;
+  for (std::size_t i = 0; i < report.timesteps.size(); ++i) {
+    if (report.term_means[i] <= 0) continue;
+    const double x = px(static_cast<double>(report.timesteps[i]));
+    const double y = py(std::log10(report.term_means[i]));
+    if (have_previous) canvas.Line(previous_x, previous_y, x, y, 31, 119, 180);
+    for (int d = -1; d <= 1; ++d) canvas.Line(x - 1, y + d, x + 1, y + d, 31, 119, 180);
+    previous_x = x;
+    previous_y = y;
+    have_previous = true;
+  }
+  WritePng(path, canvas.image);
+}
+
+}  // namespace ddpm
