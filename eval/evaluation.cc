@@ -102,24 +102,25 @@ std::unique_ptr<ImageDataset> OpenImageSet(const std::string& spec, int image_si
   throw std::invalid_argument("image set '" + spec + "' is not cifar10:PATH or folder:PATH");
 }
 
+torch::Tensor ReadImages(const ImageDataset& data, int64_t first, int64_t n, torch::Device device) {
+  std::vector<int64_t> indices(n);
+  for (int64_t i = 0; i < n; ++i) indices[i] = first + i;
+  const std::vector<uint8_t> bytes = ReadBatch(data, indices, {});
+  return torch::from_blob(const_cast<uint8_t*>(bytes.data()),
+                          {n, data.channels(), data.image_size(), data.image_size()}, torch::kUInt8)
+                 .to(device)
+                 .to(torch::kFloat32) /
+             127.5 -
+         1;
+}
+
 InceptionStatistics MeasureImageSet(const ImageDataset& data, FidInception model, int batch_size,
                                     torch::Device device, const std::string& what) {
   const auto start = Clock::now();
   InceptionStatistics stats(std::move(model), data.size());
-  const int channels = data.channels(), size = data.image_size();
-  std::vector<int64_t> indices;
   for (int64_t first = 0; first < data.size(); first += batch_size) {
     const int64_t n = std::min<int64_t>(batch_size, data.size() - first);
-    indices.resize(n);
-    for (int64_t i = 0; i < n; ++i) indices[i] = first + i;
-    const std::vector<uint8_t> bytes = ReadBatch(data, indices, {});
-    const torch::Tensor images = torch::from_blob(const_cast<uint8_t*>(bytes.data()),
-                                                  {n, channels, size, size}, torch::kUInt8)
-                                         .to(device)
-                                         .to(torch::kFloat32) /
-                                     127.5 -
-                                 1;
-    stats.Add(images, first);
+    stats.Add(ReadImages(data, first, n, device), first);
     const int64_t done = first + n;
     const double rate = done / std::max(SecondsSince(start), 1e-9);
     std::printf("%s: %lld/%lld images, %.1f images/s, eta %.0fs\n", what.c_str(),

@@ -60,6 +60,9 @@ class RunEvaluator {
 /// and JPEG, resized to image_size). Throws naming the spec when it is neither.
 std::unique_ptr<ImageDataset> OpenImageSet(const std::string& spec, int image_size);
 
+/// Images first .. first + n - 1 of data as a float32 [n, C, H, W] batch in [-1, 1] on device.
+torch::Tensor ReadImages(const ImageDataset& data, int64_t first, int64_t n, torch::Device device);
+
 /// Extracts the Inception statistics of every image of data, batch_size at a time, printing
 /// progress to stdout.
 InceptionStatistics MeasureImageSet(const ImageDataset& data, FidInception model, int batch_size,

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <stdexcept>
 
+#include "eval/evaluation.h"
 #include "trainer/communicator.h"
 #include "trainer/data.h"
 #include "trainer/diffusion.h"
@@ -45,20 +46,10 @@ BoundReport MeasureBound(const GaussianDiffusion& diffusion, UNet& model, const 
   const Denoiser denoiser = [&](const torch::Tensor& x, const torch::Tensor& t) {
     return model->forward(x, t);
   };
-  const int channels = data.channels(), size = data.image_size();
   const int64_t share = (last - first) * k;
-  std::vector<int64_t> indices;
   for (int64_t begin = first; begin < last; begin += options.batch_size) {
     const int64_t n = std::min<int64_t>(options.batch_size, last - begin);
-    indices.resize(n);
-    for (int64_t i = 0; i < n; ++i) indices[i] = begin + i;
-    const std::vector<uint8_t> bytes = ReadBatch(data, indices, {});
-    const torch::Tensor x0 = torch::from_blob(const_cast<uint8_t*>(bytes.data()),
-                                              {n, channels, size, size}, torch::kUInt8)
-                                     .to(device)
-                                     .to(torch::kFloat32) /
-                                 127.5 -
-                             1.0;
+    const torch::Tensor x0 = ReadImages(data, begin, n, device);
     // The noise of a batch depends on (seed, its first image), not on the rank.
     torch::Generator generator =
         MakeCpuGenerator(options.seed * 1000003ULL + static_cast<uint64_t>(begin) + 1);

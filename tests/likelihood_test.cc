@@ -29,6 +29,19 @@ namespace {
 
 constexpr double kLn2 = 0.69314718055994530942;
 
+// A one-level UNet on 8x8 images with learned variances, quick enough to run in tests.
+ModelConfig SmallLearnedSigmaModel() {
+  ModelConfig m;
+  m.ch = 16;
+  m.ch_mult = {1};
+  m.num_res_blocks = 1;
+  m.attn_resolutions = {};
+  m.image_size = 8;
+  m.norm_groups = 8;
+  m.learn_sigma = true;
+  return m;
+}
+
 TEST(Bound, KlAndDiscretizedDecoderMatchSciPyIntegration) {
   const std::string python = DDPM_REFERENCE_PYTHON;
   if (std::system((python + " -c 'import torch, scipy' > /dev/null 2>&1").c_str()) != 0) {
@@ -183,14 +196,7 @@ TEST(Bound, SettingsAreCheckedByName) {
   EXPECT_THROW(c.Validate(1), ConfigError);
 
   // The UNet's output doubles; a checkpoint's weights of the other kind do not load.
-  ModelConfig m;
-  m.ch = 16;
-  m.ch_mult = {1};
-  m.num_res_blocks = 1;
-  m.attn_resolutions = {};
-  m.image_size = 8;
-  m.norm_groups = 8;
-  m.learn_sigma = true;
+  ModelConfig m = SmallLearnedSigmaModel();
   UNet learned(m, 1);
   EXPECT_EQ(learned->forward(torch::zeros({2, 3, 8, 8}), torch::zeros({2}, torch::kLong)).size(1),
             6);
@@ -224,14 +230,7 @@ namespace {
 // threads acting as ranks (each takes half the images; a batch's noise depends only on its
 // first image), and directly with GaussianDiffusion::Bound: the three agree.
 TEST(MeasureBound, OneRankTwoRanksAndDirectAgreeAndTheFilesAreWritten) {
-  ModelConfig m;
-  m.ch = 16;
-  m.ch_mult = {1};
-  m.num_res_blocks = 1;
-  m.attn_resolutions = {};
-  m.image_size = 8;
-  m.norm_groups = 8;
-  m.learn_sigma = true;
+  ModelConfig m = SmallLearnedSigmaModel();
   DiffusionConfig dc;
   dc.timesteps = 12;
   const GaussianDiffusion diffusion(dc);
