@@ -7,12 +7,12 @@
 #include <vector>
 
 #include "bench/stats.h"
+#include "comm/mpi_communicator.h"
 #include "config/batch_plan.h"
 #include "config/config.h"
 #include "config/flags.h"
 #include "trainer/trainer.h"
 #include "worker/gradient_buckets.h"
-#include "worker/mpi_communicator.h"
 
 using ddpm::bench::Clock;
 using ddpm::bench::Ms;

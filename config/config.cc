@@ -41,7 +41,7 @@ struct EnumNames<VarianceKind> {
 };
 template <>
 struct EnumNames<SamplerKind> {
-  static constexpr const char* kNames[] = {"ddpm", "ddim"};
+  static constexpr const char* kNames[] = {"ddpm", "ddim", "heun"};
 };
 template <>
 struct EnumNames<DatasetKind> {
@@ -58,6 +58,16 @@ struct EnumNames<Precision> {
 template <>
 struct EnumNames<DivergencePolicy> {
   static constexpr const char* kNames[] = {"stop", "rollback"};
+};
+
+template <>
+struct EnumNames<TimestepSamplerKind> {
+  static constexpr const char* kNames[] = {"uniform", "loss_second_moment"};
+};
+
+template <>
+struct EnumNames<IsLogits> {
+  static constexpr const char* kNames[] = {"unbiased", "biased"};
 };
 
 template <typename E>
@@ -103,6 +113,7 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("train", "adam_beta1", c.train.adam_beta1);
   visit("train", "adam_beta2", c.train.adam_beta2);
   visit("train", "adam_eps", c.train.adam_eps);
+  visit("train", "timestep_sampler", c.train.timestep_sampler);
   visit("train", "grad_clip", c.train.grad_clip);
   visit("train", "ema_decay", c.train.ema_decay);
   visit("train", "seed", c.train.seed);
@@ -132,6 +143,8 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("sample", "timesteps", c.sample.timesteps);
   visit("sample", "eta", c.sample.eta);
   visit("sample", "clip_x0", c.sample.clip_x0);
+  visit("sample", "churn", c.sample.churn);
+  visit("sample", "s_noise", c.sample.s_noise);
   visit("sample", "num_images", c.sample.num_images);
   visit("sample", "seed", c.sample.seed);
   visit("eval", "every", c.eval.every);
@@ -142,6 +155,10 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("eval", "seed", c.eval.seed);
   visit("eval", "inception_weights", c.eval.inception_weights);
   visit("eval", "reference_stats", c.eval.reference_stats);
+  visit("eval", "is_logits", c.eval.is_logits);
+  visit("eval", "nll_every", c.eval.nll_every);
+  visit("eval", "nll_images", c.eval.nll_images);
+  visit("eval", "nll_timesteps", c.eval.nll_timesteps);
   visit("dist", "bucket_mb", c.dist.bucket_mb);
   visit("dist", "timeout_seconds", c.dist.timeout_seconds);
   visit("dist", "world_size", c.dist.world_size);
@@ -352,13 +369,25 @@ const char* Name(SamplerKind v) { return EnumNames<SamplerKind>::kNames[static_c
 const char* Name(DatasetKind v) { return EnumNames<DatasetKind>::kNames[static_cast<int>(v)]; }
 const char* Name(CifarSplit v) { return EnumNames<CifarSplit>::kNames[static_cast<int>(v)]; }
 const char* Name(Precision v) { return EnumNames<Precision>::kNames[static_cast<int>(v)]; }
+const char* Name(IsLogits v) { return EnumNames<IsLogits>::kNames[static_cast<int>(v)]; }
+const char* Name(TimestepSamplerKind v) {
+  return EnumNames<TimestepSamplerKind>::kNames[static_cast<int>(v)];
+}
 const char* Name(DivergencePolicy v) {
   return EnumNames<DivergencePolicy>::kNames[static_cast<int>(v)];
 }
 
 int SampleConfig::ResolvedSteps(int diffusion_timesteps) const {
   if (steps > 0) return steps;
-  return sampler == SamplerKind::kDdpm ? diffusion_timesteps : std::min(100, diffusion_timesteps);
+  switch (sampler) {
+    case SamplerKind::kDdpm:
+      return diffusion_timesteps;
+    case SamplerKind::kDdim:
+      return std::min(100, diffusion_timesteps);
+    case SamplerKind::kHeun:
+      return std::min(18, diffusion_timesteps);
+  }
+  return diffusion_timesteps;
 }
 
 void Config::Validate(int world_size) const {
@@ -508,6 +537,9 @@ void Config::Validate(int world_size) const {
     }
   }
   if (sample.eta < 0) Invalid("sample.eta", "must be >= 0, got " + Format(sample.eta));
+  if (sample.churn < 0) Invalid("sample.churn", "must be >= 0, got " + Format(sample.churn));
+  if (!(sample.s_noise > 0))
+    Invalid("sample.s_noise", "must be > 0, got " + Format(sample.s_noise));
   if (sample.num_images < 1)
     Invalid("sample.num_images", "must be >= 1, got " + std::to_string(sample.num_images));
   if (eval.every < 0)
@@ -533,6 +565,15 @@ void Config::Validate(int world_size) const {
     Invalid("eval.reference_stats",
             "eval.every is set, so reference statistics are needed: a .npz with mu and sigma "
             "(`ddpm_fid stats --data cifar10:PATH --out FILE`, or the published CIFAR-10 file)");
+  }
+  if (eval.nll_every < 0)
+    Invalid("eval.nll_every", "must be >= 0 (0: never), got " + std::to_string(eval.nll_every));
+  if (eval.nll_images < 1)
+    Invalid("eval.nll_images", "must be >= 1, got " + std::to_string(eval.nll_images));
+  if (eval.nll_timesteps != 0 && (eval.nll_timesteps < 2 || eval.nll_timesteps > d.timesteps)) {
+    Invalid("eval.nll_timesteps",
+            "must be 0 (all T) or in [2, diffusion.timesteps = " + std::to_string(d.timesteps) +
+                "], got " + std::to_string(eval.nll_timesteps));
   }
   if (!(dist.bucket_mb > 0))
     Invalid("dist.bucket_mb", "must be > 0, got " + Format(dist.bucket_mb));

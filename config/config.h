@@ -26,11 +26,16 @@ enum class Objective { kEps, kX0, kV };
 enum class LossKind { kL2, kL1, kHybrid, kVlb };
 enum class LossWeighting { kNone, kP2, kMinSnr };
 enum class VarianceKind { kFixedLarge, kFixedSmall };
-enum class SamplerKind { kDdpm, kDdim };
+enum class SamplerKind { kDdpm, kDdim, kHeun };
 enum class DatasetKind { kShapes, kCifar10, kFolder };
 enum class CifarSplit { kTrain, kTest };
 enum class Precision { kFp32, kBf16 };
 enum class DivergencePolicy { kStop, kRollback };
+enum class TimestepSamplerKind { kUniform, kLossSecondMoment };
+/// Which logits the Inception Score is computed from: pool3 times the fc weights without the
+/// bias (the original TF code's, openai/improved-gan; torch-fidelity's logits_unbiased), or the
+/// fc's output with it.
+enum class IsLogits { kUnbiased, kBiased };
 
 /// The UNet of Ho et al. (Appendix B), as in the authors' diffusion_tf/models/unet.py.
 struct ModelConfig {
@@ -104,6 +109,11 @@ struct TrainConfig {
   double adam_beta2 = 0.999;
   /// Adam epsilon.
   double adam_eps = 1e-8;
+  /// How each sample's timestep is drawn: uniform (Ho et al.), or loss_second_moment
+  /// (Nichol & Dhariwal, section 3.3: t with probability proportional to sqrt(E[L_t^2]) over
+  /// the last 10 losses at t, uniform until every t has them, the loss reweighted by
+  /// 1 / (T p_t)). The history comes from the whole global batch and is checkpointed.
+  TimestepSamplerKind timestep_sampler = TimestepSamplerKind::kUniform;
   /// Global gradient-norm clip; 0 disables clipping.
   double grad_clip = 1.0;
   /// EMA decay of the weights used for sampling.
@@ -166,25 +176,34 @@ struct DataConfig {
 
 /// How sample grids are drawn.
 struct SampleConfig {
-  /// Sampler: ddpm (ancestral, T steps) or ddim.
+  /// Sampler: ddpm (ancestral, T steps), ddim, or heun (Karras et al. 2022, Algorithm 1, or
+  /// Algorithm 2 with churn > 0, on sigma = sqrt(1/abar - 1) of the trained timesteps).
   SamplerKind sampler = SamplerKind::kDdpm;
   /// Variance of the ancestral sampler: fixedlarge (beta_t) or fixedsmall (beta-tilde).
   VarianceKind variance = VarianceKind::kFixedLarge;
   /// Sampler steps: for ddim its S; for ddpm, fewer than T respaces the ancestral sampler onto
-  /// that many evenly strided timesteps (Nichol & Dhariwal, section 4). 0: the sampler's
-  /// default, all T for ddpm (the paper) and 100 for ddim.
+  /// that many evenly strided timesteps (Nichol & Dhariwal, section 4); for heun its N (2N - 1
+  /// network evaluations). 0: the sampler's default, all T for ddpm (the paper), 100 for ddim,
+  /// 18 for heun (EDM's CIFAR-10 setting).
   int steps = 0;
   /// ddpm only: an explicit increasing list of timesteps in [0, T) to respace onto (overrides
   /// steps).
   std::vector<int> timesteps;
   /// DDIM eta: 0 is deterministic, 1 matches the ancestral posterior variance.
   double eta = 0.0;
-  /// Clip the predicted x0 to [-1, 1] at every step.
+  /// Clip the predicted x0 to [-1, 1] at every step (ddpm and ddim; heun follows the ODE as
+  /// EDM does, unclipped).
   bool clip_x0 = true;
+  /// heun: EDM's S_churn, the stochasticity of Algorithm 2 (0: the deterministic Algorithm 1),
+  /// applied at every step (S_tmin 0, S_tmax infinite).
+  double churn = 0.0;
+  /// heun: EDM's S_noise, the scale of the noise churn adds.
+  double s_noise = 1.0;
   /// Images per sample grid.
   int num_images = 64;
 
-  /// The sampler's steps with 0 resolved: T for ddpm, 100 for ddim (never more than T).
+  /// The sampler's steps with 0 resolved: T for ddpm, 100 for ddim, 18 for heun (never more
+  /// than T).
   int ResolvedSteps(int diffusion_timesteps) const;
   /// Seed of the sampler's noise.
   uint64_t seed = 0;
@@ -199,10 +218,10 @@ struct EvalConfig {
   int64_t num_samples = 50000;
   /// Images per sampling forward pass and per Inception batch, on each rank.
   int batch_size = 100;
-  /// Sampler of the evaluation: ddpm (the paper's ancestral sampler) or ddim.
+  /// Sampler of the evaluation: ddpm (the paper's ancestral sampler), ddim or heun.
   SamplerKind sampler = SamplerKind::kDdpm;
-  /// Sampler steps, as sample.steps: 0 is all T for ddpm (the paper) and 100 for ddim; fewer
-  /// than T respaces ddpm.
+  /// Sampler steps, as sample.steps: 0 is all T for ddpm (the paper), 100 for ddim, 18 for
+  /// heun; fewer than T respaces ddpm.
   int steps = 0;
   /// Seed of the evaluation's noise: sample i draws from (seed, i) on any world size.
   uint64_t seed = 1;
@@ -212,6 +231,19 @@ struct EvalConfig {
   /// The reference statistics: a .npz with mu and sigma (pytorch-fid and TTUR's layout), as
   /// `ddpm_fid stats` writes or as published for CIFAR-10.
   std::string reference_stats;
+  /// The Inception Score's logits: unbiased (the original TF code's, so that IS stands beside
+  /// the paper's 9.46) or biased (the fc's output, as pytorch-fid-based tools compute it).
+  IsLogits is_logits = IsLogits::kUnbiased;
+  /// Steps between evaluations of the variational bound (the NLL of Ho et al., Table 1) in
+  /// bits/dim on held-out images, and one at the last step; 0: never. Held out: CIFAR-10's
+  /// other split (test when training on train), shapes drawn with a seed training never uses;
+  /// a folder has no held-out split, so its own images are used and the report says so.
+  int64_t nll_every = 0;
+  /// Held-out images of each bound evaluation, split over the ranks in batches of batch_size.
+  int64_t nll_images = 1000;
+  /// Timesteps per image: 0 = all T (the paper's bound); K = t = 0 and a stratified unbiased
+  /// estimate from K - 1 more.
+  int nll_timesteps = 0;
 };
 
 /// Data-parallel training across ranks.
@@ -278,5 +310,7 @@ const char* Name(DatasetKind v);
 const char* Name(CifarSplit v);
 const char* Name(Precision v);
 const char* Name(DivergencePolicy v);
+const char* Name(TimestepSamplerKind v);
+const char* Name(IsLogits v);
 
 }  // namespace ddpm

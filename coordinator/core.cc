@@ -604,7 +604,14 @@ void Coordinator::ReportEval(const v1::ReportEvalRequest& request) {
   v1::EvalResult eval = request.eval();
   eval.set_at_unix_ms(clock_.NowUnixMs());
   v1::Run next = entry.run;
-  if (eval.step() >= next.latest_eval().step()) *next.mutable_latest_eval() = eval;
+  // The newest FID and the newest bound: an evaluation may hold either or both.
+  const bool has_fid = eval.num_samples() > 0 || !eval.has_nll_bits_per_dim();
+  if (has_fid && eval.step() >= next.latest_eval().step()) {
+    *next.mutable_latest_eval() = eval;
+  }
+  if (eval.has_nll_bits_per_dim() && eval.step() >= next.latest_nll().step()) {
+    *next.mutable_latest_nll() = eval;
+  }
   next.set_updated_unix_ms(eval.at_unix_ms());
   registry_->Transaction([&] {
     registry_->AddEval(next.id(), eval);

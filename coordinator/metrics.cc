@@ -68,6 +68,9 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
               "Checkpoints of a run abandoned because they could not be written");
   MetricFamily fid = Gauge("ddpm_eval_fid", "FID of the newest evaluation");
   MetricFamily inception = Gauge("ddpm_eval_inception_score", "IS of the newest evaluation");
+  MetricFamily nll = Gauge("ddpm_eval_nll_bits_per_dim",
+                           "The variational bound (NLL) in bits/dim on held-out images, of the "
+                           "newest evaluation that measured it");
   std::map<v1::RunState, int> counts;
   for (int s = v1::QUEUED; s <= v1::FAILED; ++s) counts[static_cast<v1::RunState>(s)] = 0;
   for (const v1::Run& run : runs) {
@@ -110,6 +113,9 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
       AddValue(fid, labels, run.latest_eval().fid());
       AddValue(inception, labels, run.latest_eval().inception_score());
     }
+    if (run.latest_nll().has_nll_bits_per_dim()) {
+      AddValue(nll, labels, run.latest_nll().nll_bits_per_dim());
+    }
   }
   for (const auto& [s, count] : counts) {
     AddValue(by_state, {{"state", v1::RunState_Name(s)}}, count);
@@ -135,8 +141,8 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
   return {state, by_state, restarts,     rollbacks,     checkpoint_failures,
           step,  total,    loss,         quartile_loss, rate,
           lr,    grad,     step_seconds, allreduce,     overlap,
-          stall, write,    fid,          inception,     up,
-          age,   memory};
+          stall, write,    fid,          inception,     nll,
+          up,    age,      memory};
 }
 
 RpcMetrics::RpcMetrics()

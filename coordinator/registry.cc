@@ -9,7 +9,8 @@ namespace {
 
 // 'DDPR' in the database header's application_id; user_version is the schema version.
 constexpr int kApplicationId = 0x44445052;
-constexpr int kSchemaVersion = 1;
+// 2: evals gained nll_bits_per_dim (a version-1 file is migrated when opened).
+constexpr int kSchemaVersion = 2;
 
 [[noreturn]] void Fail(sqlite3* db, const std::string& path, int code, const char* call,
                        const char* file, int line) {
@@ -59,6 +60,12 @@ class Statement {
     DDPM_SQLITE_CHECK(db_, path_, sqlite3_bind_double(statement_, ++index_, value));
     return *this;
   }
+  /// value, or NULL when it is absent.
+  Statement& BindOptional(bool present, double value) {
+    if (present) return Bind(value);
+    DDPM_SQLITE_CHECK(db_, path_, sqlite3_bind_null(statement_, ++index_));
+    return *this;
+  }
   /// Steps once; true while there is a row.
   bool Step() {
     const int code = sqlite3_step(statement_);
@@ -71,6 +78,7 @@ class Statement {
     }
   }
   int64_t Int(int column) { return sqlite3_column_int64(statement_, column); }
+  bool Null(int column) { return sqlite3_column_type(statement_, column) == SQLITE_NULL; }
   double Double(int column) { return sqlite3_column_double(statement_, column); }
   std::string Text(int column) {
     const auto* text = sqlite3_column_blob(statement_, column);
@@ -141,11 +149,16 @@ Registry::Registry(const std::string& path) : path_(path) {
           "CREATE TABLE IF NOT EXISTS checkpoints (run_id TEXT NOT NULL REFERENCES runs(id)"
           " ON DELETE CASCADE, step INTEGER NOT NULL, path TEXT NOT NULL,"
           " at_unix_ms INTEGER NOT NULL);"
+          // An evaluation of the bound alone has num_samples 0 (and fid, inception_score 0);
+          // one without the bound has nll_bits_per_dim NULL.
           "CREATE TABLE IF NOT EXISTS evals (run_id TEXT NOT NULL REFERENCES runs(id)"
           " ON DELETE CASCADE, step INTEGER NOT NULL, fid REAL NOT NULL,"
           " inception_score REAL NOT NULL, num_samples INTEGER NOT NULL,"
-          " at_unix_ms INTEGER NOT NULL);",
+          " at_unix_ms INTEGER NOT NULL, nll_bits_per_dim REAL);",
           __FILE__, __LINE__);
+      if (!empty && schema < 2) {
+        Execute("ALTER TABLE evals ADD COLUMN nll_bits_per_dim REAL", __FILE__, __LINE__);
+      }
     });
   } catch (...) {
     sqlite3_close(db_);
@@ -250,14 +263,15 @@ void Registry::AddCheckpoint(const std::string& run_id, const v1::CheckpointInfo
 
 void Registry::AddEval(const std::string& run_id, const v1::EvalResult& eval) {
   Statement(db_, path_,
-            "INSERT INTO evals(run_id, step, fid, inception_score, num_samples, at_unix_ms) "
-            "VALUES(?, ?, ?, ?, ?, ?)")
+            "INSERT INTO evals(run_id, step, fid, inception_score, num_samples, at_unix_ms, "
+            "nll_bits_per_dim) VALUES(?, ?, ?, ?, ?, ?, ?)")
       .Bind(run_id)
       .Bind(static_cast<int64_t>(eval.step()))
       .Bind(eval.fid())
       .Bind(eval.inception_score())
       .Bind(static_cast<int64_t>(eval.num_samples()))
       .Bind(static_cast<int64_t>(eval.at_unix_ms()))
+      .BindOptional(eval.has_nll_bits_per_dim(), eval.nll_bits_per_dim())
       .Run();
 }
 
@@ -315,8 +329,8 @@ std::vector<v1::CheckpointInfo> Registry::Checkpoints(const std::string& run_id)
 std::vector<v1::EvalResult> Registry::Evals(const std::string& run_id) {
   std::vector<v1::EvalResult> evals;
   Statement select(db_, path_,
-                   "SELECT step, fid, inception_score, num_samples, at_unix_ms FROM evals "
-                   "WHERE run_id = ? ORDER BY rowid");
+                   "SELECT step, fid, inception_score, num_samples, at_unix_ms, nll_bits_per_dim "
+                   "FROM evals WHERE run_id = ? ORDER BY rowid");
   select.Bind(run_id);
   while (select.Step()) {
     v1::EvalResult& eval = evals.emplace_back();
@@ -325,6 +339,7 @@ std::vector<v1::EvalResult> Registry::Evals(const std::string& run_id) {
     eval.set_inception_score(select.Double(2));
     eval.set_num_samples(select.Int(3));
     eval.set_at_unix_ms(select.Int(4));
+    if (!select.Null(5)) eval.set_nll_bits_per_dim(select.Double(5));
   }
   return evals;
 }

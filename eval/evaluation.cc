@@ -21,15 +21,19 @@ torch::Tensor Quantize(const torch::Tensor& images) {
 
 }  // namespace
 
-InceptionStatistics::InceptionStatistics(FidInception model, int64_t total_samples)
-    : model_(std::move(model)), features_(2048), scores_(total_samples, 1008) {}
+InceptionStatistics::InceptionStatistics(FidInception model, int64_t total_samples,
+                                         IsLogits is_logits)
+    : model_(std::move(model)),
+      features_(2048),
+      scores_(total_samples, 1008),
+      is_logits_(is_logits) {}
 
 void InceptionStatistics::Add(const torch::Tensor& images, int64_t first_index) {
   torch::NoGradGuard no_grad;
   torch::Tensor rgb = images.size(1) == 1 ? images.repeat({1, 3, 1, 1}) : images;
   const InceptionOutput out = model_->forward(rgb.to(torch::kFloat32));
   features_.Add(out.pool3);
-  scores_.Add(out.logits, first_index);
+  scores_.Add(is_logits_ == IsLogits::kUnbiased ? out.logits_unbiased : out.logits, first_index);
 }
 
 RunEvaluator::RunEvaluator(const Config& config, torch::Device device)
@@ -54,16 +58,19 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
   const int rank = comm.rank(), world = comm.world_size();
   const int64_t first = eval.num_samples * rank / world;
   const int64_t end = eval.num_samples * (rank + 1) / world;
-  InceptionStatistics stats(model_, eval.num_samples);
+  InceptionStatistics stats(model_, eval.num_samples, eval.is_logits);
   SampleConfig sample = config_.sample;
   sample.sampler = eval.sampler;
   sample.steps = eval.steps;
   sample.timesteps.clear();
   for (int64_t index = first; index < end; index += eval.batch_size) {
     const int64_t n = std::min<int64_t>(eval.batch_size, end - index);
-    sample.seed = eval.seed * 1000003ULL + static_cast<uint64_t>(index);
-    const torch::Tensor images =
-        diffusion.Sample(EvalDenoiser(ema), {n, m.in_channels, m.image_size, m.image_size}, sample);
+    // Sample i draws from (eval.seed, i) alone: the same samples on any batch size and world.
+    std::vector<uint64_t> seeds;
+    for (int64_t i = index; i < index + n; ++i) seeds.push_back(ImageSeed(eval.seed, i));
+    NoiseStreams streams(seeds);
+    const torch::Tensor images = diffusion.Sample(
+        EvalDenoiser(ema), {n, m.in_channels, m.image_size, m.image_size}, sample, streams);
     stats.Add(Quantize(images).to(device_), index);
     if (progress) progress(index + n - first, end - first);
   }
@@ -82,9 +89,9 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
   report.inception_score = is_mean;
   report.inception_score_std = is_std;
   report.num_samples = stats.features().count();
-  report.sampler = eval.sampler == SamplerKind::kDdpm ? "ddpm" : "ddim";
-  report.sampling_steps =
-      eval.sampler == SamplerKind::kDdpm ? config_.diffusion.timesteps : eval.steps;
+  report.sampler = Name(eval.sampler);
+  report.is_logits = Name(eval.is_logits);
+  report.sampling_steps = sample.ResolvedSteps(config_.diffusion.timesteps);
   report.inception_sha256 = inception_sha256_;
   report.reference_sha256 = reference_sha256_;
   report.seconds = SecondsSince(start);
@@ -115,9 +122,10 @@ torch::Tensor ReadImages(const ImageDataset& data, int64_t first, int64_t n, tor
 }
 
 InceptionStatistics MeasureImageSet(const ImageDataset& data, FidInception model, int batch_size,
-                                    torch::Device device, const std::string& what) {
+                                    torch::Device device, const std::string& what,
+                                    IsLogits is_logits) {
   const auto start = Clock::now();
-  InceptionStatistics stats(std::move(model), data.size());
+  InceptionStatistics stats(std::move(model), data.size(), is_logits);
   for (int64_t first = 0; first < data.size(); first += batch_size) {
     const int64_t n = std::min<int64_t>(batch_size, data.size() - first);
     stats.Add(ReadImages(data, first, n, device), first);

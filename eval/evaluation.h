@@ -22,8 +22,10 @@ class ImageDataset;
 /// Inception features of images into FID and IS moments.
 class InceptionStatistics {
  public:
-  /// total_samples: of the whole set, across ranks (the IS splits depend on it).
-  InceptionStatistics(FidInception model, int64_t total_samples);
+  /// total_samples: of the whole set, across ranks (the IS splits depend on it); the IS from
+  /// is_logits.
+  InceptionStatistics(FidInception model, int64_t total_samples,
+                      IsLogits is_logits = IsLogits::kUnbiased);
   /// images: [n, C, H, W] in [-1, 1] (one channel is repeated to three), samples first_index ...
   /// first_index + n - 1 of the set.
   void Add(const torch::Tensor& images, int64_t first_index);
@@ -34,6 +36,7 @@ class InceptionStatistics {
   FidInception model_;
   FeatureMoments features_;
   ScoreMoments scores_;
+  IsLogits is_logits_;
 };
 
 /// A run's evaluation: the network and reference statistics are loaded (and hashed) once.
@@ -42,7 +45,7 @@ class RunEvaluator {
   /// Loads config.eval's weights and reference on device; throws naming the file.
   RunEvaluator(const Config& config, torch::Device device);
   /// Samples this rank's share of eval.num_samples with the EMA model (contiguous shares;
-  /// batch k of the share draws from (eval.seed, its first sample index)), quantizes them to
+  /// sample i draws from ImageSeed(eval.seed, i) alone), quantizes them to
   /// 8 bits as saved images are, and returns FID and IS from the moments summed over comm.
   EvalReport Evaluate(const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm,
                       int64_t step,
@@ -66,6 +69,7 @@ torch::Tensor ReadImages(const ImageDataset& data, int64_t first, int64_t n, tor
 /// Extracts the Inception statistics of every image of data, batch_size at a time, printing
 /// progress to stdout.
 InceptionStatistics MeasureImageSet(const ImageDataset& data, FidInception model, int batch_size,
-                                    torch::Device device, const std::string& what);
+                                    torch::Device device, const std::string& what,
+                                    IsLogits is_logits = IsLogits::kUnbiased);
 
 }  // namespace ddpm

@@ -226,6 +226,7 @@ InceptionOutput FidInceptionImpl::forward(const torch::Tensor& images) {
   InceptionOutput out;
   out.pool3 = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(1);
   out.logits = fc_->forward(out.pool3);
+  out.logits_unbiased = torch::matmul(out.pool3, fc_->weight.t());
   return out;
 }
 

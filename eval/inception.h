@@ -14,6 +14,9 @@ struct InceptionOutput {
   torch::Tensor pool3;
   /// [N, 1008]: the classifier's logits (fc of pool3).
   torch::Tensor logits;
+  /// [N, 1008]: pool3 times the fc weights without the bias, the logits of the original TF
+  /// Inception Score (openai/improved-gan; torch-fidelity's logits_unbiased).
+  torch::Tensor logits_unbiased;
 };
 
 /// torchvision's Inception3 with FID's four changes: the average pools of the A, C and E

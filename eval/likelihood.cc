@@ -29,12 +29,12 @@ BoundReport MeasureBound(const GaussianDiffusion& diffusion, UNet& model, const 
   }
   if (options.batch_size < 1) throw std::invalid_argument("--batch must be >= 1");
   const int64_t total = options.num_images == 0 ? data.size() : options.num_images;
+  // Ranks take contiguous runs of whole batches, so that the batches (and so their noise,
+  // drawn from each batch's first image) are the same on any number of ranks.
   const int rank = comm.rank(), world = comm.world_size();
-  if (total < world) {
-    throw std::invalid_argument("--num " + std::to_string(total) + ": fewer images than the " +
-                                std::to_string(world) + " ranks");
-  }
-  const int64_t first = total * rank / world, last = total * (rank + 1) / world;
+  const int64_t batches = (total + options.batch_size - 1) / options.batch_size;
+  const int64_t first = std::min(total, batches * rank / world * options.batch_size);
+  const int64_t last = std::min(total, batches * (rank + 1) / world * options.batch_size);
 
   torch::Generator strata = MakeCpuGenerator(options.seed);
   const auto [timesteps, weights] = diffusion.BoundTimesteps(options.num_timesteps, strata);
@@ -80,6 +80,35 @@ BoundReport MeasureBound(const GaussianDiffusion& diffusion, UNet& model, const 
       std::max(0.0, sums[k + 2].item<double>() / n - report.total_mean * report.total_mean);
   report.total_std_error = n > 1 ? std::sqrt(variance / (n - 1)) : 0.0;
   return report;
+}
+
+HeldOutImages OpenHeldOut(const Config& config) {
+  HeldOutImages held;
+  const int size = config.model.image_size;
+  switch (config.data.dataset) {
+    case DatasetKind::kCifar10: {
+      const CifarSplit other =
+          config.data.split == CifarSplit::kTrain ? CifarSplit::kTest : CifarSplit::kTrain;
+      held.data = std::make_unique<Cifar10Dataset>(config.data.path, other);
+      held.description = std::string("cifar10 ") + (other == CifarSplit::kTest ? "test" : "train");
+      break;
+    }
+    case DatasetKind::kShapes:
+      held.data = std::make_unique<ShapesDataset>(config.eval.nll_images, size, kHeldOutShapesSeed);
+      held.description = "shapes held-out";
+      break;
+    case DatasetKind::kFolder:
+      held.data =
+          std::make_unique<ImageFolderDataset>(config.data.path, size, config.model.in_channels);
+      held.description = "folder " + config.data.path + " (the training images: no held-out split)";
+      break;
+  }
+  if (held.data->size() < config.eval.nll_images) {
+    throw ConfigError("eval.nll_images: " + std::to_string(config.eval.nll_images) +
+                      " images asked for, but " + held.description + " has " +
+                      std::to_string(held.data->size()));
+  }
+  return held;
 }
 
 void WriteBoundCsv(const BoundReport& report, const std::string& path) {

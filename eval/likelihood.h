@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -35,7 +36,8 @@ struct BoundOptions {
   int batch_size = 64;
 };
 
-/// The bound summed over the images of all ranks, in bits/dim.
+/// The bound summed over the images of all ranks, in bits/dim. Ranks take whole batches of
+/// batch_size images, so the result does not depend on the number of ranks.
 struct BoundReport {
   int64_t images = 0;
   int timesteps_in_all = 0;        // T
@@ -53,6 +55,21 @@ struct BoundReport {
 BoundReport MeasureBound(const GaussianDiffusion& diffusion, UNet& model, const ImageDataset& data,
                          const BoundOptions& options, Communicator& comm, torch::Device device,
                          const std::function<void(int64_t done, int64_t share)>& progress);
+
+/// The seed of held-out shapes (ddpm_nll's shapes:N, the bound during training): training draws
+/// its shapes from train.seed.
+inline constexpr uint64_t kHeldOutShapesSeed = 0x5eedf00dULL;
+
+/// The images the bound is measured on during training, and what they are.
+struct HeldOutImages {
+  std::unique_ptr<ImageDataset> data;
+  /// "cifar10 test", "shapes held-out", "folder PATH (the training images)".
+  std::string description;
+};
+/// config.eval.nll_images images that training does not see where the dataset has them:
+/// CIFAR-10's other split, shapes from kHeldOutShapesSeed; a folder's own images otherwise.
+/// Throws ConfigError naming eval.nll_images when the split has fewer.
+HeldOutImages OpenHeldOut(const Config& config);
 
 /// Writes t, weight, bits_per_dim rows (and the prior as t = T), atomically.
 void WriteBoundCsv(const BoundReport& report, const std::string& path);

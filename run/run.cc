@@ -74,7 +74,21 @@ constexpr char kMetricsHeader[] =
     "overlap_fraction,loss_q0,loss_q1,loss_q2,loss_q3";
 constexpr char kEvalHeader[] =
     "step,fid,inception_score,inception_score_std,num_samples,sampler,sampling_steps,"
-    "eval_seconds,regularized,inception_sha256,reference_sha256";
+    "eval_seconds,regularized,inception_sha256,reference_sha256,nll_bits_per_dim,"
+    "nll_std_error,nll_images,nll_timesteps,nll_data,is_logits";
+
+// A CSV field: empty for what an evaluation did not measure, quoted when it holds a comma.
+template <typename T>
+std::string Field(bool measured, const T& value) {
+  if (!measured) return "";
+  std::ostringstream out;
+  out << value;
+  std::string text = out.str();
+  if (text.find_first_of(",\"") == std::string::npos) return text;
+  std::string quoted = "\"";
+  for (char c : text) quoted += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return quoted + "\"";
+}
 
 }  // namespace
 
@@ -169,13 +183,13 @@ TrainingRun::TrainingRun(const Config& config, const TrainOptions& options,
   shard_ = DataShard::Of(plan_.global_batch, rank_, plan_.ranks);
   loader_ = std::make_unique<BatchLoader>(*dataset_, shard_, config_.data.random_flip,
                                           config_.train.seed, cursor_, config_.data.prefetch);
-  // FID and IS every eval.every steps: the network and reference load now, so that a missing
-  // file fails the run before it trains.
-  if (config_.eval.every > 0) {
-    evaluator_ = std::make_unique<RunEvaluator>(config_, device_);
-    if (console_.lead()) {
-      eval_csv_ = CsvLog(options_.run_dir + "/eval.csv", kEvalHeader, resumed_);
-    }
+  // FID and IS every eval.every steps, the bound every eval.nll_every: the network, the
+  // reference and the held-out images load now, so that a missing file fails the run before
+  // it trains.
+  if (config_.eval.every > 0) evaluator_ = std::make_unique<RunEvaluator>(config_, device_);
+  if (config_.eval.nll_every > 0) held_out_ = OpenHeldOut(config_);
+  if ((evaluator_ || held_out_.data) && console_.lead()) {
+    eval_csv_ = CsvLog(options_.run_dir + "/eval.csv", kEvalHeader, resumed_);
   }
   progress_ = std::make_unique<RankProgress>(options_.run_dir, rank_, world_);
   progress_->Finished(trainer_->step());
@@ -234,6 +248,14 @@ void TrainingRun::Resume(const CheckpointDir::Loaded& loaded) {
         static_cast<long long>(saved_world), world_);
   }
   trainer_->LoadState(state, loaded.path);
+  if (trainer_->timestep_sampler().uses_losses() &&
+      state.find(keys::kTimestepLossHistory) == state.end()) {
+    console_.Say(
+        "ddpm: the checkpoint holds no timestep loss history (it was trained with "
+        "train.timestep_sampler: uniform); timesteps stay uniform until %d losses per timestep "
+        "are seen again\n",
+        TimestepSampler::kHistory);
+  }
   // The run's history (absent from checkpoints older than it).
   if (const auto it = state.find(keys::kRollbacks); it != state.end()) {
     rollbacks_ = it->second.item<int64_t>();
@@ -267,6 +289,7 @@ void TrainingRun::JoinWorld() {
       comm_.Broadcast(tensor, 0, "broadcast of the initial " + name);
     }
     trainer_->LoadState(state, "rank 0's broadcast");
+    trainer_->set_communicator(&comm_);
   }
   if (world_ > 1 || dist_.make_gradient_sync) {
     if (!dist_.make_gradient_sync) {
@@ -317,6 +340,15 @@ void TrainingRun::TrainStep() {
     input.mul_(scale);
   }
   const StepStats stats = trainer_->Step(input, shard_.first);
+  if (trainer_->timestep_sampler().loss_aware() != sampler_warm_) {
+    sampler_warm_ = !sampler_warm_;
+    if (sampler_warm_) {
+      console_.Say(
+          "ddpm: timestep sampler: every timestep has its last %d losses at step %lld; t is "
+          "drawn in proportion to sqrt(E[L_t^2]) from here\n",
+          TimestepSampler::kHistory, static_cast<long long>(trainer_->step()));
+    }
+  }
   cursor_ = batch.after;
   ++steps_trained_;
   progress_->Finished(trainer_->step());
@@ -691,32 +723,84 @@ void TrainingRun::WriteSamples(int64_t step) {
   comm_.WaitForBroadcast(done, 0, "the end of the sample grid of step " + std::to_string(step));
 }
 
-void TrainingRun::Evaluate(int64_t step) {
+void TrainingRun::Evaluate(int64_t step, bool fid, bool nll) {
   const auto eval_start = Clock::now();
-  console_.Say("ddpm: evaluating FID and IS of %lld EMA samples at step %lld\n",
-               static_cast<long long>(config_.eval.num_samples), static_cast<long long>(step));
-  int64_t reported = 0;
-  const EvalReport report = evaluator_->Evaluate(
-      trainer_->diffusion(), trainer_->ema_model(), comm_, step, [&](int64_t done, int64_t share) {
-        if (done * 10 / share > reported * 10 / share || done == share) {
-          console_.Progress("ddpm: eval: rank 0 has %lld/%lld of its samples (%.0fs)\n",
-                            static_cast<long long>(done), static_cast<long long>(share),
-                            SecondsSince(eval_start));
-        }
-        reported = done;
-      });
-  console_.Say(
-      "ddpm: eval at step %lld: FID %.4f, IS %.4f +- %.4f (%lld samples, %s %d steps, %.1fs%s; "
-      "Inception sha256 %.12s, reference sha256 %.12s)\n",
-      static_cast<long long>(step), report.fid, report.inception_score, report.inception_score_std,
-      static_cast<long long>(report.num_samples), report.sampler.c_str(), report.sampling_steps,
-      report.seconds, report.regularized ? "; covariances regularized with eps" : "",
-      report.inception_sha256.c_str(), report.reference_sha256.c_str());
+  EvalReport report;
+  report.step = step;
+  if (fid) {
+    console_.Say("ddpm: evaluating FID and IS of %lld EMA samples at step %lld\n",
+                 static_cast<long long>(config_.eval.num_samples), static_cast<long long>(step));
+    int64_t reported = 0;
+    report = evaluator_->Evaluate(
+        trainer_->diffusion(), trainer_->ema_model(), comm_, step,
+        [&](int64_t done, int64_t share) {
+          if (done * 10 / share > reported * 10 / share || done == share) {
+            console_.Progress("ddpm: eval: rank 0 has %lld/%lld of its samples (%.0fs)\n",
+                              static_cast<long long>(done), static_cast<long long>(share),
+                              SecondsSince(eval_start));
+          }
+          reported = done;
+        });
+    console_.Say(
+        "ddpm: eval at step %lld: FID %.4f, IS %.4f +- %.4f (%s logits; %lld samples, %s %d "
+        "steps, %.1fs%s; Inception sha256 %.12s, reference sha256 %.12s)\n",
+        static_cast<long long>(step), report.fid, report.inception_score,
+        report.inception_score_std, report.is_logits.c_str(),
+        static_cast<long long>(report.num_samples), report.sampler.c_str(), report.sampling_steps,
+        SecondsSince(eval_start), report.regularized ? "; covariances regularized with eps" : "",
+        report.inception_sha256.c_str(), report.reference_sha256.c_str());
+  }
+  if (nll) {
+    const auto nll_start = Clock::now();
+    const EvalConfig& e = config_.eval;
+    console_.Say("ddpm: evaluating the bound of the EMA model on %lld %s images at step %lld\n",
+                 static_cast<long long>(e.nll_images), held_out_.description.c_str(),
+                 static_cast<long long>(step));
+    BoundOptions options;
+    options.num_images = e.nll_images;
+    options.num_timesteps = e.nll_timesteps;
+    options.variance = config_.sample.variance;
+    options.seed = e.seed;
+    options.batch_size = e.batch_size;
+    int64_t reported = 0;
+    const BoundReport bound = MeasureBound(
+        trainer_->diffusion(), trainer_->ema_model(), *held_out_.data, options, comm_, device_,
+        [&](int64_t done, int64_t share) {
+          if (done * 10 / share > reported * 10 / share || done == share) {
+            console_.Progress(
+                "ddpm: eval: rank 0 has %lld/%lld of its image-timesteps of the bound (%.0fs)\n",
+                static_cast<long long>(done), static_cast<long long>(share),
+                SecondsSince(nll_start));
+          }
+          reported = done;
+        });
+    report.has_nll = true;
+    report.nll_bits_per_dim = bound.total_mean;
+    report.nll_std_error = bound.total_std_error;
+    report.nll_images = bound.images;
+    report.nll_data = held_out_.description;
+    report.nll_timesteps = static_cast<int>(bound.timesteps.size());
+    report.nll_timesteps_total = bound.timesteps_in_all;
+    console_.Say(
+        "ddpm: eval at step %lld: NLL %.4f +- %.4f bits/dim (%lld %s images, %s %d timesteps, "
+        "%.1fs)\n",
+        static_cast<long long>(step), report.nll_bits_per_dim, report.nll_std_error,
+        static_cast<long long>(report.nll_images), report.nll_data.c_str(),
+        bound.full() ? "all" : "a stratified estimate from", report.nll_timesteps,
+        SecondsSince(nll_start));
+  }
+  report.seconds = SecondsSince(eval_start);
   if (console_.lead() && !Superseded(true)) {
     Tolerate("eval.csv row", step, [&] {
-      eval_csv_.Row(step, report.fid, report.inception_score, report.inception_score_std,
-                    report.num_samples, report.sampler, report.sampling_steps, report.seconds,
-                    report.regularized, report.inception_sha256, report.reference_sha256);
+      const bool f = report.has_fid(), n = report.has_nll;
+      eval_csv_.Row(step, Field(f, report.fid), Field(f, report.inception_score),
+                    Field(f, report.inception_score_std), Field(f, report.num_samples),
+                    Field(f, report.sampler), Field(f, report.sampling_steps), report.seconds,
+                    Field(f, report.regularized), Field(f, report.inception_sha256),
+                    Field(f, report.reference_sha256), Field(n, report.nll_bits_per_dim),
+                    Field(n, report.nll_std_error), Field(n, report.nll_images),
+                    Field(n, report.nll_timesteps), Field(n, report.nll_data),
+                    Field(f, report.is_logits));
     });
   }
   if (console_.lead() && options_.on_eval) options_.on_eval(report);
@@ -744,7 +828,10 @@ TrainResult TrainingRun::Run() {
       const TrainConfig& t = config_.train;
       if (step != total && t.checkpoint_every > 0 && step % t.checkpoint_every == 0) Checkpoint();
       if (step != total && t.sample_every > 0 && step % t.sample_every == 0) WriteSamples(step);
-      if (evaluator_ && (step % config_.eval.every == 0 || step == total)) Evaluate(step);
+      const EvalConfig& e = config_.eval;
+      const bool fid = evaluator_ && (step % e.every == 0 || step == total);
+      const bool nll = held_out_.data && (step % e.nll_every == 0 || step == total);
+      if (fid || nll) Evaluate(step, fid, nll);
     }
   } catch (const CommError& error) {
     // Name the rank that is behind, if the others' progress shows one.

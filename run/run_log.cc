@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <stdexcept>
 
 #include "base/text.h"
@@ -49,7 +50,28 @@ void RunConsole::ProgressBar(int64_t step, int64_t total, double loss, double im
 }
 
 CsvLog::CsvLog(const std::string& path, const std::string& header, bool append) : path_(path) {
-  const bool fresh = !append || !std::filesystem::exists(path);
+  bool fresh = !append || !std::filesystem::exists(path);
+  if (!fresh && std::filesystem::is_regular_file(path)) {
+    // A file of an older version's columns is kept aside rather than appended to.
+    std::ifstream existing(path);
+    std::string first;
+    std::getline(existing, first);
+    if (first != header) {
+      std::error_code error;
+      std::filesystem::rename(path, path + ".old", error);
+      if (error) {
+        throw std::runtime_error(path +
+                                 ": its columns differ from this version's and it cannot "
+                                 "be moved aside to " +
+                                 path + ".old: " + error.message());
+      }
+      std::fprintf(stderr,
+                   "ddpm: %s had other columns (an older version's); kept as %s.old, and a new "
+                   "one starts\n",
+                   path.c_str(), path.c_str());
+      fresh = true;
+    }
+  }
   fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (fresh ? O_TRUNC : O_APPEND), 0644);
   if (fd_ < 0) {
     throw std::runtime_error(path + ": cannot open for writing: " + std::strerror(errno));

@@ -53,8 +53,10 @@ class RunConsole {
 class CsvLog {
  public:
   CsvLog() = default;
-  /// Appends to path when `append` and it exists (a resumed run); otherwise starts it anew with
-  /// the header line. Throws std::runtime_error naming path when it cannot.
+  /// Appends to path when `append` and it exists with the same header (a resumed run);
+  /// otherwise starts it anew with the header line (a file with another header, an older
+  /// version's, is moved to path.old first). Throws std::runtime_error naming path when it
+  /// cannot.
   CsvLog(const std::string& path, const std::string& header, bool append);
   ~CsvLog();
   CsvLog(CsvLog&& other) noexcept;

@@ -30,19 +30,32 @@ void WriteSampleGrid(const torch::Tensor& images, const std::string& path) {
                           columns, 2, 255, scale));
 }
 
-std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std::string& dir) {
+std::string SampleFileName(int64_t index) {
+  char name[32];
+  std::snprintf(name, sizeof(name), "%06lld.png", static_cast<long long>(index));
+  return name;
+}
+
+std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std::string& dir,
+                                          const std::vector<int64_t>& indices) {
+  TORCH_CHECK(static_cast<int64_t>(indices.size()) == images.size(0),
+              "WriteSampleFiles: ", indices.size(), " indices for ", images.size(0), " images");
   MakeDirectories(dir);
   const torch::Tensor bytes = ToBytes(images);
   std::vector<std::string> written;
-  for (int i = 0; i < bytes.size(0); ++i) {
-    char name[32];
-    std::snprintf(name, sizeof(name), "%06d.png", i);
-    const std::string path = (std::filesystem::path(dir) / name).string();
-    WritePng(path, TileGrid(bytes[i].data_ptr<uint8_t>(), 1, static_cast<int>(bytes.size(1)),
+  for (int64_t k = 0; k < bytes.size(0); ++k) {
+    const std::string path = (std::filesystem::path(dir) / SampleFileName(indices[k])).string();
+    WritePng(path, TileGrid(bytes[k].data_ptr<uint8_t>(), 1, static_cast<int>(bytes.size(1)),
                             static_cast<int>(bytes.size(2)), 1, 0));
     written.push_back(path);
   }
   return written;
+}
+
+std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std::string& dir) {
+  std::vector<int64_t> indices(images.size(0));
+  for (int64_t k = 0; k < images.size(0); ++k) indices[k] = k;
+  return WriteSampleFiles(images, dir, indices);
 }
 
 SampleProgress ProgressPrinter(const std::string& what, ProgressMode mode) {

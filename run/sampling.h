@@ -21,6 +21,12 @@ void WriteSampleGrid(const torch::Tensor& images, const std::string& path);
 
 /// Writes each image as its own PNG, DIR/000000.png onwards; returns the paths.
 std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std::string& dir);
+/// Writes image k of images as DIR/SampleFileName(indices[k]), each file whole or not at all
+/// (written aside and renamed); returns the paths.
+std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std::string& dir,
+                                          const std::vector<int64_t>& indices);
+/// The file name of sample index in a directory of samples: 000000.png onwards.
+std::string SampleFileName(int64_t index);
 
 /// A sampler progress report labelled `what`: a line rewritten in place (kBar), a few plain
 /// lines (kLines), or nothing (kOff); kAuto is resolved first.

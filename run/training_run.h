@@ -13,6 +13,7 @@
 #include "base/fence.h"
 #include "config/batch_plan.h"
 #include "config/config.h"
+#include "eval/likelihood.h"
 #include "run/run.h"
 #include "run/run_control.h"
 #include "run/run_log.h"
@@ -87,8 +88,9 @@ class TrainingRun {
   bool FinishCheckpoint();
   /// Rank 0 draws a sample grid of the EMA model; the other ranks wait for it.
   void WriteSamples(int64_t step);
-  /// FID and IS of the EMA model at step, over every rank; its time is not training time.
-  void Evaluate(int64_t step);
+  /// FID and IS (fid) and the bound on held-out images (nll) of the EMA model at step, over
+  /// every rank, reported as one evaluation; its time is not training time.
+  void Evaluate(int64_t step, bool fid, bool nll);
   /// The end: a stop's checkpoint, or the final checkpoint, grid and exported EMA weights.
   TrainResult Finish(const ControlDecision& stop);
 
@@ -107,6 +109,8 @@ class TrainingRun {
   const RunFence fence_;
   const int attempt_;
   bool resumed_ = false;
+  /// Whether the loss-aware timestep sampler was drawing from its history after the last step.
+  bool sampler_warm_ = false;
   std::unique_ptr<ImageDataset> dataset_;
   std::unique_ptr<Trainer> trainer_;
   DataCursor cursor_;
@@ -122,6 +126,8 @@ class TrainingRun {
   DataShard shard_;
   std::unique_ptr<BatchLoader> loader_;
   std::unique_ptr<RunEvaluator> evaluator_;
+  /// The held-out images of the bound (eval.nll_every), opened before training.
+  HeldOutImages held_out_;
   std::unique_ptr<RankProgress> progress_;
   /// Training time: evaluations move these forward by their own length.
   Clock::time_point start_, window_start_;

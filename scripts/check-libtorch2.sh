@@ -39,7 +39,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 commands=$work/commands
 # Each torch-using compile command, with 2.x's headers first, the CUDA defines, no PCH, and
-# -fsyntax-only; the NCCL communicator (built only against a CUDA LibTorch) from worker.cc's.
+# -fsyntax-only; the NCCL communicator (built only against a CUDA LibTorch) from the MPI communicator's.
 /usr/bin/python3 - "$build_dir/compile_commands.json" "$include" "$cuda_include" "$PWD" \
   > "$commands" <<'PY'
 import json, re, shlex, sys
@@ -57,10 +57,10 @@ for e in json.load(open(entries)):
                               f"-isystem {include}/torch/csrc/api/include -isystem {include}")
     command = command.replace(" -c ", f" -fsyntax-only -DDDPM_HAS_CUDA -DDDPM_WITH_NCCL -I{cuda} ")
     seen[e["file"]] = command
-worker = root + "/worker/worker.cc"
-if worker in seen:
-    nccl = root + "/worker/nccl_communicator.cc"
-    seen[nccl] = seen[worker].replace(worker, nccl)
+mpi = root + "/comm/mpi_communicator.cc"
+if mpi in seen:
+    nccl = root + "/comm/nccl_communicator.cc"
+    seen[nccl] = seen[mpi].replace(mpi, nccl)
 for name, command in seen.items():
     print(shlex.quote(name) + "\t" + command)
 PY

@@ -15,14 +15,15 @@ declare -A allowed=(
   [trainer]="base config trainer"
   [eval]="base config trainer eval"
   [run]="base config trainer eval run"
+  [comm]="base config trainer comm"
   [proto]="base proto"
   [coordinator]="base config proto coordinator"
-  [worker]="base config trainer eval run proto worker"
-  [tools]="base config trainer eval run proto tools"
-  [bench]="base config trainer eval run proto coordinator worker bench"
-  [tests]="base config trainer eval run proto coordinator worker tools tests"
+  [worker]="base config trainer eval run comm proto worker"
+  [tools]="base config trainer eval run comm proto tools"
+  [bench]="base config trainer eval run comm proto coordinator worker bench"
+  [tests]="base config trainer eval run comm proto coordinator worker tools tests"
 )
-folders="base config trainer eval run proto coordinator worker tools bench tests"
+folders="base config trainer eval run comm proto coordinator worker tools bench tests"
 
 bad=0
 checked=0

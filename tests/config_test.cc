@@ -104,6 +104,14 @@ TEST(Config, EnumErrorListsTheAllowedValues) {
   const std::string error = ErrorOf("sample:\n  variance: huge\n");
   EXPECT_NE(error.find("sample.variance"), std::string::npos) << error;
   EXPECT_NE(error.find("'huge' is not one of: fixedlarge, fixedsmall"), std::string::npos) << error;
+  const std::string sampler = ErrorOf("train:\n  timestep_sampler: importance\n");
+  EXPECT_NE(sampler.find("train.timestep_sampler"), std::string::npos) << sampler;
+  EXPECT_NE(sampler.find("'importance' is not one of: uniform, loss_second_moment"),
+            std::string::npos)
+      << sampler;
+  EXPECT_EQ(
+      LoadConfigString("train: {timestep_sampler: loss_second_moment}").train.timestep_sampler,
+      TimestepSamplerKind::kLossSecondMoment);
 }
 
 TEST(Config, BatchThatDoesNotDivideIsRefusedWithTheReason) {

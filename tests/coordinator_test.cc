@@ -2,6 +2,7 @@
 // and restarts on a fake clock, persistence across a restart, and refused input that changes
 // nothing stored.
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 
 #include <atomic>
 #include <filesystem>
@@ -304,6 +305,59 @@ TEST_F(CoordinatorTest, ARestartedCoordinatorKeepsEveryRunAndTakesBackItsGroup) 
   // The next run gets the next number, even after a delete.
   core_->DeleteRun("b");
   EXPECT_EQ(core_->StartRun(Start("c", ConfigYaml())).id(), "c-3");
+}
+
+// Runs sql on the registry file and returns the first column of its rows as text ("NULL").
+std::vector<std::string> Query(const fs::path& db, const std::string& sql) {
+  sqlite3* handle = nullptr;
+  EXPECT_EQ(sqlite3_open(db.string().c_str(), &handle), SQLITE_OK);
+  std::vector<std::string> rows;
+  char* error = nullptr;
+  const int code = sqlite3_exec(
+      handle, sql.c_str(),
+      [](void* out, int, char** values, char**) {
+        static_cast<std::vector<std::string>*>(out)->push_back(values[0] ? values[0] : "NULL");
+        return 0;
+      },
+      &rows, &error);
+  EXPECT_EQ(code, SQLITE_OK) << sql << ": " << (error ? error : "");
+  sqlite3_free(error);
+  sqlite3_close(handle);
+  return rows;
+}
+
+TEST_F(CoordinatorTest, ARegistryOfSchemaOneGainsTheBoundsColumnAndKeepsItsEvaluations) {
+  core_->StartRun(Start("a", ConfigYaml()));
+  core_->Register(Group("g", 1));
+  core_.reset();
+  // The file as a coordinator before the bound wrote it: evals without nll_bits_per_dim,
+  // user_version 1, one evaluation of FID.
+  const fs::path db = dir_ / "registry.db";
+  Query(db,
+        "DROP TABLE evals; CREATE TABLE evals (run_id TEXT NOT NULL REFERENCES runs(id) ON "
+        "DELETE CASCADE, step INTEGER NOT NULL, fid REAL NOT NULL, inception_score REAL NOT "
+        "NULL, num_samples INTEGER NOT NULL, at_unix_ms INTEGER NOT NULL); INSERT INTO "
+        "evals VALUES('a-1', 5, 40.5, 2.5, 100, 1); PRAGMA user_version=1;");
+  Reopen();
+  EXPECT_EQ(Query(db, "PRAGMA user_version"), std::vector<std::string>{"2"});
+  v1::RegisterRequest again = Group("g", 1);
+  again.set_current_run("a-1");
+  core_->Register(again);
+  v1::ReportEvalRequest bound;
+  bound.set_group_id("g");
+  bound.set_run_id("a-1");
+  bound.mutable_eval()->set_step(10);
+  bound.mutable_eval()->set_nll_bits_per_dim(3.75);
+  core_->ReportEval(bound);
+  EXPECT_EQ(Query(db,
+                  "SELECT step || ' ' || ifnull(nll_bits_per_dim, 'NULL') FROM evals "
+                  "ORDER BY rowid"),
+            (std::vector<std::string>{"5 NULL", "10 3.75"}));
+  // The run record keeps the bound apart from the FID.
+  EXPECT_DOUBLE_EQ(core_->GetRun("a").latest_nll().nll_bits_per_dim(), 3.75);
+  EXPECT_FALSE(core_->GetRun("a").has_latest_eval());
+  Reopen();
+  EXPECT_DOUBLE_EQ(core_->GetRun("a").latest_nll().nll_bits_per_dim(), 3.75);
 }
 
 TEST_F(CoordinatorTest, AGroupThatDoesNotComeBackAfterARestartLosesItsRun) {

@@ -282,6 +282,44 @@ TEST(Sampler, ReportsProgress) {
   EXPECT_EQ(last, 10);
 }
 
+// Per-image noise streams (ddpm_sample, sampling across ranks): an image depends on its own
+// stream alone, so drawing images 0-4 in one batch or as batches {3, 0} and {4, 1, 2} (any
+// split, any order) gives the same images bit for bit, for the ancestral, respaced and DDIM
+// samplers; and two different streams give different images.
+TEST(NoiseStreams, AnImageDependsOnItsOwnStreamAloneNotOnItsBatch) {
+  const GaussianDiffusion diffusion(Linear(20));
+  const Denoiser model = [](const torch::Tensor& x, const torch::Tensor& t) {
+    return 0.3 * x + 0.001 * t.to(torch::kFloat32).view({-1, 1, 1, 1});
+  };
+  SampleConfig ddpm, respaced, ddim;
+  respaced.steps = 7;
+  ddim.sampler = SamplerKind::kDdim;
+  ddim.steps = 5;
+  ddim.eta = 1.0;
+  auto draw = [&](const SampleConfig& config, const std::vector<int64_t>& indices) {
+    std::vector<uint64_t> seeds;
+    for (int64_t i : indices) seeds.push_back(ImageSeed(11, i));
+    NoiseStreams streams(seeds);
+    return diffusion.Sample(model, {static_cast<int64_t>(indices.size()), 2, 4, 4}, config,
+                            streams);
+  };
+  for (const SampleConfig& config : {ddpm, respaced, ddim}) {
+    const torch::Tensor whole = draw(config, {0, 1, 2, 3, 4});
+    const torch::Tensor a = draw(config, {3, 0}), b = draw(config, {4, 1, 2});
+    EXPECT_TRUE(torch::equal(a[0], whole[3]) && torch::equal(a[1], whole[0]));
+    EXPECT_TRUE(torch::equal(b[0], whole[4]) && torch::equal(b[1], whole[1]) &&
+                torch::equal(b[2], whole[2]));
+    EXPECT_FALSE(torch::equal(whole[0], whole[1]));
+  }
+  EXPECT_NE(ImageSeed(11, 0), ImageSeed(11, 1));
+  EXPECT_NE(ImageSeed(11, 0), ImageSeed(12, 0));
+  // A single stream is what the samplers' seed argument means.
+  NoiseStreams one(7);
+  EXPECT_TRUE(
+      torch::equal(diffusion.SampleDdpm(model, {3, 2, 4, 4}, VarianceKind::kFixedLarge, true, one),
+                   diffusion.SampleDdpm(model, {3, 2, 4, 4}, VarianceKind::kFixedLarge, true, 7)));
+}
+
 // Respacing (Nichol & Dhariwal, section 4). With every timestep it is the original process:
 // the same betas and, for one seed, the same samples bit for bit.
 TEST(Respacing, AllTimestepsReproduceTheFullSamplerExactly) {
@@ -349,6 +387,121 @@ TEST(Respacing, FiftyStepsOnGaussianDataGiveTheVarianceTheRecursionPredicts) {
       EXPECT_NEAR(predicted, s * s, 0.1 * s * s);
     }
   }
+}
+
+// EDM's sampler (Karras et al. 2022) on Gaussian data x_0 ~ N(0, s^2) with the exact eps
+// model: in EDM's variable x = x_t / sqrt(abar) at noise level sigma = sqrt(1/abar - 1) the
+// denoiser is D(x; sigma) = s^2 / (s^2 + sigma^2) x. The test writes Algorithm 1 and Algorithm
+// 2 itself in float64 from the paper (Eq. 5 levels, rho = 7, rounded to the nearest trained
+// level; Heun except into 0), from the same noise, and the sampler must match them.
+namespace heun {
+
+constexpr double kS = 0.5;
+
+// The trained noise levels of the linear schedule, from its closed form.
+std::vector<double> TrainedSigmas(int timesteps) {
+  std::vector<double> sigmas;
+  double abar = 1.0;
+  for (int j = 0; j < timesteps; ++j) {
+    abar *= 1.0 - (1e-4 + (0.02 - 1e-4) * j / (timesteps - 1));
+    sigmas.push_back(std::sqrt(1.0 / abar - 1.0));
+  }
+  return sigmas;
+}
+
+double Nearest(const std::vector<double>& trained, double sigma) {
+  double best = trained[0];
+  for (double level : trained) {
+    if (std::abs(level - sigma) < std::abs(best - sigma)) best = level;
+  }
+  return best;
+}
+
+// Algorithm 2 (Algorithm 1 when churn is 0) on x [N] float64, drawing noise from streams.
+torch::Tensor Reference(int steps, double churn, NoiseStreams& streams, torch::IntArrayRef shape) {
+  const std::vector<double> trained = TrainedSigmas(1000);
+  const double smin = std::max(0.002, trained.front()), smax = std::min(80.0, trained.back());
+  std::vector<double> t;
+  for (int i = 0; i < steps; ++i) {
+    const double level =
+        std::pow(std::pow(smax, 1 / 7.0) +
+                     i / (steps - 1.0) * (std::pow(smin, 1 / 7.0) - std::pow(smax, 1 / 7.0)),
+                 7.0);
+    t.push_back(Nearest(trained, level));
+  }
+  t.push_back(0.0);
+  const auto d = [](const torch::Tensor& x, double sigma) {
+    return (x - kS * kS / (kS * kS + sigma * sigma) * x) / sigma;
+  };
+  torch::Tensor x = streams.Draw(shape, false).to(torch::kFloat64) * t[0];
+  const double gamma = std::min(churn / steps, std::sqrt(2.0) - 1.0);
+  for (int i = 0; i < steps; ++i) {
+    double t_hat = t[i];
+    if (gamma > 0) {
+      t_hat = Nearest(trained, t[i] + gamma * t[i]);
+      x = x +
+          std::sqrt(t_hat * t_hat - t[i] * t[i]) * streams.Draw(shape, false).to(torch::kFloat64);
+    }
+    const torch::Tensor d_cur = d(x, t_hat);
+    torch::Tensor next = x + (t[i + 1] - t_hat) * d_cur;
+    if (i + 1 < steps) next = x + (t[i + 1] - t_hat) * 0.5 * (d_cur + d(next, t[i + 1]));
+    x = next;
+  }
+  return x;
+}
+
+}  // namespace heun
+
+TEST(Heun, MatchesAlgorithmsOneAndTwoAndTheirVarianceOnGaussianData) {
+  const GaussianDiffusion diffusion(Linear(1000));
+  const auto& abar = diffusion.schedule64().alphas_cumprod;
+  const double s = heun::kS;
+  const Denoiser exact = [&](const torch::Tensor& x_t, const torch::Tensor& t) {
+    const torch::Tensor ab = abar.index_select(0, t).view({-1, 1, 1, 1});
+    return (torch::sqrt(1.0 - ab) / (ab * s * s + 1.0 - ab) * x_t.to(torch::kFloat64))
+        .to(torch::kFloat32);
+  };
+  const std::vector<int64_t> shape = {1000, 1, 2, 2};
+  for (const double churn : {0.0, 10.0}) {
+    NoiseStreams streams(5), again(5);
+    const torch::Tensor samples =
+        diffusion.SampleHeun(exact, shape, 18, churn, 1.0, streams).to(torch::kFloat64);
+    const torch::Tensor expected = heun::Reference(18, churn, again, shape);
+    const double scale = expected.abs().max().item<double>();
+    EXPECT_LT((samples - expected).abs().max().item<double>(), 1e-4 * scale) << "churn " << churn;
+  }
+  // The variance: Algorithm 1 is linear here, x_N = x_0 prod_i f_i, so its output variance is
+  // t_0^2 prod_i f_i^2 (the reference above at x_0 = 1, squared). At 18 steps the scheme gives
+  // 1.096 s^2 on this data; at 100 steps 1.002 s^2. 4000 values estimate a variance to a
+  // relative standard deviation of sqrt(2/4000) = 2.2%; the bound is 5 of those.
+  for (const int steps : {18, 100}) {
+    NoiseStreams streams(9), unit(9);
+    const torch::Tensor samples =
+        diffusion.SampleHeun(exact, shape, steps, 0.0, 1.0, streams).to(torch::kFloat64);
+    // One value through the reference: it ends at z t_0 prod_i f_i for its first noise z.
+    const torch::Tensor path = heun::Reference(steps, 0.0, unit, {1});
+    NoiseStreams first(9);
+    const double z = first.Draw({1}, false).item<double>();
+    const double factor = path.item<double>() / z;  // t_0 prod_i f_i
+    const double predicted = factor * factor;
+    const double measured = samples.var().item<double>();
+    std::printf("heun %d steps: variance %.4f, predicted %.4f, s^2 %.4f\n", steps, measured,
+                predicted, s * s);
+    EXPECT_NEAR(measured, predicted, 5 * std::sqrt(2.0 / 4000) * predicted) << steps;
+    EXPECT_NEAR(predicted, s * s, (steps == 18 ? 0.1 : 0.005) * s * s) << steps;
+  }
+  // EDM's defaults: 18 steps, 35 network evaluations.
+  int calls = 0;
+  const Denoiser counting = [&](const torch::Tensor& x_t, const torch::Tensor& t) {
+    ++calls;
+    return exact(x_t, t);
+  };
+  NoiseStreams streams(1);
+  diffusion.SampleHeun(counting, {2, 1, 2, 2}, 18, 0.0, 1.0, streams);
+  EXPECT_EQ(calls, 35);
+  SampleConfig config;
+  config.sampler = SamplerKind::kHeun;
+  EXPECT_EQ(config.ResolvedSteps(1000), 18);
 }
 
 }  // namespace

@@ -240,6 +240,67 @@ TEST(Equivalence, TwoThreadRanksMatchOneRankWithTheWholeBatch) {
   }
 }
 
+TEST(ImportanceSampling, TwoRanksDrawTheSameTimestepsAsOne) {
+  // train.timestep_sampler: loss_second_moment with T = 4: every timestep has its 10 losses
+  // after a few steps of 16, and the draws then follow the history. Each rank's history is
+  // fed the whole global batch's losses, so the ranks' histories are one and the timesteps of
+  // 2 ranks, side by side, are those of 1 rank.
+  Config config = EquivalenceConfig(1);
+  config.diffusion.timesteps = 4;
+  config.train.timestep_sampler = TimestepSamplerKind::kLossSecondMoment;
+  const int steps = 10;
+  auto train = [&](Communicator* comm, std::vector<std::vector<int64_t>>& drawn,
+                   std::vector<double>& history, int& warm_at) {
+    const int rank = comm != nullptr ? comm->rank() : 0;
+    const int world = comm != nullptr ? comm->world_size() : 1;
+    Trainer trainer(config, torch::kCPU, rank);
+    std::unique_ptr<GradientBuckets> buckets;
+    if (comm != nullptr) {
+      buckets = std::make_unique<GradientBuckets>(*trainer.model(), trainer.parameters(), *comm,
+                                                  kDefaultBucketMb);
+      trainer.set_gradient_sync(buckets.get());
+      trainer.set_communicator(comm);
+    }
+    const std::unique_ptr<ImageDataset> data = MakeDataset(config);
+    const DataShard shard = DataShard::Of(16, rank, world);
+    warm_at = -1;
+    for (int step = 0; step < steps; ++step) {
+      const torch::Tensor batch =
+          GlobalBatch(config, *data, step).narrow(0, shard.first, shard.count);
+      if (warm_at < 0 && trainer.timestep_sampler().loss_aware()) warm_at = step;
+      drawn.push_back(
+          trainer.DrawTimestepsAndNoise(step, shard.first, shard.count, batch.sizes().slice(1))
+              .host_t);
+      trainer.Step(batch, shard.first);
+    }
+    history = trainer.timestep_sampler().history();
+  };
+  std::vector<std::vector<int64_t>> one;
+  std::vector<double> one_history;
+  int one_warm = 0;
+  train(nullptr, one, one_history, one_warm);
+  ASSERT_GE(one_warm, 1);
+  ASSERT_LT(one_warm, steps - 2) << "the last steps draw from the losses";
+
+  LocalGroup group(2);
+  std::vector<std::vector<std::vector<int64_t>>> two(2);
+  std::vector<std::vector<double>> two_history(2);
+  std::vector<int> two_warm(2);
+  OnRanks(2, [&](int r) { train(&group.rank(r), two[r], two_history[r], two_warm[r]); });
+  EXPECT_EQ(two_history[0], two_history[1]) << "the ranks keep one history";
+  EXPECT_EQ(two_warm[0], one_warm);
+  for (int step = 0; step < steps; ++step) {
+    std::vector<int64_t> side_by_side = two[0][step];
+    side_by_side.insert(side_by_side.end(), two[1][step].begin(), two[1][step].end());
+    EXPECT_EQ(side_by_side, one[step]) << "step " << step;
+  }
+  // The histories hold the same losses up to the all-reduced gradients' rounding.
+  ASSERT_EQ(two_history[0].size(), one_history.size());
+  for (std::size_t i = 0; i < one_history.size(); ++i) {
+    EXPECT_NEAR(two_history[0][i], one_history[i], 1e-4 * std::abs(one_history[i]) + 1e-6);
+  }
+}
+
 TEST(Resharding, TwoRankCheckpointLoadsIntoOneAndThreeRanks) {
   // Two thread-ranks train 3 steps and checkpoint together, each writing its shard.
   Config config = EquivalenceConfig(1);

@@ -2,7 +2,9 @@
 # FID and IS end to end, with random Inception weights in the standard file's layout (written by
 # tests/reference/fid_ref.py on torchvision):
 #   1. a 2-rank run evaluates every 10 steps: eval.csv and the log hold FID, IS, the protocol
-#      and the weights' SHA-256; an evaluation is not counted as training time;
+#      and the weights' SHA-256; an evaluation is not counted as training time; at step 20 the
+#      bound in bits/dim on held-out shapes too (eval.nll_every), equal to ddpm_nll's on the
+#      step-20 checkpoint;
 #   2. ddpm_sample writes PNGs, `ddpm_fid stats` makes their .npz (numpy reads mu and sigma),
 #      and `ddpm_fid score` of the same folder against it is FID 0;
 #   3. a missing weights file fails the run at start, saying where to get it.
@@ -29,7 +31,8 @@ weights=$work/inception.pt
 sed -e 's/steps: 30,/steps: 20,/' "$src/tests/tiny.yaml" > "$work/run.yaml"
 cat >> "$work/run.yaml" <<YAML
 eval: {every: 10, num_samples: 20, batch_size: 10, sampler: ddim, steps: 4,
-       inception_weights: $weights, reference_stats: $work/ref.npz}
+       inception_weights: $weights, reference_stats: $work/ref.npz,
+       nll_every: 20, nll_images: 6, nll_timesteps: 5}
 YAML
 
 say "1. a 2-rank run evaluates at steps 10 and 20"
@@ -45,11 +48,33 @@ assert [r["step"] for r in rows] == ["10", "20"], rows
 for r in rows:
     assert math.isfinite(float(r["fid"])) and float(r["fid"]) > 0, r
     assert 1 <= float(r["inception_score"]) < 1008, r
+    assert r["is_logits"] == "unbiased", r
     assert r["num_samples"] == "20" and r["sampler"] == "ddim" and r["sampling_steps"] == "4", r
     assert r["inception_sha256"] == sys.argv[2], (r["inception_sha256"], sys.argv[2])
     assert float(r["eval_seconds"]) > 0, r
+# The bound at step 20 only (eval.nll_every: 20), from 5 of T = 1000 timesteps of 6 images.
+assert all(rows[0][k] == "" for k in ("nll_bits_per_dim", "nll_images", "nll_data")), rows[0]
+bound = rows[1]
+assert math.isfinite(float(bound["nll_bits_per_dim"])) and float(bound["nll_bits_per_dim"]) > 0, bound
+assert float(bound["nll_std_error"]) > 0, bound
+assert bound["nll_images"] == "6" and bound["nll_timesteps"] == "5", bound
+assert bound["nll_data"] == "shapes held-out", bound
 PY
-grep -q "ddpm: eval at step 20: FID .*20 samples, ddim 4 steps" "$work/train.log" || fail "no eval line"
+grep -q "ddpm: eval at step 20: FID .*(unbiased logits; 20 samples, ddim 4 steps" "$work/train.log" ||
+  fail "no eval line"
+grep -q "ddpm: eval at step 20: NLL [0-9.]* +- [0-9.]* bits/dim (6 shapes held-out images, a stratified estimate from 5 timesteps" \
+  "$work/train.log" || fail "no bound line"
+# ddpm_nll on the step-20 checkpoint with the evaluation's settings (eval.seed 1, batches of
+# eval.batch_size) measures the same bound.
+nll=$(dirname "$sample")/ddpm_nll
+OMP_NUM_THREADS=1 "$nll" --checkpoint "$work/run/checkpoints/step_000000020" --data shapes:6 \
+  --timesteps 5 --seed 1 --batch 10 --out "$work/nll" > "$work/nll.log" 2>&1 || fail "ddpm_nll"
+in_run=$(grep -oE "eval at step 20: NLL [0-9.]+ \+- [0-9.]+" "$work/train.log" | grep -oE "[0-9.]+ \+- [0-9.]+")
+alone=$(grep -oE "^bits/dim [0-9.]+ \+- [0-9.]+" "$work/nll.log" | grep -oE "[0-9.]+ \+- [0-9.]+")
+if [ -z "$in_run" ] || [ "$in_run" != "$alone" ]; then
+  fail "the run's bound '$in_run', ddpm_nll's '$alone'"
+fi
+say "the bound at step 20: $in_run bits/dim in the run and from ddpm_nll"
 # Training time excludes evaluation, checked from the run's own records and no clock bound:
 # the training and the two evaluations are disjoint parts of the run's wall time, so the
 # elapsed training time that metrics.csv logs at step 20 (after the evaluation of step 10,

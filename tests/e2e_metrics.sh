@@ -6,8 +6,8 @@
 #   prometheus: a real Prometheus scrapes them; every PromQL query of the Grafana dashboard
 #               (deploy/grafana/dashboards/ddpm.json) must parse and return data.
 # The run evaluates FID and IS (random Inception weights in the standard layout, from
-# tests/reference/fid_ref.py), so that the FID and IS series come the real way: the group's
-# ReportEval.
+# tests/reference/fid_ref.py) and the bound in bits/dim, so that the FID, IS and NLL series
+# come the real way: the group's ReportEval.
 # usage: e2e_metrics.sh scrape|prometheus MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL PYTHON
 #        SOURCE_DIR
 # Exits 77 (skipped) when Debian's prometheus package (promtool, prometheus) is missing, or
@@ -65,7 +65,8 @@ sed -e 's/log_every: 10/log_every: 5/' -e 's/checkpoint_every: 20/checkpoint_eve
   "$work/endless.yaml" > "$work/run.yaml"
 cat >> "$work/run.yaml" <<YAML
 eval: {every: 25, num_samples: 20, batch_size: 10, sampler: ddim, steps: 4,
-       inception_weights: $work/inception.pt, reference_stats: $work/ref.npz}
+       inception_weights: $work/inception.pt, reference_stats: $work/ref.npz,
+       nll_every: 25, nll_images: 4, nll_timesteps: 3}
 YAML
 run=$(ctl start "$work/run.yaml" --name metrics --json |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
@@ -78,10 +79,15 @@ wait_for 90 "the evaluation at step 25 of $run" has_eval
 [ "$(field "$run" 'r["latest_eval"]["num_samples"]')" = 20 ] || fail "eval: $(ctl get "$run")"
 # ddpmctl get shows the evaluation with its protocol and the weights' hash.
 ctl get "$run" > "$work/get.txt"
-grep -q "eval .*FID [0-9.]*, IS [0-9.]* +- [0-9.]* at step [0-9]* (20 samples, ddim 4 steps" \
+grep -q "eval .*FID [0-9.]*, IS [0-9.]* +- [0-9.]* (unbiased logits) at step [0-9]* (20 samples, ddim 4 steps" \
   "$work/get.txt" || fail "ddpmctl get: $(cat "$work/get.txt")"
 grep -q "eval hashes .*Inception $(sha256sum "$work/inception.pt" | cut -c1-16)" "$work/get.txt" ||
   fail "ddpmctl get shows no Inception hash: $(cat "$work/get.txt")"
+# The bound measured beside it: in the run record and in ddpmctl get.
+[ "$(field "$run" 'int(r.get("latest_nll", {}).get("step", 0)) >= 25 and r["latest_nll"]["nll_images"]')" = 4 ] ||
+  fail "no bound in the run: $(ctl get "$run" --json)"
+grep -qE "nll +[0-9.]+ \+- [0-9.]+ bits/dim at step [0-9]+ \(4 shapes held-out images, estimated from 3 of 1000 timesteps\)" \
+  "$work/get.txt" || fail "ddpmctl get shows no bound: $(cat "$work/get.txt")"
 group=$(field "$run" 'r["placement"]["group_id"]')
 
 # check_series FILE: each line of stdin is NAME [LABEL=VALUE ...] [= NUMBER]; each must match a
@@ -115,9 +121,14 @@ for want in missing:
 sys.exit(1 if missing else 0)
 PY
 }
+# One finding is not a problem: promtool takes the token "bits" in ddpm_eval_nll_bits_per_dim
+# for a data size that should be in bytes, but bits/dim is the likelihood's unit (an amount of
+# information per pixel channel, as the papers report it), and the series has the name the
+# issue gave it. Every other finding fails, and so does this one on any other series.
+nll_unit='ddpm_eval_nll_bits_per_dim use base unit "bytes" instead of "bits"'
 lint() {  # FILE: promtool must find no problem
-  promtool check metrics < "$1" > "$work/promtool.out" 2>&1 ||
-    fail "promtool check metrics on $1: $(cat "$work/promtool.out")"
+  promtool check metrics < "$1" > "$work/promtool.raw" 2>&1 || true
+  grep -vxF "$nll_unit" "$work/promtool.raw" > "$work/promtool.out" || true
   [ ! -s "$work/promtool.out" ] || fail "promtool check metrics on $1: $(cat "$work/promtool.out")"
 }
 
@@ -148,6 +159,7 @@ ddpm_checkpoint_write_seconds_bucket run=$run le=300
 ddpm_checkpoint_write_seconds_sum run=$run
 ddpm_eval_fid run=$run
 ddpm_eval_inception_score run=$run
+ddpm_eval_nll_bits_per_dim run=$run
 ddpm_run_state run=$run = 3
 ddpm_runs state=RUNNING = 1
 ddpm_runs state=FAILED = 0

@@ -14,6 +14,7 @@
 #include <fstream>
 #include <string>
 
+#include "eval/evaluation.h"
 #include "eval/inception.h"
 #include "test_env.h"
 #include "trainer/data.h"
@@ -125,6 +126,24 @@ TEST_F(FidTest, NetworkMatchesTorchvisionInception3WithTheFidBlocks) {
   const double logit_error = (out.logits - expected.at("logits")).abs().max().item<double>();
   EXPECT_LT(pool_error, 1e-4) << "pool3 max " << expected.at("pool3").abs().max().item<double>();
   EXPECT_LT(logit_error, 1e-4) << "logits max " << expected.at("logits").abs().max().item<double>();
+  // The Inception Score of 20 images from the original TF code's logits (pool3 W^T, no bias)
+  // and from the fc's output, against NumPy's over the reference network's pool3. A random
+  // network scores near 1 (1.0012 and 1.0010 here); the two differ by 2e-4, and each must match
+  // to 2e-6, a hundredth of that.
+  const double unbiased = expected.at("is_unbiased")[0].item<double>();
+  const double biased = expected.at("is_biased")[0].item<double>();
+  EXPECT_GT(std::abs(unbiased - biased), 1e-4) << "the fc bias must change the score";
+  for (const IsLogits kind : {IsLogits::kUnbiased, IsLogits::kBiased}) {
+    InceptionStatistics stats(model, 20, kind);
+    const torch::Tensor is_images = expected.at("is_images");
+    stats.Add(is_images.slice(0, 0, 7), 0);  // in two batches, as they arrive
+    stats.Add(is_images.slice(0, 7, 20), 7);
+    const auto [mean, std] = stats.scores().Score();
+    const torch::Tensor want =
+        expected.at(kind == IsLogits::kUnbiased ? "is_unbiased" : "is_biased");
+    EXPECT_NEAR(mean, want[0].item<double>(), 2e-6) << Name(kind);
+    EXPECT_NEAR(std, want[1].item<double>(), 2e-6) << Name(kind);
+  }
   // The hash recorded with results is the file's SHA-256, as sha256sum computes it.
   const std::string command = "sha256sum " + weights + " > " + (dir_ / "sum.txt").string();
   ASSERT_EQ(std::system(command.c_str()), 0);

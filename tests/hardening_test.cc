@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <string>
 #include <vector>
@@ -265,6 +266,33 @@ TEST(FullDisk, ACsvRowThatCannotBeWrittenIsAnErrorNamingTheFile) {
               std::string::npos)
         << e.what();
   }
+}
+
+TEST(CsvLogs, AResumedLogAppendsAndOneOfOtherColumnsIsKeptAside) {
+  const fs::path dir = fs::temp_directory_path() / ("ddpm_csv_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string path = (dir / "eval.csv").string();
+  auto read = [](const std::string& file) {
+    std::ifstream in(file);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  {
+    CsvLog log(path, "step,fid", false);
+    log.Row(10, 4.5);
+  }
+  {
+    CsvLog log(path, "step,fid", true);  // the same columns: appended
+    log.Row(20, 3.5);
+  }
+  EXPECT_EQ(read(path), "step,fid\n10,4.5\n20,3.5\n");
+  {
+    CsvLog log(path, "step,fid,nll", true);  // a newer version's columns
+    log.Row(30, 3.25, 3.75);
+  }
+  EXPECT_EQ(read(path), "step,fid,nll\n30,3.25,3.75\n");
+  EXPECT_EQ(read(path + ".old"), "step,fid\n10,4.5\n20,3.5\n");
+  fs::remove_all(dir);
 }
 
 // ---- Divergence -------------------------------------------------------------------------

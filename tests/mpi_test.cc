@@ -3,9 +3,9 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "comm/mpi_communicator.h"
 #include "eval/fid.h"
 #include "tests/dist_fixtures.h"
-#include "worker/mpi_communicator.h"
 
 namespace ddpm {
 namespace {

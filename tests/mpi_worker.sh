@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # ddpm_worker under mpirun -np 2: trains with checkpoints and a sample grid, resumes exactly
-# where it stopped, and ends the whole job promptly, with the failing rank's message, when one
-# rank throws or hangs.
-# usage: mpi_worker.sh MPIEXEC DDPM_WORKER SOURCE_DIR
+# where it stopped (with importance-sampled timesteps too), and ends the whole job promptly,
+# with the failing rank's message, when one rank throws or hangs. ddpm_nll on 2 ranks gives
+# the bound of 1.
+# usage: mpi_worker.sh MPIEXEC DDPM_WORKER SOURCE_DIR DDPM_NLL
 set -euo pipefail
-mpiexec=$1 worker=$2 src=$3
+mpiexec=$1 worker=$2 src=$3 nll=$4
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 fail() { echo "mpi: FAIL: $*"; for f in "$work"/*.log; do echo "--- $f"; tail -20 "$f"; done; exit 1; }
@@ -66,7 +67,46 @@ for ranks in 1 3; do
   [ -f "$work/w$ranks/checkpoints/step_000000020/shard-0000$((ranks - 1))-of-0000$ranks" ] ||
     fail "no $ranks-rank checkpoint at step 20"
 done
+
+echo "mpi: importance-sampled timesteps (T = 8): 10 steps, resume, 10 more: bitwise the 20 straight"
+export DDPM_DIFFUSION_TIMESTEPS=8 DDPM_TRAIN_TIMESTEP_SAMPLER=loss_second_moment
+mpirun "$worker" --config "$work/tiny.yaml" --run-dir "$work/is" > "$work/is.log" 2>&1 ||
+  fail "training with loss_second_moment failed"
+grep -q "timestep sampler: every timestep has its last 10 losses at step" "$work/is.log" ||
+  fail "the sampler never drew from its history"
+grep -q '"timesteps/loss_history"' "$work/is/checkpoints/step_000000010/manifest.json" ||
+  fail "no loss history in the checkpoint"
+mkdir -p "$work/is2/checkpoints"
+cp -r "$work/is/checkpoints/step_000000010" "$work/is2/checkpoints/"
+echo step_000000010 > "$work/is2/checkpoints/latest"
+mpirun "$worker" --config "$work/tiny.yaml" --run-dir "$work/is2" --resume > "$work/is2.log" 2>&1 ||
+  fail "resume with loss_second_moment failed"
+[ "$(checksums "$work/is/checkpoints/step_000000020")" = \
+  "$(checksums "$work/is2/checkpoints/step_000000020")" ] ||
+  fail "the resumed importance-sampled run differs from the uninterrupted one"
+unset DDPM_DIFFUSION_TIMESTEPS DDPM_TRAIN_TIMESTEP_SAMPLER
 unset DDPM_TRAIN_STEPS DDPM_TRAIN_CHECKPOINT_EVERY
+
+echo "mpi: ddpm_nll on 2 ranks gives the bound of 1 rank"
+nll_args=(--checkpoint "$work/run" --data shapes:10 --timesteps 5 --batch 4)
+"$nll" "${nll_args[@]}" --out "$work/nll1" > "$work/nll1.log" 2>&1 || fail "ddpm_nll failed"
+mpirun "$nll" "${nll_args[@]}" --out "$work/nll2" > "$work/nll2.log" 2>&1 ||
+  fail "ddpm_nll under mpirun failed"
+grep -q "(standard error over 10 images, 2 rank(s))" "$work/nll2.log" || fail "not 2 ranks"
+[ "$(grep -c '^bits/dim' "$work/nll2.log")" = 1 ] || fail "not exactly one rank reports"
+one=$(grep -oE '^bits/dim [0-9.]+ \+- [0-9.]+' "$work/nll1.log")
+two=$(grep -oE '^bits/dim [0-9.]+ \+- [0-9.]+' "$work/nll2.log")
+if [ -z "$one" ] || [ "$one" != "$two" ]; then fail "1 rank: '$one', 2 ranks: '$two'"; fi
+# The same batches, summed in another order: equal to float64 rounding.
+python3 - "$work/nll1/nll_terms.csv" "$work/nll2/nll_terms.csv" <<'PY' || fail "the terms differ"
+import csv, sys
+a, b = (list(csv.reader(open(path))) for path in sys.argv[1:3])
+assert a[0] == b[0] and len(a) == len(b) == 7, (a, b)
+for x, y in zip(a[1:], b[1:]):
+    assert x[:2] == y[:2], (x, y)
+    assert abs(float(x[2]) - float(y[2])) <= 1e-12 * abs(float(x[2])), (x, y)
+PY
+echo "mpi: $one on 1 and 2 ranks"
 
 echo "mpi: a rank that throws ends the job"
 start=$(date +%s)

@@ -158,6 +158,14 @@ TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
   eval.mutable_eval()->set_inception_score(3.25);
   v1::ReportEvalResponse eval_response;
   ASSERT_TRUE(gateway->ReportEval(Ctx(kWorkerToken).get(), eval, &eval_response).ok());
+  // A later evaluation of the bound alone keeps the FID of step 10 as the newest FID.
+  v1::ReportEvalRequest bound;
+  bound.set_group_id("group-a");
+  bound.set_run_id("svc-1");
+  bound.mutable_eval()->set_step(20);
+  bound.mutable_eval()->set_nll_bits_per_dim(3.75);
+  bound.mutable_eval()->set_nll_images(1000);
+  ASSERT_TRUE(gateway->ReportEval(Ctx(kWorkerToken).get(), bound, &eval_response).ok());
 
   v1::GetRunRequest get;
   get.set_run("svc-1");
@@ -166,6 +174,9 @@ TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
   EXPECT_EQ(got.run().state(), v1::RUNNING);
   EXPECT_EQ(got.run().latest_checkpoint().step(), 10);
   EXPECT_DOUBLE_EQ(got.run().latest_eval().fid(), 42.5);
+  EXPECT_EQ(got.run().latest_eval().step(), 10);
+  EXPECT_DOUBLE_EQ(got.run().latest_nll().nll_bits_per_dim(), 3.75);
+  EXPECT_EQ(got.run().latest_nll().step(), 20);
   EXPECT_DOUBLE_EQ(got.run().metrics().loss(), 0.5);
   EXPECT_EQ(got.run().ranks_size(), 2);
 
@@ -174,6 +185,7 @@ TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
   EXPECT_NE(scraped.find("ddpm_run_state{run=\"svc-1\"} 3"), std::string::npos) << scraped;
   EXPECT_NE(scraped.find("ddpm_train_loss{run=\"svc-1\"} 0.5"), std::string::npos);
   EXPECT_NE(scraped.find("ddpm_eval_fid{run=\"svc-1\"} 42.5"), std::string::npos);
+  EXPECT_NE(scraped.find("ddpm_eval_nll_bits_per_dim{run=\"svc-1\"} 3.75"), std::string::npos);
   EXPECT_NE(scraped.find("ddpm_worker_up{group=\"group-a\",rank=\"1\"} 1"), std::string::npos);
 
   // A graceful stop reaches the group as STOP; its report ends the run.

@@ -255,7 +255,9 @@ TEST(Train, LossIsAlsoReportedPerQuarterOfTheTimesteps) {
   ShapesDataset data(64, 16, 0);
   EpochSampler sampler(data.size(), 0);
   const torch::Tensor x0 = Batch(data, sampler, 16);
-  const auto [t, noise] = trainer.DrawTimestepsAndNoise(0, 0, 16, x0.sizes().slice(1));
+  const ddpm::StepDraw draw = trainer.DrawTimestepsAndNoise(0, 0, 16, x0.sizes().slice(1));
+  const torch::Tensor& t = draw.t;
+  const torch::Tensor& noise = draw.noise;
   const torch::Tensor betas = torch::linspace(1e-4, 0.02, 1000, torch::kFloat64);
   const torch::Tensor alphas_cumprod = torch::cumprod(1 - betas, 0);
   const torch::Tensor abar = alphas_cumprod.index_select(0, t).view({-1, 1, 1, 1});

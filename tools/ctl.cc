@@ -136,9 +136,10 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
   if (run.has_latest_eval()) {
     const v1::EvalResult& eval = run.latest_eval();
     char text[256];
+    const std::string logits = eval.is_logits().empty() ? "" : " (" + eval.is_logits() + " logits)";
     std::snprintf(text, sizeof(text),
-                  "FID %.3f, IS %.3f +- %.3f at step %lld (%lld samples, %s %d steps, %.0fs%s)",
-                  eval.fid(), eval.inception_score(), eval.inception_score_std(),
+                  "FID %.3f, IS %.3f +- %.3f%s at step %lld (%lld samples, %s %d steps, %.0fs%s)",
+                  eval.fid(), eval.inception_score(), eval.inception_score_std(), logits.c_str(),
                   static_cast<long long>(eval.step()), static_cast<long long>(eval.num_samples()),
                   eval.sampler().c_str(), eval.sampling_steps(), eval.seconds(),
                   eval.regularized() ? ", covariances regularized" : "");
@@ -147,6 +148,18 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
       row("eval hashes", "Inception " + eval.inception_sha256().substr(0, 16) + ", reference " +
                              eval.reference_sha256().substr(0, 16));
     }
+  }
+  if (run.latest_nll().has_nll_bits_per_dim()) {
+    const v1::EvalResult& eval = run.latest_nll();
+    const bool full = eval.nll_timesteps() == eval.nll_timesteps_total();
+    char text[384];
+    std::snprintf(text, sizeof(text),
+                  "%.4f +- %.4f bits/dim at step %lld (%lld %s images, %s %d of %d timesteps)",
+                  eval.nll_bits_per_dim(), eval.nll_std_error(),
+                  static_cast<long long>(eval.step()), static_cast<long long>(eval.nll_images()),
+                  eval.nll_data().c_str(), full ? "all" : "estimated from", eval.nll_timesteps(),
+                  eval.nll_timesteps_total());
+    row("nll", text);
   }
   row("created", Time(run.created_unix_ms()));
   if (run.transitions_size() > 0) std::fprintf(out, "  transitions:\n");

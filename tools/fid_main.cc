@@ -42,6 +42,12 @@ int main(int argc, char** argv) {
             "");
   flags.Add("image-size", "folder images are centre-cropped and resized to this first", "32");
   flags.Add("batch", "images per Inception forward pass", "50");
+  if (!stats) {
+    flags.Add("is-logits",
+              "the Inception Score's logits: unbiased (pool3 times the fc weights, the original "
+              "TF code's, as the paper's 9.46) or biased (the fc's output)",
+              "unbiased");
+  }
   flags.Add("device", "cpu or cuda", "cpu");
   return ddpm::RunMain(flags, argc - 1, argv + 1, [&] {
     std::string weights = flags.Get("inception");
@@ -71,17 +77,24 @@ int main(int argc, char** argv) {
     const std::string ref = flags.Get("ref");
     if (ref.empty()) throw ddpm::FlagError("ddpm_fid: --ref is required");
     const auto [mu, sigma] = ddpm::ReadReferenceStats(ref);
+    const std::string is_logits = flags.Get("is-logits");
+    if (is_logits != "unbiased" && is_logits != "biased") {
+      throw ddpm::FlagError("ddpm_fid: --is-logits '" + is_logits +
+                            "' is not one of: unbiased, biased");
+    }
     const auto data = ddpm::OpenImageSet(set, static_cast<int>(flags.GetInt("image-size")));
     ddpm::InceptionStatistics measured = ddpm::MeasureImageSet(
-        *data, model, static_cast<int>(flags.GetInt("batch")), device, "ddpm_fid score");
+        *data, model, static_cast<int>(flags.GetInt("batch")), device, "ddpm_fid score",
+        is_logits == "unbiased" ? ddpm::IsLogits::kUnbiased : ddpm::IsLogits::kBiased);
     const ddpm::FrechetResult fid = ddpm::FrechetDistance(
         measured.features().Mean(), measured.features().Covariance(), mu, sigma);
     const auto [is_mean, is_std] = measured.scores().Score();
     std::printf(
-        "FID %.4f\nIS %.4f +- %.4f\nsamples %lld (%s)\nInception sha256 %s\nreference %s "
-        "sha256 %s\n%s",
-        fid.fid, is_mean, is_std, static_cast<long long>(measured.features().count()),
-        data->Describe().c_str(), sha256.c_str(), ref.c_str(), ddpm::Sha256File(ref).c_str(),
+        "FID %.4f\nIS %.4f +- %.4f (10 splits, %s logits)\nsamples %lld (%s)\nInception sha256 "
+        "%s\nreference %s sha256 %s\n%s",
+        fid.fid, is_mean, is_std, is_logits.c_str(),
+        static_cast<long long>(measured.features().count()), data->Describe().c_str(),
+        sha256.c_str(), ref.c_str(), ddpm::Sha256File(ref).c_str(),
         fid.regularized ? "note: the covariances were regularized with eps * I\n" : "");
     return 0;
   });

@@ -2,15 +2,20 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <map>
 
+#include "base/text.h"
 #include "run/sampling.h"
 #include "tools/trained_model.h"
 #include "trainer/checkpoint.h"
+#include "trainer/communicator.h"
 #include "trainer/device.h"
 #include "trainer/diffusion.h"
+#include "trainer/image_io.h"
 #include "trainer/tensor_io.h"
 #include "trainer/trainer.h"
 #include "trainer/unet.h"
@@ -27,14 +32,21 @@ void AddSampleFlags(Flags& flags) {
             "the YAML config the weights were trained with (default: the .yaml beside them)", "");
   flags.Add("out", "a PNG grid, or a directory (ending in /) for one PNG per image", "samples.png");
   flags.Add("num", "number of images (default: the config's sample.num_images)", "");
-  flags.Add("sampler", "ddpm or ddim (default: the config's sample.sampler)", "");
+  flags.Add("sampler", "ddpm, ddim or heun (default: the config's sample.sampler)", "");
   flags.Add("steps",
             "sampler steps: DDIM's S, or fewer than T to respace the ancestral sampler (default: "
             "the config's sample.steps; 0: T for ddpm, 100 for ddim)",
             "");
   flags.Add("eta", "DDIM eta (default: the config's sample.eta)", "");
+  flags.Add("churn", "heun: EDM's S_churn, 0 deterministic (default: the config's sample.churn)",
+            "");
   flags.Add("variance", "DDPM variance, fixedlarge or fixedsmall (default: the config's)", "");
-  flags.Add("seed", "sampler seed; batch b uses seed + b (default: the config's sample.seed)", "");
+  flags.Add("seed",
+            "sampler seed; image i draws from (seed, i) alone, on any batch size and number of "
+            "ranks (default: the config's sample.seed)",
+            "");
+  flags.AddSwitch("resume",
+                  "a directory job: keep the images already there and draw only the missing ones");
   flags.Add("batch", "images per forward pass", "64");
   flags.Add("device", "cpu, cuda or auto (default: the config's train.device)", "");
 }
@@ -49,11 +61,12 @@ SampleJob SampleJobFromFlags(const Flags& flags) {
   }
   job.out = flags.Get("out");
   job.batch_size = static_cast<int>(flags.GetInt("batch"));
+  job.resume = flags.GetSwitch("resume");
   // Each override goes through the config loader, so it is checked like a config file.
   const std::pair<const char*, const char*> keys[] = {
       {"num", "sample.num_images"}, {"sampler", "sample.sampler"},   {"steps", "sample.steps"},
       {"eta", "sample.eta"},        {"variance", "sample.variance"}, {"seed", "sample.seed"},
-      {"device", "train.device"}};
+      {"churn", "sample.churn"},    {"device", "train.device"}};
   for (const auto& [flag, key] : keys) {
     if (flags.Given(flag)) job.overrides.emplace_back(key, flags.Get(flag));
   }
@@ -93,23 +106,125 @@ TrainedModel LoadTrainedModel(const std::string& checkpoint, const std::string& 
   return trained;
 }
 
-std::vector<std::string> RunSampleJob(const SampleJob& job) {
+namespace {
+
+// Files of SampleFileName's pattern in dir: the images a job (every rank) has written.
+int64_t CountSampleFiles(const std::string& dir, int64_t count) {
+  int64_t found = 0;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+    const std::string name = entry.path().filename().string();
+    if (name.size() == 10 && name.compare(6, 4, ".png") == 0 &&
+        name.find_first_not_of("0123456789") == 6 && std::stoll(name.substr(0, 6)) < count) {
+      ++found;
+    }
+  }
+  return found;
+}
+
+}  // namespace
+
+std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
+                                      const std::function<void(TrainedModel&)>& place) {
   if (job.batch_size < 1) throw ConfigError("ddpm_sample: --batch must be >= 1");
-  TrainedModel trained =
-      LoadTrainedModel(job.checkpoint, job.weights, job.config_path, job.overrides, "ddpm_sample");
-  const Config& config = trained.config;
-  const torch::Device device = trained.device;
-  UNet& model = trained.model;
-  const GaussianDiffusion diffusion(config.diffusion, device);
-  const int count = config.sample.num_images;
-  const torch::Tensor images = SampleImages(
-      diffusion, model, config, count, job.batch_size,
-      "sampling " + std::to_string(count) + " images (" + Name(config.sample.sampler) + ")");
   const bool to_dir =
       (!job.out.empty() && job.out.back() == '/') || std::filesystem::is_directory(job.out);
-  if (to_dir) return WriteSampleFiles(images, job.out);
-  WriteSampleGrid(images, job.out);
-  return {job.out};
+  const int rank = comm.rank(), world = comm.world_size();
+  if (!to_dir && world > 1) {
+    throw FlagError("ddpm_sample: --out " + job.out + " is a grid, which one rank draws; under " +
+                    "mpirun give a directory (ending in /), where each rank writes its images");
+  }
+  if (!to_dir && job.resume) {
+    throw FlagError("ddpm_sample: --resume continues a directory of images; --out " + job.out +
+                    " is a grid");
+  }
+  TrainedModel trained =
+      LoadTrainedModel(job.checkpoint, job.weights, job.config_path, job.overrides, "ddpm_sample");
+  if (place) place(trained);
+  const Config& config = trained.config;
+  const ModelConfig& m = config.model;
+  const GaussianDiffusion diffusion(config.diffusion, trained.device);
+  const Denoiser denoiser = EvalDenoiser(trained.model, config.train.precision);
+  const int64_t count = config.sample.num_images;
+  const std::string what = std::string(Name(config.sample.sampler)) + " " +
+                           std::to_string(config.sample.ResolvedSteps(config.diffusion.timesteps)) +
+                           " steps";
+  // Each rank's share, and in it what is still missing.
+  const int64_t first = count * rank / world, last = count * (rank + 1) / world;
+  std::vector<int64_t> todo;
+  for (int64_t i = first; i < last; ++i) {
+    const std::filesystem::path file = std::filesystem::path(job.out) / SampleFileName(i);
+    if (job.resume) {
+      // A killed job may have left a file it was writing aside; the image is drawn again.
+      std::error_code ignored;
+      std::filesystem::remove(file.string() + ".tmp", ignored);
+      if (std::filesystem::exists(file)) continue;
+    }
+    todo.push_back(i);
+  }
+  if (to_dir) MakeDirectories(job.out);
+  torch::Tensor missing = torch::tensor({static_cast<int64_t>(todo.size())}, torch::kLong);
+  comm.AllReduce(missing, ReduceOp::kSum, "the count of images to draw");
+  const int64_t to_draw = missing.item<int64_t>();
+  const bool lead = rank == 0;
+  if (lead) {
+    std::printf(
+        "ddpm_sample: %lld images (%s) on %d rank(s) into %s%s\n", static_cast<long long>(count),
+        what.c_str(), world, job.out.c_str(),
+        job.resume ? (", " + std::to_string(count - to_draw) + " already there").c_str() : "");
+    std::fflush(stdout);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  auto last_report = start;
+  const int64_t before = count - to_draw;
+  std::vector<std::string> written;
+  std::vector<torch::Tensor> grid;
+  for (std::size_t begin = 0; begin < todo.size(); begin += job.batch_size) {
+    const std::size_t end = std::min(todo.size(), begin + job.batch_size);
+    const std::vector<int64_t> indices(todo.begin() + begin, todo.begin() + end);
+    std::vector<uint64_t> seeds;
+    for (int64_t i : indices) seeds.push_back(ImageSeed(config.sample.seed, i));
+    NoiseStreams streams(seeds);
+    const int64_t n = static_cast<int64_t>(indices.size());
+    const torch::Tensor images =
+        diffusion
+            .Sample(
+                denoiser, {n, m.in_channels, m.image_size, m.image_size}, config.sample, streams,
+                world == 1 && todo.size() <= static_cast<std::size_t>(job.batch_size)
+                    ? ProgressPrinter("sampling " + std::to_string(n) + " images (" + what + ")",
+                                      ProgressMode::kAuto)
+                    : nullptr)
+            .to(torch::kCPU);
+    if (to_dir) {
+      const auto files = WriteSampleFiles(images, job.out, indices);
+      written.insert(written.end(), files.begin(), files.end());
+    } else {
+      grid.push_back(images);
+    }
+    const double elapsed = SecondsSince(start);
+    if (lead && to_dir && (end == todo.size() || SecondsSince(last_report) >= 5.0)) {
+      last_report = std::chrono::steady_clock::now();
+      // The whole job's progress, from the files every rank has written.
+      const int64_t done = CountSampleFiles(job.out, count);
+      const double rate = (done - before) / std::max(elapsed, 1e-9);
+      std::printf("ddpm_sample: %lld/%lld images (all ranks), %.2f images/s, elapsed %s, eta %s\n",
+                  static_cast<long long>(done), static_cast<long long>(count), rate,
+                  FormatDuration(elapsed).c_str(),
+                  rate > 0 ? FormatDuration((count - done) / rate).c_str() : "?");
+      std::fflush(stdout);
+    }
+  }
+  if (!to_dir) {
+    WriteSampleGrid(torch::cat(grid), job.out);
+    written.push_back(job.out);
+  }
+  comm.Barrier("the end of sampling");
+  if (lead && to_dir) {
+    std::printf("ddpm_sample: %lld images in %s (%lld drawn now) in %s\n",
+                static_cast<long long>(CountSampleFiles(job.out, count)), job.out.c_str(),
+                static_cast<long long>(to_draw), FormatDuration(SecondsSince(start)).c_str());
+  }
+  return written;
 }
 
 std::string ConfigBesideWeights(const std::string& weights) {

@@ -1,6 +1,7 @@
 // ddpm_sample: a checkpoint's (or a weights file's) EMA model to PNG samples.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -8,6 +9,9 @@
 #include "config/flags.h"
 
 namespace ddpm {
+
+class Communicator;
+struct TrainedModel;
 
 /// What ddpm_sample draws from and where it writes.
 struct SampleJob {
@@ -24,14 +28,22 @@ struct SampleJob {
   int batch_size = 64;
   /// A PNG grid, or a directory (existing, or ending in '/') for one PNG per image.
   std::string out = "samples.png";
+  /// A directory job keeps the images already there (each file is written whole or not at
+  /// all) and draws only the missing ones.
+  bool resume = false;
 };
 
 /// Declares ddpm_sample's flags.
 void AddSampleFlags(Flags& flags);
 /// The job the parsed flags ask for; throws FlagError for a bad combination.
 SampleJob SampleJobFromFlags(const Flags& flags);
-/// Draws the samples of job and writes them; returns the files written.
-std::vector<std::string> RunSampleJob(const SampleJob& job);
+/// Draws the samples of job as rank comm.rank() of comm's world and writes them; returns the
+/// files this rank wrote. Image i draws its noise from ImageSeed(sample.seed, i) alone, so the
+/// images do not depend on the batch size or on the number of ranks; each rank takes a
+/// contiguous share of the images, and writes them itself (a directory job; a grid needs one
+/// rank). place, when given, moves the loaded model to this rank's device.
+std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
+                                      const std::function<void(TrainedModel&)>& place = {});
 
 /// The config file that goes with an exported weights file: model.pt -> model.yaml.
 std::string ConfigBesideWeights(const std::string& weights);

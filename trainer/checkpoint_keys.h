@@ -35,6 +35,11 @@ inline constexpr char kConfig[] = "meta/config";
 inline constexpr char kRollbacks[] = "run/rollbacks";
 inline constexpr char kLrScale[] = "run/lr_scale";
 inline constexpr char kCheckpointFailures[] = "run/checkpoint_failures";
+/// The loss-aware timestep sampler's history (train.timestep_sampler: loss_second_moment):
+/// the last losses per timestep [T, TimestepSampler::kHistory] (float64) and how many of them
+/// are filled [T] (int64). Replicated: every rank keeps the same.
+inline constexpr char kTimestepLossHistory[] = "timesteps/loss_history";
+inline constexpr char kTimestepLossCounts[] = "timesteps/loss_counts";
 /// Ranks of the world that wrote it (0-d int64): added when the checkpoint is read.
 inline constexpr char kWorldSize[] = "meta/world_size";
 

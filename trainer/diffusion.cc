@@ -2,8 +2,11 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
+
+#include "base/random.h"
 
 namespace ddpm {
 namespace {
@@ -123,6 +126,30 @@ NoiseSchedule NoiseSchedule::To(const torch::TensorOptions& options) const {
 
 torch::Generator MakeCpuGenerator(uint64_t seed) { return at::detail::createCPUGenerator(seed); }
 
+NoiseStreams::NoiseStreams(uint64_t seed) : generators_{MakeCpuGenerator(seed)} {}
+
+NoiseStreams::NoiseStreams(const std::vector<uint64_t>& seeds) : per_image_(true) {
+  generators_.reserve(seeds.size());
+  for (uint64_t seed : seeds) generators_.push_back(MakeCpuGenerator(seed));
+}
+
+torch::Tensor NoiseStreams::Draw(torch::IntArrayRef shape, bool pinned) {
+  const auto options = torch::TensorOptions().dtype(torch::kFloat32).pinned_memory(pinned);
+  if (!per_image_) return torch::randn(shape, generators_[0], options);
+  TORCH_CHECK(!shape.empty() && shape[0] == static_cast<int64_t>(generators_.size()), "noise of ",
+              shape, " from ", generators_.size(), " per-image streams");
+  torch::Tensor noise = torch::empty(shape, options);
+  for (std::size_t i = 0; i < generators_.size(); ++i) {
+    noise[static_cast<int64_t>(i)].normal_(0.0, 1.0, generators_[i]);
+  }
+  return noise;
+}
+
+uint64_t ImageSeed(uint64_t seed, int64_t index) {
+  return SplitMix64::Mix(seed * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(index) +
+                         0x51ed270bULL);
+}
+
 torch::Generator MakeGenerator(torch::Device device, uint64_t seed) {
   if (device.is_cpu()) return MakeCpuGenerator(seed);
   torch::Generator generator = at::globalContext().defaultGenerator(device).clone();
@@ -233,8 +260,8 @@ torch::Tensor GaussianDiffusion::LossWeight(const torch::Tensor& t) const {
 }
 
 DiffusionLoss GaussianDiffusion::TrainingLoss(const Denoiser& model, const torch::Tensor& x0,
-                                              const torch::Tensor& t,
-                                              const torch::Tensor& noise) const {
+                                              const torch::Tensor& t, const torch::Tensor& noise,
+                                              const torch::Tensor& sample_weight) const {
   const torch::Tensor x_t = q_sample(x0, t, noise);
   const torch::Tensor model_out = model(x_t, t);
   const double timesteps = config_.timesteps;
@@ -272,9 +299,11 @@ DiffusionLoss GaussianDiffusion::TrainingLoss(const Denoiser& model, const torch
                                     .to(x0.scalar_type());
     }
   }
+  torch::Tensor weighted =
+      config_.weighting == LossWeighting::kNone ? per_sample : per_sample * LossWeight(t);
+  if (sample_weight.defined()) weighted = weighted * sample_weight.to(weighted.scalar_type());
   DiffusionLoss out;
-  out.loss = config_.weighting == LossWeighting::kNone ? per_sample.mean()
-                                                       : (per_sample * LossWeight(t)).mean();
+  out.loss = weighted.mean();
   out.per_sample = per_sample.detach();
   out.t = t;
   return out;
@@ -438,6 +467,11 @@ VariationalBound GaussianDiffusion::Bound(const Denoiser& model, const torch::Te
   return bound;
 }
 
+torch::Tensor GaussianDiffusion::Noise(torch::IntArrayRef shape, NoiseStreams& streams) const {
+  const bool pinned = device_.is_cuda();
+  return streams.Draw(shape, pinned).to(device_, /*non_blocking=*/pinned);
+}
+
 torch::Tensor GaussianDiffusion::Noise(torch::IntArrayRef shape,
                                        torch::Generator& generator) const {
   // Drawn on the CPU so that a seed gives the same samples on every device; for a GPU into
@@ -451,10 +485,17 @@ torch::Tensor GaussianDiffusion::Noise(torch::IntArrayRef shape,
 torch::Tensor GaussianDiffusion::SampleDdpm(const Denoiser& model, torch::IntArrayRef shape,
                                             VarianceKind variance, bool clip_x0, uint64_t seed,
                                             const SampleProgress& progress) const {
+  NoiseStreams streams(seed);
+  return SampleDdpm(model, shape, variance, clip_x0, streams, progress);
+}
+
+torch::Tensor GaussianDiffusion::SampleDdpm(const Denoiser& model, torch::IntArrayRef shape,
+                                            VarianceKind variance, bool clip_x0,
+                                            NoiseStreams& generator,
+                                            const SampleProgress& progress) const {
   // Inference mode: no autograd bookkeeping at all, cheaper than NoGradGuard.
   c10::InferenceMode inference;
   const Denoiser mapped = Mapped(model);
-  torch::Generator generator = MakeCpuGenerator(seed);
   torch::Tensor x = Noise(shape, generator);
   const int steps = config_.timesteps;
   for (int i = steps - 1; i >= 0; --i) {
@@ -472,11 +513,18 @@ torch::Tensor GaussianDiffusion::SampleDdpm(const Denoiser& model, torch::IntArr
 torch::Tensor GaussianDiffusion::SampleDdim(const Denoiser& model, torch::IntArrayRef shape,
                                             int steps, double eta, bool clip_x0, uint64_t seed,
                                             const SampleProgress& progress) const {
+  NoiseStreams streams(seed);
+  return SampleDdim(model, shape, steps, eta, clip_x0, streams, progress);
+}
+
+torch::Tensor GaussianDiffusion::SampleDdim(const Denoiser& model, torch::IntArrayRef shape,
+                                            int steps, double eta, bool clip_x0,
+                                            NoiseStreams& generator,
+                                            const SampleProgress& progress) const {
   TORCH_CHECK(steps >= 1 && steps <= config_.timesteps, "DDIM steps must be in [1, T], got ",
               steps);
   // Inference mode: no autograd bookkeeping at all, cheaper than NoGradGuard.
   c10::InferenceMode inference;
-  torch::Generator generator = MakeCpuGenerator(seed);
   torch::Tensor x = Noise(shape, generator);
   // Timesteps tau_i evenly spaced over [0, T), as in Song et al.'s "uniform" skip.
   std::vector<int64_t> taus(steps);
@@ -502,6 +550,90 @@ torch::Tensor GaussianDiffusion::SampleDdim(const Denoiser& model, torch::IntArr
     x = std::sqrt(abar_prev) * x0 + dir * eps;
     if (sigma > 0) x = x + sigma * z;
     if (progress) progress(steps - i, steps);
+  }
+  return x;
+}
+
+std::pair<std::vector<double>, std::vector<int64_t>> GaussianDiffusion::HeunSigmas(
+    int steps) const {
+  TORCH_CHECK(steps >= 1 && steps <= config_.timesteps,
+              "heun steps must be in [1, T = ", config_.timesteps, "], got ", steps);
+  const int64_t timesteps = config_.timesteps;
+  const torch::Tensor abar = schedule64_.alphas_cumprod.contiguous();
+  const double* a = abar.data_ptr<double>();
+  std::vector<double> trained(timesteps);
+  for (int64_t j = 0; j < timesteps; ++j) trained[j] = std::sqrt(1.0 / a[j] - 1.0);
+  // EDM's defaults, within the levels this process was trained on.
+  const double sigma_min = std::max(0.002, trained.front());
+  const double sigma_max = std::min(80.0, trained.back());
+  constexpr double kRho = 7.0;
+  std::vector<double> sigmas;
+  std::vector<int64_t> index;
+  for (int i = 0; i < steps; ++i) {
+    const double fraction = steps == 1 ? 0.0 : static_cast<double>(i) / (steps - 1);
+    const double sigma =
+        std::pow(std::pow(sigma_max, 1.0 / kRho) +
+                     fraction * (std::pow(sigma_min, 1.0 / kRho) - std::pow(sigma_max, 1.0 / kRho)),
+                 kRho);
+    // The nearest trained level (the levels increase with t).
+    const auto above = std::lower_bound(trained.begin(), trained.end(), sigma);
+    int64_t j = above - trained.begin();
+    if (j == timesteps || (j > 0 && sigma - trained[j - 1] <= trained[j] - sigma)) --j;
+    index.push_back(j);
+    sigmas.push_back(trained[j]);
+  }
+  sigmas.push_back(0.0);
+  return {sigmas, index};
+}
+
+torch::Tensor GaussianDiffusion::SampleHeun(const Denoiser& model, torch::IntArrayRef shape,
+                                            int steps, double churn, double s_noise,
+                                            NoiseStreams& streams,
+                                            const SampleProgress& progress) const {
+  c10::InferenceMode inference;
+  const Denoiser mapped = Mapped(model);
+  const auto [sigmas, index] = HeunSigmas(steps);
+  const torch::Tensor abar = schedule64_.alphas_cumprod.contiguous();
+  const double* a = abar.data_ptr<double>();
+  const auto long_options = torch::TensorOptions().dtype(torch::kLong).device(device_);
+  // D(x; sigma_j): the model's x_0 at x_t = sqrt(abar_j) x, for x = x_0 + sigma_j eps.
+  const auto denoise = [&](const torch::Tensor& x, int64_t j) {
+    const torch::Tensor t = torch::full({shape[0]}, j, long_options);
+    const torch::Tensor x_t = std::sqrt(a[j]) * x;
+    return predict_start(x_t, t, Prediction(mapped(x_t, t), x_t));
+  };
+  const auto nearest = [&](double sigma) {
+    int64_t best = 0;
+    for (int64_t j = 1; j < config_.timesteps; ++j) {
+      if (std::abs(std::sqrt(1.0 / a[j] - 1.0) - sigma) <
+          std::abs(std::sqrt(1.0 / a[best] - 1.0) - sigma)) {
+        best = j;
+      }
+    }
+    return best;
+  };
+  torch::Tensor x = Noise(shape, streams) * sigmas[0];
+  const double gamma = std::min(churn / steps, std::sqrt(2.0) - 1.0);
+  for (int i = 0; i < steps; ++i) {
+    const double t_cur = sigmas[i], t_next = sigmas[i + 1];
+    // Algorithm 2: raise the noise level to t_hat (a trained level) by adding noise.
+    int64_t j_hat = index[i];
+    double t_hat = t_cur;
+    if (gamma > 0) {
+      j_hat = nearest(t_cur + gamma * t_cur);
+      t_hat = std::sqrt(1.0 / a[j_hat] - 1.0);
+      x = x +
+          std::sqrt(std::max(t_hat * t_hat - t_cur * t_cur, 0.0)) * s_noise * Noise(shape, streams);
+    }
+    // Euler from t_hat to t_next, then Heun's correction unless t_next is 0.
+    const torch::Tensor d_cur = (x - denoise(x, j_hat)) / t_hat;
+    torch::Tensor x_next = x + (t_next - t_hat) * d_cur;
+    if (i + 1 < steps) {
+      const torch::Tensor d_next = (x_next - denoise(x_next, index[i + 1])) / t_next;
+      x_next = x + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_next);
+    }
+    x = x_next;
+    if (progress) progress(i + 1, steps);
   }
   return x;
 }
@@ -550,9 +682,19 @@ Denoiser GaussianDiffusion::Mapped(const Denoiser& model) const {
 torch::Tensor GaussianDiffusion::Sample(const Denoiser& model, torch::IntArrayRef shape,
                                         const SampleConfig& config,
                                         const SampleProgress& progress) const {
+  NoiseStreams streams(config.seed);
+  return Sample(model, shape, config, streams, progress);
+}
+
+torch::Tensor GaussianDiffusion::Sample(const Denoiser& model, torch::IntArrayRef shape,
+                                        const SampleConfig& config, NoiseStreams& streams,
+                                        const SampleProgress& progress) const {
   const int steps = config.ResolvedSteps(config_.timesteps);
   if (config.sampler == SamplerKind::kDdim) {
-    return SampleDdim(model, shape, steps, config.eta, config.clip_x0, config.seed, progress);
+    return SampleDdim(model, shape, steps, config.eta, config.clip_x0, streams, progress);
+  }
+  if (config.sampler == SamplerKind::kHeun) {
+    return SampleHeun(model, shape, steps, config.churn, config.s_noise, streams, progress);
   }
   if (!config.timesteps.empty() || steps < config_.timesteps) {
     const std::vector<int64_t> subsequence =
@@ -560,9 +702,9 @@ torch::Tensor GaussianDiffusion::Sample(const Denoiser& model, torch::IntArrayRe
             ? EvenlyStrided(steps)
             : std::vector<int64_t>(config.timesteps.begin(), config.timesteps.end());
     return Respaced(subsequence)
-        .SampleDdpm(model, shape, config.variance, config.clip_x0, config.seed, progress);
+        .SampleDdpm(model, shape, config.variance, config.clip_x0, streams, progress);
   }
-  return SampleDdpm(model, shape, config.variance, config.clip_x0, config.seed, progress);
+  return SampleDdpm(model, shape, config.variance, config.clip_x0, streams, progress);
 }
 
 }  // namespace ddpm

@@ -87,6 +87,27 @@ struct VariationalBound {
   torch::Tensor total;
 };
 
+/// Where a sampler's noise comes from: one CPU stream for the whole batch, or one per image, so
+/// that an image's noise, and so the image, does not depend on the batch it is drawn in or on
+/// how many ranks share the job.
+class NoiseStreams {
+ public:
+  /// One stream, seeded by seed (what the samplers' seed arguments mean).
+  explicit NoiseStreams(uint64_t seed);
+  /// One stream per image, seeded by each of seeds (ImageSeed of the images' indices).
+  explicit NoiseStreams(const std::vector<uint64_t>& seeds);
+  /// Standard normal noise [shape] as float32 on the CPU (pinned when asked); per image, row i
+  /// from stream i (shape[0] must be the number of streams).
+  torch::Tensor Draw(torch::IntArrayRef shape, bool pinned);
+
+ private:
+  std::vector<torch::Generator> generators_;
+  bool per_image_ = false;
+};
+
+/// The seed of image index's noise stream in a job seeded by seed.
+uint64_t ImageSeed(uint64_t seed, int64_t index);
+
 /// The forward process, the objective and the samplers. Holds the float64 schedule and a
 /// float32 copy on the compute device.
 class GaussianDiffusion {
@@ -121,8 +142,11 @@ class GaussianDiffusion {
                               const torch::Tensor& model_out) const;
 
   /// The configured loss for given x_0, timesteps and noise (Eq. 14 for objective eps, l2).
+  /// sample_weight [B], when defined, multiplies each sample's loss in the mean (an importance
+  /// sampler's 1 / (T p_t)); per_sample stays without it.
   DiffusionLoss TrainingLoss(const Denoiser& model, const torch::Tensor& x0, const torch::Tensor& t,
-                             const torch::Tensor& noise) const;
+                             const torch::Tensor& noise,
+                             const torch::Tensor& sample_weight = {}) const;
   /// The loss with t ~ U{0..T-1} and eps ~ N(0, I) drawn from generator (on x0's device).
   DiffusionLoss TrainingLoss(const Denoiser& model, const torch::Tensor& x0,
                              torch::Generator& generator) const;
@@ -164,11 +188,34 @@ class GaussianDiffusion {
   torch::Tensor SampleDdpm(const Denoiser& model, torch::IntArrayRef shape, VarianceKind variance,
                            bool clip_x0, uint64_t seed,
                            const SampleProgress& progress = nullptr) const;
+  /// The same with noise from streams.
+  torch::Tensor SampleDdpm(const Denoiser& model, torch::IntArrayRef shape, VarianceKind variance,
+                           bool clip_x0, NoiseStreams& streams,
+                           const SampleProgress& progress = nullptr) const;
   /// DDIM (Song et al. 2021, Eq. 12) over steps evenly spaced timesteps. eta = 1 has the
   /// ancestral posterior variance, eta = 0 is deterministic given x_T. Deterministic given seed.
   torch::Tensor SampleDdim(const Denoiser& model, torch::IntArrayRef shape, int steps, double eta,
                            bool clip_x0, uint64_t seed,
                            const SampleProgress& progress = nullptr) const;
+  /// The same with noise from streams.
+  torch::Tensor SampleDdim(const Denoiser& model, torch::IntArrayRef shape, int steps, double eta,
+                           bool clip_x0, NoiseStreams& streams,
+                           const SampleProgress& progress = nullptr) const;
+  /// EDM's sampler (Karras et al. 2022) on this process seen as x = x_t / sqrt(abar), noise
+  /// level sigma = sqrt(1/abar - 1): steps noise levels from sigma_max = min(80, sigma(T-1)) to
+  /// sigma_min = max(0.002, sigma(0)) spaced with rho = 7 (their Eq. 5), each rounded to the
+  /// nearest trained timestep's sigma (the model is evaluated only at trained timesteps, as
+  /// EDM does for DDPM models), then 0. Heun's second-order step except into 0: 2 steps - 1
+  /// network evaluations. The denoiser is D(x; sigma) = the x_0 the model predicts at x_t =
+  /// x / sqrt(1 + sigma^2). churn 0 is Algorithm 1 (deterministic given the first noise);
+  /// churn > 0 is Algorithm 2 (gamma = min(churn / steps, sqrt(2) - 1) at every step, noise
+  /// scaled by s_noise).
+  torch::Tensor SampleHeun(const Denoiser& model, torch::IntArrayRef shape, int steps, double churn,
+                           double s_noise, NoiseStreams& streams,
+                           const SampleProgress& progress = nullptr) const;
+  /// SampleHeun's noise levels: steps + 1 sigmas (the last 0) and the timestep of each but the
+  /// last.
+  std::pair<std::vector<double>, std::vector<int64_t>> HeunSigmas(int steps) const;
   /// The ancestral process on the subsequence timesteps (strictly increasing in [0, T)) of
   /// this one (Nichol & Dhariwal, section 4): betas re-derived from the subsequence's
   /// alphas_cumprod (beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}}; beta_{s_k} itself where the
@@ -181,12 +228,16 @@ class GaussianDiffusion {
   /// sample.timesteps) samples the respaced process.
   torch::Tensor Sample(const Denoiser& model, torch::IntArrayRef shape, const SampleConfig& config,
                        const SampleProgress& progress = nullptr) const;
+  /// The same with noise from streams rather than from config.seed.
+  torch::Tensor Sample(const Denoiser& model, torch::IntArrayRef shape, const SampleConfig& config,
+                       NoiseStreams& streams, const SampleProgress& progress = nullptr) const;
 
   /// Gathers buffer[t] for each sample of t and shapes it [B, 1, 1, 1] to broadcast over images.
   static torch::Tensor Extract(const torch::Tensor& buffer, const torch::Tensor& t);
 
  private:
   torch::Tensor Noise(torch::IntArrayRef shape, torch::Generator& generator) const;
+  torch::Tensor Noise(torch::IntArrayRef shape, NoiseStreams& streams) const;
   /// The fixed log-variance of p(x_{t-1} | x_t) of kind variance, float64 [B, 1, 1, 1].
   torch::Tensor FixedLogVariance64(const torch::Tensor& t, VarianceKind variance) const;
 

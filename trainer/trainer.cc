@@ -10,6 +10,7 @@
 
 #include "base/random.h"
 #include "trainer/checkpoint_keys.h"
+#include "trainer/communicator.h"
 #include "trainer/tensor_io.h"
 
 #ifdef DDPM_HAS_CUDA
@@ -106,7 +107,8 @@ Trainer::Trainer(const Config& config, torch::Device device, int rank, int micro
       micro_batches_(micro_batches),
       model_(config.model, config.train.seed),
       ema_model_(config.model, config.train.seed),
-      diffusion_(config.diffusion, device) {
+      diffusion_(config.diffusion, device),
+      timestep_sampler_(config.train.timestep_sampler, config.diffusion.timesteps) {
   // fp32 on a GPU: TF32 tensor cores for matmuls and convolutions (as PyTorch's default for
   // convolutions); bf16 autocast covers the forward otherwise.
   if (device.is_cuda() && config.train.precision == Precision::kFp32) {
@@ -146,27 +148,78 @@ Trainer::Trainer(const Config& config, torch::Device device, int rank, int micro
 
 Trainer::~Trainer() = default;
 
-std::pair<torch::Tensor, torch::Tensor> Trainer::DrawTimestepsAndNoise(
-    int64_t step, int64_t first_position, int64_t count, torch::IntArrayRef shape) const {
+StepDraw Trainer::DrawTimestepsAndNoise(int64_t step, int64_t first_position, int64_t count,
+                                        torch::IntArrayRef shape) const {
   std::vector<int64_t> noise_shape = {count};
   noise_shape.insert(noise_shape.end(), shape.begin(), shape.end());
   // Pinned on a GPU run, so that the copies below do not make the host wait.
   const auto host = torch::TensorOptions().pinned_memory(device_.is_cuda());
   torch::Tensor t = torch::empty({count}, host.dtype(torch::kLong));
   torch::Tensor noise = torch::empty(noise_shape, host.dtype(torch::kFloat32));
+  // Until the loss history is full the draw is uniform, through the same calls as the uniform
+  // sampler: such a run matches a uniform one up to that step.
+  const bool importance = timestep_sampler_.loss_aware();
+  const TimestepSampler::Draw distribution =
+      importance ? timestep_sampler_.Distribution() : TimestepSampler::Draw{};
+  torch::Tensor weight;
+  if (importance) weight = torch::empty({count}, host.dtype(torch::kFloat32));
+  torch::Tensor u = torch::empty({1}, torch::kFloat64);
   for (int64_t i = 0; i < count; ++i) {
     // One independent CPU stream per sample, drawn in place: randint is random_, randn normal_.
     torch::Generator generator = at::detail::createCPUGenerator(
         StreamSeed(config_.train.seed, static_cast<uint64_t>(step),
                    static_cast<uint64_t>(first_position + i), 0x2545f491ULL));
-    t.narrow(0, i, 1).random_(0, config_.diffusion.timesteps, generator);
+    if (importance) {
+      // The inverse CDF of the loss-aware distribution at a uniform u of the sample's stream.
+      u.uniform_(0.0, 1.0, generator);
+      const int64_t drawn = distribution.Timestep(u.item<double>());
+      t[i] = drawn;
+      weight[i] = static_cast<float>(distribution.weight[drawn]);
+    } else {
+      t.narrow(0, i, 1).random_(0, config_.diffusion.timesteps, generator);
+    }
     noise[i].normal_(0.0, 1.0, generator);
   }
-  return {t.to(device_, /*non_blocking=*/true), noise.to(device_, /*non_blocking=*/true)};
+  StepDraw draw;
+  draw.host_t.assign(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + count);
+  draw.t = t.to(device_, /*non_blocking=*/true);
+  draw.noise = noise.to(device_, /*non_blocking=*/true);
+  if (importance) draw.weight = weight.to(device_, /*non_blocking=*/true);
+  return draw;
+}
+
+void Trainer::UpdateTimestepSampler(const std::vector<int64_t>& host_t, const torch::Tensor& losses,
+                                    int64_t first_position) {
+  const int64_t count = static_cast<int64_t>(host_t.size());
+  const torch::Tensor local = losses.to(torch::kCPU, torch::kFloat64).contiguous();
+  std::vector<int64_t> t = host_t;
+  std::vector<double> values(local.data_ptr<double>(), local.data_ptr<double>() + count);
+  if (comm_ != nullptr && comm_->world_size() > 1) {
+    // The global batch in position order, every rank's rows summed into zeros: an all-gather
+    // that does not care how the batch was split. int64 timesteps are exact in float64.
+    const int64_t global = config_.train.batch_size;
+    TORCH_CHECK(first_position >= 0 && first_position + count <= global,
+                "timestep sampler: positions [", first_position, ", ", first_position + count,
+                ") are outside the global batch of ", global);
+    torch::Tensor rows = torch::zeros({2, global}, torch::kFloat64);
+    for (int64_t i = 0; i < count; ++i) {
+      rows[0][first_position + i] = static_cast<double>(host_t[i]);
+    }
+    rows[1].narrow(0, first_position, count).copy_(local);
+    comm_->AllReduce(
+        rows, ReduceOp::kSum,
+        "all-reduce of the timestep sampler's losses at step " + std::to_string(step_ + 1));
+    const torch::Tensor gathered_t = rows[0].to(torch::kLong).contiguous();
+    const torch::Tensor gathered_loss = rows[1].contiguous();
+    t.assign(gathered_t.data_ptr<int64_t>(), gathered_t.data_ptr<int64_t>() + global);
+    values.assign(gathered_loss.data_ptr<double>(), gathered_loss.data_ptr<double>() + global);
+  }
+  timestep_sampler_.Update(t, values);
 }
 
 void Trainer::Compute(const torch::Tensor& images, const torch::Tensor& t,
-                      const torch::Tensor& noise, torch::Tensor& values) {
+                      const torch::Tensor& noise, const torch::Tensor& weight,
+                      torch::Tensor& values, torch::Tensor& losses) {
   const int accum = micro_batches_;
   params_->grad().zero_();
   // The forward under bf16 autocast when asked; its output, and so the loss, back in fp32.
@@ -178,14 +231,24 @@ void Trainer::Compute(const torch::Tensor& images, const torch::Tensor& t,
   const auto micro_images = images.chunk(accum, 0);
   const auto micro_t = t.chunk(accum, 0);
   const auto micro_noise = noise.chunk(accum, 0);
+  const std::vector<torch::Tensor> micro_weight =
+      weight.defined() ? weight.chunk(accum, 0) : std::vector<torch::Tensor>(accum);
+  std::vector<torch::Tensor> sample_losses;
   torch::Tensor loss_sum = torch::zeros({}, images.options());
   // Per quarter of [0, T): the sum of the samples' losses, and how many there were.
   const auto float64 = images.options().dtype(torch::kFloat64);
   torch::Tensor quartile_loss = torch::zeros({kTimestepQuartiles}, float64);
   torch::Tensor quartile_count = torch::zeros({kTimestepQuartiles}, float64);
   for (std::size_t m = 0; m < micro_images.size(); ++m) {
-    const DiffusionLoss out =
-        diffusion_.TrainingLoss(denoiser, micro_images[m], micro_t[m], micro_noise[m]);
+    const DiffusionLoss out = diffusion_.TrainingLoss(denoiser, micro_images[m], micro_t[m],
+                                                      micro_noise[m], micro_weight[m]);
+    if (losses.defined()) {
+      // What the history keeps: each sample's loss as the objective weights it, before the
+      // importance weight.
+      sample_losses.push_back(config_.diffusion.weighting == LossWeighting::kNone
+                                  ? out.per_sample
+                                  : out.per_sample * diffusion_.LossWeight(micro_t[m]));
+    }
     if (sync_ != nullptr) sync_->BeginBackward(m + 1 == micro_images.size());
     (out.loss / accum).backward();
     loss_sum += out.loss.detach();
@@ -196,6 +259,7 @@ void Trainer::Compute(const torch::Tensor& images, const torch::Tensor& t,
     quartile_count.index_add_(0, quartile, torch::ones({micro_t[m].size(0)}, float64));
   }
   if (sync_ != nullptr) sync_->FinishBackward();
+  if (losses.defined()) losses.copy_(torch::cat(sample_losses));
   torch::Tensor grad = params_->grad();
   torch::Tensor grad_norm;
   if (device_.is_cpu()) {
@@ -222,6 +286,8 @@ struct Trainer::StepGraph {
   static constexpr int kWarmupSteps = 3;
   at::cuda::CUDAGraph graph;
   torch::Tensor images, t, noise, values;
+  /// With a loss-aware timestep sampler: the importance weights and per-sample losses.
+  torch::Tensor weight, losses;
   int eager_steps = 0;
   bool captured = false;
 };
@@ -244,13 +310,20 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
                                                          : torch::MemoryFormat::Contiguous;
   const torch::Tensor images = batch.to(device_, /*non_blocking=*/true).contiguous(memory_format);
   // Every sample's timestep and noise for the whole batch; the micro-batches take slices.
-  auto [t, noise] =
+  StepDraw draw =
       DrawTimestepsAndNoise(step_, first_position, images.size(0), images.sizes().slice(1));
-  noise = noise.contiguous(memory_format);
+  const torch::Tensor& t = draw.t;
+  const torch::Tensor noise = draw.noise.contiguous(memory_format);
+  // A loss-aware sampler learns from every step's per-sample losses, which makes the step wait
+  // for the device once (to read them) and, on several ranks, all-reduce them.
+  const bool learns = timestep_sampler_.uses_losses();
   optimizer_->Prepare(stats.lr);
   if (!config_.train.cuda_graphs) {
     stats.values = torch::empty({kStepValues}, images.options().dtype(torch::kFloat64));
-    Compute(images, t, noise, stats.values);
+    torch::Tensor losses;
+    if (learns) losses = torch::empty({images.size(0)}, images.options().dtype(torch::kFloat64));
+    Compute(images, t, noise, draw.weight, stats.values, losses);
+    if (learns) UpdateTimestepSampler(draw.host_t, losses, first_position);
     ++step_;
     return stats;
   }
@@ -267,6 +340,11 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
     graph_->t = torch::empty_like(t);
     graph_->noise = torch::empty_like(noise);
     graph_->values = torch::empty({kStepValues}, images.options().dtype(torch::kFloat64));
+    if (learns) {
+      // The captured step always takes importance weights; ones while the draw is uniform.
+      graph_->weight = torch::ones({images.size(0)}, images.options());
+      graph_->losses = torch::empty({images.size(0)}, images.options().dtype(torch::kFloat64));
+    }
   }
   StepGraph& g = *graph_;
   TORCH_CHECK(images.sizes() == g.images.sizes(),
@@ -275,6 +353,13 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
   g.images.copy_(images, /*non_blocking=*/true);
   g.t.copy_(t, /*non_blocking=*/true);
   g.noise.copy_(noise, /*non_blocking=*/true);
+  if (learns) {
+    if (draw.weight.defined()) {
+      g.weight.copy_(draw.weight, /*non_blocking=*/true);
+    } else {
+      g.weight.fill_(1.0f);
+    }
+  }
   if (g.captured) {
     g.graph.replay();
   } else {
@@ -288,14 +373,14 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
     {
       c10::cuda::CUDAStreamGuard guard(side);
       if (g.eager_steps < StepGraph::kWarmupSteps) {
-        Compute(g.images, g.t, g.noise, g.values);
+        Compute(g.images, g.t, g.noise, g.weight, g.values, g.losses);
         ++g.eager_steps;
       } else {
         // Autocast's cache of bf16 weights would outlive the capture's memory pool.
         const bool cache = at::autocast::is_autocast_cache_enabled();
         at::autocast::set_autocast_cache_enabled(false);
         g.graph.capture_begin();
-        Compute(g.images, g.t, g.noise, g.values);
+        Compute(g.images, g.t, g.noise, g.weight, g.values, g.losses);
         g.graph.capture_end();
         at::autocast::set_autocast_cache_enabled(cache);
         g.captured = true;
@@ -309,6 +394,7 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
   }
   // A copy: the next replay overwrites the static values.
   stats.values = g.values.clone();
+  if (learns) UpdateTimestepSampler(draw.host_t, g.losses, first_position);
   ++step_;
   return stats;
 #else
@@ -342,8 +428,17 @@ std::map<std::string, torch::Tensor> Trainer::StateViews() const {
   add(checkpoint_keys::kAdamExpAvgSqPrefix, optimizer_->exp_avg_sq());
   state[checkpoint_keys::kAdamSteps] = Int64Tensor(optimizer_->steps());
   state[checkpoint_keys::kStep] = Int64Tensor(step_);
-  // The device's default generator: dropout draws from it. Timesteps and noise need no state.
+  // The device's default generator: dropout draws from it. Timesteps and noise need no state
+  // beyond a loss-aware sampler's history.
   state[checkpoint_keys::kRng] = GeneratorState(at::globalContext().defaultGenerator(device_));
+  if (timestep_sampler_.uses_losses()) {
+    const int64_t rows = timestep_sampler_.timesteps();
+    state[checkpoint_keys::kTimestepLossHistory] =
+        torch::tensor(timestep_sampler_.history(), torch::kFloat64)
+            .reshape({rows, TimestepSampler::kHistory});
+    state[checkpoint_keys::kTimestepLossCounts] =
+        torch::tensor(timestep_sampler_.counts(), torch::kLong);
+  }
   return state;
 }
 
@@ -366,6 +461,24 @@ void Trainer::LoadState(const std::map<std::string, torch::Tensor>& state,
   step_ = RequireTensor(state, checkpoint_keys::kStep, origin).item<int64_t>();
   torch::Generator default_generator = at::globalContext().defaultGenerator(device_);
   SetGeneratorState(default_generator, RequireTensor(state, checkpoint_keys::kRng, origin));
+  if (timestep_sampler_.uses_losses()) {
+    // A checkpoint of a uniform run has no history: it fills again from the next steps.
+    const auto history = state.find(checkpoint_keys::kTimestepLossHistory);
+    const auto counts = state.find(checkpoint_keys::kTimestepLossCounts);
+    if (history == state.end() || counts == state.end()) {
+      timestep_sampler_ = TimestepSampler(timestep_sampler_.kind(), timestep_sampler_.timesteps());
+      return;
+    }
+    const torch::Tensor h = history->second.to(torch::kCPU, torch::kFloat64).contiguous();
+    const torch::Tensor c = counts->second.to(torch::kCPU, torch::kLong).contiguous();
+    try {
+      timestep_sampler_.Restore(
+          std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + h.numel()),
+          std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel()), origin);
+    } catch (const std::invalid_argument& error) {
+      throw CheckpointError(error.what());
+    }
+  }
 }
 
 torch::Tensor DerivedGeneratorState(torch::Device device, uint64_t seed, int rank, int64_t step) {

@@ -8,10 +8,12 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "config/config.h"
 #include "trainer/diffusion.h"
 #include "trainer/optimizer.h"
+#include "trainer/timestep_sampler.h"
 #include "trainer/unet.h"
 
 namespace ddpm {
@@ -79,6 +81,19 @@ class GradientSync {
   virtual CommStats last_stats() const = 0;
 };
 
+class Communicator;
+
+/// What a step draws for its samples.
+struct StepDraw {
+  /// Timesteps [B] (int64) and noise [B, ...] on the step's device.
+  torch::Tensor t, noise;
+  /// Each loss's importance weight 1 / (T p_t) [B] (float32, device); undefined when t is
+  /// uniform.
+  torch::Tensor weight;
+  /// The timesteps on the host, in position order.
+  std::vector<int64_t> host_t;
+};
+
 /// The model, its EMA copy, the diffusion, Adam and the step counter of one training process.
 class Trainer {
  public:
@@ -103,12 +118,17 @@ class Trainer {
   double lr_scale() const { return lr_scale_; }
   /// Makes Step average gradients through sync (null: a world of one). Not owned.
   void set_gradient_sync(GradientSync* sync) { sync_ = sync; }
-  /// The timesteps [count] and noise [count, ...shape] that Step draws for the samples at
-  /// positions [first_position, first_position + count) of global step `step` (0-based).
-  std::pair<torch::Tensor, torch::Tensor> DrawTimestepsAndNoise(int64_t step,
-                                                                int64_t first_position,
-                                                                int64_t count,
-                                                                torch::IntArrayRef shape) const;
+  /// The ranks whose losses feed a loss-aware timestep sampler (null: a world of one): each step
+  /// then all-reduces the global batch's timesteps and losses, so that every rank keeps the
+  /// same history and draws from the same distribution. Not owned.
+  void set_communicator(Communicator* comm) { comm_ = comm; }
+  /// What Step draws for the samples at positions [first_position, first_position + count)
+  /// of global step `step` (0-based) from the sampler's present distribution: per sample, one
+  /// stream seeded by (seed, step, position) gives its timestep, then its noise [...shape].
+  StepDraw DrawTimestepsAndNoise(int64_t step, int64_t first_position, int64_t count,
+                                 torch::IntArrayRef shape) const;
+  /// The timestep sampler (train.timestep_sampler) and its loss history.
+  const TimestepSampler& timestep_sampler() const { return timestep_sampler_; }
 
   UNet& model() { return model_; }
   UNet& ema_model() { return ema_model_; }
@@ -141,6 +161,8 @@ class Trainer {
   std::unique_ptr<FlatAdam> optimizer_;
   std::unique_ptr<Ema> ema_;
   GradientSync* sync_ = nullptr;
+  Communicator* comm_ = nullptr;
+  TimestepSampler timestep_sampler_;
   int64_t step_ = 0;
   double lr_scale_ = 1.0;
   /// The captured step and its static buffers (train.cuda_graphs on a CUDA build).
@@ -148,10 +170,16 @@ class Trainer {
   std::unique_ptr<StepGraph> graph_;
 
   /// The step's work on device tensors: zeroes the gradients, runs forward and backward over
-  /// the micro-batches, clips, applies the staged Adam update and the EMA, and writes the
-  /// step's values into values. Never waits for the device, so it can be captured.
+  /// the micro-batches (each loss times weight when it is defined), clips, applies the staged
+  /// Adam update and the EMA, and writes the step's values into values and, when it is
+  /// defined, each sample's loss into losses. Never waits for the device, so it can be
+  /// captured.
   void Compute(const torch::Tensor& images, const torch::Tensor& t, const torch::Tensor& noise,
-               torch::Tensor& values);
+               const torch::Tensor& weight, torch::Tensor& values, torch::Tensor& losses);
+  /// Feeds the step's per-sample losses (this rank's, at first_position) to the timestep
+  /// sampler, after gathering the global batch's across ranks. Waits for the step.
+  void UpdateTimestepSampler(const std::vector<int64_t>& host_t, const torch::Tensor& losses,
+                             int64_t first_position);
 };
 
 /// The state of a CPU or CUDA generator on device seeded from (seed, rank, step): the dropout

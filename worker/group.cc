@@ -147,16 +147,27 @@ struct Member {
         request.set_attempt(attempt);
         v1::EvalResult& eval = *request.mutable_eval();
         eval.set_step(report.step);
-        eval.set_fid(report.fid);
-        eval.set_inception_score(report.inception_score);
-        eval.set_inception_score_std(report.inception_score_std);
-        eval.set_num_samples(report.num_samples);
-        eval.set_sampler(report.sampler);
-        eval.set_sampling_steps(report.sampling_steps);
-        eval.set_inception_sha256(report.inception_sha256);
-        eval.set_reference_sha256(report.reference_sha256);
         eval.set_seconds(report.seconds);
-        eval.set_regularized(report.regularized);
+        if (report.has_fid()) {
+          eval.set_fid(report.fid);
+          eval.set_inception_score(report.inception_score);
+          eval.set_inception_score_std(report.inception_score_std);
+          eval.set_is_logits(report.is_logits);
+          eval.set_num_samples(report.num_samples);
+          eval.set_sampler(report.sampler);
+          eval.set_sampling_steps(report.sampling_steps);
+          eval.set_inception_sha256(report.inception_sha256);
+          eval.set_reference_sha256(report.reference_sha256);
+          eval.set_regularized(report.regularized);
+        }
+        if (report.has_nll) {
+          eval.set_nll_bits_per_dim(report.nll_bits_per_dim);
+          eval.set_nll_std_error(report.nll_std_error);
+          eval.set_nll_images(report.nll_images);
+          eval.set_nll_data(report.nll_data);
+          eval.set_nll_timesteps(report.nll_timesteps);
+          eval.set_nll_timesteps_total(report.nll_timesteps_total);
+        }
         const grpc::Status status =
             ReportWithRetry([&] { return client.ReportEval(request); }, std::chrono::seconds(30));
         if (!status.ok()) Say(DescribeStatus("ReportEval", status));

@@ -9,6 +9,7 @@
 
 #include <cstdio>
 
+#include "comm/mpi_communicator.h"
 #include "config/config.h"
 #include "config/flags.h"
 #include "run/run.h"
@@ -16,13 +17,12 @@
 #include "trainer/unet.h"
 #include "worker/gradient_buckets.h"
 #include "worker/group.h"
-#include "worker/mpi_communicator.h"
 #include "worker/rank_metrics.h"
 #ifdef DDPM_HAS_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 #ifdef DDPM_WITH_NCCL
-#include "worker/nccl_communicator.h"
+#include "comm/nccl_communicator.h"
 #endif
 
 namespace ddpm {

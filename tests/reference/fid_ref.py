@@ -113,8 +113,10 @@ def network(out_dir):
                 module.running_mean.normal_(0, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
             elif isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0, 0.05)
-                module.bias.normal_(0, 0.1)
+                # Logits of a few units, and a bias of the same size, so that leaving the bias
+                # out (the unbiased IS) changes every class probability.
+                module.weight.normal_(0, 0.02)
+                module.bias.normal_(0, 1.0)
     model.eval()
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(state, os.path.join(out_dir, "inception.pt"))
@@ -122,8 +124,19 @@ def network(out_dir):
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         pool3, logits = features(model, images)
+    # The Inception Score of 20 images, in NumPy from the same network's pool3: from the
+    # original TF code's logits, pool3 times the fc weights without the bias (openai/improved-
+    # gan), and from the fc's output with it.
+    is_images = torch.rand(20, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        is_pool3, is_logits = features(model, is_images)
+    weight = model.fc.weight.detach().double().numpy()
+    unbiased = inception_score(is_pool3.double().numpy() @ weight.T)
+    biased = inception_score(is_logits.double().numpy())
     # One dict of several entries: LibTorch's unpickler reads SETITEMS, not a lone SETITEM.
-    torch.save({"images": images, "pool3": pool3, "logits": logits},
+    torch.save({"images": images, "pool3": pool3, "logits": logits, "is_images": is_images,
+                "is_unbiased": torch.tensor(unbiased, dtype=torch.float64),
+                "is_biased": torch.tensor(biased, dtype=torch.float64)},
                os.path.join(out_dir, "expected.pt"))
 
 

@@ -6,8 +6,8 @@
 #include <memory>
 #include <string>
 
+#include "comm/mpi_communicator.h"
 #include "trainer/communicator.h"
-#include "worker/mpi_communicator.h"
 
 namespace ddpm {
 

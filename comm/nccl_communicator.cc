@@ -1,4 +1,4 @@
-#include "worker/nccl_communicator.h"
+#include "comm/nccl_communicator.h"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>

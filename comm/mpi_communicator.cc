@@ -1,4 +1,4 @@
-#include "worker/mpi_communicator.h"
+#include "comm/mpi_communicator.h"
 
 #include <mpi.h>
 #include <torch/torch.h>
