@@ -2,6 +2,9 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstring>
+#include <map>
+#include <sstream>
 
 #include "base/text.h"
 #include "trainer/communicator.h"
@@ -98,6 +101,53 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
   return report;
 }
 
+namespace {
+
+// The images of a sample archive in the OpenAI evaluator's format: arr_0, uint8 [N, H, W, C]
+// with H = W and C 3 (or 1).
+class NpzImageSet : public ImageDataset {
+ public:
+  explicit NpzImageSet(const std::string& path) : path_(path) {
+    std::map<std::string, torch::Tensor> arrays = ReadNpz(path);
+    const auto found = arrays.find("arr_0");
+    if (found == arrays.end()) {
+      throw std::runtime_error(path + ": no array arr_0 (the images, uint8 N x H x W x 3)");
+    }
+    const torch::Tensor& images = found->second;
+    if (images.scalar_type() != torch::kUInt8) {
+      throw std::runtime_error(path + ": arr_0 is " +
+                               std::string(c10::toString(images.scalar_type())) +
+                               "; sample archives hold uint8 pixels");
+    }
+    if (images.dim() != 4 || images.size(1) != images.size(2) ||
+        (images.size(3) != 3 && images.size(3) != 1) || images.size(0) < 1) {
+      std::ostringstream shape;
+      shape << images.sizes();
+      throw std::runtime_error(path + ": arr_0 has shape " + shape.str() +
+                               "; sample archives hold N x H x W x 3 (or 1) with H = W and N >= 1");
+    }
+    // Stored NHWC; Read hands out CHW.
+    pixels_ = images.permute({0, 3, 1, 2}).contiguous();
+  }
+  int64_t size() const override { return pixels_.size(0); }
+  int image_size() const override { return static_cast<int>(pixels_.size(2)); }
+  int channels() const override { return static_cast<int>(pixels_.size(1)); }
+  void Read(int64_t index, uint8_t* chw) const override {
+    const torch::Tensor image = pixels_[index];
+    std::memcpy(chw, image.data_ptr<uint8_t>(), image.numel());
+  }
+  std::string Describe() const override {
+    return "sample archive " + path_ + ": " + std::to_string(size()) + " images of " +
+           std::to_string(image_size()) + "x" + std::to_string(image_size());
+  }
+
+ private:
+  std::string path_;
+  torch::Tensor pixels_;
+};
+
+}  // namespace
+
 std::unique_ptr<ImageDataset> OpenImageSet(const std::string& spec, int image_size) {
   const size_t colon = spec.find(':');
   const std::string kind = spec.substr(0, colon),
@@ -105,8 +155,10 @@ std::unique_ptr<ImageDataset> OpenImageSet(const std::string& spec, int image_si
   if (colon != std::string::npos && !path.empty()) {
     if (kind == "cifar10") return std::make_unique<Cifar10Dataset>(path, CifarSplit::kTrain);
     if (kind == "folder") return std::make_unique<ImageFolderDataset>(path, image_size, 3);
+    if (kind == "npz") return std::make_unique<NpzImageSet>(path);
   }
-  throw std::invalid_argument("image set '" + spec + "' is not cifar10:PATH or folder:PATH");
+  throw std::invalid_argument("image set '" + spec +
+                              "' is not cifar10:PATH, folder:PATH or npz:PATH");
 }
 
 torch::Tensor ReadImages(const ImageDataset& data, int64_t first, int64_t n, torch::Device device) {

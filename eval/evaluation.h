@@ -59,8 +59,10 @@ class RunEvaluator {
   std::string inception_sha256_, reference_sha256_;
 };
 
-/// An image set for ddpm_fid: "cifar10:PATH" (the training split) or "folder:PATH" (every PNG
-/// and JPEG, resized to image_size). Throws naming the spec when it is neither.
+/// An image set for ddpm_fid: "cifar10:PATH" (the training split), "folder:PATH" (every PNG
+/// and JPEG, resized to image_size) or "npz:PATH" (a sample archive in the OpenAI evaluator's
+/// format: arr_0, uint8 N x H x W x 3). Throws naming the spec, or the file and what is wrong
+/// with it.
 std::unique_ptr<ImageDataset> OpenImageSet(const std::string& spec, int image_size);
 
 /// Images first .. first + n - 1 of data as a float32 [n, C, H, W] batch in [-1, 1] on device.

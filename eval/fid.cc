@@ -191,9 +191,11 @@ torch::Tensor ParseNpy(const std::string& bytes, const std::string& where) {
     type = torch::kFloat32, item = 4;
   } else if (descr[1] == "<i8") {
     type = torch::kInt64, item = 8;
+  } else if (descr[1] == "|u1") {
+    type = torch::kUInt8, item = 1;
   } else {
     throw std::runtime_error(where + ": dtype " + descr[1].str() +
-                             " is not supported (float64, float32 or int64, little-endian)");
+                             " is not supported (float64, float32, int64 little-endian, uint8)");
   }
   // The shape, each size and their product bounded by the bytes there are: a header cannot
   // make the reader allocate more than the file holds.
@@ -240,8 +242,11 @@ std::string NpyBytes(const torch::Tensor& input, const std::string& name) {
     descr = "<f4";
   } else if (tensor.scalar_type() == torch::kInt64) {
     descr = "<i8";
+  } else if (tensor.scalar_type() == torch::kUInt8) {
+    descr = "|u1";
   } else {
-    throw std::invalid_argument("npz: array '" + name + "' is not float64, float32 or int64");
+    throw std::invalid_argument("npz: array '" + name +
+                                "' is not float64, float32, int64 or uint8");
   }
   // numpy's own spelling: (), (3,), (2, 3).
   std::string shape;

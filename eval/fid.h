@@ -67,7 +67,7 @@ FrechetResult FrechetDistance(const torch::Tensor& mu1, const torch::Tensor& sig
                               double eps = 1e-6);
 
 /// Reads the arrays of a .npz (numpy's zip of .npy files, stored or deflated) as tensors:
-/// float64, float32 and int64, C or Fortran order. Throws naming the file and array.
+/// float64, float32, int64 and uint8, C or Fortran order. Throws naming the file and array.
 std::map<std::string, torch::Tensor> ReadNpz(const std::string& path);
 /// Writes arrays as an uncompressed .npz that numpy.load reads (atomically: .tmp, then rename).
 void WriteNpz(const std::string& path, const std::map<std::string, torch::Tensor>& arrays);

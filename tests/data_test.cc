@@ -220,6 +220,21 @@ TEST(ImageFolder, ReadsCropsAndResizesPngs) {
   EXPECT_GT(image[8 * 16 + 14], 80);
 }
 
+TEST(ImageFolder, AnImageOfTheTargetSizeIsReadAsStoredNotResampled) {
+  // Noise pixels, which any resampling filter would change: FID of sample files must see the
+  // files' own pixels.
+  TempDir dir;
+  std::vector<uint8_t> pixels(16 * 16 * 3);
+  for (std::size_t i = 0; i < pixels.size(); ++i) pixels[i] = static_cast<uint8_t>(i * 97 % 251);
+  ASSERT_NE(stbi_write_png((dir / "n.png").c_str(), 16, 16, 3, pixels.data(), 16 * 3), 0);
+  ImageFolderDataset data(dir.str(), 16, 3);
+  std::vector<uint8_t> chw(3 * 16 * 16);
+  data.Read(0, chw.data());
+  for (int p = 0; p < 256; ++p) {
+    for (int c = 0; c < 3; ++c) ASSERT_EQ(chw[c * 256 + p], pixels[p * 3 + c]) << p << " " << c;
+  }
+}
+
 TEST(ImageFolder, EmptyMissingAndCorruptAreNamed) {
   TempDir dir;
   std::string error = ErrorOf([&] { ImageFolderDataset(dir.str(), 16, 3); });

@@ -113,6 +113,21 @@ trace = float(sum(__import__('numpy').load('$work/samples.npz')['sigma'].diagona
 sys.exit(0 if abs(fid) <= 1e-6 * trace else 'FID %g of a set against itself' % fid)" ||
   fail "score: $(cat "$work/score.log")"
 grep -q "Inception sha256 $sha" "$work/score.log" || fail "score does not record the weights' hash"
+# The same samples as a sample archive (npz:, the OpenAI evaluator's format): the same scores.
+"$sample" --checkpoint "$work/run" --out "$work/archive.npz" --num 12 --sampler ddim --steps 4 \
+  > "$work/sample_npz.log" 2>&1 || fail "ddpm_sample --out .npz"
+"$fid" score --samples "npz:$work/archive.npz" --ref "$work/archive.npz.ref.npz" \
+  --inception "$weights" > /dev/null 2>&1 && fail "scored against a missing reference"
+"$fid" score --samples "npz:$work/archive.npz" --ref "$work/archive.npz" --inception "$weights" \
+  > "$work/score_bad.log" 2>&1 && fail "took a sample archive as reference statistics"
+grep -q "archive.npz: has no array 'mu'" "$work/score_bad.log" || fail "unclear: $(cat "$work/score_bad.log")"
+"$fid" score --samples "npz:$work/archive.npz" --ref "$work/ref.npz" --inception "$weights" \
+  > "$work/score_npz.log" 2>&1 || fail "ddpm_fid score npz:"
+"$fid" score --samples "folder:$work/samples" --ref "$work/ref.npz" --inception "$weights" \
+  --image-size 16 > "$work/score_folder.log" 2>&1 || fail "ddpm_fid score folder:"
+[ "$(grep -E '^(FID|IS) ' "$work/score_npz.log")" = "$(grep -E '^(FID|IS) ' "$work/score_folder.log")" ] ||
+  fail "npz: $(grep -E '^(FID|IS) ' "$work/score_npz.log"), folder: $(grep -E '^(FID|IS) ' "$work/score_folder.log")"
+grep -q "^IS .*(10 splits, unbiased logits)" "$work/score_npz.log" || fail "IS without its logits"
 
 say "3. a missing weights file fails at start and says where to get it"
 sed "s#$weights#$work/missing.pth#" "$work/run.yaml" > "$work/missing.yaml"

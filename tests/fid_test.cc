@@ -183,17 +183,47 @@ TEST_F(FidTest, NpzRoundTripsWithNumpy) {
   for (const char* file : {"plain.npz", "compressed.npz"}) {
     SCOPED_TRACE(file);
     std::map<std::string, torch::Tensor> arrays = ReadNpz((dir_ / file).string());
-    ASSERT_EQ(arrays.size(), 4u);
+    ASSERT_EQ(arrays.size(), 5u);
     EXPECT_TRUE(torch::allclose(arrays.at("mu"), torch::linspace(-1, 1, 7, torch::kFloat64)));
     EXPECT_TRUE(
         torch::equal(arrays.at("sigma"), torch::arange(12, torch::kFloat64).reshape({3, 4}) / 7));
     EXPECT_TRUE(
         torch::equal(arrays.at("fortran"), torch::arange(6, torch::kFloat32).reshape({2, 3})));
     EXPECT_TRUE(torch::equal(arrays.at("counts"), torch::arange(5, torch::kLong) * 3));
+    const torch::Tensor pixels =
+        (torch::arange(2 * 4 * 4 * 3, torch::kLong) * 37).remainder(256).to(torch::kUInt8);
+    EXPECT_TRUE(torch::equal(arrays.at("arr_0"), pixels.reshape({2, 4, 4, 3})));
+    // As a sample archive: image 1, pixel (row 2, column 3), as CHW bytes.
+    const auto archive = OpenImageSet("npz:" + (dir_ / file).string(), 32);
+    ASSERT_EQ(archive->size(), 2);
+    ASSERT_EQ(archive->image_size(), 4);
+    ASSERT_EQ(archive->channels(), 3);
+    std::vector<uint8_t> chw(3 * 16);
+    archive->Read(1, chw.data());
+    for (int c = 0; c < 3; ++c) {
+      EXPECT_EQ(chw[c * 16 + 2 * 4 + 3], pixels[((1 * 4 + 2) * 4 + 3) * 3 + c].item<uint8_t>());
+    }
     // Written back by C++, numpy reads the same arrays.
     const std::string back = (dir_ / ("back-" + std::string(file))).string();
     WriteNpz(back, arrays);
     Reference("npz-check", back);
+  }
+  // Sample archives that are not: arr_0 of floats, of the wrong shape, or missing.
+  const std::pair<std::map<std::string, torch::Tensor>, std::string> bad[] = {
+      {{{"arr_0", torch::zeros({2, 4, 4, 3}, torch::kFloat32)}}, "arr_0 is Float"},
+      {{{"arr_0", torch::zeros({2, 4, 3}, torch::kUInt8)}}, "arr_0 has shape [2, 4, 3]"},
+      {{{"arr_0", torch::zeros({2, 4, 5, 3}, torch::kUInt8)}}, "arr_0 has shape [2, 4, 5, 3]"},
+      {{{"images", torch::zeros({2, 4, 4, 3}, torch::kUInt8)}}, "no array arr_0"}};
+  for (const auto& [arrays, reason] : bad) {
+    const std::string path = (dir_ / "bad.npz").string();
+    WriteNpz(path, arrays);
+    try {
+      OpenImageSet("npz:" + path, 32);
+      ADD_FAILURE() << "read a bad archive: " << reason;
+    } catch (const std::runtime_error& error) {
+      EXPECT_NE(std::string(error.what()).find(path + ": " + reason), std::string::npos)
+          << error.what();
+    }
   }
   std::ofstream(dir_ / "junk.npz") << "not a zip";
   try {

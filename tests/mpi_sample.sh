@@ -2,6 +2,7 @@
 # ddpm_sample across ranks: image i draws from (seed, i) alone, so 1, 2 and 3 ranks and two
 # batch sizes write byte-identical files; a job killed with kill -9 mid-way and resumed with
 # --resume ends with exactly the files of an uninterrupted one; bad input is refused by name.
+# A .npz sample archive (the OpenAI evaluator's arr_0) holds those images.
 # usage: mpi_sample.sh MPIEXEC DDPM_WORKER DDPM_SAMPLE SOURCE_DIR
 set -euo pipefail
 mpiexec=$1 worker=$2 sample=$3 src=$4
@@ -38,6 +39,23 @@ grep -qE "ddpm_sample: [0-9]+/10 images \(all ranks\), [0-9.]+ images/s, elapsed
 # Distinct images: the streams differ per image.
 [ "$(md5sum "$work"/one/*.png | cut -d' ' -f1 | sort -u | wc -l)" = 10 ] ||
   fail "some images are identical"
+
+say "a sample archive from 2 ranks: numpy reads the 1-rank job's pixels, and the checksum holds"
+ranks 2 "$sample" "${args[@]}" --batch 3 --out "$work/s.npz" > "$work/npz.log" 2>&1 || fail "npz"
+grep -q "wrote $work/s.npz: arr_0 uint8 10 x 16 x 16 x 3, sha256 " "$work/npz.log" ||
+  fail "no archive line"
+(cd "$work" && sha256sum -c s.npz.sha256 > /dev/null) || fail "the archive's checksum"
+/usr/bin/python3 - "$work" <<'PY' || fail "numpy disagrees with the PNG files"
+import sys
+import numpy as np
+from PIL import Image
+work = sys.argv[1]
+arr = np.load(work + "/s.npz")["arr_0"]
+assert arr.dtype == np.uint8 and arr.shape == (10, 16, 16, 3), (arr.dtype, arr.shape)
+for i in range(10):
+    png = np.asarray(Image.open(f"{work}/one/{i:06d}.png").convert("RGB"))
+    assert np.array_equal(arr[i], png), i
+PY
 
 say "a 2-rank job killed with kill -9 mid-way, resumed: exactly the uninterrupted files"
 long=(--checkpoint "$work/run" --num 24 --sampler ddpm --steps 200 --seed 3 --batch 2)

@@ -6,9 +6,12 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <map>
 
 #include "base/text.h"
+#include "eval/fid.h"
+#include "eval/inception.h"
 #include "run/sampling.h"
 #include "tools/trained_model.h"
 #include "trainer/checkpoint.h"
@@ -122,11 +125,54 @@ int64_t CountSampleFiles(const std::string& dir, int64_t count) {
   return found;
 }
 
+// Reads the images 000000.png .. of dir into one uint8 [N, H, W, C] array and writes it as the
+// archive's arr_0, then the archive's SHA-256 beside it.
+void WriteSampleArchive(const std::string& dir, const std::string& out) {
+  std::vector<std::filesystem::path> files;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if (name.size() == 10 && name.compare(6, 4, ".png") == 0) files.push_back(entry.path());
+  }
+  std::sort(files.begin(), files.end());
+  std::vector<torch::Tensor> images;
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    if (files[i].filename().string() != SampleFileName(static_cast<int64_t>(i))) {
+      throw std::runtime_error(dir + ": image " + SampleFileName(static_cast<int64_t>(i)) +
+                               " is missing; run the job again with --resume");
+    }
+    const Image image = ReadImageFile(files[i].string());
+    images.push_back(torch::from_blob(const_cast<uint8_t*>(image.pixels.data()),
+                                      {image.height, image.width, image.channels}, torch::kUInt8)
+                         .clone());
+  }
+  const torch::Tensor stacked = torch::stack(images);
+  WriteNpz(out, {{"arr_0", stacked}});
+  const std::string sha256 = Sha256File(out);
+  // sha256sum -c reads this.
+  std::ofstream sum(out + ".sha256");
+  sum << sha256 << "  " << std::filesystem::path(out).filename().string() << "\n";
+  if (!sum.flush()) throw std::runtime_error(out + ".sha256: cannot write");
+  std::printf("ddpm_sample: wrote %s: arr_0 uint8 %lld x %lld x %lld x %lld, sha256 %s\n",
+              out.c_str(), static_cast<long long>(stacked.size(0)),
+              static_cast<long long>(stacked.size(1)), static_cast<long long>(stacked.size(2)),
+              static_cast<long long>(stacked.size(3)), sha256.c_str());
+}
+
 }  // namespace
 
 std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
                                       const std::function<void(TrainedModel&)>& place) {
   if (job.batch_size < 1) throw ConfigError("ddpm_sample: --batch must be >= 1");
+  // A .npz archive is assembled from a directory of images beside it, which --resume reuses.
+  const bool to_npz = job.out.size() > 4 && job.out.compare(job.out.size() - 4, 4, ".npz") == 0;
+  if (to_npz) {
+    SampleJob images = job;
+    images.out = job.out + ".images/";
+    RunSampleJob(images, comm, place);
+    if (comm.rank() == 0) WriteSampleArchive(images.out, job.out);
+    comm.Barrier("the sample archive");
+    return {job.out};
+  }
   const bool to_dir =
       (!job.out.empty() && job.out.back() == '/') || std::filesystem::is_directory(job.out);
   const int rank = comm.rank(), world = comm.world_size();

@@ -26,7 +26,10 @@ struct SampleJob {
   std::vector<std::pair<std::string, std::string>> overrides;
   /// Images per forward pass.
   int batch_size = 64;
-  /// A PNG grid, or a directory (existing, or ending in '/') for one PNG per image.
+  /// A PNG grid, a directory (existing, or ending in '/') for one PNG per image, or a .npz
+  /// sample archive in the OpenAI evaluator's format (arr_0: uint8 N x H x W x C), assembled by
+  /// rank 0 from the images every rank wrote into OUT.images/, with its SHA-256 beside it in
+  /// OUT.sha256.
   std::string out = "samples.png";
   /// A directory job keeps the images already there (each file is written whole or not at
   /// all) and draws only the missing ones.

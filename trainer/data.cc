@@ -253,8 +253,16 @@ ImageFolderDataset::ImageFolderDataset(const std::string& path, int image_size, 
     const stbi_uc* crop =
         decoded.get() +
         (static_cast<int64_t>((height - side) / 2) * width + (width - side) / 2) * channels;
-    if (!stbir_resize_uint8(crop, side, side, width * channels, resized.data(), image_size,
-                            image_size, 0, channels)) {
+    if (side == image_size) {
+      // Already the size: the pixels as stored (stb's filter is not the identity at scale 1,
+      // and FID of sample files must see the files' pixels).
+      for (int row = 0; row < side; ++row) {
+        std::copy_n(crop + static_cast<int64_t>(row) * width * channels,
+                    static_cast<int64_t>(side) * channels,
+                    resized.data() + static_cast<int64_t>(row) * side * channels);
+      }
+    } else if (!stbir_resize_uint8(crop, side, side, width * channels, resized.data(), image_size,
+                                   image_size, 0, channels)) {
       throw DataError(files[i] + ": cannot resize " + std::to_string(width) + "x" +
                       std::to_string(height) + " to " + std::to_string(image_size));
     }

@@ -1,6 +1,7 @@
 #include "trainer/image_io.h"
 
 #include <fcntl.h>
+#include <stb/stb_image.h>
 #include <stb/stb_image_write.h>
 #include <unistd.h>
 
@@ -82,6 +83,18 @@ void MakeDirectories(const std::string& path) {
   std::error_code error;
   std::filesystem::create_directories(path, error);
   if (error) throw std::runtime_error(path + ": cannot create directory: " + error.message());
+}
+
+Image ReadImageFile(const std::string& path) {
+  Image image;
+  stbi_uc* decoded = stbi_load(path.c_str(), &image.width, &image.height, &image.channels, 0);
+  if (decoded == nullptr) {
+    throw std::runtime_error(path + ": cannot decode image: " + stbi_failure_reason());
+  }
+  image.pixels.assign(
+      decoded, decoded + static_cast<std::size_t>(image.width) * image.height * image.channels);
+  stbi_image_free(decoded);
+  return image;
 }
 
 }  // namespace ddpm

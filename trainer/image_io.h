@@ -22,6 +22,8 @@ Image TileGrid(const uint8_t* nchw, int count, int channels, int size, int colum
                uint8_t border = 255, int scale = 1);
 /// Writes image as a PNG, atomically: a temporary file is renamed into place.
 void WritePng(const std::string& path, const Image& image);
+/// Reads a PNG (or JPEG) as it is stored: its own size and channels, HWC. Throws naming the file.
+Image ReadImageFile(const std::string& path);
 /// Creates path and its missing parents; throws with the path if that fails.
 void MakeDirectories(const std::string& path);
 

@@ -200,6 +200,8 @@ def npz_arrays():
         "sigma": np.arange(12, dtype=np.float64).reshape(3, 4) / 7,
         "fortran": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
         "counts": np.arange(5, dtype=np.int64) * 3,
+        # A sample archive's images: uint8 N x H x W x 3, as the OpenAI evaluator reads them.
+        "arr_0": (np.arange(2 * 4 * 4 * 3) * 37 % 256).astype(np.uint8).reshape(2, 4, 4, 3),
     }
 
 
