@@ -54,7 +54,8 @@ RunEvaluator::RunEvaluator(const Config& config, torch::Device device)
 
 EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm,
                                   int64_t step,
-                                  const std::function<void(int64_t, int64_t)>& progress) {
+                                  const std::function<void(int64_t, int64_t)>& progress,
+                                  const std::function<void(const torch::Tensor&, int64_t)>& keep) {
   const auto start = Clock::now();
   const EvalConfig& eval = config_.eval;
   const ModelConfig& m = config_.model;
@@ -74,7 +75,9 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
     NoiseStreams streams(seeds);
     const torch::Tensor images = diffusion.Sample(
         EvalDenoiser(ema), {n, m.in_channels, m.image_size, m.image_size}, sample, streams);
-    stats.Add(Quantize(images).to(device_), index);
+    const torch::Tensor quantized = Quantize(images);
+    if (keep) keep(quantized, index);
+    stats.Add(quantized.to(device_), index);
     if (progress) progress(index + n - first, end - first);
   }
   // Sums of every rank's share, in float64; no image or feature leaves its rank.
@@ -95,6 +98,7 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
   report.sampler = Name(eval.sampler);
   report.is_logits = Name(eval.is_logits);
   report.sampling_steps = sample.ResolvedSteps(config_.diffusion.timesteps);
+  report.seed = eval.seed;
   report.inception_sha256 = inception_sha256_;
   report.reference_sha256 = reference_sha256_;
   report.seconds = SecondsSince(start);

@@ -47,9 +47,12 @@ class RunEvaluator {
   /// Samples this rank's share of eval.num_samples with the EMA model (contiguous shares;
   /// sample i draws from ImageSeed(eval.seed, i) alone), quantizes them to
   /// 8 bits as saved images are, and returns FID and IS from the moments summed over comm.
-  EvalReport Evaluate(const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm,
-                      int64_t step,
-                      const std::function<void(int64_t done, int64_t share)>& progress);
+  /// keep, when given, sees every batch of quantized samples ([-1, 1], [n, C, H, W]) with its
+  /// first sample index (ddpm_fid checkpoint --also-save).
+  EvalReport Evaluate(
+      const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm, int64_t step,
+      const std::function<void(int64_t done, int64_t share)>& progress,
+      const std::function<void(const torch::Tensor& images, int64_t first)>& keep = {});
 
  private:
   const Config config_;

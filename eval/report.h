@@ -23,6 +23,8 @@ struct EvalReport {
   int64_t num_samples = 0;
   std::string sampler;
   int sampling_steps = 0;
+  /// Sample i drew its noise from (seed, i).
+  uint64_t seed = 0;
   std::string inception_sha256;
   std::string reference_sha256;
   /// Whether the Frechet distance needed eps * I on the covariances.

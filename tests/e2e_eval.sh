@@ -7,7 +7,9 @@
 #      step-20 checkpoint;
 #   2. ddpm_sample writes PNGs, `ddpm_fid stats` makes their .npz (numpy reads mu and sigma),
 #      and `ddpm_fid score` of the same folder against it is FID 0;
-#   3. a missing weights file fails the run at start, saying where to get it.
+#   3. a missing weights file fails the run at start, saying where to get it;
+#   4. `ddpm_fid checkpoint` streams a checkpoint's samples into the network on 1 and 2 ranks
+#      and gets the FID and IS of the same samples written as files and scored.
 # usage: e2e_eval.sh MPIEXEC DDPM_WORKER DDPM_SAMPLE DDPM_FID PYTHON SOURCE_DIR
 # Exits 77 (skipped) when PYTHON lacks torch, torchvision or numpy.
 set -euo pipefail
@@ -129,6 +131,7 @@ grep -q "archive.npz: has no array 'mu'" "$work/score_bad.log" || fail "unclear:
   fail "npz: $(grep -E '^(FID|IS) ' "$work/score_npz.log"), folder: $(grep -E '^(FID|IS) ' "$work/score_folder.log")"
 grep -q "^IS .*(10 splits, unbiased logits)" "$work/score_npz.log" || fail "IS without its logits"
 
+
 say "3. a missing weights file fails at start and says where to get it"
 sed "s#$weights#$work/missing.pth#" "$work/run.yaml" > "$work/missing.yaml"
 if OMP_NUM_THREADS=1 "$worker" --config "$work/missing.yaml" --run-dir "$work/run2" > "$work/missing.log" 2>&1; then
@@ -138,4 +141,28 @@ grep -q "missing.pth: no such Inception weights file; download pt_inception-2015
   "$work/missing.log" || fail "unclear error: $(tail -3 "$work/missing.log")"
 [ ! -d "$work/run2/checkpoints" ] || [ -z "$(ls "$work/run2/checkpoints")" ] ||
   fail "a run without weights wrote checkpoints"
+say "4. ddpm_fid checkpoint streams samples into the network: the FID of the same samples as files"
+stream=("$fid" checkpoint --checkpoint "$work/run" --num 12 --sampler ddim --steps 4 --seed 3
+        --ref "$work/ref.npz" --inception "$weights")
+"${stream[@]}" --batch 5 --also-save "$work/kept/" > "$work/stream.log" 2>&1 ||
+  fail "ddpm_fid checkpoint"
+OMP_NUM_THREADS=1 "$mpiexec" -np 2 --oversubscribe -x OMP_NUM_THREADS "${stream[@]}" --batch 4 \
+  > "$work/stream2.log" 2>&1 || fail "ddpm_fid checkpoint on 2 ranks"
+"$fid" score --samples "folder:$work/kept" --ref "$work/ref.npz" --inception "$weights" \
+  --image-size 16 > "$work/kept.log" 2>&1 || fail "ddpm_fid score of the kept samples"
+scores() { grep -E '^(FID|IS) ' "$1"; }
+if [ -z "$(scores "$work/stream.log")" ] ||
+  [ "$(scores "$work/stream.log")" != "$(scores "$work/kept.log")" ]; then
+  fail "streamed: $(scores "$work/stream.log"); as files: $(scores "$work/kept.log")"
+fi
+[ "$(scores "$work/stream.log")" = "$(scores "$work/stream2.log")" ] ||
+  fail "1 rank: $(scores "$work/stream.log"); 2 ranks: $(scores "$work/stream2.log")"
+grep -q "samples 12: .*, ddim 4 steps, seed 3, 2 rank(s)" "$work/stream2.log" || fail "no protocol"
+grep -q "Inception sha256 $sha" "$work/stream2.log" || fail "no Inception hash"
+grep -q "wall time " "$work/stream2.log" || fail "no wall time"
+# Sample i draws from (seed, i) in both tools: ddpm_sample writes the very files kept.
+"$sample" --checkpoint "$work/run" --out "$work/s3/" --num 12 --sampler ddim --steps 4 --seed 3 \
+  > /dev/null 2>&1 || fail "ddpm_sample --seed 3"
+diff -r "$work/kept" "$work/s3" > /dev/null || fail "ddpm_sample and ddpm_fid checkpoint drew different samples"
+say "streamed on 1 and 2 ranks and scored from files: $(scores "$work/stream.log" | head -1)"
 say "PASS"

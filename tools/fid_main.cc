@@ -1,24 +1,150 @@
-// ddpm_fid: FID reference statistics of a dataset, and FID and IS of a folder of samples. Thin
-// main over eval/evaluation.h.
+// ddpm_fid: FID reference statistics of a dataset, FID and IS of a folder or archive of
+// samples, and FID and IS of a checkpoint's samples streamed into the network (under mpirun,
+// across the ranks). Thin main over eval/evaluation.h.
 //   ddpm_fid stats --data cifar10:PATH|folder:PATH --out FILE.npz --inception WEIGHTS
-//   ddpm_fid score --samples folder:PATH --ref FILE.npz --inception WEIGHTS
+//   ddpm_fid score --samples folder:PATH|npz:PATH --ref FILE.npz --inception WEIGHTS
+//   ddpm_fid checkpoint --checkpoint RUN --ref FILE.npz --inception WEIGHTS [--num 50000]
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
+#include "base/text.h"
 #include "config/flags.h"
 #include "eval/evaluation.h"
+#include "eval/inception.h"
+#include "run/sampling.h"
+#include "tools/tool_world.h"
+#include "tools/trained_model.h"
 #include "trainer/data.h"
 #include "trainer/device.h"
+#include "trainer/diffusion.h"
+
+namespace {
+
+// ddpm_fid checkpoint: the in-training evaluation's code (RunEvaluator) on a trained model.
+int Checkpoint(int argc, char** argv) {
+  ddpm::Flags flags("ddpm_fid checkpoint",
+                    "Samples a trained model's EMA weights and streams the samples into the FID "
+                    "Inception network (no image files), over every rank under mpirun, and "
+                    "prints FID, IS and the protocol: the evaluation of training, on demand.");
+  flags.Add("checkpoint",
+            "a checkpoint directory, a checkpoints folder or a run directory (its newest valid "
+            "checkpoint)",
+            "");
+  flags.Add("weights", "or a weights file: ddpm_export's, or RUN_DIR/ema_weights.pt", "");
+  flags.Add("config", "the config the weights were trained with (default: the .yaml beside them)",
+            "");
+  flags.Add("ref", "reference statistics .npz (mu, sigma), e.g. CIFAR-10 train's", "");
+  flags.Add("inception", "the FID Inception weights (default: $DDPM_INCEPTION_WEIGHTS)", "");
+  flags.Add("num", "samples, split over the ranks (the paper: 50000)", "50000");
+  flags.Add("sampler", "ddpm, ddim or heun (default: the config's eval.sampler)", "");
+  flags.Add("steps", "sampler steps (default: the config's eval.steps; 0: the sampler's own)", "");
+  flags.Add("seed", "sample i draws from (seed, i) (default: the config's eval.seed)", "");
+  flags.Add("batch", "samples per forward pass on each rank", "100");
+  flags.Add("is-logits", "unbiased (the original TF code's) or biased", "unbiased");
+  flags.Add("also-save", "a directory to keep the samples in as PNGs (000000.png onwards)", "");
+  flags.Add("device", "cpu, cuda or auto (default: the config's train.device)", "");
+  return ddpm::RunMain(flags, argc, argv, [&] {
+    ddpm::ToolWorld world(&argc, &argv);
+    return world.Run("ddpm_fid checkpoint", [&] {
+      if (flags.Get("checkpoint").empty() == flags.Get("weights").empty()) {
+        throw ddpm::FlagError("ddpm_fid checkpoint: give either --checkpoint or --weights");
+      }
+      std::string inception = flags.Get("inception");
+      if (inception.empty() && std::getenv("DDPM_INCEPTION_WEIGHTS") != nullptr) {
+        inception = std::getenv("DDPM_INCEPTION_WEIGHTS");
+      }
+      if (flags.Get("ref").empty()) throw ddpm::FlagError("ddpm_fid checkpoint: --ref is required");
+      // Every setting goes through the config loader, checked as a config file is.
+      std::vector<std::pair<std::string, std::string>> overrides = {
+          {"eval.num_samples", flags.Get("num")},
+          {"eval.batch_size", flags.Get("batch")},
+          {"eval.is_logits", flags.Get("is-logits")},
+          {"eval.inception_weights", inception},
+          {"eval.reference_stats", flags.Get("ref")}};
+      const std::pair<const char*, const char*> optional[] = {{"sampler", "eval.sampler"},
+                                                              {"steps", "eval.steps"},
+                                                              {"seed", "eval.seed"},
+                                                              {"device", "train.device"}};
+      for (const auto& [flag, key] : optional) {
+        if (flags.Given(flag)) overrides.emplace_back(key, flags.Get(flag));
+      }
+      ddpm::TrainedModel trained =
+          ddpm::LoadTrainedModel(flags.Get("checkpoint"), flags.Get("weights"), flags.Get("config"),
+                                 overrides, "ddpm_fid checkpoint");
+      world.Place(trained);
+      ddpm::Communicator& comm = world.comm();
+      const ddpm::Config& config = trained.config;
+      ddpm::RunEvaluator evaluator(config, trained.device);
+      const ddpm::GaussianDiffusion diffusion(config.diffusion, trained.device);
+      const std::string keep_dir = flags.Get("also-save");
+      const auto start = std::chrono::steady_clock::now();
+      auto last = start;
+      const int64_t total = config.eval.num_samples;
+      if (world.lead()) {
+        std::printf(
+            "ddpm_fid checkpoint: %lld samples of %s (%s %d steps, seed %llu) on %d "
+            "rank(s)\n",
+            static_cast<long long>(total), trained.origin.c_str(), ddpm::Name(config.eval.sampler),
+            ddpm::SampleConfig{config.eval.sampler, {}, config.eval.steps}.ResolvedSteps(
+                config.diffusion.timesteps),
+            static_cast<unsigned long long>(config.eval.seed), comm.world_size());
+        std::fflush(stdout);
+      }
+      const ddpm::EvalReport report = evaluator.Evaluate(
+          diffusion, trained.model, comm, 0,
+          [&](int64_t done, int64_t share) {
+            if (!world.lead() || (ddpm::SecondsSince(last) < 5.0 && done < share)) return;
+            last = std::chrono::steady_clock::now();
+            const double elapsed = ddpm::SecondsSince(start);
+            const double rate = done * comm.world_size() / std::max(elapsed, 1e-9);
+            std::printf("ddpm_fid checkpoint: rank 0 has %lld/%lld of its samples; about %.2f "
+                        "samples/s over the ranks, elapsed %s, eta %s\n",
+                        static_cast<long long>(done), static_cast<long long>(share), rate,
+                        ddpm::FormatDuration(elapsed).c_str(),
+                        ddpm::FormatDuration((share - done) * comm.world_size() /
+                                             std::max(rate, 1e-9))
+                            .c_str());
+            std::fflush(stdout);
+          },
+          keep_dir.empty() ? std::function<void(const torch::Tensor&, int64_t)>{}
+                           : [&keep_dir](const torch::Tensor& images, int64_t first) {
+                               std::vector<int64_t> indices(images.size(0));
+                               for (int64_t k = 0; k < images.size(0); ++k) indices[k] = first + k;
+                               ddpm::WriteSampleFiles(images, keep_dir, indices);
+                             });
+      if (!world.lead()) return 0;
+      std::printf(
+          "FID %.4f\nIS %.4f +- %.4f (10 splits, %s logits)\nsamples %lld: %s, %s %d steps, "
+          "seed %llu, %d rank(s)\nInception sha256 %s\nreference %s sha256 %s\nwall time %s\n%s",
+          report.fid, report.inception_score, report.inception_score_std, report.is_logits.c_str(),
+          static_cast<long long>(report.num_samples), trained.origin.c_str(),
+          report.sampler.c_str(), report.sampling_steps,
+          static_cast<unsigned long long>(report.seed), comm.world_size(),
+          report.inception_sha256.c_str(), flags.Get("ref").c_str(),
+          report.reference_sha256.c_str(), ddpm::FormatDuration(ddpm::SecondsSince(start)).c_str(),
+          report.regularized ? "note: the covariances were regularized with eps * I\n" : "");
+      return 0;
+    });
+  });
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   const std::string command = argc > 1 ? argv[1] : "";
+  if (command == "checkpoint") return Checkpoint(argc - 1, argv + 1);
   if (command != "stats" && command != "score") {
     std::fprintf(stderr,
                  "usage: ddpm_fid stats --data cifar10:PATH|folder:PATH --out FILE.npz "
                  "--inception WEIGHTS\n"
-                 "       ddpm_fid score --samples folder:PATH --ref FILE.npz --inception WEIGHTS\n"
+                 "       ddpm_fid score --samples folder:PATH|npz:PATH --ref FILE.npz "
+                 "--inception WEIGHTS\n"
+                 "       ddpm_fid checkpoint --checkpoint RUN --ref FILE.npz --inception "
+                 "WEIGHTS [--num 50000] [--sampler ddpm|ddim|heun] [--also-save DIR]\n"
                  "(--help after the command for every flag)\n");
     return 2;
   }
