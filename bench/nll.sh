@@ -18,10 +18,9 @@ bash scripts/build.sh > /dev/null
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_WAIT_POLICY=PASSIVE
-# One step, and the final sample grid as cheap as it gets.
-DDPM_TRAIN_STEPS=1 DDPM_TRAIN_DEVICE=cpu DDPM_SAMPLE_NUM_IMAGES=1 DDPM_SAMPLE_SAMPLER=ddim \
-  DDPM_SAMPLE_STEPS=1 "$build_dir/worker/ddpm_worker" --config "$config" \
-  --run-dir "$work/run" --progress off > "$work/train.log" 2>&1
+# shellcheck source=bench/trained_model.sh
+source bench/trained_model.sh
+one_step_run "$build_dir" "$config" "$work/run"
 nll=("$build_dir/tools/ddpm_nll" --checkpoint "$work/run" --data "shapes:$images" --batch "$batch"
      --out "$work/nll")
 py=("$python" bench/nll_torch.py --config "$config" --num "$images" --batch "$batch")

@@ -30,13 +30,7 @@ int Checkpoint(int argc, char** argv) {
                     "Samples a trained model's EMA weights and streams the samples into the FID "
                     "Inception network (no image files), over every rank under mpirun, and "
                     "prints FID, IS and the protocol: the evaluation of training, on demand.");
-  flags.Add("checkpoint",
-            "a checkpoint directory, a checkpoints folder or a run directory (its newest valid "
-            "checkpoint)",
-            "");
-  flags.Add("weights", "or a weights file: ddpm_export's, or RUN_DIR/ema_weights.pt", "");
-  flags.Add("config", "the config the weights were trained with (default: the .yaml beside them)",
-            "");
+  ddpm::AddTrainedModelFlags(flags);
   flags.Add("ref", "reference statistics .npz (mu, sigma), e.g. CIFAR-10 train's", "");
   flags.Add("inception", "the FID Inception weights (default: $DDPM_INCEPTION_WEIGHTS)", "");
   flags.Add("num", "samples, split over the ranks (the paper: 50000)", "50000");
@@ -46,13 +40,9 @@ int Checkpoint(int argc, char** argv) {
   flags.Add("batch", "samples per forward pass on each rank", "100");
   flags.Add("is-logits", "unbiased (the original TF code's) or biased", "unbiased");
   flags.Add("also-save", "a directory to keep the samples in as PNGs (000000.png onwards)", "");
-  flags.Add("device", "cpu, cuda or auto (default: the config's train.device)", "");
   return ddpm::RunMain(flags, argc, argv, [&] {
     ddpm::ToolWorld world(&argc, &argv);
     return world.Run("ddpm_fid checkpoint", [&] {
-      if (flags.Get("checkpoint").empty() == flags.Get("weights").empty()) {
-        throw ddpm::FlagError("ddpm_fid checkpoint: give either --checkpoint or --weights");
-      }
       std::string inception = flags.Get("inception");
       if (inception.empty() && std::getenv("DDPM_INCEPTION_WEIGHTS") != nullptr) {
         inception = std::getenv("DDPM_INCEPTION_WEIGHTS");
@@ -65,16 +55,12 @@ int Checkpoint(int argc, char** argv) {
           {"eval.is_logits", flags.Get("is-logits")},
           {"eval.inception_weights", inception},
           {"eval.reference_stats", flags.Get("ref")}};
-      const std::pair<const char*, const char*> optional[] = {{"sampler", "eval.sampler"},
-                                                              {"steps", "eval.steps"},
-                                                              {"seed", "eval.seed"},
-                                                              {"device", "train.device"}};
+      const std::pair<const char*, const char*> optional[] = {
+          {"sampler", "eval.sampler"}, {"steps", "eval.steps"}, {"seed", "eval.seed"}};
       for (const auto& [flag, key] : optional) {
         if (flags.Given(flag)) overrides.emplace_back(key, flags.Get(flag));
       }
-      ddpm::TrainedModel trained =
-          ddpm::LoadTrainedModel(flags.Get("checkpoint"), flags.Get("weights"), flags.Get("config"),
-                                 overrides, "ddpm_fid checkpoint");
+      ddpm::TrainedModel trained = ddpm::LoadTrainedModel(flags, overrides, "ddpm_fid checkpoint");
       world.Place(trained);
       ddpm::Communicator& comm = world.comm();
       const ddpm::Config& config = trained.config;

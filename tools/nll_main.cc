@@ -51,15 +51,10 @@ std::unique_ptr<ddpm::ImageDataset> OpenSplit(const std::string& spec, const ddp
 // Measures and reports the bound as rank comm.rank() of comm's world.
 int Measure(const ddpm::Flags& flags, ddpm::ToolWorld& world) {
   ddpm::Communicator& comm = world.comm();
-  if (flags.Get("checkpoint").empty() == flags.Get("weights").empty()) {
-    throw ddpm::FlagError("ddpm_nll: give either --checkpoint or --weights");
-  }
   if (flags.Get("data").empty()) throw ddpm::FlagError("ddpm_nll: --data is required");
   std::vector<std::pair<std::string, std::string>> overrides;
   if (flags.Given("variance")) overrides.emplace_back("sample.variance", flags.Get("variance"));
-  if (flags.Given("device")) overrides.emplace_back("train.device", flags.Get("device"));
-  ddpm::TrainedModel trained = ddpm::LoadTrainedModel(flags.Get("checkpoint"), flags.Get("weights"),
-                                                      flags.Get("config"), overrides, "ddpm_nll");
+  ddpm::TrainedModel trained = ddpm::LoadTrainedModel(flags, overrides, "ddpm_nll");
   world.Place(trained);
   const auto data = OpenSplit(flags.Get("data"), trained.config);
   ddpm::BoundOptions options;
@@ -123,13 +118,7 @@ int main(int argc, char** argv) {
                     "Computes the variational bound (the NLL of Ho et al., Table 1) of a trained "
                     "model's EMA weights on a dataset, in bits/dim; under mpirun, across the "
                     "ranks.");
-  flags.Add("checkpoint",
-            "a checkpoint directory, a checkpoints folder or a run directory (its newest valid "
-            "checkpoint)",
-            "");
-  flags.Add("weights", "or a weights file: ddpm_export's, or RUN_DIR/ema_weights.pt", "");
-  flags.Add("config", "the config the weights were trained with (default: the .yaml beside them)",
-            "");
+  ddpm::AddTrainedModelFlags(flags);
   flags.Add("data", "cifar10:PATH (the test split), cifar10-train:PATH, folder:PATH or shapes:N",
             "");
   flags.Add("num", "images, from the first (0: all)", "0");
@@ -141,7 +130,6 @@ int main(int argc, char** argv) {
             "");
   flags.Add("seed", "seeds the strata and the noise", "0");
   flags.Add("batch", "images per forward pass (the result depends on it, not on the ranks)", "64");
-  flags.Add("device", "cpu, cuda or auto (default: the config's train.device)", "");
   flags.Add("out", "folder for nll_terms.csv and nll_terms.png", "nll");
   return ddpm::RunMain(flags, argc, argv, [&] {
     ddpm::ToolWorld world(&argc, &argv);

@@ -25,7 +25,7 @@
 
 namespace ddpm {
 
-void AddSampleFlags(Flags& flags) {
+void AddTrainedModelFlags(Flags& flags) {
   flags.Add("checkpoint",
             "a checkpoint directory (RUN_DIR/checkpoints/step_*), a checkpoints folder or a run "
             "directory (its newest valid checkpoint); its EMA weights and config are used",
@@ -33,6 +33,26 @@ void AddSampleFlags(Flags& flags) {
   flags.Add("weights", "or a weights file: ddpm_export's, or RUN_DIR/ema_weights.pt", "");
   flags.Add("config",
             "the YAML config the weights were trained with (default: the .yaml beside them)", "");
+  flags.Add("device", "cpu, cuda or auto (default: the config's train.device)", "");
+}
+
+void CheckTrainedModelFlags(const Flags& flags, const std::string& tool) {
+  if (flags.Get("checkpoint").empty() == flags.Get("weights").empty()) {
+    throw FlagError(tool + ": give either --checkpoint or --weights");
+  }
+}
+
+TrainedModel LoadTrainedModel(const Flags& flags,
+                              std::vector<std::pair<std::string, std::string>> overrides,
+                              const std::string& tool) {
+  CheckTrainedModelFlags(flags, tool);
+  if (flags.Given("device")) overrides.emplace_back("train.device", flags.Get("device"));
+  return LoadTrainedModel(flags.Get("checkpoint"), flags.Get("weights"), flags.Get("config"),
+                          overrides, tool);
+}
+
+void AddSampleFlags(Flags& flags) {
+  AddTrainedModelFlags(flags);
   flags.Add("out", "a PNG grid, or a directory (ending in /) for one PNG per image", "samples.png");
   flags.Add("num", "number of images (default: the config's sample.num_images)", "");
   flags.Add("sampler", "ddpm, ddim or heun (default: the config's sample.sampler)", "");
@@ -51,7 +71,6 @@ void AddSampleFlags(Flags& flags) {
   flags.AddSwitch("resume",
                   "a directory job: keep the images already there and draw only the missing ones");
   flags.Add("batch", "images per forward pass", "64");
-  flags.Add("device", "cpu, cuda or auto (default: the config's train.device)", "");
 }
 
 SampleJob SampleJobFromFlags(const Flags& flags) {
@@ -59,9 +78,7 @@ SampleJob SampleJobFromFlags(const Flags& flags) {
   job.checkpoint = flags.Get("checkpoint");
   job.weights = flags.Get("weights");
   job.config_path = flags.Get("config");
-  if (job.checkpoint.empty() == job.weights.empty()) {
-    throw FlagError("ddpm_sample: give either --checkpoint or --weights");
-  }
+  CheckTrainedModelFlags(flags, "ddpm_sample");
   job.out = flags.Get("out");
   job.batch_size = static_cast<int>(flags.GetInt("batch"));
   job.resume = flags.GetSwitch("resume");
@@ -111,36 +128,35 @@ TrainedModel LoadTrainedModel(const std::string& checkpoint, const std::string& 
 
 namespace {
 
-// Files of SampleFileName's pattern in dir: the images a job (every rank) has written.
-int64_t CountSampleFiles(const std::string& dir, int64_t count) {
-  int64_t found = 0;
+// The indices below count whose file (SampleFileName) is in dir, ascending: the images a job
+// (every rank) has written.
+std::vector<int64_t> SampleFilesIn(const std::string& dir, int64_t count) {
+  std::vector<int64_t> found;
   std::error_code error;
   for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
     const std::string name = entry.path().filename().string();
-    if (name.size() == 10 && name.compare(6, 4, ".png") == 0 &&
-        name.find_first_not_of("0123456789") == 6 && std::stoll(name.substr(0, 6)) < count) {
-      ++found;
+    const std::size_t digits = name.size() - 4;  // NNNNNN.png, more digits past 999999
+    if (name.size() >= 10 && name.compare(digits, 4, ".png") == 0 &&
+        name.find_first_not_of("0123456789") == digits) {
+      const int64_t index = std::stoll(name.substr(0, digits));
+      if (index < count) found.push_back(index);
     }
   }
+  std::sort(found.begin(), found.end());
   return found;
 }
 
-// Reads the images 000000.png .. of dir into one uint8 [N, H, W, C] array and writes it as the
+// Reads images 0 .. count - 1 of dir into one uint8 [N, H, W, C] array and writes it as the
 // archive's arr_0, then the archive's SHA-256 beside it.
-void WriteSampleArchive(const std::string& dir, const std::string& out) {
-  std::vector<std::filesystem::path> files;
-  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
-    const std::string name = entry.path().filename().string();
-    if (name.size() == 10 && name.compare(6, 4, ".png") == 0) files.push_back(entry.path());
-  }
-  std::sort(files.begin(), files.end());
+void WriteSampleArchive(const std::string& dir, int64_t count, const std::string& out) {
+  const std::vector<int64_t> present = SampleFilesIn(dir, count);
   std::vector<torch::Tensor> images;
-  for (std::size_t i = 0; i < files.size(); ++i) {
-    if (files[i].filename().string() != SampleFileName(static_cast<int64_t>(i))) {
-      throw std::runtime_error(dir + ": image " + SampleFileName(static_cast<int64_t>(i)) +
+  for (int64_t i = 0; i < count; ++i) {
+    if (i >= static_cast<int64_t>(present.size()) || present[i] != i) {
+      throw std::runtime_error(dir + ": image " + SampleFileName(i) +
                                " is missing; run the job again with --resume");
     }
-    const Image image = ReadImageFile(files[i].string());
+    const Image image = ReadImageFile((std::filesystem::path(dir) / SampleFileName(i)).string());
     images.push_back(torch::from_blob(const_cast<uint8_t*>(image.pixels.data()),
                                       {image.height, image.width, image.channels}, torch::kUInt8)
                          .clone());
@@ -165,16 +181,9 @@ std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
   if (job.batch_size < 1) throw ConfigError("ddpm_sample: --batch must be >= 1");
   // A .npz archive is assembled from a directory of images beside it, which --resume reuses.
   const bool to_npz = job.out.size() > 4 && job.out.compare(job.out.size() - 4, 4, ".npz") == 0;
-  if (to_npz) {
-    SampleJob images = job;
-    images.out = job.out + ".images/";
-    RunSampleJob(images, comm, place);
-    if (comm.rank() == 0) WriteSampleArchive(images.out, job.out);
-    comm.Barrier("the sample archive");
-    return {job.out};
-  }
+  const std::string dir = to_npz ? job.out + ".images/" : job.out;
   const bool to_dir =
-      (!job.out.empty() && job.out.back() == '/') || std::filesystem::is_directory(job.out);
+      to_npz || (!dir.empty() && dir.back() == '/') || std::filesystem::is_directory(dir);
   const int rank = comm.rank(), world = comm.world_size();
   if (!to_dir && world > 1) {
     throw FlagError("ddpm_sample: --out " + job.out + " is a grid, which one rank draws; under " +
@@ -197,26 +206,26 @@ std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
                            " steps";
   // Each rank's share, and in it what is still missing.
   const int64_t first = count * rank / world, last = count * (rank + 1) / world;
-  std::vector<int64_t> todo;
+  std::vector<int64_t> pending;
   for (int64_t i = first; i < last; ++i) {
-    const std::filesystem::path file = std::filesystem::path(job.out) / SampleFileName(i);
+    const std::filesystem::path file = std::filesystem::path(dir) / SampleFileName(i);
     if (job.resume) {
       // A killed job may have left a file it was writing aside; the image is drawn again.
       std::error_code ignored;
       std::filesystem::remove(file.string() + ".tmp", ignored);
       if (std::filesystem::exists(file)) continue;
     }
-    todo.push_back(i);
+    pending.push_back(i);
   }
-  if (to_dir) MakeDirectories(job.out);
-  torch::Tensor missing = torch::tensor({static_cast<int64_t>(todo.size())}, torch::kLong);
+  if (to_dir) MakeDirectories(dir);
+  torch::Tensor missing = torch::tensor({static_cast<int64_t>(pending.size())}, torch::kLong);
   comm.AllReduce(missing, ReduceOp::kSum, "the count of images to draw");
   const int64_t to_draw = missing.item<int64_t>();
   const bool lead = rank == 0;
   if (lead) {
     std::printf(
         "ddpm_sample: %lld images (%s) on %d rank(s) into %s%s\n", static_cast<long long>(count),
-        what.c_str(), world, job.out.c_str(),
+        what.c_str(), world, dir.c_str(),
         job.resume ? (", " + std::to_string(count - to_draw) + " already there").c_str() : "");
     std::fflush(stdout);
   }
@@ -225,9 +234,9 @@ std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
   const int64_t before = count - to_draw;
   std::vector<std::string> written;
   std::vector<torch::Tensor> grid;
-  for (std::size_t begin = 0; begin < todo.size(); begin += job.batch_size) {
-    const std::size_t end = std::min(todo.size(), begin + job.batch_size);
-    const std::vector<int64_t> indices(todo.begin() + begin, todo.begin() + end);
+  for (std::size_t begin = 0; begin < pending.size(); begin += job.batch_size) {
+    const std::size_t end = std::min(pending.size(), begin + job.batch_size);
+    const std::vector<int64_t> indices(pending.begin() + begin, pending.begin() + end);
     std::vector<uint64_t> seeds;
     for (int64_t i : indices) seeds.push_back(ImageSeed(config.sample.seed, i));
     NoiseStreams streams(seeds);
@@ -236,22 +245,22 @@ std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
         diffusion
             .Sample(
                 denoiser, {n, m.in_channels, m.image_size, m.image_size}, config.sample, streams,
-                world == 1 && todo.size() <= static_cast<std::size_t>(job.batch_size)
+                world == 1 && pending.size() <= static_cast<std::size_t>(job.batch_size)
                     ? ProgressPrinter("sampling " + std::to_string(n) + " images (" + what + ")",
                                       ProgressMode::kAuto)
                     : nullptr)
             .to(torch::kCPU);
     if (to_dir) {
-      const auto files = WriteSampleFiles(images, job.out, indices);
+      const auto files = WriteSampleFiles(images, dir, indices);
       written.insert(written.end(), files.begin(), files.end());
     } else {
       grid.push_back(images);
     }
     const double elapsed = SecondsSince(start);
-    if (lead && to_dir && (end == todo.size() || SecondsSince(last_report) >= 5.0)) {
+    if (lead && to_dir && (end == pending.size() || SecondsSince(last_report) >= 5.0)) {
       last_report = std::chrono::steady_clock::now();
       // The whole job's progress, from the files every rank has written.
-      const int64_t done = CountSampleFiles(job.out, count);
+      const int64_t done = static_cast<int64_t>(SampleFilesIn(dir, count).size());
       const double rate = (done - before) / std::max(elapsed, 1e-9);
       std::printf("ddpm_sample: %lld/%lld images (all ranks), %.2f images/s, elapsed %s, eta %s\n",
                   static_cast<long long>(done), static_cast<long long>(count), rate,
@@ -267,8 +276,13 @@ std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
   comm.Barrier("the end of sampling");
   if (lead && to_dir) {
     std::printf("ddpm_sample: %lld images in %s (%lld drawn now) in %s\n",
-                static_cast<long long>(CountSampleFiles(job.out, count)), job.out.c_str(),
+                static_cast<long long>(SampleFilesIn(dir, count).size()), dir.c_str(),
                 static_cast<long long>(to_draw), FormatDuration(SecondsSince(start)).c_str());
+  }
+  if (to_npz) {
+    if (lead) WriteSampleArchive(dir, count, job.out);
+    comm.Barrier("the sample archive");
+    return {job.out};
   }
   return written;
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "config/flags.h"
 #include "trainer/unet.h"
 
 namespace ddpm {
@@ -29,6 +30,16 @@ struct TrainedModel {
 TrainedModel LoadTrainedModel(const std::string& checkpoint, const std::string& weights,
                               const std::string& config_path,
                               const std::vector<std::pair<std::string, std::string>>& overrides,
+                              const std::string& tool);
+
+/// Declares the flags that name a trained model and its device: --checkpoint, --weights,
+/// --config and --device (every tool that loads one takes them alike).
+void AddTrainedModelFlags(Flags& flags);
+/// Throws FlagError naming tool unless exactly one of --checkpoint and --weights is given.
+void CheckTrainedModelFlags(const Flags& flags, const std::string& tool);
+/// The model those flags name, with --device as train.device after overrides.
+TrainedModel LoadTrainedModel(const Flags& flags,
+                              std::vector<std::pair<std::string, std::string>> overrides,
                               const std::string& tool);
 
 }  // namespace ddpm

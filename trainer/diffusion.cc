@@ -554,15 +554,32 @@ torch::Tensor GaussianDiffusion::SampleDdim(const Denoiser& model, torch::IntArr
   return x;
 }
 
+namespace {
+
+// sigma_j = sqrt(1/abar_j - 1) of every timestep, increasing in j: EDM's view of the process.
+std::vector<double> NoiseLevels(const torch::Tensor& alphas_cumprod64) {
+  const torch::Tensor abar = alphas_cumprod64.contiguous();
+  const double* a = abar.data_ptr<double>();
+  std::vector<double> levels(abar.numel());
+  for (std::size_t j = 0; j < levels.size(); ++j) levels[j] = std::sqrt(1.0 / a[j] - 1.0);
+  return levels;
+}
+
+// The index of the level nearest sigma (the lower one on a tie).
+int64_t NearestLevel(const std::vector<double>& levels, double sigma) {
+  int64_t j = std::lower_bound(levels.begin(), levels.end(), sigma) - levels.begin();
+  const int64_t count = static_cast<int64_t>(levels.size());
+  if (j == count || (j > 0 && sigma - levels[j - 1] <= levels[j] - sigma)) --j;
+  return j;
+}
+
+}  // namespace
+
 std::pair<std::vector<double>, std::vector<int64_t>> GaussianDiffusion::HeunSigmas(
     int steps) const {
   TORCH_CHECK(steps >= 1 && steps <= config_.timesteps,
               "heun steps must be in [1, T = ", config_.timesteps, "], got ", steps);
-  const int64_t timesteps = config_.timesteps;
-  const torch::Tensor abar = schedule64_.alphas_cumprod.contiguous();
-  const double* a = abar.data_ptr<double>();
-  std::vector<double> trained(timesteps);
-  for (int64_t j = 0; j < timesteps; ++j) trained[j] = std::sqrt(1.0 / a[j] - 1.0);
+  const std::vector<double> trained = NoiseLevels(schedule64_.alphas_cumprod);
   // EDM's defaults, within the levels this process was trained on.
   const double sigma_min = std::max(0.002, trained.front());
   const double sigma_max = std::min(80.0, trained.back());
@@ -575,12 +592,8 @@ std::pair<std::vector<double>, std::vector<int64_t>> GaussianDiffusion::HeunSigm
         std::pow(std::pow(sigma_max, 1.0 / kRho) +
                      fraction * (std::pow(sigma_min, 1.0 / kRho) - std::pow(sigma_max, 1.0 / kRho)),
                  kRho);
-    // The nearest trained level (the levels increase with t).
-    const auto above = std::lower_bound(trained.begin(), trained.end(), sigma);
-    int64_t j = above - trained.begin();
-    if (j == timesteps || (j > 0 && sigma - trained[j - 1] <= trained[j] - sigma)) --j;
-    index.push_back(j);
-    sigmas.push_back(trained[j]);
+    index.push_back(NearestLevel(trained, sigma));
+    sigmas.push_back(trained[index.back()]);
   }
   sigmas.push_back(0.0);
   return {sigmas, index};
@@ -593,6 +606,7 @@ torch::Tensor GaussianDiffusion::SampleHeun(const Denoiser& model, torch::IntArr
   c10::InferenceMode inference;
   const Denoiser mapped = Mapped(model);
   const auto [sigmas, index] = HeunSigmas(steps);
+  const std::vector<double> levels = NoiseLevels(schedule64_.alphas_cumprod);
   const torch::Tensor abar = schedule64_.alphas_cumprod.contiguous();
   const double* a = abar.data_ptr<double>();
   const auto long_options = torch::TensorOptions().dtype(torch::kLong).device(device_);
@@ -602,16 +616,6 @@ torch::Tensor GaussianDiffusion::SampleHeun(const Denoiser& model, torch::IntArr
     const torch::Tensor x_t = std::sqrt(a[j]) * x;
     return predict_start(x_t, t, Prediction(mapped(x_t, t), x_t));
   };
-  const auto nearest = [&](double sigma) {
-    int64_t best = 0;
-    for (int64_t j = 1; j < config_.timesteps; ++j) {
-      if (std::abs(std::sqrt(1.0 / a[j] - 1.0) - sigma) <
-          std::abs(std::sqrt(1.0 / a[best] - 1.0) - sigma)) {
-        best = j;
-      }
-    }
-    return best;
-  };
   torch::Tensor x = Noise(shape, streams) * sigmas[0];
   const double gamma = std::min(churn / steps, std::sqrt(2.0) - 1.0);
   for (int i = 0; i < steps; ++i) {
@@ -620,8 +624,8 @@ torch::Tensor GaussianDiffusion::SampleHeun(const Denoiser& model, torch::IntArr
     int64_t j_hat = index[i];
     double t_hat = t_cur;
     if (gamma > 0) {
-      j_hat = nearest(t_cur + gamma * t_cur);
-      t_hat = std::sqrt(1.0 / a[j_hat] - 1.0);
+      j_hat = NearestLevel(levels, t_cur + gamma * t_cur);
+      t_hat = levels[j_hat];
       x = x +
           std::sqrt(std::max(t_hat * t_hat - t_cur * t_cur, 0.0)) * s_noise * Noise(shape, streams);
     }

@@ -173,8 +173,8 @@ StepDraw Trainer::DrawTimestepsAndNoise(int64_t step, int64_t first_position, in
       // The inverse CDF of the loss-aware distribution at a uniform u of the sample's stream.
       u.uniform_(0.0, 1.0, generator);
       const int64_t drawn = distribution.Timestep(u.item<double>());
-      t[i] = drawn;
-      weight[i] = static_cast<float>(distribution.weight[drawn]);
+      t.data_ptr<int64_t>()[i] = drawn;
+      weight.data_ptr<float>()[i] = static_cast<float>(distribution.weight[drawn]);
     } else {
       t.narrow(0, i, 1).random_(0, config_.diffusion.timesteps, generator);
     }
@@ -202,9 +202,8 @@ void Trainer::UpdateTimestepSampler(const std::vector<int64_t>& host_t, const to
                 "timestep sampler: positions [", first_position, ", ", first_position + count,
                 ") are outside the global batch of ", global);
     torch::Tensor rows = torch::zeros({2, global}, torch::kFloat64);
-    for (int64_t i = 0; i < count; ++i) {
-      rows[0][first_position + i] = static_cast<double>(host_t[i]);
-    }
+    const std::vector<double> own_t(host_t.begin(), host_t.end());
+    rows[0].narrow(0, first_position, count).copy_(torch::tensor(own_t, torch::kFloat64));
     rows[1].narrow(0, first_position, count).copy_(local);
     comm_->AllReduce(
         rows, ReduceOp::kSum,
