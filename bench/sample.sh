@@ -3,7 +3,10 @@
 # the shapes UNet (a 1-step run's EMA weights), IMAGES images in batches of BATCH written as
 # PNGs. Per sampler (ddpm over all T = 1000 steps, ddpm respaced onto 100, heun with 18 steps
 # = 35 network evaluations) on 1 rank (2 threads); then ddpm's 1000 steps on 2 ranks (1 thread
-# each, mpirun). Prints each job's seconds (ddpm_sample's own, after loading) and images/s.
+# each, mpirun); then the same 1000-step sampler as a plain PyTorch loop in Python
+# (bench/sample_torch.py: the reference UNet, 2 threads, PNGs written with PIL), side by side.
+# Prints each job's wall seconds (process start to exit, loading included on both sides) and
+# images/s.
 # usage: bench/sample.sh [CONFIG] [IMAGES] [BATCH]   (IMAGES / BATCH even: a batch per rank)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,3 +41,10 @@ run ddpm-1000-1rank 1 2 --sampler ddpm --steps 0
 run ddpm-100-1rank 1 2 --sampler ddpm --steps 100
 run heun-18-1rank 1 2 --sampler heun --steps 18
 run ddpm-1000-2ranks 2 1 --sampler ddpm --steps 0
+# The Python peer: the same model config, images, batch and threads.
+python=${DDPM_REFERENCE_PYTHON:-/usr/bin/python3}
+start=$(date +%s.%N)
+"$python" bench/sample_torch.py --config "$config" --num "$images" --batch "$batch" --threads 2 \
+  --out "$work/torch/" > "$work/torch.log" 2>&1 || { cat "$work/torch.log"; exit 1; }
+end=$(date +%s.%N)
+python3 -c "import sys; s = $end - $start; print(f'pytorch-ddpm-1000-1rank: {s:.1f} s, {$images / s:.4f} images/s, {s / $images:.2f} s per image')"

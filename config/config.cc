@@ -544,9 +544,11 @@ void Config::Validate(int world_size) const {
     Invalid("sample.num_images", "must be >= 1, got " + std::to_string(sample.num_images));
   if (eval.every < 0)
     Invalid("eval.every", "must be >= 0 (0: never), got " + std::to_string(eval.every));
-  if (eval.num_samples < 2) {
+  if (eval.num_samples < 10) {
     Invalid("eval.num_samples",
-            "must be >= 2 (a covariance needs two), got " + std::to_string(eval.num_samples));
+            "must be >= 10 (the Inception Score's 10 splits need a sample "
+            "each), got " +
+                std::to_string(eval.num_samples));
   }
   if (eval.batch_size < 1)
     Invalid("eval.batch_size", "must be >= 1, got " + std::to_string(eval.batch_size));

@@ -9,6 +9,7 @@
 #include "base/random.h"
 #include "base/text.h"
 #include "config/batch_plan.h"
+#include "config/checkpoint_selection.h"
 #include "config/config.h"
 #include "proto/run_state.h"
 
@@ -156,11 +157,17 @@ void Coordinator::FailRun(RunEntry& entry, const std::string& reason, bool may_r
   if (!may_restart || run.restarts() >= run.max_restarts()) return;
   run.set_restarts(run.restarts() + 1);
   const int64_t resume = run.latest_checkpoint().step();
+  std::string plan;
+  if (run.kind() == v1::EVALUATION) {
+    plan = "will go on from the results and samples already saved";
+  } else if (resume > 0) {
+    plan = "will resume from the checkpoint of step " + std::to_string(resume);
+  } else {
+    plan = "starts over: no checkpoint had committed";
+  }
   Transition(entry, v1::QUEUED,
              "restart " + std::to_string(run.restarts()) + " of " +
-                 std::to_string(run.max_restarts()) + ": " +
-                 (resume > 0 ? "will resume from the checkpoint of step " + std::to_string(resume)
-                             : std::string("starts over: no checkpoint had committed")));
+                 std::to_string(run.max_restarts()) + ": " + plan);
 }
 
 void Coordinator::SetCommand(Group& group, v1::GroupCommand command) {
@@ -169,9 +176,15 @@ void Coordinator::SetCommand(Group& group, v1::GroupCommand command) {
   changed_.notify_all();
 }
 
-v1::GroupCommand Coordinator::TrainCommand(const v1::Run& run) const {
+v1::GroupCommand Coordinator::CommandFor(const v1::Run& run) const {
   v1::GroupCommand command;
-  command.set_kind(v1::GroupCommand::TRAIN);
+  if (run.kind() == v1::EVALUATION) {
+    command.set_kind(v1::GroupCommand::EVALUATE);
+    *command.mutable_evaluation() = run.evaluation();
+    command.mutable_evaluation()->clear_results();
+  } else {
+    command.set_kind(v1::GroupCommand::TRAIN);
+  }
   command.set_run_id(run.id());
   command.set_config_yaml(run.config_yaml());
   command.set_run_dir(run.run_dir());
@@ -229,28 +242,38 @@ void Coordinator::Schedule() {
     if (idle.empty()) return;
     const Config& config = entry->config;
     for (auto group = idle.begin(); group != idle.end(); ++group) {
-      BatchPlan plan;
-      try {
-        plan = PlanBatch(config, (*group)->world_size);
-      } catch (const ConfigError&) {
-        continue;
-      }
       v1::Run& run = entry->run;
       v1::Placement& placement = *run.mutable_placement();
+      std::string how;
+      if (run.kind() == v1::EVALUATION) {
+        // Any group serves an evaluation: its ranks share each checkpoint's samples.
+        placement.set_per_rank_batch(config.eval.batch_size);
+        placement.set_grad_accum(1);
+        placement.set_requested_grad_accum(0);
+        how = std::to_string((*group)->world_size) + " rank(s) share " +
+              std::to_string(config.eval.num_samples) + " samples per checkpoint" +
+              (run.restarts() > 0 ? "; goes on from the samples and results saved" : "");
+      } else {
+        BatchPlan plan;
+        try {
+          plan = PlanBatch(config, (*group)->world_size);
+        } catch (const ConfigError&) {
+          continue;
+        }
+        placement.set_per_rank_batch(plan.micro_batch);
+        placement.set_grad_accum(plan.micro_batches);
+        placement.set_requested_grad_accum(config.train.grad_accum);
+        const int64_t resume = run.latest_checkpoint().step();
+        how = plan.Describe() + (resume > 0 ? "; resumes from step " + std::to_string(resume) : "");
+      }
       placement.set_group_id((*group)->id);
       placement.set_world_size((*group)->world_size);
-      placement.set_per_rank_batch(plan.micro_batch);
-      placement.set_grad_accum(plan.micro_batches);
-      placement.set_requested_grad_accum(config.train.grad_accum);
       placement.set_attempt(run.restarts() + 1);
       run.clear_ranks();
-      const int64_t resume = run.latest_checkpoint().step();
-      Transition(*entry, v1::STARTING,
-                 "assigned to group " + (*group)->id + ": " + plan.Describe() +
-                     (resume > 0 ? "; resumes from step " + std::to_string(resume) : ""));
+      Transition(*entry, v1::STARTING, "assigned to group " + (*group)->id + ": " + how);
       (*group)->run_id = run.id();
       FenceRunDir(run);
-      SetCommand(**group, TrainCommand(run));
+      SetCommand(**group, CommandFor(run));
       idle.erase(group);
       break;
     }
@@ -284,17 +307,28 @@ v1::Run Coordinator::StartRun(const v1::StartRunRequest& request) {
                                                             std::to_string(request.max_restarts()));
   }
 
-  std::lock_guard<std::mutex> lock(mutex_);
-  const int64_t now = clock_.NowUnixMs();
   v1::Run run;
   run.set_name(name);
-  run.set_state(v1::QUEUED);
-  run.set_reason("submitted");
   run.set_config_yaml(config.ToYaml());
   run.set_priority(request.priority());
   run.set_max_restarts(request.has_max_restarts() ? request.max_restarts()
                                                   : options_.default_max_restarts);
   run.set_total_steps(config.train.steps);
+  std::lock_guard<std::mutex> lock(mutex_);
+  const v1::Run& queued = Insert(std::move(run), config);
+  std::printf("ddpm_coordinator: run %s: queued (%lld steps, global batch %d)\n",
+              queued.id().c_str(), static_cast<long long>(config.train.steps),
+              config.train.batch_size);
+  std::fflush(stdout);
+  const std::string id = queued.id();
+  Schedule();
+  return runs_.at(id).run;
+}
+
+const v1::Run& Coordinator::Insert(v1::Run run, Config config) {
+  const int64_t now = clock_.NowUnixMs();
+  run.set_state(v1::QUEUED);
+  run.set_reason("submitted");
   run.set_created_unix_ms(now);
   run.set_updated_unix_ms(now);
   v1::Transition transition;
@@ -305,7 +339,7 @@ v1::Run Coordinator::StartRun(const v1::StartRunRequest& request) {
   int64_t seq = 0;
   registry_->Transaction([&] {
     seq = registry_->NextRunNumber();
-    run.set_id(name + "-" + std::to_string(seq));
+    run.set_id(run.name() + "-" + std::to_string(seq));
     run.set_run_dir((std::filesystem::path(runs_dir_) / run.id()).string());
     registry_->InsertRun(run, seq);
     registry_->AddTransition(run.id(), transition);
@@ -313,14 +347,115 @@ v1::Run Coordinator::StartRun(const v1::StartRunRequest& request) {
   *run.add_transitions() = transition;
   RunEntry& entry = runs_[run.id()];
   entry.seq = seq;
-  entry.run = run;
-  entry.config = config;
-  std::printf("ddpm_coordinator: run %s: queued (%lld steps, global batch %d)\n", run.id().c_str(),
-              static_cast<long long>(config.train.steps), config.train.batch_size);
-  std::fflush(stdout);
+  entry.run = std::move(run);
+  entry.config = std::move(config);
   changed_.notify_all();
-  Schedule();
   return entry.run;
+}
+
+v1::Run Coordinator::StartEval(const v1::StartEvalRequest& request) {
+  const auto invalid = [](const std::string& message) {
+    return CoordinatorError(ErrorCode::kInvalidArgument, "StartEval: " + message);
+  };
+  std::string checkpoints;
+  try {
+    checkpoints = CheckpointSelection::Parse(request.checkpoints()).ToString();
+  } catch (const ConfigError& error) {
+    throw invalid(error.what());
+  }
+  if (request.has_num_samples() && request.num_samples() < 10) {
+    throw invalid("num_samples must be >= 10 (the Inception Score's 10 splits), got " +
+                  std::to_string(request.num_samples()));
+  }
+  if (request.has_batch_size() && request.batch_size() < 1) {
+    throw invalid("batch_size must be >= 1, got " + std::to_string(request.batch_size()));
+  }
+  if (request.priority() < 0) {
+    throw invalid("priority must be >= 0, got " + std::to_string(request.priority()));
+  }
+  if (request.has_max_restarts() && request.max_restarts() < 0) {
+    throw invalid("max_restarts must be >= 0, got " + std::to_string(request.max_restarts()));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  const RunEntry& source = Find(request.run());
+  const v1::Run& trained = source.run;
+  if (trained.kind() == v1::EVALUATION) {
+    throw invalid("run " + trained.id() + " is an evaluation job; give the training run (" +
+                  trained.evaluation().source_run() + ")");
+  }
+  if (trained.latest_checkpoint().step() <= 0) {
+    throw CoordinatorError(
+        ErrorCode::kFailedPrecondition,
+        "StartEval: run " + trained.id() + " has no committed checkpoint to evaluate yet");
+  }
+  // The steps asked for must have committed (the group picks among those still on disk).
+  {
+    std::vector<int64_t> committed;
+    for (const v1::CheckpointInfo& info : registry_->Checkpoints(trained.id())) {
+      committed.push_back(info.step());
+    }
+    try {
+      CheckpointSelection::Parse(checkpoints).Select(committed, "run " + trained.id());
+    } catch (const ConfigError& error) {
+      throw CoordinatorError(ErrorCode::kNotFound, std::string("StartEval: ") + error.what());
+    }
+  }
+  // The training run's config with the job's protocol, checked as a config file is.
+  Config config = ParseRunConfig(trained.config_yaml());
+  std::vector<std::pair<std::string, std::string>> overrides;
+  if (request.has_num_samples()) {
+    overrides.emplace_back("eval.num_samples", std::to_string(request.num_samples()));
+  }
+  if (!request.sampler().empty()) overrides.emplace_back("eval.sampler", request.sampler());
+  if (request.has_steps()) overrides.emplace_back("eval.steps", std::to_string(request.steps()));
+  if (request.has_seed()) overrides.emplace_back("eval.seed", std::to_string(request.seed()));
+  if (!request.is_logits().empty()) overrides.emplace_back("eval.is_logits", request.is_logits());
+  if (request.has_batch_size()) {
+    overrides.emplace_back("eval.batch_size", std::to_string(request.batch_size()));
+  }
+  if (!request.reference_stats().empty()) {
+    overrides.emplace_back("eval.reference_stats", request.reference_stats());
+  }
+  if (!request.inception_weights().empty()) {
+    overrides.emplace_back("eval.inception_weights", request.inception_weights());
+  }
+  try {
+    for (const auto& [key, value] : overrides) SetConfigKey(config, key, value, "StartEval");
+    config.Validate();
+  } catch (const ConfigError& error) {
+    throw invalid(error.what());
+  }
+  const std::pair<const char*, const std::string*> files[] = {
+      {"eval.reference_stats (ddpmctl eval --ref)", &config.eval.reference_stats},
+      {"eval.inception_weights (ddpmctl eval --inception)", &config.eval.inception_weights}};
+  for (const auto& [key, value] : files) {
+    if (value->empty()) {
+      throw invalid(std::string(key) + ": empty: run " + trained.id() +
+                    "'s config names none, so give one that every group can read");
+    }
+  }
+  const std::string name = request.name().empty() ? trained.name() + "-eval" : request.name();
+  CheckName(name);
+  v1::Run run;
+  run.set_name(name);
+  run.set_kind(v1::EVALUATION);
+  run.mutable_evaluation()->set_source_run(trained.id());
+  run.mutable_evaluation()->set_source_run_dir(trained.run_dir());
+  run.mutable_evaluation()->set_checkpoints(checkpoints);
+  run.set_config_yaml(config.ToYaml());
+  run.set_priority(request.priority());
+  run.set_max_restarts(request.has_max_restarts() ? request.max_restarts()
+                                                  : options_.default_max_restarts);
+  const v1::Run& queued = Insert(std::move(run), config);
+  std::printf(
+      "ddpm_coordinator: run %s: queued: evaluates checkpoints %s of run %s (%lld samples "
+      "each, %s)\n",
+      queued.id().c_str(), checkpoints.c_str(), trained.id().c_str(),
+      static_cast<long long>(config.eval.num_samples), Name(config.eval.sampler));
+  std::fflush(stdout);
+  const std::string id = queued.id();
+  Schedule();
+  return runs_.at(id).run;
 }
 
 v1::Run Coordinator::StopRun(const std::string& run_name, bool immediate) {
@@ -432,10 +567,13 @@ v1::RegisterResponse Coordinator::Register(const v1::RegisterRequest& request) {
   if (request.group_id().empty()) {
     throw CoordinatorError(ErrorCode::kInvalidArgument, "Register: group_id is empty");
   }
-  if (request.world_size() < 1) {
-    throw CoordinatorError(ErrorCode::kInvalidArgument, "Register: group '" + request.group_id() +
-                                                            "': world_size must be >= 1, got " +
-                                                            std::to_string(request.world_size()));
+  // Bounded: the core keeps a heartbeat slot per rank (a garbled size once asked for 11 GB).
+  constexpr int kMaxWorldSize = 1 << 16;
+  if (request.world_size() < 1 || request.world_size() > kMaxWorldSize) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument,
+                           "Register: group '" + request.group_id() +
+                               "': world_size must be in [1, " + std::to_string(kMaxWorldSize) +
+                               "], got " + std::to_string(request.world_size()));
   }
   for (const auto* list : {&request.hostnames(), &request.devices()}) {
     if (!list->empty() && list->size() != request.world_size()) {
@@ -479,7 +617,7 @@ v1::RegisterResponse Coordinator::Register(const v1::RegisterRequest& request) {
         command.set_kind(v1::GroupCommand::STOP);
         command.set_run_id(run->first);
       } else {
-        command = TrainCommand(run->second.run);
+        command = CommandFor(run->second.run);
       }
       note = "; it carries on with run " + run->first + " at step " +
              std::to_string(request.current_step());
@@ -554,6 +692,8 @@ void Coordinator::Heartbeat(const v1::HeartbeatRequest& request) {
   if (request.rank() == 0 && request.has_train_metrics()) {
     *run.mutable_metrics() = request.train_metrics();
     run.mutable_metrics()->set_at_unix_ms(now);
+    // An evaluation job knows its images in all once its group has chosen the checkpoints.
+    if (run.kind() == v1::EVALUATION) run.set_total_steps(request.train_metrics().total());
     ++entry.metrics_version;
     save = true;
   }
@@ -568,8 +708,10 @@ void Coordinator::Heartbeat(const v1::HeartbeatRequest& request) {
       run.mutable_metrics()->set_step(request.rank_metrics().step());
     }
     Transition(entry, v1::RUNNING,
-               "group " + group.id + " is training (step " +
-                   std::to_string(request.rank_metrics().step()) + ")");
+               "group " + group.id +
+                   (run.kind() == v1::EVALUATION ? " is evaluating (" : " is training (step ") +
+                   std::to_string(request.rank_metrics().step()) +
+                   (run.kind() == v1::EVALUATION ? " images)" : ")"));
     return;
   }
   if (save) {
@@ -612,6 +754,19 @@ void Coordinator::ReportEval(const v1::ReportEvalRequest& request) {
   if (eval.has_nll_bits_per_dim() && eval.step() >= next.latest_nll().step()) {
     *next.mutable_latest_nll() = eval;
   }
+  if (next.kind() == v1::EVALUATION) {
+    // One result per checkpoint, in step order; a repeated report (a retry) replaces its own.
+    auto* results = next.mutable_evaluation()->mutable_results();
+    auto at = std::find_if(results->begin(), results->end(),
+                           [&](const v1::EvalResult& r) { return r.step() >= eval.step(); });
+    if (at != results->end() && at->step() == eval.step()) {
+      *at = eval;
+    } else {
+      const int index = static_cast<int>(at - results->begin());
+      results->Add()->CopyFrom(eval);
+      for (int i = results->size() - 1; i > index; --i) results->SwapElements(i, i - 1);
+    }
+  }
   next.set_updated_unix_ms(eval.at_unix_ms());
   registry_->Transaction([&] {
     registry_->AddEval(next.id(), eval);
@@ -634,11 +789,18 @@ void Coordinator::ReportRunEnd(const v1::ReportRunEndRequest& request) {
   v1::GroupCommand idle;
   idle.set_kind(v1::GroupCommand::IDLE);
   SetCommand(group, idle);
-  const std::string at = " at step " + std::to_string(request.step()) + " on group " + group.id;
+  const std::string at =
+      (run.kind() == v1::EVALUATION ? "" : " at step " + std::to_string(request.step())) +
+      " on group " + group.id;
   const v1::RunState state = run.state();
   switch (request.outcome()) {
     case v1::ReportRunEndRequest::COMPLETED:
-      if (!IsFinal(state)) Transition(entry, v1::COMPLETED, "trained to the last step" + at);
+      if (!IsFinal(state)) {
+        Transition(entry, v1::COMPLETED,
+                   (run.kind() == v1::EVALUATION ? "evaluated every checkpoint it chose"
+                                                 : "trained to the last step") +
+                       at);
+      }
       break;
     case v1::ReportRunEndRequest::STOPPED:
       if (!IsFinal(state)) Transition(entry, v1::STOPPED, "stopped with a checkpoint" + at);

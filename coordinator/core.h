@@ -91,6 +91,9 @@ class Coordinator {
   std::vector<v1::Run> ListRuns(v1::RunState state) const;
   /// Forgets a finished run.
   void DeleteRun(const std::string& run);
+  /// Queues an evaluation job of a training run's checkpoints (a run of kind EVALUATION);
+  /// CoordinatorError names the field or eval.* key at fault.
+  v1::Run StartEval(const v1::StartEvalRequest& request);
 
   /// Where a WatchRun stream is in a run's history.
   struct WatchCursor {
@@ -168,7 +171,10 @@ class Coordinator {
   /// Forgets a group and fails the run it held.
   void LoseGroup(const std::string& group_id, const std::string& reason);
   void SetCommand(Group& group, v1::GroupCommand command);
-  v1::GroupCommand TrainCommand(const v1::Run& run) const;
+  /// What a group that holds run must do: TRAIN it, or EVALUATE for an evaluation job.
+  v1::GroupCommand CommandFor(const v1::Run& run) const;
+  /// Records a new QUEUED run (its id and directory assigned here) and schedules; under the lock.
+  const v1::Run& Insert(v1::Run run, Config config);
   void Schedule();
   /// Records the run's current attempt in its directory (base/fence.h), if this process can.
   void FenceRunDir(const v1::Run& run) const;

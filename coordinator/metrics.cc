@@ -71,12 +71,38 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
   MetricFamily nll = Gauge("ddpm_eval_nll_bits_per_dim",
                            "The variational bound (NLL) in bits/dim on held-out images, of the "
                            "newest evaluation that measured it");
+  MetricFamily job_done = Gauge("ddpm_eval_job_images_done",
+                                "Images an active evaluation job has sampled (about: rank 0's "
+                                "share of the checkpoint in progress times the ranks)");
+  MetricFamily job_total =
+      Gauge("ddpm_eval_job_images", "Images an active evaluation job samples in all");
+  MetricFamily checkpoint_fid =
+      Gauge("ddpm_eval_checkpoint_fid",
+            "FID of a checkpoint of run (at step) measured by evaluation job job (ddpmctl eval)");
+  MetricFamily checkpoint_is =
+      Gauge("ddpm_eval_checkpoint_inception_score",
+            "IS of a checkpoint of run (at step) measured by evaluation job job (ddpmctl eval)");
   std::map<v1::RunState, int> counts;
   for (int s = v1::QUEUED; s <= v1::FAILED; ++s) counts[static_cast<v1::RunState>(s)] = 0;
   for (const v1::Run& run : runs) {
     ++counts[run.state()];
     AddValue(state, {{"run", run.id()}}, run.state());
     AddValue(restarts, {{"run", run.id()}}, run.restarts());
+    if (run.kind() == v1::EVALUATION) {
+      // Its results stay after it ends: they are facts about the training run's checkpoints.
+      for (const v1::EvalResult& result : run.evaluation().results()) {
+        const MetricLabels labels = {{"run", run.evaluation().source_run()},
+                                     {"job", run.id()},
+                                     {"step", std::to_string(result.step())}};
+        AddValue(checkpoint_fid, labels, result.fid());
+        AddValue(checkpoint_is, labels, result.inception_score());
+      }
+      if (IsActive(run.state()) && run.total_steps() > 0) {
+        AddValue(job_done, {{"run", run.id()}}, static_cast<double>(run.metrics().step()));
+        AddValue(job_total, {{"run", run.id()}}, static_cast<double>(run.total_steps()));
+      }
+      continue;
+    }
     AddValue(rollbacks, {{"run", run.id()}}, static_cast<double>(run.metrics().rollbacks()));
     AddValue(checkpoint_failures, {{"run", run.id()}},
              static_cast<double>(run.metrics().checkpoint_failures()));
@@ -138,11 +164,33 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
       }
     }
   }
-  return {state, by_state, restarts,     rollbacks,     checkpoint_failures,
-          step,  total,    loss,         quartile_loss, rate,
-          lr,    grad,     step_seconds, allreduce,     overlap,
-          stall, write,    fid,          inception,     nll,
-          up,    age,      memory};
+  return {state,
+          by_state,
+          restarts,
+          rollbacks,
+          checkpoint_failures,
+          step,
+          total,
+          loss,
+          quartile_loss,
+          rate,
+          lr,
+          grad,
+          step_seconds,
+          allreduce,
+          overlap,
+          stall,
+          write,
+          fid,
+          inception,
+          nll,
+          job_done,
+          job_total,
+          checkpoint_fid,
+          checkpoint_is,
+          up,
+          age,
+          memory};
 }
 
 RpcMetrics::RpcMetrics()

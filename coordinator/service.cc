@@ -176,6 +176,11 @@ class ControlService final : public v1::Control::Service {
                          v1::DeleteRunResponse*) override {
     return Serve(context, gate_, "DeleteRun", [&] { core_.DeleteRun(request->run()); });
   }
+  grpc::Status StartEval(grpc::ServerContext* context, const v1::StartEvalRequest* request,
+                         v1::StartEvalResponse* response) override {
+    return Serve(context, gate_, "StartEval",
+                 [&] { *response->mutable_run() = core_.StartEval(*request); });
+  }
 
  private:
   Coordinator& core_;

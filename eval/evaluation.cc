@@ -55,7 +55,7 @@ RunEvaluator::RunEvaluator(const Config& config, torch::Device device)
 EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm,
                                   int64_t step,
                                   const std::function<void(int64_t, int64_t)>& progress,
-                                  const std::function<void(const torch::Tensor&, int64_t)>& keep) {
+                                  const EvaluateHooks& hooks) {
   const auto start = Clock::now();
   const EvalConfig& eval = config_.eval;
   const ModelConfig& m = config_.model;
@@ -67,16 +67,32 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
   sample.sampler = eval.sampler;
   sample.steps = eval.steps;
   sample.timesteps.clear();
-  for (int64_t index = first; index < end; index += eval.batch_size) {
+  // Rounds of one batch per rank; shares differ by at most one image, so the ranks may differ
+  // by a round, and a stoppable evaluation runs as many rounds on every rank.
+  const int64_t largest = (eval.num_samples + world - 1) / world;
+  const int64_t rounds = (largest + eval.batch_size - 1) / eval.batch_size;
+  for (int64_t round = 0; round < rounds; ++round) {
+    if (hooks.stop) {
+      torch::Tensor word = torch::tensor({static_cast<int64_t>(rank == 0 && hooks.stop())});
+      comm.Broadcast(word, 0, "broadcast of the evaluation's stop at step " + std::to_string(step));
+      if (word.item<int64_t>() != 0) {
+        throw EvaluationStopped("the evaluation of step " + std::to_string(step) + " was stopped");
+      }
+    }
+    const int64_t index = first + round * eval.batch_size;
+    if (index >= end) continue;
     const int64_t n = std::min<int64_t>(eval.batch_size, end - index);
-    // Sample i draws from (eval.seed, i) alone: the same samples on any batch size and world.
-    std::vector<uint64_t> seeds;
-    for (int64_t i = index; i < index + n; ++i) seeds.push_back(ImageSeed(eval.seed, i));
-    NoiseStreams streams(seeds);
-    const torch::Tensor images = diffusion.Sample(
-        EvalDenoiser(ema), {n, m.in_channels, m.image_size, m.image_size}, sample, streams);
-    const torch::Tensor quantized = Quantize(images);
-    if (keep) keep(quantized, index);
+    torch::Tensor quantized = hooks.reuse ? hooks.reuse(index, n) : torch::Tensor();
+    if (!quantized.defined()) {
+      // Sample i draws from (eval.seed, i) alone: the same samples on any batch size and world.
+      std::vector<uint64_t> seeds;
+      for (int64_t i = index; i < index + n; ++i) seeds.push_back(ImageSeed(eval.seed, i));
+      NoiseStreams streams(seeds);
+      const torch::Tensor images = diffusion.Sample(
+          EvalDenoiser(ema), {n, m.in_channels, m.image_size, m.image_size}, sample, streams);
+      quantized = Quantize(images);
+      if (hooks.keep) hooks.keep(quantized, index);
+    }
     stats.Add(quantized.to(device_), index);
     if (progress) progress(index + n - first, end - first);
   }

@@ -39,6 +39,26 @@ class InceptionStatistics {
   IsLogits is_logits_;
 };
 
+/// What an evaluation does besides measuring.
+struct EvaluateHooks {
+  /// Sees every batch of quantized samples ([-1, 1], [n, C, H, W]) with its first sample index
+  /// (ddpm_fid checkpoint --also-save; an evaluation job's saved images).
+  std::function<void(const torch::Tensor& images, int64_t first)> keep;
+  /// Samples first .. first + n - 1 as an earlier attempt kept them (quantized, [-1, 1],
+  /// [n, C, H, W]), or an undefined tensor when they must be drawn. Saved 8-bit images read back
+  /// to the very values they were measured with, so a resumed evaluation equals a whole one.
+  std::function<torch::Tensor(int64_t first, int64_t n)> reuse;
+  /// Given on every rank or on none: before each round of batches rank 0's answer is broadcast,
+  /// and true ends the evaluation on every rank (EvaluationStopped).
+  std::function<bool()> stop;
+};
+
+/// An evaluation ended by EvaluateHooks::stop before its moments were summed.
+class EvaluationStopped : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 /// A run's evaluation: the network and reference statistics are loaded (and hashed) once.
 class RunEvaluator {
  public:
@@ -47,12 +67,11 @@ class RunEvaluator {
   /// Samples this rank's share of eval.num_samples with the EMA model (contiguous shares;
   /// sample i draws from ImageSeed(eval.seed, i) alone), quantizes them to
   /// 8 bits as saved images are, and returns FID and IS from the moments summed over comm.
-  /// keep, when given, sees every batch of quantized samples ([-1, 1], [n, C, H, W]) with its
-  /// first sample index (ddpm_fid checkpoint --also-save).
-  EvalReport Evaluate(
-      const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm, int64_t step,
-      const std::function<void(int64_t done, int64_t share)>& progress,
-      const std::function<void(const torch::Tensor& images, int64_t first)>& keep = {});
+  /// Throws EvaluationStopped on every rank together when hooks.stop says so.
+  EvalReport Evaluate(const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm,
+                      int64_t step,
+                      const std::function<void(int64_t done, int64_t share)>& progress,
+                      const EvaluateHooks& hooks = {});
 
  private:
   const Config config_;

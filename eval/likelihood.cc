@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "eval/evaluation.h"
+#include "eval/plot.h"
 #include "trainer/communicator.h"
 #include "trainer/data.h"
 #include "trainer/diffusion.h"
@@ -133,74 +134,10 @@ void WriteBoundCsv(const BoundReport& report, const std::string& path) {
   }
 }
 
-namespace {
-
-// A 3x5 pixel font for tick labels: each glyph is 5 rows of 3 bits.
-const std::array<uint8_t, 5>* Glyph(char c) {
-  static const std::array<std::array<uint8_t, 5>, 13> kGlyphs = {{{7, 5, 5, 5, 7},
-                                                                  {2, 6, 2, 2, 7},
-                                                                  {7, 1, 7, 4, 7},
-                                                                  {7, 1, 7, 1, 7},
-                                                                  {5, 5, 7, 1, 1},
-                                                                  {7, 4, 7, 1, 7},
-                                                                  {7, 4, 7, 5, 7},
-                                                                  {7, 1, 1, 1, 1},
-                                                                  {7, 5, 7, 5, 7},
-                                                                  {7, 5, 7, 1, 7},
-                                                                  {0, 0, 0, 0, 2},
-                                                                  {0, 0, 7, 0, 0},
-                                                                  {7, 4, 7, 4, 7}}};
-  if (c >= '0' && c <= '9') return &kGlyphs[c - '0'];
-  if (c == '.') return &kGlyphs[10];
-  if (c == '-') return &kGlyphs[11];
-  if (c == 'e') return &kGlyphs[12];
-  return nullptr;
-}
-
-struct Canvas {
-  Image image;
-  void Set(int x, int y, uint8_t r, uint8_t g, uint8_t b) {
-    if (x < 0 || y < 0 || x >= image.width || y >= image.height) return;
-    uint8_t* p = &image.pixels[(static_cast<std::size_t>(y) * image.width + x) * 3];
-    p[0] = r;
-    p[1] = g;
-    p[2] = b;
-  }
-  void Line(double x0, double y0, double x1, double y1, uint8_t r, uint8_t g, uint8_t b) {
-    const int n = static_cast<int>(std::max(std::abs(x1 - x0), std::abs(y1 - y0))) + 1;
-    for (int i = 0; i <= n; ++i) {
-      const double f = static_cast<double>(i) / n;
-      Set(static_cast<int>(std::lround(x0 + f * (x1 - x0))),
-          static_cast<int>(std::lround(y0 + f * (y1 - y0))), r, g, b);
-    }
-  }
-  // Text at (x, y) (top left), each font pixel scale x scale.
-  void Text(int x, int y, const std::string& text, int scale = 2) {
-    for (char c : text) {
-      if (const auto* glyph = Glyph(c)) {
-        for (int row = 0; row < 5; ++row) {
-          for (int col = 0; col < 3; ++col) {
-            if (((*glyph)[row] >> (2 - col)) & 1) {
-              for (int dy = 0; dy < scale; ++dy) {
-                for (int dx = 0; dx < scale; ++dx) {
-                  Set(x + col * scale + dx, y + row * scale + dy, 0, 0, 0);
-                }
-              }
-            }
-          }
-        }
-      }
-      x += 4 * scale;
-    }
-  }
-};
-
-}  // namespace
-
 void WriteBoundPlot(const BoundReport& report, const std::string& path) {
   constexpr int kWidth = 720, kHeight = 420, kLeft = 70, kRight = 20, kTop = 20, kBottom = 40;
-  Canvas canvas;
-  canvas.image = {kWidth, kHeight, 3, std::vector<uint8_t>(kWidth * kHeight * 3, 255)};
+  constexpr Rgb kBlue{31, 119, 180};
+  Canvas canvas(kWidth, kHeight);
   double low = 1e300, high = -1e300;
   for (double value : report.term_means) {
     if (value > 0) {
@@ -218,19 +155,19 @@ void WriteBoundPlot(const BoundReport& report, const std::string& path) {
   // Decades: grid lines and labels.
   for (int decade = static_cast<int>(low); decade <= static_cast<int>(high); ++decade) {
     const double y = py(decade);
-    canvas.Line(kLeft, y, kWidth - kRight, y, 220, 220, 220);
+    canvas.Line(kLeft, y, kWidth - kRight, y, {220, 220, 220});
     canvas.Text(6, static_cast<int>(y) - 5, "1e" + std::to_string(decade));
   }
   for (int quarter = 0; quarter <= 4; ++quarter) {
     // 0, T/4, T/2, 3T/4 and the last step, T - 1.
     const double t = std::min(steps, std::round(report.timesteps_in_all * quarter / 4.0));
-    canvas.Line(px(t), kTop, px(t), kHeight - kBottom, 235, 235, 235);
+    canvas.Line(px(t), kTop, px(t), kHeight - kBottom, {235, 235, 235});
     const std::string label = std::to_string(static_cast<int>(std::lround(t)));
     canvas.Text(static_cast<int>(px(t)) - 4 * static_cast<int>(label.size()), kHeight - kBottom + 8,
                 label);
   }
-  canvas.Line(kLeft, kTop, kLeft, kHeight - kBottom, 0, 0, 0);
-  canvas.Line(kLeft, kHeight - kBottom, kWidth - kRight, kHeight - kBottom, 0, 0, 0);
+  canvas.Line(kLeft, kTop, kLeft, kHeight - kBottom, {});
+  canvas.Line(kLeft, kHeight - kBottom, kWidth - kRight, kHeight - kBottom, {});
   // The terms, joined in t order (non-positive ones, which a log axis cannot show, skipped).
   bool have_previous = false;
   double previous_x = 0, previous_y = 0;
@@ -238,13 +175,13 @@ void WriteBoundPlot(const BoundReport& report, const std::string& path) {
     if (report.term_means[i] <= 0) continue;
     const double x = px(static_cast<double>(report.timesteps[i]));
     const double y = py(std::log10(report.term_means[i]));
-    if (have_previous) canvas.Line(previous_x, previous_y, x, y, 31, 119, 180);
-    for (int d = -1; d <= 1; ++d) canvas.Line(x - 1, y + d, x + 1, y + d, 31, 119, 180);
+    if (have_previous) canvas.Line(previous_x, previous_y, x, y, kBlue);
+    canvas.Point(x, y, kBlue);
     previous_x = x;
     previous_y = y;
     have_previous = true;
   }
-  WritePng(path, canvas.image);
+  WritePng(path, canvas.image());
 }
 
 }  // namespace ddpm

@@ -52,6 +52,27 @@ std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std
   return written;
 }
 
+torch::Tensor ReadSampleFiles(const std::string& dir, int64_t first, int64_t n, int channels,
+                              int size) {
+  torch::Tensor bytes = torch::empty({n, channels, size, size}, torch::kUInt8);
+  for (int64_t k = 0; k < n; ++k) {
+    const std::string path = (std::filesystem::path(dir) / SampleFileName(first + k)).string();
+    if (!std::filesystem::exists(path)) return {};
+    Image image;
+    try {
+      image = ReadImageFile(path);
+    } catch (const std::exception&) {
+      return {};  // Unreadable: drawn again.
+    }
+    if (image.width != size || image.height != size || image.channels != channels) return {};
+    // HWC to CHW.
+    bytes[k].copy_(torch::from_blob(image.pixels.data(), {size, size, channels}, torch::kUInt8)
+                       .permute({2, 0, 1}));
+  }
+  // As RunEvaluator quantizes: a byte b stands for b / 127.5 - 1.
+  return bytes.to(torch::kFloat32) / 127.5 - 1;
+}
+
 std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std::string& dir) {
   std::vector<int64_t> indices(images.size(0));
   for (int64_t k = 0; k < images.size(0); ++k) indices[k] = k;

@@ -27,6 +27,11 @@ std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std
                                           const std::vector<int64_t>& indices);
 /// The file name of sample index in a directory of samples: 000000.png onwards.
 std::string SampleFileName(int64_t index);
+/// Samples first .. first + n - 1 of dir as [n, channels, size, size] in [-1, 1] (float32, CPU),
+/// the values they were written from after 8-bit quantization; an undefined tensor when any is
+/// missing or not of that shape.
+torch::Tensor ReadSampleFiles(const std::string& dir, int64_t first, int64_t n, int channels,
+                              int size);
 
 /// A sampler progress report labelled `what`: a line rewritten in place (kBar), a few plain
 /// lines (kLines), or nothing (kOff); kAuto is resolved first.

@@ -6,9 +6,12 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "config/batch_plan.h"
+#include "config/checkpoint_selection.h"
+#include "config/eval_protocol.h"
 #include "config/flags.h"
 #include "test_env.h"
 
@@ -340,6 +343,81 @@ TEST(Config, EveryShippedConfigLoadsAndValidates) {
     ++checked;
   }
   EXPECT_EQ(checked, 4) << "a config was added or removed: update this count";
+}
+
+TEST(EvalProtocol, TheShippedProtocolsSayWhatTheReadmeSaysAndBadFilesAreNamed) {
+  const auto paper = LoadEvalProtocol(DDPM_SOURCE_DIR "/configs/eval/paper.yaml");
+  const std::vector<std::pair<std::string, std::string>> expected_paper = {
+      {"eval.num_samples", "50000"},  {"eval.sampler", "ddpm"}, {"eval.steps", "0"},
+      {"eval.is_logits", "unbiased"}, {"eval.seed", "1"},       {"eval.batch_size", "250"}};
+  EXPECT_EQ(paper, expected_paper);
+  Config config;
+  for (const auto& [key, value] : paper) SetConfigKey(config, key, value, "paper.yaml");
+  // The paper's sampler: ancestral over all T = 1000 steps.
+  SampleConfig sample;
+  sample.sampler = config.eval.sampler;
+  sample.steps = config.eval.steps;
+  EXPECT_EQ(sample.ResolvedSteps(config.diffusion.timesteps), 1000);
+  const auto quick = LoadEvalProtocol(DDPM_SOURCE_DIR "/configs/eval/quick.yaml");
+  EXPECT_EQ(quick[0], (std::pair<std::string, std::string>{"eval.num_samples", "5000"}));
+  EXPECT_EQ(quick[1], (std::pair<std::string, std::string>{"eval.sampler", "heun"}));
+  EXPECT_EQ(quick[2], (std::pair<std::string, std::string>{"eval.steps", "18"}));
+
+  const std::string dir = ::testing::TempDir();
+  const std::pair<const char*, const char*> bad[] = {
+      {"eval: {reference_stats: /x.npz}", "eval.reference_stats: a protocol sets num_samples"},
+      {"train: {steps: 5}", "'train': a protocol sets only eval"},
+      {"eval: {sampler: euler}", "eval.sampler"},
+      {"eval: {num_samples: 5}", "eval.num_samples"},
+      {"eval: [1, 2", "not YAML"}};
+  for (const auto& [text, expected] : bad) {
+    const std::string path = dir + "/protocol.yaml";
+    std::ofstream(path) << text << "\n";
+    try {
+      LoadEvalProtocol(path);
+      ADD_FAILURE() << "loaded " << text;
+    } catch (const ConfigError& error) {
+      EXPECT_NE(std::string(error.what()).find(path), std::string::npos) << error.what();
+      EXPECT_NE(std::string(error.what()).find(expected), std::string::npos)
+          << error.what() << " (expected " << expected << ")";
+    }
+  }
+  EXPECT_THROW(LoadEvalProtocol(dir + "/missing.yaml"), ConfigError);
+}
+
+TEST(CheckpointSelection, ChoosesLatestAllEveryKOrAStepAndNamesWhatIsNotThere) {
+  const std::vector<int64_t> steps = {30, 10, 20, 40};
+  EXPECT_EQ(CheckpointSelection::Parse("").Select(steps, "run r"), (std::vector<int64_t>{40}));
+  EXPECT_EQ(CheckpointSelection::Parse("latest").Select(steps, "run r"),
+            (std::vector<int64_t>{40}));
+  EXPECT_EQ(CheckpointSelection::Parse("all").Select(steps, "run r"),
+            (std::vector<int64_t>{10, 20, 30, 40}));
+  EXPECT_EQ(CheckpointSelection::Parse("every:20").Select(steps, "run r"),
+            (std::vector<int64_t>{20, 40}));
+  EXPECT_EQ(CheckpointSelection::Parse("30").Select(steps, "run r"), (std::vector<int64_t>{30}));
+  for (const char* text : {"every:20", "30", "all", "latest"}) {
+    EXPECT_EQ(CheckpointSelection::Parse(text).ToString(), text);
+  }
+  for (const char* bad : {"every:0", "every:", "every:-5", "-3", "0", "1e3", "newest", "3 "}) {
+    try {
+      CheckpointSelection::Parse(bad);
+      ADD_FAILURE() << "parsed '" << bad << "'";
+    } catch (const ConfigError& error) {
+      EXPECT_NE(std::string(error.what()).find(std::string("checkpoints '") + bad + "'"),
+                std::string::npos)
+          << error.what();
+    }
+  }
+  try {
+    CheckpointSelection::Parse("every:7").Select(steps, "run r");
+    FAIL() << "chose nothing without saying so";
+  } catch (const ConfigError& error) {
+    EXPECT_NE(std::string(error.what())
+                  .find("checkpoints every:7 of run r: no such checkpoint (it has 10, 20, 30, 40)"),
+              std::string::npos)
+        << error.what();
+  }
+  EXPECT_THROW(CheckpointSelection::Parse("latest").Select({}, "run r"), ConfigError);
 }
 
 }  // namespace

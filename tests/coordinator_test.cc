@@ -307,6 +307,160 @@ TEST_F(CoordinatorTest, ARestartedCoordinatorKeepsEveryRunAndTakesBackItsGroup) 
   EXPECT_EQ(core_->StartRun(Start("c", ConfigYaml())).id(), "c-3");
 }
 
+// An evaluation job of run a-1's checkpoints, with the files the protocol needs.
+v1::StartEvalRequest Eval(const std::string& checkpoints) {
+  v1::StartEvalRequest request;
+  request.set_run("a");
+  request.set_checkpoints(checkpoints);
+  request.set_num_samples(50);
+  request.set_sampler("heun");
+  request.set_reference_stats("/data/cifar10_train.npz");
+  request.set_inception_weights("/data/pt_inception.pth");
+  return request;
+}
+
+TEST_F(CoordinatorTest, EvaluationJobsAreCheckedQueuedOnAnyGroupRestartedAndKeepTheirResults) {
+  core_->StartRun(Start("a", ConfigYaml(8, "{world_size: 2}")));
+  // Nothing to evaluate before a checkpoint has committed.
+  try {
+    core_->StartEval(Eval("latest"));
+    FAIL() << "an evaluation of a run without checkpoints was queued";
+  } catch (const CoordinatorError& error) {
+    EXPECT_EQ(error.code(), ErrorCode::kFailedPrecondition);
+    EXPECT_NE(std::string(error.what()).find("run a-1 has no committed checkpoint"),
+              std::string::npos)
+        << error.what();
+  }
+  const std::string session = core_->Register(Group("g", 2)).session();
+  for (int64_t step : {10, 20, 30}) {
+    v1::ReportCheckpointRequest checkpoint;
+    checkpoint.set_group_id("g");
+    checkpoint.set_run_id("a-1");
+    checkpoint.mutable_checkpoint()->set_step(step);
+    core_->ReportCheckpoint(checkpoint);
+  }
+  // Each refusal names its culprit and stores nothing.
+  const std::string before = Stored();
+  const std::vector<std::pair<v1::StartEvalRequest, std::string>> refused = [] {
+    std::vector<std::pair<v1::StartEvalRequest, std::string>> cases;
+    cases.emplace_back(Eval("sometimes"), "checkpoints 'sometimes'");
+    cases.emplace_back(Eval("every:0"), "checkpoints 'every:0'");
+    cases.emplace_back(Eval("25"),
+                       "checkpoints 25 of run a-1: no such checkpoint (it has 10, 20, 30)");
+    cases.emplace_back(Eval("every:7"), "checkpoints every:7 of run a-1: no such checkpoint");
+    v1::StartEvalRequest few = Eval("all");
+    few.set_num_samples(1);
+    cases.emplace_back(few, "num_samples must be >= 10");
+    v1::StartEvalRequest sampler = Eval("all");
+    sampler.set_sampler("euler");
+    cases.emplace_back(sampler, "eval.sampler");
+    v1::StartEvalRequest no_reference = Eval("all");
+    no_reference.clear_reference_stats();
+    cases.emplace_back(no_reference, "eval.reference_stats (ddpmctl eval --ref): empty");
+    v1::StartEvalRequest unknown = Eval("all");
+    unknown.set_run("nosuch");
+    cases.emplace_back(unknown, "no run 'nosuch'");
+    return cases;
+  }();
+  for (const auto& [request, expected] : refused) {
+    try {
+      core_->StartEval(request);
+      ADD_FAILURE() << "queued: " << expected;
+    } catch (const CoordinatorError& error) {
+      EXPECT_NE(std::string(error.what()).find(expected), std::string::npos)
+          << error.what() << " (expected: " << expected << ")";
+    }
+  }
+  EXPECT_EQ(Stored(), before);
+
+  // The job takes the training run's config with its own protocol, and any idle group: a group
+  // of 3 serves it although the training config asks for 2 ranks.
+  v1::StartEvalRequest request = Eval("every:20");
+  request.set_max_restarts(1);
+  const v1::Run queued = core_->StartEval(request);
+  EXPECT_EQ(queued.id(), "a-eval-2");
+  EXPECT_EQ(queued.kind(), v1::EVALUATION);
+  EXPECT_EQ(queued.evaluation().source_run(), "a-1");
+  EXPECT_EQ(queued.evaluation().checkpoints(), "every:20");
+  EXPECT_EQ(queued.evaluation().source_run_dir(), core_->GetRun("a").run_dir());
+  EXPECT_NE(queued.config_yaml().find("num_samples: 50"), std::string::npos)
+      << queued.config_yaml();
+  EXPECT_NE(queued.config_yaml().find("sampler: heun"), std::string::npos);
+  EXPECT_EQ(queued.state(), v1::QUEUED);  // g holds a-1
+  const std::string h = core_->Register(Group("h", 3)).session();
+  v1::Run job = core_->GetRun("a-eval-2");
+  EXPECT_EQ(job.state(), v1::STARTING);
+  EXPECT_EQ(job.placement().world_size(), 3);
+  const v1::GroupCommand command = CommandOf("h", h);
+  EXPECT_EQ(command.kind(), v1::GroupCommand::EVALUATE);
+  EXPECT_EQ(command.run_dir(), job.run_dir());
+  EXPECT_EQ(command.evaluation().checkpoints(), "every:20");
+  EXPECT_EQ(command.evaluation().source_run_dir(), job.evaluation().source_run_dir());
+
+  // Progress: the images in all arrive with the metrics; results keep step order, and a
+  // repeated report replaces its own.
+  v1::HeartbeatRequest beat;
+  beat.set_group_id("h");
+  beat.set_run_id("a-eval-2");
+  beat.mutable_rank_metrics()->set_step(10);
+  beat.mutable_train_metrics()->set_step(10);
+  beat.mutable_train_metrics()->set_total(100);
+  core_->Heartbeat(beat);
+  job = core_->GetRun("a-eval-2");
+  EXPECT_EQ(job.state(), v1::RUNNING);
+  EXPECT_EQ(job.total_steps(), 100);
+  const auto report = [&](int64_t step, double fid) {
+    v1::ReportEvalRequest eval;
+    eval.set_group_id("h");
+    eval.set_run_id("a-eval-2");
+    eval.mutable_eval()->set_step(step);
+    eval.mutable_eval()->set_fid(fid);
+    eval.mutable_eval()->set_num_samples(50);
+    core_->ReportEval(eval);
+  };
+  report(20, 7.5);
+  report(10, 9.0);  // not planned by this job, but any order must come out sorted
+  report(20, 7.25);
+  job = core_->GetRun("a-eval-2");
+  ASSERT_EQ(job.evaluation().results_size(), 2);
+  EXPECT_EQ(job.evaluation().results(0).step(), 10);
+  EXPECT_EQ(job.evaluation().results(1).step(), 20);
+  EXPECT_EQ(job.evaluation().results(1).fid(), 7.25);
+
+  // A lost group re-queues the job to go on from what it saved; the results stay, through a
+  // coordinator restart too.
+  clock_.Advance(11);
+  Heartbeat("g", 0, "a-1", 40);
+  Heartbeat("g", 1, "a-1", 40);
+  core_->Tick();
+  job = core_->GetRun("a-eval-2");
+  EXPECT_EQ(job.state(), v1::QUEUED);
+  EXPECT_NE(job.reason().find("will go on from the results and samples already saved"),
+            std::string::npos)
+      << job.reason();
+  Reopen();
+  job = core_->GetRun("a-eval-2");
+  EXPECT_EQ(job.kind(), v1::EVALUATION);
+  EXPECT_EQ(job.evaluation().results_size(), 2);
+  const std::string k = core_->Register(Group("k", 1)).session();
+  job = core_->GetRun("a-eval-2");
+  EXPECT_EQ(job.state(), v1::STARTING);
+  EXPECT_EQ(job.placement().attempt(), 2);
+  EXPECT_EQ(CommandOf("k", k).kind(), v1::GroupCommand::EVALUATE);
+  v1::ReportRunEndRequest end;
+  end.set_group_id("k");
+  end.set_run_id("a-eval-2");
+  end.set_outcome(v1::ReportRunEndRequest::COMPLETED);
+  core_->ReportRunEnd(end);
+  job = core_->GetRun("a-eval-2");
+  EXPECT_EQ(job.state(), v1::COMPLETED);
+  EXPECT_EQ(job.reason(), "evaluated every checkpoint it chose on group k");
+  // An evaluation job is not itself something to evaluate.
+  v1::StartEvalRequest of_job = Eval("all");
+  of_job.set_run("a-eval-2");
+  EXPECT_THROW(core_->StartEval(of_job), CoordinatorError);
+}
+
 // Runs sql on the registry file and returns the first column of its rows as text ("NULL").
 std::vector<std::string> Query(const fs::path& db, const std::string& sql) {
   sqlite3* handle = nullptr;

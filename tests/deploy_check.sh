@@ -166,7 +166,8 @@ for series in ["ddpm_train_loss", "ddpm_train_step", "ddpm_train_images_per_seco
                "ddpm_train_loss_by_timestep_quartile", "ddpm_allreduce_seconds",
                "ddpm_allreduce_overlap_ratio", "ddpm_checkpoint_stall_seconds",
                "ddpm_checkpoint_write_seconds", "ddpm_eval_fid", "ddpm_eval_inception_score",
-               "ddpm_eval_nll_bits_per_dim",
+               "ddpm_eval_nll_bits_per_dim", "ddpm_eval_checkpoint_fid",
+               "ddpm_eval_checkpoint_inception_score",
                "ddpm_run_state", "ddpm_runs", "ddpm_worker_up", "ddpm_worker_heartbeat_age_seconds",
                "ddpm_device_memory_bytes", "ddpm_grpc_requests_total"]:
     if not any(u == series or u.startswith(series + "_") and u[len(series) + 1:] in

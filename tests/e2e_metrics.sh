@@ -5,6 +5,8 @@
 #               needs, lints them with promtool, and checks that a stopped run's series go.
 #   prometheus: a real Prometheus scrapes them; every PromQL query of the Grafana dashboard
 #               (deploy/grafana/dashboards/ddpm.json) must parse and return data.
+# An evaluation job (ddpmctl eval) of its newest checkpoint runs on a second group, for the
+# per-checkpoint series and the FID-against-step panel.
 # The run evaluates FID and IS (random Inception weights in the standard layout, from
 # tests/reference/fid_ref.py) and the bound in bits/dim, so that the FID, IS and NLL series
 # come the real way: the group's ReportEval.
@@ -90,6 +92,21 @@ grep -qE "nll +[0-9.]+ \+- [0-9.]+ bits/dim at step [0-9]+ \(4 shapes held-out i
   "$work/get.txt" || fail "ddpmctl get shows no bound: $(cat "$work/get.txt")"
 group=$(field "$run" 'r["placement"]["group_id"]')
 
+# An evaluation job (ddpmctl eval) of the run's newest checkpoint on a second group, so that the
+# per-checkpoint FID and IS series, and the dashboard's FID-against-step panel, have data.
+training_group_pid=$group_pid
+start_group group2.log
+eval_group_pid=$group_pid
+group_pid=$training_group_pid
+ctl eval "$run" --num 10 --batch 5 --sampler ddim --steps 2 --watch > "$work/eval_watch.log" ||
+  fail "ddpmctl eval --watch: $(cat "$work/eval_watch.log")"
+job=metrics-eval-2
+grep -qE "^checkpoint step [0-9]+: FID [0-9.]+, IS [0-9.]+ \+- [0-9.]+ \(10 samples\)$" \
+  "$work/eval_watch.log" || fail "watch printed no result: $(cat "$work/eval_watch.log")"
+grep -q "^run $job COMPLETED: 1 checkpoint(s) evaluated; sweep.csv and sweep.png in " \
+  "$work/eval_watch.log" || fail "watch: $(cat "$work/eval_watch.log")"
+job_step=$(field "$job" 'r["evaluation"]["results"][0]["step"]')
+
 # check_series FILE: each line of stdin is NAME [LABEL=VALUE ...] [= NUMBER]; each must match a
 # sample of the scrape in FILE (a label value of * matches any).
 check_series() {
@@ -162,6 +179,7 @@ ddpm_eval_inception_score run=$run
 ddpm_eval_nll_bits_per_dim run=$run
 ddpm_run_state run=$run = 3
 ddpm_runs state=RUNNING = 1
+ddpm_runs state=COMPLETED = 1
 ddpm_runs state=FAILED = 0
 ddpm_worker_up group=$group rank=0 = 1
 ddpm_worker_up group=$group rank=1 = 1
@@ -171,6 +189,10 @@ ddpm_device_memory_bytes group=$group rank=1 device=cpu
 ddpm_grpc_requests_total method=WorkerGateway/Heartbeat code=OK
 ddpm_grpc_requests_total method=Control/StartRun code=OK = 1
 ddpm_grpc_requests_total method=WorkerGateway/ReportEval code=OK
+ddpm_grpc_requests_total method=Control/StartEval code=OK = 1
+ddpm_eval_checkpoint_fid run=$run job=$job step=$job_step
+ddpm_eval_checkpoint_inception_score run=$run job=$job step=$job_step
+ddpm_run_state run=$job = 6
 ddpm_grpc_request_duration_seconds_count method=WorkerGateway/Heartbeat
 EOF
   # Histogram buckets are cumulative and end with +Inf = _count.
@@ -212,7 +234,7 @@ ddpm_train_rollbacks_total run=$run = 0
 ddpm_checkpoint_failures_total run=$run = 0
 EOF
   if grep -E "^ddpm_(train|allreduce|step|checkpoint|eval)_[a-z_]*\{[^}]*run=\"$run\"" "$work/stopped.prom" |
-    grep -vE "^ddpm_(train_rollbacks|checkpoint_failures)_total\{"; then
+    grep -vE "^ddpm_(train_rollbacks|checkpoint_failures)_total\{|^ddpm_eval_checkpoint_"; then
     fail "the stopped run still has the series above"
   fi
   curl -fsS "${rank_urls[0]}" > "$work/rank0-stopped.prom"
@@ -268,8 +290,9 @@ PY
 fi
 
 say "clean shutdown"
-kill -TERM "$group_pid"
+kill -TERM "$group_pid" "$eval_group_pid"
 wait "$group_pid" || true
+wait "$eval_group_pid" || true
 kill -TERM "$coordinator_pid"
 wait "$coordinator_pid" || fail "the coordinator did not exit cleanly"
 say "PASS"

@@ -98,8 +98,24 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
   row("name", run.name());
   row("state", StateName(run.state()));
   row("reason", run.reason());
-  row("step", std::to_string(run.metrics().step()) + " / " + std::to_string(run.total_steps()));
-  if (run.metrics().at_unix_ms() != 0) {
+  const bool job = run.kind() == v1::EVALUATION;
+  if (job) {
+    row("evaluates", "checkpoints " + run.evaluation().checkpoints() + " of run " +
+                         run.evaluation().source_run() + " (" + run.evaluation().source_run_dir() +
+                         ")");
+    row("images", std::to_string(run.metrics().step()) + " / " +
+                      (run.total_steps() > 0 ? std::to_string(run.total_steps())
+                                             : std::string("? (chosen when it starts)")));
+    if (run.metrics().at_unix_ms() != 0) {
+      char text[128];
+      std::snprintf(text, sizeof(text), "%.2f images/s, eta %s", run.metrics().images_per_second(),
+                    FormatDuration(run.metrics().eta_seconds()).c_str());
+      row("metrics", text);
+    }
+  } else {
+    row("step", std::to_string(run.metrics().step()) + " / " + std::to_string(run.total_steps()));
+  }
+  if (!job && run.metrics().at_unix_ms() != 0) {
     char text[160];
     std::snprintf(text, sizeof(text), "loss %.4f, grad norm %.3f, lr %.2e, %.1f images/s, eta %s",
                   run.metrics().loss(), run.metrics().grad_norm(), run.metrics().lr(),
@@ -113,7 +129,12 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
             std::to_string(run.metrics().checkpoint_failures()) +
             " checkpoint(s) that failed to write; newest: " + run.metrics().last_incident());
   }
-  if (!run.placement().group_id().empty()) {
+  if (job && !run.placement().group_id().empty()) {
+    const v1::Placement& p = run.placement();
+    row("placement", "group " + p.group_id() + ": " + std::to_string(p.world_size()) + " ranks x " +
+                         std::to_string(p.per_rank_batch()) +
+                         " samples per forward pass (attempt " + std::to_string(p.attempt()) + ")");
+  } else if (!run.placement().group_id().empty()) {
     const v1::Placement& p = run.placement();
     std::string split = "group " + p.group_id() + ": " + std::to_string(p.world_size()) +
                         " ranks x " + std::to_string(p.grad_accum()) + " micro-batches x " +
@@ -161,6 +182,19 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
                   eval.nll_timesteps_total());
     row("nll", text);
   }
+  if (job && run.evaluation().results_size() > 0) {
+    std::fprintf(
+        out, "  results (FID and IS per checkpoint; sweep.csv and sweep.png in the run dir):\n");
+    std::fprintf(out, "    %10s %12s %20s %9s  %s\n", "STEP", "FID", "IS", "SAMPLES", "PROTOCOL");
+    for (const v1::EvalResult& r : run.evaluation().results()) {
+      char is[64];
+      std::snprintf(is, sizeof(is), "%.4f +- %.4f", r.inception_score(), r.inception_score_std());
+      std::fprintf(out, "    %10lld %12.4f %20s %9lld  %s %d steps, %s logits%s\n",
+                   static_cast<long long>(r.step()), r.fid(), is,
+                   static_cast<long long>(r.num_samples()), r.sampler().c_str(), r.sampling_steps(),
+                   r.is_logits().c_str(), r.regularized() ? ", covariances regularized" : "");
+    }
+  }
   row("created", Time(run.created_unix_ms()));
   if (run.transitions_size() > 0) std::fprintf(out, "  transitions:\n");
   for (const v1::Transition& t : run.transitions()) {
@@ -192,6 +226,38 @@ int CtlStart(const CtlOptions& options, const StartOptions& start, std::string* 
       std::fprintf(options.out, "%s\n", Json(response.run()).c_str());
     } else {
       std::fprintf(options.out, "started run %s (%s)\n", response.run().id().c_str(),
+                   StateName(response.run().state()).c_str());
+    }
+    return static_cast<int>(kCtlOk);
+  });
+}
+
+int CtlEval(const CtlOptions& options, const EvalOptions& eval, std::string* run_id) {
+  v1::StartEvalRequest request;
+  request.set_run(eval.run);
+  request.set_checkpoints(eval.checkpoints);
+  if (eval.num_samples) request.set_num_samples(*eval.num_samples);
+  request.set_sampler(eval.sampler);
+  if (eval.steps) request.set_steps(*eval.steps);
+  if (eval.seed) request.set_seed(*eval.seed);
+  if (eval.batch_size) request.set_batch_size(*eval.batch_size);
+  request.set_is_logits(eval.is_logits);
+  request.set_reference_stats(eval.reference_stats);
+  request.set_inception_weights(eval.inception_weights);
+  request.set_name(eval.name);
+  request.set_priority(eval.priority);
+  if (eval.max_restarts >= 0) request.set_max_restarts(eval.max_restarts);
+  return WithClient(options, [&](Client& client) {
+    v1::StartEvalResponse response;
+    const grpc::Status status = client.stub().StartEval(client.Context().get(), request, &response);
+    if (!status.ok()) return Report("StartEval", status);
+    if (run_id != nullptr) *run_id = response.run().id();
+    if (options.json) {
+      std::fprintf(options.out, "%s\n", Json(response.run()).c_str());
+    } else {
+      std::fprintf(options.out, "started evaluation job %s of run %s, checkpoints %s (%s)\n",
+                   response.run().id().c_str(), response.run().evaluation().source_run().c_str(),
+                   response.run().evaluation().checkpoints().c_str(),
                    StateName(response.run().state()).c_str());
     }
     return static_cast<int>(kCtlOk);
@@ -305,11 +371,25 @@ class WatchPrinter {
                    t.reason().c_str());
     }
     printed_transitions_ = std::max(printed_transitions_, run.transitions_size());
+    const bool job = run.kind() == v1::EVALUATION;
+    // An evaluation job's results, each once.
+    for (int i = printed_results_; i < run.evaluation().results_size(); ++i) {
+      const v1::EvalResult& r = run.evaluation().results(i);
+      ClearBar();
+      std::fprintf(options_.out, "checkpoint step %lld: FID %.4f, IS %.4f +- %.4f (%lld samples)\n",
+                   static_cast<long long>(r.step()), r.fid(), r.inception_score(),
+                   r.inception_score_std(), static_cast<long long>(r.num_samples()));
+    }
+    printed_results_ = std::max(printed_results_, run.evaluation().results_size());
     if (event.metrics() && run.metrics().step() > last_step_) {
       last_step_ = run.metrics().step();
       const v1::TrainMetrics& m = run.metrics();
       if (options_.terminal) {
         DrawBar(run);
+      } else if (job) {
+        std::fprintf(options_.out, "images %lld/%lld images/s %.2f eta %s\n",
+                     static_cast<long long>(m.step()), static_cast<long long>(run.total_steps()),
+                     m.images_per_second(), FormatDuration(m.eta_seconds()).c_str());
       } else {
         std::fprintf(options_.out, "step %lld/%lld loss %.4f images/s %.1f eta %s\n",
                      static_cast<long long>(m.step()), static_cast<long long>(run.total_steps()),
@@ -322,6 +402,14 @@ class WatchPrinter {
   void Finish(const v1::Run& run) {
     if (options_.json) return;
     ClearBar();
+    if (run.kind() == v1::EVALUATION) {
+      std::fprintf(options_.out,
+                   "run %s %s: %d checkpoint(s) evaluated; sweep.csv and sweep.png in %s\n",
+                   run.id().c_str(), StateName(run.state()).c_str(),
+                   run.evaluation().results_size(), run.run_dir().c_str());
+      std::fflush(options_.out);
+      return;
+    }
     std::fprintf(options_.out, "run %s %s at step %lld/%lld\n", run.id().c_str(),
                  StateName(run.state()).c_str(), static_cast<long long>(run.metrics().step()),
                  static_cast<long long>(run.total_steps()));
@@ -351,11 +439,18 @@ class WatchPrinter {
     const int filled = static_cast<int>(done * width);
     std::string bar(filled, '#');
     bar += std::string(width - filled, '.');
-    std::fprintf(options_.out,
-                 "\r\033[K[%s] %3.0f%% step %lld/%lld | loss %.4f | %.1f img/s | eta %s",
-                 bar.c_str(), 100 * done, static_cast<long long>(m.step()),
-                 static_cast<long long>(run.total_steps()), m.loss(), m.images_per_second(),
-                 FormatDuration(m.eta_seconds()).c_str());
+    if (run.kind() == v1::EVALUATION) {
+      std::fprintf(options_.out, "\r\033[K[%s] %3.0f%% images %lld/%lld | %.2f img/s | eta %s",
+                   bar.c_str(), 100 * done, static_cast<long long>(m.step()),
+                   static_cast<long long>(run.total_steps()), m.images_per_second(),
+                   FormatDuration(m.eta_seconds()).c_str());
+    } else {
+      std::fprintf(options_.out,
+                   "\r\033[K[%s] %3.0f%% step %lld/%lld | loss %.4f | %.1f img/s | eta %s",
+                   bar.c_str(), 100 * done, static_cast<long long>(m.step()),
+                   static_cast<long long>(run.total_steps()), m.loss(), m.images_per_second(),
+                   FormatDuration(m.eta_seconds()).c_str());
+    }
     bar_shown_ = true;
   }
   void ClearBar() {
@@ -366,6 +461,7 @@ class WatchPrinter {
 
   const CtlOptions& options_;
   int printed_transitions_ = 0;
+  int printed_results_ = 0;
   int64_t last_step_ = 0;
   bool bar_shown_ = false;
 };

@@ -1,7 +1,9 @@
-// ddpmctl's commands over the Control service: start, stop, list, get, watch, delete.
+// ddpmctl's commands over the Control service: start, eval, stop, list, get, watch, delete.
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
+#include <optional>
 #include <string>
 
 #include "proto/rpc.h"
@@ -46,9 +48,30 @@ struct StartOptions {
   int max_restarts = -1;
 };
 
+/// An evaluation job (ddpmctl eval): unset optionals keep the training run's eval.* settings.
+struct EvalOptions {
+  std::string run;
+  /// latest, all, every:K or a step.
+  std::string checkpoints = "latest";
+  std::optional<int64_t> num_samples;
+  std::string sampler;
+  std::optional<int> steps;
+  std::optional<uint64_t> seed;
+  std::optional<int> batch_size;
+  std::string is_logits;
+  std::string reference_stats;
+  std::string inception_weights;
+  std::string name;
+  int priority = 0;
+  /// Negative: the coordinator's default.
+  int max_restarts = -1;
+};
+
 /// Each returns a CtlExit code and prints results (or one error line on stderr).
 /// Queues a run; its id goes to *run_id when given.
 int CtlStart(const CtlOptions& options, const StartOptions& start, std::string* run_id = nullptr);
+/// Queues an evaluation job; its id goes to *run_id when given.
+int CtlEval(const CtlOptions& options, const EvalOptions& eval, std::string* run_id = nullptr);
 int CtlStop(const CtlOptions& options, const std::string& run, bool immediate);
 int CtlList(const CtlOptions& options, const std::string& state);
 int CtlGet(const CtlOptions& options, const std::string& run);

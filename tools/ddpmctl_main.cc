@@ -1,12 +1,14 @@
-// ddpmctl: starts, stops, lists, shows, watches and deletes runs on a ddpm_coordinator. Thin
-// main: the command and its flags to the library's Ctl* calls.
+// ddpmctl: starts runs and evaluation jobs, stops, lists, shows, watches and deletes runs on a
+// ddpm_coordinator. Thin main: the command and its flags to the library's Ctl* calls.
 #include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
+#include "config/eval_protocol.h"
 #include "config/flags.h"
 #include "tools/ctl.h"
 
@@ -14,8 +16,9 @@ namespace {
 
 constexpr char kSummary[] =
     "Controls DDPM training runs on a ddpm_coordinator.\n"
-    "Commands: start CONFIG, stop RUN, list, get RUN, watch RUN, delete RUN; flags may come\n"
-    "before or after the command (ddpmctl COMMAND --help for its own).\n"
+    "Commands: start CONFIG, eval RUN, stop RUN, list, get RUN, watch RUN, delete RUN; flags\n"
+    "may come"
+    " before or after the command (ddpmctl COMMAND --help for its own).\n"
     "The control token comes from --token-file or $DDPM_CONTROL_TOKEN.\n"
     "Exit codes: 0 ok, 1 refused or run failed, 2 bad command line, 66 unreadable file,\n"
     "69 coordinator unreachable, 77 token refused.";
@@ -46,6 +49,27 @@ bool AddCommandFlags(const std::string& command, ddpm::Flags& flags) {
     flags.AddPositional("CONFIG", "the run's YAML config file");
     flags.Add("name", "a name; the run id is NAME-N", "");
     flags.Add("priority", "higher runs are scheduled first", "0");
+    flags.Add("max-restarts", "restarts after lost groups (default: the coordinator's)", "");
+    flags.AddSwitch("watch", "then watch it to its end");
+  } else if (command == "eval") {
+    flags.AddPositional("RUN", "the training run: id or unique name");
+    flags.Add("checkpoint", "latest, all, every:K (steps that are multiples of K) or a step",
+              "latest");
+    flags.Add("protocol",
+              "an evaluation protocol file (configs/eval/paper.yaml, quick.yaml); flags given "
+              "override it",
+              "");
+    flags.Add("num",
+              "samples per checkpoint (the paper: 50000; default: the run's eval.num_samples)", "");
+    flags.Add("sampler", "ddpm, ddim or heun (default: the run's eval.sampler)", "");
+    flags.Add("steps", "sampler steps (default: the run's eval.steps; 0: the sampler's own)", "");
+    flags.Add("seed", "sample i draws from (seed, i) (default: the run's eval.seed)", "");
+    flags.Add("batch", "samples per forward pass on each rank (default: the run's)", "");
+    flags.Add("is-logits", "unbiased (the original TF code's) or biased (default: the run's)", "");
+    flags.Add("ref", "reference statistics .npz every group can read (default: the run's)", "");
+    flags.Add("inception", "FID Inception weights every group can read (default: the run's)", "");
+    flags.Add("name", "a name; the job id is NAME-N (default: the run's name + '-eval')", "");
+    flags.Add("priority", "higher jobs and runs are scheduled first", "0");
     flags.Add("max-restarts", "restarts after lost groups (default: the coordinator's)", "");
     flags.AddSwitch("watch", "then watch it to its end");
   } else if (command == "stop") {
@@ -94,6 +118,69 @@ int RunCommand(const std::string& command, const ddpm::Flags& flags) {
     if (code != ddpm::kCtlOk || !flags.GetSwitch("watch")) return code;
     return ddpm::CtlWatch(options, id);
   }
+  if (command == "eval") {
+    ddpm::EvalOptions eval;
+    eval.run = flags.Get("RUN");
+    eval.checkpoints = flags.Get("checkpoint");
+    // A flag given, else the protocol file's value, else the training run's eval.* setting.
+    std::map<std::string, std::string> values;
+    if (flags.Given("protocol")) {
+      for (const auto& [key, value] : ddpm::LoadEvalProtocol(flags.Get("protocol"))) {
+        values[key.substr(5)] = value;  // without "eval."
+      }
+    }
+    const std::pair<const char*, const char*> settings[] = {
+        {"num", "num_samples"}, {"batch", "batch_size"}, {"is-logits", "is_logits"},
+        {"sampler", "sampler"}, {"steps", "steps"},      {"seed", "seed"}};
+    for (const auto& [flag, key] : settings) {
+      if (flags.Given(flag)) values[key] = flags.Get(flag);
+    }
+    const auto integer = [&](const char* key, const char* flag) {
+      try {
+        size_t used = 0;
+        const long long value = std::stoll(values.at(key), &used);
+        if (used != values.at(key).size()) throw std::invalid_argument(key);
+        return value;
+      } catch (const std::exception&) {
+        throw ddpm::FlagError(std::string("ddpmctl eval: --") + flag + " '" + values.at(key) +
+                              "' is not an integer");
+      }
+    };
+    if (values.count("num_samples") != 0) {
+      eval.num_samples = integer("num_samples", "num");
+      if (*eval.num_samples < 10) {
+        throw ddpm::FlagError(
+            "ddpmctl eval: --num must be >= 10 (the Inception Score's 10 "
+            "splits), got " +
+            values["num_samples"]);
+      }
+    }
+    if (values.count("batch_size") != 0) {
+      eval.batch_size = static_cast<int>(integer("batch_size", "batch"));
+      if (*eval.batch_size < 1) {
+        throw ddpm::FlagError("ddpmctl eval: --batch must be >= 1, got " + values["batch_size"]);
+      }
+    }
+    if (values.count("steps") != 0) eval.steps = static_cast<int>(integer("steps", "steps"));
+    if (values.count("seed") != 0) eval.seed = static_cast<uint64_t>(integer("seed", "seed"));
+    eval.sampler = values["sampler"];
+    eval.is_logits = values["is_logits"];
+    eval.reference_stats = flags.Get("ref");
+    eval.inception_weights = flags.Get("inception");
+    eval.name = flags.Get("name");
+    eval.priority = static_cast<int>(flags.GetInt("priority"));
+    if (flags.Given("max-restarts")) {
+      eval.max_restarts = static_cast<int>(flags.GetInt("max-restarts"));
+      if (eval.max_restarts < 0) {
+        throw ddpm::FlagError("ddpmctl eval: --max-restarts must be >= 0, got " +
+                              flags.Get("max-restarts"));
+      }
+    }
+    std::string id;
+    const int code = ddpm::CtlEval(options, eval, &id);
+    if (code != ddpm::kCtlOk || !flags.GetSwitch("watch")) return code;
+    return ddpm::CtlWatch(options, id);
+  }
   if (command == "stop") return ddpm::CtlStop(options, flags.Get("RUN"), flags.GetSwitch("now"));
   if (command == "list") return ddpm::CtlList(options, flags.Get("state"));
   if (command == "get") return ddpm::CtlGet(options, flags.Get("RUN"));
@@ -112,7 +199,7 @@ int main(int argc, char** argv) {
   AddGlobalFlags(flags);
   if (!command.empty() && !AddCommandFlags(command, flags)) {
     std::fprintf(stderr,
-                 "ddpmctl: unknown command '%s' (commands: start, stop, list, get, "
+                 "ddpmctl: unknown command '%s' (commands: start, eval, stop, list, get, "
                  "watch, delete)\n",
                  command.c_str());
     return ddpm::kCtlUsage;
@@ -125,7 +212,7 @@ int main(int argc, char** argv) {
   return ddpm::RunMain(flags, static_cast<int>(args.size()), args.data(), [&] {
     if (command.empty()) {
       throw ddpm::FlagError(
-          "ddpmctl: give a command: start, stop, list, get, watch or delete (see --help)");
+          "ddpmctl: give a command: start, eval, stop, list, get, watch or delete (see --help)");
     }
     return RunCommand(command, flags);
   });

@@ -4,6 +4,7 @@
 //   ddpm_fid stats --data cifar10:PATH|folder:PATH --out FILE.npz --inception WEIGHTS
 //   ddpm_fid score --samples folder:PATH|npz:PATH --ref FILE.npz --inception WEIGHTS
 //   ddpm_fid checkpoint --checkpoint RUN --ref FILE.npz --inception WEIGHTS [--num 50000]
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "base/text.h"
+#include "config/eval_protocol.h"
 #include "config/flags.h"
 #include "eval/evaluation.h"
 #include "eval/inception.h"
@@ -40,6 +42,10 @@ int Checkpoint(int argc, char** argv) {
   flags.Add("batch", "samples per forward pass on each rank", "100");
   flags.Add("is-logits", "unbiased (the original TF code's) or biased", "unbiased");
   flags.Add("also-save", "a directory to keep the samples in as PNGs (000000.png onwards)", "");
+  flags.Add("protocol",
+            "an evaluation protocol file (configs/eval/paper.yaml, quick.yaml); flags given "
+            "override it",
+            "");
   return ddpm::RunMain(flags, argc, argv, [&] {
     ddpm::ToolWorld world(&argc, &argv);
     return world.Run("ddpm_fid checkpoint", [&] {
@@ -48,17 +54,28 @@ int Checkpoint(int argc, char** argv) {
         inception = std::getenv("DDPM_INCEPTION_WEIGHTS");
       }
       if (flags.Get("ref").empty()) throw ddpm::FlagError("ddpm_fid checkpoint: --ref is required");
-      // Every setting goes through the config loader, checked as a config file is.
+      // Every setting goes through the config loader, checked as a config file is: a flag
+      // given, else the protocol file's value, else the flag's default.
       std::vector<std::pair<std::string, std::string>> overrides = {
-          {"eval.num_samples", flags.Get("num")},
-          {"eval.batch_size", flags.Get("batch")},
-          {"eval.is_logits", flags.Get("is-logits")},
-          {"eval.inception_weights", inception},
-          {"eval.reference_stats", flags.Get("ref")}};
-      const std::pair<const char*, const char*> optional[] = {
-          {"sampler", "eval.sampler"}, {"steps", "eval.steps"}, {"seed", "eval.seed"}};
-      for (const auto& [flag, key] : optional) {
-        if (flags.Given(flag)) overrides.emplace_back(key, flags.Get(flag));
+          {"eval.inception_weights", inception}, {"eval.reference_stats", flags.Get("ref")}};
+      const std::vector<std::pair<std::string, std::string>> protocol =
+          flags.Given("protocol") ? ddpm::LoadEvalProtocol(flags.Get("protocol"))
+                                  : std::vector<std::pair<std::string, std::string>>{};
+      const std::pair<const char*, const char*> settings[] = {
+          {"num", "eval.num_samples"},     {"batch", "eval.batch_size"},
+          {"is-logits", "eval.is_logits"}, {"sampler", "eval.sampler"},
+          {"steps", "eval.steps"},         {"seed", "eval.seed"}};
+      for (const auto& [flag, key] : settings) {
+        const auto in_protocol = std::find_if(
+            protocol.begin(), protocol.end(),
+            [key = std::string(key)](const auto& entry) { return entry.first == key; });
+        if (flags.Given(flag)) {
+          overrides.emplace_back(key, flags.Get(flag));
+        } else if (in_protocol != protocol.end()) {
+          overrides.push_back(*in_protocol);
+        } else if (!flags.Get(flag).empty()) {
+          overrides.emplace_back(key, flags.Get(flag));  // the flag's default
+        }
       }
       ddpm::TrainedModel trained = ddpm::LoadTrainedModel(flags, overrides, "ddpm_fid checkpoint");
       world.Place(trained);
@@ -87,21 +104,23 @@ int Checkpoint(int argc, char** argv) {
             last = std::chrono::steady_clock::now();
             const double elapsed = ddpm::SecondsSince(start);
             const double rate = done * comm.world_size() / std::max(elapsed, 1e-9);
-            std::printf("ddpm_fid checkpoint: rank 0 has %lld/%lld of its samples; about %.2f "
-                        "samples/s over the ranks, elapsed %s, eta %s\n",
-                        static_cast<long long>(done), static_cast<long long>(share), rate,
-                        ddpm::FormatDuration(elapsed).c_str(),
-                        ddpm::FormatDuration((share - done) * comm.world_size() /
-                                             std::max(rate, 1e-9))
-                            .c_str());
+            std::printf(
+                "ddpm_fid checkpoint: rank 0 has %lld/%lld of its samples; about %.2f "
+                "samples/s over the ranks, elapsed %s, eta %s\n",
+                static_cast<long long>(done), static_cast<long long>(share), rate,
+                ddpm::FormatDuration(elapsed).c_str(),
+                ddpm::FormatDuration((share - done) * comm.world_size() / std::max(rate, 1e-9))
+                    .c_str());
             std::fflush(stdout);
           },
-          keep_dir.empty() ? std::function<void(const torch::Tensor&, int64_t)>{}
-                           : [&keep_dir](const torch::Tensor& images, int64_t first) {
-                               std::vector<int64_t> indices(images.size(0));
-                               for (int64_t k = 0; k < images.size(0); ++k) indices[k] = first + k;
-                               ddpm::WriteSampleFiles(images, keep_dir, indices);
-                             });
+          {keep_dir.empty() ? std::function<void(const torch::Tensor&, int64_t)>{}
+                            : [&keep_dir](const torch::Tensor& images, int64_t first) {
+                                std::vector<int64_t> indices(images.size(0));
+                                for (int64_t k = 0; k < images.size(0); ++k) {
+                                  indices[k] = first + k;
+                                }
+                                ddpm::WriteSampleFiles(images, keep_dir, indices);
+                              }});
       if (!world.lead()) return 0;
       std::printf(
           "FID %.4f\nIS %.4f +- %.4f (10 splits, %s logits)\nsamples %lld: %s, %s %d steps, "
@@ -124,14 +143,16 @@ int main(int argc, char** argv) {
   const std::string command = argc > 1 ? argv[1] : "";
   if (command == "checkpoint") return Checkpoint(argc - 1, argv + 1);
   if (command != "stats" && command != "score") {
-    std::fprintf(stderr,
-                 "usage: ddpm_fid stats --data cifar10:PATH|folder:PATH --out FILE.npz "
-                 "--inception WEIGHTS\n"
-                 "       ddpm_fid score --samples folder:PATH|npz:PATH --ref FILE.npz "
-                 "--inception WEIGHTS\n"
-                 "       ddpm_fid checkpoint --checkpoint RUN --ref FILE.npz --inception "
-                 "WEIGHTS [--num 50000] [--sampler ddpm|ddim|heun] [--also-save DIR]\n"
-                 "(--help after the command for every flag)\n");
+    std::fprintf(
+        stderr,
+        "usage: ddpm_fid stats --data cifar10:PATH|folder:PATH --out FILE.npz "
+        "--inception WEIGHTS\n"
+        "       ddpm_fid score --samples folder:PATH|npz:PATH --ref FILE.npz "
+        "--inception WEIGHTS\n"
+        "       ddpm_fid checkpoint --checkpoint RUN --ref FILE.npz --inception "
+        "WEIGHTS [--protocol configs/eval/paper.yaml] [--num 50000] [--sampler ddpm|ddim|heun] "
+        "[--also-save DIR]\n"
+        "(--help after the command for every flag)\n");
     return 2;
   }
   const bool stats = command == "stats";

@@ -56,22 +56,29 @@ void WritePng(const std::string& path, const Image& image) {
                              image.pixels.data(), image.width * image.channels) == 0) {
     throw std::runtime_error(path + ": cannot encode PNG");
   }
+  // Not fsynced: a killed process loses no renamed file, and sample jobs write thousands.
+  WriteFileAtomically(path, png, /*sync=*/false);
+}
+
+void WriteFileAtomically(const std::string& path, const std::string& bytes, bool sync) {
   const std::string tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0)
     throw std::runtime_error(path + ": cannot create " + tmp + ": " + std::strerror(errno));
   std::size_t written = 0;
-  while (written < png.size()) {
-    const ssize_t got = ::write(fd, png.data() + written, png.size() - written);
+  errno = 0;
+  while (written < bytes.size()) {
+    const ssize_t got = ::write(fd, bytes.data() + written, bytes.size() - written);
     if (got < 0 && errno == EINTR) continue;
     if (got <= 0) break;
     written += static_cast<std::size_t>(got);
   }
-  const int error = written == png.size() ? 0 : (errno != 0 ? errno : EIO);
+  int error = written == bytes.size() ? 0 : (errno != 0 ? errno : EIO);
+  if (error == 0 && sync && ::fsync(fd) != 0) error = errno;
   ::close(fd);
   if (error != 0) {
     std::remove(tmp.c_str());
-    throw std::runtime_error(path + ": cannot write PNG: " + std::strerror(error));
+    throw std::runtime_error(path + ": cannot write: " + std::strerror(error));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     std::remove(tmp.c_str());

@@ -1,4 +1,4 @@
-// Image files: sample grids as PNG. Torch-free.
+// Image files: sample grids as PNG, and files written whole or not at all. Torch-free.
 #pragma once
 
 #include <cstdint>
@@ -22,6 +22,9 @@ Image TileGrid(const uint8_t* nchw, int count, int channels, int size, int colum
                uint8_t border = 255, int scale = 1);
 /// Writes image as a PNG, atomically: a temporary file is renamed into place.
 void WritePng(const std::string& path, const Image& image);
+/// Writes bytes as path whole or not at all: to path.tmp, fsynced when sync, renamed into
+/// place. Throws naming path and the error (a full disk) and leaves no temporary behind.
+void WriteFileAtomically(const std::string& path, const std::string& bytes, bool sync = true);
 /// Reads a PNG (or JPEG) as it is stored: its own size and channels, HWC. Throws naming the file.
 Image ReadImageFile(const std::string& path);
 /// Creates path and its missing parents; throws with the path if that fails.

@@ -262,6 +262,7 @@ void Heartbeater::PushTrainMetrics(const LogMetrics& m) {
   std::lock_guard<std::mutex> lock(mutex_);
   v1::TrainMetrics& t = *pending_.mutable_train_metrics();
   t.set_step(m.step);
+  t.set_total(m.total_steps);
   t.set_loss(m.loss);
   t.set_grad_norm(m.grad_norm);
   t.set_lr(m.lr);

@@ -11,6 +11,7 @@
 #include "base/fence.h"
 #include "base/signals.h"
 #include "config/flags.h"
+#include "run/evaluation_job.h"
 #include "trainer/communicator.h"
 #include "worker/gateway_client.h"
 #include "worker/worker.h"
@@ -83,14 +84,17 @@ void Say(const std::string& text) {
   std::fflush(stdout);
 }
 
+// A command to train or evaluate a run (the others stop or idle).
+bool IsWork(const v1::GroupCommand& command) {
+  return command.kind() == v1::GroupCommand::TRAIN || command.kind() == v1::GroupCommand::EVALUATE;
+}
+
 // What the coordinator's newest command means for the run this group trains.
 StopRequest StopFor(const v1::GroupCommand& latest, const v1::GroupCommand& assigned) {
   if (latest.run_id() == assigned.run_id()) {
     if (latest.kind() == v1::GroupCommand::STOP) return StopRequest::kStop;
     if (latest.kind() == v1::GroupCommand::STOP_NOW) return StopRequest::kAbandon;
-    if (latest.kind() == v1::GroupCommand::TRAIN && Key(latest) == Key(assigned)) {
-      return StopRequest::kNone;
-    }
+    if (IsWork(latest) && Key(latest) == Key(assigned)) return StopRequest::kNone;
   }
   // The run was taken away (declared lost and placed again, or ended): stop without writing.
   return StopRequest::kAbandon;
@@ -105,6 +109,161 @@ struct Member {
   std::string group_id;
   Heartbeater* heartbeats = nullptr;
   CommandChannel* channel = nullptr;  // rank 0 only
+
+  // Rank 0: sends one evaluation's results to the coordinator.
+  void ReportEvalResult(const std::string& run_id, int attempt, const EvalReport& report) {
+    v1::ReportEvalRequest request;
+    request.set_group_id(group_id);
+    request.set_run_id(run_id);
+    request.set_attempt(attempt);
+    v1::EvalResult& eval = *request.mutable_eval();
+    eval.set_step(report.step);
+    eval.set_seconds(report.seconds);
+    if (report.has_fid()) {
+      eval.set_fid(report.fid);
+      eval.set_inception_score(report.inception_score);
+      eval.set_inception_score_std(report.inception_score_std);
+      eval.set_is_logits(report.is_logits);
+      eval.set_num_samples(report.num_samples);
+      eval.set_sampler(report.sampler);
+      eval.set_sampling_steps(report.sampling_steps);
+      eval.set_inception_sha256(report.inception_sha256);
+      eval.set_reference_sha256(report.reference_sha256);
+      eval.set_regularized(report.regularized);
+    }
+    if (report.has_nll) {
+      eval.set_nll_bits_per_dim(report.nll_bits_per_dim);
+      eval.set_nll_std_error(report.nll_std_error);
+      eval.set_nll_images(report.nll_images);
+      eval.set_nll_data(report.nll_data);
+      eval.set_nll_timesteps(report.nll_timesteps);
+      eval.set_nll_timesteps_total(report.nll_timesteps_total);
+    }
+    const grpc::Status status =
+        ReportWithRetry([&] { return client.ReportEval(request); }, std::chrono::seconds(30));
+    if (!status.ok()) Say(DescribeStatus("ReportEval", status));
+  }
+
+  // Runs one evaluation job; returns true when a signal asked the whole group to shut down.
+  bool Evaluate(const v1::GroupCommand& command) {
+    const int rank = comm.rank();
+    const std::string& run_id = command.run_id();
+    const int attempt = command.placement().attempt();
+    const v1::EvalJob& evaluation = command.evaluation();
+    if (rank == 0) {
+      Say("evaluating checkpoints " + evaluation.checkpoints() + " of run " +
+          evaluation.source_run() + " as job " + run_id + " in " + command.run_dir() +
+          " (attempt " + std::to_string(attempt) + ")");
+    }
+    recorder.SetRun(run_id);
+    heartbeats->SetRun(run_id, attempt);
+    bool taken_away = false;
+    EvaluationJobOptions job;
+    job.job_dir = command.run_dir();
+    job.source_run = evaluation.source_run();
+    job.source_run_dir = evaluation.source_run_dir();
+    job.checkpoints = evaluation.checkpoints();
+    job.attempt = attempt;
+    job.progress = options.progress;
+    const auto start = std::chrono::steady_clock::now();
+    auto last_push = start - std::chrono::hours(1);
+    if (rank == 0) {
+      channel->SetCurrentRun(run_id, 0);
+      job.poll_stop = [this, &command, &taken_away] {
+        if (g_shutdown) return true;
+        const v1::GroupCommand latest = channel->Latest();
+        const StopRequest request = StopFor(latest, command);
+        taken_away =
+            request == StopRequest::kAbandon &&
+            !(latest.kind() == v1::GroupCommand::STOP_NOW && latest.run_id() == command.run_id());
+        return request != StopRequest::kNone;
+      };
+      job.on_progress = [this, &run_id, start, &last_push](int64_t done, int64_t total,
+                                                           double rate) {
+        recorder.RecordProgress(done);
+        channel->SetCurrentRun(run_id, done);
+        const auto now = std::chrono::steady_clock::now();
+        if (now - last_push < std::chrono::seconds(2) && done < total) return;
+        last_push = now;
+        LogMetrics metrics;
+        metrics.step = done;
+        metrics.total_steps = total;
+        metrics.images_per_second = rate;
+        metrics.elapsed_seconds = std::chrono::duration<double>(now - start).count();
+        metrics.eta_seconds = rate > 0 ? (total - done) / rate : 0;
+        heartbeats->PushTrainMetrics(metrics);
+      };
+      job.on_result = [this, &run_id, attempt](const EvalReport& report) {
+        ReportEvalResult(run_id, attempt, report);
+      };
+    }
+    EvaluationJobResult result;
+    try {
+      const Config config =
+          LoadConfigString(command.config_yaml(), "evaluation job " + run_id + "'s config");
+      result = RunEvaluationJob(config, job, context_for(config));
+    } catch (const FencedError& error) {
+      heartbeats->SetRun("");
+      recorder.SetRun("");
+      if (rank == 0) {
+        channel->SetCurrentRun("", 0);
+        Say("evaluation job " + run_id + " (attempt " + std::to_string(attempt) +
+            "): " + error.what());
+      }
+      return false;
+    } catch (const std::exception& error) {
+      ReportFailure(run_id, attempt, error);
+      throw;
+    }
+    heartbeats->SetRun("");
+    recorder.SetRun("");
+    if (rank != 0) return false;
+    if (taken_away) {
+      channel->SetCurrentRun("", 0);
+      Say("evaluation job " + run_id + " (attempt " + std::to_string(attempt) +
+          ") was taken away by the coordinator");
+      return false;
+    }
+    v1::ReportRunEndRequest end;
+    end.set_group_id(group_id);
+    end.set_run_id(run_id);
+    end.set_attempt(attempt);
+    if (result.stopped && g_shutdown) {
+      end.set_outcome(v1::ReportRunEndRequest::INTERRUPTED);
+      end.set_message(g_shutdown_signal == SIGINT ? "SIGINT" : "SIGTERM");
+    } else if (result.stopped) {
+      end.set_outcome(v1::ReportRunEndRequest::STOPPED);
+    } else {
+      end.set_outcome(v1::ReportRunEndRequest::COMPLETED);
+    }
+    const grpc::Status status =
+        ReportWithRetry([&] { return client.ReportRunEnd(end); }, std::chrono::seconds(60));
+    channel->SetCurrentRun("", 0);
+    if (!status.ok() && status.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
+      Say(DescribeStatus("ReportRunEnd", status));
+    }
+    Say("evaluation job " + run_id + " ended with " + std::to_string(result.reports.size()) +
+        " of " + std::to_string(result.planned.size()) +
+        " checkpoints evaluated; waiting for the next");
+    return g_shutdown;
+  }
+
+  // Reports an error from the rank that saw it, and that the group leaves; the caller then ends
+  // the whole job.
+  void ReportFailure(const std::string& run_id, int attempt, const std::exception& error) {
+    const std::string message = "rank " + std::to_string(comm.rank()) + ": " + UserMessage(error);
+    v1::ReportRunEndRequest end;
+    end.set_group_id(group_id);
+    end.set_run_id(run_id);
+    end.set_attempt(attempt);
+    end.set_outcome(v1::ReportRunEndRequest::FAILED);
+    end.set_message(message);
+    client.ReportRunEnd(end);
+    v1::LeaveRequest leave;
+    leave.set_group_id(group_id);
+    leave.set_reason("the group exits after an error on " + message);
+    client.Leave(leave);
+  }
 
   // Trains one assigned run; returns true when a signal asked the whole group to shut down.
   bool Train(const v1::GroupCommand& command) {
@@ -141,36 +300,7 @@ struct Member {
       train.on_log = [this](const LogMetrics& metrics) { heartbeats->PushTrainMetrics(metrics); };
       train.on_sample_grid = [this](const std::string& path) { heartbeats->SetSampleGrid(path); };
       train.on_eval = [this, &run_id, attempt](const EvalReport& report) {
-        v1::ReportEvalRequest request;
-        request.set_group_id(group_id);
-        request.set_run_id(run_id);
-        request.set_attempt(attempt);
-        v1::EvalResult& eval = *request.mutable_eval();
-        eval.set_step(report.step);
-        eval.set_seconds(report.seconds);
-        if (report.has_fid()) {
-          eval.set_fid(report.fid);
-          eval.set_inception_score(report.inception_score);
-          eval.set_inception_score_std(report.inception_score_std);
-          eval.set_is_logits(report.is_logits);
-          eval.set_num_samples(report.num_samples);
-          eval.set_sampler(report.sampler);
-          eval.set_sampling_steps(report.sampling_steps);
-          eval.set_inception_sha256(report.inception_sha256);
-          eval.set_reference_sha256(report.reference_sha256);
-          eval.set_regularized(report.regularized);
-        }
-        if (report.has_nll) {
-          eval.set_nll_bits_per_dim(report.nll_bits_per_dim);
-          eval.set_nll_std_error(report.nll_std_error);
-          eval.set_nll_images(report.nll_images);
-          eval.set_nll_data(report.nll_data);
-          eval.set_nll_timesteps(report.nll_timesteps);
-          eval.set_nll_timesteps_total(report.nll_timesteps_total);
-        }
-        const grpc::Status status =
-            ReportWithRetry([&] { return client.ReportEval(request); }, std::chrono::seconds(30));
-        if (!status.ok()) Say(DescribeStatus("ReportEval", status));
+        ReportEvalResult(run_id, attempt, report);
       };
       train.on_checkpoint = [this, &run_id, attempt](const CommittedCheckpoint& checkpoint) {
         recorder.RecordCheckpoint(checkpoint);
@@ -206,19 +336,7 @@ struct Member {
       }
       return false;
     } catch (const std::exception& error) {
-      // Report it from the rank that saw it; the caller then ends the whole job.
-      const std::string message = "rank " + std::to_string(rank) + ": " + UserMessage(error);
-      v1::ReportRunEndRequest end;
-      end.set_group_id(group_id);
-      end.set_run_id(run_id);
-      end.set_attempt(attempt);
-      end.set_outcome(v1::ReportRunEndRequest::FAILED);
-      end.set_message(message);
-      client.ReportRunEnd(end);
-      v1::LeaveRequest leave;
-      leave.set_group_id(group_id);
-      leave.set_reason("the group exits after an error on " + message);
-      client.Leave(leave);
+      ReportFailure(run_id, attempt, error);
       throw;
     }
     heartbeats->SetRun("");
@@ -336,7 +454,7 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
         }
         int64_t version = 0;
         const v1::GroupCommand latest = channel->Latest(&version);
-        if (latest.kind() == v1::GroupCommand::TRAIN && Key(latest) != last_started) {
+        if (IsWork(latest) && Key(latest) != last_started) {
           next = latest;
         } else {
           channel->WaitForChange(version, std::chrono::milliseconds(200));
@@ -354,7 +472,9 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
       if (!command.ParseFromString(payload)) throw std::runtime_error("a garbled run assignment");
     }
     last_started = Key(command);
-    if (member.Train(command) && rank == 0) {
+    const bool shutdown = command.kind() == v1::GroupCommand::EVALUATE ? member.Evaluate(command)
+                                                                       : member.Train(command);
+    if (shutdown && rank == 0) {
       g_shutdown_signal = SIGTERM;
       g_shutdown = true;
     }

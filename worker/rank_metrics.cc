@@ -53,6 +53,12 @@ void RankRecorder::RecordStep(const WorkerMetrics& m) {
   Observe(*metrics_.mutable_allreduce_seconds_histogram(), m.allreduce_seconds);
 }
 
+void RankRecorder::RecordProgress(int64_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  has_step_ = true;
+  metrics_.set_step(count);
+}
+
 void RankRecorder::RecordCheckpoint(const CommittedCheckpoint& checkpoint) {
   std::lock_guard<std::mutex> lock(mutex_);
   Observe(*metrics_.mutable_checkpoint_stall_seconds_histogram(), checkpoint.stall_seconds);

@@ -44,6 +44,8 @@ class RankRecorder {
   void RecordStep(const WorkerMetrics& metrics);
   /// Rank 0: one committed checkpoint.
   void RecordCheckpoint(const CommittedCheckpoint& checkpoint);
+  /// An evaluation job's progress: count (images) stands as the step; no step timings.
+  void RecordProgress(int64_t count);
   RankSnapshot Snapshot() const;
   int rank() const { return rank_; }
   const std::string& device() const { return device_; }

@@ -1,7 +1,7 @@
 // The coordinator core's request handling (no gRPC): a request message decoded from the fuzz
-// input (its first byte chooses the RPC, the rest is the message as it comes off the wire),
-// handled by a core that has one registered group training one run. Every request is handled or
-// refused with CoordinatorError; afterwards the core still answers and its run keeps its
+// input (its first byte chooses the RPC, StartEval among them, the rest is the message as it comes
+// off the wire), handled by a core that has one registered group training one run. Every request is
+// handled or refused with CoordinatorError; afterwards the core still answers and its run keeps its
 // invariants.
 #include <cstddef>
 #include <cstdint>
@@ -86,8 +86,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, std::size_t size) {
         break;
       }
       default: {
-        v1::StopRunRequest request;
-        if (Decode(body, length, request)) core.StopRun(request.run(), request.immediate());
+        // The first byte's next bit splits the last choice, so older corpus files keep theirs.
+        if ((data[0] / 8) % 2 == 1) {
+          v1::StartEvalRequest request;
+          if (Decode(body, length, request)) core.StartEval(request);
+        } else {
+          v1::StopRunRequest request;
+          if (Decode(body, length, request)) core.StopRun(request.run(), request.immediate());
+        }
         break;
       }
     }

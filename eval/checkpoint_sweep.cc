@@ -1,0 +1,166 @@
+#include "eval/checkpoint_sweep.h"
+
+#include <algorithm>
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+#include "eval/plot.h"
+#include "trainer/image_io.h"
+
+namespace ddpm {
+
+const char* const kSweepCsvHeader =
+    "step,fid,inception_score,inception_score_std,is_logits,num_samples,sampler,sampling_steps,"
+    "seed,regularized,seconds,inception_sha256,reference_sha256";
+
+namespace {
+
+std::vector<std::string> SplitCsv(const std::string& line) {
+  std::vector<std::string> fields;
+  std::stringstream stream(line);
+  std::string field;
+  while (std::getline(stream, field, ',')) fields.push_back(field);
+  if (!line.empty() && line.back() == ',') fields.emplace_back();
+  return fields;
+}
+
+}  // namespace
+
+void WriteSweepCsv(const std::vector<EvalReport>& reports, const std::string& path) {
+  std::string text = std::string(kSweepCsvHeader) + "\n";
+  for (const EvalReport& r : reports) {
+    char line[1024];
+    std::snprintf(line, sizeof(line),
+                  "%" PRId64 ",%.17g,%.17g,%.17g,%s,%" PRId64 ",%s,%d,%" PRIu64 ",%d,%.3f,%s,%s\n",
+                  r.step, r.fid, r.inception_score, r.inception_score_std, r.is_logits.c_str(),
+                  r.num_samples, r.sampler.c_str(), r.sampling_steps, r.seed, r.regularized ? 1 : 0,
+                  r.seconds, r.inception_sha256.c_str(), r.reference_sha256.c_str());
+    text += line;
+  }
+  WriteFileAtomically(path, text);
+}
+
+std::vector<EvalReport> ReadSweepCsv(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return {};
+  std::vector<EvalReport> reports;
+  std::string line;
+  int number = 0;
+  while (std::getline(in, line)) {
+    ++number;
+    if (number == 1) {
+      if (line != kSweepCsvHeader) {
+        throw std::runtime_error(path + ": line 1 is not the header of an evaluation sweep (" +
+                                 kSweepCsvHeader + ")");
+      }
+      continue;
+    }
+    if (line.empty()) continue;
+    const std::vector<std::string> f = SplitCsv(line);
+    try {
+      if (f.size() != 13) throw std::invalid_argument("13 fields expected");
+      EvalReport r;
+      r.step = std::stoll(f[0]);
+      r.fid = std::stod(f[1]);
+      r.inception_score = std::stod(f[2]);
+      r.inception_score_std = std::stod(f[3]);
+      r.is_logits = f[4];
+      r.num_samples = std::stoll(f[5]);
+      r.sampler = f[6];
+      r.sampling_steps = std::stoi(f[7]);
+      r.seed = std::stoull(f[8]);
+      r.regularized = f[9] == "1";
+      r.seconds = std::stod(f[10]);
+      r.inception_sha256 = f[11];
+      r.reference_sha256 = f[12];
+      reports.push_back(r);
+    } catch (const std::exception& error) {
+      throw std::runtime_error(path + ": line " + std::to_string(number) + " does not read (" +
+                               error.what() + "): " + line);
+    }
+  }
+  return reports;
+}
+
+void WriteSweepPlot(const std::vector<EvalReport>& reports, const std::string& path) {
+  constexpr int kWidth = 720, kPanel = 240, kLeft = 96, kRight = 24, kTop = 16, kGap = 40;
+  constexpr int kHeight = kTop + 2 * kPanel + kGap + 48;
+  constexpr Rgb kBlue{31, 119, 180}, kOrange{255, 127, 14}, kGrid{225, 225, 225};
+  Canvas canvas(kWidth, kHeight);
+  int64_t first = 0, last = 1;
+  if (!reports.empty()) {
+    first = reports.front().step;
+    last = reports.back().step;
+  }
+  if (last == first) {  // One checkpoint: centre it.
+    first -= 1;
+    last += 1;
+  }
+  const double plot_w = kWidth - kLeft - kRight;
+  auto px = [&](double step) { return kLeft + (step - first) / double(last - first) * plot_w; };
+  struct Series {
+    int top;
+    const char* title;
+    Rgb color;
+    double (*value)(const EvalReport&);
+    double (*spread)(const EvalReport&);
+  };
+  const Series panels[] = {
+      {kTop, "FID", kBlue, [](const EvalReport& r) { return r.fid; }, nullptr},
+      {kTop + kPanel + kGap, "IS", kOrange, [](const EvalReport& r) { return r.inception_score; },
+       [](const EvalReport& r) { return r.inception_score_std; }}};
+  for (const Series& s : panels) {
+    double low = 1e300, high = -1e300;
+    for (const EvalReport& r : reports) {
+      const double spread = s.spread != nullptr ? s.spread(r) : 0;
+      low = std::min(low, s.value(r) - spread);
+      high = std::max(high, s.value(r) + spread);
+    }
+    if (reports.empty()) low = 0, high = 1;
+    if (high - low < 1e-9) low -= 0.5, high += 0.5;
+    const double pad = 0.05 * (high - low);
+    low -= pad;
+    high += pad;
+    auto py = [&](double v) { return s.top + (high - v) / (high - low) * kPanel; };
+    for (int tick = 0; tick <= 4; ++tick) {
+      const double v = low + (high - low) * tick / 4;
+      canvas.Line(kLeft, py(v), kWidth - kRight, py(v), kGrid);
+      const std::string label = TickLabel(v, (high - low) / 4);
+      canvas.Text(kLeft - 8 - Canvas::TextWidth(label), static_cast<int>(py(v)) - 5, label);
+    }
+    canvas.Text(kLeft + 8, s.top + 4, s.title, 3, s.color);
+    canvas.Line(kLeft, s.top, kLeft, s.top + kPanel, {});
+    canvas.Line(kLeft, s.top + kPanel, kWidth - kRight, s.top + kPanel, {});
+    for (std::size_t i = 0; i < reports.size(); ++i) {
+      const double x = px(static_cast<double>(reports[i].step));
+      const double y = py(s.value(reports[i]));
+      if (i > 0) {
+        canvas.Line(px(static_cast<double>(reports[i - 1].step)), py(s.value(reports[i - 1])), x, y,
+                    s.color);
+      }
+      if (s.spread != nullptr) {
+        const double spread = s.spread(reports[i]);
+        canvas.Line(x, py(s.value(reports[i]) - spread), x, py(s.value(reports[i]) + spread),
+                    s.color);
+      }
+      canvas.Point(x, y, s.color);
+    }
+  }
+  // The checkpoint steps on the x axis, under the lower panel (at most 8 labelled).
+  const int bottom = kTop + 2 * kPanel + kGap;
+  const std::size_t every = std::max<std::size_t>(1, (reports.size() + 7) / 8);
+  for (std::size_t i = 0; i < reports.size(); i += every) {
+    const double x = px(static_cast<double>(reports[i].step));
+    const std::string label = std::to_string(reports[i].step);
+    canvas.Line(x, bottom, x, bottom + 4, {});
+    canvas.Text(static_cast<int>(x) - Canvas::TextWidth(label) / 2, bottom + 8, label);
+  }
+  canvas.Text(kWidth - kRight - Canvas::TextWidth("STEP"), bottom + 8 + 14, "STEP");
+  WritePng(path, canvas.image());
+}
+
+}  // namespace ddpm
