@@ -13,6 +13,9 @@ std::string FormatDuration(double seconds);
 /// Seconds with `decimals` digits after the point and a unit, as "2.35 s".
 std::string FormatSeconds(double seconds, int decimals = 1);
 
+/// A number as people write it: the shortest of %g's forms ("1", "2.5", "0.125").
+std::string FormatNumber(double value);
+
 /// Seconds since `start` on the steady clock.
 double SecondsSince(std::chrono::steady_clock::time_point start);
 

@@ -85,8 +85,11 @@ int main(int argc, char** argv) {
                                torch::zeros({1}, torch::TensorOptions(device).dtype(torch::kLong)));
     });
     const double step_flops = 3 * forward_flops * batch;
+    // A class-conditional model (DDPM_MODEL_NUM_CLASSES) trains on every class in turn.
+    torch::Tensor labels;
+    if (m.num_classes > 0) labels = torch::arange(batch, torch::kLong) % m.num_classes;
 
-    for (int64_t i = 0; i < flags.GetInt("warmup"); ++i) trainer.Step(images);
+    for (int64_t i = 0; i < flags.GetInt("warmup"); ++i) trainer.Step(images, 0, labels);
     Synchronize(device);
     const int64_t round = std::max<int64_t>(1, flags.GetInt("round"));
     const int64_t rounds = std::max<int64_t>(1, flags.GetInt("steps") / round);
@@ -95,7 +98,7 @@ int main(int argc, char** argv) {
     for (int64_t r = 0; r < rounds; ++r) {
       const auto start = Clock::now();
       ddpm::StepStats stats;
-      for (int64_t i = 0; i < round; ++i) stats = trainer.Step(images);
+      for (int64_t i = 0; i < round; ++i) stats = trainer.Step(images, 0, labels);
       stats.loss();  // waits for the round's last step
       const double ms = Ms(start);
       total_ms += ms;
@@ -163,9 +166,20 @@ int main(int argc, char** argv) {
 
     const int sample_batch = static_cast<int>(flags.GetInt("sample-batch"));
     const std::vector<int64_t> shape = {sample_batch, m.in_channels, m.image_size, m.image_size};
-    const ddpm::Denoiser denoiser = ddpm::EvalDenoiser(trainer.ema_model(), config.train.precision);
+    // A conditional model samples every class in turn with sample.guidance (w != 0 or 1: one
+    // batch of 2 x sample-batch per step).
+    torch::Tensor sample_labels;
+    if (m.num_classes > 0)
+      sample_labels = torch::arange(sample_batch, torch::kLong) % m.num_classes;
+    const ddpm::Denoiser denoiser = ddpm::EvalDenoiser(trainer.ema_model(), config.train.precision,
+                                                       sample_labels, config.sample.guidance);
     double ddpm_step_ms = 0, ddim_step_ms = 0, ddpm_seconds = 0, ddim_seconds = 0;
     const int64_t sample_images = flags.GetInt("sample-images");
+    if (m.num_classes > 0 && sample_images % sample_batch != 0) {
+      throw ddpm::FlagError(
+          "ddpm_bench: a conditional model's --sample-images must be a multiple "
+          "of --sample-batch (its labels are one batch's)");
+    }
     if (sample_images > 0) {
       // The real samplers over the whole schedule, in batches of sample-batch.
       const ddpm::GaussianDiffusion& diffusion = trainer.diffusion();

@@ -93,6 +93,7 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("model", "in_channels", c.model.in_channels);
   visit("model", "norm_groups", c.model.norm_groups);
   visit("model", "learn_sigma", c.model.learn_sigma);
+  visit("model", "num_classes", c.model.num_classes);
   visit("diffusion", "timesteps", c.diffusion.timesteps);
   visit("diffusion", "schedule", c.diffusion.schedule);
   visit("diffusion", "beta_start", c.diffusion.beta_start);
@@ -116,6 +117,7 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("train", "timestep_sampler", c.train.timestep_sampler);
   visit("train", "grad_clip", c.train.grad_clip);
   visit("train", "ema_decay", c.train.ema_decay);
+  visit("train", "label_dropout", c.train.label_dropout);
   visit("train", "seed", c.train.seed);
   visit("train", "log_every", c.train.log_every);
   visit("train", "sample_every", c.train.sample_every);
@@ -147,12 +149,15 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("sample", "s_noise", c.sample.s_noise);
   visit("sample", "num_images", c.sample.num_images);
   visit("sample", "seed", c.sample.seed);
+  visit("sample", "classes", c.sample.classes);
+  visit("sample", "guidance", c.sample.guidance);
   visit("eval", "every", c.eval.every);
   visit("eval", "num_samples", c.eval.num_samples);
   visit("eval", "batch_size", c.eval.batch_size);
   visit("eval", "sampler", c.eval.sampler);
   visit("eval", "steps", c.eval.steps);
   visit("eval", "seed", c.eval.seed);
+  visit("eval", "guidance", c.eval.guidance);
   visit("eval", "inception_weights", c.eval.inception_weights);
   visit("eval", "reference_stats", c.eval.reference_stats);
   visit("eval", "is_logits", c.eval.is_logits);
@@ -377,6 +382,13 @@ const char* Name(DivergencePolicy v) {
   return EnumNames<DivergencePolicy>::kNames[static_cast<int>(v)];
 }
 
+int EvalSamplerSteps(const Config& config) {
+  SampleConfig sample;
+  sample.sampler = config.eval.sampler;
+  sample.steps = config.eval.steps;
+  return sample.ResolvedSteps(config.diffusion.timesteps);
+}
+
 int SampleConfig::ResolvedSteps(int diffusion_timesteps) const {
   if (steps > 0) return steps;
   switch (sampler) {
@@ -405,6 +417,27 @@ void Config::Validate(int world_size) const {
     Invalid("model.dropout", "must be in [0, 1), got " + Format(m.dropout));
   if (m.in_channels < 1)
     Invalid("model.in_channels", "must be >= 1, got " + std::to_string(m.in_channels));
+  if (!(train.label_dropout >= 0 && train.label_dropout < 1)) {
+    Invalid("train.label_dropout", "must be in [0, 1), got " + Format(train.label_dropout));
+  }
+  if (m.num_classes < 0 || m.num_classes > 100000) {
+    Invalid("model.num_classes",
+            "must be in [0, 100000] (0: unconditional), got " + std::to_string(m.num_classes));
+  }
+  for (int k : sample.classes) {
+    if (k < 0 || k >= m.num_classes) {
+      Invalid("sample.classes",
+              std::to_string(k) + " is not a class of this model, whose classes are " +
+                  (m.num_classes == 0 ? std::string("none (model.num_classes 0)")
+                                      : "0.." + std::to_string(m.num_classes - 1)));
+    }
+  }
+  if (!std::isfinite(sample.guidance)) {
+    Invalid("sample.guidance", "must be a finite number, got " + Format(sample.guidance));
+  }
+  if (!std::isfinite(eval.guidance)) {
+    Invalid("eval.guidance", "must be a finite number, got " + Format(eval.guidance));
+  }
   if (m.norm_groups < 1)
     Invalid("model.norm_groups", "must be >= 1, got " + std::to_string(m.norm_groups));
   const int levels = static_cast<int>(m.ch_mult.size());

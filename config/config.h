@@ -58,6 +58,10 @@ struct ModelConfig {
   /// Learned variances (Nichol & Dhariwal 2021): twice the output channels, the second half
   /// interpolating the log-variance between beta-tilde_t and beta_t.
   bool learn_sigma = false;
+  /// Classes of a class-conditional model (0: unconditional). The UNet adds a learned
+  /// embedding of the label to the timestep's, with one more row for "no class" (label
+  /// num_classes), the null label of classifier-free guidance (Ho & Salimans 2022).
+  int num_classes = 0;
 };
 
 /// The forward process, the objective and the loss.
@@ -118,6 +122,10 @@ struct TrainConfig {
   double grad_clip = 1.0;
   /// EMA decay of the weights used for sampling.
   double ema_decay = 0.9999;
+  /// A class-conditional model (model.num_classes > 0): the probability that a sample's label
+  /// is replaced by "no class" during training, classifier-free guidance's p_uncond (Ho &
+  /// Salimans 2022 use 0.1 or 0.2). Unused by an unconditional model.
+  double label_dropout = 0.1;
   /// Seed of parameters, data order, timesteps and noise.
   uint64_t seed = 0;
   /// Steps between log lines.
@@ -207,6 +215,12 @@ struct SampleConfig {
   int ResolvedSteps(int diffusion_timesteps) const;
   /// Seed of the sampler's noise.
   uint64_t seed = 0;
+  /// A class-conditional model's classes to sample, in contiguous blocks of images (one row per
+  /// class in a grid of as many rows); empty: every class.
+  std::vector<int> classes;
+  /// Classifier-free guidance scale w: eps = eps_uncond + w (eps_cond - eps_uncond); 1 is the
+  /// conditional model, 0 the unconditional one, larger guides harder (Ho & Salimans 2022).
+  double guidance = 1.0;
 };
 
 /// FID and Inception Score of EMA samples during training (Heusel et al. 2017; Salimans et al.
@@ -225,6 +239,9 @@ struct EvalConfig {
   int steps = 0;
   /// Seed of the evaluation's noise: sample i draws from (seed, i) on any world size.
   uint64_t seed = 1;
+  /// A class-conditional model's guidance scale (sample.guidance's convention); its samples
+  /// are class-balanced, sample i of class i mod model.num_classes.
+  double guidance = 1.0;
   /// The FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (re-saved
   /// by PyTorch 1.6 or later) or a TorchScript module of the same network.
   std::string inception_weights;
@@ -282,6 +299,10 @@ struct Config {
   /// The resolved config as YAML that LoadConfigString reads back to an equal config.
   std::string ToYaml() const;
 };
+
+/// eval.sampler's steps with 0 resolved (as SampleConfig::ResolvedSteps): what an evaluation
+/// reports.
+int EvalSamplerSteps(const Config& config);
 
 /// Loads a config file, applies DDPM_<SECTION>_<KEY> environment overrides, and validates it.
 Config LoadConfigFile(const std::string& path);

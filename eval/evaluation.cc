@@ -88,8 +88,12 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
       std::vector<uint64_t> seeds;
       for (int64_t i = index; i < index + n; ++i) seeds.push_back(ImageSeed(eval.seed, i));
       NoiseStreams streams(seeds);
-      const torch::Tensor images = diffusion.Sample(
-          EvalDenoiser(ema), {n, m.in_channels, m.image_size, m.image_size}, sample, streams);
+      // A conditional model's samples are class-balanced: sample i of class i mod K.
+      torch::Tensor labels;
+      if (m.num_classes > 0) labels = torch::arange(index, index + n, torch::kLong) % m.num_classes;
+      const torch::Tensor images =
+          diffusion.Sample(EvalDenoiser(ema, Precision::kFp32, labels, eval.guidance),
+                           {n, m.in_channels, m.image_size, m.image_size}, sample, streams);
       quantized = Quantize(images);
       if (hooks.keep) hooks.keep(quantized, index);
     }
@@ -113,6 +117,8 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
   report.num_samples = stats.features().count();
   report.sampler = Name(eval.sampler);
   report.is_logits = Name(eval.is_logits);
+  report.guided = m.num_classes > 0;
+  report.guidance = eval.guidance;
   report.sampling_steps = sample.ResolvedSteps(config_.diffusion.timesteps);
   report.seed = eval.seed;
   report.inception_sha256 = inception_sha256_;

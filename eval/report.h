@@ -29,6 +29,10 @@ struct EvalReport {
   std::string reference_sha256;
   /// Whether the Frechet distance needed eps * I on the covariances.
   bool regularized = false;
+  /// A class-conditional model's evaluation: class-balanced samples (sample i of class i mod
+  /// model.num_classes) with classifier-free guidance of scale guidance (eval.guidance).
+  bool guided = false;
+  double guidance = 1.0;
   /// Seconds the evaluation took (sampling, Inception and the bound), not counted as training
   /// time.
   double seconds = 0;

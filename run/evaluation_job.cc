@@ -145,9 +145,8 @@ EvaluationJobResult RunEvaluationJob(const Config& config, const EvaluationJobOp
       "each, %s %d steps, seed %llu, %s IS logits, on %d rank(s)\n",
       options.job_dir.c_str(), options.source_run.c_str(), steps_text.c_str(), planned.size(),
       finished.size(), static_cast<long long>(per_checkpoint), Name(config.eval.sampler),
-      SampleConfig{config.eval.sampler, {}, config.eval.steps}.ResolvedSteps(
-          config.diffusion.timesteps),
-      static_cast<unsigned long long>(config.eval.seed), Name(config.eval.is_logits), world);
+      EvalSamplerSteps(config), static_cast<unsigned long long>(config.eval.seed),
+      Name(config.eval.is_logits), world);
 
   RunEvaluator evaluator(config, device);
   const GaussianDiffusion diffusion(config.diffusion, device);
@@ -170,6 +169,7 @@ EvaluationJobResult RunEvaluationJob(const Config& config, const EvaluationJobOp
     const std::map<std::string, torch::Tensor> tensors = ReadCheckpoint(path);
     const std::map<std::string, torch::Tensor> weights = WeightsFromState(tensors, "ema");
     CheckLearnSigma(m, weights, path);
+    CheckNumClasses(m, weights, path);
     LoadStateDict(*model, weights, path);
     model->to(device);
     model->eval();

@@ -75,7 +75,7 @@ constexpr char kMetricsHeader[] =
 constexpr char kEvalHeader[] =
     "step,fid,inception_score,inception_score_std,num_samples,sampler,sampling_steps,"
     "eval_seconds,regularized,inception_sha256,reference_sha256,nll_bits_per_dim,"
-    "nll_std_error,nll_images,nll_timesteps,nll_data,is_logits";
+    "nll_std_error,nll_images,nll_timesteps,nll_data,is_logits,guidance";
 
 // A CSV field: empty for what an evaluation did not measure, quoted when it holds a comma.
 template <typename T>
@@ -144,6 +144,19 @@ TrainingRun::TrainingRun(const Config& config, const TrainOptions& options,
   }
   console_.Say("ddpm: resolved config\n%s", config_.ToTable().c_str());
   dataset_ = MakeDataset(config_);
+  if (config_.model.num_classes > 0) {
+    // A conditional model needs every image's class; the mapping goes beside the config.
+    CheckLabels(*dataset_, config_.model.num_classes);
+    const std::vector<std::string> names = dataset_->class_names();
+    std::string mapping, file;
+    for (std::size_t k = 0; k < names.size(); ++k) {
+      mapping += (k == 0 ? "" : ", ") + std::to_string(k) + " " + names[k];
+      file += std::to_string(k) + " " + names[k] + "\n";
+    }
+    console_.Say("ddpm: %d classes: %s; label dropout %.2f (classifier-free guidance)\n",
+                 config_.model.num_classes, mapping.c_str(), config_.train.label_dropout);
+    if (console_.lead()) WriteFileAtomically(options_.run_dir + "/classes.txt", file);
+  }
   trainer_ = std::make_unique<Trainer>(config_, device_, rank_, plan_.micro_batches);
   if (loaded) Resume(*loaded);
   JoinWorld();
@@ -339,7 +352,11 @@ void TrainingRun::TrainStep() {
   if (const double scale = fault_.TakeInputScale(trainer_->step() + 1); scale != 1) {
     input.mul_(scale);
   }
-  const StepStats stats = trainer_->Step(input, shard_.first);
+  torch::Tensor labels;
+  if (config_.model.num_classes > 0) {
+    labels = torch::tensor(batch.labels, torch::kLong);
+  }
+  const StepStats stats = trainer_->Step(input, shard_.first, labels);
   if (trainer_->timestep_sampler().loss_aware() != sampler_warm_) {
     sampler_warm_ = !sampler_warm_;
     if (sampler_warm_) {
@@ -697,7 +714,10 @@ void TrainingRun::WriteSamples(int64_t step) {
     // The other ranks of this node wait idle meanwhile: rank 0 borrows their threads.
     const int node_ranks = std::max(1, dist_.local_ranks);
     if (device_.is_cpu() && node_ranks > 1) torch::set_num_threads(threads_ * node_ranks);
-    const int count = config_.sample.num_images;
+    // A conditional model's grid: one row per class, as many images each as fit num_images.
+    const auto classes = static_cast<int>(ClassesToSample(config_).size());
+    const int columns = classes == 0 ? 0 : (config_.sample.num_images + classes - 1) / classes;
+    const int count = classes == 0 ? config_.sample.num_images : columns * classes;
     const torch::Tensor images =
         SampleImages(trainer_->diffusion(), trainer_->ema_model(), config_, count, count,
                      "sampling " + std::to_string(count) + " EMA images", console_.progress());
@@ -707,7 +727,7 @@ void TrainingRun::WriteSamples(int64_t step) {
     bool written = false;
     if (!Superseded(true)) {
       Tolerate("sample grid", step, [&] {
-        WriteSampleGrid(images, path);
+        WriteSampleGrid(images, path, columns);
         written = true;
       });
     }
@@ -742,12 +762,15 @@ void TrainingRun::Evaluate(int64_t step, bool fid, bool nll) {
           reported = done;
         });
     console_.Say(
-        "ddpm: eval at step %lld: FID %.4f, IS %.4f +- %.4f (%s logits; %lld samples, %s %d "
+        "ddpm: eval at step %lld: FID %.4f, IS %.4f +- %.4f (%s logits; %lld samples%s, %s %d "
         "steps, %.1fs%s; Inception sha256 %.12s, reference sha256 %.12s)\n",
         static_cast<long long>(step), report.fid, report.inception_score,
         report.inception_score_std, report.is_logits.c_str(),
-        static_cast<long long>(report.num_samples), report.sampler.c_str(), report.sampling_steps,
-        SecondsSince(eval_start), report.regularized ? "; covariances regularized with eps" : "",
+        static_cast<long long>(report.num_samples),
+        report.guided ? (", class-balanced, guidance " + FormatNumber(report.guidance)).c_str()
+                      : "",
+        report.sampler.c_str(), report.sampling_steps, SecondsSince(eval_start),
+        report.regularized ? "; covariances regularized with eps" : "",
         report.inception_sha256.c_str(), report.reference_sha256.c_str());
   }
   if (nll) {
@@ -800,7 +823,7 @@ void TrainingRun::Evaluate(int64_t step, bool fid, bool nll) {
                     Field(f, report.reference_sha256), Field(n, report.nll_bits_per_dim),
                     Field(n, report.nll_std_error), Field(n, report.nll_images),
                     Field(n, report.nll_timesteps), Field(n, report.nll_data),
-                    Field(f, report.is_logits));
+                    Field(f, report.is_logits), Field(f && report.guided, report.guidance));
     });
   }
   if (console_.lead() && options_.on_eval) options_.on_eval(report);

@@ -20,10 +20,10 @@ torch::Tensor ToBytes(const torch::Tensor& images) {
       .contiguous();
 }
 
-void WriteSampleGrid(const torch::Tensor& images, const std::string& path) {
+void WriteSampleGrid(const torch::Tensor& images, const std::string& path, int columns) {
   const torch::Tensor bytes = ToBytes(images);
   const int count = static_cast<int>(bytes.size(0));
-  const int columns = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(count))));
+  if (columns <= 0) columns = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(count))));
   const int size = static_cast<int>(bytes.size(2));
   const int scale = std::max(1, 64 / size);
   WritePng(path, TileGrid(bytes.data_ptr<uint8_t>(), count, static_cast<int>(bytes.size(1)), size,
@@ -108,11 +108,15 @@ torch::Tensor SampleImages(const GaussianDiffusion& diffusion, UNet& model, cons
     const std::string label = batches == 1 ? what
                                            : what + " (batch " + std::to_string(b + 1) + "/" +
                                                  std::to_string(batches) + ")";
-    parts.push_back(diffusion
-                        .Sample(EvalDenoiser(model, config.train.precision),
-                                {n, m.in_channels, m.image_size, m.image_size}, sample,
-                                ProgressPrinter(label, progress))
-                        .to(torch::kCPU));
+    std::vector<int64_t> indices(n);
+    for (int k = 0; k < n; ++k) indices[k] = static_cast<int64_t>(b) * batch_size + k;
+    const torch::Tensor labels = BlockLabels(ClassesToSample(config), indices, count);
+    parts.push_back(
+        diffusion
+            .Sample(EvalDenoiser(model, config.train.precision, labels, config.sample.guidance),
+                    {n, m.in_channels, m.image_size, m.image_size}, sample,
+                    ProgressPrinter(label, progress))
+            .to(torch::kCPU));
   }
   return torch::cat(parts);
 }

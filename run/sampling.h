@@ -17,7 +17,8 @@ torch::Tensor ToBytes(const torch::Tensor& images);
 
 /// Writes images ([-1, 1], [N, C, H, W]) as one square-ish PNG grid; small images are enlarged
 /// (nearest neighbour) to at least 64 pixels, for looking at.
-void WriteSampleGrid(const torch::Tensor& images, const std::string& path);
+/// columns: images per row (0: square-ish).
+void WriteSampleGrid(const torch::Tensor& images, const std::string& path, int columns = 0);
 
 /// Writes each image as its own PNG, DIR/000000.png onwards; returns the paths.
 std::vector<std::string> WriteSampleFiles(const torch::Tensor& images, const std::string& dir);
@@ -38,7 +39,8 @@ torch::Tensor ReadSampleFiles(const std::string& dir, int64_t first, int64_t n, 
 SampleProgress ProgressPrinter(const std::string& what, ProgressMode mode);
 
 /// Samples count images with config.sample's sampler, batch_size at a time (batch b uses seed
-/// sample.seed + b), reporting progress as `what`; returns them on the CPU.
+/// sample.seed + b), reporting progress as `what`; returns them on the CPU. A conditional model
+/// draws ClassesToSample in contiguous blocks with sample.guidance.
 torch::Tensor SampleImages(const GaussianDiffusion& diffusion, UNet& model, const Config& config,
                            int count, int batch_size, const std::string& what,
                            ProgressMode progress = ProgressMode::kAuto);

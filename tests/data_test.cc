@@ -7,6 +7,8 @@
 #include <stb/stb_image_write.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <filesystem>
 #include <fstream>
 #include <numeric>
@@ -281,6 +283,110 @@ TEST(Loader, ReadErrorsReachTheCaller) {
   } data;
   BatchLoader loader(data, DataShard::Of(10, 0, 1), false, 0, DataCursor{}, 1);
   EXPECT_THROW(loader.Next(), DataError);
+}
+
+TEST(Labels, ShapesLabelsAreTheKindDrawnAsABoundingBoxFillRatioJudgesIt) {
+  // An independent judge of the kind: the share of the shape's bounding box that it fills is
+  // pi/4 for a circle, 1 for a square and 1/2 for an upright triangle.
+  const ShapesDataset data(90, 32, 7);
+  EXPECT_EQ(data.num_classes(), 3);
+  EXPECT_EQ(data.class_names(), (std::vector<std::string>{"circle", "square", "triangle"}));
+  std::vector<uint8_t> image(3 * 32 * 32);
+  int agree = 0;
+  std::array<int, 3> seen{};
+  for (int64_t i = 0; i < data.size(); ++i) {
+    data.Read(i, image.data());
+    const auto differs = [&](int p) {
+      for (int c = 0; c < 3; ++c) {
+        if (image[c * 1024 + p] != image[c * 1024]) return true;  // the corner is background
+      }
+      return false;
+    };
+    int filled = 0, x0 = 32, x1 = -1, y0 = 32, y1 = -1;
+    for (int p = 0; p < 1024; ++p) {
+      if (!differs(p)) continue;
+      ++filled;
+      x0 = std::min(x0, p % 32), x1 = std::max(x1, p % 32);
+      y0 = std::min(y0, p / 32), y1 = std::max(y1, p / 32);
+    }
+    const double ratio = filled / static_cast<double>((x1 - x0 + 1) * (y1 - y0 + 1));
+    const int judged = ratio > 0.9 ? 1 : (ratio > 0.64 ? 0 : 2);
+    agree += judged == data.label(i);
+    ++seen[data.label(i)];
+  }
+  EXPECT_GE(agree, 85) << "of 90 images";
+  for (int kind = 0; kind < 3; ++kind) EXPECT_GT(seen[kind], 15) << kind;
+  EXPECT_THROW(data.label(90), std::out_of_range);
+}
+
+TEST(Labels, AFoldersClassesAreItsSubfoldersAndAnImageWithoutOneIsNamed) {
+  TempDir dir;
+  fs::create_directories(dir / "dogs");
+  fs::create_directories(dir / "cats/kittens");
+  WritePng(dir / "dogs/1.png", 16, 16, 3, 10);
+  WritePng(dir / "cats/2.png", 16, 16, 3, 20);
+  WritePng(dir / "cats/kittens/3.png", 16, 16, 3, 30);  // still a cat: the first level counts
+  {
+    const ImageFolderDataset data(dir.str(), 16, 3);
+    EXPECT_EQ(data.class_names(), (std::vector<std::string>{"cats", "dogs"}));
+    // Sorted paths: cats/2.png, cats/kittens/3.png, dogs/1.png.
+    EXPECT_EQ(data.label(0), 0);
+    EXPECT_EQ(data.label(1), 0);
+    EXPECT_EQ(data.label(2), 1);
+    EXPECT_NO_THROW(CheckLabels(data, 2));
+    try {
+      CheckLabels(data, 3);
+      ADD_FAILURE() << "3 classes accepted for a folder of 2";
+    } catch (const ConfigError& error) {
+      EXPECT_NE(std::string(error.what())
+                    .find("model.num_classes: 3, but the data (folder: 3 "
+                          "images from " +
+                          dir.str()),
+                std::string::npos)
+          << error.what();
+      EXPECT_NE(std::string(error.what()).find(") has 2 classes"), std::string::npos);
+    }
+  }
+  WritePng(dir / "loose.png", 16, 16, 3, 40);
+  const ImageFolderDataset data(dir.str(), 16, 3);
+  EXPECT_EQ(data.label(3), -1);
+  try {
+    CheckLabels(data, 2);
+    ADD_FAILURE() << "an image without a class was accepted";
+  } catch (const DataError& error) {
+    EXPECT_NE(std::string(error.what()).find(dir / "loose.png" + ": has no class"),
+              std::string::npos)
+        << error.what();
+  }
+  // Unlabelled data for a conditional model: named as such.
+  const ShapesDataset shapes(4, 8, 0);
+  EXPECT_NO_THROW(CheckLabels(shapes, 3));
+  TempDir flat;
+  WritePng(flat / "a.png", 16, 16, 3, 1);
+  try {
+    CheckLabels(ImageFolderDataset(flat.str(), 16, 3), 10);
+    ADD_FAILURE() << "an unlabelled folder was accepted";
+  } catch (const ConfigError& error) {
+    EXPECT_NE(std::string(error.what()).find("has 0 classes (it is unlabelled"), std::string::npos)
+        << error.what();
+  }
+}
+
+TEST(Labels, TheLoaderCarriesEachImagesClassWithItsShard) {
+  const ShapesDataset data(40, 8, 3);
+  for (int rank = 0; rank < 2; ++rank) {
+    const DataShard shard = DataShard::Of(8, rank, 2);
+    BatchLoader loader(data, shard, /*flip=*/true, /*seed=*/5, {}, 2);
+    EpochSampler order(data.size(), 5);
+    for (int step = 0; step < 7; ++step) {  // into the second epoch
+      const LoadedBatch batch = loader.Next();
+      const std::vector<int64_t> global = order.Next(8);
+      ASSERT_EQ(batch.labels.size(), 4u);
+      for (int k = 0; k < 4; ++k) {
+        EXPECT_EQ(batch.labels[k], data.label(global[shard.first + k])) << step << " " << k;
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -84,4 +84,37 @@ grep -q "unbiased stratified estimate from 10 of 1000 timesteps" "$work/nll.log"
   fail "the estimate is not named as one"
 [ "$(wc -l < "$work/nll/nll_terms.csv")" -eq 12 ] || fail "nll_terms.csv: not a header and 11 rows"
 [ -s "$work/nll/nll_terms.png" ] || fail "no plot of the bound"
+# A class-conditional run of the shapes (0 circle, 1 square, 2 triangle): the mapping is printed
+# and written, the grid has a row per class, and ddpm_sample draws chosen classes with guidance;
+# a class the model lacks and a guidance that is not a number are refused by name.
+DDPM_TRAIN_STEPS=20 DDPM_MODEL_NUM_CLASSES=3 DDPM_SAMPLE_NUM_IMAGES=6 "$worker" --config "$config" \
+  --run-dir "$work/conditional" > "$work/conditional.log" || fail "conditional training failed"
+grep -q "ddpm: 3 classes: 0 circle, 1 square, 2 triangle; label dropout 0.10" "$work/conditional.log" ||
+  fail "no class mapping: $(grep classes "$work/conditional.log")"
+[ "$(cat "$work/conditional/classes.txt")" = "$(printf '0 circle\n1 square\n2 triangle')" ] ||
+  fail "classes.txt: $(cat "$work/conditional/classes.txt")"
+python3 - "$work/conditional/samples/step_000000020.png" <<'PY' || fail "the grid is not a row per class"
+import struct, sys
+png = open(sys.argv[1], "rb").read()
+width, height = struct.unpack(">II", png[16:24])
+# 16x16 shapes enlarged 4x to 64 pixels, 2 pixels of border: 2 columns and 3 rows.
+assert (width, height) == (2 + 2 * 66, 2 + 3 * 66), (width, height)
+PY
+"$sample" --checkpoint "$work/conditional" --class 0,2 --guidance 3 --num 4 --out "$work/guided/" \
+  > "$work/guided.log" || fail "ddpm_sample --class --guidance: $(cat "$work/guided.log")"
+[ "$(find "$work/guided" -name '*.png' | wc -l)" = 4 ] || fail "guided samples missing"
+if "$sample" --checkpoint "$work/conditional" --class 5 --num 2 --out "$work/bad/" > "$work/bad.log" 2>&1; then
+  fail "sampled class 5 of a 3-class model"
+fi
+grep -q "sample.classes.*5 is not a class of this model, whose classes are 0..2" "$work/bad.log" ||
+  fail "unclear: $(cat "$work/bad.log")"
+if "$sample" --checkpoint "$work/conditional" --guidance nan --num 2 --out "$work/bad/" > "$work/bad.log" 2>&1; then
+  fail "sampled with guidance nan"
+fi
+grep -q "sample.guidance" "$work/bad.log" || fail "unclear: $(cat "$work/bad.log")"
+if "$sample" --checkpoint "$work/run" --class 1 --num 2 --out "$work/bad/" > "$work/bad.log" 2>&1; then
+  fail "sampled a class from an unconditional model"
+fi
+grep -q "whose classes are none (model.num_classes 0)" "$work/bad.log" || fail "unclear: $(cat "$work/bad.log")"
+
 echo "e2e: all passed"

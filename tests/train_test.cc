@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <array>
+#include <cmath>
 #include <filesystem>
 #include <limits>
 #include <numeric>
@@ -598,6 +599,59 @@ TEST(StateDict, RoundTripsAndRefusesMismatches) {
   }
   std::filesystem::remove(path);
   EXPECT_THROW(LoadTensors(path), std::runtime_error);
+}
+
+TEST(Conditional, LabelDropoutIsItsProbabilityAndTheSameOnAnySplitOfTheBatch) {
+  Config config = Tiny();
+  config.model.num_classes = 3;
+  config.train.label_dropout = 0.2;
+  const Trainer trainer(config, torch::kCPU);
+  // 50 steps x 100 positions: the dropped share within 4.5 binomial standard deviations of p
+  // (a false failure about once in 150,000 runs).
+  int64_t dropped = 0;
+  const int64_t n = 50 * 100;
+  for (int64_t step = 0; step < 50; ++step) {
+    for (uint8_t d : trainer.DrawLabelDropout(step, 0, 100)) dropped += d;
+  }
+  const double share = static_cast<double>(dropped) / n;
+  EXPECT_LT(std::abs(share - 0.2), 4.5 * std::sqrt(0.2 * 0.8 / n)) << share;
+  // 2 ranks of 8 (or any micro-batches) draw what 1 rank of 16 does.
+  for (int64_t step : {0, 7, 123}) {
+    std::vector<uint8_t> halves = trainer.DrawLabelDropout(step, 0, 8);
+    const std::vector<uint8_t> second = trainer.DrawLabelDropout(step, 8, 8);
+    halves.insert(halves.end(), second.begin(), second.end());
+    EXPECT_EQ(halves, trainer.DrawLabelDropout(step, 0, 16)) << step;
+  }
+  const Trainer unconditional(Tiny(), torch::kCPU);
+  EXPECT_EQ(unconditional.DrawLabelDropout(0, 0, 16), std::vector<uint8_t>(16, 0));
+}
+
+TEST(Conditional, AConditionalStepNeedsLabelsInRangeAndAnUnconditionalOneNone) {
+  Config config = Tiny();
+  config.model.num_classes = 3;
+  const ShapesDataset data(64, 16, 0);
+  EpochSampler sampler(data.size(), 1);
+  const torch::Tensor batch = Batch(data, sampler, 16);
+  const torch::Tensor labels = torch::arange(16, torch::kLong) % 3;
+  Trainer trainer(config, torch::kCPU);
+  const std::vector<torch::Tensor> before = Snapshot(trainer.model());
+  const StepStats stats = trainer.Step(batch, 0, labels);
+  EXPECT_TRUE(std::isfinite(stats.values[0].item<double>()));
+  EXPECT_GT(MaxMove(trainer.model(), before), 0);
+  // The class embedding learns: a row of a label the batch used has moved.
+  const torch::Tensor rows = trainer.model()->named_parameters()["class_embed.weight"];
+  EXPECT_EQ(rows.size(0), 4);
+  EXPECT_THROW(trainer.Step(batch, 0), c10::Error);                         // no labels
+  EXPECT_THROW(trainer.Step(batch, 0, labels.slice(0, 0, 8)), c10::Error);  // one per image
+  EXPECT_THROW(trainer.Step(batch, 0, labels + 1), c10::Error);             // 3 is not a class
+  Trainer unconditional(Tiny(), torch::kCPU);
+  EXPECT_THROW(unconditional.Step(batch, 0, labels), c10::Error);
+  // Validation names the keys.
+  config.train.label_dropout = 1;
+  EXPECT_THROW(config.Validate(), ConfigError);
+  config.train.label_dropout = 0.1;
+  config.model.num_classes = -1;
+  EXPECT_THROW(config.Validate(), ConfigError);
 }
 
 }  // namespace

@@ -157,7 +157,9 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
   if (run.has_latest_eval()) {
     const v1::EvalResult& eval = run.latest_eval();
     char text[256];
-    const std::string logits = eval.is_logits().empty() ? "" : " (" + eval.is_logits() + " logits)";
+    const std::string logits =
+        (eval.is_logits().empty() ? "" : " (" + eval.is_logits() + " logits)") +
+        (eval.has_guidance() ? " class-balanced, guidance " + FormatNumber(eval.guidance()) : "");
     std::snprintf(text, sizeof(text),
                   "FID %.3f, IS %.3f +- %.3f%s at step %lld (%lld samples, %s %d steps, %.0fs%s)",
                   eval.fid(), eval.inception_score(), eval.inception_score_std(), logits.c_str(),

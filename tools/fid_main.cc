@@ -92,10 +92,17 @@ int Checkpoint(int argc, char** argv) {
             "ddpm_fid checkpoint: %lld samples of %s (%s %d steps, seed %llu) on %d "
             "rank(s)\n",
             static_cast<long long>(total), trained.origin.c_str(), ddpm::Name(config.eval.sampler),
-            ddpm::SampleConfig{config.eval.sampler, {}, config.eval.steps}.ResolvedSteps(
-                config.diffusion.timesteps),
-            static_cast<unsigned long long>(config.eval.seed), comm.world_size());
+            ddpm::EvalSamplerSteps(config), static_cast<unsigned long long>(config.eval.seed),
+            comm.world_size());
         std::fflush(stdout);
+      }
+      ddpm::EvaluateHooks hooks;
+      if (!keep_dir.empty()) {
+        hooks.keep = [&keep_dir](const torch::Tensor& images, int64_t first) {
+          std::vector<int64_t> indices(images.size(0));
+          for (int64_t k = 0; k < images.size(0); ++k) indices[k] = first + k;
+          ddpm::WriteSampleFiles(images, keep_dir, indices);
+        };
       }
       const ddpm::EvalReport report = evaluator.Evaluate(
           diffusion, trained.model, comm, 0,
@@ -113,14 +120,7 @@ int Checkpoint(int argc, char** argv) {
                     .c_str());
             std::fflush(stdout);
           },
-          {keep_dir.empty() ? std::function<void(const torch::Tensor&, int64_t)>{}
-                            : [&keep_dir](const torch::Tensor& images, int64_t first) {
-                                std::vector<int64_t> indices(images.size(0));
-                                for (int64_t k = 0; k < images.size(0); ++k) {
-                                  indices[k] = first + k;
-                                }
-                                ddpm::WriteSampleFiles(images, keep_dir, indices);
-                              }});
+          hooks);
       if (!world.lead()) return 0;
       std::printf(
           "FID %.4f\nIS %.4f +- %.4f (10 splits, %s logits)\nsamples %lld: %s, %s %d steps, "

@@ -61,6 +61,15 @@ void AddSampleFlags(Flags& flags) {
             "the config's sample.steps; 0: T for ddpm, 100 for ddim)",
             "");
   flags.Add("eta", "DDIM eta (default: the config's sample.eta)", "");
+  flags.Add("class",
+            "a class-conditional model's classes: one (3), a list (0,2) or all, in contiguous "
+            "blocks of images, one row per class in a grid (default: the config's sample.classes, "
+            "else all)",
+            "");
+  flags.Add("guidance",
+            "classifier-free guidance w: eps_uncond + w (eps_cond - eps_uncond); 1 conditional, "
+            "0 unconditional (default: the config's sample.guidance)",
+            "");
   flags.Add("churn", "heun: EDM's S_churn, 0 deterministic (default: the config's sample.churn)",
             "");
   flags.Add("variance", "DDPM variance, fixedlarge or fixedsmall (default: the config's)", "");
@@ -89,6 +98,12 @@ SampleJob SampleJobFromFlags(const Flags& flags) {
       {"churn", "sample.churn"},    {"device", "train.device"}};
   for (const auto& [flag, key] : keys) {
     if (flags.Given(flag)) job.overrides.emplace_back(key, flags.Get(flag));
+  }
+  if (flags.Given("guidance")) job.overrides.emplace_back("sample.guidance", flags.Get("guidance"));
+  if (flags.Given("class")) {
+    // "all" is every class: an empty list; "3" and "0,2" are YAML lists.
+    const std::string classes = flags.Get("class");
+    job.overrides.emplace_back("sample.classes", classes == "all" ? "[]" : "[" + classes + "]");
   }
   return job;
 }
@@ -121,6 +136,7 @@ TrainedModel LoadTrainedModel(const std::string& checkpoint, const std::string& 
   trained.device = torch::Device(ResolveDevice(trained.config.train));
   trained.model = UNet(trained.config.model);
   CheckLearnSigma(trained.config.model, weights, trained.origin);
+  CheckNumClasses(trained.config.model, weights, trained.origin);
   LoadStateDict(*trained.model, weights, trained.origin);
   trained.model->to(trained.device);
   return trained;
@@ -199,7 +215,7 @@ std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
   const Config& config = trained.config;
   const ModelConfig& m = config.model;
   const GaussianDiffusion diffusion(config.diffusion, trained.device);
-  const Denoiser denoiser = EvalDenoiser(trained.model, config.train.precision);
+  const std::vector<int> classes = ClassesToSample(config);
   const int64_t count = config.sample.num_images;
   const std::string what = std::string(Name(config.sample.sampler)) + " " +
                            std::to_string(config.sample.ResolvedSteps(config.diffusion.timesteps)) +
@@ -241,6 +257,10 @@ std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
     for (int64_t i : indices) seeds.push_back(ImageSeed(config.sample.seed, i));
     NoiseStreams streams(seeds);
     const int64_t n = static_cast<int64_t>(indices.size());
+    // Image i's class depends on i alone (contiguous blocks): the same on any split.
+    const Denoiser denoiser =
+        EvalDenoiser(trained.model, config.train.precision, BlockLabels(classes, indices, count),
+                     config.sample.guidance);
     const torch::Tensor images =
         diffusion
             .Sample(
@@ -270,7 +290,11 @@ std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
     }
   }
   if (!to_dir) {
-    WriteSampleGrid(torch::cat(grid), job.out);
+    WriteSampleGrid(torch::cat(grid), job.out,
+                    classes.empty()
+                        ? 0
+                        : static_cast<int>((count + static_cast<int64_t>(classes.size()) - 1) /
+                                           static_cast<int64_t>(classes.size())));
     written.push_back(job.out);
   }
   comm.Barrier("the end of sampling");

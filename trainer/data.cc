@@ -31,6 +31,23 @@ std::string ShapesDataset::Describe() const {
          std::to_string(seed_);
 }
 
+int ShapesDataset::label(int64_t index) const {
+  if (index < 0 || index >= size_) {
+    throw std::out_of_range("shapes dataset: index " + std::to_string(index) + " is outside [0, " +
+                            std::to_string(size_) + ")");
+  }
+  // The draws of Read up to the kind, in the same order.
+  SplitMix64 rng(seed_ ^ (0x5851f42d4c957f2dULL * static_cast<uint64_t>(index + 1)));
+  std::array<int, 3> background{}, colour{};
+  for (int& c : background) c = static_cast<int>(rng.Below(256));
+  do {
+    for (int& c : colour) c = static_cast<int>(rng.Below(256));
+  } while (std::abs(colour[0] - background[0]) + std::abs(colour[1] - background[1]) +
+               std::abs(colour[2] - background[2]) <
+           180);
+  return static_cast<int>(rng.Below(3));
+}
+
 void ShapesDataset::Read(int64_t index, uint8_t* chw) const {
   if (index < 0 || index >= size_) {
     throw std::out_of_range("shapes dataset: index " + std::to_string(index) + " is outside [0, " +
@@ -222,6 +239,14 @@ void Cifar10Dataset::Read(int64_t index, uint8_t* chw) const {
   std::copy_n(pixels_.data() + index * (kRecordBytes - 1), kRecordBytes - 1, chw);
 }
 
+std::vector<std::string> Cifar10Dataset::class_names() const {
+  return {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"};
+}
+
+std::string Cifar10Dataset::Origin(int64_t index) const {
+  return "record " + std::to_string(index) + " of " + source_;
+}
+
 std::string Cifar10Dataset::Describe() const {
   return "cifar10: " + std::to_string(size()) + " images of 32x32 from " + source_;
 }
@@ -238,6 +263,24 @@ ImageFolderDataset::ImageFolderDataset(const std::string& path, int image_size, 
   }
   if (files.empty()) throw DataError(path + ": no PNG or JPEG images found (searched recursively)");
   std::sort(files.begin(), files.end());
+  // Classes: the first-level subfolders that hold images, by name.
+  std::vector<std::string> subfolder(files.size());
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    const fs::path relative = fs::path(files[i]).lexically_relative(path);
+    if (std::distance(relative.begin(), relative.end()) > 1) {
+      subfolder[i] = relative.begin()->string();
+      classes_.push_back(subfolder[i]);
+    }
+  }
+  std::sort(classes_.begin(), classes_.end());
+  classes_.erase(std::unique(classes_.begin(), classes_.end()), classes_.end());
+  for (const std::string& name : subfolder) {
+    labels_.push_back(
+        name.empty() ? -1
+                     : static_cast<int>(std::lower_bound(classes_.begin(), classes_.end(), name) -
+                                        classes_.begin()));
+  }
+  files_ = files;
   const int64_t image_bytes = static_cast<int64_t>(channels) * image_size * image_size;
   pixels_.resize(files.size() * image_bytes);
   std::vector<uint8_t> resized(image_bytes);
@@ -291,6 +334,26 @@ void ImageFolderDataset::Read(int64_t index, uint8_t* chw) const {
 std::string ImageFolderDataset::Describe() const {
   return "folder: " + std::to_string(count_) + " images from " + path_ + ", centre-cropped to " +
          std::to_string(image_size_) + "x" + std::to_string(image_size_);
+}
+
+void CheckLabels(const ImageDataset& data, int num_classes) {
+  if (data.num_classes() != num_classes) {
+    throw ConfigError("model.num_classes: " + std::to_string(num_classes) + ", but the data (" +
+                      data.Describe() + ") has " + std::to_string(data.num_classes()) + " classes" +
+                      (data.num_classes() == 0 ? " (it is unlabelled; a folder's classes are its "
+                                                 "first-level subfolders)"
+                                               : ""));
+  }
+  for (int64_t i = 0; i < data.size(); ++i) {
+    const int label = data.label(i);
+    if (label < 0 || label >= num_classes) {
+      throw DataError(data.Origin(i) + ": " +
+                      (label < 0 ? std::string("has no class (it is not in a class subfolder)")
+                                 : "has class " + std::to_string(label) + ", outside [0, " +
+                                       std::to_string(num_classes) + ")") +
+                      "; a class-conditional model trains on labelled images only");
+    }
+  }
 }
 
 std::unique_ptr<ImageDataset> MakeDataset(const Config& config) {
@@ -438,6 +501,8 @@ void BatchLoader::Run(DataCursor start) {
       if (flip_) flips = std::vector<uint8_t>(flips.begin() + first, flips.begin() + last);
       LoadedBatch batch;
       batch.pixels = ReadBatch(dataset_, indices, flips);
+      batch.labels.reserve(indices.size());
+      for (int64_t index : indices) batch.labels.push_back(dataset_.label(index));
       batch.count = shard_.count;
       batch.after = sampler.cursor();
       {

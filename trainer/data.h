@@ -39,10 +39,22 @@ class ImageDataset {
   virtual void Read(int64_t index, uint8_t* chw) const = 0;
   /// One line that says what this dataset is, for logs.
   virtual std::string Describe() const = 0;
+  /// Classes of a labelled dataset; 0 for an unlabelled one.
+  virtual int num_classes() const { return 0; }
+  /// The class of image index, in [0, num_classes()); -1 for an image without one.
+  virtual int label(int64_t index) const {
+    (void)index;
+    return -1;
+  }
+  /// Each class's name, in label order.
+  virtual std::vector<std::string> class_names() const { return {}; }
+  /// Where image index comes from, for messages ("record 17 of data_batch_2.bin", a file).
+  virtual std::string Origin(int64_t index) const { return "image " + std::to_string(index); }
 };
 
 /// Coloured circles, squares and triangles on plain backgrounds. Image i depends only on
-/// (seed, i), so the dataset is the same on every machine.
+/// (seed, i), so the dataset is the same on every machine. Its classes are the shape kinds:
+/// 0 circle, 1 square, 2 triangle.
 class ShapesDataset : public ImageDataset {
  public:
   ShapesDataset(int64_t size, int image_size, uint64_t seed);
@@ -51,6 +63,9 @@ class ShapesDataset : public ImageDataset {
   int channels() const override { return 3; }
   void Read(int64_t index, uint8_t* chw) const override;
   std::string Describe() const override;
+  int num_classes() const override { return 3; }
+  int label(int64_t index) const override;
+  std::vector<std::string> class_names() const override { return {"circle", "square", "triangle"}; }
 
  private:
   int64_t size_;
@@ -74,7 +89,10 @@ class Cifar10Dataset : public ImageDataset {
   void Read(int64_t index, uint8_t* chw) const override;
   std::string Describe() const override;
   /// The class (0-9) of image index.
-  int label(int64_t index) const { return labels_.at(index); }
+  int label(int64_t index) const override { return labels_.at(index); }
+  int num_classes() const override { return 10; }
+  std::vector<std::string> class_names() const override;
+  std::string Origin(int64_t index) const override;
   /// The file names a split reads, in order.
   static std::vector<std::string> FileNames(CifarSplit split);
 
@@ -87,7 +105,9 @@ class Cifar10Dataset : public ImageDataset {
 };
 
 /// Every PNG and JPEG under a folder (recursively, in sorted path order), centre-cropped to a
-/// square and resized to image_size. Decoded once, up front, so a bad file fails at start.
+/// square and resized to image_size. Decoded once, up front, so a bad file fails at start. Its
+/// classes are its first-level subfolders in sorted name order (an image directly in the
+/// folder has none).
 class ImageFolderDataset : public ImageDataset {
  public:
   ImageFolderDataset(const std::string& path, int image_size, int channels);
@@ -96,8 +116,15 @@ class ImageFolderDataset : public ImageDataset {
   int channels() const override { return channels_; }
   void Read(int64_t index, uint8_t* chw) const override;
   std::string Describe() const override;
+  int num_classes() const override { return static_cast<int>(classes_.size()); }
+  int label(int64_t index) const override { return labels_.at(index); }
+  std::vector<std::string> class_names() const override { return classes_; }
+  std::string Origin(int64_t index) const override { return files_.at(index); }
 
  private:
+  std::vector<std::string> files_;
+  std::vector<std::string> classes_;
+  std::vector<int> labels_;
   std::string path_;
   int image_size_;
   int channels_;
@@ -152,9 +179,16 @@ struct DataShard {
   static DataShard Of(int64_t global_batch, int rank, int world_size);
 };
 
-/// One batch from the loader: uint8 NCHW pixels and the sampler's cursor right after it.
+/// The labels a conditional model trains on: checks that data has exactly num_classes classes
+/// and that every image has one; throws ConfigError (the counts differ) or DataError (naming
+/// the first image without a class).
+void CheckLabels(const ImageDataset& data, int num_classes);
+
+/// One batch from the loader: uint8 NCHW pixels, each image's class (-1: none) and the
+/// sampler's cursor right after it.
 struct LoadedBatch {
   std::vector<uint8_t> pixels;
+  std::vector<int64_t> labels;
   int64_t count = 0;
   DataCursor after;
 };

@@ -188,6 +188,19 @@ StepDraw Trainer::DrawTimestepsAndNoise(int64_t step, int64_t first_position, in
   return draw;
 }
 
+std::vector<uint8_t> Trainer::DrawLabelDropout(int64_t step, int64_t first_position,
+                                               int64_t count) const {
+  std::vector<uint8_t> dropped(count, 0);
+  if (config_.model.num_classes == 0 || config_.train.label_dropout <= 0) return dropped;
+  for (int64_t i = 0; i < count; ++i) {
+    // Its own stream: the timestep and noise streams stay as an unconditional run draws them.
+    SplitMix64 rng(StreamSeed(config_.train.seed, static_cast<uint64_t>(step),
+                              static_cast<uint64_t>(first_position + i), 0x6c61626cULL));
+    dropped[i] = rng.Uniform() < config_.train.label_dropout ? 1 : 0;
+  }
+  return dropped;
+}
+
 void Trainer::UpdateTimestepSampler(const std::vector<int64_t>& host_t, const torch::Tensor& losses,
                                     int64_t first_position) {
   const int64_t count = static_cast<int64_t>(host_t.size());
@@ -218,15 +231,13 @@ void Trainer::UpdateTimestepSampler(const std::vector<int64_t>& host_t, const to
 
 void Trainer::Compute(const torch::Tensor& images, const torch::Tensor& t,
                       const torch::Tensor& noise, const torch::Tensor& weight,
-                      torch::Tensor& values, torch::Tensor& losses) {
+                      const torch::Tensor& labels, torch::Tensor& values, torch::Tensor& losses) {
   const int accum = micro_batches_;
   params_->grad().zero_();
   // The forward under bf16 autocast when asked; its output, and so the loss, back in fp32.
   const bool bf16 = config_.train.precision == Precision::kBf16;
-  const Denoiser denoiser = [this, bf16](const torch::Tensor& x, const torch::Tensor& tt) {
-    AutocastScope autocast(device_.type(), bf16);
-    return model_->forward(x, tt).to(torch::kFloat32);
-  };
+  const std::vector<torch::Tensor> micro_labels =
+      labels.defined() ? labels.chunk(accum, 0) : std::vector<torch::Tensor>(accum);
   const auto micro_images = images.chunk(accum, 0);
   const auto micro_t = t.chunk(accum, 0);
   const auto micro_noise = noise.chunk(accum, 0);
@@ -239,6 +250,11 @@ void Trainer::Compute(const torch::Tensor& images, const torch::Tensor& t,
   torch::Tensor quartile_loss = torch::zeros({kTimestepQuartiles}, float64);
   torch::Tensor quartile_count = torch::zeros({kTimestepQuartiles}, float64);
   for (std::size_t m = 0; m < micro_images.size(); ++m) {
+    const torch::Tensor& y = micro_labels[m];
+    const Denoiser denoiser = [this, bf16, &y](const torch::Tensor& x, const torch::Tensor& tt) {
+      AutocastScope autocast(device_.type(), bf16);
+      return model_->forward(x, tt, y).to(torch::kFloat32);
+    };
     const DiffusionLoss out = diffusion_.TrainingLoss(denoiser, micro_images[m], micro_t[m],
                                                       micro_noise[m], micro_weight[m]);
     if (losses.defined()) {
@@ -285,6 +301,8 @@ struct Trainer::StepGraph {
   static constexpr int kWarmupSteps = 3;
   at::cuda::CUDAGraph graph;
   torch::Tensor images, t, noise, values;
+  /// A class-conditional model's labels (after label dropout).
+  torch::Tensor labels;
   /// With a loss-aware timestep sampler: the importance weights and per-sample losses.
   torch::Tensor weight, losses;
   int eager_steps = 0;
@@ -298,10 +316,29 @@ struct Trainer::StepGraph {
 
 bool Trainer::graph_captured() const { return graph_ != nullptr && graph_->captured; }
 
-StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
+StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position,
+                        const torch::Tensor& labels) {
   const int accum = micro_batches_;
   TORCH_CHECK(batch.size(0) % accum == 0, "batch of ", batch.size(0),
               " images does not split into ", accum, " micro-batches");
+  const int classes = config_.model.num_classes;
+  torch::Tensor y;
+  if (classes > 0) {
+    TORCH_CHECK(labels.defined() && labels.dim() == 1 && labels.size(0) == batch.size(0),
+                "a class-conditional model (model.num_classes ", classes, ") trains on one label ",
+                "per image; got ", labels.defined() ? labels.sizes() : torch::IntArrayRef{});
+    y = labels.to(torch::kLong).to(torch::kCPU).clone();
+    TORCH_CHECK(y.min().item<int64_t>() >= 0 && y.max().item<int64_t>() < classes,
+                "labels outside [0, ", classes, ")");
+    // Classifier-free guidance's training (Ho & Salimans 2022): some labels become "no class".
+    const std::vector<uint8_t> dropped = DrawLabelDropout(step_, first_position, y.size(0));
+    for (int64_t i = 0; i < y.size(0); ++i) {
+      if (dropped[i] != 0) y.data_ptr<int64_t>()[i] = classes;
+    }
+    y = y.to(device_, /*non_blocking=*/true);
+  } else {
+    TORCH_CHECK(!labels.defined(), "labels given to an unconditional model (model.num_classes 0)");
+  }
   model_->train();
   StepStats stats;
   stats.lr = WarmupLearningRate(config_.train, step_ + 1) * lr_scale_;
@@ -321,7 +358,7 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
     stats.values = torch::empty({kStepValues}, images.options().dtype(torch::kFloat64));
     torch::Tensor losses;
     if (learns) losses = torch::empty({images.size(0)}, images.options().dtype(torch::kFloat64));
-    Compute(images, t, noise, draw.weight, stats.values, losses);
+    Compute(images, t, noise, draw.weight, y, stats.values, losses);
     if (learns) UpdateTimestepSampler(draw.host_t, losses, first_position);
     ++step_;
     return stats;
@@ -338,6 +375,7 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
     graph_->images = torch::empty_like(images);
     graph_->t = torch::empty_like(t);
     graph_->noise = torch::empty_like(noise);
+    if (y.defined()) graph_->labels = torch::empty_like(y);
     graph_->values = torch::empty({kStepValues}, images.options().dtype(torch::kFloat64));
     if (learns) {
       // The captured step always takes importance weights; ones while the draw is uniform.
@@ -352,6 +390,7 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
   g.images.copy_(images, /*non_blocking=*/true);
   g.t.copy_(t, /*non_blocking=*/true);
   g.noise.copy_(noise, /*non_blocking=*/true);
+  if (y.defined()) g.labels.copy_(y, /*non_blocking=*/true);
   if (learns) {
     if (draw.weight.defined()) {
       g.weight.copy_(draw.weight, /*non_blocking=*/true);
@@ -372,14 +411,14 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position) {
     {
       c10::cuda::CUDAStreamGuard guard(side);
       if (g.eager_steps < StepGraph::kWarmupSteps) {
-        Compute(g.images, g.t, g.noise, g.weight, g.values, g.losses);
+        Compute(g.images, g.t, g.noise, g.weight, g.labels, g.values, g.losses);
         ++g.eager_steps;
       } else {
         // Autocast's cache of bf16 weights would outlive the capture's memory pool.
         const bool cache = at::autocast::is_autocast_cache_enabled();
         at::autocast::set_autocast_cache_enabled(false);
         g.graph.capture_begin();
-        Compute(g.images, g.t, g.noise, g.weight, g.values, g.losses);
+        Compute(g.images, g.t, g.noise, g.weight, g.labels, g.values, g.losses);
         g.graph.capture_end();
         at::autocast::set_autocast_cache_enabled(cache);
         g.captured = true;
@@ -514,17 +553,75 @@ std::map<std::string, torch::Tensor> WeightsFromState(
   return out;
 }
 
-Denoiser EvalDenoiser(UNet& model, Precision precision) {
-  model->eval();
-  if (precision == Precision::kFp32) {
-    return [model](const torch::Tensor& x, const torch::Tensor& t) mutable {
-      return model->forward(x, t);
+Denoiser GuidedDenoiser(LabelledDenoiser model, torch::Tensor labels, int64_t null_label, double w,
+                        int64_t channels) {
+  TORCH_CHECK(std::isfinite(w), "guidance scale ", w, " is not finite");
+  if (w == 1.0) {
+    return [model, labels](const torch::Tensor& x, const torch::Tensor& t) {
+      return model(x, t, labels.to(x.device()));
     };
   }
-  return [model](const torch::Tensor& x, const torch::Tensor& t) mutable {
-    AutocastScope autocast(x.device().type(), true);
-    return model->forward(x, t).to(torch::kFloat32);
+  const torch::Tensor none = torch::full_like(labels, null_label);
+  if (w == 0.0) {
+    return [model, none](const torch::Tensor& x, const torch::Tensor& t) {
+      return model(x, t, none.to(x.device()));
+    };
+  }
+  return [model, labels, none, w, channels](const torch::Tensor& x, const torch::Tensor& t) {
+    const int64_t n = x.size(0);
+    const torch::Tensor both =
+        model(torch::cat({x, x}), torch::cat({t, t}), torch::cat({labels, none}).to(x.device()));
+    const torch::Tensor conditional = both.narrow(0, 0, n);
+    const torch::Tensor unconditional = both.narrow(0, n, n);
+    const torch::Tensor eps_c = conditional.narrow(1, 0, channels);
+    const torch::Tensor eps_u = unconditional.narrow(1, 0, channels);
+    const torch::Tensor guided = eps_u + w * (eps_c - eps_u);
+    if (conditional.size(1) == channels) return guided;
+    return torch::cat({guided, conditional.narrow(1, channels, conditional.size(1) - channels)}, 1);
   };
+}
+
+Denoiser EvalDenoiser(UNet& model, Precision precision, const torch::Tensor& labels,
+                      double guidance) {
+  model->eval();
+  LabelledDenoiser forward;
+  if (precision == Precision::kFp32) {
+    forward = [model](const torch::Tensor& x, const torch::Tensor& t,
+                      const torch::Tensor& y) mutable { return model->forward(x, t, y); };
+  } else {
+    forward = [model](const torch::Tensor& x, const torch::Tensor& t,
+                      const torch::Tensor& y) mutable {
+      AutocastScope autocast(x.device().type(), true);
+      return model->forward(x, t, y).to(torch::kFloat32);
+    };
+  }
+  if (!labels.defined()) {
+    return [forward](const torch::Tensor& x, const torch::Tensor& t) {
+      return forward(x, t, torch::Tensor());
+    };
+  }
+  const ModelConfig& m = model->config();
+  TORCH_CHECK(m.num_classes > 0, "labels given to an unconditional model (model.num_classes 0)");
+  return GuidedDenoiser(forward, labels.to(torch::kLong), m.num_classes, guidance, m.in_channels);
+}
+
+torch::Tensor BlockLabels(const std::vector<int>& classes, const std::vector<int64_t>& indices,
+                          int64_t total) {
+  if (classes.empty()) return {};
+  const auto n = static_cast<int64_t>(indices.size());
+  torch::Tensor labels = torch::empty({n}, torch::kLong);
+  const auto k = static_cast<int64_t>(classes.size());
+  for (int64_t i = 0; i < n; ++i) {
+    labels.data_ptr<int64_t>()[i] = classes[static_cast<std::size_t>(indices[i] * k / total)];
+  }
+  return labels;
+}
+
+std::vector<int> ClassesToSample(const Config& config) {
+  if (config.model.num_classes == 0 || !config.sample.classes.empty()) return config.sample.classes;
+  std::vector<int> all(config.model.num_classes);
+  for (int k = 0; k < config.model.num_classes; ++k) all[k] = k;
+  return all;
 }
 
 }  // namespace ddpm

@@ -111,7 +111,11 @@ class Trainer {
   /// The batch holds positions [first_position, first_position + B) of the step's global batch;
   /// each sample's timestep and noise are drawn from (seed, step, position), so they do not
   /// depend on how the global batch is split across ranks and micro-batches.
-  StepStats Step(const torch::Tensor& batch, int64_t first_position = 0);
+  /// A class-conditional model (model.num_classes) takes labels [B] (int64, each in
+  /// [0, num_classes)); each is replaced by "no class" with probability train.label_dropout,
+  /// drawn from (seed, step, position) like the timesteps (DrawLabelDropout).
+  StepStats Step(const torch::Tensor& batch, int64_t first_position = 0,
+                 const torch::Tensor& labels = {});
   /// Multiplies every later step's learning rate (warmup included) by scale; a divergence
   /// rollback lowers it.
   void set_lr_scale(double scale) { lr_scale_ = scale; }
@@ -127,6 +131,11 @@ class Trainer {
   /// stream seeded by (seed, step, position) gives its timestep, then its noise [...shape].
   StepDraw DrawTimestepsAndNoise(int64_t step, int64_t first_position, int64_t count,
                                  torch::IntArrayRef shape) const;
+  /// Which samples at positions [first_position, first_position + count) of global step `step`
+  /// train with "no class" (1) instead of their label: each a coin of probability
+  /// train.label_dropout from its own stream (seed, step, position), so the choice does not
+  /// depend on the ranks or micro-batches. All 0 for an unconditional model.
+  std::vector<uint8_t> DrawLabelDropout(int64_t step, int64_t first_position, int64_t count) const;
   /// The timestep sampler (train.timestep_sampler) and its loss history.
   const TimestepSampler& timestep_sampler() const { return timestep_sampler_; }
 
@@ -175,7 +184,8 @@ class Trainer {
   /// defined, each sample's loss into losses. Never waits for the device, so it can be
   /// captured.
   void Compute(const torch::Tensor& images, const torch::Tensor& t, const torch::Tensor& noise,
-               const torch::Tensor& weight, torch::Tensor& values, torch::Tensor& losses);
+               const torch::Tensor& weight, const torch::Tensor& labels, torch::Tensor& values,
+               torch::Tensor& losses);
   /// Feeds the step's per-sample losses (this rank's, at first_position) to the timestep
   /// sampler, after gathering the global batch's across ranks. Waits for the step.
   void UpdateTimestepSampler(const std::vector<int64_t>& host_t, const torch::Tensor& losses,
@@ -195,8 +205,32 @@ std::map<std::string, torch::Tensor> StateForRank(
 std::map<std::string, torch::Tensor> WeightsFromState(
     const std::map<std::string, torch::Tensor>& state, const std::string& which);
 
+/// A denoiser that takes labels: [B] int64, a class or null_label ("no class").
+using LabelledDenoiser = std::function<torch::Tensor(
+    const torch::Tensor& x_t, const torch::Tensor& t, const torch::Tensor& y)>;
+
+/// Classifier-free guidance (Ho & Salimans 2022) of labels [B] at scale w, in the convention
+///   eps = eps(x, t, no class) + w (eps(x, t, y) - eps(x, t, no class)),
+/// so w = 1 is the conditional model and w = 0 the unconditional one (their single pass, so
+/// exactly), and w > 1 guides. Otherwise the conditional and unconditional halves run as one
+/// batch of 2B. Only the first `channels` output channels are guided; learned variances (the
+/// rest) are the conditional pass's, as GLIDE and improved-diffusion do.
+Denoiser GuidedDenoiser(LabelledDenoiser model, torch::Tensor labels, int64_t null_label, double w,
+                        int64_t channels);
+
 /// A Denoiser that runs module in eval mode (no dropout); with bf16, under bf16 autocast and
-/// returning fp32.
-Denoiser EvalDenoiser(UNet& model, Precision precision = Precision::kFp32);
+/// returning fp32. A class-conditional model samples labels [B] with guidance w
+/// (GuidedDenoiser), or "no class" when labels is undefined.
+Denoiser EvalDenoiser(UNet& model, Precision precision = Precision::kFp32,
+                      const torch::Tensor& labels = {}, double guidance = 1.0);
+
+/// The labels of the images at indices of a job of total images over classes (empty: undefined,
+/// no labels): contiguous blocks, class classes[i * |classes| / total] for image i, so that a
+/// grid of |classes| rows shows one class per row.
+torch::Tensor BlockLabels(const std::vector<int>& classes, const std::vector<int64_t>& indices,
+                          int64_t total);
+/// sample.classes, or every class of a conditional model when it lists none; empty for an
+/// unconditional model.
+std::vector<int> ClassesToSample(const Config& config);
 
 }  // namespace ddpm

@@ -72,6 +72,21 @@ void CheckLearnSigma(const ModelConfig& model, const std::map<std::string, torch
   }
 }
 
+void CheckNumClasses(const ModelConfig& model, const std::map<std::string, torch::Tensor>& weights,
+                     const std::string& origin) {
+  const auto it = weights.find("class_embed.weight");
+  const int trained =
+      it == weights.end() || it->second.dim() < 1 ? 0 : static_cast<int>(it->second.size(0)) - 1;
+  if (trained != model.num_classes) {
+    const auto describe = [](int classes) {
+      return classes == 0 ? std::string("0 (unconditional)") : std::to_string(classes);
+    };
+    throw std::runtime_error(origin + ": the weights are of a model with model.num_classes " +
+                             describe(trained) + "; the config says model.num_classes " +
+                             describe(model.num_classes));
+  }
+}
+
 int64_t CountParameters(const torch::nn::Module& module) {
   int64_t count = 0;
   for (const auto& p : module.parameters()) count += p.numel();
@@ -192,12 +207,31 @@ UNetImpl::UNetImpl(const ModelConfig& config, uint64_t seed) : config_(config) {
   conv_out_ =
       register_module("conv_out", Conv(cur, config.in_channels * (config.learn_sigma ? 2 : 1), 3, 1,
                                        1, kZeroInitScale, generator));
+  if (config.num_classes > 0) {
+    // Registered last, so that an unconditional model's parameters keep their order. N(0, 1)
+    // rows, as torch.nn.Embedding and guided-diffusion's label_emb start.
+    class_embed_ =
+        register_module("class_embed", torch::nn::Embedding(config.num_classes + 1, temb_ch));
+    torch::NoGradGuard no_grad;
+    class_embed_->weight.copy_(at::normal(0.0, 1.0, class_embed_->weight.sizes(), generator));
+  }
 }
 
-torch::Tensor UNetImpl::forward(const torch::Tensor& x, const torch::Tensor& t) {
+torch::Tensor UNetImpl::forward(const torch::Tensor& x, const torch::Tensor& t,
+                                const torch::Tensor& y) {
   // The embedding is computed in float32 and takes the images' type (float64 in golden tests).
   torch::Tensor temb = TimestepEmbedding(t, config_.ch).to(x.scalar_type());
   temb = temb_dense1_(torch::silu(temb_dense0_(temb)));
+  if (class_embed_) {
+    // Dhariwal & Nichol's label embedding, added to the timestep's; no labels: "no class".
+    const torch::Tensor labels =
+        y.defined() ? y
+                    : torch::full({x.size(0)}, config_.num_classes,
+                                  torch::TensorOptions().dtype(torch::kLong).device(x.device()));
+    temb = temb + class_embed_(labels).to(temb.scalar_type());
+  } else {
+    TORCH_CHECK(!y.defined(), "labels given to an unconditional UNet (model.num_classes: 0)");
+  }
 
   const int levels = static_cast<int>(config_.ch_mult.size());
   std::vector<torch::Tensor> hs = {conv_in_(x)};

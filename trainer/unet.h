@@ -51,8 +51,11 @@ class UNetImpl : public torch::nn::Module {
   /// Builds the network and initializes it like the authors' code from seed.
   UNetImpl(const ModelConfig& config, uint64_t seed = 0);
   /// eps_theta(x_t, t) [B,C,H,W] (with learn_sigma [B,2C,H,W], the second half v of the
-  /// variance): x [B,C,H,W] in data space, t [B] int64 timesteps.
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t);
+  /// variance): x [B,C,H,W] in data space, t [B] int64 timesteps. y: [B] int64 labels of a
+  /// class-conditional model, each in [0, num_classes] (num_classes: "no class"); undefined:
+  /// no class for every sample. An unconditional model takes no labels.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t,
+                        const torch::Tensor& y = {});
 
   const ModelConfig& config() const { return config_; }
 
@@ -69,6 +72,8 @@ class UNetImpl : public torch::nn::Module {
   std::vector<torch::nn::Conv2d> upsample_;
   torch::nn::GroupNorm norm_out_{nullptr};
   torch::nn::Conv2d conv_out_{nullptr};
+  /// num_classes + 1 rows (the last: "no class"); null for an unconditional model.
+  torch::nn::Embedding class_embed_{nullptr};
 };
 TORCH_MODULE(UNet);
 
@@ -80,6 +85,10 @@ int64_t CountParameters(const torch::nn::Module& module);
 /// Throws std::runtime_error naming origin and both settings when weights were trained with
 /// learned variances and model does not have them, or the reverse (conv_out's channels).
 void CheckLearnSigma(const ModelConfig& model, const std::map<std::string, torch::Tensor>& weights,
+                     const std::string& origin);
+/// Throws std::runtime_error naming origin and both settings when weights were trained with
+/// another model.num_classes than model's (class_embed's rows, or none).
+void CheckNumClasses(const ModelConfig& model, const std::map<std::string, torch::Tensor>& weights,
                      const std::string& origin);
 
 }  // namespace ddpm

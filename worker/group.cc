@@ -130,6 +130,7 @@ struct Member {
       eval.set_inception_sha256(report.inception_sha256);
       eval.set_reference_sha256(report.reference_sha256);
       eval.set_regularized(report.regularized);
+      if (report.guided) eval.set_guidance(report.guidance);
     }
     if (report.has_nll) {
       eval.set_nll_bits_per_dim(report.nll_bits_per_dim);

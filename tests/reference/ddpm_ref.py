@@ -81,7 +81,8 @@ class Upsample(nn.Conv2d):
 
 class UNet(nn.Module):
     def __init__(self, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                 dropout=0.1, image_size=32, in_channels=3, norm_groups=32, learn_sigma=False):
+                 dropout=0.1, image_size=32, in_channels=3, norm_groups=32, learn_sigma=False,
+                 num_classes=0):
         super().__init__()
         self.ch = ch
         self.ch_mult = tuple(ch_mult)
@@ -89,6 +90,12 @@ class UNet(nn.Module):
         temb_ch = 4 * ch
         self.temb_dense0 = nn.Linear(ch, temb_ch)
         self.temb_dense1 = nn.Linear(temb_ch, temb_ch)
+        # Class conditioning as guided-diffusion writes it (Dhariwal & Nichol 2021: the label's
+        # embedding added to the timestep's), with one more row for "no class", the null label
+        # of classifier-free guidance (Ho & Salimans 2022) that a dropped label becomes.
+        self.num_classes = num_classes
+        if num_classes > 0:
+            self.class_embed = nn.Embedding(num_classes + 1, temb_ch)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         skip_chs = [ch]
         cur_ch, res = ch, image_size
@@ -121,9 +128,15 @@ class UNet(nn.Module):
         # Learned variances (Nichol & Dhariwal 2021): a second set of output channels.
         self.conv_out = nn.Conv2d(cur_ch, in_channels * (2 if learn_sigma else 1), 3, padding=1)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
+        """y: [B] int64 labels in [0, num_classes], num_classes meaning "no class"; None: no
+        class for every sample."""
         temb = timestep_embedding(t, self.ch).to(x.dtype)
         temb = self.temb_dense1(F.silu(self.temb_dense0(temb)))
+        if self.num_classes > 0:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long)
+            temb = temb + self.class_embed(y).to(x.dtype)
         hs = [self.conv_in(x)]
         levels = len(self.ch_mult)
         for level in range(levels):
