@@ -11,15 +11,11 @@ import sys
 import time
 
 import torch
-import yaml
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
-                                "reference"))
+import ref_config  # noqa: E402  (puts tests/reference on the path)
 from ddpm_ref import Schedule, UNet  # noqa: E402
 
-MODEL_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "image_size",
-              "in_channels", "norm_groups", "learn_sigma")
 
 
 def main():
@@ -32,10 +28,8 @@ def main():
     args = parser.parse_args()
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    with open(args.config) as f:
-        cfg = yaml.safe_load(f) or {}
-    model_cfg = {k: v for k, v in (cfg.get("model") or {}).items() if k in MODEL_KEYS}
-    diffusion_cfg = cfg.get("diffusion") or {}
+    sections, model_cfg = ref_config.load(args.config)
+    diffusion_cfg = sections["diffusion"]
     timesteps = diffusion_cfg.get("timesteps", 1000)
     s = Schedule(timesteps, diffusion_cfg.get("beta_start", 1e-4),
                  diffusion_cfg.get("beta_end", 0.02))

@@ -15,14 +15,10 @@ import sys
 import time
 
 import torch
-import yaml
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
-                                "reference"))
+import ref_config  # noqa: E402  (puts tests/reference on the path)
 from ddpm_ref import Schedule, UNet, loss_hybrid  # noqa: E402
 
-MODEL_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "image_size",
-              "in_channels", "norm_groups", "learn_sigma")
 
 
 def quantile(values, q):
@@ -44,14 +40,10 @@ def main():
     parser.add_argument("--sample-steps", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = {}
-    if args.config:
-        with open(args.config) as f:
-            cfg = yaml.safe_load(f) or {}
-    model_cfg = {k: v for k, v in (cfg.get("model") or {}).items() if k in MODEL_KEYS}
-    train_cfg = cfg.get("train") or {}
-    diffusion_cfg = cfg.get("diffusion") or {}
-    sample_cfg = cfg.get("sample") or {}
+    sections, model_cfg = ref_config.load(args.config)
+    train_cfg = sections["train"]
+    diffusion_cfg = sections["diffusion"]
+    sample_cfg = sections["sample"]
     if "DDPM_MODEL_LEARN_SIGMA" in os.environ:
         model_cfg["learn_sigma"] = os.environ["DDPM_MODEL_LEARN_SIGMA"] == "true"
     loss_kind = os.environ.get("DDPM_DIFFUSION_LOSS", diffusion_cfg.get("loss", "l2"))

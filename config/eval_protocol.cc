@@ -9,8 +9,8 @@
 namespace ddpm {
 
 const std::vector<std::string>& EvalProtocolKeys() {
-  static const std::vector<std::string> keys = {"num_samples", "sampler",   "steps",
-                                                "seed",        "is_logits", "batch_size"};
+  static const std::vector<std::string> keys = {"num_samples", "sampler",    "steps",   "seed",
+                                                "is_logits",   "batch_size", "guidance"};
   return keys;
 }
 

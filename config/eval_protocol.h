@@ -11,7 +11,7 @@
 namespace ddpm {
 
 /// The keys a protocol may set, under eval: num_samples, sampler, steps, seed, is_logits,
-/// batch_size.
+/// batch_size, guidance (a class-conditional model's).
 const std::vector<std::string>& EvalProtocolKeys();
 
 /// The protocol file's settings as ("eval.KEY", YAML value) in the file's order, each checked

@@ -413,6 +413,11 @@ v1::Run Coordinator::StartEval(const v1::StartEvalRequest& request) {
   if (request.has_batch_size()) {
     overrides.emplace_back("eval.batch_size", std::to_string(request.batch_size()));
   }
+  if (request.has_guidance()) {
+    char text[40];
+    std::snprintf(text, sizeof(text), "%.17g", request.guidance());
+    overrides.emplace_back("eval.guidance", text);
+  }
   if (!request.reference_stats().empty()) {
     overrides.emplace_back("eval.reference_stats", request.reference_stats());
   }

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Evaluation jobs in the service (ddpmctl eval), with the real binaries on loopback and random
 # Inception weights in the standard layout (tests/reference/fid_ref.py):
-#   1. a run trains to completion with checkpoints at steps 10, 20 and 30;
+#   1. a class-conditional run trains to completion with checkpoints at steps 10, 20 and 30;
 #   2. bad requests are refused naming the culprit, and store nothing;
 #   3. `ddpmctl eval RUN --checkpoint all` runs on a 2-rank group; the group is SIGKILLed while
 #      the second checkpoint is half sampled; the coordinator declares it lost and re-queues
 #      the job, a new group resumes it from the samples and results already saved;
-#   4. the results, per checkpoint, equal `ddpm_fid checkpoint` of each checkpoint with the same
-#      protocol (so the resumed checkpoint equals an uninterrupted evaluation), and are in
+#   4. the results (class-balanced, guidance 2), per checkpoint, equal `ddpm_fid checkpoint` of
+#      each checkpoint with the same protocol (so the resumed checkpoint equals an uninterrupted evaluation), and are in
 #      ddpmctl get, sweep.csv, sweep.png and the coordinator's /metrics.
 # usage: e2e_eval_job.sh MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL DDPM_FID PYTHON SOURCE_DIR
 # Exits 77 (skipped) when PYTHON lacks torch, torchvision or numpy.
@@ -29,13 +29,16 @@ heartbeat_timeout=4
 start_coordinator
 start_group group1.log
 
-say "1. a run trains with checkpoints at steps 10, 20 and 30"
-sed -e 's/checkpoint_every: 20/checkpoint_every: 10, keep_checkpoints: 5/' "$work/tiny.yaml" \
-  > "$work/run.yaml"
+say "1. a class-conditional run trains with checkpoints at steps 10, 20 and 30"
+sed -e 's/checkpoint_every: 20/checkpoint_every: 10, keep_checkpoints: 5/' \
+  -e 's/^model: {ch: 16,/model: {num_classes: 3, ch: 16,/' "$work/tiny.yaml" > "$work/run.yaml"
 ctl start "$work/run.yaml" --name trained --watch > "$work/train_watch.log" || fail "training failed"
 run=trained-1
 [ "$(field "$run" 'r["latest_checkpoint"]["step"]')" = 30 ] || fail "no checkpoint at 30: $(ctl get "$run")"
 run_dir=$(field "$run" 'r["run_dir"]')
+ctl get "$run" > "$work/get_run.txt"
+grep -qE "^  classes +3 \(names in $run_dir/classes.txt\), label dropout 0.1, sample guidance 1$" \
+  "$work/get_run.txt" || fail "ddpmctl get shows no classes: $(cat "$work/get_run.txt")"
 
 say "2. bad requests are refused naming the culprit"
 refused() {  # EXPECTED-TEXT ARGS...: ddpmctl eval ARGS must fail saying EXPECTED-TEXT
@@ -60,7 +63,7 @@ refused "eval.reference_stats (ddpmctl eval --ref): empty" "$run" --inception "$
 say "3. an evaluation job of every checkpoint; its group is killed mid-way and a new one resumes it"
 # The protocol as a file, as configs/eval/*.yaml (both tools read it).
 cat > "$work/protocol.yaml" <<'YAML'
-eval: {num_samples: 24, sampler: ddim, steps: 4, batch_size: 2, is_logits: unbiased}
+eval: {num_samples: 24, sampler: ddim, steps: 4, batch_size: 2, is_logits: unbiased, guidance: 2}
 YAML
 protocol=(--protocol "$work/protocol.yaml")
 job=$(ctl eval "$run" --checkpoint all "${protocol[@]}" "${files[@]}" --json |
@@ -122,7 +125,8 @@ for result, row in zip(results, rows):
     assert abs(float(line[0].split()[-1]) - result["fid"]) <= 1e-9 * max(1, result["fid"]), line
     assert any(l.startswith("ddpm_eval_checkpoint_inception_score{") and f'step="{step}"' in l
                for l in prom.splitlines()), "no IS series for step %d" % step
-    assert re.search(r"^\s+%d\s+%.4f\s+%.4f \+- %.4f\s+24  ddim 4 steps, unbiased logits$" % (
+    assert result["guidance"] == 2, result
+    assert re.search(r"^\s+%d\s+%.4f\s+%.4f \+- %.4f\s+24  ddim 4 steps, unbiased logits, guidance 2$" % (
         step, result["fid"], result["inception_score"], result["inception_score_std"]), get, re.M), get
 png = open(f"{job_dir}/sweep.png", "rb").read()
 assert png[:8] == b"\x89PNG\r\n\x1a\n", "sweep.png is not a PNG"

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "base/text.h"
+#include "config/config.h"
 #include "ddpm/v1/control.grpc.pb.h"
 #include "proto/run_state.h"
 
@@ -145,6 +146,19 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
     }
     row("placement", split + " (attempt " + std::to_string(p.attempt()) + ")");
   }
+  // A class-conditional model: its classes (their names are in the run directory's
+  // classes.txt, written from the data) and its label dropout.
+  try {
+    const Config config = LoadConfigString(run.config_yaml(), "run " + run.id(), false);
+    if (config.model.num_classes > 0) {
+      row("classes", std::to_string(config.model.num_classes) + " (names in " + run.run_dir() +
+                         "/classes.txt), label dropout " +
+                         FormatNumber(config.train.label_dropout) + ", sample guidance " +
+                         FormatNumber(config.sample.guidance));
+    }
+  } catch (const ConfigError&) {
+    // A config this build cannot read: the coordinator says so in the run's state.
+  }
   row("priority", std::to_string(run.priority()));
   row("restarts", std::to_string(run.restarts()) + " of " + std::to_string(run.max_restarts()));
   row("run dir", run.run_dir());
@@ -191,10 +205,12 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
     for (const v1::EvalResult& r : run.evaluation().results()) {
       char is[64];
       std::snprintf(is, sizeof(is), "%.4f +- %.4f", r.inception_score(), r.inception_score_std());
-      std::fprintf(out, "    %10lld %12.4f %20s %9lld  %s %d steps, %s logits%s\n",
+      std::fprintf(out, "    %10lld %12.4f %20s %9lld  %s %d steps, %s logits%s%s\n",
                    static_cast<long long>(r.step()), r.fid(), is,
                    static_cast<long long>(r.num_samples()), r.sampler().c_str(), r.sampling_steps(),
-                   r.is_logits().c_str(), r.regularized() ? ", covariances regularized" : "");
+                   r.is_logits().c_str(),
+                   r.has_guidance() ? (", guidance " + FormatNumber(r.guidance())).c_str() : "",
+                   r.regularized() ? ", covariances regularized" : "");
     }
   }
   row("created", Time(run.created_unix_ms()));
@@ -243,6 +259,7 @@ int CtlEval(const CtlOptions& options, const EvalOptions& eval, std::string* run
   if (eval.steps) request.set_steps(*eval.steps);
   if (eval.seed) request.set_seed(*eval.seed);
   if (eval.batch_size) request.set_batch_size(*eval.batch_size);
+  if (eval.guidance) request.set_guidance(*eval.guidance);
   request.set_is_logits(eval.is_logits);
   request.set_reference_stats(eval.reference_stats);
   request.set_inception_weights(eval.inception_weights);

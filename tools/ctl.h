@@ -58,6 +58,7 @@ struct EvalOptions {
   std::optional<int> steps;
   std::optional<uint64_t> seed;
   std::optional<int> batch_size;
+  std::optional<double> guidance;
   std::string is_logits;
   std::string reference_stats;
   std::string inception_weights;

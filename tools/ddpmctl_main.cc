@@ -66,6 +66,10 @@ bool AddCommandFlags(const std::string& command, ddpm::Flags& flags) {
     flags.Add("seed", "sample i draws from (seed, i) (default: the run's eval.seed)", "");
     flags.Add("batch", "samples per forward pass on each rank (default: the run's)", "");
     flags.Add("is-logits", "unbiased (the original TF code's) or biased (default: the run's)", "");
+    flags.Add("guidance",
+              "a class-conditional model's guidance w (eps_uncond + w (eps_cond - eps_uncond); "
+              "default: the run's eval.guidance)",
+              "");
     flags.Add("ref", "reference statistics .npz every group can read (default: the run's)", "");
     flags.Add("inception", "FID Inception weights every group can read (default: the run's)", "");
     flags.Add("name", "a name; the job id is NAME-N (default: the run's name + '-eval')", "");
@@ -130,8 +134,9 @@ int RunCommand(const std::string& command, const ddpm::Flags& flags) {
       }
     }
     const std::pair<const char*, const char*> settings[] = {
-        {"num", "num_samples"}, {"batch", "batch_size"}, {"is-logits", "is_logits"},
-        {"sampler", "sampler"}, {"steps", "steps"},      {"seed", "seed"}};
+        {"num", "num_samples"},  {"batch", "batch_size"}, {"is-logits", "is_logits"},
+        {"sampler", "sampler"},  {"steps", "steps"},      {"seed", "seed"},
+        {"guidance", "guidance"}};
     for (const auto& [flag, key] : settings) {
       if (flags.Given(flag)) values[key] = flags.Get(flag);
     }
@@ -163,6 +168,16 @@ int RunCommand(const std::string& command, const ddpm::Flags& flags) {
     }
     if (values.count("steps") != 0) eval.steps = static_cast<int>(integer("steps", "steps"));
     if (values.count("seed") != 0) eval.seed = static_cast<uint64_t>(integer("seed", "seed"));
+    if (values.count("guidance") != 0) {
+      try {
+        size_t used = 0;
+        eval.guidance = std::stod(values["guidance"], &used);
+        if (used != values["guidance"].size()) throw std::invalid_argument("guidance");
+      } catch (const std::exception&) {
+        throw ddpm::FlagError("ddpmctl eval: --guidance '" + values["guidance"] +
+                              "' is not a number");
+      }
+    }
     eval.sampler = values["sampler"];
     eval.is_logits = values["is_logits"];
     eval.reference_stats = flags.Get("ref");

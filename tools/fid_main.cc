@@ -41,6 +41,10 @@ int Checkpoint(int argc, char** argv) {
   flags.Add("seed", "sample i draws from (seed, i) (default: the config's eval.seed)", "");
   flags.Add("batch", "samples per forward pass on each rank", "100");
   flags.Add("is-logits", "unbiased (the original TF code's) or biased", "unbiased");
+  flags.Add("guidance",
+            "a class-conditional model's guidance w (its samples class-balanced; default: the "
+            "config's eval.guidance)",
+            "");
   flags.Add("also-save", "a directory to keep the samples in as PNGs (000000.png onwards)", "");
   flags.Add("protocol",
             "an evaluation protocol file (configs/eval/paper.yaml, quick.yaml); flags given "
@@ -64,7 +68,8 @@ int Checkpoint(int argc, char** argv) {
       const std::pair<const char*, const char*> settings[] = {
           {"num", "eval.num_samples"},     {"batch", "eval.batch_size"},
           {"is-logits", "eval.is_logits"}, {"sampler", "eval.sampler"},
-          {"steps", "eval.steps"},         {"seed", "eval.seed"}};
+          {"steps", "eval.steps"},         {"seed", "eval.seed"},
+          {"guidance", "eval.guidance"}};
       for (const auto& [flag, key] : settings) {
         const auto in_protocol = std::find_if(
             protocol.begin(), protocol.end(),

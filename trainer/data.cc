@@ -31,38 +31,44 @@ std::string ShapesDataset::Describe() const {
          std::to_string(seed_);
 }
 
-int ShapesDataset::label(int64_t index) const {
-  if (index < 0 || index >= size_) {
-    throw std::out_of_range("shapes dataset: index " + std::to_string(index) + " is outside [0, " +
-                            std::to_string(size_) + ")");
-  }
-  // The draws of Read up to the kind, in the same order.
-  SplitMix64 rng(seed_ ^ (0x5851f42d4c957f2dULL * static_cast<uint64_t>(index + 1)));
-  std::array<int, 3> background{}, colour{};
-  for (int& c : background) c = static_cast<int>(rng.Below(256));
-  do {
-    for (int& c : colour) c = static_cast<int>(rng.Below(256));
-  } while (std::abs(colour[0] - background[0]) + std::abs(colour[1] - background[1]) +
-               std::abs(colour[2] - background[2]) <
-           180);
-  return static_cast<int>(rng.Below(3));
-}
+namespace {
 
-void ShapesDataset::Read(int64_t index, uint8_t* chw) const {
-  if (index < 0 || index >= size_) {
-    throw std::out_of_range("shapes dataset: index " + std::to_string(index) + " is outside [0, " +
-                            std::to_string(size_) + ")");
-  }
-  SplitMix64 rng(seed_ ^ (0x5851f42d4c957f2dULL * static_cast<uint64_t>(index + 1)));
+// The first draws of shape image index: its colours and its kind; the stream goes on with the
+// shape's size and place.
+struct ShapeDraw {
+  SplitMix64 rng;
   std::array<int, 3> background{}, colour{};
-  for (int& c : background) c = static_cast<int>(rng.Below(256));
+  int kind = 0;  // 0 circle, 1 square, 2 triangle
+};
+
+ShapeDraw DrawShape(uint64_t seed, int64_t index, int64_t size) {
+  if (index < 0 || index >= size) {
+    throw std::out_of_range("shapes dataset: index " + std::to_string(index) + " is outside [0, " +
+                            std::to_string(size) + ")");
+  }
+  ShapeDraw draw{SplitMix64(seed ^ (0x5851f42d4c957f2dULL * static_cast<uint64_t>(index + 1)))};
+  for (int& c : draw.background) c = static_cast<int>(draw.rng.Below(256));
   // A shape colour far enough from the background to be clearly visible.
   do {
-    for (int& c : colour) c = static_cast<int>(rng.Below(256));
-  } while (std::abs(colour[0] - background[0]) + std::abs(colour[1] - background[1]) +
-               std::abs(colour[2] - background[2]) <
+    for (int& c : draw.colour) c = static_cast<int>(draw.rng.Below(256));
+  } while (std::abs(draw.colour[0] - draw.background[0]) +
+               std::abs(draw.colour[1] - draw.background[1]) +
+               std::abs(draw.colour[2] - draw.background[2]) <
            180);
-  const int kind = static_cast<int>(rng.Below(3));  // 0 circle, 1 square, 2 triangle
+  draw.kind = static_cast<int>(draw.rng.Below(3));
+  return draw;
+}
+
+}  // namespace
+
+int ShapesDataset::label(int64_t index) const { return DrawShape(seed_, index, size_).kind; }
+
+void ShapesDataset::Read(int64_t index, uint8_t* chw) const {
+  ShapeDraw draw = DrawShape(seed_, index, size_);
+  SplitMix64& rng = draw.rng;
+  const std::array<int, 3>& background = draw.background;
+  const std::array<int, 3>& colour = draw.colour;
+  const int kind = draw.kind;
   const double n = image_size_;
   const double radius = n * (0.18 + 0.14 * rng.Uniform());
   const double cx = radius + (n - 2 * radius) * rng.Uniform();

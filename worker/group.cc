@@ -225,28 +225,44 @@ struct Member {
           ") was taken away by the coordinator");
       return false;
     }
-    v1::ReportRunEndRequest end;
-    end.set_group_id(group_id);
-    end.set_run_id(run_id);
-    end.set_attempt(attempt);
-    if (result.stopped && g_shutdown) {
-      end.set_outcome(v1::ReportRunEndRequest::INTERRUPTED);
-      end.set_message(g_shutdown_signal == SIGINT ? "SIGINT" : "SIGTERM");
-    } else if (result.stopped) {
-      end.set_outcome(v1::ReportRunEndRequest::STOPPED);
-    } else {
-      end.set_outcome(v1::ReportRunEndRequest::COMPLETED);
-    }
-    const grpc::Status status =
-        ReportWithRetry([&] { return client.ReportRunEnd(end); }, std::chrono::seconds(60));
-    channel->SetCurrentRun("", 0);
-    if (!status.ok() && status.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
-      Say(DescribeStatus("ReportRunEnd", status));
-    }
+    ReportEnd(EndRequest(run_id, attempt,
+                         result.stopped && g_shutdown ? g_shutdown_signal.load() : 0,
+                         result.stopped));
     Say("evaluation job " + run_id + " ended with " + std::to_string(result.reports.size()) +
         " of " + std::to_string(result.planned.size()) +
         " checkpoints evaluated; waiting for the next");
     return g_shutdown;
+  }
+
+  // How a run or job ended: interrupted by signal (0: none), else stopped or completed.
+  v1::ReportRunEndRequest EndRequest(const std::string& run_id, int attempt, int signal,
+                                     bool stopped) const {
+    v1::ReportRunEndRequest end;
+    end.set_group_id(group_id);
+    end.set_run_id(run_id);
+    end.set_attempt(attempt);
+    if (signal != 0) {
+      end.set_outcome(v1::ReportRunEndRequest::INTERRUPTED);
+      end.set_message(signal == SIGINT ? "SIGINT" : "SIGTERM");
+    } else if (stopped) {
+      end.set_outcome(v1::ReportRunEndRequest::STOPPED);
+    } else {
+      end.set_outcome(v1::ReportRunEndRequest::COMPLETED);
+    }
+    return end;
+  }
+
+  // Rank 0: reports the end. The group goes on claiming the run until its end is reported: a
+  // coordinator that restarts meanwhile must see the group come back with the run, not without
+  // it (which would fail and restart a run that has ended).
+  void ReportEnd(const v1::ReportRunEndRequest& end) {
+    const grpc::Status status =
+        ReportWithRetry([&] { return client.ReportRunEnd(end); }, std::chrono::seconds(60));
+    channel->SetCurrentRun("", 0);
+    // A run taken away from the group is no longer its to report.
+    if (!status.ok() && status.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
+      Say(DescribeStatus("ReportRunEnd", status));
+    }
   }
 
   // Reports an error from the rank that saw it, and that the group leaves; the caller then ends
@@ -356,31 +372,12 @@ struct Member {
           ") was taken away by the coordinator at step " + std::to_string(result.steps));
       return false;
     }
-    v1::ReportRunEndRequest end;
-    end.set_group_id(group_id);
-    end.set_run_id(run_id);
-    end.set_attempt(attempt);
+    v1::ReportRunEndRequest end =
+        EndRequest(run_id, attempt, result.interrupted_by, result.stopped_by != StopRequest::kNone);
     end.set_step(result.steps);
     if (!result.sample_grids.empty()) end.set_sample_grid(result.sample_grids.back());
     end.set_ema_weights(result.ema_weights);
-    if (result.interrupted_by != 0) {
-      end.set_outcome(v1::ReportRunEndRequest::INTERRUPTED);
-      end.set_message(result.interrupted_by == SIGINT ? "SIGINT" : "SIGTERM");
-    } else if (result.stopped_by != StopRequest::kNone) {
-      end.set_outcome(v1::ReportRunEndRequest::STOPPED);
-    } else {
-      end.set_outcome(v1::ReportRunEndRequest::COMPLETED);
-    }
-    // The group goes on claiming the run until its end is reported: a coordinator that restarts
-    // meanwhile must see the group come back with the run, not without it (which would fail
-    // and restart a run that has ended).
-    const grpc::Status status =
-        ReportWithRetry([&] { return client.ReportRunEnd(end); }, std::chrono::seconds(60));
-    channel->SetCurrentRun("", 0);
-    // A run taken away from the group is no longer its to report.
-    if (!status.ok() && status.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
-      Say(DescribeStatus("ReportRunEnd", status));
-    }
+    ReportEnd(end);
     Say("run " + run_id + " ended at step " + std::to_string(result.steps) +
         "; waiting for the next");
     return result.interrupted_by != 0;
