@@ -103,6 +103,15 @@ PY
 "$sample" --checkpoint "$work/conditional" --class 0,2 --guidance 3 --num 4 --out "$work/guided/" \
   > "$work/guided.log" || fail "ddpm_sample --class --guidance: $(cat "$work/guided.log")"
 [ "$(find "$work/guided" -name '*.png' | wc -l)" = 4 ] || fail "guided samples missing"
+# A conditional model's sample archive carries each image's class as arr_1 (int64).
+"$sample" --checkpoint "$work/conditional" --class all --num 6 --out "$work/classes.npz" \
+  > "$work/archive.log" || fail "ddpm_sample --out .npz: $(cat "$work/archive.log")"
+/usr/bin/python3 -c "
+import numpy as np
+z = np.load('$work/classes.npz')
+assert z['arr_0'].shape == (6, 32, 32, 3) and z['arr_0'].dtype == np.uint8, z['arr_0'].shape
+assert z['arr_1'].dtype == np.int64 and z['arr_1'].tolist() == [0, 0, 1, 1, 2, 2], z['arr_1']" ||
+  fail "the archive's labels"
 if "$sample" --checkpoint "$work/conditional" --class 5 --num 2 --out "$work/bad/" > "$work/bad.log" 2>&1; then
   fail "sampled class 5 of a 3-class model"
 fi

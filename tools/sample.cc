@@ -163,8 +163,10 @@ std::vector<int64_t> SampleFilesIn(const std::string& dir, int64_t count) {
 }
 
 // Reads images 0 .. count - 1 of dir into one uint8 [N, H, W, C] array and writes it as the
-// archive's arr_0, then the archive's SHA-256 beside it.
-void WriteSampleArchive(const std::string& dir, int64_t count, const std::string& out) {
+// archive's arr_0, with a conditional model's labels (int64 [N]) as arr_1 (guided-diffusion's
+// layout), then the archive's SHA-256 beside it.
+void WriteSampleArchive(const std::string& dir, int64_t count, const std::string& out,
+                        const torch::Tensor& labels) {
   const std::vector<int64_t> present = SampleFilesIn(dir, count);
   std::vector<torch::Tensor> images;
   for (int64_t i = 0; i < count; ++i) {
@@ -178,7 +180,9 @@ void WriteSampleArchive(const std::string& dir, int64_t count, const std::string
                          .clone());
   }
   const torch::Tensor stacked = torch::stack(images);
-  WriteNpz(out, {{"arr_0", stacked}});
+  std::map<std::string, torch::Tensor> arrays = {{"arr_0", stacked}};
+  if (labels.defined()) arrays["arr_1"] = labels;
+  WriteNpz(out, arrays);
   const std::string sha256 = Sha256File(out);
   // sha256sum -c reads this.
   std::ofstream sum(out + ".sha256");
@@ -304,7 +308,11 @@ std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
                 static_cast<long long>(to_draw), FormatDuration(SecondsSince(start)).c_str());
   }
   if (to_npz) {
-    if (lead) WriteSampleArchive(dir, count, job.out);
+    if (lead) {
+      std::vector<int64_t> all(count);
+      for (int64_t i = 0; i < count; ++i) all[i] = i;
+      WriteSampleArchive(dir, count, job.out, BlockLabels(classes, all, count));
+    }
     comm.Barrier("the sample archive");
     return {job.out};
   }
