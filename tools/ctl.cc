@@ -268,7 +268,8 @@ int CtlEval(const CtlOptions& options, const EvalOptions& eval, std::string* run
   if (eval.max_restarts >= 0) request.set_max_restarts(eval.max_restarts);
   return WithClient(options, [&](Client& client) {
     v1::StartEvalResponse response;
-    const grpc::Status status = client.stub().StartEval(client.Context().get(), request, &response);
+    const auto context = client.Context();
+    const grpc::Status status = client.stub().StartEval(context.get(), request, &response);
     if (!status.ok()) return Report("StartEval", status);
     if (run_id != nullptr) *run_id = response.run().id();
     if (options.json) {
