@@ -118,6 +118,8 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("train", "grad_clip", c.train.grad_clip);
   visit("train", "ema_decay", c.train.ema_decay);
   visit("train", "label_dropout", c.train.label_dropout);
+  visit("train", "phema_snapshot_every", c.train.phema_snapshot_every);
+  visit("train", "phema_sigma_rels", c.train.phema_sigma_rels);
   visit("train", "seed", c.train.seed);
   visit("train", "log_every", c.train.log_every);
   visit("train", "sample_every", c.train.sample_every);
@@ -233,6 +235,14 @@ void Parse(const YAML::Node& n, std::vector<int>& out, const std::string& w, con
   }
   out = std::move(values);
 }
+void Parse(const YAML::Node& n, std::vector<double>& out, const std::string& w,
+           const std::string& k) {
+  if (!n.IsSequence()) Fail(w, k, "expected a list of numbers, got " + ScalarText(n));
+  std::vector<double> values(n.size());
+  for (std::size_t i = 0; i < n.size(); ++i)
+    Parse(n[i], values[i], w, k + "[" + std::to_string(i) + "]");
+  out = std::move(values);
+}
 template <typename E, typename = std::enable_if_t<std::is_enum_v<E>>>
 void Parse(const YAML::Node& n, E& out, const std::string& w, const std::string& k) {
   const auto text = ParseScalar<std::string>(n, w, k, "a name");
@@ -263,6 +273,11 @@ std::string Format(const std::string& v) {
 std::string Format(const std::vector<int>& v) {
   std::string out = "[";
   for (std::size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+  return out + "]";
+}
+std::string Format(const std::vector<double>& v) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + Format(v[i]);
   return out + "]";
 }
 template <typename E, typename = std::enable_if_t<std::is_enum_v<E>>>
@@ -419,6 +434,33 @@ void Config::Validate(int world_size) const {
     Invalid("model.in_channels", "must be >= 1, got " + std::to_string(m.in_channels));
   if (!(train.label_dropout >= 0 && train.label_dropout < 1)) {
     Invalid("train.label_dropout", "must be in [0, 1), got " + Format(train.label_dropout));
+  }
+  if (train.phema_snapshot_every < 0) {
+    Invalid("train.phema_snapshot_every",
+            "must be >= 0 (0: no post-hoc EMA), got " + Format(train.phema_snapshot_every));
+  }
+  if (train.phema_snapshot_every > 0) {
+    // The peak of sqrt((g + 1) / ((g + 2)^2 (g + 3))), at g = (sqrt(5) - 3) / 2.
+    const double peak = (std::sqrt(5.0) - 3.0) / 2.0;
+    const double max_sigma_rel = std::sqrt((peak + 1) / ((peak + 2) * (peak + 2) * (peak + 3)));
+    if (train.phema_sigma_rels.empty()) {
+      Invalid("train.phema_sigma_rels",
+              "must list at least one profile when "
+              "train.phema_snapshot_every > 0");
+    }
+    for (std::size_t i = 0; i < train.phema_sigma_rels.size(); ++i) {
+      const double s = train.phema_sigma_rels[i];
+      if (!(s > 0 && s <= max_sigma_rel)) {
+        Invalid("train.phema_sigma_rels",
+                Format(s) + " is outside (0, " + Format(max_sigma_rel) +
+                    "], the relative standard deviations a power-function EMA has");
+      }
+      for (std::size_t j = 0; j < i; ++j) {
+        if (train.phema_sigma_rels[j] == s) {
+          Invalid("train.phema_sigma_rels", Format(s) + " is listed twice");
+        }
+      }
+    }
   }
   if (m.num_classes < 0 || m.num_classes > 100000) {
     Invalid("model.num_classes",

@@ -122,6 +122,14 @@ struct TrainConfig {
   double grad_clip = 1.0;
   /// EMA decay of the weights used for sampling.
   double ema_decay = 0.9999;
+  /// Post-hoc EMA (Karras et al. 2024): steps between snapshots of the power-function EMA
+  /// profiles into RUN_DIR/phema/ (sharded and checksummed like checkpoints, never pruned),
+  /// from which `ddpm_phema` reconstructs the EMA of any length after training; 0: no
+  /// profiles are kept.
+  int64_t phema_snapshot_every = 0;
+  /// The relative standard deviations of the profiles kept (EDM2's defaults), each in
+  /// (0, 0.3003] (the largest a power-function profile has).
+  std::vector<double> phema_sigma_rels = {0.05, 0.10};
   /// A class-conditional model (model.num_classes > 0): the probability that a sample's label
   /// is replaced by "no class" during training, classifier-free guidance's p_uncond (Ho &
   /// Salimans 2022 use 0.1 or 0.2). Unused by an unconditional model.

@@ -1,5 +1,6 @@
 #include "config/flags.h"
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
@@ -123,6 +124,24 @@ double Flags::GetDouble(const std::string& name) const {
   return ParseWhole(
       program_, name, Find(name).value,
       [](const std::string& v, std::size_t* used) { return std::stod(v, used); }, "a number");
+}
+
+std::vector<double> Flags::GetDoubleList(const std::string& name) const {
+  std::vector<double> values;
+  std::stringstream stream(Find(name).value);
+  std::string item;
+  while (std::getline(stream, item, ',')) {
+    const double value = ParseWhole(
+        program_, name, item,
+        [](const std::string& v, std::size_t* used) { return std::stod(v, used); },
+        "a comma-separated list of numbers");
+    if (!std::isfinite(value)) {
+      throw FlagError(program_ + ": --" + name + ": '" + item + "' is not a finite number");
+    }
+    values.push_back(value);
+  }
+  if (values.empty()) throw FlagError(program_ + ": --" + name + ": expected at least one number");
+  return values;
 }
 
 bool Flags::GetSwitch(const std::string& name) const { return Find(name).value == "true"; }

@@ -35,6 +35,9 @@ class Flags {
   int64_t GetInt(const std::string& name) const;
   /// The flag's value as a number; throws FlagError naming the flag if it is not one.
   double GetDouble(const std::string& name) const;
+  /// The flag's value as a comma-separated list of finite numbers ("0,1,2.5"); throws
+  /// FlagError naming the flag and the item that is not one.
+  std::vector<double> GetDoubleList(const std::string& name) const;
   bool GetSwitch(const std::string& name) const;
   /// True when the flag was given on the command line.
   bool Given(const std::string& name) const;

@@ -86,22 +86,28 @@ std::vector<EvalReport> ReadSweepCsv(const std::string& path) {
   return reports;
 }
 
-void WriteSweepPlot(const std::vector<EvalReport>& reports, const std::string& path) {
+namespace {
+
+// FID above, IS with its spread below, against xs (one per report, increasing), the x axis
+// labelled with labels and titled title.
+void PlotFidAndIs(const std::vector<EvalReport>& reports, const std::vector<double>& xs,
+                  const std::vector<std::string>& labels, const std::string& title,
+                  const std::string& path) {
   constexpr int kWidth = 720, kPanel = 240, kLeft = 96, kRight = 24, kTop = 16, kGap = 40;
   constexpr int kHeight = kTop + 2 * kPanel + kGap + 48;
   constexpr Rgb kBlue{31, 119, 180}, kOrange{255, 127, 14}, kGrid{225, 225, 225};
   Canvas canvas(kWidth, kHeight);
-  int64_t first = 0, last = 1;
-  if (!reports.empty()) {
-    first = reports.front().step;
-    last = reports.back().step;
+  double first = 0, last = 1;
+  if (!xs.empty()) {
+    first = xs.front();
+    last = xs.back();
   }
-  if (last == first) {  // One checkpoint: centre it.
+  if (last == first) {  // One point: centre it.
     first -= 1;
     last += 1;
   }
   const double plot_w = kWidth - kLeft - kRight;
-  auto px = [&](double step) { return kLeft + (step - first) / double(last - first) * plot_w; };
+  auto px = [&](double x) { return kLeft + (x - first) / (last - first) * plot_w; };
   struct Series {
     int top;
     const char* title;
@@ -136,12 +142,9 @@ void WriteSweepPlot(const std::vector<EvalReport>& reports, const std::string& p
     canvas.Line(kLeft, s.top, kLeft, s.top + kPanel, {});
     canvas.Line(kLeft, s.top + kPanel, kWidth - kRight, s.top + kPanel, {});
     for (std::size_t i = 0; i < reports.size(); ++i) {
-      const double x = px(static_cast<double>(reports[i].step));
+      const double x = px(xs[i]);
       const double y = py(s.value(reports[i]));
-      if (i > 0) {
-        canvas.Line(px(static_cast<double>(reports[i - 1].step)), py(s.value(reports[i - 1])), x, y,
-                    s.color);
-      }
+      if (i > 0) canvas.Line(px(xs[i - 1]), py(s.value(reports[i - 1])), x, y, s.color);
       if (s.spread != nullptr) {
         const double spread = s.spread(reports[i]);
         canvas.Line(x, py(s.value(reports[i]) - spread), x, py(s.value(reports[i]) + spread),
@@ -150,17 +153,75 @@ void WriteSweepPlot(const std::vector<EvalReport>& reports, const std::string& p
       canvas.Point(x, y, s.color);
     }
   }
-  // The checkpoint steps on the x axis, under the lower panel (at most 8 labelled).
+  // The points' x values under the lower panel (at most 8 labelled).
   const int bottom = kTop + 2 * kPanel + kGap;
   const std::size_t every = std::max<std::size_t>(1, (reports.size() + 7) / 8);
   for (std::size_t i = 0; i < reports.size(); i += every) {
-    const double x = px(static_cast<double>(reports[i].step));
-    const std::string label = std::to_string(reports[i].step);
+    const double x = px(xs[i]);
     canvas.Line(x, bottom, x, bottom + 4, {});
-    canvas.Text(static_cast<int>(x) - Canvas::TextWidth(label) / 2, bottom + 8, label);
+    canvas.Text(static_cast<int>(x) - Canvas::TextWidth(labels[i]) / 2, bottom + 8, labels[i]);
   }
-  canvas.Text(kWidth - kRight - Canvas::TextWidth("STEP"), bottom + 8 + 14, "STEP");
+  canvas.Text(kWidth - kRight - Canvas::TextWidth(title), bottom + 8 + 14, title);
   WritePng(path, canvas.image());
+}
+
+std::string ShortNumber(double value) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.4g", value);
+  return text;
+}
+
+}  // namespace
+
+void WriteSweepPlot(const std::vector<EvalReport>& reports, const std::string& path) {
+  std::vector<double> xs;
+  std::vector<std::string> labels;
+  for (const EvalReport& r : reports) {
+    xs.push_back(static_cast<double>(r.step));
+    labels.push_back(std::to_string(r.step));
+  }
+  PlotFidAndIs(reports, xs, labels, "STEP", path);
+}
+
+const char* const kParameterSweepCsvTail =
+    "fid,inception_score,inception_score_std,is_logits,num_samples,sampler,sampling_steps,seed,"
+    "guidance,regularized,seconds,inception_sha256,reference_sha256";
+
+void WriteParameterSweep(const ParameterSweep& sweep, const std::string& csv_path,
+                         const std::string& png_path) {
+  if (sweep.values.size() != sweep.reports.size()) {
+    throw std::invalid_argument("WriteParameterSweep: one report per value expected");
+  }
+  // A sweep over guidance has it as its first column already.
+  const bool over_guidance = sweep.name == "guidance";
+  std::string tail = kParameterSweepCsvTail;
+  if (over_guidance) tail.replace(tail.find(",guidance,"), 10, ",");
+  std::string text = sweep.name + "," + tail + "\n";
+  std::vector<std::size_t> order(sweep.values.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](std::size_t a, std::size_t b) { return sweep.values[a] < sweep.values[b]; });
+  std::vector<EvalReport> reports;
+  std::vector<double> xs;
+  std::vector<std::string> labels;
+  for (std::size_t i : order) {
+    const EvalReport& r = sweep.reports[i];
+    char line[1024];
+    char guidance[40] = "";
+    if (!over_guidance) std::snprintf(guidance, sizeof(guidance), "%.17g,", r.guidance);
+    std::snprintf(line, sizeof(line),
+                  "%.17g,%.17g,%.17g,%.17g,%s,%" PRId64 ",%s,%d,%" PRIu64 ",%s%d,%.3f,%s,%s\n",
+                  sweep.values[i], r.fid, r.inception_score, r.inception_score_std,
+                  r.is_logits.c_str(), r.num_samples, r.sampler.c_str(), r.sampling_steps, r.seed,
+                  guidance, r.regularized ? 1 : 0, r.seconds, r.inception_sha256.c_str(),
+                  r.reference_sha256.c_str());
+    text += line;
+    reports.push_back(r);
+    xs.push_back(sweep.values[i]);
+    labels.push_back(ShortNumber(sweep.values[i]));
+  }
+  WriteFileAtomically(csv_path, text);
+  PlotFidAndIs(reports, xs, labels, sweep.title, png_path);
 }
 
 }  // namespace ddpm

@@ -1,6 +1,8 @@
-// The results of an evaluation job over a run's checkpoints: sweep.csv (one row per
-// checkpoint, every number at full precision, so that a restarted job reads back exactly what
-// it reported) and sweep.png (FID above, IS below, against the checkpoint step). Torch-free.
+// Sweeps of FID and IS as CSV and PNG. An evaluation job over a run's checkpoints: sweep.csv
+// (one row per checkpoint, every number at full precision, so that a restarted job reads back
+// exactly what it reported) and sweep.png (FID above, IS below, against the checkpoint step).
+// One model against one setting (the guidance scale, post-hoc EMA's sigma_rel): the same pair
+// against the setting's values. Torch-free.
 #pragma once
 
 #include <string>
@@ -21,5 +23,25 @@ std::vector<EvalReport> ReadSweepCsv(const std::string& path);
 /// Two panels against the checkpoint step: FID (blue, above) and IS with its spread over the
 /// splits (orange, below), each with its range on the y axis; atomically.
 void WriteSweepPlot(const std::vector<EvalReport>& reports, const std::string& path);
+
+/// FID and IS of one model at several values of one setting.
+struct ParameterSweep {
+  /// The setting, the CSV's first column: "guidance", "sigma_rel".
+  std::string name;
+  /// The plot's x axis title, in the plot font's letters ("GUIDANCE W", "SIGMA REL").
+  std::string title;
+  std::vector<double> values;
+  /// One per value.
+  std::vector<EvalReport> reports;
+};
+
+/// The CSV's columns after the setting's (a sweep over guidance leaves out the second
+/// guidance column).
+extern const char* const kParameterSweepCsvTail;
+
+/// Writes sweep as csv_path (a row per value in increasing order, numbers at full precision)
+/// and png_path (FID above, IS with its spread below, against the value), each atomically.
+void WriteParameterSweep(const ParameterSweep& sweep, const std::string& csv_path,
+                         const std::string& png_path);
 
 }  // namespace ddpm

@@ -1,6 +1,7 @@
 #include "eval/evaluation.h"
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -50,6 +51,13 @@ RunEvaluator::RunEvaluator(const Config& config, torch::Device device)
   }
   inception_sha256_ = Sha256File(config.eval.inception_weights);
   reference_sha256_ = Sha256File(config.eval.reference_stats);
+}
+
+void RunEvaluator::set_guidance(double w) {
+  if (!std::isfinite(w)) {
+    throw ConfigError("eval.guidance: must be a finite number, got " + std::to_string(w));
+  }
+  config_.eval.guidance = w;
 }
 
 EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm,

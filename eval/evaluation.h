@@ -68,13 +68,16 @@ class RunEvaluator {
   /// sample i draws from ImageSeed(eval.seed, i) alone), quantizes them to
   /// 8 bits as saved images are, and returns FID and IS from the moments summed over comm.
   /// Throws EvaluationStopped on every rank together when hooks.stop says so.
+  /// Evaluates later calls at classifier-free guidance w (eval.guidance; a sweep over scales
+  /// keeps the network and reference loaded); throws ConfigError when w is not finite.
+  void set_guidance(double w);
   EvalReport Evaluate(const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm,
                       int64_t step,
                       const std::function<void(int64_t done, int64_t share)>& progress,
                       const EvaluateHooks& hooks = {});
 
  private:
-  const Config config_;
+  Config config_;
   torch::Device device_;
   FidInception model_;
   torch::Tensor mu_, sigma_;

@@ -10,17 +10,19 @@ namespace {
 
 // Each glyph is 5 rows of 3 bits.
 const std::array<uint8_t, 5>* Glyph(char c) {
-  static const std::array<std::array<uint8_t, 5>, 20> kGlyphs = {
+  static const std::array<std::array<uint8_t, 5>, 29> kGlyphs = {
       {{7, 5, 5, 5, 7}, {2, 6, 2, 2, 7}, {7, 1, 7, 4, 7}, {7, 1, 7, 1, 7}, {5, 5, 7, 1, 1},
        {7, 4, 7, 1, 7}, {7, 4, 7, 5, 7}, {7, 1, 1, 1, 1}, {7, 5, 7, 5, 7}, {7, 5, 7, 1, 7},
        {0, 0, 0, 0, 2}, {0, 0, 7, 0, 0}, {7, 4, 7, 4, 7}, {0, 2, 7, 2, 0}, {7, 4, 6, 4, 4},
-       {7, 2, 2, 2, 7}, {6, 5, 5, 5, 6}, {3, 4, 2, 1, 6}, {7, 2, 2, 2, 2}, {7, 5, 7, 4, 4}}};
+       {7, 2, 2, 2, 7}, {6, 5, 5, 5, 6}, {3, 4, 2, 1, 6}, {7, 2, 2, 2, 2}, {7, 5, 7, 4, 4},
+       {7, 4, 5, 5, 7}, {5, 5, 5, 5, 7}, {2, 5, 7, 5, 5}, {6, 5, 5, 5, 5}, {7, 4, 4, 4, 7},
+       {5, 5, 5, 7, 5}, {5, 7, 7, 5, 5}, {6, 5, 6, 5, 5}, {4, 4, 4, 4, 7}}};
   if (c >= '0' && c <= '9') return &kGlyphs[c - '0'];
   if (c == '.') return &kGlyphs[10];
   if (c == '-') return &kGlyphs[11];
   if (c == 'e' || c == 'E') return &kGlyphs[12];
   if (c == '+') return &kGlyphs[13];
-  static const std::string kLetters = "FIDSTP";
+  static const std::string kLetters = "FIDSTPGUANCWMRL";
   if (const size_t at = kLetters.find(c); at != std::string::npos) return &kGlyphs[14 + at];
   return nullptr;
 }

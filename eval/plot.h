@@ -1,6 +1,6 @@
 // A small raster canvas for the PNG plots of the evaluation tools (the bound against t, FID and
 // IS against step): lines, points and labels in a 3x5 pixel font of digits, '.', '-', '+',
-// 'e' and the capitals of FID, IS and STEP. Torch-free.
+// 'e' and the capitals of FID, IS, STEP, GUIDANCE W and SIGMA REL. Torch-free.
 #pragma once
 
 #include <cstdint>

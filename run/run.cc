@@ -107,6 +107,7 @@ TrainingRun::TrainingRun(const Config& config, const TrainOptions& options,
       checkpoints_(options.run_dir + "/checkpoints"),
       fence_(options.run_dir),
       attempt_(options.attempt),
+      snapshots_(options.run_dir + "/phema"),
       window_(device_) {
   comm_.set_timeout(config_.dist.timeout());
   fault_ = FaultInjection::FromEnvironment(rank_);
@@ -141,6 +142,7 @@ TrainingRun::TrainingRun(const Config& config, const TrainOptions& options,
     MakeDirectories(options_.run_dir + "/samples");
     // Before any rank writes (they all pass the broadcasts of JoinWorld first).
     checkpoints_.RemoveTemporaries();
+    snapshots_.RemoveTemporaries();
   }
   console_.Say("ddpm: resolved config\n%s", config_.ToTable().c_str());
   dataset_ = MakeDataset(config_);
@@ -189,6 +191,16 @@ TrainingRun::TrainingRun(const Config& config, const TrainOptions& options,
       const CheckpointTimes times = writer->times();
       on_checkpoint({step, dir, times.stall_seconds, times.write_seconds});
     });
+  }
+  if (config_.train.phema_snapshot_every > 0) {
+    // Snapshots after the step this run starts from belong to a trajectory it will retrace
+    // (or, after a rollback, leave): they are written again as it passes them.
+    DropSnapshotsAfter(trainer_->step());
+    snapshot_writer_ = std::make_unique<CheckpointWriter>(snapshots_.dir(), rank_, world_,
+                                                          /*keep=*/0, config_.dist.timeout_seconds);
+    snapshot_writer_->set_fence(attempt_,
+                                [this](const std::string& what) { fence_.Check(attempt_, what); });
+    last_snapshot_step_ = trainer_->step();
   }
   last_saved_step_ = resumed_ ? trainer_->step() : -1;
   first_step_ = trainer_->step();
@@ -528,6 +540,54 @@ void TrainingRun::Checkpoint() {
       static_cast<long long>(trainer_->step()), times.stall_seconds, previous.c_str());
 }
 
+void TrainingRun::Snapshot() {
+  if (trainer_->step() == last_snapshot_step_) return;
+  ReadPendingValues();
+  if (const std::string diverged = AgreeOnDivergence(); !diverged.empty()) {
+    RollBack(diverged);
+    return;
+  }
+  SettleSnapshot();
+  last_snapshot_step_ = trainer_->step();
+  std::map<std::string, torch::Tensor> replicated = trainer_->PhemaViews();
+  replicated[keys::kConfig] = TextTensor(config_.ToYaml());
+  snapshot_writer_->Save(trainer_->step(), replicated, {});
+}
+
+void TrainingRun::SettleSnapshot() {
+  if (!snapshot_writer_) return;
+  try {
+    const std::string committed = snapshot_writer_->Wait();
+    if (!committed.empty())
+      console_.Say("ddpm: post-hoc EMA snapshot %s committed\n", committed.c_str());
+  } catch (const FencedError& error) {
+    console_.Say("ddpm: %s\n", error.what());
+    superseded_ = true;
+  } catch (const std::exception& error) {
+    if (console_.lead()) {
+      last_incident_ = std::string("post-hoc EMA snapshot failed: ") + error.what();
+      console_.Say(
+          "ddpm: warning: a post-hoc EMA snapshot could not be written and was abandoned (%s); "
+          "the other snapshots are untouched and training goes on\n",
+          error.what());
+    } else {
+      std::fprintf(stderr,
+                   "ddpm: rank %d: warning: its shard of a post-hoc EMA snapshot failed: %s\n",
+                   rank_, error.what());
+    }
+  }
+}
+
+void TrainingRun::DropSnapshotsAfter(int64_t step) {
+  if (!console_.lead()) return;
+  if (const int removed = snapshots_.RemoveAfter(step); removed > 0) {
+    console_.Say(
+        "ddpm: removed %d post-hoc EMA snapshot(s) after step %lld, which this run "
+        "writes again from its own trajectory\n",
+        removed, static_cast<long long>(step));
+  }
+}
+
 void TrainingRun::SettleCheckpoint(bool strict) {
   std::string committed;
   try {
@@ -675,6 +735,11 @@ void TrainingRun::RollBack(const std::string& cause) {
   const std::map<std::string, torch::Tensor> state =
       StateForRank(loaded->tensors, rank_, device_, t.seed, loaded->path);
   trainer_->LoadState(state, loaded->path);
+  if (snapshot_writer_) {
+    SettleSnapshot();
+    DropSnapshotsAfter(step);
+    last_snapshot_step_ = step;
+  }
   trainer_->set_lr_scale(trainer_->lr_scale() * t.rollback_lr_scale);
   ++rollbacks_;
   // The data of the steps that diverged is skipped: the loader and cursor_ go on from where
@@ -850,6 +915,10 @@ TrainResult TrainingRun::Run() {
       const int64_t step = trainer_->step();
       const TrainConfig& t = config_.train;
       if (step != total && t.checkpoint_every > 0 && step % t.checkpoint_every == 0) Checkpoint();
+      if (snapshot_writer_ && trainer_->step() == step &&
+          (step % t.phema_snapshot_every == 0 || step == total)) {
+        Snapshot();
+      }
       if (step != total && t.sample_every > 0 && step % t.sample_every == 0) WriteSamples(step);
       const EvalConfig& e = config_.eval;
       const bool fid = evaluator_ && (step % e.every == 0 || step == total);
@@ -868,6 +937,7 @@ TrainResult TrainingRun::Finish(const ControlDecision& stop) {
   result_.steps = trainer_->step();
   result_.rollbacks = rollbacks_;
   result_.checkpoint_failures = checkpoint_failures_;
+  SettleSnapshot();
   if (stop.superseded) {
     // Whatever was still being written is refused by the fence; nothing else is written.
     try {

@@ -91,6 +91,14 @@ class TrainingRun {
   /// FID and IS (fid) and the bound on held-out images (nll) of the EMA model at step, over
   /// every rank, reported as one evaluation; its time is not training time.
   void Evaluate(int64_t step, bool fid, bool nll);
+  /// Writes a snapshot of the post-hoc EMA profiles at this step into RUN_DIR/phema/ (every
+  /// rank its share, in the background, as a checkpoint), unless the weights diverged.
+  void Snapshot();
+  /// Waits for the pending snapshot; a failure is a warning (a missing snapshot narrows what
+  /// ddpm_phema can reconstruct, it loses no training).
+  void SettleSnapshot();
+  /// Rank 0: removes snapshots after step, which a resumed or rolled-back run writes anew.
+  void DropSnapshotsAfter(int64_t step);
   /// The end: a stop's checkpoint, or the final checkpoint, grid and exported EMA weights.
   TrainResult Finish(const ControlDecision& stop);
 
@@ -118,6 +126,10 @@ class TrainingRun {
   CsvLog metrics_csv_;
   CsvLog eval_csv_;
   std::unique_ptr<CheckpointWriter> writer_;
+  /// Post-hoc EMA snapshots (train.phema_snapshot_every > 0): RUN_DIR/phema/, never pruned.
+  CheckpointDir snapshots_;
+  std::unique_ptr<CheckpointWriter> snapshot_writer_;
+  int64_t last_snapshot_step_ = -1;
   StepWindow window_;
   int64_t last_saved_step_ = -1;
   int64_t first_step_ = 0;

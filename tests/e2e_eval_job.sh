@@ -30,7 +30,9 @@ start_coordinator
 start_group group1.log
 
 say "1. a class-conditional run trains with checkpoints at steps 10, 20 and 30"
+# A short EMA, so that 30 steps leave the EMA model's classes (and guidance) visible in samples.
 sed -e 's/checkpoint_every: 20/checkpoint_every: 10, keep_checkpoints: 5/' \
+  -e 's/^train: {steps: 30,/train: {steps: 30, ema_decay: 0.5,/' \
   -e 's/^model: {ch: 16,/model: {num_classes: 3, ch: 16,/' "$work/tiny.yaml" > "$work/run.yaml"
 ctl start "$work/run.yaml" --name trained --watch > "$work/train_watch.log" || fail "training failed"
 run=trained-1
@@ -39,6 +41,8 @@ run_dir=$(field "$run" 'r["run_dir"]')
 ctl get "$run" > "$work/get_run.txt"
 grep -qE "^  classes +3 \(names in $run_dir/classes.txt\), label dropout 0.1, sample guidance 1$" \
   "$work/get_run.txt" || fail "ddpmctl get shows no classes: $(cat "$work/get_run.txt")"
+grep -qE "^  post-hoc ema +off \(train.phema_snapshot_every 0\)$" "$work/get_run.txt" ||
+  fail "ddpmctl get shows no post-hoc EMA row: $(cat "$work/get_run.txt")"
 
 say "2. bad requests are refused naming the culprit"
 refused() {  # EXPECTED-TEXT ARGS...: ddpmctl eval ARGS must fail saying EXPECTED-TEXT
@@ -139,6 +143,28 @@ grep -q "evaluates .*checkpoints all of run $run" "$work/get.txt" || fail "get: 
 [ "$(field "$job" '" ".join(t["to"] for t in r["transitions"])')" = \
   "QUEUED STARTING RUNNING FAILED QUEUED STARTING RUNNING COMPLETED" ] ||
   fail "transitions: $(ctl get "$job")"
+
+say "5. ddpm_fid checkpoint over a list of guidance scales: one row per scale, w = 2 the job's"
+OMP_NUM_THREADS=1 "$fid" checkpoint --checkpoint "$run_dir/checkpoints/step_000000030" \
+  --ref "$work/ref.npz" --inception "$work/inception.pt" "${protocol[@]}" --guidance 4,0,2 \
+  --out "$work/guidance" > "$work/guidance.log" 2>&1 || fail "ddpm_fid --guidance 4,0,2: $(cat "$work/guidance.log")"
+"$python" - "$work" <<'PY' || fail "guidance sweep (above)"
+import csv, re, struct, sys
+work = sys.argv[1]
+rows = list(csv.DictReader(open(f"{work}/guidance.csv")))
+assert [float(r["guidance"]) for r in rows] == [0, 2, 4], rows
+alone = open(f"{work}/fid30.log").read()
+fid = float(re.search(r"^FID (\S+)", alone, re.M).group(1))
+assert abs(float(rows[1]["fid"]) - fid) <= 5e-5, (rows[1]["fid"], fid)
+assert len({r["fid"] for r in rows}) == 3, "the scales gave the same FID: %s" % rows
+png = open(f"{work}/guidance.png", "rb").read()
+assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (720, 584)
+print("FID against guidance:", [(r["guidance"], round(float(r["fid"]), 4)) for r in rows])
+PY
+"$fid" checkpoint --checkpoint "$run_dir/checkpoints/step_000000030" --ref "$work/ref.npz" \
+  --guidance 1,nan > "$work/bad-guidance.log" 2>&1 && fail "--guidance 1,nan was accepted"
+grep -qF -- "--guidance: 'nan' is not a finite number" "$work/bad-guidance.log" ||
+  fail "bad guidance: $(cat "$work/bad-guidance.log")"
 
 say "clean shutdown"
 kill -TERM "$group_pid"

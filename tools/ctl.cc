@@ -147,7 +147,7 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
     row("placement", split + " (attempt " + std::to_string(p.attempt()) + ")");
   }
   // A class-conditional model: its classes (their names are in the run directory's
-  // classes.txt, written from the data) and its label dropout.
+  // classes.txt, written from the data) and its label dropout; post-hoc EMA's snapshots.
   try {
     const Config config = LoadConfigString(run.config_yaml(), "run " + run.id(), false);
     if (config.model.num_classes > 0) {
@@ -156,6 +156,17 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
                          FormatNumber(config.train.label_dropout) + ", sample guidance " +
                          FormatNumber(config.sample.guidance));
     }
+    // Post-hoc EMA: where the snapshots go, and of which profiles.
+    std::string profiles;
+    for (double s : config.train.phema_sigma_rels) {
+      profiles += (profiles.empty() ? "" : ", ") + FormatNumber(s);
+    }
+    row("post-hoc ema", config.train.phema_snapshot_every > 0
+                            ? "snapshots every " +
+                                  std::to_string(config.train.phema_snapshot_every) + " steps in " +
+                                  run.run_dir() + "/phema (sigma_rel " + profiles +
+                                  "; ddpm_phema reconstructs any length)"
+                            : std::string("off (train.phema_snapshot_every 0)"));
   } catch (const ConfigError&) {
     // A config this build cannot read: the coordinator says so in the run's state.
   }

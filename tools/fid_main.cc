@@ -13,11 +13,12 @@
 #include <vector>
 
 #include "base/text.h"
-#include "config/eval_protocol.h"
 #include "config/flags.h"
+#include "eval/checkpoint_sweep.h"
 #include "eval/evaluation.h"
 #include "eval/inception.h"
 #include "run/sampling.h"
+#include "tools/eval_flags.h"
 #include "tools/tool_world.h"
 #include "tools/trained_model.h"
 #include "trainer/data.h"
@@ -33,56 +34,32 @@ int Checkpoint(int argc, char** argv) {
                     "Inception network (no image files), over every rank under mpirun, and "
                     "prints FID, IS and the protocol: the evaluation of training, on demand.");
   ddpm::AddTrainedModelFlags(flags);
-  flags.Add("ref", "reference statistics .npz (mu, sigma), e.g. CIFAR-10 train's", "");
-  flags.Add("inception", "the FID Inception weights (default: $DDPM_INCEPTION_WEIGHTS)", "");
-  flags.Add("num", "samples, split over the ranks (the paper: 50000)", "50000");
-  flags.Add("sampler", "ddpm, ddim or heun (default: the config's eval.sampler)", "");
-  flags.Add("steps", "sampler steps (default: the config's eval.steps; 0: the sampler's own)", "");
-  flags.Add("seed", "sample i draws from (seed, i) (default: the config's eval.seed)", "");
-  flags.Add("batch", "samples per forward pass on each rank", "100");
-  flags.Add("is-logits", "unbiased (the original TF code's) or biased", "unbiased");
-  flags.Add("guidance",
-            "a class-conditional model's guidance w (its samples class-balanced; default: the "
-            "config's eval.guidance)",
-            "");
+  ddpm::AddEvalFlags(flags);
+  flags.Add("out",
+            "with a list of --guidance scales (0,1,2,4), each is evaluated and FID and IS against "
+            "w go to OUT.csv and OUT.png",
+            "guidance_sweep");
   flags.Add("also-save", "a directory to keep the samples in as PNGs (000000.png onwards)", "");
-  flags.Add("protocol",
-            "an evaluation protocol file (configs/eval/paper.yaml, quick.yaml); flags given "
-            "override it",
-            "");
   return ddpm::RunMain(flags, argc, argv, [&] {
     ddpm::ToolWorld world(&argc, &argv);
     return world.Run("ddpm_fid checkpoint", [&] {
-      std::string inception = flags.Get("inception");
-      if (inception.empty() && std::getenv("DDPM_INCEPTION_WEIGHTS") != nullptr) {
-        inception = std::getenv("DDPM_INCEPTION_WEIGHTS");
-      }
-      if (flags.Get("ref").empty()) throw ddpm::FlagError("ddpm_fid checkpoint: --ref is required");
-      // Every setting goes through the config loader, checked as a config file is: a flag
-      // given, else the protocol file's value, else the flag's default.
-      std::vector<std::pair<std::string, std::string>> overrides = {
-          {"eval.inception_weights", inception}, {"eval.reference_stats", flags.Get("ref")}};
-      const std::vector<std::pair<std::string, std::string>> protocol =
-          flags.Given("protocol") ? ddpm::LoadEvalProtocol(flags.Get("protocol"))
-                                  : std::vector<std::pair<std::string, std::string>>{};
-      const std::pair<const char*, const char*> settings[] = {
-          {"num", "eval.num_samples"},     {"batch", "eval.batch_size"},
-          {"is-logits", "eval.is_logits"}, {"sampler", "eval.sampler"},
-          {"steps", "eval.steps"},         {"seed", "eval.seed"},
-          {"guidance", "eval.guidance"}};
-      for (const auto& [flag, key] : settings) {
-        const auto in_protocol = std::find_if(
-            protocol.begin(), protocol.end(),
-            [key = std::string(key)](const auto& entry) { return entry.first == key; });
-        if (flags.Given(flag)) {
-          overrides.emplace_back(key, flags.Get(flag));
-        } else if (in_protocol != protocol.end()) {
-          overrides.push_back(*in_protocol);
-        } else if (!flags.Get(flag).empty()) {
-          overrides.emplace_back(key, flags.Get(flag));  // the flag's default
-        }
+      std::vector<double> scales;
+      const std::vector<std::pair<std::string, std::string>> overrides =
+          ddpm::EvalOverrides(flags, "ddpm_fid checkpoint", &scales);
+      if (scales.size() > 1 && flags.Given("also-save")) {
+        throw ddpm::FlagError(
+            "ddpm_fid checkpoint: --also-save keeps the samples of one guidance scale; give one "
+            "--guidance, not " +
+            flags.Get("guidance"));
       }
       ddpm::TrainedModel trained = ddpm::LoadTrainedModel(flags, overrides, "ddpm_fid checkpoint");
+      if (scales.size() > 1 && trained.config.model.num_classes == 0) {
+        throw ddpm::FlagError("ddpm_fid checkpoint: --guidance " + flags.Get("guidance") + ": " +
+                              trained.origin +
+                              " is unconditional (model.num_classes 0); a list of guidance scales "
+                              "needs a class-conditional model");
+      }
+      if (scales.empty()) scales = {trained.config.eval.guidance};
       world.Place(trained);
       ddpm::Communicator& comm = world.comm();
       const ddpm::Config& config = trained.config;
@@ -109,34 +86,49 @@ int Checkpoint(int argc, char** argv) {
           ddpm::WriteSampleFiles(images, keep_dir, indices);
         };
       }
-      const ddpm::EvalReport report = evaluator.Evaluate(
-          diffusion, trained.model, comm, 0,
-          [&](int64_t done, int64_t share) {
-            if (!world.lead() || (ddpm::SecondsSince(last) < 5.0 && done < share)) return;
-            last = std::chrono::steady_clock::now();
-            const double elapsed = ddpm::SecondsSince(start);
-            const double rate = done * comm.world_size() / std::max(elapsed, 1e-9);
-            std::printf(
-                "ddpm_fid checkpoint: rank 0 has %lld/%lld of its samples; about %.2f "
-                "samples/s over the ranks, elapsed %s, eta %s\n",
-                static_cast<long long>(done), static_cast<long long>(share), rate,
-                ddpm::FormatDuration(elapsed).c_str(),
-                ddpm::FormatDuration((share - done) * comm.world_size() / std::max(rate, 1e-9))
-                    .c_str());
-            std::fflush(stdout);
-          },
-          hooks);
-      if (!world.lead()) return 0;
-      std::printf(
-          "FID %.4f\nIS %.4f +- %.4f (10 splits, %s logits)\nsamples %lld: %s, %s %d steps, "
-          "seed %llu, %d rank(s)\nInception sha256 %s\nreference %s sha256 %s\nwall time %s\n%s",
-          report.fid, report.inception_score, report.inception_score_std, report.is_logits.c_str(),
-          static_cast<long long>(report.num_samples), trained.origin.c_str(),
-          report.sampler.c_str(), report.sampling_steps,
-          static_cast<unsigned long long>(report.seed), comm.world_size(),
-          report.inception_sha256.c_str(), flags.Get("ref").c_str(),
-          report.reference_sha256.c_str(), ddpm::FormatDuration(ddpm::SecondsSince(start)).c_str(),
-          report.regularized ? "note: the covariances were regularized with eps * I\n" : "");
+      ddpm::ParameterSweep sweep{"guidance", "GUIDANCE W", {}, {}};
+      for (const double w : scales) {
+        evaluator.set_guidance(w);
+        const ddpm::EvalReport report = evaluator.Evaluate(
+            diffusion, trained.model, comm, 0,
+            [&](int64_t done, int64_t share) {
+              if (!world.lead() || (ddpm::SecondsSince(last) < 5.0 && done < share)) return;
+              last = std::chrono::steady_clock::now();
+              const double elapsed = ddpm::SecondsSince(start);
+              const double rate = done * comm.world_size() / std::max(elapsed, 1e-9);
+              std::printf(
+                  "ddpm_fid checkpoint: rank 0 has %lld/%lld of its samples; about %.2f "
+                  "samples/s over the ranks, elapsed %s, eta %s\n",
+                  static_cast<long long>(done), static_cast<long long>(share), rate,
+                  ddpm::FormatDuration(elapsed).c_str(),
+                  ddpm::FormatDuration((share - done) * comm.world_size() / std::max(rate, 1e-9))
+                      .c_str());
+              std::fflush(stdout);
+            },
+            hooks);
+        if (!world.lead()) continue;
+        std::printf(
+            "FID %.4f\nIS %.4f +- %.4f (10 splits, %s logits)\nsamples %lld: %s, %s %d steps, "
+            "seed %llu, %d rank(s)\nInception sha256 %s\nreference %s sha256 %s\nwall time %s\n%s",
+            report.fid, report.inception_score, report.inception_score_std,
+            report.is_logits.c_str(), static_cast<long long>(report.num_samples),
+            trained.origin.c_str(), report.sampler.c_str(), report.sampling_steps,
+            static_cast<unsigned long long>(report.seed), comm.world_size(),
+            report.inception_sha256.c_str(), flags.Get("ref").c_str(),
+            report.reference_sha256.c_str(),
+            ddpm::FormatDuration(ddpm::SecondsSince(start)).c_str(),
+            report.regularized ? "note: the covariances were regularized with eps * I\n" : "");
+        if (report.guided) std::printf("guidance %s\n", ddpm::FormatNumber(w).c_str());
+        std::fflush(stdout);
+        sweep.values.push_back(w);
+        sweep.reports.push_back(report);
+      }
+      if (scales.size() > 1 && world.lead()) {
+        const std::string out = flags.Get("out");
+        ddpm::WriteParameterSweep(sweep, out + ".csv", out + ".png");
+        std::printf("ddpm_fid checkpoint: FID and IS against guidance in %s.csv and %s.png\n",
+                    out.c_str(), out.c_str());
+      }
       return 0;
     });
   });

@@ -340,6 +340,18 @@ void CheckpointDir::RemoveTemporaries() const {
   }
 }
 
+int CheckpointDir::RemoveAfter(int64_t step) const {
+  int removed = 0;
+  std::error_code error;
+  for (int64_t later : Steps()) {
+    if (later <= step) continue;
+    fs::remove(fs::path(PathFor(later)) / "COMMITTED", error);
+    fs::remove_all(PathFor(later), error);
+    ++removed;
+  }
+  return removed;
+}
+
 std::optional<CheckpointDir::Loaded> CheckpointDir::LoadLatestValid(
     const std::function<void(const std::string&)>& warn,
     const std::function<std::string(const std::string& path)>& refuse) const {
@@ -420,7 +432,7 @@ CheckpointWriter::CheckpointWriter(std::string dir, int rank, int world_size, in
     : dir_(std::move(dir)),
       rank_(rank),
       world_(world_size),
-      keep_(std::max(keep, 1)),
+      keep_(keep),
       timeout_seconds_(timeout_seconds),
       hook_(std::move(hook)) {
   thread_ = std::thread([this] { Run(); });
@@ -718,7 +730,7 @@ void CheckpointWriter::Commit(Job& job) {
   // Keep the newest keep_, and any checkpoint marked with a KEEP file.
   CheckpointDir folder(dir_);
   const std::vector<int64_t> steps = folder.Steps();
-  for (std::size_t i = static_cast<std::size_t>(keep_); i < steps.size(); ++i) {
+  for (std::size_t i = static_cast<std::size_t>(keep_); keep_ > 0 && i < steps.size(); ++i) {
     const std::string path = folder.PathFor(steps[i]);
     if (fs::exists(fs::path(path) / "KEEP")) continue;
     // COMMITTED first: a deletion cut short leaves a folder no reader takes for a checkpoint.

@@ -52,6 +52,9 @@ class CheckpointDir {
   /// Deletes step_*.tmp directories that a killed writer left behind. Call before any rank
   /// starts writing.
   void RemoveTemporaries() const;
+  /// Deletes the checkpoints of steps after step (COMMITTED first, so that a deletion cut short
+  /// leaves nothing a reader takes for a checkpoint); returns how many.
+  int RemoveAfter(int64_t step) const;
 
   /// A loaded checkpoint and where it came from.
   struct Loaded {
@@ -90,7 +93,8 @@ struct CheckpointTimes {
 /// (reused buffers, pinned when the state is on a GPU) and returns; a background thread writes
 /// the shard into step_X.tmp/ and fsyncs it. Rank 0's thread then waits until every rank's
 /// shard is in, writes the manifest and COMMITTED, renames the folder to step_X, moves
-/// `latest` and deletes all but the newest keep checkpoints (those holding a KEEP file stay).
+/// `latest` and deletes all but the newest keep checkpoints (those holding a KEEP file stay;
+/// keep <= 0 deletes none).
 /// A checkpoint whose write fails anywhere (a full disk, an I/O error, a fence) is abandoned:
 /// the failing rank leaves a `.failed` receipt so that rank 0 stops waiting, rank 0 removes the
 /// temporary folder (or the half-published one), and `latest` and the older checkpoints stay as

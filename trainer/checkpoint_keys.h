@@ -40,6 +40,12 @@ inline constexpr char kCheckpointFailures[] = "run/checkpoint_failures";
 /// are filled [T] (int64). Replicated: every rank keeps the same.
 inline constexpr char kTimestepLossHistory[] = "timesteps/loss_history";
 inline constexpr char kTimestepLossCounts[] = "timesteps/loss_counts";
+/// Post-hoc EMA (train.phema_snapshot_every > 0): profile k's weights under
+/// PhemaPrefix(k) + the parameter's name, and the profiles' relative standard deviations
+/// [K] (float64). Checkpoints carry them for resume; snapshots (RUN_DIR/phema/) hold only
+/// them, the step and the config.
+inline constexpr char kPhemaSigmaRels[] = "phema/sigma_rels";
+inline std::string PhemaPrefix(std::size_t k) { return "phema/" + std::to_string(k) + "/"; }
 /// Ranks of the world that wrote it (0-d int64): added when the checkpoint is read.
 inline constexpr char kWorldSize[] = "meta/world_size";
 

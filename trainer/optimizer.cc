@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "trainer/fused_adam.h"
+#include "trainer/power_ema.h"
 
 namespace ddpm {
 
@@ -157,6 +158,35 @@ Ema::Ema(torch::Tensor source, torch::Tensor target, double decay)
 void Ema::Update() {
   torch::NoGradGuard no_grad;
   target_.mul_(decay_).add_(source_, 1.0 - decay_);
+}
+
+PowerEma::PowerEma(torch::Tensor source, std::vector<double> sigma_rels)
+    : source_(std::move(source)), sigma_rels_(std::move(sigma_rels)) {
+  torch::NoGradGuard no_grad;
+  for (double sigma_rel : sigma_rels_) {
+    gammas_.push_back(PowerEmaExponent(sigma_rel));
+    profiles_.push_back(source_.detach().clone());
+  }
+  weights_ = torch::zeros({static_cast<int64_t>(sigma_rels_.size())}, source_.options());
+}
+
+void PowerEma::Prepare(int64_t update) {
+  TORCH_CHECK(update >= 1, "PowerEma: updates count from 1, got ", update);
+  const bool pinned = weights_.is_cuda();
+  torch::Tensor host = torch::empty(
+      {weights_.size(0)}, torch::TensorOptions(weights_.scalar_type()).pinned_memory(pinned));
+  for (std::size_t k = 0; k < gammas_.size(); ++k) {
+    host[static_cast<int64_t>(k)] = 1.0 - PowerEmaBeta(gammas_[k], update);
+  }
+  // A fresh pinned block each update, as FlatAdam::Prepare: the host never waits here.
+  weights_.copy_(host, /*non_blocking=*/pinned);
+}
+
+void PowerEma::Update() {
+  torch::NoGradGuard no_grad;
+  for (std::size_t k = 0; k < profiles_.size(); ++k) {
+    profiles_[k].lerp_(source_, weights_[static_cast<int64_t>(k)]);
+  }
 }
 
 double ClipCoefficient(double norm, double max_norm) {

@@ -105,6 +105,35 @@ class Ema {
   double decay_;
 };
 
+/// EDM2's power-function EMAs of flat weights (Karras et al. 2024, Eq. 4), one profile per
+/// relative standard deviation: update number t moves profile k by
+///   profile_k = beta_t profile_k + (1 - beta_t) source,  beta_t = (1 - 1/t)^(gamma_k + 1).
+/// The per-update weights live in a device tensor, so that Update() can be captured in a CUDA
+/// graph. Any floating dtype (tests run it in float64).
+class PowerEma {
+ public:
+  /// Profiles of source's layout, dtype and device, one per sigma_rel, starting as source's
+  /// copy; throws std::invalid_argument naming a sigma_rel outside (0, kMaxSigmaRel].
+  PowerEma(torch::Tensor source, std::vector<double> sigma_rels);
+  /// Stages the weights 1 - beta of update number update (1-based) on the device
+  /// (asynchronously from pinned memory on a GPU).
+  void Prepare(int64_t update);
+  /// Moves every profile by the weights Prepare staged. Call after the optimizer step.
+  void Update();
+  const std::vector<double>& sigma_rels() const { return sigma_rels_; }
+  /// The profiles, in sigma_rels' order (flat, like source).
+  std::vector<torch::Tensor>& profiles() { return profiles_; }
+  const std::vector<torch::Tensor>& profiles() const { return profiles_; }
+
+ private:
+  torch::Tensor source_;
+  std::vector<double> sigma_rels_;
+  std::vector<double> gammas_;
+  std::vector<torch::Tensor> profiles_;
+  /// [K] on the device, source's dtype: 1 - beta of the staged update for each profile.
+  torch::Tensor weights_;
+};
+
 /// The factor that clipping to max_norm multiplies a gradient of global norm `norm` by, as
 /// torch.nn.utils.clip_grad_norm_ computes it: min(1, max_norm / (norm + 1e-6)); 1 when
 /// max_norm <= 0 (no clipping).

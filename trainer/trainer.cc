@@ -133,6 +133,9 @@ Trainer::Trainer(const Config& config, torch::Device device, int rank, int micro
   optimizer_ = std::make_unique<FlatAdam>(params_->data(), params_->grad(), config.train.adam_beta1,
                                           config.train.adam_beta2, config.train.adam_eps);
   ema_ = std::make_unique<Ema>(params_->data(), ema_params_->data(), config.train.ema_decay);
+  if (config.train.phema_snapshot_every > 0) {
+    phema_ = std::make_unique<PowerEma>(params_->data(), config.train.phema_sigma_rels);
+  }
   if (config.train.cuda_graphs && !device.is_cuda()) {
     throw std::runtime_error(
         "train.cuda_graphs: CUDA graphs need a CUDA device, and this run "
@@ -289,6 +292,7 @@ void Trainer::Compute(const torch::Tensor& images, const torch::Tensor& t,
     optimizer_->Apply();
     ema_->Update();
   }
+  if (phema_) phema_->Update();
   values.copy_(
       torch::cat({(loss_sum / accum).to(torch::kFloat64).reshape({1}),
                   grad_norm.to(torch::kFloat64).reshape({1}), quartile_loss, quartile_count}));
@@ -354,6 +358,7 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position,
   // for the device once (to read them) and, on several ranks, all-reduce them.
   const bool learns = timestep_sampler_.uses_losses();
   optimizer_->Prepare(stats.lr);
+  if (phema_) phema_->Prepare(step_ + 1);
   if (!config_.train.cuda_graphs) {
     stats.values = torch::empty({kStepValues}, images.options().dtype(torch::kFloat64));
     torch::Tensor losses;
@@ -466,6 +471,7 @@ std::map<std::string, torch::Tensor> Trainer::StateViews() const {
   add(checkpoint_keys::kAdamExpAvgSqPrefix, optimizer_->exp_avg_sq());
   state[checkpoint_keys::kAdamSteps] = Int64Tensor(optimizer_->steps());
   state[checkpoint_keys::kStep] = Int64Tensor(step_);
+  if (phema_) state.merge(PhemaViews());
   // The device's default generator: dropout draws from it. Timesteps and noise need no state
   // beyond a loss-aware sampler's history.
   state[checkpoint_keys::kRng] = GeneratorState(at::globalContext().defaultGenerator(device_));
@@ -477,6 +483,19 @@ std::map<std::string, torch::Tensor> Trainer::StateViews() const {
     state[checkpoint_keys::kTimestepLossCounts] =
         torch::tensor(timestep_sampler_.counts(), torch::kLong);
   }
+  return state;
+}
+
+std::map<std::string, torch::Tensor> Trainer::PhemaViews() const {
+  std::map<std::string, torch::Tensor> state;
+  if (!phema_) return state;
+  for (std::size_t k = 0; k < phema_->profiles().size(); ++k) {
+    for (auto& [name, tensor] : params_->Views(phema_->profiles()[k])) {
+      state[checkpoint_keys::PhemaPrefix(k) + name] = tensor;
+    }
+  }
+  state[checkpoint_keys::kPhemaSigmaRels] = torch::tensor(phema_->sigma_rels(), torch::kFloat64);
+  state[checkpoint_keys::kStep] = Int64Tensor(step_);
   return state;
 }
 
@@ -497,6 +516,34 @@ void Trainer::LoadState(const std::map<std::string, torch::Tensor>& state,
   params_->Flatten(state, checkpoint_keys::kAdamExpAvgSqPrefix, optimizer_->exp_avg_sq(), origin);
   optimizer_->set_steps(RequireTensor(state, checkpoint_keys::kAdamSteps, origin).item<int64_t>());
   step_ = RequireTensor(state, checkpoint_keys::kStep, origin).item<int64_t>();
+  if (phema_) {
+    // The profiles average from step 1: they cannot start part-way through a run.
+    const auto saved = state.find(checkpoint_keys::kPhemaSigmaRels);
+    if (saved == state.end()) {
+      throw CheckpointError(origin +
+                            " holds no post-hoc EMA profiles (it was trained with "
+                            "train.phema_snapshot_every: 0), and profiles must average "
+                            "from step 1; resume with train.phema_snapshot_every: 0, or "
+                            "start a new run");
+    }
+    const torch::Tensor sigmas = saved->second.to(torch::kCPU, torch::kFloat64).contiguous();
+    const std::vector<double> saved_sigmas(sigmas.data_ptr<double>(),
+                                           sigmas.data_ptr<double>() + sigmas.numel());
+    if (saved_sigmas != phema_->sigma_rels()) {
+      auto list = [](const std::vector<double>& v) {
+        std::string out;
+        for (double x : v) out += (out.empty() ? "" : ", ") + c10::str(x);
+        return "[" + out + "]";
+      };
+      throw CheckpointError(origin + " keeps post-hoc EMA profiles of sigma_rel " +
+                            list(saved_sigmas) + ", this config asks for " +
+                            list(phema_->sigma_rels()) +
+                            " (train.phema_sigma_rels); resume with the checkpoint's");
+    }
+    for (std::size_t k = 0; k < phema_->profiles().size(); ++k) {
+      params_->Flatten(state, checkpoint_keys::PhemaPrefix(k), phema_->profiles()[k], origin);
+    }
+  }
   torch::Generator default_generator = at::globalContext().defaultGenerator(device_);
   SetGeneratorState(default_generator, RequireTensor(state, checkpoint_keys::kRng, origin));
   if (timestep_sampler_.uses_losses()) {

@@ -155,6 +155,11 @@ class Trainer {
   /// The same names as State(), but weights, EMA and moments are views of the live buffers on
   /// the device: valid until the next Step. What a checkpoint copies its slice from.
   std::map<std::string, torch::Tensor> StateViews() const;
+  /// The post-hoc EMA profiles (train.phema_snapshot_every > 0), else null.
+  const PowerEma* power_ema() const { return phema_.get(); }
+  /// A snapshot of the post-hoc EMA profiles: views of the live buffers under
+  /// checkpoint_keys::PhemaPrefix(k), with kPhemaSigmaRels and kStep (empty without them).
+  std::map<std::string, torch::Tensor> PhemaViews() const;
   /// Restores State(); throws naming origin if a tensor is missing or has the wrong shape.
   void LoadState(const std::map<std::string, torch::Tensor>& state, const std::string& origin);
 
@@ -169,6 +174,7 @@ class Trainer {
   std::unique_ptr<FlatParameters> ema_params_;
   std::unique_ptr<FlatAdam> optimizer_;
   std::unique_ptr<Ema> ema_;
+  std::unique_ptr<PowerEma> phema_;
   GradientSync* sync_ = nullptr;
   Communicator* comm_ = nullptr;
   TimestepSampler timestep_sampler_;
