@@ -834,6 +834,18 @@ void Coordinator::Leave(const v1::LeaveRequest& request) {
   Schedule();
 }
 
+bool Coordinator::RegistryWritable(std::string* error) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  try {
+    if (!registry_) throw std::runtime_error("the registry is closed");
+    registry_->ProbeWritable();
+    return true;
+  } catch (const std::exception& failure) {
+    if (error != nullptr) *error = failure.what();
+    return false;
+  }
+}
+
 void Coordinator::Tick() {
   std::lock_guard<std::mutex> lock(mutex_);
   const int64_t now = clock_.NowUnixMs();

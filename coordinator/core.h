@@ -130,6 +130,9 @@ class Coordinator {
   void Tick();
   /// Wakes every waiting stream so that it can end.
   void Shutdown();
+  /// Whether the registry is open and takes a write (Registry::ProbeWritable); why not in
+  /// error. For the gRPC health service.
+  bool RegistryWritable(std::string* error);
 
   /// Live groups, for metrics.
   std::vector<GroupStatus> Groups() const;

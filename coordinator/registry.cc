@@ -344,4 +344,15 @@ std::vector<v1::EvalResult> Registry::Evals(const std::string& run_id) {
   return evals;
 }
 
+void Registry::ProbeWritable() {
+  Execute("BEGIN IMMEDIATE", __FILE__, __LINE__);
+  try {
+    Execute("PRAGMA user_version=" + std::to_string(kSchemaVersion), __FILE__, __LINE__);
+    Execute("COMMIT", __FILE__, __LINE__);
+  } catch (...) {
+    sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+    throw;
+  }
+}
+
 }  // namespace ddpm

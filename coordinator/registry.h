@@ -56,6 +56,9 @@ class Registry {
   std::vector<v1::EvalResult> Evals(const std::string& run_id);
 
   const std::string& path() const { return path_; }
+  /// Writes and commits one page (the schema version it already holds), as the health check's
+  /// probe that the database is open and writable; throws RegistryError naming the file.
+  void ProbeWritable();
 
  private:
   void Execute(const std::string& sql, const char* file, int line);

@@ -1,7 +1,9 @@
 #include "coordinator/service.h"
 
 #include <fcntl.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
 #include <prometheus/collectable.h>
 #include <prometheus/exposer.h>
 #include <prometheus/metric_family.h>
@@ -280,6 +282,11 @@ CoordinatorServer::CoordinatorServer(Coordinator& core, const ServerOptions& opt
     }
     credentials = grpc::SslServerCredentials(ssl);
   }
+  // grpc.health.v1.Health and server reflection, from the gRPC library itself (its default
+  // health service and libgrpc++_reflection's plugin); neither needs a token, as neither tells
+  // anything about runs.
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen, credentials, &port_);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
@@ -304,12 +311,19 @@ CoordinatorServer::CoordinatorServer(Coordinator& core, const ServerOptions& opt
     const std::vector<int> ports = exposer_->GetListeningPorts();
     metrics_port_ = ports.empty() ? 0 : ports.front();
   }
-  ticker_ = std::thread([this, tick = options.tick_seconds] {
+  UpdateHealth();
+  ticker_ = std::thread([this, tick = options.tick_seconds, probe = options.health_probe_seconds] {
+    auto probed = std::chrono::steady_clock::now();
     while (!stopping_) {
       try {
         core_.Tick();
       } catch (const std::exception& error) {
         std::fprintf(stderr, "ddpm_coordinator: health check failed: %s\n", error.what());
+      }
+      if (std::chrono::steady_clock::now() - probed >
+          std::chrono::milliseconds(static_cast<int64_t>(probe * 1000))) {
+        probed = std::chrono::steady_clock::now();
+        UpdateHealth();
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int64_t>(tick * 1000)));
     }
@@ -318,8 +332,30 @@ CoordinatorServer::CoordinatorServer(Coordinator& core, const ServerOptions& opt
 
 CoordinatorServer::~CoordinatorServer() { Shutdown(); }
 
+void CoordinatorServer::UpdateHealth() {
+  std::string error;
+  const bool serving = core_.RegistryWritable(&error);
+  if (!serving && serving_) {
+    std::fprintf(stderr, "ddpm_coordinator: NOT_SERVING: the registry does not take writes: %s\n",
+                 error.c_str());
+  } else if (serving && !serving_) {
+    std::fprintf(stderr, "ddpm_coordinator: SERVING\n");
+  }
+  serving_ = serving;
+  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+  if (health == nullptr || stopping_) return;
+  health->SetServingStatus(serving);  // the server as a whole ("")
+  for (const char* service : {"ddpm.v1.Control", "ddpm.v1.WorkerGateway"}) {
+    health->SetServingStatus(service, serving);
+  }
+}
+
 void CoordinatorServer::Shutdown() {
   if (stopping_.exchange(true)) return;
+  // NOT_SERVING first, to every Check and Watch, while calls are still answered.
+  if (grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService()) {
+    health->Shutdown();
+  }
   core_.Shutdown();
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   if (ticker_.joinable()) ticker_.join();

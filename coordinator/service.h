@@ -39,6 +39,9 @@ struct ServerOptions {
   int max_message_bytes = 4 << 20;
   /// HOST:PORT of the Prometheus /metrics endpoint; port 0 picks one; empty: none.
   std::string metrics_listen = "127.0.0.1:9464";
+  /// Seconds between probes that the registry takes a write, which set grpc.health.v1's
+  /// status (SERVING, or NOT_SERVING naming the error on stderr).
+  double health_probe_seconds = 5;
   /// Seconds between health checks (Coordinator::Tick).
   double tick_seconds = 0.25;
 };
@@ -68,6 +71,10 @@ class CoordinatorServer {
   void Shutdown();
 
  private:
+  /// Probes the registry and sets the health service's status of "", ddpm.v1.Control and
+  /// ddpm.v1.WorkerGateway.
+  void UpdateHealth();
+
   Coordinator& core_;
   std::unique_ptr<RpcMetrics> rpc_metrics_;
   std::unique_ptr<ControlService> control_;
@@ -78,6 +85,7 @@ class CoordinatorServer {
   int port_ = 0;
   int metrics_port_ = 0;
   std::atomic<bool> stopping_{false};
+  bool serving_ = true;
   std::thread ticker_;
 };
 

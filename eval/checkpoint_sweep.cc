@@ -4,6 +4,7 @@
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -165,6 +166,17 @@ void PlotFidAndIs(const std::vector<EvalReport>& reports, const std::vector<doub
   WritePng(path, canvas.image());
 }
 
+// The shortest of %.15g, %.16g and %.17g that reads back to value: 0.05, not
+// 0.050000000000000003.
+std::string RoundTrip(double value) {
+  char text[32];
+  for (int digits = 15; digits <= 17; ++digits) {
+    std::snprintf(text, sizeof(text), "%.*g", digits, value);
+    if (std::strtod(text, nullptr) == value) break;
+  }
+  return text;
+}
+
 std::string ShortNumber(double value) {
   char text[32];
   std::snprintf(text, sizeof(text), "%.4g", value);
@@ -210,11 +222,11 @@ void WriteParameterSweep(const ParameterSweep& sweep, const std::string& csv_pat
     char guidance[40] = "";
     if (!over_guidance) std::snprintf(guidance, sizeof(guidance), "%.17g,", r.guidance);
     std::snprintf(line, sizeof(line),
-                  "%.17g,%.17g,%.17g,%.17g,%s,%" PRId64 ",%s,%d,%" PRIu64 ",%s%d,%.3f,%s,%s\n",
-                  sweep.values[i], r.fid, r.inception_score, r.inception_score_std,
-                  r.is_logits.c_str(), r.num_samples, r.sampler.c_str(), r.sampling_steps, r.seed,
-                  guidance, r.regularized ? 1 : 0, r.seconds, r.inception_sha256.c_str(),
-                  r.reference_sha256.c_str());
+                  "%s,%.17g,%.17g,%.17g,%s,%" PRId64 ",%s,%d,%" PRIu64 ",%s%d,%.3f,%s,%s\n",
+                  RoundTrip(sweep.values[i]).c_str(), r.fid, r.inception_score,
+                  r.inception_score_std, r.is_logits.c_str(), r.num_samples, r.sampler.c_str(),
+                  r.sampling_steps, r.seed, guidance, r.regularized ? 1 : 0, r.seconds,
+                  r.inception_sha256.c_str(), r.reference_sha256.c_str());
     text += line;
     reports.push_back(r);
     xs.push_back(sweep.values[i]);

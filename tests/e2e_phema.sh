@@ -3,9 +3,9 @@
 # with SIGKILL twice and resumed ends with the very snapshots of one that ran straight (the
 # reconstructions of both are byte-identical files); ddpm_phema's weights load in torch.load and
 # ddpm_sample; bad requests are refused by name.
-# usage: e2e_phema.sh DDPM_WORKER DDPM_PHEMA DDPM_SAMPLE PYTHON
+# usage: e2e_phema.sh DDPM_WORKER DDPM_PHEMA DDPM_SAMPLE DDPM_FID PYTHON SOURCE_DIR
 set -euo pipefail
-worker=$1 phema=$2 sample=$3 python=$4
+worker=$1 phema=$2 sample=$3 fid=$4 python=$5 src=$6
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 say() { echo "phema: $*"; }
@@ -76,7 +76,34 @@ PY
   fail "ddpm_sample --weights: $(cat "$work/sample.log")"
 [ -s "$work/grid.png" ] || fail "no grid"
 
-say "5. bad requests, each refused by name"
+say "5. a sweep: FID and IS of each sigma_rel, each that of ddpm_fid on its weights"
+"$python" "$src/tests/reference/fid_ref.py" network "$work" > "$work/reference.log" 2>&1 ||
+  fail "fid_ref.py network"
+"$python" "$src/tests/reference/fid_ref.py" gaussian-stats "$work/ref.npz"
+protocol=(--ref "$work/ref.npz" --inception "$work/inception.pt" --num 12 --sampler ddim --steps 3
+  --batch 6)
+OMP_NUM_THREADS=1 "$phema" --run "$work/straight" --sigma-rel 0.1,0.05,0.07 --out "$work/sweep" \
+  --evaluate yes "${protocol[@]}" --device cpu > "$work/sweep.log" 2>&1 ||
+  fail "ddpm_phema --evaluate yes: $(cat "$work/sweep.log")"
+OMP_NUM_THREADS=1 "$fid" checkpoint --weights "$work/sweep/sigma_rel_0.07.pt" "${protocol[@]}" \
+  --device cpu > "$work/fid.log" 2>&1 || fail "ddpm_fid --weights: $(cat "$work/fid.log")"
+"$python" - "$work" <<'PY' || fail "the sweep (above)"
+import csv, re, struct, sys
+work = sys.argv[1]
+rows = list(csv.DictReader(open(f"{work}/sweep/phema_sweep.csv")))
+assert [float(r["sigma_rel"]) for r in rows] == [0.05, 0.07, 0.1], rows
+assert all(r["num_samples"] == "12" and r["sampler"] == "ddim" for r in rows), rows
+alone = open(f"{work}/fid.log").read()
+fid = float(re.search(r"^FID (\S+)", alone, re.M).group(1))
+score = float(re.search(r"^IS (\S+)", alone, re.M).group(1))
+assert abs(float(rows[1]["fid"]) - fid) <= 5e-5, (rows[1]["fid"], fid)
+assert abs(float(rows[1]["inception_score"]) - score) <= 5e-5, (rows[1], score)
+png = open(f"{work}/sweep/phema_sweep.png", "rb").read()
+assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (720, 584)
+print("FID against sigma_rel:", [(r["sigma_rel"], round(float(r["fid"]), 4)) for r in rows])
+PY
+
+say "6. bad requests, each refused by name"
 expect() {  # expect CODE TEXT -- COMMAND...
   local code=$1 text=$2; shift 3
   set +e; "$@" > "$work/bad.log" 2>&1; local rc=$?; set -e

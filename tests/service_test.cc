@@ -72,6 +72,36 @@ class ServiceTest : public ::testing::Test {
   std::unique_ptr<CoordinatorServer> server_;
 };
 
+TEST_F(ServiceTest, HealthAndReflectionAnswerWithoutATokenAndHealthTurnsNotServingOnShutdown) {
+  StartServer();
+  const std::shared_ptr<grpc::Channel> channel = MakeChannel(Channel());
+  // A plain client with no token: grpc.health.v1 says SERVING for the server and both services.
+  EXPECT_EQ(CheckHealth(*channel, "", 10), "SERVING");
+  EXPECT_EQ(CheckHealth(*channel, "ddpm.v1.Control", 10), "SERVING");
+  EXPECT_EQ(CheckHealth(*channel, "ddpm.v1.WorkerGateway", 10), "SERVING");
+  EXPECT_EQ(CheckHealth(*channel, "ddpm.v1.Nothing", 10), "SERVICE_UNKNOWN");
+  // Reflection lists the services, as grpcurl-style tools ask.
+  const std::vector<std::string> services = ReflectedServices(*channel, 10);
+  for (const char* name : {"ddpm.v1.Control", "ddpm.v1.WorkerGateway"}) {
+    EXPECT_NE(std::find(services.begin(), services.end(), name), services.end())
+        << name << " not among the " << services.size() << " reflected services";
+  }
+  // A watcher sees SERVING, then NOT_SERVING once shutdown has begun.
+  std::vector<std::string> seen;
+  std::promise<void> serving;
+  std::thread watcher([&] {
+    WatchHealth(*channel, "", 20, [&](const std::string& status) {
+      seen.push_back(status);
+      if (status == "SERVING" && seen.size() == 1) serving.set_value();
+      return status == "SERVING";
+    });
+  });
+  ASSERT_EQ(serving.get_future().wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  server_->Shutdown();
+  watcher.join();
+  EXPECT_EQ(seen, (std::vector<std::string>{"SERVING", "NOT_SERVING"}));
+}
+
 TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
   StartServer();
   auto control = Control();

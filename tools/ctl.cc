@@ -548,4 +548,17 @@ int CtlWatch(const CtlOptions& options, const std::string& run) {
   });
 }
 
+int CtlHealth(const CtlOptions& options, const std::string& service) {
+  const std::shared_ptr<grpc::Channel> channel = MakeChannel(options.channel);
+  std::string status;
+  try {
+    status = CheckHealth(*channel, service, options.timeout_seconds);
+  } catch (const RpcSetupError& error) {
+    std::fprintf(stderr, "ddpmctl: %s: %s\n", options.channel.address.c_str(), error.what());
+    return kCtlUnavailable;
+  }
+  std::printf("%s\n", status.c_str());
+  return status == "SERVING" ? kCtlOk : kCtlFailed;
+}
+
 }  // namespace ddpm

@@ -80,5 +80,8 @@ int CtlGet(const CtlOptions& options, const std::string& run);
 /// STOPPED, 1 for FAILED.
 int CtlWatch(const CtlOptions& options, const std::string& run);
 int CtlDelete(const CtlOptions& options, const std::string& run);
+/// grpc.health.v1's status of service ("" the server) with no token: prints it; kCtlOk when
+/// SERVING, kCtlFailed otherwise, kCtlUnavailable when the coordinator cannot be reached.
+int CtlHealth(const CtlOptions& options, const std::string& service);
 
 }  // namespace ddpm

@@ -16,9 +16,8 @@ namespace {
 
 constexpr char kSummary[] =
     "Controls DDPM training runs on a ddpm_coordinator.\n"
-    "Commands: start CONFIG, eval RUN, stop RUN, list, get RUN, watch RUN, delete RUN; flags\n"
-    "may come"
-    " before or after the command (ddpmctl COMMAND --help for its own).\n"
+    "Commands: start CONFIG, eval RUN, stop RUN, list, get RUN, watch RUN, delete RUN, health;\n"
+    "flags may come before or after the command (ddpmctl COMMAND --help for its own).\n"
     "The control token comes from --token-file or $DDPM_CONTROL_TOKEN.\n"
     "Exit codes: 0 ok, 1 refused or run failed, 2 bad command line, 66 unreadable file,\n"
     "69 coordinator unreachable, 77 token refused.";
@@ -83,6 +82,11 @@ bool AddCommandFlags(const std::string& command, ddpm::Flags& flags) {
     flags.Add("state", "only runs in this state (e.g. RUNNING)", "");
   } else if (command == "get" || command == "watch" || command == "delete") {
     flags.AddPositional("RUN", "run id or unique name");
+  } else if (command == "health") {
+    flags.Add("service",
+              "the service to ask about (ddpm.v1.Control, ddpm.v1.WorkerGateway; empty: the "
+              "server)",
+              "");
   } else {
     return false;
   }
@@ -196,6 +200,7 @@ int RunCommand(const std::string& command, const ddpm::Flags& flags) {
     if (code != ddpm::kCtlOk || !flags.GetSwitch("watch")) return code;
     return ddpm::CtlWatch(options, id);
   }
+  if (command == "health") return ddpm::CtlHealth(options, flags.Get("service"));
   if (command == "stop") return ddpm::CtlStop(options, flags.Get("RUN"), flags.GetSwitch("now"));
   if (command == "list") return ddpm::CtlList(options, flags.Get("state"));
   if (command == "get") return ddpm::CtlGet(options, flags.Get("RUN"));
@@ -215,7 +220,7 @@ int main(int argc, char** argv) {
   if (!command.empty() && !AddCommandFlags(command, flags)) {
     std::fprintf(stderr,
                  "ddpmctl: unknown command '%s' (commands: start, eval, stop, list, get, "
-                 "watch, delete)\n",
+                 "watch, delete, health)\n",
                  command.c_str());
     return ddpm::kCtlUsage;
   }
@@ -227,7 +232,8 @@ int main(int argc, char** argv) {
   return ddpm::RunMain(flags, static_cast<int>(args.size()), args.data(), [&] {
     if (command.empty()) {
       throw ddpm::FlagError(
-          "ddpmctl: give a command: start, eval, stop, list, get, watch or delete (see --help)");
+          "ddpmctl: give a command: start, eval, stop, list, get, watch, delete or health (see "
+          "--help)");
     }
     return RunCommand(command, flags);
   });
