@@ -184,7 +184,7 @@ bool ForEachField(const std::string& message,
 
 grpc::ByteBuffer ToBuffer(const std::string& bytes) {
   grpc::Slice slice(bytes);
-  return grpc::ByteBuffer(&slice, 1);
+  return {&slice, 1};
 }
 
 std::string FromBuffer(const grpc::ByteBuffer& buffer) {
