@@ -22,15 +22,8 @@ fail() {
   exit 1
 }
 skip() { say "SKIP: $*"; exit 77; }
-wait_until() {  # SECONDS DESCRIPTION COMMAND...
-  local seconds=$1 what=$2
-  shift 2
-  for _ in $(seq 1 $((seconds * 4))); do
-    if "$@" > /dev/null 2>&1; then return 0; fi
-    sleep 0.25
-  done
-  fail "$what (after ${seconds}s)"
-}
+# shellcheck source=tests/wait_lib.sh
+source "$(dirname "$0")/wait_lib.sh"
 # shellcheck source=tests/netns_lib.sh
 source "$(dirname "$0")/netns_lib.sh"
 

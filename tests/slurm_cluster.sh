@@ -34,15 +34,8 @@ fail() {
   exit 1
 }
 free_port() { /usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_until() {  # SECONDS DESCRIPTION COMMAND...
-  local seconds=$1 what=$2
-  shift 2
-  for _ in $(seq 1 $((seconds * 4))); do
-    if "$@" > /dev/null 2>&1; then return 0; fi
-    sleep 0.25
-  done
-  fail "$what (after ${seconds}s)"
-}
+# shellcheck source=tests/wait_lib.sh
+source "$(dirname "$0")/wait_lib.sh"
 
 say "1. a one-node cluster: slurmctld and slurmd on loopback"
 host=$(hostname -s)
