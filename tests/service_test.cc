@@ -102,6 +102,30 @@ TEST_F(ServiceTest, HealthAndReflectionAnswerWithoutATokenAndHealthTurnsNotServi
   EXPECT_EQ(seen, (std::vector<std::string>{"SERVING", "NOT_SERVING"}));
 }
 
+TEST_F(ServiceTest, HealthIsNotServingWhileTheRegistryRefusesWritesAndServingAgainAfter) {
+  server_options_.health_probe_seconds = 0.1;
+  StartServer();
+  const std::shared_ptr<grpc::Channel> channel = MakeChannel(Channel());
+  ASSERT_EQ(CheckHealth(*channel, "", 10), "SERVING");
+  // The registry's write-ahead log made immutable: even root's writes fail (ext4's chattr +i).
+  const std::string wal = (dir_ / "registry.db-wal").string();
+  if (std::system(("chattr +i '" + wal + "' 2> /dev/null").c_str()) != 0) {
+    GTEST_SKIP() << "chattr +i is not supported on " << wal
+                 << "'s file system, so the registry cannot be made to refuse writes";
+  }
+  auto status_becomes = [&](const std::string& wanted) {
+    for (int i = 0; i < 100; ++i) {
+      if (CheckHealth(*channel, "ddpm.v1.Control", 10) == wanted) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  };
+  EXPECT_TRUE(status_becomes("NOT_SERVING"));
+  EXPECT_EQ(CheckHealth(*channel, "", 10), "NOT_SERVING");
+  ASSERT_EQ(std::system(("chattr -i '" + wal + "'").c_str()), 0);
+  EXPECT_TRUE(status_becomes("SERVING"));
+}
+
 TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
   StartServer();
   auto control = Control();
