@@ -417,6 +417,12 @@ int SampleConfig::ResolvedSteps(int diffusion_timesteps) const {
   return diffusion_timesteps;
 }
 
+double MaxPhemaSigmaRel() {
+  // Where d/dg log((g + 1) / ((g + 2)^2 (g + 3))) = 0, i.e. g^2 + 3g + 1 = 0.
+  const double peak = (std::sqrt(5.0) - 3.0) / 2.0;
+  return std::sqrt((peak + 1) / ((peak + 2) * (peak + 2) * (peak + 3)));
+}
+
 void Config::Validate(int world_size) const {
   const ModelConfig& m = model;
   if (m.ch < 4 || m.ch % 2 != 0)
@@ -440,9 +446,7 @@ void Config::Validate(int world_size) const {
             "must be >= 0 (0: no post-hoc EMA), got " + Format(train.phema_snapshot_every));
   }
   if (train.phema_snapshot_every > 0) {
-    // The peak of sqrt((g + 1) / ((g + 2)^2 (g + 3))), at g = (sqrt(5) - 3) / 2.
-    const double peak = (std::sqrt(5.0) - 3.0) / 2.0;
-    const double max_sigma_rel = std::sqrt((peak + 1) / ((peak + 2) * (peak + 2) * (peak + 3)));
+    const double max_sigma_rel = MaxPhemaSigmaRel();
     if (train.phema_sigma_rels.empty()) {
       Invalid("train.phema_sigma_rels",
               "must list at least one profile when "

@@ -289,6 +289,11 @@ struct DistConfig {
   }
 };
 
+/// The largest relative standard deviation a power-function EMA profile has (EDM2's
+/// sqrt((g + 1) / ((g + 2)^2 (g + 3))) at its peak, g = (sqrt(5) - 3) / 2), about 0.300283:
+/// train.phema_sigma_rels and ddpm_phema's --sigma-rel lie in (0, MaxPhemaSigmaRel()].
+double MaxPhemaSigmaRel();
+
 /// A whole run.
 struct Config {
   ModelConfig model;

@@ -206,18 +206,19 @@ std::string HealthStatusName(const std::string& response) {
   return status < 4 ? kNames[status] : "UNKNOWN";
 }
 
-// A streaming call of a generic stub driven step by step on its own completion queue: each
-// operation waits for its completion.
+// A streaming call through gRPC's generic (untyped) API, driven step by step on its own
+// completion queue: each operation waits for its completion.
 class RawStream {
  public:
-  RawStream(grpc::Channel& channel, const std::string& method, double timeout_seconds)
-      : stub_(std::shared_ptr<grpc::Channel>(&channel, [](grpc::Channel*) {})) {
+  RawStream(const std::shared_ptr<grpc::Channel>& channel, const std::string& method,
+            double timeout_seconds)
+      : generic_(channel) {
     if (timeout_seconds > 0) {
       context_.set_deadline(
           std::chrono::system_clock::now() +
           std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
     }
-    call_ = stub_.PrepareCall(&context_, method, &queue_);
+    call_ = generic_.PrepareCall(&context_, method, &queue_);
     call_->StartCall(Tag());
     ok_ = Wait();
   }
@@ -265,7 +266,7 @@ class RawStream {
     return queue_.Next(&tag, &ok) && ok;
   }
 
-  grpc::GenericStub stub_;
+  grpc::GenericStub generic_;
   grpc::ClientContext context_;
   grpc::CompletionQueue queue_;
   std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call_;
@@ -280,7 +281,7 @@ std::string HealthRequest(const std::string& service) {
 
 }  // namespace
 
-std::string CheckHealth(grpc::Channel& channel, const std::string& service,
+std::string CheckHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
                         double timeout_seconds) {
   RawStream call(channel, "/grpc.health.v1.Health/Check", timeout_seconds);
   std::string response;
@@ -294,7 +295,8 @@ std::string CheckHealth(grpc::Channel& channel, const std::string& service,
   return HealthStatusName(response);
 }
 
-std::string WatchHealth(grpc::Channel& channel, const std::string& service, double timeout_seconds,
+std::string WatchHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
+                        double timeout_seconds,
                         const std::function<bool(const std::string&)>& on_status) {
   RawStream call(channel, "/grpc.health.v1.Health/Watch", timeout_seconds);
   if (!call.Write(HealthRequest(service)) || !call.WritesDone()) {
@@ -309,7 +311,8 @@ std::string WatchHealth(grpc::Channel& channel, const std::string& service, doub
   return last;
 }
 
-std::vector<std::string> ReflectedServices(grpc::Channel& channel, double timeout_seconds) {
+std::vector<std::string> ReflectedServices(const std::shared_ptr<grpc::Channel>& channel,
+                                           double timeout_seconds) {
   const std::string method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
   RawStream call(channel, method, timeout_seconds);
   std::string response;

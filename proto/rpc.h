@@ -60,15 +60,18 @@ std::string DescribeStatus(const std::string& rpc, const grpc::Status& status);
 const char* StatusCodeName(grpc::StatusCode code);
 
 /// The status grpc.health.v1.Health/Check gives service ("" the server as a whole):
-/// "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN". Plain bytes over a generic call
-/// (no generated health stubs): any client may probe so. Throws RpcSetupError with the call's
-/// status when the call fails.
-std::string CheckHealth(grpc::Channel& channel, const std::string& service, double timeout_seconds);
+/// "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN". Plain bytes over gRPC's generic
+/// call API, without code generated from health.proto: any client may probe so. Throws
+/// RpcSetupError with the call's status when the call fails.
+std::string CheckHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
+                        double timeout_seconds);
 /// grpc.health.v1.Health/Watch of service: on_status sees each status the server sends until it
 /// returns false or the stream ends; returns the last status seen.
-std::string WatchHealth(grpc::Channel& channel, const std::string& service, double timeout_seconds,
+std::string WatchHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
+                        double timeout_seconds,
                         const std::function<bool(const std::string&)>& on_status);
 /// The services the server's reflection (grpc.reflection.v1alpha.ServerReflection) lists.
-std::vector<std::string> ReflectedServices(grpc::Channel& channel, double timeout_seconds);
+std::vector<std::string> ReflectedServices(const std::shared_ptr<grpc::Channel>& channel,
+                                           double timeout_seconds);
 
 }  // namespace ddpm

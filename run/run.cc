@@ -542,10 +542,14 @@ void TrainingRun::Checkpoint() {
 
 void TrainingRun::Snapshot() {
   if (trainer_->step() == last_snapshot_step_) return;
-  ReadPendingValues();
-  if (const std::string diverged = AgreeOnDivergence(); !diverged.empty()) {
-    RollBack(diverged);
-    return;
+  // No snapshot of weights that diverged on any rank; a checkpoint of this very step has
+  // already asked every rank.
+  if (trainer_->step() != last_saved_step_) {
+    ReadPendingValues();
+    if (const std::string diverged = AgreeOnDivergence(); !diverged.empty()) {
+      RollBack(diverged);
+      return;
+    }
   }
   SettleSnapshot();
   last_snapshot_step_ = trainer_->step();

@@ -59,8 +59,8 @@ TEST(PowerEma, ExponentsAreNumpysRootsAndInvertTheStd) {
   }
   // The largest sigma_rel: where the derivative of log((g+1)/((g+2)^2 (g+3))) vanishes.
   const double g = (std::sqrt(5.0) - 3) / 2;
-  EXPECT_NEAR(kMaxSigmaRel, std::sqrt((g + 1) / ((g + 2) * (g + 2) * (g + 3))), 1e-15);
-  EXPECT_NEAR(kMaxSigmaRel, 0.30028, 1e-5);
+  EXPECT_NEAR(MaxPhemaSigmaRel(), std::sqrt((g + 1) / ((g + 2) * (g + 2) * (g + 3))), 1e-15);
+  EXPECT_NEAR(MaxPhemaSigmaRel(), 0.30028, 1e-5);
   EXPECT_THROW(PowerEmaExponent(0.0), std::invalid_argument);
   EXPECT_THROW(PowerEmaExponent(0.31), std::invalid_argument);
   EXPECT_THROW(PowerEmaExponent(std::nan("")), std::invalid_argument);

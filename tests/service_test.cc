@@ -76,12 +76,12 @@ TEST_F(ServiceTest, HealthAndReflectionAnswerWithoutATokenAndHealthTurnsNotServi
   StartServer();
   const std::shared_ptr<grpc::Channel> channel = MakeChannel(Channel());
   // A plain client with no token: grpc.health.v1 says SERVING for the server and both services.
-  EXPECT_EQ(CheckHealth(*channel, "", 10), "SERVING");
-  EXPECT_EQ(CheckHealth(*channel, "ddpm.v1.Control", 10), "SERVING");
-  EXPECT_EQ(CheckHealth(*channel, "ddpm.v1.WorkerGateway", 10), "SERVING");
-  EXPECT_EQ(CheckHealth(*channel, "ddpm.v1.Nothing", 10), "SERVICE_UNKNOWN");
+  EXPECT_EQ(CheckHealth(channel, "", 10), "SERVING");
+  EXPECT_EQ(CheckHealth(channel, "ddpm.v1.Control", 10), "SERVING");
+  EXPECT_EQ(CheckHealth(channel, "ddpm.v1.WorkerGateway", 10), "SERVING");
+  EXPECT_EQ(CheckHealth(channel, "ddpm.v1.Nothing", 10), "SERVICE_UNKNOWN");
   // Reflection lists the services, as grpcurl-style tools ask.
-  const std::vector<std::string> services = ReflectedServices(*channel, 10);
+  const std::vector<std::string> services = ReflectedServices(channel, 10);
   for (const char* name : {"ddpm.v1.Control", "ddpm.v1.WorkerGateway"}) {
     EXPECT_NE(std::find(services.begin(), services.end(), name), services.end())
         << name << " not among the " << services.size() << " reflected services";
@@ -90,7 +90,7 @@ TEST_F(ServiceTest, HealthAndReflectionAnswerWithoutATokenAndHealthTurnsNotServi
   std::vector<std::string> seen;
   std::promise<void> serving;
   std::thread watcher([&] {
-    WatchHealth(*channel, "", 20, [&](const std::string& status) {
+    WatchHealth(channel, "", 20, [&](const std::string& status) {
       seen.push_back(status);
       if (status == "SERVING" && seen.size() == 1) serving.set_value();
       return status == "SERVING";
@@ -106,7 +106,7 @@ TEST_F(ServiceTest, HealthIsNotServingWhileTheRegistryRefusesWritesAndServingAga
   server_options_.health_probe_seconds = 0.1;
   StartServer();
   const std::shared_ptr<grpc::Channel> channel = MakeChannel(Channel());
-  ASSERT_EQ(CheckHealth(*channel, "", 10), "SERVING");
+  ASSERT_EQ(CheckHealth(channel, "", 10), "SERVING");
   // The registry's write-ahead log made immutable: even root's writes fail (ext4's chattr +i).
   const std::string wal = (dir_ / "registry.db-wal").string();
   if (std::system(("chattr +i '" + wal + "' 2> /dev/null").c_str()) != 0) {
@@ -115,13 +115,13 @@ TEST_F(ServiceTest, HealthIsNotServingWhileTheRegistryRefusesWritesAndServingAga
   }
   auto status_becomes = [&](const std::string& wanted) {
     for (int i = 0; i < 100; ++i) {
-      if (CheckHealth(*channel, "ddpm.v1.Control", 10) == wanted) return true;
+      if (CheckHealth(channel, "ddpm.v1.Control", 10) == wanted) return true;
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     return false;
   };
   EXPECT_TRUE(status_becomes("NOT_SERVING"));
-  EXPECT_EQ(CheckHealth(*channel, "", 10), "NOT_SERVING");
+  EXPECT_EQ(CheckHealth(channel, "", 10), "NOT_SERVING");
   ASSERT_EQ(std::system(("chattr -i '" + wal + "'").c_str()), 0);
   EXPECT_TRUE(status_becomes("SERVING"));
 }

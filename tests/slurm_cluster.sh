@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # deploy/slurm/ddpm_worker_group.sbatch under a real Slurm: a one-node cluster of Debian's
 # Slurm 22.05 daemons (slurmctld, slurmd) stood up in a temporary directory on loopback (a
-# generated slurm.conf, the node's 8 GPUs as a gres over placeholder files, auth/none in place
+# generated slurm.conf, the node's 8 GPUs as a gres over null devices, auth/none in place
 # of munge), a coordinator beside it, and the script submitted unchanged with sbatch (2 tasks of
 # 1 CPU instead of its 8 of 12). Checks that srun --mpi=pmix starts the ranks as one MPI world,
 # that the group registers, trains a run to completion and writes its Prometheus targets, and
@@ -40,8 +40,8 @@ source "$(dirname "$0")/wait_lib.sh"
 say "1. a one-node cluster: slurmctld and slurmd on loopback"
 host=$(hostname -s)
 mkdir -p "$work/state" "$work/spool" "$work/gpus" "$work/targets"
-# Placeholder devices for the 8 GPUs the script asks for (null devices; plain files where mknod
-# is not allowed, which slurmd accepts with a complaint).
+# Null devices standing for the 8 GPUs the script asks for (plain files where mknod is not
+# allowed, which slurmd accepts with a complaint).
 for i in 0 1 2 3 4 5 6 7; do mknod "$work/gpus/gpu$i" c 1 3 2> /dev/null || : > "$work/gpus/gpu$i"; done
 # The machine's CPUs (nproc would honour OMP_NUM_THREADS), at least the 2 tasks' worth.
 cpus=$(getconf _NPROCESSORS_ONLN)

@@ -552,7 +552,7 @@ int CtlHealth(const CtlOptions& options, const std::string& service) {
   const std::shared_ptr<grpc::Channel> channel = MakeChannel(options.channel);
   std::string status;
   try {
-    status = CheckHealth(*channel, service, options.timeout_seconds);
+    status = CheckHealth(channel, service, options.timeout_seconds);
   } catch (const RpcSetupError& error) {
     std::fprintf(stderr, "ddpmctl: %s: %s\n", options.channel.address.c_str(), error.what());
     return kCtlUnavailable;

@@ -132,8 +132,8 @@ std::vector<PhemaResult> RunPhema(const PhemaJob& job) {
   std::vector<PhemaResult> results;
   for (double sigma_rel : job.sigma_rels) {
     const std::string what = "ddpm_phema: --sigma-rel " + FormatNumber(sigma_rel);
-    if (!(sigma_rel > 0 && sigma_rel <= kMaxSigmaRel)) {
-      throw ConfigError(what + " is outside (0, " + FormatNumber(kMaxSigmaRel) +
+    if (!(sigma_rel > 0 && sigma_rel <= MaxPhemaSigmaRel())) {
+      throw ConfigError(what + " is outside (0, " + FormatNumber(MaxPhemaSigmaRel()) +
                         "], the relative standard deviations a power-function EMA has");
     }
     PhemaResult result;
@@ -172,9 +172,10 @@ std::vector<PhemaResult> RunPhema(const PhemaJob& job) {
       for (const auto& [name, tensor] : snapshot) {
         if (name.rfind(prefix, 0) != 0) continue;
         const std::string param = name.substr(prefix.size());
+        const torch::Tensor wide = tensor.to(torch::kFloat64);
         for (std::size_t j = 0; j < results.size(); ++j) {
           const double c = results[j].fit.coefficients[i * profiles.size() + k];
-          torch::Tensor term = tensor.to(torch::kFloat64) * c;
+          torch::Tensor term = wide * c;
           auto [it, fresh] = sums[j].emplace(param, term);
           if (!fresh) it->second.add_(term);
         }

@@ -113,7 +113,7 @@ class Ema {
 class PowerEma {
  public:
   /// Profiles of source's layout, dtype and device, one per sigma_rel, starting as source's
-  /// copy; throws std::invalid_argument naming a sigma_rel outside (0, kMaxSigmaRel].
+  /// copy; throws std::invalid_argument naming a sigma_rel outside (0, MaxPhemaSigmaRel()].
   PowerEma(torch::Tensor source, std::vector<double> sigma_rels);
   /// Stages the weights 1 - beta of update number update (1-based) on the device
   /// (asynchronously from pinned memory on a GPU).

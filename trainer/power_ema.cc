@@ -5,12 +5,11 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "config/config.h"
+
 namespace ddpm {
 
 namespace {
-
-// sigma_rel is largest where d/dgamma log((g+1) / ((g+2)^2 (g+3))) = 0, i.e. g^2 + 3g + 1 = 0.
-const double kPeakExponent = (std::sqrt(5.0) - 3.0) / 2.0;
 
 std::string Text(double value) {
   std::ostringstream out;
@@ -21,16 +20,15 @@ std::string Text(double value) {
 
 }  // namespace
 
-const double kMaxSigmaRel = PowerEmaSigmaRel(kPeakExponent);
-
 double PowerEmaSigmaRel(double gamma) {
   return std::sqrt((gamma + 1) / ((gamma + 2) * (gamma + 2) * (gamma + 3)));
 }
 
 double PowerEmaExponent(double sigma_rel) {
-  if (!(sigma_rel > 0 && sigma_rel <= kMaxSigmaRel)) {
+  const double max_sigma_rel = MaxPhemaSigmaRel();
+  if (!(sigma_rel > 0 && sigma_rel <= max_sigma_rel)) {
     throw std::invalid_argument("sigma_rel " + Text(sigma_rel) + " is outside (0, " +
-                                Text(kMaxSigmaRel) +
+                                Text(max_sigma_rel) +
                                 "], the relative standard deviations a power-function EMA has");
   }
   const double t = 1.0 / (sigma_rel * sigma_rel);
@@ -44,7 +42,8 @@ double PowerEmaExponent(double sigma_rel) {
     if (!(next < gamma) || slope <= 0) break;
     gamma = next;
   }
-  return std::max(gamma, kPeakExponent);
+  // Never below the peak's exponent, (sqrt(5) - 3) / 2: the largest root lies above it.
+  return std::max(gamma, (std::sqrt(5.0) - 3.0) / 2.0);
 }
 
 double PowerEmaBeta(double gamma, int64_t step) {
@@ -126,7 +125,7 @@ SigmaRelRange ReconstructibleSigmaRels(const std::vector<PowerProfile>& stored, 
   constexpr int kGrid = 400;
   const double lowest = 1e-3;
   auto at = [&](int i) {
-    return lowest * std::pow(kMaxSigmaRel / lowest, static_cast<double>(i) / kGrid);
+    return lowest * std::pow(MaxPhemaSigmaRel() / lowest, static_cast<double>(i) / kGrid);
   };
   int first = -1, last = -1;
   for (int i = 0; i <= kGrid; ++i) {

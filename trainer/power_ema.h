@@ -10,16 +10,13 @@
 
 namespace ddpm {
 
-/// The largest relative standard deviation a power-function profile has (at exponent
-/// gamma = (sqrt(5) - 3) / 2): sigma_rel must lie in (0, kMaxSigmaRel].
-extern const double kMaxSigmaRel;
-
 /// EDM2 Eq. 3: the relative standard deviation of the profile t^gamma on [0, 1],
 /// sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))).
 double PowerEmaSigmaRel(double gamma);
 /// The exponent gamma of relative standard deviation sigma_rel: the largest real root of
 /// gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + (12 - sigma_rel^-2) = 0 (EDM2's
-/// std_to_exp). Throws std::invalid_argument naming sigma_rel outside (0, kMaxSigmaRel].
+/// std_to_exp). Throws std::invalid_argument naming sigma_rel outside (0, MaxPhemaSigmaRel()]
+/// (config.h).
 double PowerEmaExponent(double sigma_rel);
 /// EDM2 Eq. 4 in steps: the decay of update number step (1-based), (1 - 1/step)^(gamma + 1),
 /// so that after n updates the average weighs update t by (t^(g+1) - (t-1)^(g+1)) / n^(g+1).
