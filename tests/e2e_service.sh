@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole service on loopback with the real binaries: a coordinator, a 2-rank worker group
 # under mpirun, and ddpmctl. A run is started, seen RUNNING and stopped; the same group takes a
-# second run to completion; a third survives a coordinator restart with nothing lost, and after
+# second run to completion; one that ends while the coordinator is down completes when it is
+# back, with no restart; another survives a coordinator restart with nothing lost, and after
 # the group is SIGKILLed a new group resumes it from its last checkpoint to completion.
 # usage: e2e_service.sh MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL
 set -euo pipefail
@@ -33,20 +34,37 @@ grep -q "step 30/30 loss" "$work/watch.log" || fail "watch printed no progress"
 [ "$(field second-2 'r["placement"]["group_id"]')" = "$(field smoke-1 'r["placement"]["group_id"]')" ] ||
   fail "the second run went to another group"
 
+say "2b. a run that ends while the coordinator is down completes once it is back"
+sed 's/steps: 1200,/steps: 200,/' "$work/long.yaml" > "$work/short.yaml"
+ctl start "$work/short.yaml" --name during > /dev/null
+wait_for 60 "during-3 past step 20" step_at_least during-3 21
+kill -TERM "$coordinator_pid"
+wait "$coordinator_pid" || fail "the coordinator did not exit cleanly on SIGTERM"
+# Checkpoint reports wait on their own thread: training does not stall without a coordinator.
+wait_for 60 "the group to finish during-3 with no coordinator" \
+  grep -q "trained to step 200 " "$work/group1.log"
+start_coordinator "$address" 2
+wait_for 60 "during-3 COMPLETED" state_is during-3 COMPLETED
+[ "$(field during-3 '" ".join(t["to"] for t in r["transitions"])')" = \
+  "QUEUED STARTING RUNNING COMPLETED" ] || fail "transitions: $(ctl get during-3)"
+[ "$(field during-3 'r.get("restarts", 0)')" = 0 ] || fail "restarts: $(ctl get during-3)"
+# (Either the group registered again naming the run before reporting its end, or the report
+# reached the new coordinator first, was refused as from an unknown group, and went again after.)
+
 say "3. a coordinator restart mid-run loses nothing"
-run=long-3
+run=long-4
 ctl start "$work/long.yaml" --name long > /dev/null
 wait_for 60 "$run past step 40" step_at_least "$run" 41
 before=$(field "$run" 'len(r["transitions"])')
 kill -TERM "$coordinator_pid"
 wait "$coordinator_pid" || fail "the coordinator did not exit cleanly on SIGTERM"
-start_coordinator "$address" 2
+start_coordinator "$address" 3
 step=$(field "$run" 'int(r["metrics"]["step"])')
 wait_for 30 "$run to advance after the restart" step_at_least "$run" $((step + 20))
 state_is "$run" RUNNING || fail "$run is $(field "$run" 'r["state"]') after the restart"
 [ "$(field "$run" 'len(r["transitions"])')" = "$before" ] || fail "transitions changed: $(ctl get "$run")"
 grep -q "carries on with run $run" "$work/coordinator.log" || fail "the group did not re-register with its run"
-[ "$(ctl list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["runs"]))')" = 3 ] ||
+[ "$(ctl list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["runs"]))')" = 4 ] ||
   fail "runs lost in the restart"
 
 say "4. SIGKILL on mpirun: a new group resumes the run from its checkpoint"

@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -16,6 +18,7 @@
 #include "ddpm/v1/worker_gateway.grpc.pb.h"
 #include "proto/rpc.h"
 #include "tests/http_get.h"
+#include "worker/gateway_client.h"
 
 namespace ddpm {
 namespace {
@@ -292,6 +295,74 @@ TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
   ASSERT_TRUE(gateway->Leave(Ctx(kWorkerToken).get(), leave, &left).ok());
   EXPECT_TRUE(core_->Groups().empty());
   stream_context->TryCancel();
+}
+
+// The worker's side across a coordinator restart: checkpoint reports posted while the
+// coordinator is down return at once, only the newest is sent, and it is accepted once the
+// restarted coordinator knows the group again (the command channel registers it anew, naming
+// its run); the channel counts that registration.
+TEST_F(ServiceTest, CheckpointReportsOutliveACoordinatorRestartAndOnlyTheNewestIsSent) {
+  StartServer();
+  const int port = server_->port();
+  v1::StartRunRequest start;
+  start.set_config_yaml(kTinyConfig);
+  start.set_name("svc");
+  v1::StartRunResponse started;
+  ASSERT_TRUE(Control()->StartRun(Ctx(kControlToken).get(), start, &started).ok());
+
+  GatewayOptions options;
+  options.channel = Channel();
+  options.token = kWorkerToken;
+  GatewayClient client(options);
+  v1::RegisterRequest registration;
+  registration.set_group_id("group-a");
+  registration.set_world_size(1);
+  registration.add_hostnames("h0");
+  CommandChannel channel(client, registration);
+  const std::atomic<bool> never(false);
+  ASSERT_TRUE(channel.Start(never));
+  EXPECT_EQ(channel.registrations(), 1);
+  for (int i = 0; i < 200 && channel.Latest().kind() != v1::GroupCommand::TRAIN; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(channel.Latest().kind(), v1::GroupCommand::TRAIN);
+  ASSERT_EQ(channel.Latest().run_id(), "svc-1");
+  channel.SetCurrentRun("svc-1", 30);
+
+  // The coordinator goes away; two reports come meanwhile.
+  server_.reset();
+  core_.reset();
+  CheckpointReporter reports(client, std::chrono::seconds(60));
+  for (int step : {20, 30}) {
+    v1::ReportCheckpointRequest request;
+    request.set_group_id("group-a");
+    request.set_run_id("svc-1");
+    request.set_attempt(1);
+    request.mutable_checkpoint()->set_step(step);
+    request.mutable_checkpoint()->set_path(dir_.string() + "/step_" + std::to_string(step));
+    reports.Post(request);
+  }
+  EXPECT_FALSE(reports.Flush(std::chrono::milliseconds(300))) << "sent with no coordinator";
+  EXPECT_EQ(reports.accepted(), 0);
+
+  // The same coordinator comes back on the same port with its registry.
+  server_options_.listen = "127.0.0.1:" + std::to_string(port);
+  StartServer();
+  ASSERT_EQ(server_->port(), port);
+  EXPECT_TRUE(
+      channel.WaitForRegistration(1, std::chrono::steady_clock::now() + std::chrono::seconds(30)))
+      << "the channel did not register the group again";
+  ASSERT_TRUE(reports.Flush(std::chrono::seconds(30))) << "the report was not sent";
+  EXPECT_EQ(reports.accepted(), 1);
+  v1::GetRunRequest get;
+  get.set_run("svc-1");
+  v1::GetRunResponse got;
+  ASSERT_TRUE(Control()->GetRun(Ctx(kControlToken).get(), get, &got).ok());
+  EXPECT_EQ(got.run().latest_checkpoint().step(), 30);
+  EXPECT_EQ(got.run().latest_checkpoint().path(), dir_.string() + "/step_30");
+  EXPECT_NE(got.run().state(), v1::FAILED) << got.run().reason();
+  EXPECT_EQ(got.run().restarts(), 0);
+  channel.Stop();
 }
 
 TEST_F(ServiceTest, WrongOrMissingTokensAreUnauthenticated) {

@@ -1,5 +1,6 @@
 #include "worker/gateway_client.h"
 
+#include <algorithm>
 #include <cstdio>
 
 namespace ddpm {
@@ -104,6 +105,8 @@ bool CommandChannel::RegisterOnce(bool& unreachable_reported) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (status.ok()) {
     session_ = response.session();
+    ++registrations_;
+    changed_.notify_all();
     heartbeat_interval_ = response.heartbeat_interval_seconds();
     Say("group " + registration_.group_id() + " registered (" +
         std::to_string(registration_.world_size()) + " ranks)" +
@@ -212,6 +215,19 @@ void CommandChannel::SetCurrentRun(const std::string& run_id, int64_t step) {
   current_step_ = step;
 }
 
+int64_t CommandChannel::registrations() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return registrations_;
+}
+
+bool CommandChannel::WaitForRegistration(int64_t seen,
+                                         std::chrono::steady_clock::time_point deadline) const {
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait_until(lock, deadline,
+                      [&] { return registrations_ > seen || !fatal_.empty() || stop_; });
+  return registrations_ > seen && fatal_.empty() && !stop_;
+}
+
 std::string CommandChannel::fatal() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return fatal_;
@@ -225,6 +241,67 @@ void CommandChannel::Stop() {
     changed_.notify_all();
   }
   if (thread_.joinable()) thread_.join();
+}
+
+CheckpointReporter::CheckpointReporter(GatewayClient& client, std::chrono::seconds patience)
+    : client_(client), patience_(patience), thread_([this] { Run(); }) {}
+
+CheckpointReporter::~CheckpointReporter() {
+  Flush(std::chrono::seconds(10));
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  changed_.notify_all();
+  thread_.join();
+}
+
+void CheckpointReporter::Post(v1::ReportCheckpointRequest request) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  pending_ = std::move(request);
+  changed_.notify_all();
+}
+
+bool CheckpointReporter::Flush(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  return changed_.wait_for(lock, timeout, [&] { return !pending_ && !busy_; });
+}
+
+int64_t CheckpointReporter::accepted() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return accepted_;
+}
+
+void CheckpointReporter::Run() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (true) {
+    changed_.wait(lock, [&] { return pending_ || stop_; });
+    if (!pending_) return;  // stopped with nothing to send
+    const v1::ReportCheckpointRequest request = std::move(*pending_);
+    pending_.reset();
+    busy_ = true;
+    const auto give_up = SteadyClock::now() + patience_;
+    auto backoff = std::chrono::milliseconds(250);
+    grpc::Status status;
+    while (true) {
+      lock.unlock();
+      status = client_.ReportCheckpoint(request);
+      lock.lock();
+      const bool retry = Transient(status) || status.error_code() == grpc::StatusCode::NOT_FOUND;
+      // Superseded by a newer report, stopped, or out of patience: this one is done.
+      if (!retry || pending_ || stop_ || SteadyClock::now() + backoff > give_up) break;
+      changed_.wait_for(lock, backoff, [&] { return pending_ || stop_; });
+      backoff = std::min(backoff * 2, std::chrono::milliseconds(4000));
+    }
+    if (status.ok()) {
+      ++accepted_;
+    } else if (!pending_) {
+      Say(DescribeStatus("ReportCheckpoint", status) + " (step " +
+          std::to_string(request.checkpoint().step()) + ")");
+    }
+    busy_ = false;
+    changed_.notify_all();
+  }
 }
 
 Heartbeater::Heartbeater(GatewayClient& client, std::string group_id, const RankRecorder& recorder,

@@ -70,6 +70,11 @@ class CommandChannel {
   void WaitForChange(int64_t seen, std::chrono::milliseconds timeout) const;
   /// The run this group trains, for a re-registration (empty when idle).
   void SetCurrentRun(const std::string& run_id, int64_t step);
+  /// How many times the group has registered (1 after Start).
+  int64_t registrations() const;
+  /// Waits until the group has registered more than seen times (true), or until deadline, a
+  /// fatal error or Stop (false). A restarted coordinator knows the group only after that.
+  bool WaitForRegistration(int64_t seen, std::chrono::steady_clock::time_point deadline) const;
   /// A reason the group cannot go on (refused registration, rejected token), or empty.
   std::string fatal() const;
   /// Seconds between heartbeats, as the coordinator asked.
@@ -89,6 +94,7 @@ class CommandChannel {
   std::string session_;
   v1::GroupCommand latest_;
   int64_t version_ = 0;
+  int64_t registrations_ = 0;
   std::string current_run_;
   int64_t current_step_ = 0;
   std::string fatal_;
@@ -126,6 +132,40 @@ class Heartbeater {
   v1::HeartbeatRequest pending_;
   bool poke_ = false;
   bool stop_ = false;
+  std::thread thread_;
+};
+
+/// Rank 0's checkpoint reports, sent on a thread of their own: neither training nor the
+/// checkpoint writer waits on a coordinator that is away (restarting, or out of reach). Only the
+/// newest report matters, so one still unsent when a newer one comes is dropped. A report is
+/// retried while the coordinator is unreachable or does not know the group yet (a restarted
+/// coordinator, before the group registers again), for at most patience; the coordinator refusing
+/// it (the run taken away) ends it.
+class CheckpointReporter {
+ public:
+  CheckpointReporter(GatewayClient& client, std::chrono::seconds patience);
+  /// Waits for the report in flight and the one pending (see Flush, 10 s), then stops.
+  ~CheckpointReporter();
+  CheckpointReporter(const CheckpointReporter&) = delete;
+  CheckpointReporter& operator=(const CheckpointReporter&) = delete;
+  /// Queues request in place of any unsent one; returns at once.
+  void Post(v1::ReportCheckpointRequest request);
+  /// Waits until nothing is pending or in flight, for at most timeout; false on timeout.
+  bool Flush(std::chrono::milliseconds timeout);
+  /// How many reports the coordinator accepted.
+  int64_t accepted() const;
+
+ private:
+  void Run();
+
+  GatewayClient& client_;
+  const std::chrono::seconds patience_;
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  std::optional<v1::ReportCheckpointRequest> pending_;
+  bool busy_ = false;
+  bool stop_ = false;
+  int64_t accepted_ = 0;
   std::thread thread_;
 };
 

@@ -3,7 +3,9 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <optional>
@@ -254,10 +256,25 @@ struct Member {
 
   // Rank 0: reports the end. The group goes on claiming the run until its end is reported: a
   // coordinator that restarts meanwhile must see the group come back with the run, not without
-  // it (which would fail and restart a run that has ended).
+  // it (which would fail and restart a run that has ended). A restarted coordinator answers
+  // NOT_FOUND until the group has registered again (naming the run): the report then goes again.
   void ReportEnd(const v1::ReportRunEndRequest& end) {
-    const grpc::Status status =
-        ReportWithRetry([&] { return client.ReportRunEnd(end); }, std::chrono::seconds(60));
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    grpc::Status status;
+    while (true) {
+      const int64_t registered = channel->registrations();
+      const auto left = std::chrono::duration_cast<std::chrono::seconds>(
+          give_up - std::chrono::steady_clock::now());
+      status = ReportWithRetry([&] { return client.ReportRunEnd(end); },
+                               std::max(left, std::chrono::seconds(1)));
+      if (status.error_code() != grpc::StatusCode::NOT_FOUND ||
+          !channel->WaitForRegistration(registered, give_up)) {
+        break;
+      }
+      Say("run " + end.run_id() +
+          "'s end reached a coordinator that did not know the group (restarted?); reported "
+          "again now that the group has registered");
+    }
     channel->SetCurrentRun("", 0);
     // A run taken away from the group is no longer its to report.
     if (!status.ok() && status.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
@@ -300,6 +317,10 @@ struct Member {
     train.resume = true;
     train.progress = options.progress;
     train.attempt = attempt;
+    // Rank 0's checkpoint reports go on a thread of their own (a coordinator away stalls
+    // nothing); the end is reported after the last of them.
+    std::optional<CheckpointReporter> reports;
+    if (rank == 0) reports.emplace(client, std::chrono::seconds(60));
     train.on_step = [this, rank, &run_id](const WorkerMetrics& metrics) {
       recorder.RecordStep(metrics);
       if (rank == 0) channel->SetCurrentRun(run_id, metrics.step);
@@ -319,7 +340,8 @@ struct Member {
       train.on_eval = [this, &run_id, attempt](const EvalReport& report) {
         ReportEvalResult(run_id, attempt, report);
       };
-      train.on_checkpoint = [this, &run_id, attempt](const CommittedCheckpoint& checkpoint) {
+      train.on_checkpoint = [this, &run_id, attempt,
+                             &reports](const CommittedCheckpoint& checkpoint) {
         recorder.RecordCheckpoint(checkpoint);
         v1::ReportCheckpointRequest request;
         request.set_group_id(group_id);
@@ -327,9 +349,7 @@ struct Member {
         request.set_attempt(attempt);
         request.mutable_checkpoint()->set_step(checkpoint.step);
         request.mutable_checkpoint()->set_path(checkpoint.dir);
-        const grpc::Status status = ReportWithRetry(
-            [&] { return client.ReportCheckpoint(request); }, std::chrono::seconds(30));
-        if (!status.ok()) Say(DescribeStatus("ReportCheckpoint", status));
+        reports->Post(std::move(request));
       };
     }
     TrainResult result;
@@ -372,6 +392,7 @@ struct Member {
           ") was taken away by the coordinator at step " + std::to_string(result.steps));
       return false;
     }
+    reports->Flush(std::chrono::seconds(60));
     v1::ReportRunEndRequest end =
         EndRequest(run_id, attempt, result.interrupted_by, result.stopped_by != StopRequest::kNone);
     end.set_step(result.steps);
