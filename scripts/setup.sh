@@ -2,8 +2,10 @@
 # Installs the Debian packages ddpm-train needs, from scripts/packages.txt. Idempotent: packages
 # already present are skipped, and apt-get runs only when something is missing.
 # usage: setup.sh [--list] [SECTION...] [--exclude PACKAGE...]
-#   SECTION: build, runtime or test (default: all of them). --exclude leaves packages out (the
-#   CUDA image brings its own LibTorch instead of libtorch-dev). --list prints the packages and
+#   SECTION: build, runtime, test, containers or ssh (default: build, runtime and test;
+#   containers is the opt-in Compose test's podman, ssh the images' sshd for the MPI
+#   Operator). --exclude leaves packages out (the CUDA image brings its own LibTorch instead
+#   of libtorch-dev). --list prints the packages and
 #   installs nothing.
 set -euo pipefail
 list="$(dirname "$0")/packages.txt"
@@ -19,6 +21,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 known=$(sed -n 's/^\[\(.*\)\]$/\1/p' "$list")
+[ ${#sections[@]} -gt 0 ] || sections=(build runtime test)
 for section in "${sections[@]}"; do
   grep -qx "$section" <<< "$known" || { echo "setup: no section [$section] in $list (sections: $(echo $known))" >&2; exit 2; }
 done
