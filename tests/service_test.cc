@@ -297,11 +297,11 @@ TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
   stream_context->TryCancel();
 }
 
-// The worker's side across a coordinator restart: checkpoint reports posted while the
-// coordinator is down return at once, only the newest is sent, and it is accepted once the
-// restarted coordinator knows the group again (the command channel registers it anew, naming
-// its run); the channel counts that registration.
-TEST_F(ServiceTest, CheckpointReportsOutliveACoordinatorRestartAndOnlyTheNewestIsSent) {
+// The worker's side across a coordinator restart: reports posted while the coordinator is down
+// return at once; of checkpoints only the newest is sent, of evaluations every one; they are
+// accepted once the restarted coordinator knows the group again (the command channel registers
+// it anew, naming its run); the channel counts that registration.
+TEST_F(ServiceTest, RunReportsOutliveACoordinatorRestartWithTheNewestCheckpointAndEveryEval) {
   StartServer();
   const int port = server_->port();
   v1::StartRunRequest start;
@@ -329,10 +329,11 @@ TEST_F(ServiceTest, CheckpointReportsOutliveACoordinatorRestartAndOnlyTheNewestI
   ASSERT_EQ(channel.Latest().run_id(), "svc-1");
   channel.SetCurrentRun("svc-1", 30);
 
-  // The coordinator goes away; two reports come meanwhile.
+  // The coordinator goes away; two checkpoint reports and two evaluations (a FID at step 20, a
+  // bound at step 30) come meanwhile.
   server_.reset();
   core_.reset();
-  CheckpointReporter reports(client, std::chrono::seconds(60));
+  RunReporter reports(client, std::chrono::seconds(60));
   for (int step : {20, 30}) {
     v1::ReportCheckpointRequest request;
     request.set_group_id("group-a");
@@ -341,9 +342,23 @@ TEST_F(ServiceTest, CheckpointReportsOutliveACoordinatorRestartAndOnlyTheNewestI
     request.mutable_checkpoint()->set_step(step);
     request.mutable_checkpoint()->set_path(dir_.string() + "/step_" + std::to_string(step));
     reports.Post(request);
+    v1::ReportEvalRequest eval;
+    eval.set_group_id("group-a");
+    eval.set_run_id("svc-1");
+    eval.set_attempt(1);
+    eval.mutable_eval()->set_step(step);
+    if (step == 20) {
+      eval.mutable_eval()->set_fid(41.5);
+      eval.mutable_eval()->set_num_samples(64);
+    } else {
+      eval.mutable_eval()->set_nll_bits_per_dim(5.25);
+      eval.mutable_eval()->set_nll_images(16);
+    }
+    reports.Post(eval);
   }
   EXPECT_FALSE(reports.Flush(std::chrono::milliseconds(300))) << "sent with no coordinator";
-  EXPECT_EQ(reports.accepted(), 0);
+  EXPECT_EQ(reports.accepted_checkpoints(), 0);
+  EXPECT_EQ(reports.accepted_evals(), 0);
 
   // The same coordinator comes back on the same port with its registry.
   server_options_.listen = "127.0.0.1:" + std::to_string(port);
@@ -352,14 +367,19 @@ TEST_F(ServiceTest, CheckpointReportsOutliveACoordinatorRestartAndOnlyTheNewestI
   EXPECT_TRUE(
       channel.WaitForRegistration(1, std::chrono::steady_clock::now() + std::chrono::seconds(30)))
       << "the channel did not register the group again";
-  ASSERT_TRUE(reports.Flush(std::chrono::seconds(30))) << "the report was not sent";
-  EXPECT_EQ(reports.accepted(), 1);
+  ASSERT_TRUE(reports.Flush(std::chrono::seconds(30))) << "the reports were not sent";
+  EXPECT_EQ(reports.accepted_checkpoints(), 1);
+  EXPECT_EQ(reports.accepted_evals(), 2);
   v1::GetRunRequest get;
   get.set_run("svc-1");
   v1::GetRunResponse got;
   ASSERT_TRUE(Control()->GetRun(Ctx(kControlToken).get(), get, &got).ok());
   EXPECT_EQ(got.run().latest_checkpoint().step(), 30);
   EXPECT_EQ(got.run().latest_checkpoint().path(), dir_.string() + "/step_30");
+  EXPECT_EQ(got.run().latest_eval().step(), 20);
+  EXPECT_DOUBLE_EQ(got.run().latest_eval().fid(), 41.5);
+  EXPECT_EQ(got.run().latest_nll().step(), 30);
+  EXPECT_DOUBLE_EQ(got.run().latest_nll().nll_bits_per_dim(), 5.25);
   EXPECT_NE(got.run().state(), v1::FAILED) << got.run().reason();
   EXPECT_EQ(got.run().restarts(), 0);
   channel.Stop();

@@ -243,10 +243,10 @@ void CommandChannel::Stop() {
   if (thread_.joinable()) thread_.join();
 }
 
-CheckpointReporter::CheckpointReporter(GatewayClient& client, std::chrono::seconds patience)
+RunReporter::RunReporter(GatewayClient& client, std::chrono::seconds patience)
     : client_(client), patience_(patience), thread_([this] { Run(); }) {}
 
-CheckpointReporter::~CheckpointReporter() {
+RunReporter::~RunReporter() {
   Flush(std::chrono::seconds(10));
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -256,48 +256,79 @@ CheckpointReporter::~CheckpointReporter() {
   thread_.join();
 }
 
-void CheckpointReporter::Post(v1::ReportCheckpointRequest request) {
+void RunReporter::Post(v1::ReportCheckpointRequest request) {
   std::lock_guard<std::mutex> lock(mutex_);
-  pending_ = std::move(request);
+  checkpoint_ = std::move(request);
   changed_.notify_all();
 }
 
-bool CheckpointReporter::Flush(std::chrono::milliseconds timeout) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  return changed_.wait_for(lock, timeout, [&] { return !pending_ && !busy_; });
-}
-
-int64_t CheckpointReporter::accepted() const {
+void RunReporter::Post(v1::ReportEvalRequest request) {
   std::lock_guard<std::mutex> lock(mutex_);
-  return accepted_;
+  evals_.push_back(std::move(request));
+  changed_.notify_all();
 }
 
-void CheckpointReporter::Run() {
+bool RunReporter::Flush(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  return changed_.wait_for(lock, timeout, [&] { return !checkpoint_ && evals_.empty() && !busy_; });
+}
+
+int64_t RunReporter::accepted_checkpoints() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return accepted_checkpoints_;
+}
+
+int64_t RunReporter::accepted_evals() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return accepted_evals_;
+}
+
+grpc::Status RunReporter::Send(std::unique_lock<std::mutex>& lock,
+                               const std::function<grpc::Status()>& call,
+                               const std::function<bool()>& superseded) {
+  const auto give_up = SteadyClock::now() + patience_;
+  auto backoff = std::chrono::milliseconds(250);
+  while (true) {
+    lock.unlock();
+    grpc::Status status = call();
+    lock.lock();
+    const bool retry = Transient(status) || status.error_code() == grpc::StatusCode::NOT_FOUND;
+    if (!retry || superseded() || stop_ || SteadyClock::now() + backoff > give_up) return status;
+    changed_.wait_for(lock, backoff, [&] { return superseded() || stop_; });
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(4000));
+  }
+}
+
+void RunReporter::Run() {
   std::unique_lock<std::mutex> lock(mutex_);
   while (true) {
-    changed_.wait(lock, [&] { return pending_ || stop_; });
-    if (!pending_) return;  // stopped with nothing to send
-    const v1::ReportCheckpointRequest request = std::move(*pending_);
-    pending_.reset();
+    changed_.wait(lock, [&] { return checkpoint_ || !evals_.empty() || stop_; });
+    if (!checkpoint_ && evals_.empty()) return;  // stopped with nothing to send
     busy_ = true;
-    const auto give_up = SteadyClock::now() + patience_;
-    auto backoff = std::chrono::milliseconds(250);
-    grpc::Status status;
-    while (true) {
-      lock.unlock();
-      status = client_.ReportCheckpoint(request);
-      lock.lock();
-      const bool retry = Transient(status) || status.error_code() == grpc::StatusCode::NOT_FOUND;
-      // Superseded by a newer report, stopped, or out of patience: this one is done.
-      if (!retry || pending_ || stop_ || SteadyClock::now() + backoff > give_up) break;
-      changed_.wait_for(lock, backoff, [&] { return pending_ || stop_; });
-      backoff = std::min(backoff * 2, std::chrono::milliseconds(4000));
-    }
-    if (status.ok()) {
-      ++accepted_;
-    } else if (!pending_) {
-      Say(DescribeStatus("ReportCheckpoint", status) + " (step " +
-          std::to_string(request.checkpoint().step()) + ")");
+    if (!evals_.empty()) {
+      const v1::ReportEvalRequest request = std::move(evals_.front());
+      evals_.pop_front();
+      const grpc::Status status = Send(
+          lock, [&] { return client_.ReportEval(request); }, [] { return false; });
+      if (status.ok()) {
+        ++accepted_evals_;
+      } else {
+        Say(DescribeStatus("ReportEval", status) + " (step " +
+            std::to_string(request.eval().step()) + ")");
+      }
+    } else {
+      const v1::ReportCheckpointRequest request = std::move(*checkpoint_);
+      checkpoint_.reset();
+      // A newer checkpoint makes this one's report moot.
+      const grpc::Status status = Send(
+          lock, [&] { return client_.ReportCheckpoint(request); },
+          [&] { return checkpoint_.has_value(); });
+      if (status.ok()) {
+        ++accepted_checkpoints_;
+      } else if (!checkpoint_) {
+        Say(DescribeStatus("ReportCheckpoint", status) + " (step " +
+            std::to_string(request.checkpoint().step()) + ")");
+      }
     }
     busy_ = false;
     changed_.notify_all();

@@ -5,6 +5,8 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -135,37 +137,48 @@ class Heartbeater {
   std::thread thread_;
 };
 
-/// Rank 0's checkpoint reports, sent on a thread of their own: neither training nor the
-/// checkpoint writer waits on a coordinator that is away (restarting, or out of reach). Only the
-/// newest report matters, so one still unsent when a newer one comes is dropped. A report is
-/// retried while the coordinator is unreachable or does not know the group yet (a restarted
-/// coordinator, before the group registers again), for at most patience; the coordinator refusing
-/// it (the run taken away) ends it.
-class CheckpointReporter {
+/// Rank 0's reports of a run (committed checkpoints and evaluation results), sent on a thread of
+/// their own: neither training, nor the checkpoint writer, nor an evaluation waits on a
+/// coordinator that is away (restarting, or out of reach). Every evaluation result is sent, in
+/// the order posted; of checkpoints only the newest matters, so one still unsent (or being
+/// retried) when a newer one comes is dropped. A report is retried while the coordinator is
+/// unreachable or does not know the group yet (a restarted coordinator, before the group
+/// registers again), for at most patience; the coordinator refusing it (the run taken away)
+/// ends it.
+class RunReporter {
  public:
-  CheckpointReporter(GatewayClient& client, std::chrono::seconds patience);
-  /// Waits for the report in flight and the one pending (see Flush, 10 s), then stops.
-  ~CheckpointReporter();
-  CheckpointReporter(const CheckpointReporter&) = delete;
-  CheckpointReporter& operator=(const CheckpointReporter&) = delete;
-  /// Queues request in place of any unsent one; returns at once.
+  RunReporter(GatewayClient& client, std::chrono::seconds patience);
+  /// Waits for what is in flight and pending (see Flush, 10 s), then stops.
+  ~RunReporter();
+  RunReporter(const RunReporter&) = delete;
+  RunReporter& operator=(const RunReporter&) = delete;
+  /// Queues request in place of any unsent checkpoint report; returns at once.
   void Post(v1::ReportCheckpointRequest request);
+  /// Queues request after the evaluation results not yet sent; returns at once.
+  void Post(v1::ReportEvalRequest request);
   /// Waits until nothing is pending or in flight, for at most timeout; false on timeout.
   bool Flush(std::chrono::milliseconds timeout);
-  /// How many reports the coordinator accepted.
-  int64_t accepted() const;
+  /// How many checkpoint reports, and how many evaluation results, the coordinator accepted.
+  int64_t accepted_checkpoints() const;
+  int64_t accepted_evals() const;
 
  private:
   void Run();
+  // Sends one report until it is accepted, refused, superseded (superseded() true), stopped or
+  // out of patience. Called and returns with mutex_ held through lock.
+  grpc::Status Send(std::unique_lock<std::mutex>& lock, const std::function<grpc::Status()>& call,
+                    const std::function<bool()>& superseded);
 
   GatewayClient& client_;
   const std::chrono::seconds patience_;
   mutable std::mutex mutex_;
   std::condition_variable changed_;
-  std::optional<v1::ReportCheckpointRequest> pending_;
+  std::optional<v1::ReportCheckpointRequest> checkpoint_;
+  std::deque<v1::ReportEvalRequest> evals_;
   bool busy_ = false;
   bool stop_ = false;
-  int64_t accepted_ = 0;
+  int64_t accepted_checkpoints_ = 0;
+  int64_t accepted_evals_ = 0;
   std::thread thread_;
 };
 

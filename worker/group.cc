@@ -112,8 +112,9 @@ struct Member {
   Heartbeater* heartbeats = nullptr;
   CommandChannel* channel = nullptr;  // rank 0 only
 
-  // Rank 0: sends one evaluation's results to the coordinator.
-  void ReportEvalResult(const std::string& run_id, int attempt, const EvalReport& report) {
+  // Rank 0: one evaluation's results, as the coordinator takes them.
+  v1::ReportEvalRequest EvalRequest(const std::string& run_id, int attempt,
+                                    const EvalReport& report) const {
     v1::ReportEvalRequest request;
     request.set_group_id(group_id);
     request.set_run_id(run_id);
@@ -142,9 +143,7 @@ struct Member {
       eval.set_nll_timesteps(report.nll_timesteps);
       eval.set_nll_timesteps_total(report.nll_timesteps_total);
     }
-    const grpc::Status status =
-        ReportWithRetry([&] { return client.ReportEval(request); }, std::chrono::seconds(30));
-    if (!status.ok()) Say(DescribeStatus("ReportEval", status));
+    return request;
   }
 
   // Runs one evaluation job; returns true when a signal asked the whole group to shut down.
@@ -170,7 +169,10 @@ struct Member {
     job.progress = options.progress;
     const auto start = std::chrono::steady_clock::now();
     auto last_push = start - std::chrono::hours(1);
+    // Rank 0's results go on a thread of their own (see Train); the end follows the last.
+    std::optional<RunReporter> reports;
     if (rank == 0) {
+      reports.emplace(client, std::chrono::seconds(60));
       channel->SetCurrentRun(run_id, 0);
       job.poll_stop = [this, &command, &taken_away] {
         if (g_shutdown) return true;
@@ -196,8 +198,8 @@ struct Member {
         metrics.eta_seconds = rate > 0 ? (total - done) / rate : 0;
         heartbeats->PushTrainMetrics(metrics);
       };
-      job.on_result = [this, &run_id, attempt](const EvalReport& report) {
-        ReportEvalResult(run_id, attempt, report);
+      job.on_result = [this, &run_id, attempt, &reports](const EvalReport& report) {
+        reports->Post(EvalRequest(run_id, attempt, report));
       };
     }
     EvaluationJobResult result;
@@ -227,6 +229,7 @@ struct Member {
           ") was taken away by the coordinator");
       return false;
     }
+    reports->Flush(std::chrono::seconds(60));
     ReportEnd(EndRequest(run_id, attempt,
                          result.stopped && g_shutdown ? g_shutdown_signal.load() : 0,
                          result.stopped));
@@ -317,9 +320,9 @@ struct Member {
     train.resume = true;
     train.progress = options.progress;
     train.attempt = attempt;
-    // Rank 0's checkpoint reports go on a thread of their own (a coordinator away stalls
-    // nothing); the end is reported after the last of them.
-    std::optional<CheckpointReporter> reports;
+    // Rank 0's checkpoint and evaluation reports go on a thread of their own (a coordinator
+    // away stalls nothing); the end is reported after the last of them.
+    std::optional<RunReporter> reports;
     if (rank == 0) reports.emplace(client, std::chrono::seconds(60));
     train.on_step = [this, rank, &run_id](const WorkerMetrics& metrics) {
       recorder.RecordStep(metrics);
@@ -337,8 +340,8 @@ struct Member {
       };
       train.on_log = [this](const LogMetrics& metrics) { heartbeats->PushTrainMetrics(metrics); };
       train.on_sample_grid = [this](const std::string& path) { heartbeats->SetSampleGrid(path); };
-      train.on_eval = [this, &run_id, attempt](const EvalReport& report) {
-        ReportEvalResult(run_id, attempt, report);
+      train.on_eval = [this, &run_id, attempt, &reports](const EvalReport& report) {
+        reports->Post(EvalRequest(run_id, attempt, report));
       };
       train.on_checkpoint = [this, &run_id, attempt,
                              &reports](const CommittedCheckpoint& checkpoint) {
