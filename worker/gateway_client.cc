@@ -77,13 +77,14 @@ grpc::Status GatewayClient::Leave(const v1::LeaveRequest& request) {
 }
 
 grpc::Status ReportWithRetry(const std::function<grpc::Status()>& call,
-                             std::chrono::seconds patience) {
+                             std::chrono::seconds patience,
+                             const std::function<bool(std::chrono::milliseconds)>& wait) {
   const auto give_up = SteadyClock::now() + patience;
   auto backoff = std::chrono::milliseconds(250);
   while (true) {
     grpc::Status status = call();
-    if (!Transient(status) || SteadyClock::now() + backoff > give_up) return status;
-    std::this_thread::sleep_for(backoff);
+    const bool retry = Transient(status) || status.error_code() == grpc::StatusCode::NOT_FOUND;
+    if (!retry || SteadyClock::now() + backoff > give_up || !wait(backoff)) return status;
     backoff = std::min(backoff * 2, std::chrono::milliseconds(4000));
   }
 }
@@ -105,8 +106,6 @@ bool CommandChannel::RegisterOnce(bool& unreachable_reported) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (status.ok()) {
     session_ = response.session();
-    ++registrations_;
-    changed_.notify_all();
     heartbeat_interval_ = response.heartbeat_interval_seconds();
     Say("group " + registration_.group_id() + " registered (" +
         std::to_string(registration_.world_size()) + " ranks)" +
@@ -215,19 +214,6 @@ void CommandChannel::SetCurrentRun(const std::string& run_id, int64_t step) {
   current_step_ = step;
 }
 
-int64_t CommandChannel::registrations() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return registrations_;
-}
-
-bool CommandChannel::WaitForRegistration(int64_t seen,
-                                         std::chrono::steady_clock::time_point deadline) const {
-  std::unique_lock<std::mutex> lock(mutex_);
-  changed_.wait_until(lock, deadline,
-                      [&] { return registrations_ > seen || !fatal_.empty() || stop_; });
-  return registrations_ > seen && fatal_.empty() && !stop_;
-}
-
 std::string CommandChannel::fatal() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return fatal_;
@@ -286,17 +272,13 @@ int64_t RunReporter::accepted_evals() const {
 grpc::Status RunReporter::Send(std::unique_lock<std::mutex>& lock,
                                const std::function<grpc::Status()>& call,
                                const std::function<bool()>& superseded) {
-  const auto give_up = SteadyClock::now() + patience_;
-  auto backoff = std::chrono::milliseconds(250);
-  while (true) {
-    lock.unlock();
-    grpc::Status status = call();
-    lock.lock();
-    const bool retry = Transient(status) || status.error_code() == grpc::StatusCode::NOT_FOUND;
-    if (!retry || superseded() || stop_ || SteadyClock::now() + backoff > give_up) return status;
-    changed_.wait_for(lock, backoff, [&] { return superseded() || stop_; });
-    backoff = std::min(backoff * 2, std::chrono::milliseconds(4000));
-  }
+  lock.unlock();
+  grpc::Status status = ReportWithRetry(call, patience_, [&](std::chrono::milliseconds pause) {
+    std::unique_lock<std::mutex> waiting(mutex_);
+    return !changed_.wait_for(waiting, pause, [&] { return superseded() || stop_; });
+  });
+  lock.lock();
+  return status;
 }
 
 void RunReporter::Run() {

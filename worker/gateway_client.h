@@ -72,11 +72,6 @@ class CommandChannel {
   void WaitForChange(int64_t seen, std::chrono::milliseconds timeout) const;
   /// The run this group trains, for a re-registration (empty when idle).
   void SetCurrentRun(const std::string& run_id, int64_t step);
-  /// How many times the group has registered (1 after Start).
-  int64_t registrations() const;
-  /// Waits until the group has registered more than seen times (true), or until deadline, a
-  /// fatal error or Stop (false). A restarted coordinator knows the group only after that.
-  bool WaitForRegistration(int64_t seen, std::chrono::steady_clock::time_point deadline) const;
   /// A reason the group cannot go on (refused registration, rejected token), or empty.
   std::string fatal() const;
   /// Seconds between heartbeats, as the coordinator asked.
@@ -96,7 +91,6 @@ class CommandChannel {
   std::string session_;
   v1::GroupCommand latest_;
   int64_t version_ = 0;
-  int64_t registrations_ = 0;
   std::string current_run_;
   int64_t current_step_ = 0;
   std::string fatal_;
@@ -164,8 +158,9 @@ class RunReporter {
 
  private:
   void Run();
-  // Sends one report until it is accepted, refused, superseded (superseded() true), stopped or
-  // out of patience. Called and returns with mutex_ held through lock.
+  // Sends one report (ReportWithRetry) until it is accepted, refused, superseded (superseded()
+  // true, asked under mutex_), stopped or out of patience. Called and returns with mutex_ held
+  // through lock, which it releases while it sends and waits.
   grpc::Status Send(std::unique_lock<std::mutex>& lock, const std::function<grpc::Status()>& call,
                     const std::function<bool()>& superseded);
 
@@ -182,9 +177,17 @@ class RunReporter {
   std::thread thread_;
 };
 
-/// Sends request until the coordinator answers (not UNAVAILABLE) or for at most patience;
-/// returns the last status. For reports that must not be lost across a coordinator restart.
-grpc::Status ReportWithRetry(const std::function<grpc::Status()>& call,
-                             std::chrono::seconds patience);
+/// Sends a report until the coordinator takes or refuses it, for at most patience: it is sent
+/// again, after 250 ms doubling to 4 s, while the coordinator is unreachable or does not know the
+/// group (NOT_FOUND: restarted, before the group has registered again, naming its run). wait
+/// sleeps between tries and returns false to give up early; the default sleeps. Returns the last
+/// status. For reports that must not be lost across a coordinator restart.
+grpc::Status ReportWithRetry(
+    const std::function<grpc::Status()>& call, std::chrono::seconds patience,
+    const std::function<bool(std::chrono::milliseconds)>& wait =
+        [](std::chrono::milliseconds pause) {
+          std::this_thread::sleep_for(pause);
+          return true;
+        });
 
 }  // namespace ddpm

@@ -259,25 +259,11 @@ struct Member {
 
   // Rank 0: reports the end. The group goes on claiming the run until its end is reported: a
   // coordinator that restarts meanwhile must see the group come back with the run, not without
-  // it (which would fail and restart a run that has ended). A restarted coordinator answers
-  // NOT_FOUND until the group has registered again (naming the run): the report then goes again.
+  // it (which would fail and restart a run that has ended). Until the group has registered
+  // again the restarted coordinator answers NOT_FOUND, and the report goes again.
   void ReportEnd(const v1::ReportRunEndRequest& end) {
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-    grpc::Status status;
-    while (true) {
-      const int64_t registered = channel->registrations();
-      const auto left = std::chrono::duration_cast<std::chrono::seconds>(
-          give_up - std::chrono::steady_clock::now());
-      status = ReportWithRetry([&] { return client.ReportRunEnd(end); },
-                               std::max(left, std::chrono::seconds(1)));
-      if (status.error_code() != grpc::StatusCode::NOT_FOUND ||
-          !channel->WaitForRegistration(registered, give_up)) {
-        break;
-      }
-      Say("run " + end.run_id() +
-          "'s end reached a coordinator that did not know the group (restarted?); reported "
-          "again now that the group has registered");
-    }
+    const grpc::Status status =
+        ReportWithRetry([&] { return client.ReportRunEnd(end); }, std::chrono::seconds(60));
     channel->SetCurrentRun("", 0);
     // A run taken away from the group is no longer its to report.
     if (!status.ok() && status.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
