@@ -148,7 +148,7 @@ void Coordinator::Transition(RunEntry& entry, v1::RunState to, const std::string
   std::printf("ddpm_coordinator: run %s: %s -> %s: %s\n", entry.run.id().c_str(),
               StateName(transition.from()).c_str(), StateName(to).c_str(), reason.c_str());
   std::fflush(stdout);
-  changed_.notify_all();
+  Changed();
 }
 
 void Coordinator::FailRun(RunEntry& entry, const std::string& reason, bool may_restart) {
@@ -173,7 +173,7 @@ void Coordinator::FailRun(RunEntry& entry, const std::string& reason, bool may_r
 void Coordinator::SetCommand(Group& group, v1::GroupCommand command) {
   group.command = std::move(command);
   ++group.version;
-  changed_.notify_all();
+  Changed();
 }
 
 v1::GroupCommand Coordinator::CommandFor(const v1::Run& run) const {
@@ -199,7 +199,7 @@ void Coordinator::LoseGroup(const std::string& group_id, const std::string& reas
   groups_.erase(it);
   std::printf("ddpm_coordinator: group %s is gone: %s\n", group_id.c_str(), reason.c_str());
   std::fflush(stdout);
-  changed_.notify_all();
+  Changed();
   if (run_id.empty()) return;
   const auto run = runs_.find(run_id);
   if (run == runs_.end() || IsFinal(run->second.run.state())) return;
@@ -349,7 +349,7 @@ const v1::Run& Coordinator::Insert(v1::Run run, Config config) {
   entry.seq = seq;
   entry.run = std::move(run);
   entry.config = std::move(config);
-  changed_.notify_all();
+  Changed();
   return entry.run;
 }
 
@@ -524,7 +524,80 @@ void Coordinator::DeleteRun(const std::string& run) {
   const std::string id = entry.run.id();
   registry_->Transaction([&] { registry_->DeleteRun(id); });
   runs_.erase(id);
+  Changed();
+}
+
+v1::MetricHistory Coordinator::MetricHistory(const std::string& run, int64_t since_step,
+                                             int max_points) const {
+  if (max_points < 2) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument,
+                           "max_points must be >= 2, got " + std::to_string(max_points));
+  }
+  std::vector<v1::TrainMetrics> rows;
+  v1::MetricHistory history;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    history.set_run(Find(run).run.id());
+    rows = registry_->MetricRows(history.run(), since_step);
+  }
+  history.set_rows(static_cast<int64_t>(rows.size()));
+  history.set_since_step(since_step);
+  history.set_max_points(max_points);
+  history.set_downsampled(rows.size() > static_cast<size_t>(max_points));
+  for (size_t index : ThinKeepingExtremes(rows, static_cast<size_t>(max_points))) {
+    *history.add_points() = std::move(rows[index]);
+  }
+  return history;
+}
+
+std::vector<v1::CheckpointInfo> Coordinator::Checkpoints(const std::string& run) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return registry_->Checkpoints(Find(run).run.id());
+}
+
+std::vector<v1::EvalResult> Coordinator::Evals(const std::string& run) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return registry_->Evals(Find(run).run.id());
+}
+
+uint64_t Coordinator::WaitForChange(uint64_t seen,
+                                    std::chrono::steady_clock::time_point deadline) const {
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait_until(lock, deadline, [&] { return change_ != seen || shutdown_; });
+  return change_;
+}
+
+void Coordinator::Changed() {
+  ++change_;
   changed_.notify_all();
+}
+
+std::vector<size_t> ThinKeepingExtremes(const std::vector<v1::TrainMetrics>& rows,
+                                        size_t max_points) {
+  std::vector<size_t> kept;
+  if (rows.size() <= max_points) {
+    for (size_t i = 0; i < rows.size(); ++i) kept.push_back(i);
+    return kept;
+  }
+  // The first and last rows, then per bucket of the rows between them the lowest and the
+  // highest loss, in step order: at most 2 + 2 * buckets <= max_points.
+  const size_t buckets = (max_points - 2) / 2;
+  const size_t inner = rows.size() - 2;
+  kept.push_back(0);
+  for (size_t bucket = 0; bucket < buckets; ++bucket) {
+    const size_t begin = 1 + bucket * inner / buckets;
+    const size_t end = 1 + (bucket + 1) * inner / buckets;
+    if (begin >= end) continue;
+    size_t lowest = begin, highest = begin;
+    for (size_t i = begin; i < end; ++i) {
+      if (rows[i].loss() < rows[lowest].loss()) lowest = i;
+      if (rows[i].loss() > rows[highest].loss()) highest = i;
+    }
+    kept.push_back(std::min(lowest, highest));
+    if (highest != lowest) kept.push_back(std::max(lowest, highest));
+  }
+  kept.push_back(rows.size() - 1);
+  return kept;
 }
 
 std::vector<v1::WatchRunEvent> Coordinator::WaitForRunEvents(
@@ -694,11 +767,14 @@ void Coordinator::Heartbeat(const v1::HeartbeatRequest& request) {
     *run.mutable_ranks(request.rank()) = request.rank_metrics();
     run.mutable_ranks(request.rank())->set_rank(request.rank());
   }
+  // A training run's log interval also goes into its metric history (the console's curves).
+  bool history_row = false;
   if (request.rank() == 0 && request.has_train_metrics()) {
     *run.mutable_metrics() = request.train_metrics();
     run.mutable_metrics()->set_at_unix_ms(now);
     // An evaluation job knows its images in all once its group has chosen the checkpoints.
     if (run.kind() == v1::EVALUATION) run.set_total_steps(request.train_metrics().total());
+    history_row = run.kind() == v1::TRAINING && request.train_metrics().step() > 0;
     ++entry.metrics_version;
     save = true;
   }
@@ -712,6 +788,7 @@ void Coordinator::Heartbeat(const v1::HeartbeatRequest& request) {
     if (request.rank_metrics().step() > run.metrics().step()) {
       run.mutable_metrics()->set_step(request.rank_metrics().step());
     }
+    if (history_row) registry_->AddMetricRow(run.id(), run.metrics());
     Transition(entry, v1::RUNNING,
                "group " + group.id +
                    (run.kind() == v1::EVALUATION ? " is evaluating (" : " is training (step ") +
@@ -721,8 +798,11 @@ void Coordinator::Heartbeat(const v1::HeartbeatRequest& request) {
   }
   if (save) {
     run.set_updated_unix_ms(now);
-    Save(entry);
-    changed_.notify_all();
+    registry_->Transaction([&] {
+      if (history_row) registry_->AddMetricRow(run.id(), run.metrics());
+      registry_->UpdateRun(run);
+    });
+    Changed();
   }
 }
 
@@ -741,7 +821,7 @@ void Coordinator::ReportCheckpoint(const v1::ReportCheckpointRequest& request) {
     registry_->UpdateRun(next);
   });
   entry.run = std::move(next);
-  changed_.notify_all();
+  Changed();
 }
 
 void Coordinator::ReportEval(const v1::ReportEvalRequest& request) {
@@ -779,7 +859,7 @@ void Coordinator::ReportEval(const v1::ReportEvalRequest& request) {
   });
   entry.run = std::move(next);
   ++entry.metrics_version;
-  changed_.notify_all();
+  Changed();
 }
 
 void Coordinator::ReportRunEnd(const v1::ReportRunEndRequest& request) {
@@ -882,7 +962,7 @@ void Coordinator::Tick() {
 void Coordinator::Shutdown() {
   std::lock_guard<std::mutex> lock(mutex_);
   shutdown_ = true;
-  changed_.notify_all();
+  Changed();
 }
 
 std::vector<GroupStatus> Coordinator::Groups() const {
@@ -897,6 +977,7 @@ std::vector<GroupStatus> Coordinator::Groups() const {
     for (int64_t at : group.last_heartbeat_ms) {
       status.heartbeat_age_seconds.push_back((now - at) / 1000.0);
     }
+    status.hostnames = group.hostnames;
     status.devices = group.devices;
     status.device_memory_bytes = group.device_memory_bytes;
   }

@@ -17,6 +17,7 @@
 #include "config/config.h"
 #include "coordinator/clock.h"
 #include "coordinator/registry.h"
+#include "ddpm/v1/console.pb.h"
 #include "ddpm/v1/control.pb.h"
 #include "ddpm/v1/worker_gateway.pb.h"
 
@@ -57,6 +58,12 @@ struct CoordinatorOptions {
   int default_max_restarts = 3;
 };
 
+/// The indices of rows to draw at most max_points (>= 2) of them: all when they fit, else the
+/// first and the last and, per bucket of consecutive rows between, the rows of the lowest and
+/// the highest loss, in order, so that a spike or a minimum is never thinned away.
+std::vector<size_t> ThinKeepingExtremes(const std::vector<v1::TrainMetrics>& rows,
+                                        size_t max_points);
+
 /// True for STOPPED, COMPLETED and FAILED.
 bool IsFinal(v1::RunState state);
 
@@ -66,6 +73,8 @@ struct GroupStatus {
   int world_size = 0;
   /// The run it holds, or empty.
   std::string run_id;
+  /// Each rank's host, as the group registered it (may be empty).
+  std::vector<std::string> hostnames;
   /// Seconds since each rank's last heartbeat.
   std::vector<double> heartbeat_age_seconds;
   /// Each rank's device ("cpu", "cuda:0") and the bytes in use on it at its last heartbeat.
@@ -94,6 +103,19 @@ class Coordinator {
   /// Queues an evaluation job of a training run's checkpoints (a run of kind EVALUATION);
   /// CoordinatorError names the field or eval.* key at fault.
   v1::Run StartEval(const v1::StartEvalRequest& request);
+
+  /// A run's log-interval rows after since_step, at most max_points of them (>= 2), thinned
+  /// by ThinKeepingExtremes when there are more.
+  v1::MetricHistory MetricHistory(const std::string& run, int64_t since_step,
+                                  int max_points) const;
+  /// A run's committed checkpoints and its evaluations as the registry recorded them, oldest
+  /// first.
+  std::vector<v1::CheckpointInfo> Checkpoints(const std::string& run) const;
+  std::vector<v1::EvalResult> Evals(const std::string& run) const;
+  /// Waits until anything about runs or groups changes after the change numbered seen (or
+  /// until deadline, or shutdown); returns the current change number. For the console's
+  /// event stream.
+  uint64_t WaitForChange(uint64_t seen, std::chrono::steady_clock::time_point deadline) const;
 
   /// Where a WatchRun stream is in a run's history.
   struct WatchCursor {
@@ -137,6 +159,8 @@ class Coordinator {
   /// Live groups, for metrics.
   std::vector<GroupStatus> Groups() const;
   const CoordinatorOptions& options() const { return options_; }
+  /// The absolute directory under which run directories go.
+  const std::string& runs_dir() const { return runs_dir_; }
 
  private:
   struct Group {
@@ -179,6 +203,8 @@ class Coordinator {
   /// Records a new QUEUED run (its id and directory assigned here) and schedules; under the lock.
   const v1::Run& Insert(v1::Run run, Config config);
   void Schedule();
+  /// Counts a change and wakes every waiting stream; under the lock.
+  void Changed();
   /// Records the run's current attempt in its directory (base/fence.h), if this process can.
   void FenceRunDir(const v1::Run& run) const;
 
@@ -186,7 +212,9 @@ class Coordinator {
   const Clock& clock_;
   std::string runs_dir_;
   mutable std::mutex mutex_;
-  std::condition_variable changed_;
+  mutable std::condition_variable changed_;
+  /// Counts changes (Changed), for WaitForChange.
+  uint64_t change_ = 0;
   std::unique_ptr<Registry> registry_;
   std::map<std::string, RunEntry> runs_;
   std::map<std::string, Group> groups_;

@@ -9,9 +9,10 @@ int main(int argc, char** argv) {
       "ddpm_coordinator",
       "Schedules DDPM training runs over worker groups: gRPC Control (ddpmctl) and\n"
       "WorkerGateway (mpirun ... ddpm_worker --coordinator HOST:PORT) services, a SQLite run\n"
-      "registry, heartbeats and restarts, and Prometheus /metrics. Tokens come from files or\n"
-      "DDPM_CONTROL_TOKEN / DDPM_WORKER_TOKEN; without either they are generated into the data\n"
-      "directory. Stops cleanly on SIGINT or SIGTERM.");
+      "registry, heartbeats and restarts, Prometheus /metrics, and a web console of every run\n"
+      "(--http-listen). Tokens come from files or DDPM_CONTROL_TOKEN / DDPM_WORKER_TOKEN /\n"
+      "DDPM_VIEWER_TOKEN; without either they are generated into the data directory. Stops\n"
+      "cleanly on SIGINT or SIGTERM.");
   flags.Add("data-dir", "directory of the registry (registry.db), tokens and address files",
             "coordinator-data");
   flags.Add("runs-dir",
@@ -19,6 +20,14 @@ int main(int argc, char** argv) {
   flags.Add("listen", "gRPC HOST:PORT (port 0: any free port, written to DATA_DIR/address)",
             "127.0.0.1:7070");
   flags.Add("metrics-listen", "Prometheus /metrics HOST:PORT; empty: none", "127.0.0.1:9464");
+  flags.Add("http-listen",
+            "web console and JSON API /api/v1/ HOST:PORT (HTTPS with --tls-cert; port 0: any, "
+            "written to DATA_DIR/console_address); empty: none",
+            "127.0.0.1:8080");
+  flags.Add("viewer-token-file",
+            "file holding the console's read-only token (default DDPM_VIEWER_TOKEN, else "
+            "generated into DATA_DIR/viewer.token)",
+            "");
   flags.Add("control-token-file", "file holding the token Control calls must carry", "");
   flags.Add("worker-token-file", "file holding the token WorkerGateway calls must carry", "");
   flags.Add("tls-cert", "PEM certificate chain: serve TLS (with --tls-key)", "");
@@ -47,6 +56,7 @@ int main(int argc, char** argv) {
     ddpm::ServerOptions server;
     server.listen = flags.Get("listen");
     server.metrics_listen = flags.Get("metrics-listen");
+    server.http_listen = flags.Get("http-listen");
     server.tls_cert = flags.Get("tls-cert");
     server.tls_key = flags.Get("tls-key");
     server.tls_client_ca = flags.Get("tls-client-ca");
@@ -54,6 +64,7 @@ int main(int argc, char** argv) {
     ddpm::TokenSources tokens;
     tokens.control_token_file = flags.Get("control-token-file");
     tokens.worker_token_file = flags.Get("worker-token-file");
+    tokens.viewer_token_file = flags.Get("viewer-token-file");
     return ddpm::ServeUntilSignalled(core, server, tokens);
   });
 }

@@ -2,6 +2,8 @@
 
 #include <sqlite3.h>
 
+#include <cmath>
+
 #include "base/check.h"
 
 namespace ddpm {
@@ -9,8 +11,9 @@ namespace {
 
 // 'DDPR' in the database header's application_id; user_version is the schema version.
 constexpr int kApplicationId = 0x44445052;
-// 2: evals gained nll_bits_per_dim (a version-1 file is migrated when opened).
-constexpr int kSchemaVersion = 2;
+// 2: evals gained nll_bits_per_dim; 3: metric_history, every log-interval row of every run.
+// An older file is migrated when opened.
+constexpr int kSchemaVersion = 3;
 
 [[noreturn]] void Fail(sqlite3* db, const std::string& path, int code, const char* call,
                        const char* file, int line) {
@@ -154,7 +157,14 @@ Registry::Registry(const std::string& path) : path_(path) {
           "CREATE TABLE IF NOT EXISTS evals (run_id TEXT NOT NULL REFERENCES runs(id)"
           " ON DELETE CASCADE, step INTEGER NOT NULL, fid REAL NOT NULL,"
           " inception_score REAL NOT NULL, num_samples INTEGER NOT NULL,"
-          " at_unix_ms INTEGER NOT NULL, nll_bits_per_dim REAL);",
+          " at_unix_ms INTEGER NOT NULL, nll_bits_per_dim REAL);"
+          // One row per log interval of a run, keyed by step: a restarted attempt that logs a
+          // step again replaces the row. The quartiles are NULL where no sample fell.
+          "CREATE TABLE IF NOT EXISTS metric_history (run_id TEXT NOT NULL REFERENCES runs(id)"
+          " ON DELETE CASCADE, step INTEGER NOT NULL, at_unix_ms INTEGER NOT NULL,"
+          " loss REAL NOT NULL, q0 REAL, q1 REAL, q2 REAL, q3 REAL, lr REAL NOT NULL,"
+          " grad_norm REAL NOT NULL, images_per_second REAL NOT NULL,"
+          " PRIMARY KEY (run_id, step)) WITHOUT ROWID;",
           __FILE__, __LINE__);
       if (!empty && schema < 2) {
         Execute("ALTER TABLE evals ADD COLUMN nll_bits_per_dim REAL", __FILE__, __LINE__);
@@ -273,6 +283,46 @@ void Registry::AddEval(const std::string& run_id, const v1::EvalResult& eval) {
       .Bind(static_cast<int64_t>(eval.at_unix_ms()))
       .BindOptional(eval.has_nll_bits_per_dim(), eval.nll_bits_per_dim())
       .Run();
+}
+
+void Registry::AddMetricRow(const std::string& run_id, const v1::TrainMetrics& row) {
+  Statement insert(db_, path_,
+                   "INSERT OR REPLACE INTO metric_history(run_id, step, at_unix_ms, loss, q0, q1, "
+                   "q2, q3, lr, grad_norm, images_per_second) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                   "?, ?)");
+  insert.Bind(run_id)
+      .Bind(static_cast<int64_t>(row.step()))
+      .Bind(static_cast<int64_t>(row.at_unix_ms()))
+      .Bind(row.loss());
+  for (int quartile = 0; quartile < 4; ++quartile) {
+    const bool present = quartile < row.loss_by_quartile_size() &&
+                         std::isfinite(row.loss_by_quartile(quartile));
+    insert.BindOptional(present, present ? row.loss_by_quartile(quartile) : 0.0);
+  }
+  insert.Bind(row.lr()).Bind(row.grad_norm()).Bind(row.images_per_second()).Run();
+}
+
+std::vector<v1::TrainMetrics> Registry::MetricRows(const std::string& run_id,
+                                                    int64_t since_step) {
+  std::vector<v1::TrainMetrics> rows;
+  Statement select(db_, path_,
+                   "SELECT step, at_unix_ms, loss, q0, q1, q2, q3, lr, grad_norm, "
+                   "images_per_second FROM metric_history WHERE run_id = ? AND step > ? "
+                   "ORDER BY step");
+  select.Bind(run_id).Bind(since_step);
+  while (select.Step()) {
+    v1::TrainMetrics& row = rows.emplace_back();
+    row.set_step(select.Int(0));
+    row.set_at_unix_ms(select.Int(1));
+    row.set_loss(select.Double(2));
+    for (int column = 3; column < 7; ++column) {
+      row.add_loss_by_quartile(select.Null(column) ? std::nan("") : select.Double(column));
+    }
+    row.set_lr(select.Double(7));
+    row.set_grad_norm(select.Double(8));
+    row.set_images_per_second(select.Double(9));
+  }
+  return rows;
 }
 
 void Registry::DeleteRun(const std::string& run_id) {

@@ -45,6 +45,10 @@ class Registry {
   void AddCheckpoint(const std::string& run_id, const v1::CheckpointInfo& checkpoint);
   /// Records an evaluation.
   void AddEval(const std::string& run_id, const v1::EvalResult& eval);
+  /// Records a log interval's row of a run's metric history (replacing a row of the same step).
+  void AddMetricRow(const std::string& run_id, const v1::TrainMetrics& row);
+  /// A run's metric history after since_step, in step order (NaN for an absent quartile).
+  std::vector<v1::TrainMetrics> MetricRows(const std::string& run_id, int64_t since_step);
   /// Forgets a run and everything recorded about it.
   void DeleteRun(const std::string& run_id);
 

@@ -20,6 +20,7 @@
 
 #include "base/random.h"
 #include "config/config.h"
+#include "coordinator/console.h"
 #include "coordinator/metrics.h"
 #include "ddpm/v1/control.grpc.pb.h"
 #include "ddpm/v1/worker_gateway.grpc.pb.h"
@@ -129,13 +130,18 @@ constexpr std::chrono::milliseconds kStreamPoll(500);
 class ControlService final : public v1::Control::Service {
  public:
   ControlService(Coordinator& core, std::string token, RpcMetrics& metrics,
-                 const std::atomic<bool>& stopping)
-      : core_(core), gate_{"Control", std::move(token), "control", metrics}, stopping_(stopping) {}
+                 const std::atomic<bool>& stopping, const std::unique_ptr<Console>& console)
+      : core_(core),
+        gate_{"Control", std::move(token), "control", metrics},
+        stopping_(stopping),
+        console_(console) {}
 
   grpc::Status StartRun(grpc::ServerContext* context, const v1::StartRunRequest* request,
                         v1::StartRunResponse* response) override {
-    return Serve(context, gate_, "StartRun",
-                 [&] { *response->mutable_run() = core_.StartRun(*request); });
+    return Serve(context, gate_, "StartRun", [&] {
+      *response->mutable_run() = core_.StartRun(*request);
+      if (console_) response->set_page_url(console_->RunUrl(response->run().id()));
+    });
   }
   grpc::Status StopRun(grpc::ServerContext* context, const v1::StopRunRequest* request,
                        v1::StopRunResponse* response) override {
@@ -188,6 +194,7 @@ class ControlService final : public v1::Control::Service {
   Coordinator& core_;
   const ServiceGate gate_;
   const std::atomic<bool>& stopping_;
+  const std::unique_ptr<Console>& console_;
 };
 
 class WorkerGatewayService final : public v1::WorkerGateway::Service {
@@ -266,7 +273,8 @@ CoordinatorServer::CoordinatorServer(Coordinator& core, const ServerOptions& opt
   }
   rpc_metrics_ = std::make_unique<RpcMetrics>();
   control_ =
-      std::make_unique<ControlService>(core, options.control_token, *rpc_metrics_, stopping_);
+      std::make_unique<ControlService>(core, options.control_token, *rpc_metrics_, stopping_,
+                                       console_);
   gateway_ = std::make_unique<WorkerGatewayService>(
       core, options.worker_token, !options.tls_client_ca.empty(), *rpc_metrics_, stopping_);
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
@@ -310,6 +318,20 @@ CoordinatorServer::CoordinatorServer(Coordinator& core, const ServerOptions& opt
     exposer_->RegisterCollectable(rpc_metrics_->registry());
     const std::vector<int> ports = exposer_->GetListeningPorts();
     metrics_port_ = ports.empty() ? 0 : ports.front();
+  }
+  if (!options.http_listen.empty()) {
+    ConsoleOptions console;
+    console.listen = options.http_listen;
+    console.viewer_token = options.viewer_token;
+    console.control_token = options.control_token;
+    console.tls_cert = options.tls_cert;
+    console.tls_key = options.tls_key;
+    try {
+      console_ = std::make_unique<Console>(core, console);
+    } catch (const std::exception&) {
+      server_->Shutdown();
+      throw;
+    }
   }
   UpdateHealth();
   ticker_ = std::thread([this, tick = options.tick_seconds, probe = options.health_probe_seconds] {
@@ -358,6 +380,7 @@ void CoordinatorServer::Shutdown() {
   }
   core_.Shutdown();
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  if (console_) console_->Shutdown();
   if (ticker_.joinable()) ticker_.join();
   exposer_.reset();
 }
@@ -425,6 +448,11 @@ int ServeUntilSignalled(const CoordinatorOptions& core_options, ServerOptions se
     server_options.worker_token = ResolveToken(tokens.worker_token_file, "DDPM_WORKER_TOKEN",
                                                core_options.data_dir, "worker", worker_origin);
   }
+  std::string viewer_origin = "-";
+  if (!server_options.http_listen.empty() && server_options.viewer_token.empty()) {
+    server_options.viewer_token = ResolveToken(tokens.viewer_token_file, "DDPM_VIEWER_TOKEN",
+                                               core_options.data_dir, "viewer", viewer_origin);
+  }
   CoordinatorServer server(core, server_options);
   const std::string address = HostOf(server_options.listen) + ":" + std::to_string(server.port());
   WriteAddress(core_options.data_dir + "/address", address);
@@ -434,13 +462,20 @@ int ServeUntilSignalled(const CoordinatorOptions& core_options, ServerOptions se
               std::to_string(server.metrics_port()) + "/metrics";
     WriteAddress(core_options.data_dir + "/metrics_address", metrics);
   }
+  std::string console = "none";
+  if (server.console() != nullptr) {
+    console = server.console()->url();
+    WriteAddress(core_options.data_dir + "/console_address", console);
+  }
   const std::vector<v1::Run> runs = core.ListRuns(v1::RUN_STATE_UNSPECIFIED);
   std::printf(
       "ddpm_coordinator: serving on %s (%s), metrics at %s\n"
+      "ddpm_coordinator: console at %s (viewer token from %s)\n"
       "ddpm_coordinator: registry %s/registry.db: %zu runs; control token from %s, worker "
       "token from %s\n",
       address.c_str(), server_options.tls_cert.empty() ? "plaintext" : "TLS", metrics.c_str(),
-      core_options.data_dir.c_str(), runs.size(), control_origin.c_str(), worker_origin.c_str());
+      console.c_str(), viewer_origin.c_str(), core_options.data_dir.c_str(), runs.size(),
+      control_origin.c_str(), worker_origin.c_str());
   std::fflush(stdout);
   int signal = 0;
   sigwait(&signals, &signal);

@@ -39,6 +39,11 @@ struct ServerOptions {
   int max_message_bytes = 4 << 20;
   /// HOST:PORT of the Prometheus /metrics endpoint; port 0 picks one; empty: none.
   std::string metrics_listen = "127.0.0.1:9464";
+  /// HOST:PORT of the web console and its JSON API (console.h), served over TLS with the
+  /// same certificate when tls_cert is set; port 0 picks one; empty: none.
+  std::string http_listen;
+  /// The console's read-only bearer token (the control token acts there too).
+  std::string viewer_token;
   /// Seconds between probes that the registry takes a write, which set grpc.health.v1's
   /// status (SERVING, or NOT_SERVING naming the error on stderr).
   double health_probe_seconds = 5;
@@ -53,6 +58,7 @@ class ControlService;
 class WorkerGatewayService;
 class CoordinatorCollector;
 class RpcMetrics;
+class Console;
 
 /// A running server over a core it does not own. Starts in the constructor.
 class CoordinatorServer {
@@ -67,6 +73,8 @@ class CoordinatorServer {
   int port() const { return port_; }
   /// The /metrics port bound, or 0 when there is none.
   int metrics_port() const { return metrics_port_; }
+  /// The console, or nullptr when it serves none.
+  const Console* console() const { return console_.get(); }
   /// Ends streams, stops accepting calls and waits for the ones in flight (at most 5 s).
   void Shutdown();
 
@@ -82,6 +90,7 @@ class CoordinatorServer {
   std::unique_ptr<grpc::Server> server_;
   std::shared_ptr<CoordinatorCollector> collector_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<Console> console_;
   int port_ = 0;
   int metrics_port_ = 0;
   std::atomic<bool> stopping_{false};
@@ -100,6 +109,9 @@ struct TokenSources {
   /// (mode 0600) and reused.
   std::string control_token_file;
   std::string worker_token_file;
+  /// The console's viewer token, likewise: the file, DDPM_VIEWER_TOKEN, or
+  /// DATA_DIR/viewer.token.
+  std::string viewer_token_file;
 };
 
 /// Runs a coordinator until SIGINT or SIGTERM: opens the registry, starts the server, writes

@@ -1,5 +1,7 @@
 #include "proto/rpc.h"
 
+#include <google/protobuf/util/json_util.h>
+
 #include <grpcpp/generic/generic_stub.h>
 
 #include <cstdlib>
@@ -7,6 +9,15 @@
 #include <sstream>
 
 namespace ddpm {
+
+std::string ToJson(const google::protobuf::Message& message) {
+  std::string json;
+  google::protobuf::util::JsonPrintOptions print;
+  print.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(message, &json, print);
+  return json;
+}
+
 
 std::string ReadTextFile(const std::string& path, const std::string& what) {
   std::ifstream in(path, std::ios::binary);

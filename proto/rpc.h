@@ -10,7 +10,15 @@
 #include <string>
 #include <vector>
 
+namespace google::protobuf {
+class Message;
+}  // namespace google::protobuf
+
 namespace ddpm {
+
+/// A message as Protobuf's JSON mapping with the .proto's field names, on one line: what
+/// ddpmctl --json prints and the console's /api/v1/ serves.
+std::string ToJson(const google::protobuf::Message& message);
 
 /// A token, certificate or address could not be read or is malformed; the message names it.
 class RpcSetupError : public std::runtime_error {

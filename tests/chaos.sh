@@ -55,7 +55,7 @@ wait_until_step() {  # RUN_DIR STEP: polls every 20 ms
 }
 start_run() {  # NAME CONFIG: prints the run's id
   ctl start "$2" --name "$1" --max-restarts 3 --json |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])'
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["run"]["id"])'
 }
 ranks_of() { pgrep -P "$1" -f ddpm_worker || true; }  # the ranks of the mpirun with pid $1
 wait_gone() {  # PID...: waits until a killed mpirun and its ranks (their pids, taken before) end

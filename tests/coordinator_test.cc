@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <filesystem>
 #include <functional>
 #include <set>
@@ -624,6 +626,126 @@ TEST_F(CoordinatorTest, WatchReportsEachTransitionAndMetricsUntilTheEnd) {
   ASSERT_EQ(events.size(), 1u);
   EXPECT_EQ(events[0].transition().to(), v1::STOPPED);
   EXPECT_TRUE(done);
+}
+
+}  // namespace
+}  // namespace ddpm
+
+namespace ddpm {
+namespace {
+
+// Rank 0's heartbeat with a log interval's metrics, as the worker sends it.
+v1::HeartbeatRequest MetricsHeartbeat(const std::string& run, int64_t step, double loss) {
+  v1::HeartbeatRequest request;
+  request.set_group_id("g");
+  request.set_rank(0);
+  request.set_run_id(run);
+  request.mutable_rank_metrics()->set_step(step);
+  v1::TrainMetrics& metrics = *request.mutable_train_metrics();
+  metrics.set_step(step);
+  metrics.set_loss(loss);
+  metrics.set_lr(1e-4 * static_cast<double>(step));
+  metrics.set_grad_norm(0.5 + static_cast<double>(step));
+  metrics.set_images_per_second(100 + static_cast<double>(step));
+  for (int q = 0; q < 4; ++q) metrics.add_loss_by_quartile(q == 2 ? std::nan("") : loss * (q + 1));
+  return request;
+}
+
+TEST_F(CoordinatorTest, EveryLogIntervalGoesIntoTheHistoryWhichARestartKeeps) {
+  core_->StartRun(Start("a", ConfigYaml()));
+  core_->Register(Group("g", 1));
+  for (int64_t step = 10; step <= 100; step += 10) {
+    core_->Heartbeat(MetricsHeartbeat("a-1", step, 1.0 / static_cast<double>(step)));
+  }
+  // A restarted attempt logs step 50 again: its row replaces the first one.
+  core_->Heartbeat(MetricsHeartbeat("a-1", 50, 7.0));
+  const auto check = [&](const v1::MetricHistory& history) {
+    ASSERT_EQ(history.points_size(), 10);
+    EXPECT_EQ(history.rows(), 10);
+    EXPECT_FALSE(history.downsampled());
+    for (int i = 0; i < 10; ++i) {
+      const v1::TrainMetrics& point = history.points(i);
+      const int64_t step = 10 * (i + 1);
+      const double loss = step == 50 ? 7.0 : 1.0 / static_cast<double>(step);
+      EXPECT_EQ(point.step(), step);
+      EXPECT_DOUBLE_EQ(point.loss(), loss);
+      EXPECT_DOUBLE_EQ(point.lr(), 1e-4 * static_cast<double>(step));
+      EXPECT_DOUBLE_EQ(point.grad_norm(), 0.5 + static_cast<double>(step));
+      EXPECT_DOUBLE_EQ(point.images_per_second(), 100 + static_cast<double>(step));
+      ASSERT_EQ(point.loss_by_quartile_size(), 4);
+      EXPECT_DOUBLE_EQ(point.loss_by_quartile(3), loss * 4);
+      EXPECT_TRUE(std::isnan(point.loss_by_quartile(2)));  // no sample fell there: NULL
+      EXPECT_EQ(point.at_unix_ms(), clock_.NowUnixMs());
+    }
+  };
+  check(core_->MetricHistory("a-1", -1, 100));
+  const v1::MetricHistory since = core_->MetricHistory("a", 70, 100);
+  ASSERT_EQ(since.points_size(), 3);
+  EXPECT_EQ(since.points(0).step(), 80);
+  Reopen();
+  check(core_->MetricHistory("a-1", -1, 100));
+  // Deleting the run deletes its history.
+  core_->StopRun("a-1", true);
+  core_->DeleteRun("a-1");
+  EXPECT_EQ(Query(dir_ / "registry.db", "SELECT count(*) FROM metric_history"),
+            std::vector<std::string>{"0"});
+}
+
+TEST_F(CoordinatorTest, ARegistryOfSchemaTwoGainsTheHistoryAndKeepsItsRuns) {
+  core_->StartRun(Start("a", ConfigYaml()));
+  core_.reset();
+  const fs::path db = dir_ / "registry.db";
+  // The file as a coordinator before the history wrote it.
+  Query(db, "DROP TABLE metric_history; PRAGMA user_version=2;");
+  Reopen();
+  EXPECT_EQ(Query(db, "PRAGMA user_version"), std::vector<std::string>{"3"});
+  EXPECT_EQ(core_->GetRun("a").state(), v1::QUEUED);
+  core_->Register(Group("g", 1));
+  core_->Heartbeat(MetricsHeartbeat("a-1", 10, 0.25));
+  EXPECT_EQ(Query(db, "SELECT step || ' ' || loss FROM metric_history"),
+            std::vector<std::string>{"10 0.25"});
+  // A file of a newer schema is refused by name.
+  core_.reset();
+  Query(db, "PRAGMA user_version=4;");
+  try {
+    Reopen();
+    FAIL() << "a schema-4 registry was opened";
+  } catch (const RegistryError& error) {
+    EXPECT_NE(std::string(error.what()).find("schema version 4 is newer than this coordinator's 3"),
+              std::string::npos)
+        << error.what();
+  }
+}
+
+TEST(ThinKeepingExtremes, KeepsEveryRowThatFitsAndTheExtremesOfThoseThatDoNot) {
+  std::vector<v1::TrainMetrics> rows(10000);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    rows[i].set_step(static_cast<int64_t>(i + 1) * 100);
+    // A smooth decay with a spike and a dip that a stride would miss.
+    rows[i].set_loss(1.0 / std::sqrt(1.0 + static_cast<double>(i)));
+  }
+  rows[7777].set_loss(50.0);
+  rows[4243].set_loss(1e-6);
+  const std::vector<size_t> kept = ThinKeepingExtremes(rows, 500);
+  EXPECT_LE(kept.size(), 500U);
+  EXPECT_GE(kept.size(), 490U);
+  EXPECT_EQ(kept.front(), 0U);
+  EXPECT_EQ(kept.back(), rows.size() - 1);
+  EXPECT_TRUE(std::is_sorted(kept.begin(), kept.end()));
+  EXPECT_EQ(std::adjacent_find(kept.begin(), kept.end()), kept.end());
+  EXPECT_NE(std::find(kept.begin(), kept.end(), 7777U), kept.end());
+  EXPECT_NE(std::find(kept.begin(), kept.end(), 4243U), kept.end());
+  // The thinned curve's range is the whole curve's.
+  double lowest = 1e9, highest = 0;
+  for (size_t index : kept) {
+    lowest = std::min(lowest, rows[index].loss());
+    highest = std::max(highest, rows[index].loss());
+  }
+  EXPECT_EQ(lowest, 1e-6);
+  EXPECT_EQ(highest, 50.0);
+  // Rows that fit are all kept.
+  std::vector<v1::TrainMetrics> few(rows.begin(), rows.begin() + 7);
+  EXPECT_EQ(ThinKeepingExtremes(few, 7), (std::vector<size_t>{0, 1, 2, 3, 4, 5, 6}));
 }
 
 }  // namespace

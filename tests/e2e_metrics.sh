@@ -71,7 +71,7 @@ eval: {every: 25, num_samples: 20, batch_size: 10, sampler: ddim, steps: 4,
        nll_every: 25, nll_images: 4, nll_timesteps: 3}
 YAML
 run=$(ctl start "$work/run.yaml" --name metrics --json |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["run"]["id"])')
 wait_for 90 "$run RUNNING" state_is "$run" RUNNING
 wait_for 90 "$run past step 25" step_at_least "$run" 25
 wait_for 30 "a committed checkpoint of $run" \

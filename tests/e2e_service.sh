@@ -16,7 +16,7 @@ start_group group1.log
 say "coordinator at $address; a 2-rank group"
 
 say "1. a run reaches RUNNING and stops with a checkpoint"
-run=$(ctl start "$work/endless.yaml" --name smoke --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+run=$(ctl start "$work/endless.yaml" --name smoke --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["run"]["id"])')
 wait_for 60 "$run RUNNING" state_is "$run" RUNNING
 wait_for 60 "$run past step 20" step_at_least "$run" 21
 ctl stop "$run" > /dev/null

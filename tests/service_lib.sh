@@ -23,6 +23,7 @@ sed 's/steps: 30,/steps: 1200,/' "$work/tiny.yaml" > "$work/long.yaml"
 data=$work/coordinator
 start_coordinator() {  # [ADDRESS [STARTS]]: waits until it serves (for the STARTS-th time)
   "$coordinator" --data-dir "$data" --listen "${1:-127.0.0.1:0}" --metrics-listen 127.0.0.1:0 \
+    --http-listen "${http_listen:-127.0.0.1:0}" \
     --heartbeat-interval "${heartbeat_interval:-1}" --heartbeat-timeout "${heartbeat_timeout:-6}" \
     >> "$work/coordinator.log" 2>&1 &
   coordinator_pid=$!

@@ -87,7 +87,7 @@ say "node $host idle: $(sinfo -h -o '%P %D %c CPUs %G')"
 
 say "2. a coordinator, and the group submitted with sbatch"
 "$coordinator" --data-dir "$work/coordinator" --runs-dir "$work/runs" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 > "$work/coordinator.log" 2>&1 &
+  --metrics-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 > "$work/coordinator.log" 2>&1 &
 pids+=($!)
 wait_until 20 "the coordinator did not start" test -s "$work/coordinator/address"
 address=$(cat "$work/coordinator/address")

@@ -35,13 +35,6 @@ int Report(const std::string& rpc, const grpc::Status& status) {
   return ExitFor(status);
 }
 
-std::string Json(const google::protobuf::Message& message) {
-  std::string json;
-  google::protobuf::util::JsonPrintOptions print;
-  print.preserve_proto_field_names = true;
-  (void)google::protobuf::util::MessageToJsonString(message, &json, print);
-  return json;
-}
 
 std::string Time(int64_t unix_ms) {
   if (unix_ms == 0) return "-";
@@ -252,10 +245,14 @@ int CtlStart(const CtlOptions& options, const StartOptions& start, std::string* 
     if (!status.ok()) return Report("StartRun", status);
     if (run_id != nullptr) *run_id = response.run().id();
     if (options.json) {
-      std::fprintf(options.out, "%s\n", Json(response.run()).c_str());
+      // The whole response: the run and its page's address.
+      std::fprintf(options.out, "%s\n", ToJson(response).c_str());
     } else {
       std::fprintf(options.out, "started run %s (%s)\n", response.run().id().c_str(),
                    StateName(response.run().state()).c_str());
+      if (!response.page_url().empty()) {
+        std::fprintf(options.out, "its page: %s\n", response.page_url().c_str());
+      }
     }
     return static_cast<int>(kCtlOk);
   });
@@ -284,7 +281,7 @@ int CtlEval(const CtlOptions& options, const EvalOptions& eval, std::string* run
     if (!status.ok()) return Report("StartEval", status);
     if (run_id != nullptr) *run_id = response.run().id();
     if (options.json) {
-      std::fprintf(options.out, "%s\n", Json(response.run()).c_str());
+      std::fprintf(options.out, "%s\n", ToJson(response.run()).c_str());
     } else {
       std::fprintf(options.out, "started evaluation job %s of run %s, checkpoints %s (%s)\n",
                    response.run().id().c_str(), response.run().evaluation().source_run().c_str(),
@@ -304,7 +301,7 @@ int CtlStop(const CtlOptions& options, const std::string& run, bool immediate) {
     const grpc::Status status = client.stub().StopRun(client.Context().get(), request, &response);
     if (!status.ok()) return Report("StopRun", status);
     if (options.json) {
-      std::fprintf(options.out, "%s\n", Json(response.run()).c_str());
+      std::fprintf(options.out, "%s\n", ToJson(response.run()).c_str());
     } else {
       PrintRunSummary(options.out, response.run());
     }
@@ -330,7 +327,7 @@ int CtlList(const CtlOptions& options, const std::string& state) {
     const grpc::Status status = client.stub().ListRuns(client.Context().get(), request, &response);
     if (!status.ok()) return Report("ListRuns", status);
     if (options.json) {
-      std::fprintf(options.out, "%s\n", Json(response).c_str());
+      std::fprintf(options.out, "%s\n", ToJson(response).c_str());
       return static_cast<int>(kCtlOk);
     }
     std::fprintf(options.out, "%-24s %-10s %15s %9s %9s  %s\n", "RUN", "STATE", "STEP", "LOSS",
@@ -354,7 +351,7 @@ int CtlGet(const CtlOptions& options, const std::string& run) {
     const grpc::Status status = client.stub().GetRun(client.Context().get(), request, &response);
     if (!status.ok()) return Report("GetRun", status);
     if (options.json) {
-      std::fprintf(options.out, "%s\n", Json(response.run()).c_str());
+      std::fprintf(options.out, "%s\n", ToJson(response.run()).c_str());
     } else {
       PrintRunDetails(options.out, response.run());
     }
@@ -388,7 +385,7 @@ class WatchPrinter {
   void Event(const v1::WatchRunEvent& event) {
     const v1::Run& run = event.run();
     if (options_.json) {
-      std::fprintf(options_.out, "%s\n", Json(event).c_str());
+      std::fprintf(options_.out, "%s\n", ToJson(event).c_str());
       std::fflush(options_.out);
       return;
     }
