@@ -241,6 +241,13 @@ int Run(const Flags& flags) {
   // Wake the streams so that they see done.
   beat(history_steps + 1000000);
   for (std::thread& thread : threads) thread.join();
+  if (const double keep = flags.GetDouble("keep-seconds"); keep > 0) {
+    // For bench/console_page.py: the same coordinator, for a browser to load its pages.
+    std::printf("console http://127.0.0.1:%d/ viewer token %s long run %s (kept %.0f s)\n",
+                http_port, kViewer, long_run.c_str(), keep);
+    std::fflush(stdout);
+    std::this_thread::sleep_for(std::chrono::duration<double>(keep));
+  }
   kill(child, SIGTERM);
   waitpid(child, nullptr, 0);
 
@@ -289,5 +296,7 @@ int main(int argc, char** argv) {
   flags.Add("viewers", "live viewers holding /api/v1/events open", "50");
   flags.Add("requests", "requests per measurement", "200");
   flags.Add("history-steps", "steps of the long run (a row every 100)", "100000");
+  flags.Add("keep-seconds", "keep the coordinator serving this long after (bench/console_page.py)",
+            "0");
   return ddpm::RunMain(flags, argc, argv, [&] { return ddpm::bench::Run(flags); });
 }

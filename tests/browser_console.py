@@ -72,6 +72,7 @@ js = driver.execute_script
 
 
 def sign_in(token):
+    driver.get("about:blank")
     driver.get(args.console)
     wait("the login form", lambda: driver.find_element(By.ID, "token").is_displayed())
     field = driver.find_element(By.ID, "token")
@@ -135,9 +136,12 @@ try:
     check(js("return location.href.indexOf(arguments[0])", control_token) < 0, "the token is in the URL")
 
     say("3. the run page updates while the run trains, without a reload")
+    driver.get("about:blank")
     driver.get(started["page_url"])
-    # A fresh document: sign in again (the token lived in the old page's memory only).
-    field = wait("the login form", lambda: driver.find_element(By.ID, "token"))
+    # A fresh document: sign in again (the token lived in the old page's memory only); the
+    # address ddpmctl printed opens the run's page.
+    field = wait("the login form", lambda: driver.find_element(By.ID, "token").is_displayed()
+                 and driver.find_element(By.ID, "token"))
     field.send_keys(control_token)
     driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
     wait("the loss chart", lambda: js("return !!(window.ddpmConsole.charts.loss)"))
@@ -201,7 +205,6 @@ try:
 
     say("6. a stop from the page moves a run to STOPPED")
     endless = json.loads(ctl("start", args.endless, "--name", "endless", "--json"))["run"]["id"]
-    driver.get(args.console + "#/runs")
     sign_in(control_token)
     wait("the endless run RUNNING on the runs page", lambda: js(
         "return document.querySelector(`#runs tr[data-run='${arguments[0]}'] .state`).textContent",
@@ -218,7 +221,6 @@ try:
         "return document.querySelector('.runhead .state').textContent") == "STOPPED", seconds=30)
 
     say("7. the viewer token sees everything and cannot stop")
-    driver.get(args.console)
     sign_in(viewer_token)
     wait("both runs listed", lambda: js("return document.querySelectorAll('#runs tr[data-run]').length") == 2)
     check(js("return document.getElementById('role').textContent").startswith("viewer"), "role shown")
@@ -236,7 +238,8 @@ try:
     say(f"viewer stop refused: {status} {body['error']}")
 
     say("8. traversal requests for an image are refused")
-    for path in ("..%2f..%2fcontrol.token", "samples/%2e%2e/%2e%2e/%2e%2e/viewer.token",
+    # (A browser resolves a literal or %2e-encoded ".." segment itself; encoded slashes reach us.)
+    for path in ("..%2f..%2fcontrol.token", "samples%2f..%2f..%2f..%2fviewer.token",
                  "..%2F..%2F..%2Fregistry.db"):
         status, body = with_token(control_token, f"/api/v1/runs/{run_id}/files/{path}")
         check(status == 403 and "'..' leads out of the run directory" in body["error"],

@@ -209,7 +209,10 @@ function lineChart(name, canvas, options) {
       },
       scales: {
         x: { type: 'linear', title: { display: true, text: options.x || 'step' }, ticks: { maxTicksLimit: 8 } },
-        y: { type: options.log ? 'logarithmic' : 'linear', ticks: { maxTicksLimit: 6 } },
+        y: {
+          type: options.log ? 'logarithmic' : 'linear', beginAtZero: !options.log && !options.tight,
+          ticks: { maxTicksLimit: 6, callback: (v) => (v !== 0 && Math.abs(v) < 0.01 ? Number(v).toExponential(1) : fmt(v, 3)) },
+        },
       },
     },
   });
@@ -378,7 +381,7 @@ function runsPage(page) {
         el('td', { class: 'mono', text: (run.placement && run.placement.group_id) || '-' }),
         el('td', { class: 'num', text: String(run.restarts || 0) }),
         el('td', {},
-          actButton('Stop', 'secondary', () => stopRun(run.id)),
+          ended ? null : actButton('Stop', 'secondary', () => stopRun(run.id)),
           ' ', run.kind === 'EVALUATION' ? null : actButton('Evaluate', 'secondary', () => evaluateDialog(run.id)),
           ' ', ended ? actButton('Delete', 'danger', () => deleteRun(run.id)) : null));
     }));
@@ -475,13 +478,13 @@ function runPage(page, id) {
   const grad = lineChart('grad_norm', charts.grad.canvas, { title: 'Gradient norm', datasets: [dataset('grad norm', COLORS[1])] });
   const speed = lineChart('images_per_second', charts.speed.canvas, { title: 'Images/s', datasets: [dataset('images/s', COLORS[2])] });
   const fid = lineChart('fid', charts.fid.canvas, {
-    title: 'FID and Inception Score against step', points: true,
+    title: 'FID and Inception Score against step', points: true, tight: true,
     datasets: [dataset('FID', COLORS[0], [], { yAxisID: 'y' }), dataset('IS', COLORS[1], [], { yAxisID: 'y1' })],
   });
   fid.options.scales.y1 = { type: 'linear', position: 'right', grid: { drawOnChartArea: false }, ticks: { maxTicksLimit: 6 } };
   fid.update();
   const bpd = lineChart('bits_per_dim', charts.bpd.canvas, {
-    title: 'Bound (bits/dim) against step', points: true, datasets: [dataset('bits/dim', COLORS[3])],
+    title: 'Bound (bits/dim) against step', points: true, tight: true, datasets: [dataset('bits/dim', COLORS[3])],
   });
 
   let lastStep = -1;
@@ -547,6 +550,10 @@ function runPage(page, id) {
     fid.data.datasets[0].data = evals.filter((e) => Number(e.num_samples) > 0).map((e) => ({ x: Number(e.step), y: e.fid }));
     fid.data.datasets[1].data = evals.filter((e) => Number(e.num_samples) > 0).map((e) => ({ x: Number(e.step), y: e.inception_score }));
     bpd.data.datasets[0].data = evals.filter((e) => e.nll_bits_per_dim !== undefined).map((e) => ({ x: Number(e.step), y: e.nll_bits_per_dim }));
+    bpd.options.plugins.title.text = 'Bound (bits/dim) against step' +
+      (bpd.data.datasets[0].data.length ? '' : ': not measured yet (eval.nll_every)');
+    fid.options.plugins.title.text = 'FID and Inception Score against step' +
+      (fid.data.datasets[0].data.length ? '' : ': not measured yet (eval.every)');
     fid.update('none');
     bpd.update('none');
     const list = (result.sweeps || []).filter((s) => s.source !== 'training');
@@ -568,12 +575,12 @@ function runPage(page, id) {
   const showRun = (r) => {
     run = r;
     const m = r.metrics || {};
-    head.replaceChildren(
+    head.replaceChildren(...[
       el('div', {}, el('h1', { text: r.id }), el('div', { class: 'sub', text: `${r.kind === 'EVALUATION' ? 'evaluation job' : 'training run'} · ${r.run_dir}` })),
       stateBadge(r.state), progressBar(r), el('span', { class: 'spacer' }),
-      actButton('Stop', 'secondary', () => stopRun(r.id)),
+      FINAL.has(r.state) ? null : actButton('Stop', 'secondary', () => stopRun(r.id)),
       r.kind === 'EVALUATION' ? null : actButton('Evaluate', 'secondary', () => evaluateDialog(r.id)),
-      FINAL.has(r.state) ? actButton('Delete', 'danger', () => deleteRun(r.id)) : null);
+      FINAL.has(r.state) ? actButton('Delete', 'danger', () => deleteRun(r.id)) : null].filter(Boolean));
     head.querySelector('h1').id = 'run-title';
     const fact = (k, v) => el('div', { class: 'fact' }, el('div', { class: 'k', text: k }), el('div', { class: 'v', text: v }));
     facts.replaceChildren(
@@ -610,7 +617,11 @@ function runPage(page, id) {
     let seenGrid = run ? run.sample_grid : '';
     let seenEval = run ? JSON.stringify([run.latest_eval, run.latest_nll]) : '';
     stream(`runs/${id}/watch`, (name, event) => {
-      if (name === 'end') return true;
+      if (name === 'end') {
+        $('#live').textContent = 'run ended';
+        $('#live').className = 'live';
+        return false;
+      }
       const r = event.run;
       showRun(r);
       consoleState.updates++;
