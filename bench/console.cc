@@ -8,6 +8,8 @@
 //   3. GET .../metrics of the long run (its curve, thinned to the console's 2000 points);
 //   4. a heartbeat's registry write without and with the history row (Registry, in process).
 // usage: ddpm_bench_console [--runs N] [--viewers V] [--requests R] [--history-steps S]
+#include "coordinator/console.h"
+
 #include <httplib.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -24,7 +26,6 @@
 
 #include "bench/stats.h"
 #include "config/flags.h"
-#include "coordinator/console.h"
 #include "coordinator/registry.h"
 #include "coordinator/service.h"
 #include "ddpm/v1/control.grpc.pb.h"
@@ -113,7 +114,8 @@ int Run(const Flags& flags) {
   const int viewers = static_cast<int>(flags.GetInt("viewers"));
   const int requests = static_cast<int>(flags.GetInt("requests"));
   const int64_t history_steps = flags.GetInt("history-steps");
-  const fs::path dir = fs::temp_directory_path() / ("ddpm-bench-console-" + std::to_string(getpid()));
+  const fs::path dir =
+      fs::temp_directory_path() / ("ddpm-bench-console-" + std::to_string(getpid()));
   fs::remove_all(dir);
   int pipe_fds[2];
   if (pipe(pipe_fds) != 0) return 1;
@@ -166,15 +168,15 @@ int Run(const Flags& flags) {
     gateway->Heartbeat(MakeContext(kWorker).get(), heartbeat, &response);
   };
   for (int64_t step = 100; step <= history_steps; step += 100) beat(step);
-  std::printf("coordinator (pid %d): %d runs; %s with %lld history rows (%lld steps, log_every "
-              "100); registry %.1f MiB\n",
-              child, runs, long_run.c_str(), static_cast<long long>(history_steps / 100),
-              static_cast<long long>(history_steps),
-              static_cast<double>(fs::file_size(dir / "registry.db") +
-                                  (fs::exists(dir / "registry.db-wal")
-                                       ? fs::file_size(dir / "registry.db-wal")
-                                       : 0)) /
-                  (1 << 20));
+  std::printf(
+      "coordinator (pid %d): %d runs; %s with %lld history rows (%lld steps, log_every "
+      "100); registry %.1f MiB\n",
+      child, runs, long_run.c_str(), static_cast<long long>(history_steps / 100),
+      static_cast<long long>(history_steps),
+      static_cast<double>(
+          fs::file_size(dir / "registry.db") +
+          (fs::exists(dir / "registry.db-wal") ? fs::file_size(dir / "registry.db-wal") : 0)) /
+          (1 << 20));
 
   httplib::Client http("127.0.0.1", http_port);
   http.set_keep_alive(true);
@@ -226,9 +228,10 @@ int Run(const Flags& flags) {
     v1::ListRunsResponse list;
     control->ListRuns(MakeContext(kControl).get(), v1::ListRunsRequest(), &list);
   });
-  std::printf("%d live viewers on /api/v1/events, 10 heartbeats/s: the coordinator at %.1f%% of "
-              "one core with no requests; %lld events delivered\n",
-              viewers, 100 * streaming_cpu, static_cast<long long>(events.load()));
+  std::printf(
+      "%d live viewers on /api/v1/events, 10 heartbeats/s: the coordinator at %.1f%% of "
+      "one core with no requests; %lld events delivered\n",
+      viewers, 100 * streaming_cpu, static_cast<long long>(events.load()));
   Print("GET /api/v1/runs (with the viewers)", busy);
   Print("gRPC Control.ListRuns (with the viewers)", busy_grpc);
   const Timing curve = Measure(child, std::max(10, requests / 10), [&] {
@@ -277,9 +280,10 @@ int Run(const Flags& flags) {
     return Ms(start) / kWrites;
   };
   const double without = cost(false), with = cost(true);
-  std::printf("a metrics heartbeat's registry write (synchronous=FULL): %.3f ms without the "
-              "history row, %.3f ms with it (x%.2f)\n",
-              without, with, with / without);
+  std::printf(
+      "a metrics heartbeat's registry write (synchronous=FULL): %.3f ms without the "
+      "history row, %.3f ms with it (x%.2f)\n",
+      without, with, with / without);
   fs::remove_all(dir);
   return 0;
 }

@@ -135,9 +135,8 @@ int64_t IntParameter(const httplib::Request& request, const char* name, int64_t 
     if (used == text.size()) return value;
   } catch (const std::exception&) {
   }
-  throw CoordinatorError(ErrorCode::kInvalidArgument,
-                         std::string("query parameter ") + name + "='" + text +
-                             "' is not a whole number");
+  throw CoordinatorError(ErrorCode::kInvalidArgument, std::string("query parameter ") + name +
+                                                          "='" + text + "' is not a whole number");
 }
 
 // RUN_DIR/samples/step_X.png, in step order.
@@ -225,7 +224,9 @@ void AddFidPoint(v1::Sweep& sweep, double x, const v1::EvalResult& eval) {
 // The id in /api/v1/runs/{id}...
 constexpr const char* kRunId = "([A-Za-z0-9._-]+)";
 
-std::string Pattern(const std::string& tail) { return std::string("/api/v1/runs/") + kRunId + tail; }
+std::string Pattern(const std::string& tail) {
+  return std::string("/api/v1/runs/") + kRunId + tail;
+}
 
 // An SSE frame: "event: NAME" and the JSON on one data line (protobuf's JSON has no newlines).
 std::string EventFrame(const std::string& name, const std::string& json) {
@@ -299,8 +300,9 @@ void Console::Route() {
   // The role the request's bearer token grants, or a 401 naming what is wrong.
   const auto authorize = [this](const httplib::Request& request) {
     if (!request.has_header("Authorization")) {
-      throw ApiFailure{401, "no bearer token: send the viewer or the control token as "
-                            "'Authorization: Bearer TOKEN'"};
+      throw ApiFailure{401,
+                       "no bearer token: send the viewer or the control token as "
+                       "'Authorization: Bearer TOKEN'"};
     }
     const std::string value = request.get_header_value("Authorization");
     const std::string prefix = "Bearer ";
@@ -359,14 +361,14 @@ void Console::Route() {
   server.Get("/", asset);
   server.Get(R"(/([a-z_.]+\.(html|js|css)))", asset);
 
-  server.Get("/api/v1/session", api(false, [](const httplib::Request&, httplib::Response& response,
-                                              Role role) {
+  server.Get("/api/v1/session",
+             api(false, [](const httplib::Request&, httplib::Response& response, Role role) {
                v1::Session session;
                session.set_role(role == Role::kControl ? "control" : "viewer");
                SendJson(response, session);
              }));
-  server.Get("/api/v1/runs", api(false, [this](const httplib::Request& request,
-                                               httplib::Response& response, Role) {
+  server.Get("/api/v1/runs",
+             api(false, [this](const httplib::Request& request, httplib::Response& response, Role) {
                v1::RunState state = v1::RUN_STATE_UNSPECIFIED;
                if (request.has_param("state")) {
                  const std::string name = request.get_param_value("state");
@@ -380,22 +382,22 @@ void Console::Route() {
                for (v1::Run& run : core_.ListRuns(state)) *list.add_runs() = std::move(run);
                SendJson(response, list);
              }));
-  server.Get(Pattern(""), api(false, [this](const httplib::Request& request,
-                                            httplib::Response& response, Role) {
+  server.Get(Pattern(""),
+             api(false, [this](const httplib::Request& request, httplib::Response& response, Role) {
                v1::GetRunResponse run;
                *run.mutable_run() = core_.GetRun(request.matches[1]);
                SendJson(response, run);
              }));
-  server.Get(Pattern("/metrics"), api(false, [this](const httplib::Request& request,
-                                                    httplib::Response& response, Role) {
+  server.Get(Pattern("/metrics"),
+             api(false, [this](const httplib::Request& request, httplib::Response& response, Role) {
                const int64_t since = IntParameter(request, "since", -1);
                const int64_t wanted = IntParameter(request, "max_points", options_.max_points);
                const int max_points =
                    static_cast<int>(std::clamp<int64_t>(wanted, 2, options_.max_points));
                SendJson(response, core_.MetricHistory(request.matches[1], since, max_points));
              }));
-  server.Get(Pattern("/checkpoints"), api(false, [this](const httplib::Request& request,
-                                                        httplib::Response& response, Role) {
+  server.Get(Pattern("/checkpoints"),
+             api(false, [this](const httplib::Request& request, httplib::Response& response, Role) {
                const v1::Run run = core_.GetRun(request.matches[1]);
                v1::Scorecard card;
                card.set_run(run.id());
@@ -411,7 +413,8 @@ void Console::Route() {
                    merged.set_inception_score(eval.inception_score());
                    merged.set_num_samples(eval.num_samples());
                  }
-                 if (eval.has_nll_bits_per_dim()) merged.set_nll_bits_per_dim(eval.nll_bits_per_dim());
+                 if (eval.has_nll_bits_per_dim())
+                   merged.set_nll_bits_per_dim(eval.nll_bits_per_dim());
                  merged.set_step(eval.step());
                }
                for (const v1::Run& job : core_.ListRuns(v1::RUN_STATE_UNSPECIFIED)) {
@@ -449,8 +452,8 @@ void Console::Route() {
                }
                SendJson(response, card);
              }));
-  server.Get(Pattern("/evaluations"), api(false, [this](const httplib::Request& request,
-                                                        httplib::Response& response, Role) {
+  server.Get(Pattern("/evaluations"),
+             api(false, [this](const httplib::Request& request, httplib::Response& response, Role) {
                const v1::Run run = core_.GetRun(request.matches[1]);
                v1::Evaluations evaluations;
                evaluations.set_run(run.id());
@@ -498,19 +501,18 @@ void Console::Route() {
                }
                SendJson(response, evaluations);
              }));
-  server.Get(Pattern("/files/(.+)"), api(false, [this](const httplib::Request& request,
-                                                       httplib::Response& response, Role) {
-               const v1::Run run = core_.GetRun(request.matches[1]);
-               const fs::path file = ResolveRunFile(core_.runs_dir(), run.run_dir(),
-                                                    request.matches[2]);
-               std::ifstream in(file, std::ios::binary);
-               std::string bytes((std::istreambuf_iterator<char>(in)),
-                                 std::istreambuf_iterator<char>());
-               response.set_content(bytes, file.extension() == ".png" ? "image/png"
-                                                                      : "text/csv; charset=utf-8");
-             }));
-  server.Get("/api/v1/groups", api(false, [this](const httplib::Request&,
-                                                 httplib::Response& response, Role) {
+  server.Get(
+      Pattern("/files/(.+)"),
+      api(false, [this](const httplib::Request& request, httplib::Response& response, Role) {
+        const v1::Run run = core_.GetRun(request.matches[1]);
+        const fs::path file = ResolveRunFile(core_.runs_dir(), run.run_dir(), request.matches[2]);
+        std::ifstream in(file, std::ios::binary);
+        std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        response.set_content(bytes,
+                             file.extension() == ".png" ? "image/png" : "text/csv; charset=utf-8");
+      }));
+  server.Get("/api/v1/groups",
+             api(false, [this](const httplib::Request&, httplib::Response& response, Role) {
                v1::ListGroupsResponse list;
                for (const GroupStatus& group : core_.Groups()) {
                  v1::WorkerGroup& out = *list.add_groups();
@@ -547,15 +549,14 @@ void Console::Route() {
   const auto stream = [this](httplib::Response& response, auto next) {
     if (streams_.fetch_add(1) >= options_.max_streams) {
       streams_.fetch_sub(1);
-      throw ApiFailure{503, "too many live event streams (" +
-                                std::to_string(options_.max_streams) +
+      throw ApiFailure{503, "too many live event streams (" + std::to_string(options_.max_streams) +
                                 "); close another console page"};
     }
     response.set_header("X-Accel-Buffering", "no");
     response.set_chunked_content_provider(
         "text/event-stream",
-        [this, next, quiet = std::chrono::steady_clock::now()](
-            size_t, httplib::DataSink& sink) mutable {
+        [this, next, quiet = std::chrono::steady_clock::now()](size_t,
+                                                               httplib::DataSink& sink) mutable {
           while (!stopping_) {
             std::string frames;
             const bool more = next(frames);
@@ -579,10 +580,11 @@ void Console::Route() {
   };
   constexpr auto kPoll = std::chrono::milliseconds(500);
   // Any change to runs or groups: the lists refetch what they show.
-  server.Get("/api/v1/events", api(false, [this, stream, kPoll](const httplib::Request&,
-                                                               httplib::Response& response, Role) {
-               stream(response, [this, kPoll, seen = uint64_t{0}, first = true](
-                                    std::string& frames) mutable {
+  server.Get(
+      "/api/v1/events",
+      api(false, [this, stream, kPoll](const httplib::Request&, httplib::Response& response, Role) {
+        stream(response,
+               [this, kPoll, seen = uint64_t{0}, first = true](std::string& frames) mutable {
                  const uint64_t now =
                      first ? core_.WaitForChange(~uint64_t{0}, std::chrono::steady_clock::now())
                            : core_.WaitForChange(seen, std::chrono::steady_clock::now() + kPoll);
@@ -593,12 +595,12 @@ void Console::Route() {
                  }
                  return true;
                });
-             }));
+      }));
   // One run, as WatchRun streams it: the run now, then an event per transition and per new
   // metrics or evaluation, until it ends.
-  server.Get(Pattern("/watch"), api(false, [this, stream, kPoll](const httplib::Request& request,
-                                                                 httplib::Response& response,
-                                                                 Role) {
+  server.Get(Pattern("/watch"),
+             api(false, [this, stream, kPoll](const httplib::Request& request,
+                                              httplib::Response& response, Role) {
                const std::string run_id = core_.GetRun(request.matches[1]).id();
                stream(response, [this, kPoll, run_id, cursor = Coordinator::WatchCursor{},
                                  ended = false](std::string& frames) mutable {
@@ -617,8 +619,8 @@ void Console::Route() {
              }));
 
   // Actions: POSTs with the control token and a JSON body.
-  server.Post("/api/v1/runs", api(true, [this](const httplib::Request& request,
-                                               httplib::Response& response, Role) {
+  server.Post("/api/v1/runs",
+              api(true, [this](const httplib::Request& request, httplib::Response& response, Role) {
                 v1::StartRunRequest start;
                 ParseBody(request, start);
                 v1::StartRunResponse started;
@@ -626,21 +628,21 @@ void Console::Route() {
                 started.set_page_url(RunUrl(started.run().id()));
                 SendJson(response, started, 201);
               }));
-  server.Post(Pattern(":stop"), api(true, [this](const httplib::Request& request,
-                                                 httplib::Response& response, Role) {
+  server.Post(Pattern(":stop"),
+              api(true, [this](const httplib::Request& request, httplib::Response& response, Role) {
                 v1::StopRunRequest stop;
                 ParseBody(request, stop);
                 v1::StopRunResponse stopped;
                 *stopped.mutable_run() = core_.StopRun(request.matches[1], stop.immediate());
                 SendJson(response, stopped);
               }));
-  server.Post(Pattern(":delete"), api(true, [this](const httplib::Request& request,
-                                                   httplib::Response& response, Role) {
+  server.Post(Pattern(":delete"),
+              api(true, [this](const httplib::Request& request, httplib::Response& response, Role) {
                 core_.DeleteRun(request.matches[1]);
                 SendJson(response, v1::DeleteRunResponse());
               }));
-  server.Post(Pattern(":evaluate"), api(true, [this](const httplib::Request& request,
-                                                     httplib::Response& response, Role) {
+  server.Post(Pattern(":evaluate"),
+              api(true, [this](const httplib::Request& request, httplib::Response& response, Role) {
                 v1::StartEvalRequest eval;
                 ParseBody(request, eval);
                 eval.set_run(request.matches[1]);

@@ -106,8 +106,7 @@ class Coordinator {
 
   /// A run's log-interval rows after since_step, at most max_points of them (>= 2), thinned
   /// by ThinKeepingExtremes when there are more.
-  v1::MetricHistory MetricHistory(const std::string& run, int64_t since_step,
-                                  int max_points) const;
+  v1::MetricHistory MetricHistory(const std::string& run, int64_t since_step, int max_points) const;
   /// A run's committed checkpoints and its evaluations as the registry recorded them, oldest
   /// first.
   std::vector<v1::CheckpointInfo> Checkpoints(const std::string& run) const;

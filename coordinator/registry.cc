@@ -295,15 +295,14 @@ void Registry::AddMetricRow(const std::string& run_id, const v1::TrainMetrics& r
       .Bind(static_cast<int64_t>(row.at_unix_ms()))
       .Bind(row.loss());
   for (int quartile = 0; quartile < 4; ++quartile) {
-    const bool present = quartile < row.loss_by_quartile_size() &&
-                         std::isfinite(row.loss_by_quartile(quartile));
+    const bool present =
+        quartile < row.loss_by_quartile_size() && std::isfinite(row.loss_by_quartile(quartile));
     insert.BindOptional(present, present ? row.loss_by_quartile(quartile) : 0.0);
   }
   insert.Bind(row.lr()).Bind(row.grad_norm()).Bind(row.images_per_second()).Run();
 }
 
-std::vector<v1::TrainMetrics> Registry::MetricRows(const std::string& run_id,
-                                                    int64_t since_step) {
+std::vector<v1::TrainMetrics> Registry::MetricRows(const std::string& run_id, int64_t since_step) {
   std::vector<v1::TrainMetrics> rows;
   Statement select(db_, path_,
                    "SELECT step, at_unix_ms, loss, q0, q1, q2, q3, lr, grad_norm, "

@@ -272,9 +272,8 @@ CoordinatorServer::CoordinatorServer(Coordinator& core, const ServerOptions& opt
         "--tls-cert and --tls-key too");
   }
   rpc_metrics_ = std::make_unique<RpcMetrics>();
-  control_ =
-      std::make_unique<ControlService>(core, options.control_token, *rpc_metrics_, stopping_,
-                                       console_);
+  control_ = std::make_unique<ControlService>(core, options.control_token, *rpc_metrics_, stopping_,
+                                              console_);
   gateway_ = std::make_unique<WorkerGatewayService>(
       core, options.worker_token, !options.tls_client_ca.empty(), *rpc_metrics_, stopping_);
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();

@@ -1,7 +1,6 @@
 #include "proto/rpc.h"
 
 #include <google/protobuf/util/json_util.h>
-
 #include <grpcpp/generic/generic_stub.h>
 
 #include <cstdlib>
@@ -17,7 +16,6 @@ std::string ToJson(const google::protobuf::Message& message) {
   (void)google::protobuf::util::MessageToJsonString(message, &json, print);
   return json;
 }
-
 
 std::string ReadTextFile(const std::string& path, const std::string& what) {
   std::ifstream in(path, std::ios::binary);

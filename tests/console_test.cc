@@ -135,8 +135,8 @@ TEST_F(ConsoleTest, EachRefusalNamesWhatWasRefused) {
                                             "control token")));
   EXPECT_EQ(Refusal(Get("/api/v1/runs/" + run.id(), "")).first, 401);
   EXPECT_EQ(Refusal(Post(stop, kViewer, "{}")),
-            std::make_pair(403, "POST " + stop +
-                                    " needs the control token; the viewer token only reads"));
+            std::make_pair(
+                403, "POST " + stop + " needs the control token; the viewer token only reads"));
   // What a cross-site form can send: a form's content types, or a page of another origin.
   const std::string multipart =
       "--x\r\nContent-Disposition: form-data; name=\"immediate\"\r\n\r\ntrue\r\n--x--\r\n";
@@ -182,9 +182,8 @@ TEST_F(ConsoleTest, TheViewerTokenSeesEverythingAndOnlyTheControlTokenActs) {
                   .run()
                   .transitions_size(),
               1);
-    EXPECT_EQ(Parse<v1::ListRunsResponse>(Get("/api/v1/runs?state=RUNNING", token)->body)
-                  .runs_size(),
-              0);
+    EXPECT_EQ(
+        Parse<v1::ListRunsResponse>(Get("/api/v1/runs?state=RUNNING", token)->body).runs_size(), 0);
   }
   // Start, stop and delete with the control token.
   v1::StartRunRequest start;
@@ -381,7 +380,8 @@ TEST_F(ConsoleTest, AWatchStreamSendsTheRunThenEachChangeUntilItEnds) {
 }
 
 TEST(ConsoleInService, StartRunOverGrpcGivesTheRunsPageAndTheConsoleNeedsBothTokens) {
-  const fs::path dir = fs::temp_directory_path() / ("ddpm-console-grpc-" + std::to_string(::getpid()));
+  const fs::path dir =
+      fs::temp_directory_path() / ("ddpm-console-grpc-" + std::to_string(::getpid()));
   fs::remove_all(dir);
   CoordinatorOptions core_options;
   core_options.data_dir = dir.string();

@@ -35,7 +35,6 @@ int Report(const std::string& rpc, const grpc::Status& status) {
   return ExitFor(status);
 }
 
-
 std::string Time(int64_t unix_ms) {
   if (unix_ms == 0) return "-";
   const std::time_t seconds = unix_ms / 1000;
