@@ -11,11 +11,11 @@
 #include "coordinator/console.h"
 
 #include <httplib.h>
-#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -201,6 +201,7 @@ int Run(const Flags& flags) {
   std::atomic<bool> done{false};
   std::atomic<int64_t> events{0};
   std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(viewers) + 1);
   for (int v = 0; v < viewers; ++v) {
     threads.emplace_back([&] {
       httplib::Client client("127.0.0.1", http_port);
@@ -267,7 +268,7 @@ int Run(const Flags& flags) {
     const auto start = Clock::now();
     constexpr int kWrites = 2000;
     for (int i = 1; i <= kWrites; ++i) {
-      run.mutable_metrics()->set_step(100 * i);
+      run.mutable_metrics()->set_step(int64_t{100} * i);
       run.mutable_metrics()->set_loss(1.0 / i);
       for (int q = 0; q < 4 && run.metrics().loss_by_quartile_size() < 4; ++q) {
         run.mutable_metrics()->add_loss_by_quartile(0.1);

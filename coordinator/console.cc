@@ -37,7 +37,7 @@ fs::path ResolveRunFile(const std::string& runs_dir, const std::string& run_dir,
   if (error) throw refuse("the runs directory " + runs_dir + " cannot be read: " + error.message());
   const fs::path run = fs::canonical(run_dir, error);
   if (error) throw refuse("the run directory " + run_dir + " cannot be read: " + error.message());
-  const fs::path file = fs::canonical(fs::path(run_dir) / relative, error);
+  fs::path file = fs::canonical(fs::path(run_dir) / relative, error);
   if (error) throw refuse("no such file in the run directory");
   const auto inside = [](const fs::path& path, const fs::path& folder) {
     const std::string prefix = folder.string() + "/";
@@ -314,9 +314,8 @@ void Console::Route() {
     throw ApiFailure{401, "the bearer token is neither the viewer nor the control token"};
   };
   // Every API handler: authorized, its errors turned into one JSON line with a status.
-  const auto api = [this, authorize](bool action, auto body) {
-    return [this, authorize, action, body](const httplib::Request& request,
-                                           httplib::Response& response) {
+  const auto api = [authorize](bool action, auto body) {
+    return [authorize, action, body](const httplib::Request& request, httplib::Response& response) {
       try {
         const Role role = authorize(request);
         if (action) {
