@@ -66,16 +66,6 @@ const httplib::Headers kSecurityHeaders = {
 
 enum class Role { kNone, kViewer, kControl };
 
-// Compares in time independent of where the strings differ.
-bool SameToken(const std::string& given, const std::string& expected) {
-  if (expected.empty()) return false;
-  unsigned char difference = given.size() == expected.size() ? 0 : 1;
-  for (size_t i = 0; i < given.size(); ++i) {
-    difference |= static_cast<unsigned char>(given[i] ^ expected[i % expected.size()]);
-  }
-  return difference == 0;
-}
-
 // An error for the API: its HTTP status and one line.
 struct ApiFailure {
   int status;

@@ -49,20 +49,6 @@ grpc::Status ToGrpcStatus(const std::exception& error) {
   return {grpc::StatusCode::INTERNAL, error.what()};
 }
 
-namespace {
-
-// Compares in time independent of where the strings differ.
-bool SameToken(const std::string& given, const std::string& expected) {
-  if (expected.empty()) return false;
-  unsigned char difference = given.size() == expected.size() ? 0 : 1;
-  for (size_t i = 0; i < given.size(); ++i) {
-    difference |= static_cast<unsigned char>(given[i] ^ expected[i % expected.size()]);
-  }
-  return difference == 0;
-}
-
-}  // namespace
-
 // What every call of one service shares: its token, and where its calls are counted.
 struct ServiceGate {
   std::string service;  // "Control" or "WorkerGateway"

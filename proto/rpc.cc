@@ -9,6 +9,15 @@
 
 namespace ddpm {
 
+bool SameToken(const std::string& given, const std::string& expected) {
+  if (expected.empty()) return false;
+  unsigned char difference = given.size() == expected.size() ? 0 : 1;
+  for (size_t i = 0; i < given.size(); ++i) {
+    difference |= static_cast<unsigned char>(given[i] ^ expected[i % expected.size()]);
+  }
+  return difference == 0;
+}
+
 std::string ToJson(const google::protobuf::Message& message) {
   std::string json;
   google::protobuf::util::JsonPrintOptions print;

@@ -31,6 +31,10 @@ class RpcSetupError : public std::runtime_error {
 /// shows.
 std::string ReadToken(const std::string& file, const char* env);
 
+/// Whether a presented token equals the expected one (never when expected is empty), in time
+/// independent of where they differ. The gRPC services and the console compare tokens so.
+bool SameToken(const std::string& given, const std::string& expected);
+
 /// The whole text of a file; throws RpcSetupError naming it.
 std::string ReadTextFile(const std::string& path, const std::string& what);
 

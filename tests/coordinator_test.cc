@@ -495,7 +495,7 @@ TEST_F(CoordinatorTest, ARegistryOfSchemaOneGainsTheBoundsColumnAndKeepsItsEvalu
         "NULL, num_samples INTEGER NOT NULL, at_unix_ms INTEGER NOT NULL); INSERT INTO "
         "evals VALUES('a-1', 5, 40.5, 2.5, 100, 1); PRAGMA user_version=1;");
   Reopen();
-  EXPECT_EQ(Query(db, "PRAGMA user_version"), std::vector<std::string>{"2"});
+  EXPECT_EQ(Query(db, "PRAGMA user_version"), std::vector<std::string>{"3"});
   v1::RegisterRequest again = Group("g", 1);
   again.set_current_run("a-1");
   core_->Register(again);
