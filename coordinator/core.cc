@@ -57,6 +57,8 @@ Coordinator::Coordinator(CoordinatorOptions options, const Clock& clock)
                                                      : fs::path(options_.runs_dir))
                   .lexically_normal()
                   .string();
+  // One coordinator per data directory: a second one would schedule the same runs.
+  lock_ = std::make_unique<DataDirLock>(options_.data_dir);
   registry_ = std::make_unique<Registry>((fs::path(options_.data_dir) / "registry.db").string());
   for (auto& [seq, run] : registry_->LoadRuns()) {
     RunEntry& entry = runs_[run.id()];

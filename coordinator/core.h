@@ -16,6 +16,7 @@
 
 #include "config/config.h"
 #include "coordinator/clock.h"
+#include "coordinator/data_dir_lock.h"
 #include "coordinator/registry.h"
 #include "ddpm/v1/console.pb.h"
 #include "ddpm/v1/control.pb.h"
@@ -210,6 +211,8 @@ class Coordinator {
   const CoordinatorOptions options_;
   const Clock& clock_;
   std::string runs_dir_;
+  /// Held for the core's life, before the registry opens and after it closes.
+  std::unique_ptr<DataDirLock> lock_;
   mutable std::mutex mutex_;
   mutable std::condition_variable changed_;
   /// Counts changes (Changed), for WaitForChange.

@@ -220,6 +220,16 @@ try:
     wait("the page to show STOPPED", lambda: js(
         "return document.querySelector('.runhead .state').textContent") == "STOPPED", seconds=30)
 
+    say("6b. the groups page shows the group and its two ranks")
+    js("location.hash = '#/groups'")
+    wait("the group's two ranks", lambda: js(
+        "return document.querySelectorAll('[data-group] tbody tr').length") == 2, seconds=30)
+    hosts = js("return [...document.querySelectorAll('[data-group] tbody tr td:nth-child(2)')].map(td => td.textContent)")
+    check(all(h and h != "-" for h in hosts), f"the ranks' hosts {hosts}")
+    check("idle" in js("return document.querySelector('[data-group] h2').textContent"),
+          "the group is not shown idle after its run stopped")
+    screenshot("console_groups.png")
+
     say("7. the viewer token sees everything and cannot stop")
     sign_in(viewer_token)
     wait("both runs listed", lambda: js("return document.querySelectorAll('#runs tr[data-run]').length") == 2)

@@ -3,6 +3,7 @@
 // nothing stored.
 #include <gtest/gtest.h>
 #include <sqlite3.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -746,6 +747,33 @@ TEST(ThinKeepingExtremes, KeepsEveryRowThatFitsAndTheExtremesOfThoseThatDoNot) {
   // Rows that fit are all kept.
   std::vector<v1::TrainMetrics> few(rows.begin(), rows.begin() + 7);
   EXPECT_EQ(ThinKeepingExtremes(few, 7), (std::vector<size_t>{0, 1, 2, 3, 4, 5, 6}));
+}
+
+}  // namespace
+}  // namespace ddpm
+
+namespace ddpm {
+namespace {
+
+TEST_F(CoordinatorTest, ASecondCoordinatorOnTheDataDirectoryIsRefusedNamingTheHolder) {
+  core_->StartRun(Start("a", ConfigYaml()));
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  try {
+    Coordinator second(options_, clock_);
+    FAIL() << "a second coordinator opened " << dir_;
+  } catch (const DataDirInUse& error) {
+    const std::string expected = "data dir " + dir_.string() + " is in use by pid " +
+                                 std::to_string(::getpid()) + " on host " + host + " since ";
+    EXPECT_EQ(std::string(error.what()).rfind(expected, 0), 0U) << error.what();
+    EXPECT_NE(std::string(error.what()).find("(" + (dir_ / "LOCK").string() + ")"),
+              std::string::npos)
+        << error.what();
+  }
+  // The refused one changed nothing; once the holder is gone the directory opens at once.
+  EXPECT_EQ(core_->ListRuns(v1::RUN_STATE_UNSPECIFIED).size(), 1U);
+  Reopen();
+  EXPECT_EQ(core_->GetRun("a").state(), v1::QUEUED);
 }
 
 }  // namespace

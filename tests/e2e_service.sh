@@ -99,11 +99,27 @@ for binary in "$coordinator" "$worker" "$ctl"; do
     fail "$(basename "$binary") takes a token on its command line"
   fi
 done
-for token in "$data/control.token" "$data/worker.token"; do
+for token in "$data/control.token" "$data/worker.token" "$data/viewer.token"; do
   if grep -rqF "$(cat "$token")" "$work"/*.log "$work"/*.txt 2> /dev/null; then
     fail "the token of $token appears in a log: $(grep -rlF "$(cat "$token")" "$work"/*.log "$work"/*.txt)"
   fi
 done
+
+say "5c. one coordinator per data directory"
+set +e
+"$coordinator" --data-dir "$data" --listen 127.0.0.1:0 --metrics-listen "" --http-listen "" \
+  > "$work/second.txt" 2>&1
+second=$?
+set -e
+[ "$second" = 1 ] || fail "a second coordinator on $data exited $second, not 1: $(cat "$work/second.txt")"
+grep -q "data dir $data is in use by pid $coordinator_pid on host $(hostname) since " "$work/second.txt" ||
+  fail "the second coordinator did not name the holder: $(cat "$work/second.txt")"
+grep -q "serving on" "$work/second.txt" && fail "the second coordinator served"
+# A killed holder's lock goes with it: the next start takes the directory at once.
+kill -KILL "$coordinator_pid"
+wait "$coordinator_pid" 2> /dev/null || true
+start_coordinator "$address" $(($(grep -c 'serving on' "$work/coordinator.log") + 1))
+say "a second coordinator refused: $(head -n 1 "$work/second.txt")"
 
 say "6. clean shutdown"
 kill -TERM "$group_pid"

@@ -4,6 +4,7 @@
 
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <httplib.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -15,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "coordinator/console.h"
 #include "ddpm/v1/control.grpc.pb.h"
 #include "ddpm/v1/worker_gateway.grpc.pb.h"
 #include "proto/rpc.h"
@@ -444,6 +446,8 @@ TEST_F(ServiceTest, ServesTlsWhenGivenACertificate) {
   ASSERT_EQ(std::system(make.c_str()), 0) << make;
   server_options_.tls_cert = cert;
   server_options_.tls_key = key;
+  server_options_.http_listen = "127.0.0.1:0";
+  server_options_.viewer_token = "viewer-secret";
   StartServer();
   ChannelOptions tls = Channel();
   tls.tls_ca = cert;
@@ -454,6 +458,20 @@ TEST_F(ServiceTest, ServesTlsWhenGivenACertificate) {
   EXPECT_TRUE(ok.ok()) << ok.error_message();
   // A plaintext client cannot talk to it.
   EXPECT_FALSE(Control()->ListRuns(Ctx(kControlToken).get(), list, &listed).ok());
+  // The console serves HTTPS with the same certificate, and no plain HTTP.
+  ASSERT_NE(server_->console(), nullptr);
+  const int port = server_->console()->port();
+  EXPECT_EQ(server_->console()->url(), "https://127.0.0.1:" + std::to_string(port) + "/");
+  httplib::SSLClient https("127.0.0.1", port);
+  https.set_ca_cert_path(cert.c_str());
+  https.enable_server_certificate_verification(true);
+  const auto runs = https.Get("/api/v1/runs", {{"Authorization", "Bearer viewer-secret"}});
+  ASSERT_TRUE(runs) << httplib::to_string(runs.error());
+  EXPECT_EQ(runs->status, 200);
+  httplib::Client plain("127.0.0.1", port);
+  plain.set_read_timeout(5, 0);
+  const auto refused = plain.Get("/api/v1/runs", {{"Authorization", "Bearer viewer-secret"}});
+  EXPECT_FALSE(refused && refused->status == 200);
 }
 
 TEST_F(ServiceTest, MutualTlsAdmitsOnlyWorkerGroupsWithACertificateOfTheClientCa) {
