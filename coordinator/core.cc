@@ -224,6 +224,13 @@ void Coordinator::FenceRunDir(const v1::Run& run) const {
 }
 
 void Coordinator::Schedule() {
+  // Idle groups first: with none, the queue (thousands of runs, on every StartRun and tick)
+  // need not be sorted.
+  std::vector<Group*> idle;
+  for (auto& [id, group] : groups_) {
+    if (group.run_id.empty()) idle.push_back(&group);
+  }
+  if (idle.empty()) return;
   std::vector<RunEntry*> queued;
   for (auto& [id, entry] : runs_) {
     if (entry.run.state() == v1::QUEUED) queued.push_back(&entry);
@@ -232,10 +239,6 @@ void Coordinator::Schedule() {
     if (a->run.priority() != b->run.priority()) return a->run.priority() > b->run.priority();
     return a->seq < b->seq;
   });
-  std::vector<Group*> idle;
-  for (auto& [id, group] : groups_) {
-    if (group.run_id.empty()) idle.push_back(&group);
-  }
   std::sort(idle.begin(), idle.end(),
             [](const Group* a, const Group* b) { return a->registered_seq < b->registered_seq; });
   // In priority, then submission order, each run takes the first idle group it fits; a run that
@@ -513,6 +516,91 @@ std::vector<v1::Run> Coordinator::ListRuns(v1::RunState state) const {
     runs.back().clear_transitions();
   }
   return runs;
+}
+
+namespace {
+
+// The query a page token belongs to: its filter, hashed (FNV-1a 64) so that a token of another
+// query is told apart.
+uint64_t QueryHash(const v1::ListRunsRequest& request) {
+  const std::string query = std::to_string(request.state()) + "\n" + request.name_prefix();
+  uint64_t hash = 1469598103934665603ULL;
+  for (const unsigned char c : query) hash = (hash ^ c) * 1099511628211ULL;
+  return hash;
+}
+
+// "r1.<query hash hex>.<last seq>": opaque to clients, checked here.
+std::string PageToken(const v1::ListRunsRequest& request, int64_t last_seq) {
+  char token[64];
+  std::snprintf(token, sizeof(token), "r1.%016llx.%lld",
+                static_cast<unsigned long long>(QueryHash(request)),
+                static_cast<long long>(last_seq));
+  return token;
+}
+
+// The last submission position the token's page listed.
+int64_t AfterToken(const v1::ListRunsRequest& request) {
+  const std::string& token = request.page_token();
+  if (token.empty()) return 0;
+  unsigned long long hash = 0;
+  long long last = 0;
+  char tail = 0;
+  if (token.size() > 48 ||
+      std::sscanf(token.c_str(), "r1.%16llx.%lld%c", &hash, &last, &tail) != 2 || last < 0) {
+    throw CoordinatorError(
+        ErrorCode::kInvalidArgument,
+        "page_token '" + token + "' is not a token this coordinator gave; list again without it");
+  }
+  if (hash != QueryHash(request)) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument,
+                           "page_token '" + token +
+                               "' was given for another query (state or name_prefix); list "
+                               "again without it, or with that query's filters");
+  }
+  return last;
+}
+
+}  // namespace
+
+v1::ListRunsResponse Coordinator::ListRunsPage(const v1::ListRunsRequest& request) const {
+  if (request.page_size() < 0) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument, "page_size must be >= 0 (0: the default, " +
+                                                            std::to_string(kDefaultPageSize) +
+                                                            "), got " +
+                                                            std::to_string(request.page_size()));
+  }
+  const int64_t after = AfterToken(request);
+  v1::ListRunsResponse response;
+  int size = request.page_size() == 0 ? kDefaultPageSize : request.page_size();
+  if (size > kMaxPageSize) {
+    response.set_notice("page_size " + std::to_string(size) + " is over the maximum; clamped to " +
+                        std::to_string(kMaxPageSize));
+    size = kMaxPageSize;
+  }
+  response.set_page_size(size);
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<const RunEntry*> entries;
+  for (const auto& [id, entry] : runs_) {
+    if (entry.seq <= after) continue;
+    if (request.state() != v1::RUN_STATE_UNSPECIFIED && entry.run.state() != request.state()) {
+      continue;
+    }
+    if (entry.run.name().compare(0, request.name_prefix().size(), request.name_prefix()) != 0) {
+      continue;
+    }
+    entries.push_back(&entry);
+  }
+  const auto end =
+      entries.size() > static_cast<size_t>(size) ? entries.begin() + size : entries.end();
+  std::partial_sort(entries.begin(), end, entries.end(),
+                    [](const RunEntry* a, const RunEntry* b) { return a->seq < b->seq; });
+  for (auto it = entries.begin(); it != end; ++it) {
+    v1::Run& run = *response.add_runs();
+    run = (*it)->run;
+    run.clear_transitions();
+  }
+  if (end != entries.end()) response.set_next_page_token(PageToken(request, (*(end - 1))->seq));
+  return response;
 }
 
 void Coordinator::DeleteRun(const std::string& run) {

@@ -99,6 +99,12 @@ class Coordinator {
   v1::Run GetRun(const std::string& run) const;
   /// Runs in submission order (without transitions), only those in state unless unspecified.
   std::vector<v1::Run> ListRuns(v1::RunState state) const;
+  /// One page of runs (AIP-158): request.page_size (default kDefaultPageSize, clamped to
+  /// kMaxPageSize with a notice) after request.page_token; kInvalidArgument names a garbled
+  /// token or one from another query.
+  v1::ListRunsResponse ListRunsPage(const v1::ListRunsRequest& request) const;
+  static constexpr int kDefaultPageSize = 100;
+  static constexpr int kMaxPageSize = 1000;
   /// Forgets a finished run.
   void DeleteRun(const std::string& run);
   /// Queues an evaluation job of a training run's checkpoints (a run of kind EVALUATION);

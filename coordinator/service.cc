@@ -142,9 +142,7 @@ class ControlService final : public v1::Control::Service {
   }
   grpc::Status ListRuns(grpc::ServerContext* context, const v1::ListRunsRequest* request,
                         v1::ListRunsResponse* response) override {
-    return Serve(context, gate_, "ListRuns", [&] {
-      for (v1::Run& run : core_.ListRuns(request->state())) *response->add_runs() = std::move(run);
-    });
+    return Serve(context, gate_, "ListRuns", [&] { *response = core_.ListRunsPage(*request); });
   }
   grpc::Status WatchRun(grpc::ServerContext* context, const v1::WatchRunRequest* request,
                         grpc::ServerWriter<v1::WatchRunEvent>* writer) override {

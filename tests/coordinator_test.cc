@@ -666,7 +666,7 @@ TEST_F(CoordinatorTest, EveryLogIntervalGoesIntoTheHistoryWhichARestartKeeps) {
     EXPECT_FALSE(history.downsampled());
     for (int i = 0; i < 10; ++i) {
       const v1::TrainMetrics& point = history.points(i);
-      const int64_t step = 10 * (i + 1);
+      const int64_t step = int64_t{10} * (i + 1);
       const double loss = step == 50 ? 7.0 : 1.0 / static_cast<double>(step);
       EXPECT_EQ(point.step(), step);
       EXPECT_DOUBLE_EQ(point.loss(), loss);
@@ -774,6 +774,119 @@ TEST_F(CoordinatorTest, ASecondCoordinatorOnTheDataDirectoryIsRefusedNamingTheHo
   EXPECT_EQ(core_->ListRuns(v1::RUN_STATE_UNSPECIFIED).size(), 1U);
   Reopen();
   EXPECT_EQ(core_->GetRun("a").state(), v1::QUEUED);
+}
+
+}  // namespace
+}  // namespace ddpm
+
+namespace ddpm {
+namespace {
+
+TEST_F(CoordinatorTest, TenThousandRunsListOverPagesEachExactlyOnceWhileRunsAreAdded) {
+  // 10,000 submissions are 10,000 registry commits: on tmpfs where there is one, so that the
+  // test spends its time listing rather than in fsync.
+  if (fs::is_directory("/dev/shm")) {
+    core_.reset();
+    fs::remove_all(dir_);
+    dir_ = fs::path("/dev/shm") / dir_.filename();
+    fs::remove_all(dir_);
+    options_.data_dir = dir_.string();
+    Reopen();
+  }
+  core_->Register(Group("g", 1));  // one run trains, the rest queue: states differ
+  constexpr int kRuns = 10000;
+  for (int i = 0; i < kRuns; ++i) {
+    core_->StartRun(Start(i % 2 == 0 ? "even" : "odd", ConfigYaml()));
+  }
+  std::vector<std::string> listed;
+  v1::ListRunsRequest request;
+  request.set_page_size(700);
+  int pages = 0, added = 0;
+  do {
+    const v1::ListRunsResponse page = core_->ListRunsPage(request);
+    EXPECT_EQ(page.page_size(), 700);
+    EXPECT_LE(page.runs_size(), 700);
+    for (const v1::Run& run : page.runs()) listed.push_back(run.id());
+    request.set_page_token(page.next_page_token());
+    // Runs submitted between pages come on a later page.
+    if (++pages <= 5) {
+      core_->StartRun(Start("late", ConfigYaml()));
+      ++added;
+    }
+  } while (!request.page_token().empty());
+  ASSERT_EQ(listed.size(), static_cast<size_t>(kRuns + added));
+  EXPECT_EQ(std::set<std::string>(listed.begin(), listed.end()).size(), listed.size());
+  // In submission order: run ids end in their submission number.
+  for (size_t i = 0; i < listed.size(); ++i) {
+    EXPECT_EQ(listed[i].substr(listed[i].rfind('-') + 1), std::to_string(i + 1)) << i;
+    if (testing::Test::HasFailure()) break;
+  }
+  // The default page, and a filter by name prefix and state over pages.
+  EXPECT_EQ(core_->ListRunsPage(v1::ListRunsRequest()).runs_size(), Coordinator::kDefaultPageSize);
+  v1::ListRunsRequest odd;
+  odd.set_name_prefix("od");
+  odd.set_state(v1::QUEUED);
+  odd.set_page_size(1000);
+  int odd_runs = 0;
+  do {
+    const v1::ListRunsResponse page = core_->ListRunsPage(odd);
+    for (const v1::Run& run : page.runs()) {
+      EXPECT_EQ(run.name(), "odd");
+      EXPECT_EQ(run.state(), v1::QUEUED);
+      ++odd_runs;
+    }
+    odd.set_page_token(page.next_page_token());
+  } while (!odd.page_token().empty());
+  EXPECT_EQ(odd_runs, kRuns / 2);
+}
+
+TEST_F(CoordinatorTest, PageTokensOfAnotherQueryOrGarbledAreRefusedAndLargePagesClamped) {
+  for (int i = 0; i < 5; ++i) core_->StartRun(Start("r", ConfigYaml()));
+  v1::ListRunsRequest request;
+  request.set_page_size(2);
+  const v1::ListRunsResponse first = core_->ListRunsPage(request);
+  ASSERT_FALSE(first.next_page_token().empty());
+  const auto refused = [&](const v1::ListRunsRequest& bad, const std::string& expected) {
+    try {
+      core_->ListRunsPage(bad);
+      ADD_FAILURE() << "accepted page_token '" << bad.page_token() << "'";
+    } catch (const CoordinatorError& error) {
+      EXPECT_EQ(error.code(), ErrorCode::kInvalidArgument);
+      EXPECT_EQ(error.what(), expected);
+    }
+  };
+  v1::ListRunsRequest other = request;
+  other.set_page_token(first.next_page_token());
+  other.set_state(v1::RUNNING);
+  refused(other, "page_token '" + first.next_page_token() +
+                     "' was given for another query (state or name_prefix); list again without "
+                     "it, or with that query's filters");
+  other.set_state(v1::RUN_STATE_UNSPECIFIED);
+  other.set_name_prefix("x");
+  refused(other, "page_token '" + first.next_page_token() +
+                     "' was given for another query (state or name_prefix); list again without "
+                     "it, or with that query's filters");
+  for (const std::string garbled : {"abc", "r1.zz.3", "r1.0000000000000000.-4", "r1.1.2x"}) {
+    v1::ListRunsRequest bad = request;
+    bad.set_page_token(garbled);
+    refused(bad, "page_token '" + garbled +
+                     "' is not a token this coordinator gave; list again without it");
+  }
+  v1::ListRunsRequest negative;
+  negative.set_page_size(-1);
+  EXPECT_THROW(core_->ListRunsPage(negative), CoordinatorError);
+  v1::ListRunsRequest huge;
+  huge.set_page_size(5000);
+  const v1::ListRunsResponse clamped = core_->ListRunsPage(huge);
+  EXPECT_EQ(clamped.page_size(), Coordinator::kMaxPageSize);
+  EXPECT_EQ(clamped.notice(), "page_size 5000 is over the maximum; clamped to 1000");
+  EXPECT_EQ(clamped.runs_size(), 5);
+  EXPECT_TRUE(clamped.next_page_token().empty());
+  // The second page with the right query goes on after the first.
+  request.set_page_token(first.next_page_token());
+  const v1::ListRunsResponse second = core_->ListRunsPage(request);
+  ASSERT_EQ(second.runs_size(), 2);
+  EXPECT_EQ(second.runs(0).id(), "r-3");
 }
 
 }  // namespace

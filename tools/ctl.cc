@@ -308,8 +308,9 @@ int CtlStop(const CtlOptions& options, const std::string& run, bool immediate) {
   });
 }
 
-int CtlList(const CtlOptions& options, const std::string& state) {
+int CtlList(const CtlOptions& options, const std::string& state, const std::string& name_prefix) {
   v1::ListRunsRequest request;
+  request.set_name_prefix(name_prefix);
   if (!state.empty()) {
     v1::RunState filter = v1::RUN_STATE_UNSPECIFIED;
     if (!v1::RunState_Parse(state, &filter) || filter == v1::RUN_STATE_UNSPECIFIED) {
@@ -322,9 +323,16 @@ int CtlList(const CtlOptions& options, const std::string& state) {
     request.set_state(filter);
   }
   return WithClient(options, [&](Client& client) {
+    // Every page, as one list.
     v1::ListRunsResponse response;
-    const grpc::Status status = client.stub().ListRuns(client.Context().get(), request, &response);
-    if (!status.ok()) return Report("ListRuns", status);
+    request.set_page_size(1000);
+    do {
+      v1::ListRunsResponse page;
+      const grpc::Status status = client.stub().ListRuns(client.Context().get(), request, &page);
+      if (!status.ok()) return Report("ListRuns", status);
+      for (v1::Run& run : *page.mutable_runs()) *response.add_runs() = std::move(run);
+      request.set_page_token(page.next_page_token());
+    } while (!request.page_token().empty());
     if (options.json) {
       std::fprintf(options.out, "%s\n", ToJson(response).c_str());
       return static_cast<int>(kCtlOk);

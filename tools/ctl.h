@@ -74,7 +74,8 @@ int CtlStart(const CtlOptions& options, const StartOptions& start, std::string* 
 /// Queues an evaluation job; its id goes to *run_id when given.
 int CtlEval(const CtlOptions& options, const EvalOptions& eval, std::string* run_id = nullptr);
 int CtlStop(const CtlOptions& options, const std::string& run, bool immediate);
-int CtlList(const CtlOptions& options, const std::string& state);
+int CtlList(const CtlOptions& options, const std::string& state,
+            const std::string& name_prefix = "");
 int CtlGet(const CtlOptions& options, const std::string& run);
 /// Follows a run to its end; reconnects if the coordinator restarts. Exit 0 for COMPLETED or
 /// STOPPED, 1 for FAILED.

@@ -80,6 +80,7 @@ bool AddCommandFlags(const std::string& command, ddpm::Flags& flags) {
     flags.AddSwitch("now", "stop at once, without a checkpoint");
   } else if (command == "list") {
     flags.Add("state", "only runs in this state (e.g. RUNNING)", "");
+    flags.Add("name-prefix", "only runs whose name starts with this", "");
   } else if (command == "get" || command == "watch" || command == "delete") {
     flags.AddPositional("RUN", "run id or unique name");
   } else if (command == "health") {
@@ -202,7 +203,9 @@ int RunCommand(const std::string& command, const ddpm::Flags& flags) {
   }
   if (command == "health") return ddpm::CtlHealth(options, flags.Get("service"));
   if (command == "stop") return ddpm::CtlStop(options, flags.Get("RUN"), flags.GetSwitch("now"));
-  if (command == "list") return ddpm::CtlList(options, flags.Get("state"));
+  if (command == "list") {
+    return ddpm::CtlList(options, flags.Get("state"), flags.Get("name-prefix"));
+  }
   if (command == "get") return ddpm::CtlGet(options, flags.Get("RUN"));
   if (command == "watch") return ddpm::CtlWatch(options, flags.Get("RUN"));
   return ddpm::CtlDelete(options, flags.Get("RUN"));
