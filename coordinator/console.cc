@@ -348,6 +348,9 @@ void Console::Route() {
                          found->content_type);
   };
   server.Get("/", asset);
+  // No icon: an empty answer rather than a 404 in every browser's console.
+  server.Get("/favicon.ico",
+             [](const httplib::Request&, httplib::Response& response) { response.status = 204; });
   server.Get(R"(/([a-z_.]+\.(html|js|css)))", asset);
 
   server.Get("/api/v1/session",
@@ -551,9 +554,14 @@ void Console::Route() {
             const bool more = next(frames);
             if (!frames.empty()) {
               quiet = std::chrono::steady_clock::now();
-              return more && sink.write(frames.data(), frames.size());
+              if (!sink.write(frames.data(), frames.size())) return false;
+              if (!more) sink.done();  // the last chunk, so the client sees a whole stream
+              return true;
             }
-            if (!more) return false;
+            if (!more) {
+              sink.done();
+              return true;
+            }
             if (!sink.is_writable()) return false;
             if (std::chrono::steady_clock::now() - quiet >
                 std::chrono::duration<double>(options_.keepalive_seconds)) {
@@ -591,19 +599,15 @@ void Console::Route() {
              api(false, [this, stream, kPoll](const httplib::Request& request,
                                               httplib::Response& response, Role) {
                const std::string run_id = core_.GetRun(request.matches[1]).id();
-               stream(response, [this, kPoll, run_id, cursor = Coordinator::WatchCursor{},
-                                 ended = false](std::string& frames) mutable {
-                 if (ended) return false;
+               stream(response, [this, kPoll, run_id,
+                                 cursor = Coordinator::WatchCursor{}](std::string& frames) mutable {
                  bool done = false;
                  for (const v1::WatchRunEvent& event : core_.WaitForRunEvents(
                           run_id, cursor, std::chrono::steady_clock::now() + kPoll, done)) {
                    frames += EventFrame("run", ToJson(event));
                  }
-                 if (done) {
-                   ended = true;
-                   frames += "event: end\ndata: {}\n\n";
-                 }
-                 return true;
+                 if (done) frames += "event: end\ndata: {}\n\n";
+                 return !done;
                });
              }));
 
