@@ -11,6 +11,7 @@
 #include "coordinator/console.h"
 
 #include <httplib.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -122,6 +123,8 @@ int Run(const Flags& flags) {
   const pid_t child = fork();
   if (child == 0) {
     close(pipe_fds[0]);
+    // The coordinator goes with the benchmark, however the benchmark ends.
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
     Serve(dir, pipe_fds[1]);
   }
   close(pipe_fds[1]);
