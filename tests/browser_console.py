@@ -215,9 +215,15 @@ try:
         endless) == "RUNNING", seconds=120)
     screenshot("console_runs.png")
     js("location.hash = '#/runs/' + arguments[0]", endless)
-    stop = wait("the Stop button", lambda: [b for b in driver.find_elements(By.CSS_SELECTOR, ".runhead button")
-                                            if b.text == "Stop" and b.is_enabled()][0])
-    stop.click()
+    # The page redraws its head with every live event, so a button found may be replaced before
+    # the click lands: find and click again until one click is taken.
+    def click_stop():
+        for button in driver.find_elements(By.CSS_SELECTOR, ".runhead button"):
+            if button.text == "Stop" and button.is_enabled():
+                button.click()
+                return True
+        return False
+    wait("a click on the Stop button", click_stop)
     wait(f"{endless} STOPPED", lambda: run_record(endless)["state"] == "STOPPED", seconds=120, every=1)
     reasons = [t["to"] for t in run_record(endless)["transitions"]]
     check(reasons[-2:] == ["STOPPING", "STOPPED"], f"transitions {reasons}")
