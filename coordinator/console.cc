@@ -204,6 +204,17 @@ std::optional<v1::Sweep> ReadParameterSweep(const fs::path& path, const std::str
   return sweep;
 }
 
+// The evaluation jobs of a training run, in submission order.
+std::vector<v1::Run> EvaluationJobsOf(const Coordinator& core, const std::string& run_id) {
+  std::vector<v1::Run> jobs;
+  for (v1::Run& job : core.ListRuns(v1::RUN_STATE_UNSPECIFIED)) {
+    if (job.kind() == v1::EVALUATION && job.evaluation().source_run() == run_id) {
+      jobs.push_back(std::move(job));
+    }
+  }
+  return jobs;
+}
+
 void AddFidPoint(v1::Sweep& sweep, double x, const v1::EvalResult& eval) {
   v1::SweepPoint& point = *sweep.add_points();
   point.set_x(x);
@@ -409,10 +420,7 @@ void Console::Route() {
                    merged.set_nll_bits_per_dim(eval.nll_bits_per_dim());
                  merged.set_step(eval.step());
                }
-               for (const v1::Run& job : core_.ListRuns(v1::RUN_STATE_UNSPECIFIED)) {
-                 if (job.kind() != v1::EVALUATION || job.evaluation().source_run() != run.id()) {
-                   continue;
-                 }
+               for (const v1::Run& job : EvaluationJobsOf(core_, run.id())) {
                  for (const v1::EvalResult& eval : job.evaluation().results()) {
                    if (evals.count(eval.step()) == 0) evals[eval.step()] = eval;
                  }
@@ -458,10 +466,7 @@ void Console::Route() {
                }
                if (training.points_size() > 0) *evaluations.add_sweeps() = training;
                std::map<int64_t, v1::Sweep> by_guidance;  // per step
-               for (const v1::Run& job : core_.ListRuns(v1::RUN_STATE_UNSPECIFIED)) {
-                 if (job.kind() != v1::EVALUATION || job.evaluation().source_run() != run.id()) {
-                   continue;
-                 }
+               for (const v1::Run& job : EvaluationJobsOf(core_, run.id())) {
                  v1::Sweep steps;
                  steps.set_against("step");
                  steps.set_source(job.id());

@@ -572,9 +572,16 @@ function runPage(page, id) {
     if (!list.length) sweeps.append(el('div', { class: 'empty', text: 'No evaluation job or sweep yet: ddpmctl eval RUN --checkpoint all, ddpm_phema, or ddpm_fid guidance sweeps written under the run directory.' }));
     plots.replaceChildren(...(result.plots || []).map((path) => el('figure', {}, imageOf(id, path), el('figcaption', { text: path }))));
   };
+  let headState = '';
   const showRun = (r) => {
     run = r;
     const m = r.metrics || {};
+    // The buttons are redrawn only when the state changes (a click must not land on a button
+    // being replaced); between, only the progress bar moves.
+    if (r.state === headState) {
+      head.querySelector('.progress').replaceWith(progressBar(r));
+    } else {
+    headState = r.state;
     head.replaceChildren(...[
       el('div', {}, el('h1', { text: r.id }), el('div', { class: 'sub', text: `${r.kind === 'EVALUATION' ? 'evaluation job' : 'training run'} · ${r.run_dir}` })),
       stateBadge(r.state), progressBar(r), el('span', { class: 'spacer' }),
@@ -582,6 +589,7 @@ function runPage(page, id) {
       r.kind === 'EVALUATION' ? null : actButton('Evaluate', 'secondary', () => evaluateDialog(r.id)),
       FINAL.has(r.state) ? actButton('Delete', 'danger', () => deleteRun(r.id)) : null].filter(Boolean));
     head.querySelector('h1').id = 'run-title';
+    }
     const fact = (k, v) => el('div', { class: 'fact' }, el('div', { class: 'k', text: k }), el('div', { class: 'v', text: v }));
     facts.replaceChildren(
       fact('step', `${m.step || 0} / ${r.total_steps || '?'}`),
