@@ -175,6 +175,7 @@ void Coordinator::FailRun(RunEntry& entry, const std::string& reason, bool may_r
 void Coordinator::SetCommand(Group& group, v1::GroupCommand command) {
   group.command = std::move(command);
   ++group.version;
+  group.command_changed->notify_all();
   Changed();
 }
 
@@ -198,6 +199,7 @@ void Coordinator::LoseGroup(const std::string& group_id, const std::string& reas
   const auto it = groups_.find(group_id);
   if (it == groups_.end()) return;
   const std::string run_id = it->second.run_id;
+  it->second.command_changed->notify_all();  // Its streams end (NOT_FOUND).
   groups_.erase(it);
   std::printf("ddpm_coordinator: group %s is gone: %s\n", group_id.c_str(), reason.c_str());
   std::fflush(stdout);
@@ -753,6 +755,17 @@ v1::RegisterResponse Coordinator::Register(const v1::RegisterRequest& request) {
   }
   std::lock_guard<std::mutex> lock(mutex_);
   const int64_t now = clock_.NowUnixMs();
+  if (const auto it = groups_.find(request.group_id());
+      it != groups_.end() && it->second.open_streams == 0 && it->second.stream_closed_ms != 0) {
+    // Back within the stream grace (a new process, or a connection that lost its session):
+    // the registration below takes the group's place and says whether it still trains its run.
+    std::printf("ddpm_coordinator: group %s registers again %s after its command stream closed\n",
+                it->first.c_str(),
+                FormatSeconds((now - it->second.stream_closed_ms) / 1000.0).c_str());
+    std::fflush(stdout);
+    it->second.command_changed->notify_all();
+    groups_.erase(it);
+  }
   if (const auto it = groups_.find(request.group_id()); it != groups_.end()) {
     int64_t last = 0;
     for (int64_t at : it->second.last_heartbeat_ms) last = std::max(last, at);
@@ -831,8 +844,41 @@ std::optional<v1::GroupCommand> Coordinator::WaitForCommand(
       version = it->second.version;
       return it->second.command;
     }
-    if (changed_.wait_until(lock, deadline) == std::cv_status::timeout) return std::nullopt;
+    const std::shared_ptr<std::condition_variable> changed = it->second.command_changed;
+    if (changed->wait_until(lock, deadline) == std::cv_status::timeout) return std::nullopt;
   }
+}
+
+void Coordinator::OpenStream(const std::string& group_id, const std::string& session) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto it = groups_.find(group_id);
+  if (it == groups_.end() || it->second.session != session) {
+    throw CoordinatorError(ErrorCode::kNotFound, "group '" + group_id + "' has no session '" +
+                                                     session + "'; register again");
+  }
+  Group& group = it->second;
+  ++group.open_streams;
+  if (group.stream_closed_ms != 0) {
+    std::printf("ddpm_coordinator: group %s is back %s after its command stream closed\n",
+                group_id.c_str(),
+                FormatSeconds((clock_.NowUnixMs() - group.stream_closed_ms) / 1000.0).c_str());
+    std::fflush(stdout);
+    group.stream_closed_ms = 0;
+  }
+}
+
+void Coordinator::CloseStream(const std::string& group_id, const std::string& session) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto it = groups_.find(group_id);
+  if (it == groups_.end() || it->second.session != session || it->second.open_streams == 0) return;
+  Group& group = it->second;
+  if (--group.open_streams > 0 || shutdown_) return;
+  group.stream_closed_ms = std::max<int64_t>(clock_.NowUnixMs(), 1);
+  std::printf(
+      "ddpm_coordinator: group %s's command stream closed; it is lost unless it comes "
+      "back within %s\n",
+      group_id.c_str(), FormatSeconds(options_.stream_grace_seconds).c_str());
+  std::fflush(stdout);
 }
 
 void Coordinator::Heartbeat(const v1::HeartbeatRequest& request) {
@@ -1022,6 +1068,15 @@ void Coordinator::Tick() {
   const double timeout = options_.heartbeat_timeout_seconds;
   std::vector<std::pair<std::string, std::string>> lost;
   for (const auto& [id, group] : groups_) {
+    if (group.open_streams == 0 && group.stream_closed_ms != 0) {
+      const double gone = (now - group.stream_closed_ms) / 1000.0;
+      if (gone > options_.stream_grace_seconds) {
+        lost.emplace_back(id, "group " + id + "'s command stream closed " + FormatSeconds(gone) +
+                                  " ago and it did not come back within the grace of " +
+                                  FormatSeconds(options_.stream_grace_seconds));
+        continue;
+      }
+    }
     for (int rank = 0; rank < group.world_size; ++rank) {
       const double age = (now - group.last_heartbeat_ms[rank]) / 1000.0;
       if (age > timeout) {
@@ -1052,6 +1107,7 @@ void Coordinator::Tick() {
 void Coordinator::Shutdown() {
   std::lock_guard<std::mutex> lock(mutex_);
   shutdown_ = true;
+  for (auto& [id, group] : groups_) group.command_changed->notify_all();
   Changed();
 }
 

@@ -55,6 +55,9 @@ struct CoordinatorOptions {
   double heartbeat_interval_seconds = 5;
   /// Seconds without a heartbeat from a rank after which its group is declared lost.
   double heartbeat_timeout_seconds = 30;
+  /// Seconds a group whose command stream closed (its process gone, its connection reset) has
+  /// to open one again, or to register again, before it is declared lost.
+  double stream_grace_seconds = 3;
   /// Restarts a run gets after lost groups, unless StartRun says otherwise.
   int default_max_restarts = 3;
 };
@@ -143,6 +146,11 @@ class Coordinator {
   std::optional<v1::GroupCommand> WaitForCommand(const std::string& group_id,
                                                  const std::string& session, int64_t& version,
                                                  std::chrono::steady_clock::time_point deadline);
+  /// A command stream of the group opened, or closed. A group whose last stream closed has
+  /// stream_grace_seconds to open another (or to register again) before Tick declares it
+  /// lost. OpenStream throws kNotFound for an unknown session; CloseStream ignores one.
+  void OpenStream(const std::string& group_id, const std::string& session);
+  void CloseStream(const std::string& group_id, const std::string& session);
   /// Records a rank's heartbeat and, from rank 0, the run's metrics.
   void Heartbeat(const v1::HeartbeatRequest& request);
   void ReportCheckpoint(const v1::ReportCheckpointRequest& request);
@@ -180,6 +188,13 @@ class Coordinator {
     std::vector<int64_t> last_heartbeat_ms;
     std::vector<int64_t> device_memory_bytes;
     int64_t registered_seq = 0;
+    /// Command streams open now, and when the last one closed (0: none has, or one is open).
+    int open_streams = 0;
+    int64_t stream_closed_ms = 0;
+    /// Wakes this group's command streams alone (a cluster's thousand streams do not all wake
+    /// at every change); shared, because a waiter may outlive the group.
+    std::shared_ptr<std::condition_variable> command_changed =
+        std::make_shared<std::condition_variable>();
   };
   struct RunEntry {
     int64_t seq = 0;

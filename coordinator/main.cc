@@ -39,6 +39,10 @@ int main(int argc, char** argv) {
   flags.Add("heartbeat-interval", "seconds between each rank's heartbeats", "5");
   flags.Add("heartbeat-timeout", "seconds without a heartbeat before a group is declared lost",
             "30");
+  flags.Add("stream-grace",
+            "seconds a group whose command stream closed (process gone, connection reset) has "
+            "to come back before it is declared lost",
+            "3");
   flags.Add("max-restarts", "restarts a run gets after lost groups, unless StartRun says", "3");
   flags.Add("max-message-bytes", "largest request accepted", "4194304");
   return ddpm::RunMain(flags, argc, argv, [&] {
@@ -48,6 +52,10 @@ int main(int argc, char** argv) {
     core.heartbeat_interval_seconds = flags.GetDouble("heartbeat-interval");
     core.heartbeat_timeout_seconds = flags.GetDouble("heartbeat-timeout");
     core.default_max_restarts = static_cast<int>(flags.GetInt("max-restarts"));
+    core.stream_grace_seconds = flags.GetDouble("stream-grace");
+    if (!(core.stream_grace_seconds >= 0)) {
+      throw ddpm::FlagError("ddpm_coordinator: --stream-grace must be 0 or more seconds");
+    }
     if (core.heartbeat_interval_seconds <= 0 ||
         core.heartbeat_timeout_seconds <= core.heartbeat_interval_seconds) {
       throw ddpm::FlagError(

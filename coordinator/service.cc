@@ -110,6 +110,25 @@ grpc::Status Serve(grpc::ServerContext* context, const ServiceGate& gate, const 
 
 // How long a stream waits before it checks whether its client or the server went away.
 constexpr std::chrono::milliseconds kStreamPoll(500);
+// How often a command stream checks that its group is still connected: a closed stream starts
+// the group's grace (--stream-grace) within this.
+constexpr std::chrono::milliseconds kCommandPoll(200);
+
+// A group's command stream, open for this object's life (Coordinator::OpenStream).
+class OpenCommandStream {
+ public:
+  OpenCommandStream(Coordinator& core, std::string group_id, std::string session)
+      : core_(core), group_id_(std::move(group_id)), session_(std::move(session)) {
+    core_.OpenStream(group_id_, session_);
+  }
+  ~OpenCommandStream() { core_.CloseStream(group_id_, session_); }
+  OpenCommandStream(const OpenCommandStream&) = delete;
+  OpenCommandStream& operator=(const OpenCommandStream&) = delete;
+
+ private:
+  Coordinator& core_;
+  const std::string group_id_, session_;
+};
 
 }  // namespace
 
@@ -198,6 +217,8 @@ class WorkerGatewayService final : public v1::WorkerGateway::Service {
     return Serve(
         context, gate_, "Commands",
         [&] {
+          // However the stream ends, the group's grace (--stream-grace) starts.
+          const OpenCommandStream open(core_, request->group_id(), request->session());
           int64_t version = 0;
           while (!context->IsCancelled()) {
             if (stopping_) {
@@ -205,7 +226,7 @@ class WorkerGatewayService final : public v1::WorkerGateway::Service {
             }
             const std::optional<v1::GroupCommand> command =
                 core_.WaitForCommand(request->group_id(), request->session(), version,
-                                     std::chrono::steady_clock::now() + kStreamPoll);
+                                     std::chrono::steady_clock::now() + kCommandPoll);
             if (command && !writer->Write(*command)) return;
           }
         },

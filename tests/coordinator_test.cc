@@ -284,6 +284,69 @@ TEST_F(CoordinatorTest, MissedHeartbeatsFailTheRunAndRequeueItFromItsCheckpoint)
   EXPECT_EQ(core_->GetRun("a").state(), v1::FAILED);
 }
 
+TEST_F(CoordinatorTest, AClosedCommandStreamLosesTheGroupAfterTheGraceUnlessItComesBack) {
+  options_.stream_grace_seconds = 3;
+  Reopen();
+  core_->StartRun(Start("a", ConfigYaml()));
+  core_->StartRun(Start("b", ConfigYaml()));
+  const std::string g = core_->Register(Group("g", 1)).session();
+  const std::string h = core_->Register(Group("h", 1)).session();
+  core_->OpenStream("g", g);
+  core_->OpenStream("h", h);
+  EXPECT_THROW(core_->OpenStream("g", "not-its-session"), CoordinatorError);
+  // g blips: its stream closes and opens again 1 s later, within the grace.
+  core_->CloseStream("g", g);
+  clock_.Advance(1);
+  core_->Tick();
+  core_->OpenStream("g", g);
+  clock_.Advance(5);
+  Heartbeat("g", 0, "a-1", 3);
+  Heartbeat("h", 0, "b-2", 3);
+  core_->Tick();
+  EXPECT_EQ(core_->GetRun("a").state(), v1::RUNNING);
+  // h's process dies: its stream closes and nothing comes back. Within the grace it holds its
+  // run (heartbeats are long from timing out); one tick past it, the run is re-queued.
+  core_->CloseStream("h", h);
+  clock_.Advance(2.9);
+  core_->Tick();
+  EXPECT_EQ(core_->GetRun("b").state(), v1::RUNNING);
+  clock_.Advance(0.2);
+  core_->Tick();
+  const v1::Run b = core_->GetRun("b");
+  EXPECT_EQ(b.state(), v1::QUEUED);
+  const std::string reason = b.transitions(b.transitions_size() - 2).reason();
+  EXPECT_NE(reason.find("group h's command stream closed 3.1 s ago"), std::string::npos) << reason;
+  EXPECT_NE(reason.find("grace of 3"), std::string::npos) << reason;
+  // Its stream cannot open with the lost session, and a group that comes back registers anew.
+  EXPECT_THROW(core_->OpenStream("h", h), CoordinatorError);
+  // g's process is replaced within the grace by one with the same group id that still trains
+  // a: the registration takes the group's place and keeps the run.
+  core_->CloseStream("g", g);
+  clock_.Advance(1);
+  v1::RegisterRequest again = Group("g", 1);
+  again.set_current_run("a-1");
+  again.set_current_step(4);
+  const std::string g2 = core_->Register(again).session();
+  EXPECT_NE(g2, g);
+  EXPECT_EQ(CommandOf("g", g2).kind(), v1::GroupCommand::TRAIN);
+  clock_.Advance(5);
+  Heartbeat("g", 0, "a-1", 5);
+  core_->Tick();
+  EXPECT_EQ(core_->GetRun("a").state(), v1::RUNNING);
+  EXPECT_EQ(core_->GetRun("a").restarts(), 0);
+  // A group whose stream is open is still unique: a second registration is refused.
+  core_->OpenStream("g", g2);
+  EXPECT_THROW(core_->Register(Group("g", 1)), CoordinatorError);
+  // Two streams of one group (a reconnect racing the old one's close): only the last to close
+  // starts the grace.
+  core_->OpenStream("g", g2);
+  core_->CloseStream("g", g2);
+  clock_.Advance(10);
+  Heartbeat("g", 0, "a-1", 6);
+  core_->Tick();
+  EXPECT_EQ(core_->GetRun("a").state(), v1::RUNNING);
+}
+
 TEST_F(CoordinatorTest, ARestartedCoordinatorKeepsEveryRunAndTakesBackItsGroup) {
   core_->StartRun(Start("a", ConfigYaml()));
   core_->StartRun(Start("b", ConfigYaml()));

@@ -300,6 +300,87 @@ TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
   stream_context->TryCancel();
 }
 
+// A group's command stream over the wire: one that closes and opens again a second later
+// (a network blip) keeps its run; one that closes for good loses it within the stream grace
+// plus one heartbeat interval, long before the heartbeat timeout.
+TEST_F(ServiceTest, AClosedCommandStreamLosesItsRunWithinTheGraceAndABlipDoesNot) {
+  core_options_.stream_grace_seconds = 3;
+  core_options_.heartbeat_interval_seconds = 1;
+  core_options_.heartbeat_timeout_seconds = 120;
+  StartServer();
+  auto control = Control();
+  auto gateway = Gateway();
+  v1::StartRunRequest start;
+  start.set_config_yaml(kTinyConfig);
+  start.set_name("blip");
+  v1::StartRunResponse started;
+  ASSERT_TRUE(control->StartRun(Ctx(kControlToken).get(), start, &started).ok());
+  v1::RegisterRequest registration;
+  registration.set_group_id("g");
+  registration.set_world_size(1);
+  v1::RegisterResponse registered;
+  ASSERT_TRUE(gateway->Register(Ctx(kWorkerToken).get(), registration, &registered).ok());
+  v1::CommandsRequest commands;
+  commands.set_group_id("g");
+  commands.set_session(registered.session());
+  // Opens the stream and reads the group's current command.
+  auto open = [&](std::unique_ptr<grpc::ClientContext>& context) {
+    context = MakeContext(kWorkerToken, std::chrono::seconds(60));
+    auto reader = gateway->Commands(context.get(), commands);
+    v1::GroupCommand command;
+    EXPECT_TRUE(reader->Read(&command));
+    EXPECT_EQ(command.kind(), v1::GroupCommand::TRAIN);
+    return reader;
+  };
+  auto state = [&] {
+    v1::GetRunRequest get;
+    get.set_run("blip");
+    v1::GetRunResponse got;
+    EXPECT_TRUE(control->GetRun(Ctx(kControlToken).get(), get, &got).ok());
+    return got.run();
+  };
+  std::unique_ptr<grpc::ClientContext> context;
+  auto reader = open(context);
+  v1::HeartbeatRequest beat;
+  beat.set_group_id("g");
+  beat.set_run_id("blip-1");
+  beat.set_attempt(1);
+  beat.mutable_rank_metrics()->set_step(3);
+  v1::HeartbeatResponse beat_response;
+  ASSERT_TRUE(gateway->Heartbeat(Ctx(kWorkerToken).get(), beat, &beat_response).ok());
+  ASSERT_EQ(state().state(), v1::RUNNING);
+
+  // A 1 s blip: the stream drops and the group is back with its session a second later.
+  context->TryCancel();
+  reader->Finish();
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  reader = open(context);
+  std::this_thread::sleep_for(std::chrono::seconds(4));
+  v1::Run run = state();
+  EXPECT_EQ(run.state(), v1::RUNNING) << run.reason();
+  EXPECT_EQ(run.restarts(), 0);
+
+  // The group's process is gone: its stream closes and nothing comes back.
+  context->TryCancel();
+  reader->Finish();
+  const auto closed = std::chrono::steady_clock::now();
+  while (state().state() == v1::RUNNING &&
+         std::chrono::steady_clock::now() - closed < std::chrono::seconds(30)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - closed).count();
+  run = state();
+  EXPECT_EQ(run.state(), v1::QUEUED);
+  EXPECT_EQ(run.restarts(), 1);
+  EXPECT_GE(seconds, core_options_.stream_grace_seconds - 0.1);
+  EXPECT_LE(seconds, core_options_.stream_grace_seconds + core_options_.heartbeat_interval_seconds);
+  EXPECT_NE(run.transitions(run.transitions_size() - 2).reason().find("command stream closed"),
+            std::string::npos)
+      << run.transitions(run.transitions_size() - 2).reason();
+  EXPECT_TRUE(core_->Groups().empty());
+}
+
 // The worker's side across a coordinator restart: reports posted while the coordinator is down
 // return at once; of checkpoints only the newest is sent, of evaluations every one; they are
 // accepted once the restarted coordinator knows the group again (the command channel registers
