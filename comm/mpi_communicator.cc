@@ -81,6 +81,7 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
         ", below MPI_THREAD_SERIALIZED; ddpm_worker calls MPI from its communication thread. "
         "Use an MPI built with thread support (Open MPI is)");
   }
+  placement_.thread_multiple = provided >= MPI_THREAD_MULTIPLE;
   DDPM_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &placement_.rank));
   DDPM_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &placement_.world_size));
   MPI_Comm local = MPI_COMM_NULL;
@@ -209,6 +210,69 @@ void MpiCommunicator::WaitForBroadcast(torch::Tensor tensor, int root, const std
 
 void MpiCommunicator::Barrier(const std::string& what) {
   Submit(what, [] { DDPM_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD)); })->Wait();
+}
+
+struct MpiMailbox::State {
+  MPI_Comm comm = MPI_COMM_NULL;
+  std::mutex mutex;
+  // The message in flight (ranks above 0) and its bytes, kept until it has left.
+  MPI_Request pending = MPI_REQUEST_NULL;
+  std::string sending;
+};
+
+namespace {
+constexpr int kMailboxTag = 7;
+}  // namespace
+
+MpiMailbox::MpiMailbox(const MpiPlacement& placement) : state_(std::make_unique<State>()) {
+  if (!placement.thread_multiple) {
+    throw CommError("rank " + std::to_string(placement.rank) +
+                    ": MPI does not provide MPI_THREAD_MULTIPLE, which the group's report "
+                    "mailbox needs");
+  }
+  DDPM_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &state_->comm));
+}
+
+MpiMailbox::~MpiMailbox() {
+  if (state_->pending == MPI_REQUEST_NULL) return;
+  MPI_Request_free(&state_->pending);
+  // The send may still read its bytes after the request is freed: they stay to the process's
+  // end (one small message at most).
+  static_cast<void>(state_.release());  // NOLINT(bugprone-unused-return-value)
+}
+
+bool MpiMailbox::Post(const std::string& message) {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  if (state_->pending != MPI_REQUEST_NULL) {
+    int done = 0;
+    DDPM_MPI_CHECK(MPI_Test(&state_->pending, &done, MPI_STATUS_IGNORE));
+    if (!done) return false;
+  }
+  if (message.size() > static_cast<size_t>(std::numeric_limits<int>::max())) {
+    throw CommError("a report of " + std::to_string(message.size()) + " bytes is too large");
+  }
+  state_->sending = message;
+  DDPM_MPI_CHECK(MPI_Isend(state_->sending.data(), static_cast<int>(state_->sending.size()),
+                           MPI_BYTE, 0, kMailboxTag, state_->comm, &state_->pending));
+  return true;
+}
+
+std::vector<std::pair<int, std::string>> MpiMailbox::Collect() {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  std::vector<std::pair<int, std::string>> messages;
+  while (true) {
+    int found = 0;
+    MPI_Message handle = MPI_MESSAGE_NULL;
+    MPI_Status status;
+    DDPM_MPI_CHECK(
+        MPI_Improbe(MPI_ANY_SOURCE, kMailboxTag, state_->comm, &found, &handle, &status));
+    if (!found) return messages;
+    int count = 0;
+    DDPM_MPI_CHECK(MPI_Get_count(&status, MPI_BYTE, &count));
+    std::string bytes(static_cast<size_t>(count), '\0');
+    DDPM_MPI_CHECK(MPI_Mrecv(bytes.data(), count, MPI_BYTE, &handle, MPI_STATUS_IGNORE));
+    messages.emplace_back(status.MPI_SOURCE, std::move(bytes));
+  }
 }
 
 }  // namespace ddpm

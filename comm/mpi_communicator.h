@@ -11,6 +11,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "trainer/communicator.h"
 
@@ -23,6 +25,9 @@ struct MpiPlacement {
   /// Rank among the processes on this node (MPI_Comm_split_type, MPI_COMM_TYPE_SHARED).
   int local_rank = 0;
   int local_size = 1;
+  /// Whether MPI lets several threads call it at once (MPI_THREAD_MULTIPLE), as MpiMailbox
+  /// needs.
+  bool thread_multiple = false;
 };
 
 /// True when a launcher (mpirun, srun with PMI) started this process.
@@ -75,6 +80,30 @@ class MpiCommunicator : public Communicator {
   std::deque<std::pair<std::shared_ptr<Work>, std::function<void()>>> queue_;
   bool stop_ = false;
   std::thread thread_;
+};
+
+/// Messages from every rank to rank 0 on a communicator of their own (a duplicate of the
+/// world's), beside the collectives and never waiting on them: a group's reports for its one
+/// heartbeat. Its calls come from a thread other than the communication thread, so it needs
+/// MPI_THREAD_MULTIPLE (MpiPlacement::thread_multiple). Every rank constructs it at once
+/// (MPI_Comm_dup is collective), while no collective is in flight. Thread-safe.
+class MpiMailbox {
+ public:
+  explicit MpiMailbox(const MpiPlacement& placement);
+  /// Lets a send still in flight finish on its own; the communicator goes with MPI_Finalize
+  /// (freeing it is collective, and a dead peer would never join).
+  ~MpiMailbox();
+  MpiMailbox(const MpiMailbox&) = delete;
+  MpiMailbox& operator=(const MpiMailbox&) = delete;
+  /// Ranks above 0: sends message to rank 0 without waiting; false, and message dropped, while
+  /// the previous one has not been delivered.
+  bool Post(const std::string& message);
+  /// Rank 0: every message that has arrived, as (sender's rank, bytes), without waiting.
+  std::vector<std::pair<int, std::string>> Collect();
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
 };
 
 }  // namespace ddpm

@@ -890,18 +890,42 @@ void Coordinator::Heartbeat(const v1::HeartbeatRequest& request) {
                                std::to_string(group.world_size - 1) + ", not " +
                                std::to_string(request.rank()));
   }
+  for (const v1::PeerReport& peer : request.peers()) {
+    if (request.rank() != 0 || peer.rank() <= 0 || peer.rank() >= group.world_size) {
+      throw CoordinatorError(ErrorCode::kInvalidArgument,
+                             "Heartbeat: group '" + group.id + "': rank " +
+                                 std::to_string(request.rank()) + " forwards a report of rank " +
+                                 std::to_string(peer.rank()) +
+                                 "; only rank 0 forwards, and only of ranks 1.." +
+                                 std::to_string(group.world_size - 1));
+    }
+  }
   if (!request.run_id().empty()) GroupHolding(group.id, request.run_id(), request.attempt());
   const int64_t now = clock_.NowUnixMs();
   group.last_heartbeat_ms[request.rank()] = now;
   group.device_memory_bytes[request.rank()] = request.device_memory_bytes();
+  // The peers rank 0 heard from: each as fresh as its report.
+  for (const v1::PeerReport& peer : request.peers()) {
+    const int64_t heard = now - std::max<int64_t>(peer.age_ms(), 0);
+    group.last_heartbeat_ms[peer.rank()] = std::max(group.last_heartbeat_ms[peer.rank()], heard);
+    group.device_memory_bytes[peer.rank()] = peer.device_memory_bytes();
+  }
   if (request.run_id().empty()) return;
   RunEntry& entry = runs_.at(request.run_id());
   v1::Run& run = entry.run;
   bool save = false;
-  if (request.has_rank_metrics()) {
+  auto record_rank = [&](int rank, const v1::RankMetrics& metrics) {
     while (run.ranks_size() < group.world_size) run.add_ranks()->set_rank(run.ranks_size());
-    *run.mutable_ranks(request.rank()) = request.rank_metrics();
-    run.mutable_ranks(request.rank())->set_rank(request.rank());
+    *run.mutable_ranks(rank) = metrics;
+    run.mutable_ranks(rank)->set_rank(rank);
+  };
+  if (request.has_rank_metrics()) record_rank(request.rank(), request.rank_metrics());
+  for (const v1::PeerReport& peer : request.peers()) {
+    // A peer still on the previous run (or attempt) has nothing to say about this one.
+    if (peer.has_rank_metrics() && peer.run_id() == request.run_id() &&
+        peer.attempt() == request.attempt()) {
+      record_rank(peer.rank(), peer.rank_metrics());
+    }
   }
   // A training run's log interval also goes into its metric history (the console's curves).
   bool history_row = false;

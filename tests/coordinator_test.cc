@@ -347,6 +347,70 @@ TEST_F(CoordinatorTest, AClosedCommandStreamLosesTheGroupAfterTheGraceUnlessItCo
   EXPECT_EQ(core_->GetRun("a").state(), v1::RUNNING);
 }
 
+// One heartbeat per group: rank 0 forwards its peers' reports, each as old as rank 0 says. A
+// peer rank 0 stops hearing from ages until the timeout names it; forwarding is rank 0's alone.
+TEST_F(CoordinatorTest, RankZeroForwardsItsPeersAndAPeerItStopsHearingFromIsNamed) {
+  core_->StartRun(Start("a", ConfigYaml()));
+  core_->Register(Group("g", 4));
+  auto beat = [&](int64_t age_of_rank_2) {
+    v1::HeartbeatRequest request;
+    request.set_group_id("g");
+    request.set_run_id("a-1");
+    request.mutable_rank_metrics()->set_step(7);
+    for (int rank = 1; rank < 4; ++rank) {
+      v1::PeerReport& peer = *request.add_peers();
+      peer.set_rank(rank);
+      peer.set_run_id("a-1");
+      peer.mutable_rank_metrics()->set_step(7);
+      peer.mutable_rank_metrics()->set_loss(rank / 10.0);
+      peer.set_device_memory_bytes(1000 * rank);
+      peer.set_age_ms(rank == 2 ? age_of_rank_2 : 200);
+    }
+    core_->Heartbeat(request);
+  };
+  beat(200);
+  const v1::Run a = core_->GetRun("a");
+  EXPECT_EQ(a.state(), v1::RUNNING);
+  ASSERT_EQ(a.ranks_size(), 4);
+  EXPECT_EQ(a.ranks(3).rank(), 3);
+  EXPECT_DOUBLE_EQ(a.ranks(3).loss(), 0.3);
+  EXPECT_EQ(core_->Groups()[0].device_memory_bytes[2], 2000);
+  // Rank 2 goes quiet: rank 0 keeps forwarding its last report, older each time.
+  for (int second = 1; second <= 9; ++second) {
+    clock_.Advance(1);
+    beat(second * 1000);
+    core_->Tick();
+  }
+  EXPECT_NEAR(core_->Groups()[0].heartbeat_age_seconds[2], 9.0, 1e-9);
+  EXPECT_NEAR(core_->Groups()[0].heartbeat_age_seconds[3], 0.2, 1e-9);
+  EXPECT_EQ(core_->GetRun("a").state(), v1::RUNNING);
+  clock_.Advance(1.5);
+  beat(10500);
+  core_->Tick();
+  const v1::Run lost = core_->GetRun("a");
+  EXPECT_EQ(lost.state(), v1::QUEUED);
+  const std::string reason = lost.transitions(lost.transitions_size() - 2).reason();
+  EXPECT_NE(reason.find("no heartbeat from rank 2 of group g"), std::string::npos) << reason;
+
+  // Only rank 0 forwards, and only ranks of the group.
+  core_->Register(Group("h", 2));
+  v1::HeartbeatRequest wrong;
+  wrong.set_group_id("h");
+  wrong.set_rank(1);
+  wrong.add_peers()->set_rank(1);
+  try {
+    core_->Heartbeat(wrong);
+    ADD_FAILURE() << "rank 1 forwarded a report";
+  } catch (const CoordinatorError& error) {
+    EXPECT_EQ(error.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(error.what()).find("only rank 0 forwards"), std::string::npos)
+        << error.what();
+  }
+  wrong.set_rank(0);
+  wrong.mutable_peers(0)->set_rank(2);
+  EXPECT_THROW(core_->Heartbeat(wrong), CoordinatorError);
+}
+
 TEST_F(CoordinatorTest, ARestartedCoordinatorKeepsEveryRunAndTakesBackItsGroup) {
   core_->StartRun(Start("a", ConfigYaml()));
   core_->StartRun(Start("b", ConfigYaml()));

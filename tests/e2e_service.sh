@@ -3,7 +3,9 @@
 # under mpirun, and ddpmctl. A run is started, seen RUNNING and stopped; the same group takes a
 # second run to completion; one that ends while the coordinator is down completes when it is
 # back, with no restart; another survives a coordinator restart with nothing lost, and after
-# the group is SIGKILLed a new group resumes it from its last checkpoint to completion.
+# the group is SIGKILLed a new group resumes it from its last checkpoint to completion. The
+# group sends one heartbeat, gathered by rank 0: a rank stopped with SIGSTOP is named by the
+# coordinator, and one killed is named at once by its peer.
 # usage: e2e_service.sh MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL
 set -euo pipefail
 mpiexec=$1 coordinator=$2 worker=$3 ctl=$4
@@ -76,9 +78,40 @@ if pgrep -f "ddpm_worker --coordinator $address" > /dev/null; then fail "ranks o
 start_group group2.log
 wait_for 150 "$run COMPLETED" state_is "$run" COMPLETED
 [ "$(field "$run" 'r["restarts"]')" = 1 ] || fail "restarts: $(ctl get "$run")"
-ctl get "$run" | grep -q "FAILED    no heartbeat from rank" || fail "no heartbeat failure recorded: $(ctl get "$run")"
+# Its ranks died with mpirun: the command stream closed (or a rank saw its peer die first).
+ctl get "$run" | grep -Eq "FAILED    (group .*'s command stream closed|it left: rank . \(pid)" ||
+  fail "no lost group recorded: $(ctl get "$run")"
 ctl get "$run" | grep -q "resumes from step" || fail "it did not resume: $(ctl get "$run")"
 grep -q "resumed from .*$run/checkpoints/step_" "$work/group2.log" || fail "the new group did not resume"
+
+say "4b. one heartbeat per group: a rank stopped with SIGSTOP is named, and one killed by its peer"
+grep -q "one heartbeat for the group, gathered by rank 0" "$work/group2.log" ||
+  fail "the group does not gather its heartbeats: $(grep 'heartbeat' "$work/group2.log")"
+run=$(ctl start "$work/endless.yaml" --name gather --json |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["run"]["id"])')
+wait_for 60 "$run RUNNING" state_is "$run" RUNNING
+rank1=
+for pid in $(pgrep -P "$group_pid" -f ddpm_worker); do
+  if tr '\0' '\n' < "/proc/$pid/environ" | grep -qx OMPI_COMM_WORLD_RANK=1; then rank1=$pid; fi
+done
+[ -n "$rank1" ] || fail "no rank 1 under mpirun $group_pid"
+kill -STOP "$rank1"
+restarts_at_least() { [ "$(field "$1" 'r.get("restarts", 0)')" -ge "$2" ]; }
+wait_for 30 "$run lost with rank 1 stopped" restarts_at_least "$run" 1
+ctl get "$run" | grep -q "FAILED    no heartbeat from rank 1 of group" ||
+  fail "the stopped rank was not named: $(ctl get "$run")"
+kill -CONT "$rank1"
+attempt_running() { [ "$(field "$1" 'r["placement"]["attempt"]')" = "$2" ] && state_is "$1" RUNNING; }
+wait_for 60 "$run RUNNING again after SIGCONT" attempt_running "$run" 2
+killed_group=$group_pid
+group_pid=  # It ends with its rank.
+kill -KILL "$rank1"
+wait_for 10 "$run lost with rank 1 killed" restarts_at_least "$run" 2
+ctl get "$run" | grep -q "FAILED    it left: rank 1 (pid $rank1 on $(hostname)) died, as rank 0 saw" ||
+  fail "the killed rank was not named by its peer: $(ctl get "$run")"
+wait "$killed_group" 2> /dev/null || true
+ctl stop "$run" --now > /dev/null
+start_group group3.log
 
 say "5. bad input gets one clear line and a non-zero exit"
 set +e
@@ -125,8 +158,8 @@ say "6. clean shutdown"
 kill -TERM "$group_pid"
 # mpirun reports the signal it forwarded in its own exit code; the ranks must leave cleanly.
 wait "$group_pid" || true
-grep -q "left the coordinator (SIGTERM)" "$work/group2.log" || fail "the group did not leave"
-if grep -q "error" "$work/group2.log"; then fail "a rank reported an error on shutdown"; fi
+grep -q "left the coordinator (SIGTERM)" "$work/group3.log" || fail "the group did not leave"
+if grep -Eq ": error: " "$work/group3.log"; then fail "a rank reported an error on shutdown"; fi
 grep -q "group .* is gone: it left: SIGTERM" "$work/coordinator.log" || fail "the coordinator missed the leave"
 kill -TERM "$coordinator_pid"
 wait "$coordinator_pid" || fail "the coordinator did not exit cleanly"

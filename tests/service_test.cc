@@ -13,7 +13,9 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "coordinator/console.h"
@@ -379,6 +381,91 @@ TEST_F(ServiceTest, AClosedCommandStreamLosesItsRunWithinTheGraceAndABlipDoesNot
             std::string::npos)
       << run.transitions(run.transitions_size() - 2).reason();
   EXPECT_TRUE(core_->Groups().empty());
+}
+
+// Rank 0's side of one heartbeat per group, over the wire: rank 1 posts its reports to rank 0
+// through the link (never to the coordinator: its own client points nowhere), rank 0 forwards
+// them, and once rank 1 falls silent (stopped, as by SIGSTOP) the coordinator names it.
+TEST_F(ServiceTest, RankZeroSendsTheGroupsHeartbeatAndASilentRankIsNamed) {
+  core_options_.heartbeat_interval_seconds = 0.2;
+  core_options_.heartbeat_timeout_seconds = 2;
+  StartServer();
+  struct Link : RankLink {
+    std::mutex mutex;
+    std::vector<std::pair<int, std::string>> queue;
+    int rank = 0;
+    std::shared_ptr<Link> peer;
+    bool Post(const std::string& report) override {
+      std::lock_guard<std::mutex> lock(peer->mutex);
+      peer->queue.emplace_back(rank, report);
+      return true;
+    }
+    std::vector<std::pair<int, std::string>> Collect() override {
+      std::lock_guard<std::mutex> lock(mutex);
+      return std::exchange(queue, {});
+    }
+  };
+  auto zero = std::make_shared<Link>();
+  auto one = std::make_shared<Link>();
+  one->rank = 1;
+  one->peer = zero;
+  auto control = Control();
+  v1::StartRunRequest start;
+  start.set_config_yaml(kTinyConfig);
+  start.set_name("gathered");
+  v1::StartRunResponse started;
+  ASSERT_TRUE(control->StartRun(Ctx(kControlToken).get(), start, &started).ok());
+  GatewayOptions options;
+  options.channel = Channel();
+  options.token = kWorkerToken;
+  GatewayClient client(options);
+  GatewayOptions nowhere = options;
+  nowhere.channel.address = "127.0.0.1:1";
+  nowhere.rpc_timeout_seconds = 0.2;
+  GatewayClient unreachable(nowhere);
+  v1::RegisterRequest registration;
+  registration.set_group_id("g");
+  registration.set_world_size(2);
+  v1::RegisterResponse registered;
+  ASSERT_TRUE(client.Register(registration, &registered).ok());
+  RankRecorder recorder0(0, "cpu", [] { return int64_t{100}; });
+  RankRecorder recorder1(1, "cpu", [] { return int64_t{111}; });
+  Heartbeater rank0(client, "g", recorder0, 0.2, zero.get());
+  auto rank1 = std::make_unique<Heartbeater>(unreachable, "g", recorder1, 0.2, one.get());
+  rank0.SetRun("gathered-1", 1);
+  rank1->SetRun("gathered-1", 1);
+  // Rank 1 is heard through rank 0: fresh, with its device's bytes.
+  auto rank1_heard = [&] {
+    const std::vector<GroupStatus> groups = core_->Groups();
+    return groups.size() == 1 && groups[0].device_memory_bytes[1] == 111 &&
+           groups[0].heartbeat_age_seconds[1] < 1;
+  };
+  for (int i = 0; i < 100 && !rank1_heard(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(rank1_heard());
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  ASSERT_TRUE(rank1_heard()) << "rank 1 went stale while it was posting";
+  EXPECT_LT(rank0.PeerAges().at(1), 1.0);
+  // Rank 1 stops: rank 0 goes on, and the coordinator loses the group naming rank 1.
+  rank1.reset();
+  auto control_get = [&] {
+    v1::GetRunRequest get;
+    get.set_run("gathered");
+    v1::GetRunResponse got;
+    EXPECT_TRUE(control->GetRun(Ctx(kControlToken).get(), get, &got).ok());
+    return got.run();
+  };
+  for (int i = 0; i < 200 && control_get().restarts() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  const v1::Run run = control_get();
+  ASSERT_EQ(run.restarts(), 1);
+  bool named = false;
+  for (const v1::Transition& transition : run.transitions()) {
+    named |= transition.reason().find("no heartbeat from rank 1 of group g") != std::string::npos;
+  }
+  EXPECT_TRUE(named) << run.DebugString();
 }
 
 // The worker's side across a coordinator restart: reports posted while the coordinator is down

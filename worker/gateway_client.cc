@@ -318,12 +318,13 @@ void RunReporter::Run() {
 }
 
 Heartbeater::Heartbeater(GatewayClient& client, std::string group_id, const RankRecorder& recorder,
-                         double interval_seconds)
+                         double interval_seconds, RankLink* link)
     : client_(client),
       group_id_(std::move(group_id)),
       recorder_(recorder),
       rank_(recorder.rank()),
-      interval_(static_cast<int64_t>(interval_seconds * 1000)) {
+      interval_(static_cast<int64_t>(interval_seconds * 1000)),
+      link_(link) {
   pending_.set_group_id(group_id_);
   pending_.set_rank(rank_);
   thread_ = std::thread([this] { Run(); });
@@ -375,11 +376,91 @@ void Heartbeater::SetSampleGrid(const std::string& path) {
   changed_.notify_all();
 }
 
+void Heartbeater::Poke() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  poke_ = true;
+  changed_.notify_all();
+}
+
+std::vector<double> Heartbeater::PeerAges() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto now = std::chrono::steady_clock::now();
+  std::vector<double> ages;
+  ages.push_back(0);
+  for (const auto& [rank, heard] : peers_) {
+    ages.resize(std::max<size_t>(ages.size(), rank + 1), -1);
+    ages[rank] = std::chrono::duration<double>(now - heard.second).count();
+  }
+  return ages;
+}
+
+v1::PeerReport Heartbeater::Report(const v1::HeartbeatRequest& pending) const {
+  v1::PeerReport report;
+  report.set_rank(rank_);
+  report.set_run_id(pending.run_id());
+  report.set_attempt(pending.attempt());
+  const RankSnapshot snapshot = recorder_.Snapshot();
+  report.set_device_memory_bytes(snapshot.device_memory_bytes);
+  if (!pending.run_id().empty() && snapshot.run_id == pending.run_id() && snapshot.has_step) {
+    *report.mutable_rank_metrics() = snapshot.metrics;
+  }
+  return report;
+}
+
+void Heartbeater::CollectPeers() {
+  const auto now = std::chrono::steady_clock::now();
+  for (auto& [rank, bytes] : link_->Collect()) {
+    v1::PeerReport report;
+    if (rank <= 0 || !report.ParseFromString(bytes)) continue;
+    report.set_rank(rank);  // The sender, as the link knows it.
+    peers_[rank] = {std::move(report), now};
+  }
+}
+
+void Heartbeater::AddPeers(v1::HeartbeatRequest& request) const {
+  const auto now = std::chrono::steady_clock::now();
+  for (const auto& [rank, heard] : peers_) {
+    v1::PeerReport& peer = *request.add_peers();
+    peer = heard.first;
+    peer.set_age_ms(
+        std::chrono::duration_cast<std::chrono::milliseconds>(now - heard.second).count());
+  }
+}
+
 void Heartbeater::Run() {
   grpc::StatusCode last_error = grpc::StatusCode::OK;
+  bool post_refused = false;
+  // Rank 0 with a link takes in its peers' reports every second, so that their ages are true to
+  // within a second, and sends every interval.
+  const auto collect_every = std::min(interval_, std::chrono::milliseconds(1000));
+  auto next_send = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stop_) {
+    if (link_ != nullptr && rank_ > 0) {
+      const std::string report = Report(pending_).SerializeAsString();
+      poke_ = false;
+      lock.unlock();
+      const bool posted = link_->Post(report);
+      lock.lock();
+      if (!posted && !post_refused) {
+        std::printf("ddpm_worker: rank %d: rank 0 is not taking this rank's reports; they wait\n",
+                    rank_);
+        std::fflush(stdout);
+      }
+      post_refused = !posted;
+      changed_.wait_for(lock, interval_, [&] { return stop_ || poke_; });
+      continue;
+    }
+    if (link_ != nullptr) {
+      CollectPeers();
+      if (!poke_ && std::chrono::steady_clock::now() < next_send) {
+        changed_.wait_for(lock, collect_every, [&] { return stop_ || poke_; });
+        continue;
+      }
+    }
+    next_send = std::chrono::steady_clock::now() + interval_;
     v1::HeartbeatRequest request = pending_;
+    if (link_ != nullptr) AddPeers(request);
     // Train metrics and a sample grid go out once; rank metrics every time.
     pending_.clear_train_metrics();
     pending_.clear_sample_grid();
@@ -402,7 +483,8 @@ void Heartbeater::Run() {
       *pending_.mutable_train_metrics() = request.train_metrics();  // Try it again next time.
     }
     last_error = status.error_code();
-    changed_.wait_for(lock, interval_, [&] { return stop_ || poke_; });
+    changed_.wait_for(lock, link_ != nullptr ? collect_every : interval_,
+                      [&] { return stop_ || poke_; });
   }
 }
 

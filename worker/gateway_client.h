@@ -7,11 +7,14 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "ddpm/v1/worker_gateway.grpc.pb.h"
 #include "proto/rpc.h"
@@ -100,12 +103,28 @@ class CommandChannel {
   std::thread thread_;
 };
 
-/// One rank's heartbeats: every interval, and at once when rank 0 has new train metrics. Each
-/// carries the recorder's measurements of the run.
+/// How the ranks of a group reach rank 0 for the group's one heartbeat: messages to rank 0 on a
+/// communicator of their own, beside training's collectives and never waiting on them.
+class RankLink {
+ public:
+  virtual ~RankLink() = default;
+  /// Ranks above 0: sends report to rank 0 without waiting. False, and report dropped, while
+  /// the previous one has not left (rank 0 stopped, or not receiving).
+  virtual bool Post(const std::string& report) = 0;
+  /// Rank 0: every report that has arrived since the last call, as (rank, bytes), in order.
+  virtual std::vector<std::pair<int, std::string>> Collect() = 0;
+};
+
+/// A group's heartbeats. Without a link, each rank sends its own to the coordinator. With one,
+/// the ranks above 0 post their reports to rank 0 every interval, and rank 0 sends one
+/// heartbeat for the group with the newest report of each (HeartbeatRequest.peers, with its
+/// age): a thousand 8-rank groups make a thousand heartbeats, not eight thousand. Rank 0 sends
+/// every interval, and at once when it has new train metrics. Each carries the recorder's
+/// measurements of the run.
 class Heartbeater {
  public:
   Heartbeater(GatewayClient& client, std::string group_id, const RankRecorder& recorder,
-              double interval_seconds);
+              double interval_seconds, RankLink* link = nullptr);
   ~Heartbeater();
   /// The run (and placement attempt) this rank now trains; empty when idle. Clears the metrics
   /// of the last one.
@@ -114,18 +133,31 @@ class Heartbeater {
   void PushTrainMetrics(const LogMetrics& metrics);
   /// Rank 0's newest sample grid.
   void SetSampleGrid(const std::string& path);
+  /// Sends a heartbeat now (the run's first step: the coordinator shows it RUNNING at once).
+  void Poke();
+  /// Seconds since rank 0 last heard from each rank (rank 0 itself: 0; never heard: -1).
+  std::vector<double> PeerAges() const;
 
  private:
   void Run();
+  /// This rank's report to rank 0 (ranks above 0, with a link).
+  v1::PeerReport Report(const v1::HeartbeatRequest& pending) const;
+  /// Rank 0: takes in what the link has delivered.
+  void CollectPeers();
+  /// Rank 0: the newest report of every rank heard from, with its age.
+  void AddPeers(v1::HeartbeatRequest& request) const;
 
   GatewayClient& client_;
   const std::string group_id_;
   const RankRecorder& recorder_;
   const int rank_;
   const std::chrono::milliseconds interval_;
-  std::mutex mutex_;
+  RankLink* const link_;
+  mutable std::mutex mutex_;
   std::condition_variable changed_;
   v1::HeartbeatRequest pending_;
+  /// Rank 0 with a link: each peer's newest report and when it arrived.
+  std::map<int, std::pair<v1::PeerReport, std::chrono::steady_clock::time_point>> peers_;
   bool poke_ = false;
   bool stop_ = false;
   std::thread thread_;

@@ -16,6 +16,7 @@
 #include "run/evaluation_job.h"
 #include "trainer/communicator.h"
 #include "worker/gateway_client.h"
+#include "worker/peer_watchdog.h"
 #include "worker/worker.h"
 
 namespace ddpm {
@@ -216,6 +217,9 @@ struct Member {
             "): " + error.what());
       }
       return false;
+    } catch (const CommError& error) {
+      ReportLost(error);
+      throw;
     } catch (const std::exception& error) {
       ReportFailure(run_id, attempt, error);
       throw;
@@ -288,6 +292,16 @@ struct Member {
     client.Leave(leave);
   }
 
+  // A collective failed (a peer died or stopped answering): not the run's fault, so the group
+  // leaves, naming the rank and the collective, and the coordinator places the run again. The
+  // caller then ends the whole job.
+  void ReportLost(const CommError& error) {
+    v1::LeaveRequest leave;
+    leave.set_group_id(group_id);
+    leave.set_reason("rank " + std::to_string(comm.rank()) + ": " + error.what());
+    client.Leave(leave);
+  }
+
   // Trains one assigned run; returns true when a signal asked the whole group to shut down.
   bool Train(const v1::GroupCommand& command) {
     const int rank = comm.rank();
@@ -310,9 +324,13 @@ struct Member {
     // away stalls nothing); the end is reported after the last of them.
     std::optional<RunReporter> reports;
     if (rank == 0) reports.emplace(client, std::chrono::seconds(60));
-    train.on_step = [this, rank, &run_id](const WorkerMetrics& metrics) {
+    bool first_step = true;
+    train.on_step = [this, rank, &run_id, &first_step](const WorkerMetrics& metrics) {
       recorder.RecordStep(metrics);
       if (rank == 0) channel->SetCurrentRun(run_id, metrics.step);
+      // The attempt's first step goes out at once: the coordinator shows the run RUNNING.
+      if (first_step && rank == 0) heartbeats->Poke();
+      first_step = false;
     };
     if (rank == 0) {
       channel->SetCurrentRun(run_id, 0);
@@ -361,6 +379,9 @@ struct Member {
         Say("run " + run_id + " (attempt " + std::to_string(attempt) + "): " + error.what());
       }
       return false;
+    } catch (const CommError& error) {
+      ReportLost(error);
+      throw;
     } catch (const std::exception& error) {
       ReportFailure(run_id, attempt, error);
       throw;
@@ -397,7 +418,7 @@ struct Member {
 }  // namespace
 
 int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFactory& context_for,
-               RankRecorder& recorder) {
+               RankRecorder& recorder, RankLink* link) {
   const SignalScope signals({SIGINT, SIGTERM}, OnGroupSignal);
   const int rank = comm.rank();
   GatewayOptions gateway;
@@ -409,6 +430,10 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
   GatewayClient client(gateway);
   const std::vector<std::string> hosts = GatherText(comm, HostName());
   const std::vector<std::string> devices = GatherText(comm, recorder.device());
+  std::vector<pid_t> pids;
+  for (const std::string& pid : GatherText(comm, std::to_string(getpid()))) {
+    pids.push_back(static_cast<pid_t>(std::stol(pid)));
+  }
 
   Member member{options, comm, context_for, client, recorder, {}};
   std::unique_ptr<CommandChannel> channel;
@@ -438,8 +463,31 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
     member.group_id = payload.substr(0, newline);
     interval = std::stod(payload.substr(newline + 1));
   }
-  Heartbeater heartbeats(client, member.group_id, recorder, interval);
+  Heartbeater heartbeats(client, member.group_id, recorder, interval, link);
   member.heartbeats = &heartbeats;
+  // A peer that dies on its own: this rank reports it (the first to see it does) and ends the
+  // job, which cannot train on without it. Not while the group shuts down in order.
+  PeerWatchdog watchdog(rank, hosts, pids, [&](int peer, pid_t pid, const std::string& host) {
+    if (g_shutdown) return;
+    const std::string what = "rank " + std::to_string(peer) + " (pid " + std::to_string(pid) +
+                             " on " + host + ") died";
+    v1::LeaveRequest leave;
+    leave.set_group_id(member.group_id);
+    leave.set_reason(what + ", as rank " + std::to_string(rank) + " saw");
+    const grpc::Status status = client.Leave(leave);
+    std::fprintf(stderr, "ddpm_worker: rank %d: error: %s; %s\n", rank, what.c_str(),
+                 status.ok() ? "the group left the coordinator and ends"
+                             : (DescribeStatus("Leave", status) + "; the group ends").c_str());
+    std::fflush(stdout);
+    std::fflush(stderr);
+    std::_Exit(1);
+  });
+  if (rank == 0 && comm.world_size() > 1) {
+    Say("group " + member.group_id + ": " +
+        (link != nullptr ? "one heartbeat for the group, gathered by rank 0"
+                         : "a heartbeat from every rank (MPI lacks MPI_THREAD_MULTIPLE)") +
+        "; watching " + std::to_string(watchdog.watched().size()) + " peers on this host");
+  }
 
   int exit_code = 0;
   std::string reason = "shut down";
@@ -469,6 +517,7 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
         }
       }
       if (!next) {
+        watchdog.Stop();
         SendMessage(comm, kShutdown, "");
         break;
       }
@@ -476,7 +525,10 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
       SendMessage(comm, kTrain, command.SerializeAsString());
     } else {
       const auto [kind, payload] = ReceiveMessage(comm);
-      if (kind != kTrain) break;
+      if (kind != kTrain) {
+        watchdog.Stop();
+        break;
+      }
       if (!command.ParseFromString(payload)) throw std::runtime_error("a garbled run assignment");
     }
     last_started = Key(command);

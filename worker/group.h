@@ -11,6 +11,7 @@
 namespace ddpm {
 
 class Communicator;
+class RankLink;
 class RankRecorder;
 struct WorkerOptions;
 
@@ -19,9 +20,13 @@ using ContextFactory = std::function<DistributedContext(const Config&)>;
 
 /// Serves the coordinator at options.coordinator until SIGINT or SIGTERM, or until it refuses
 /// the group; comm carries the group's control messages. Returns the process exit code. A run
-/// that fails with an error is reported and rethrown (the caller ends the job). recorder holds
-/// this rank's measurements (and names its device) for the heartbeats.
+/// that fails with an error is reported and rethrown (the caller ends the job); a failed
+/// collective (a peer gone) is reported as the group lost, so that the run is placed again.
+/// recorder holds this rank's measurements (and names its device) for the heartbeats; with a
+/// link, rank 0 sends one heartbeat for the group, else every rank sends its own. Every rank
+/// watches its peers on the same host (PeerWatchdog): one that dies is reported at once, by
+/// name, and the job ends.
 int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFactory& context_for,
-               RankRecorder& recorder);
+               RankRecorder& recorder, RankLink* link = nullptr);
 
 }  // namespace ddpm

@@ -15,6 +15,7 @@
 #include "run/run.h"
 #include "trainer/device.h"
 #include "trainer/unet.h"
+#include "worker/gateway_client.h"
 #include "worker/gradient_buckets.h"
 #include "worker/group.h"
 #include "worker/rank_metrics.h"
@@ -131,6 +132,17 @@ class RankContexts {
   std::unique_ptr<Communicator> nccl_;
 };
 
+// The group's report mailbox as the heartbeats use it.
+class MailboxLink : public RankLink {
+ public:
+  explicit MailboxLink(const MpiPlacement& placement) : mailbox_(placement) {}
+  bool Post(const std::string& report) override { return mailbox_.Post(report); }
+  std::vector<std::pair<int, std::string>> Collect() override { return mailbox_.Collect(); }
+
+ private:
+  MpiMailbox mailbox_;
+};
+
 // The device a group registers for this rank.
 std::string DeviceOfRank(int local_rank) {
   return torch::cuda::is_available() ? "cuda:" + std::to_string(local_rank) : "cpu";
@@ -165,9 +177,15 @@ int RunRank(const WorkerOptions& options, const Config* config) {
                               config == nullptr ? DeviceOfRank(placement.local_rank)
                                                 : DeviceOfRun(*config, placement.local_rank));
       if (config == nullptr) {
+        // One heartbeat per group where MPI lets the heartbeat thread call it beside the
+        // communication thread; else one per rank, as before.
+        std::unique_ptr<MailboxLink> link;
+        if (placement.thread_multiple && placement.world_size > 1) {
+          link = std::make_unique<MailboxLink>(placement);
+        }
         return ServeGroup(
             options, mpi_comm, [&](const Config& run_config) { return contexts.For(run_config); },
-            telemetry.recorder);
+            telemetry.recorder, link.get());
       }
       return ExitCode(
           RunTraining(*config, ToTrainOptions(options, telemetry), contexts.For(*config)));

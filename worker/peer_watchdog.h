@@ -1,0 +1,54 @@
+// Every rank watches the other ranks of its group that run on its own host: a rank that dies
+// on its own (kill -9, the OOM killer, a crash) is noticed within a tenth of a second, and its
+// peer tells the coordinator at once, naming it, instead of the run standing still until the
+// heartbeat timeout or until the launcher has torn the job down. Torch-free.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace ddpm {
+
+/// Whether the process pid is gone: no such process, or one that has exited and not yet been
+/// reaped (a zombie).
+bool ProcessGone(pid_t pid);
+
+/// Watches, from its own thread, the ranks whose host is this rank's host and whose process
+/// this rank can see (a peer in another pid namespace is not watched: its pid would look gone).
+class PeerWatchdog {
+ public:
+  /// on_death(rank, pid, host) is called once, from the watchdog's thread, for the first peer
+  /// found gone. hosts and pids are indexed by rank.
+  PeerWatchdog(int rank, const std::vector<std::string>& hosts, const std::vector<pid_t>& pids,
+               std::function<void(int, pid_t, const std::string&)> on_death,
+               std::chrono::milliseconds poll = std::chrono::milliseconds(100));
+  /// Stops watching (an orderly shutdown, where peers exit on their own).
+  ~PeerWatchdog();
+  PeerWatchdog(const PeerWatchdog&) = delete;
+  PeerWatchdog& operator=(const PeerWatchdog&) = delete;
+  /// The ranks watched.
+  const std::vector<int>& watched() const { return watched_; }
+  void Stop();
+
+ private:
+  void Run();
+
+  std::vector<int> watched_;
+  std::vector<pid_t> pids_;
+  std::vector<std::string> hosts_;
+  const std::function<void(int, pid_t, const std::string&)> on_death_;
+  const std::chrono::milliseconds poll_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace ddpm
