@@ -286,6 +286,8 @@ struct Member {
     end.set_outcome(v1::ReportRunEndRequest::FAILED);
     end.set_message(message);
     client.ReportRunEnd(end);
+    // No registration again between the leave and the end of the job.
+    if (channel != nullptr) channel->Stop();
     v1::LeaveRequest leave;
     leave.set_group_id(group_id);
     leave.set_reason("the group exits after an error on " + message);
@@ -296,6 +298,8 @@ struct Member {
   // leaves, naming the rank and the collective, and the coordinator places the run again. The
   // caller then ends the whole job.
   void ReportLost(const CommError& error) {
+    // No registration again between the leave and the end of the job.
+    if (channel != nullptr) channel->Stop();
     v1::LeaveRequest leave;
     leave.set_group_id(group_id);
     leave.set_reason("rank " + std::to_string(comm.rank()) + ": " + error.what());
@@ -471,6 +475,8 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
     if (g_shutdown) return;
     const std::string what = "rank " + std::to_string(peer) + " (pid " + std::to_string(pid) +
                              " on " + host + ") died";
+    // Rank 0's command channel would register the group again once the leave takes it away.
+    if (channel) channel->Stop();
     v1::LeaveRequest leave;
     leave.set_group_id(member.group_id);
     leave.set_reason(what + ", as rank " + std::to_string(rank) + " saw");
