@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 
 namespace ddpm {
 
@@ -17,6 +18,15 @@ std::string FormatDuration(double seconds) {
 std::string FormatSeconds(double seconds, int decimals) {
   char text[48];
   std::snprintf(text, sizeof(text), "%.*f s", decimals, seconds);
+  return text;
+}
+
+std::string FormatUtc(int64_t unix_ms) {
+  const std::time_t seconds = static_cast<std::time_t>(unix_ms / 1000);
+  std::tm utc{};
+  gmtime_r(&seconds, &utc);
+  char text[32] = {};
+  std::strftime(text, sizeof(text), "%Y-%m-%dT%H:%M:%SZ", &utc);
   return text;
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <string>
 
 namespace ddpm {
@@ -12,6 +13,9 @@ std::string FormatDuration(double seconds);
 
 /// Seconds with `decimals` digits after the point and a unit, as "2.35 s".
 std::string FormatSeconds(double seconds, int decimals = 1);
+
+/// A moment in milliseconds since the Unix epoch as UTC, to the second: "2026-12-06T23:54:26Z".
+std::string FormatUtc(int64_t unix_ms);
 
 /// A number as people write it: the shortest of %g's forms ("1", "2.5", "0.125").
 std::string FormatNumber(double value);

@@ -1,6 +1,8 @@
 #include "coordinator/core.h"
 
 #include <algorithm>
+#include <cmath>
+#include <map>
 #include <cstdio>
 #include <filesystem>
 #include <utility>
@@ -74,9 +76,143 @@ Coordinator::Coordinator(CoordinatorOptions options, const Clock& clock)
     }
   }
   started_ms_ = clock_.NowUnixMs();
+  PruneEnded();
 }
 
 Coordinator::~Coordinator() { Shutdown(); }
+
+namespace {
+
+// When a run ended: its last transition (to its final state).
+int64_t EndedAt(const v1::Run& run) {
+  return run.transitions().empty() ? run.updated_unix_ms()
+                                   : run.transitions(run.transitions_size() - 1).at_unix_ms();
+}
+
+}  // namespace
+
+void ParseRetainEnded(const std::string& value, CoordinatorOptions& options) {
+  const auto refuse = [&] {
+    throw std::invalid_argument("--retain-ended '" + value +
+                                "': give a count of runs (500) or an age (30d, 12h, 90m, 45s)");
+  };
+  if (value.empty()) refuse();
+  size_t used = 0;
+  double number = 0;
+  try {
+    number = std::stod(value, &used);
+  } catch (const std::exception&) {
+    refuse();
+  }
+  if (!(number > 0) || !std::isfinite(number)) refuse();
+  const std::string unit = value.substr(used);
+  if (unit.empty()) {
+    if (number != std::floor(number)) refuse();
+    options.retain_ended_count = static_cast<int64_t>(number);
+    return;
+  }
+  const std::map<std::string, double> seconds = {{"s", 1}, {"m", 60}, {"h", 3600}, {"d", 86400}};
+  const auto it = seconds.find(unit);
+  if (it == seconds.end()) refuse();
+  options.retain_ended_seconds = number * it->second;
+}
+
+RegistryFileSummary RestoreRegistry(const std::string& data_dir, const std::string& backup) {
+  namespace fs = std::filesystem;
+  std::error_code error;
+  fs::create_directories(data_dir, error);
+  if (error) throw RegistryError("data directory " + data_dir + ": " + error.message());
+  const DataDirLock lock(data_dir);
+  const RegistryFileSummary summary = InspectRegistryFile(backup);
+  const fs::path registry = fs::path(data_dir) / "registry.db";
+  const fs::path incoming = fs::path(data_dir) / "registry.db.restoring";
+  fs::copy_file(backup, incoming, fs::copy_options::overwrite_existing, error);
+  if (error) {
+    throw RegistryError("cannot copy " + backup + " to " + incoming.string() + ": " +
+                        error.message());
+  }
+  // Checked again where it landed, before anything is moved.
+  InspectRegistryFile(incoming.string());
+  if (fs::exists(registry)) {
+    // The current registry (with its write-ahead log) stays beside, under another name: the old
+    // log must not be replayed into the restored file.
+    const std::string kept =
+        registry.string() + ".replaced-" +
+        std::to_string(std::chrono::duration_cast<std::chrono::seconds>(
+                           std::chrono::system_clock::now().time_since_epoch())
+                           .count());
+    for (const char* suffix : {"-wal", "-shm"}) {
+      const fs::path side = registry.string() + suffix;
+      if (fs::exists(side)) fs::rename(side, kept + suffix);
+    }
+    fs::rename(registry, kept);
+    std::printf("ddpm_coordinator: the registry it replaces is kept as %s\n", kept.c_str());
+  }
+  fs::rename(incoming, registry);
+  return summary;
+}
+
+void Coordinator::Forget(const std::vector<std::string>& ids, const std::string& why) {
+  if (ids.empty()) return;
+  registry_->Transaction([&] {
+    for (const std::string& id : ids) registry_->DeleteRun(id);
+  });
+  for (const std::string& id : ids) runs_.erase(id);
+  std::printf("ddpm_coordinator: forgot %zu ended runs (%s, first %s); their run directories "
+              "stay\n",
+              ids.size(), why.c_str(), ids.front().c_str());
+  std::fflush(stdout);
+  Changed();
+}
+
+void Coordinator::PruneEnded() {
+  pruned_ms_ = clock_.NowUnixMs();
+  if (options_.retain_ended_count <= 0 && options_.retain_ended_seconds <= 0) return;
+  std::vector<std::pair<int64_t, std::string>> ended;  // (ended at, id)
+  for (const auto& [id, entry] : runs_) {
+    if (IsFinal(entry.run.state())) ended.emplace_back(EndedAt(entry.run), id);
+  }
+  std::sort(ended.begin(), ended.end());
+  std::vector<std::string> forget;
+  const int64_t cutoff =
+      pruned_ms_ - static_cast<int64_t>(options_.retain_ended_seconds * 1000);
+  const size_t over = options_.retain_ended_count > 0 &&
+                              ended.size() > static_cast<size_t>(options_.retain_ended_count)
+                          ? ended.size() - static_cast<size_t>(options_.retain_ended_count)
+                          : 0;
+  for (size_t i = 0; i < ended.size(); ++i) {
+    if (i < over || (options_.retain_ended_seconds > 0 && ended[i].first < cutoff)) {
+      forget.push_back(ended[i].second);
+    }
+  }
+  Forget(forget, "--retain-ended");
+}
+
+std::vector<std::string> Coordinator::DeleteRunsEndedBefore(int64_t ended_before_unix_ms) {
+  if (ended_before_unix_ms <= 0) {
+    throw CoordinatorError(ErrorCode::kInvalidArgument,
+                           "DeleteRuns: ended_before_unix_ms is not set; give the moment before "
+                           "which ended runs are forgotten");
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::pair<int64_t, std::string>> ended;
+  for (const auto& [id, entry] : runs_) {
+    if (IsFinal(entry.run.state()) && EndedAt(entry.run) < ended_before_unix_ms) {
+      ended.emplace_back(EndedAt(entry.run), id);
+    }
+  }
+  std::sort(ended.begin(), ended.end());
+  std::vector<std::string> ids;
+  for (auto& [at, id] : ended) ids.push_back(std::move(id));
+  Forget(ids, "ended before " + FormatUtc(ended_before_unix_ms));
+  return ids;
+}
+
+int64_t Coordinator::BackupRegistry(const std::string& path) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  registry_->BackupTo(path);
+  return static_cast<int64_t>(runs_.size());
+}
 
 Coordinator::RunEntry& Coordinator::Find(const std::string& run) {
   return const_cast<RunEntry&>(static_cast<const Coordinator*>(this)->Find(run));
@@ -1112,6 +1248,7 @@ void Coordinator::Tick() {
     }
   }
   for (const auto& [id, reason] : lost) LoseGroup(id, reason);
+  if (now - pruned_ms_ >= 10000) PruneEnded();
   // Runs whose group has not come back since this coordinator started.
   if ((now - started_ms_) / 1000.0 > timeout) {
     for (auto& [id, entry] : runs_) {

@@ -60,7 +60,22 @@ struct CoordinatorOptions {
   double stream_grace_seconds = 3;
   /// Restarts a run gets after lost groups, unless StartRun says otherwise.
   int default_max_restarts = 3;
+  /// Ended runs (COMPLETED, STOPPED, FAILED for good) kept in the registry: at most this many,
+  /// the newest (0: no limit), and none that ended longer than this many seconds ago (0: no
+  /// limit). Pruned at start and every few seconds; their run directories stay.
+  int64_t retain_ended_count = 0;
+  double retain_ended_seconds = 0;
 };
+
+/// --retain-ended's value: a count of runs ("500") or an age with its unit ("30d", "12h", "90m",
+/// "45s"), into options; throws std::invalid_argument naming the value.
+void ParseRetainEnded(const std::string& value, CoordinatorOptions& options);
+
+/// Restores a registry backup (ddpmctl backup) into data_dir while no coordinator holds it:
+/// checks the file (InspectRegistryFile), keeps the current registry beside it as
+/// registry.db.replaced-UNIXTIME, and puts the copy in its place; returns what it holds. Throws
+/// DataDirInUse while a coordinator runs there, RegistryError naming a bad file.
+RegistryFileSummary RestoreRegistry(const std::string& data_dir, const std::string& backup);
 
 /// The indices of rows to draw at most max_points (>= 2) of them: all when they fit, else the
 /// first and the last and, per bucket of consecutive rows between, the rows of the lowest and
@@ -110,6 +125,11 @@ class Coordinator {
   static constexpr int kMaxPageSize = 1000;
   /// Forgets a finished run.
   void DeleteRun(const std::string& run);
+  /// Forgets every run that ended before ended_before_unix_ms; returns their ids, oldest first.
+  std::vector<std::string> DeleteRunsEndedBefore(int64_t ended_before_unix_ms);
+  /// Writes an online, consistent copy of the registry to path (a new file); returns the runs
+  /// it holds.
+  int64_t BackupRegistry(const std::string& path);
   /// Queues an evaluation job of a training run's checkpoints (a run of kind EVALUATION);
   /// CoordinatorError names the field or eval.* key at fault.
   v1::Run StartEval(const v1::StartEvalRequest& request);
@@ -228,6 +248,10 @@ class Coordinator {
   void Changed();
   /// Records the run's current attempt in its directory (base/fence.h), if this process can.
   void FenceRunDir(const v1::Run& run) const;
+  /// Forgets ids (ended runs) in one transaction, saying so in the log with why.
+  void Forget(const std::vector<std::string>& ids, const std::string& why);
+  /// Applies retain_ended_count and retain_ended_seconds; under the lock.
+  void PruneEnded();
 
   const CoordinatorOptions options_;
   const Clock& clock_;
@@ -245,6 +269,8 @@ class Coordinator {
   /// When this coordinator started: groups that held runs before a restart get until
   /// started_ms_ + heartbeat timeout to come back.
   int64_t started_ms_ = 0;
+  /// When PruneEnded last ran.
+  int64_t pruned_ms_ = 0;
   bool shutdown_ = false;
 };
 

@@ -9,6 +9,8 @@
 #include <ctime>
 #include <sstream>
 
+#include "base/text.h"
+
 namespace ddpm {
 namespace {
 
@@ -50,11 +52,7 @@ DataDirLock::DataDirLock(const std::string& data_dir) : path_(data_dir + "/LOCK"
   }
   char host[256] = {};
   ::gethostname(host, sizeof(host) - 1);
-  const std::time_t now = std::time(nullptr);
-  std::tm utc{};
-  gmtime_r(&now, &utc);
-  char since[32] = {};
-  std::strftime(since, sizeof(since), "%Y-%m-%dT%H:%M:%SZ", &utc);
+  const std::string since = FormatUtc(static_cast<int64_t>(std::time(nullptr)) * 1000);
   const std::string text =
       "pid " + std::to_string(::getpid()) + "\nhost " + host + "\nsince " + since + "\n";
   // Written in place under the lock: a reader that finds it held reads the holder's lines.

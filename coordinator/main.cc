@@ -1,7 +1,9 @@
 // ddpm_coordinator: the control plane. Thin main: flags to options, then the library.
+#include <cstdio>
 #include <string>
 
 #include "config/flags.h"
+#include "coordinator/core.h"
 #include "coordinator/service.h"
 
 int main(int argc, char** argv) {
@@ -43,11 +45,34 @@ int main(int argc, char** argv) {
             "seconds a group whose command stream closed (process gone, connection reset) has "
             "to come back before it is declared lost",
             "3");
+  flags.Add("retain-ended",
+            "ended runs kept in the registry: a count (the newest 500) or an age (30d, 12h); "
+            "older ones are forgotten, their run directories kept (default: all)",
+            "");
+  flags.Add("restore",
+            "restore a registry backup (ddpmctl backup FILE) into --data-dir and exit; the "
+            "registry it replaces is kept beside it. Refused while a coordinator runs there",
+            "");
   flags.Add("max-restarts", "restarts a run gets after lost groups, unless StartRun says", "3");
   flags.Add("max-message-bytes", "largest request accepted", "4194304");
   return ddpm::RunMain(flags, argc, argv, [&] {
     ddpm::CoordinatorOptions core;
     core.data_dir = flags.Get("data-dir");
+    if (flags.Given("restore")) {
+      const ddpm::RegistryFileSummary restored =
+          ddpm::RestoreRegistry(core.data_dir, flags.Get("restore"));
+      std::printf("ddpm_coordinator: restored %lld runs (schema %lld) from %s into %s/registry.db\n",
+                  static_cast<long long>(restored.runs), static_cast<long long>(restored.schema),
+                  flags.Get("restore").c_str(), core.data_dir.c_str());
+      return 0;
+    }
+    if (flags.Given("retain-ended")) {
+      try {
+        ddpm::ParseRetainEnded(flags.Get("retain-ended"), core);
+      } catch (const std::invalid_argument& error) {
+        throw ddpm::FlagError(std::string("ddpm_coordinator: ") + error.what());
+      }
+    }
     core.runs_dir = flags.Get("runs-dir");
     core.heartbeat_interval_seconds = flags.GetDouble("heartbeat-interval");
     core.heartbeat_timeout_seconds = flags.GetDouble("heartbeat-timeout");

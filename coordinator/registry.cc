@@ -404,4 +404,75 @@ void Registry::ProbeWritable() {
   }
 }
 
+void Registry::BackupTo(const std::string& path) {
+  sqlite3* copy = nullptr;
+  int code = sqlite3_open_v2(path.c_str(), &copy, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
+                             nullptr);
+  std::string reason;
+  if (code == SQLITE_OK) {
+    sqlite3_backup* backup = sqlite3_backup_init(copy, "main", db_, "main");
+    if (backup == nullptr) {
+      reason = sqlite3_errmsg(copy);
+    } else {
+      code = sqlite3_backup_step(backup, -1);  // Every page at once: the copy is consistent.
+      if (code != SQLITE_DONE) reason = sqlite3_errstr(code);
+      sqlite3_backup_finish(backup);
+    }
+  } else {
+    reason = copy != nullptr ? sqlite3_errmsg(copy) : sqlite3_errstr(code);
+  }
+  sqlite3_close(copy);
+  if (!reason.empty()) {
+    throw RegistryError("registry " + path_ + ": cannot back up to " + path + ": " + reason);
+  }
+}
+
+RegistryFileSummary InspectRegistryFile(const std::string& path) {
+  sqlite3* db = nullptr;
+  const int code = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr);
+  RegistryFileSummary summary;
+  try {
+    if (code != SQLITE_OK) {
+      throw RegistryError(path + ": cannot open: " +
+                          (db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(code)));
+    }
+    const std::string& name = path;
+    int64_t id = 0;
+    {
+      Statement application(db, name, "PRAGMA application_id");
+      application.Step();
+      id = application.Int(0);
+      Statement version(db, name, "PRAGMA user_version");
+      version.Step();
+      summary.schema = version.Int(0);
+    }
+    if (id != kApplicationId) {
+      throw RegistryError(path + ": not a ddpm run registry (application_id " +
+                          std::to_string(id) + ")");
+    }
+    if (summary.schema > kSchemaVersion) {
+      throw RegistryError(path + ": schema version " + std::to_string(summary.schema) +
+                          " is newer than this coordinator's " + std::to_string(kSchemaVersion));
+    }
+    {
+      Statement check(db, name, "PRAGMA integrity_check");
+      check.Step();
+      if (check.Text(0) != "ok") {
+        throw RegistryError(path + ": damaged: SQLite's integrity check says " + check.Text(0));
+      }
+      Statement runs(db, name, "SELECT count(*) FROM runs");
+      runs.Step();
+      summary.runs = runs.Int(0);
+    }
+  } catch (const RegistryError&) {
+    sqlite3_close(db);
+    throw;
+  } catch (const std::exception& error) {
+    sqlite3_close(db);
+    throw RegistryError(path + ": not a readable run registry: " + error.what());
+  }
+  sqlite3_close(db);
+  return summary;
+}
+
 }  // namespace ddpm

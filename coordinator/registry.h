@@ -59,6 +59,10 @@ class Registry {
   /// Every evaluation recorded for a run, oldest first.
   std::vector<v1::EvalResult> Evals(const std::string& run_id);
 
+  /// Copies the whole database to path (a new file) with SQLite's online backup API: a
+  /// consistent copy, however the registry is being written; throws RegistryError naming path.
+  void BackupTo(const std::string& path);
+
   const std::string& path() const { return path_; }
   /// Writes and commits one page (the schema version it already holds), as the health check's
   /// probe that the database is open and writable; throws RegistryError naming the file.
@@ -70,5 +74,16 @@ class Registry {
   std::string path_;
   sqlite3* db_ = nullptr;
 };
+
+/// What a registry file holds, read without changing it.
+struct RegistryFileSummary {
+  int64_t schema = 0;
+  int64_t runs = 0;
+};
+
+/// Opens path read-only and checks that it is a whole ddpm run registry that this coordinator
+/// can open (its application id, a schema no newer than this binary's, SQLite's integrity
+/// check); throws RegistryError naming path and what is wrong.
+RegistryFileSummary InspectRegistryFile(const std::string& path);
 
 }  // namespace ddpm

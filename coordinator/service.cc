@@ -16,9 +16,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 
 #include "base/random.h"
+#include "base/sha256.h"
 #include "config/config.h"
 #include "coordinator/console.h"
 #include "coordinator/metrics.h"
@@ -186,6 +189,53 @@ class ControlService final : public v1::Control::Service {
   grpc::Status DeleteRun(grpc::ServerContext* context, const v1::DeleteRunRequest* request,
                          v1::DeleteRunResponse*) override {
     return Serve(context, gate_, "DeleteRun", [&] { core_.DeleteRun(request->run()); });
+  }
+  grpc::Status DeleteRuns(grpc::ServerContext* context, const v1::DeleteRunsRequest* request,
+                          v1::DeleteRunsResponse* response) override {
+    return Serve(context, gate_, "DeleteRuns", [&] {
+      for (std::string& id : core_.DeleteRunsEndedBefore(request->ended_before_unix_ms())) {
+        response->add_deleted(std::move(id));
+      }
+    });
+  }
+  grpc::Status BackupRegistry(grpc::ServerContext* context, const v1::BackupRegistryRequest*,
+                              grpc::ServerWriter<v1::BackupChunk>* writer) override {
+    return Serve(
+        context, gate_, "BackupRegistry",
+        [&] {
+          // The copy is made beside the registry, sent, and removed however the call ends.
+          const std::string path = (std::filesystem::path(core_.options().data_dir) /
+                                    ("backup-" + RandomHex(8) + ".db"))
+                                       .string();
+          const std::unique_ptr<const std::string, void (*)(const std::string*)> remove(
+              &path, [](const std::string* file) { std::filesystem::remove(*file); });
+          const int64_t runs = core_.BackupRegistry(path);
+          std::ifstream file(path, std::ios::binary);
+          const int64_t total = static_cast<int64_t>(std::filesystem::file_size(path));
+          Sha256 hash;
+          std::string buffer(1 << 20, '\0');
+          int64_t sent = 0;
+          do {
+            file.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+            const auto got = static_cast<size_t>(file.gcount());
+            v1::BackupChunk chunk;
+            chunk.set_data(buffer.data(), got);
+            chunk.set_total_bytes(total);
+            hash.Update(buffer.data(), got);
+            sent += static_cast<int64_t>(got);
+            if (sent == total) {
+              chunk.set_sha256(hash.HexDigest());
+              chunk.set_runs(runs);
+            }
+            if (!writer->Write(chunk)) return;
+          } while (sent < total && file);
+          if (sent != total) {
+            throw std::runtime_error("the backup copy " + path + " ended after " +
+                                     std::to_string(sent) + " of " + std::to_string(total) +
+                                     " bytes");
+          }
+        },
+        /*unary=*/false);
   }
   grpc::Status StartEval(grpc::ServerContext* context, const v1::StartEvalRequest* request,
                          v1::StartEvalResponse* response) override {

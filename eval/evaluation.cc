@@ -7,6 +7,7 @@
 #include <map>
 #include <sstream>
 
+#include "base/sha256.h"
 #include "base/text.h"
 #include "trainer/communicator.h"
 #include "trainer/data.h"

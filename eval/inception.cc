@@ -1,6 +1,5 @@
 #include "eval/inception.h"
 
-#include <openssl/evp.h>
 #include <torch/script.h>
 
 #include <cstdio>
@@ -283,29 +282,6 @@ FidInception LoadFidInception(const std::string& path, torch::Device device) {
   model->eval();
   model->to(device);
   return model;
-}
-
-std::string Sha256File(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) throw std::runtime_error(path + ": cannot open to hash");
-  EVP_MD_CTX* context = EVP_MD_CTX_new();
-  EVP_DigestInit_ex(context, EVP_sha256(), nullptr);
-  std::vector<char> buffer(1 << 20);
-  while (file) {
-    file.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-    EVP_DigestUpdate(context, buffer.data(), static_cast<size_t>(file.gcount()));
-  }
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  EVP_DigestFinal_ex(context, digest, &length);
-  EVP_MD_CTX_free(context);
-  std::string hex;
-  char pair[3];
-  for (unsigned int i = 0; i < length; ++i) {
-    std::snprintf(pair, sizeof(pair), "%02x", digest[i]);
-    hex += pair;
-  }
-  return hex;
 }
 
 }  // namespace ddpm

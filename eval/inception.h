@@ -42,7 +42,4 @@ extern const char* const kInceptionWeightsHelp;
 /// (missing: where to get it; the legacy pre-1.6 format: how to convert it).
 FidInception LoadFidInception(const std::string& path, torch::Device device);
 
-/// The SHA-256 of a file, as 64 hex digits; recorded with every result.
-std::string Sha256File(const std::string& path);
-
 }  // namespace ddpm

@@ -14,6 +14,7 @@
 #include <fstream>
 #include <string>
 
+#include "base/sha256.h"
 #include "eval/evaluation.h"
 #include "eval/inception.h"
 #include "test_env.h"

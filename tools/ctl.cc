@@ -2,11 +2,18 @@
 
 #include <google/protobuf/util/json_util.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
+#include <cmath>
+#include <cstring>
 #include <ctime>
 #include <memory>
 #include <thread>
 
+#include "base/sha256.h"
 #include "base/text.h"
 #include "config/config.h"
 #include "ddpm/v1/control.grpc.pb.h"
@@ -377,6 +384,148 @@ int CtlDelete(const CtlOptions& options, const std::string& run) {
       std::fprintf(options.out, "{\"deleted\":\"%s\"}\n", run.c_str());
     } else {
       std::fprintf(options.out, "deleted run %s\n", run.c_str());
+    }
+    return static_cast<int>(kCtlOk);
+  });
+}
+
+int64_t ParseEndedBefore(const std::string& when, int64_t now_unix_ms) {
+  const auto refuse = [&]() -> int64_t {
+    throw std::invalid_argument("--ended-before '" + when +
+                                "': give an age (30d, 12h, 90m) or a UTC date or time "
+                                "(2026-11-01, 2026-11-01T12:00:00Z)");
+  };
+  // An age: a number and a unit.
+  size_t used = 0;
+  double number = 0;
+  try {
+    number = std::stod(when, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  const std::string unit = when.substr(used);
+  if (used > 0 && (unit == "s" || unit == "m" || unit == "h" || unit == "d")) {
+    if (!(number >= 0) || !std::isfinite(number)) return refuse();
+    const double seconds = number * (unit == "s" ? 1 : unit == "m" ? 60 : unit == "h" ? 3600 : 86400);
+    return now_unix_ms - static_cast<int64_t>(seconds * 1000);
+  }
+  // A date, or a date and time, in UTC.
+  std::tm utc{};
+  const char* end = strptime(when.c_str(), "%Y-%m-%dT%H:%M:%SZ", &utc);
+  if (end == nullptr || *end != '\0') {
+    utc = {};
+    end = strptime(when.c_str(), "%Y-%m-%d", &utc);
+    if (end == nullptr || *end != '\0') return refuse();
+  }
+  return static_cast<int64_t>(timegm(&utc)) * 1000;
+}
+
+int CtlDeleteEndedBefore(const CtlOptions& options, const std::string& when) {
+  int64_t before = 0;
+  try {
+    before = ParseEndedBefore(
+        when, std::chrono::duration_cast<std::chrono::milliseconds>(
+                  std::chrono::system_clock::now().time_since_epoch())
+                  .count());
+  } catch (const std::invalid_argument& error) {
+    std::fprintf(stderr, "ddpmctl: %s\n", error.what());
+    return kCtlUsage;
+  }
+  return WithClient(options, [&](Client& client) {
+    v1::DeleteRunsRequest request;
+    request.set_ended_before_unix_ms(before);
+    v1::DeleteRunsResponse response;
+    const grpc::Status status =
+        client.stub().DeleteRuns(client.Context().get(), request, &response);
+    if (!status.ok()) return Report("DeleteRuns", status);
+    if (options.json) {
+      std::fprintf(options.out, "%s\n", ToJson(response).c_str());
+    } else {
+      std::fprintf(options.out,
+                   "deleted %d runs that ended before %s (their run directories stay)\n",
+                   response.deleted_size(), FormatUtc(before).c_str());
+      for (const std::string& id : response.deleted()) {
+        std::fprintf(options.out, "  %s\n", id.c_str());
+      }
+    }
+    return static_cast<int>(kCtlOk);
+  });
+}
+
+int CtlBackup(const CtlOptions& options, const std::string& file) {
+  return WithClient(options, [&](Client& client) {
+    // The copy goes to a temporary file beside file, made first: a path that cannot be written
+    // is refused before the coordinator is asked for anything.
+    const std::string partial = file + ".partial-" + std::to_string(::getpid());
+    const int fd = ::open(partial.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) {
+      std::fprintf(stderr, "ddpmctl: cannot write the backup to %s: %s\n", file.c_str(),
+                   std::strerror(errno));
+      return static_cast<int>(kCtlCantCreate);
+    }
+    // Whatever goes wrong from here, nothing is left at either path.
+    const auto discard = [&](int code) {
+      ::close(fd);
+      ::unlink(partial.c_str());
+      return code;
+    };
+    const std::unique_ptr<grpc::ClientContext> context = client.StreamContext();
+    v1::BackupRegistryRequest request;
+    auto reader = client.stub().BackupRegistry(context.get(), request);
+    v1::BackupChunk chunk;
+    Sha256 hash;
+    int64_t written = 0, total = -1, runs = 0;
+    std::string sha256;
+    while (reader->Read(&chunk)) {
+      const std::string& data = chunk.data();
+      size_t done = 0;
+      while (done < data.size()) {
+        const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+        if (n < 0) {
+          if (errno == EINTR) continue;
+          std::fprintf(stderr, "ddpmctl: cannot write the backup to %s: %s\n", file.c_str(),
+                       std::strerror(errno));
+          context->TryCancel();
+          reader->Finish();
+          return discard(kCtlCantCreate);
+        }
+        done += static_cast<size_t>(n);
+      }
+      hash.Update(data);
+      written += static_cast<int64_t>(data.size());
+      total = chunk.total_bytes();
+      if (!chunk.sha256().empty()) {
+        sha256 = chunk.sha256();
+        runs = chunk.runs();
+      }
+    }
+    const grpc::Status status = reader->Finish();
+    if (!status.ok()) return discard(Report("BackupRegistry", status));
+    const std::string got = hash.HexDigest();
+    if (written != total || sha256.empty() || got != sha256) {
+      std::fprintf(stderr,
+                   "ddpmctl: the backup arrived damaged (%lld of %lld bytes, SHA-256 %s, the "
+                   "coordinator's %s); %s is untouched\n",
+                   static_cast<long long>(written), static_cast<long long>(total), got.c_str(),
+                   sha256.empty() ? "missing" : sha256.c_str(), file.c_str());
+      return discard(kCtlFailed);
+    }
+    if (::fsync(fd) != 0 || ::close(fd) != 0 || ::rename(partial.c_str(), file.c_str()) != 0) {
+      std::fprintf(stderr, "ddpmctl: cannot write the backup to %s: %s\n", file.c_str(),
+                   std::strerror(errno));
+      ::unlink(partial.c_str());
+      return static_cast<int>(kCtlCantCreate);
+    }
+    if (options.json) {
+      std::fprintf(options.out, "{\"file\":\"%s\",\"bytes\":%lld,\"runs\":%lld,\"sha256\":\"%s\"}\n",
+                   file.c_str(), static_cast<long long>(written), static_cast<long long>(runs),
+                   sha256.c_str());
+    } else {
+      std::fprintf(options.out,
+                   "backed up %lld runs to %s (%.1f MB, sha256 %s); restore with: "
+                   "ddpm_coordinator --data-dir DIR --restore %s\n",
+                   static_cast<long long>(runs), file.c_str(), written / 1e6, sha256.c_str(),
+                   file.c_str());
     }
     return static_cast<int>(kCtlOk);
   });

@@ -1,4 +1,5 @@
-// ddpmctl's commands over the Control service: start, eval, stop, list, get, watch, delete.
+// ddpmctl's commands over the Control service: start, eval, stop, list, get, watch, delete,
+// backup.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +24,8 @@ enum CtlExit {
   kCtlNoInput = 66,
   /// The token was refused (EX_NOPERM).
   kCtlNoPermission = 77,
+  /// A local output file (a backup) could not be written (EX_CANTCREAT).
+  kCtlCantCreate = 73,
 };
 
 /// What every command needs.
@@ -81,6 +84,16 @@ int CtlGet(const CtlOptions& options, const std::string& run);
 /// STOPPED, 1 for FAILED.
 int CtlWatch(const CtlOptions& options, const std::string& run);
 int CtlDelete(const CtlOptions& options, const std::string& run);
+/// Forgets every run that ended before the moment when: an age back from now ("30d", "12h",
+/// "90m") or a UTC date or time ("2026-11-01", "2026-11-01T12:00:00Z"). Run directories stay.
+int CtlDeleteEndedBefore(const CtlOptions& options, const std::string& when);
+/// The moment --ended-before names, in milliseconds since the Unix epoch, from now_unix_ms;
+/// throws std::invalid_argument naming when.
+int64_t ParseEndedBefore(const std::string& when, int64_t now_unix_ms);
+/// Writes an online, consistent copy of the coordinator's registry to file: into a temporary
+/// file beside it, checked against the coordinator's SHA-256, then renamed, so that file is
+/// whole or untouched. kCtlCantCreate, naming file, when it cannot be written.
+int CtlBackup(const CtlOptions& options, const std::string& file);
 /// grpc.health.v1's status of service ("" the server) with no token: prints it; kCtlOk when
 /// SERVING, kCtlFailed otherwise, kCtlUnavailable when the coordinator cannot be reached.
 int CtlHealth(const CtlOptions& options, const std::string& service);

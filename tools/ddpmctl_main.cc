@@ -1,5 +1,6 @@
 // ddpmctl: starts runs and evaluation jobs, stops, lists, shows, watches and deletes runs on a
-// ddpm_coordinator. Thin main: the command and its flags to the library's Ctl* calls.
+// ddpm_coordinator, and backs up its registry. Thin main: the command and its flags to the
+// library's Ctl* calls.
 #include <unistd.h>
 
 #include <cstdlib>
@@ -16,11 +17,12 @@ namespace {
 
 constexpr char kSummary[] =
     "Controls DDPM training runs on a ddpm_coordinator.\n"
-    "Commands: start CONFIG, eval RUN, stop RUN, list, get RUN, watch RUN, delete RUN, health;\n"
+    "Commands: start CONFIG, eval RUN, stop RUN, list, get RUN, watch RUN, delete RUN,\n"
+    "delete --ended-before WHEN, backup FILE, health;\n"
     "flags may come before or after the command (ddpmctl COMMAND --help for its own).\n"
     "The control token comes from --token-file or $DDPM_CONTROL_TOKEN.\n"
     "Exit codes: 0 ok, 1 refused or run failed, 2 bad command line, 66 unreadable file,\n"
-    "69 coordinator unreachable, 77 token refused.";
+    "69 coordinator unreachable, 73 backup file not writable, 77 token refused.";
 
 void AddGlobalFlags(ddpm::Flags& flags) {
   flags.Add("coordinator", "coordinator HOST:PORT (default $DDPM_COORDINATOR, else 127.0.0.1:7070)",
@@ -42,8 +44,17 @@ int CommandIndex(const ddpm::Flags& globals, int argc, char** argv) {
   return 0;
 }
 
+// Whether argv holds --name (or --name=VALUE).
+bool HasFlag(int argc, char** argv, const std::string& name) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--" + name || arg.rfind("--" + name + "=", 0) == 0) return true;
+  }
+  return false;
+}
+
 // Declares the command's own flags and positional arguments; false for an unknown command.
-bool AddCommandFlags(const std::string& command, ddpm::Flags& flags) {
+bool AddCommandFlags(const std::string& command, ddpm::Flags& flags, int argc, char** argv) {
   if (command == "start") {
     flags.AddPositional("CONFIG", "the run's YAML config file");
     flags.Add("name", "a name; the run id is NAME-N", "");
@@ -81,8 +92,20 @@ bool AddCommandFlags(const std::string& command, ddpm::Flags& flags) {
   } else if (command == "list") {
     flags.Add("state", "only runs in this state (e.g. RUNNING)", "");
     flags.Add("name-prefix", "only runs whose name starts with this", "");
-  } else if (command == "get" || command == "watch" || command == "delete") {
+  } else if (command == "get" || command == "watch") {
     flags.AddPositional("RUN", "run id or unique name");
+  } else if (command == "delete") {
+    flags.Add("ended-before",
+              "instead of one RUN: every run that ended before WHEN, an age (30d, 12h, 90m) or "
+              "a UTC date or time (2026-11-01, 2026-11-01T12:00:00Z); run directories stay",
+              "");
+    if (!HasFlag(argc, argv, "ended-before")) {
+      flags.AddPositional("RUN", "run id or unique name");
+    }
+  } else if (command == "backup") {
+    flags.AddPositional("FILE",
+                        "where the copy of the registry goes (whole or not at all); restore "
+                        "it with ddpm_coordinator --data-dir DIR --restore FILE");
   } else if (command == "health") {
     flags.Add("service",
               "the service to ask about (ddpm.v1.Control, ddpm.v1.WorkerGateway; empty: the "
@@ -208,6 +231,10 @@ int RunCommand(const std::string& command, const ddpm::Flags& flags) {
   }
   if (command == "get") return ddpm::CtlGet(options, flags.Get("RUN"));
   if (command == "watch") return ddpm::CtlWatch(options, flags.Get("RUN"));
+  if (command == "backup") return ddpm::CtlBackup(options, flags.Get("FILE"));
+  if (flags.Given("ended-before")) {
+    return ddpm::CtlDeleteEndedBefore(options, flags.Get("ended-before"));
+  }
   return ddpm::CtlDelete(options, flags.Get("RUN"));
 }
 
@@ -220,10 +247,10 @@ int main(int argc, char** argv) {
   const std::string command = at > 0 ? argv[at] : "";
   ddpm::Flags flags(command.empty() ? "ddpmctl" : "ddpmctl " + command, kSummary);
   AddGlobalFlags(flags);
-  if (!command.empty() && !AddCommandFlags(command, flags)) {
+  if (!command.empty() && !AddCommandFlags(command, flags, argc, argv)) {
     std::fprintf(stderr,
                  "ddpmctl: unknown command '%s' (commands: start, eval, stop, list, get, "
-                 "watch, delete, health)\n",
+                 "watch, delete, backup, health)\n",
                  command.c_str());
     return ddpm::kCtlUsage;
   }
@@ -235,8 +262,8 @@ int main(int argc, char** argv) {
   return ddpm::RunMain(flags, static_cast<int>(args.size()), args.data(), [&] {
     if (command.empty()) {
       throw ddpm::FlagError(
-          "ddpmctl: give a command: start, eval, stop, list, get, watch, delete or health (see "
-          "--help)");
+          "ddpmctl: give a command: start, eval, stop, list, get, watch, delete, backup or "
+          "health (see --help)");
     }
     return RunCommand(command, flags);
   });

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "base/sha256.h"
 #include "base/text.h"
 #include "config/flags.h"
 #include "eval/checkpoint_sweep.h"

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <map>
 
+#include "base/sha256.h"
 #include "base/text.h"
 #include "eval/fid.h"
 #include "eval/inception.h"
