@@ -22,7 +22,6 @@ coordinator=${DDPM_FAILOVER_COORDINATOR:-$build_dir/coordinator/ddpm_coordinator
 worker=${DDPM_FAILOVER_WORKER:-$build_dir/worker/ddpm_worker}
 ctl=$build_dir/tools/ddpmctl
 name=failover
-heartbeat_interval=5 heartbeat_timeout=30
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 # shellcheck source=tests/service_lib.sh
 source tests/service_lib.sh

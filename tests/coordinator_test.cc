@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <set>
 #include <string>
@@ -409,6 +410,134 @@ TEST_F(CoordinatorTest, RankZeroForwardsItsPeersAndAPeerItStopsHearingFromIsName
   wrong.set_rank(0);
   wrong.mutable_peers(0)->set_rank(2);
   EXPECT_THROW(core_->Heartbeat(wrong), CoordinatorError);
+}
+
+// Ended runs pruned by count at start, by age as the clock moves, and on request; runs still
+// queued or running are never touched, and neither is any run's directory.
+TEST_F(CoordinatorTest, EndedRunsArePrunedByCountByAgeAndOnRequestAndTheirFilesStay) {
+  std::vector<std::string> ended;
+  for (int i = 0; i < 5; ++i) {
+    ended.push_back(core_->StartRun(Start("e" + std::to_string(i), ConfigYaml())).id());
+    core_->StopRun(ended.back(), true);  // Not scheduled: STOPPED at once.
+    clock_.Advance(60);
+  }
+  const std::string waiting = core_->StartRun(Start("waiting", ConfigYaml())).id();
+  const fs::path kept = fs::path(core_->GetRun(ended[0]).run_dir()) / "notes.txt";
+  fs::create_directories(kept.parent_path());
+  std::ofstream(kept) << "mine";
+  auto ids = [&] {
+    std::vector<std::string> all;
+    for (const v1::Run& run : core_->ListRuns(v1::RUN_STATE_UNSPECIFIED)) all.push_back(run.id());
+    return all;
+  };
+  // By count, at start: the 3 newest ended runs stay, and the queued one.
+  ParseRetainEnded("3", options_);
+  EXPECT_EQ(options_.retain_ended_count, 3);
+  Reopen();
+  EXPECT_EQ(ids(), (std::vector<std::string>{ended[2], ended[3], ended[4], waiting}));
+  EXPECT_TRUE(fs::exists(kept));
+  // By age, as time passes: e2 ended 180 s ago, e3 120 s, e4 60 s; keep what ended within 150 s.
+  options_.retain_ended_count = 0;
+  ParseRetainEnded("2.5m", options_);
+  EXPECT_DOUBLE_EQ(options_.retain_ended_seconds, 150);
+  Reopen();
+  EXPECT_EQ(ids(), (std::vector<std::string>{ended[3], ended[4], waiting}));
+  clock_.Advance(40);  // e3 ended 160 s ago now: the next prune (every 10 s) forgets it.
+  core_->Tick();
+  EXPECT_EQ(ids(), (std::vector<std::string>{ended[4], waiting}));
+  // On request: every run that ended before a moment, oldest first; the queued one stays.
+  options_.retain_ended_seconds = 0;
+  Reopen();
+  EXPECT_EQ(core_->DeleteRunsEndedBefore(clock_.NowUnixMs()), std::vector<std::string>{ended[4]});
+  EXPECT_EQ(ids(), std::vector<std::string>{waiting});
+  EXPECT_TRUE(core_->DeleteRunsEndedBefore(clock_.NowUnixMs()).empty());
+  try {
+    core_->DeleteRunsEndedBefore(0);
+    ADD_FAILURE() << "a moment of 0 was taken";
+  } catch (const CoordinatorError& error) {
+    EXPECT_EQ(error.code(), ErrorCode::kInvalidArgument);
+  }
+  // Gone from the registry too, and the files are still there.
+  Reopen();
+  EXPECT_EQ(ids(), std::vector<std::string>{waiting});
+  EXPECT_TRUE(fs::exists(kept));
+  for (const char* bad : {"", "0", "-3", "1.5", "3w", "d", "12 h", "nan"}) {
+    CoordinatorOptions options;
+    EXPECT_THROW(ParseRetainEnded(bad, options), std::invalid_argument) << "'" << bad << "'";
+  }
+}
+
+// A backup taken while the coordinator runs restores into another data directory with every
+// run, transition, checkpoint, evaluation and history row; a restore is refused while a
+// coordinator holds the directory, and a file that is not a registry changes nothing.
+TEST_F(CoordinatorTest, ABackupRestoresEveryRunAndABadOneOrABusyDirectoryIsRefused) {
+  for (int i = 0; i < 30; ++i) core_->StartRun(Start("r" + std::to_string(i), ConfigYaml()));
+  core_->Register(Group("g", 1));
+  v1::HeartbeatRequest beat;
+  beat.set_group_id("g");
+  beat.set_run_id("r0-1");
+  beat.mutable_rank_metrics()->set_step(10);
+  beat.mutable_train_metrics()->set_step(10);
+  beat.mutable_train_metrics()->set_loss(0.25);
+  core_->Heartbeat(beat);
+  v1::ReportCheckpointRequest checkpoint;
+  checkpoint.set_group_id("g");
+  checkpoint.set_run_id("r0-1");
+  checkpoint.mutable_checkpoint()->set_step(10);
+  checkpoint.mutable_checkpoint()->set_path("/runs/r0-1/checkpoints/step_000000010");
+  core_->ReportCheckpoint(checkpoint);
+  v1::ReportEvalRequest eval;
+  eval.set_group_id("g");
+  eval.set_run_id("r0-1");
+  eval.mutable_eval()->set_step(10);
+  eval.mutable_eval()->set_fid(12.5);
+  core_->ReportEval(eval);
+  core_->StopRun("r5-6", true);
+  const std::string before = Stored();
+  const fs::path backup = dir_ / "backup.db";
+  EXPECT_EQ(core_->BackupRegistry(backup.string()), 30);
+  // The copy is a whole registry, though the coordinator has it open in WAL mode.
+  const RegistryFileSummary summary = InspectRegistryFile(backup.string());
+  EXPECT_EQ(summary.runs, 30);
+  // Refused while a coordinator holds the directory.
+  EXPECT_THROW(RestoreRegistry(options_.data_dir, backup.string()), DataDirInUse);
+  // Restored into a fresh directory, everything is there.
+  const fs::path elsewhere = dir_ / "restored";
+  EXPECT_EQ(RestoreRegistry(elsewhere.string(), backup.string()).runs, 30);
+  CoordinatorOptions restored_options = options_;
+  restored_options.data_dir = elsewhere.string();
+  {
+    Coordinator restored(restored_options, clock_);
+    std::string after;
+    for (const v1::Run& run : restored.ListRuns(v1::RUN_STATE_UNSPECIFIED)) {
+      after += restored.GetRun(run.id()).SerializeAsString();
+    }
+    EXPECT_EQ(after, before);
+    ASSERT_EQ(restored.Checkpoints("r0-1").size(), 1u);
+    EXPECT_EQ(restored.Evals("r0-1").at(0).fid(), 12.5);
+    EXPECT_EQ(restored.MetricHistory("r0-1", 0, 10).rows(), 1);
+  }
+  // Restoring over a registry keeps the replaced one beside it.
+  EXPECT_EQ(RestoreRegistry(elsewhere.string(), backup.string()).runs, 30);
+  int replaced = 0;
+  for (const auto& entry : fs::directory_iterator(elsewhere)) {
+    replaced += entry.path().filename().string().rfind("registry.db.replaced-", 0) == 0 &&
+                entry.path().extension() != ".db-wal";
+  }
+  EXPECT_GE(replaced, 1);
+  // Not a registry: refused by name, nothing replaced.
+  const fs::path garbage = dir_ / "garbage.db";
+  std::ofstream(garbage) << "not a database, just words, and more words than a header holds "
+                            "so that SQLite reads it as a file and finds no database in it";
+  const auto registry_size = fs::file_size(elsewhere / "registry.db");
+  try {
+    RestoreRegistry(elsewhere.string(), garbage.string());
+    ADD_FAILURE() << "a garbage file was restored";
+  } catch (const RegistryError& error) {
+    EXPECT_NE(std::string(error.what()).find(garbage.string()), std::string::npos) << error.what();
+  }
+  EXPECT_EQ(fs::file_size(elsewhere / "registry.db"), registry_size);
+  EXPECT_FALSE(fs::exists(elsewhere / "registry.db.restoring"));
 }
 
 TEST_F(CoordinatorTest, ARestartedCoordinatorKeepsEveryRunAndTakesBackItsGroup) {

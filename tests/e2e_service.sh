@@ -5,7 +5,8 @@
 # back, with no restart; another survives a coordinator restart with nothing lost, and after
 # the group is SIGKILLed a new group resumes it from its last checkpoint to completion. The
 # group sends one heartbeat, gathered by rank 0: a rank stopped with SIGSTOP is named by the
-# coordinator, and one killed is named at once by its peer.
+# coordinator, and one killed is named at once by its peer. A registry backup taken while it
+# serves restores every run; ended runs are forgotten on request with their files kept.
 # usage: e2e_service.sh MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL
 set -euo pipefail
 mpiexec=$1 coordinator=$2 worker=$3 ctl=$4
@@ -153,6 +154,52 @@ kill -KILL "$coordinator_pid"
 wait "$coordinator_pid" 2> /dev/null || true
 start_coordinator "$address" $(($(grep -c 'serving on' "$work/coordinator.log") + 1))
 say "a second coordinator refused: $(head -n 1 "$work/second.txt")"
+
+say "5d. a backup taken while it serves restores every run; an unwritable path is refused"
+touch "$work/a-file"
+for target in "$work/no/such/dir/backup.db" "$work/a-file/backup.db"; do
+  set +e
+  ctl backup "$target" 2> "$work/err.txt"; code=$?
+  set -e
+  [ "$code" = 73 ] || fail "backup to $target exited $code, not 73: $(cat "$work/err.txt")"
+  grep -q "ddpmctl: cannot write the backup to $target: " "$work/err.txt" ||
+    fail "the unwritable backup path was not named: $(cat "$work/err.txt")"
+done
+[ -z "$(find "$work" -name 'backup.db*')" ] || fail "a refused backup left a file: $(find "$work" -name 'backup.db*')"
+ctl backup "$work/backup.db" > "$work/backup.txt"
+grep -q "backed up [0-9]* runs to $work/backup.db" "$work/backup.txt" || fail "backup: $(cat "$work/backup.txt")"
+[ -z "$(find "$work" -name 'backup.db.partial*')" ] || fail "the backup left its temporary file"
+"$coordinator" --data-dir "$work/restored" --restore "$work/backup.db" > "$work/restore.txt" ||
+  fail "restore: $(cat "$work/restore.txt")"
+set +e
+"$coordinator" --data-dir "$data" --restore "$work/backup.db" > "$work/busy.txt" 2>&1; busy=$?
+set -e
+[ "$busy" = 1 ] && grep -q "is in use by pid $coordinator_pid" "$work/busy.txt" ||
+  fail "a restore into the served data dir was not refused: $(cat "$work/busy.txt")"
+"$coordinator" --data-dir "$work/restored" --listen 127.0.0.1:0 --metrics-listen "" --http-listen "" \
+  > "$work/restored.log" 2>&1 &
+restored_pid=$!
+pids+=("$restored_pid")
+for _ in $(seq 1 100); do [ -s "$work/restored/address" ] && break; sleep 0.1; done
+"$ctl" --coordinator "$(cat "$work/restored/address")" --token-file "$work/restored/control.token" \
+  list --json > "$work/restored.json"
+ctl list --json > "$work/live.json"
+python3 - "$work/live.json" "$work/restored.json" <<'PY' || fail "the restored registry differs"
+import json, sys
+live, restored = ([(r["id"], r["state"]) for r in json.load(open(f))["runs"]] for f in sys.argv[1:])
+assert live == restored and len(live) >= 5, (live, restored)
+PY
+kill -TERM "$restored_pid"
+wait "$restored_pid" || fail "the restored coordinator did not exit cleanly"
+say "backup: $(cat "$work/backup.txt" | cut -c1-60)...; restored $(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["runs"]))' "$work/restored.json") runs"
+
+say "5e. ended runs forgotten on request; their run directories stay"
+ctl delete --ended-before 0s > "$work/pruned.txt"
+grep -q "deleted [1-9][0-9]* runs that ended before" "$work/pruned.txt" || fail "prune: $(cat "$work/pruned.txt")"
+[ "$(ctl list --json | python3 -c 'import json,sys; print(sum(r["state"] in ("COMPLETED","STOPPED","FAILED") for r in json.load(sys.stdin).get("runs", [])))')" = 0 ] ||
+  fail "ended runs are still listed: $(ctl list)"
+first=$(sed -n 2p "$work/pruned.txt" | tr -d ' ')
+[ -d "$data/runs/$first" ] || fail "pruning removed the run directory of $first"
 
 say "6. clean shutdown"
 kill -TERM "$group_pid"
