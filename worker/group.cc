@@ -434,9 +434,9 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
   GatewayClient client(gateway);
   const std::vector<std::string> hosts = GatherText(comm, HostName());
   const std::vector<std::string> devices = GatherText(comm, recorder.device());
-  std::vector<pid_t> pids;
-  for (const std::string& pid : GatherText(comm, std::to_string(getpid()))) {
-    pids.push_back(static_cast<pid_t>(std::stol(pid)));
+  std::vector<ProcessId> processes;
+  for (const std::string& text : GatherText(comm, ThisProcess().ToText())) {
+    processes.push_back(ProcessId::FromText(text));
   }
 
   Member member{options, comm, context_for, client, recorder, {}};
@@ -471,7 +471,7 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
   member.heartbeats = &heartbeats;
   // A peer that dies on its own: this rank reports it (the first to see it does) and ends the
   // job, which cannot train on without it. Not while the group shuts down in order.
-  PeerWatchdog watchdog(rank, hosts, pids, [&](int peer, pid_t pid, const std::string& host) {
+  PeerWatchdog watchdog(rank, hosts, processes, [&](int peer, pid_t pid, const std::string& host) {
     if (g_shutdown) return;
     const std::string what = "rank " + std::to_string(peer) + " (pid " + std::to_string(pid) +
                              " on " + host + ") died";

@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstdint>
 #include <condition_variable>
 #include <functional>
 #include <mutex>
@@ -16,17 +17,38 @@
 
 namespace ddpm {
 
-/// Whether the process pid is gone: no such process, or one that has exited and not yet been
-/// reaped (a zombie).
-bool ProcessGone(pid_t pid);
+/// A process as its peers name it: its pid and its start time (clock ticks after boot, from
+/// /proc/PID/stat), which tells it from a later process that reuses the pid.
+struct ProcessId {
+  pid_t pid = 0;
+  int64_t start_ticks = -1;
+  /// "PID:TICKS", and back (a malformed text gives pid 0).
+  std::string ToText() const;
+  static ProcessId FromText(const std::string& text);
+  bool operator==(const ProcessId& other) const {
+    return pid == other.pid && start_ticks == other.start_ticks;
+  }
+};
+
+/// This process's ProcessId.
+ProcessId ThisProcess();
+
+/// Whether the process is gone: no such pid, one that has exited and not yet been reaped (a
+/// zombie), or another process that took the pid since.
+bool ProcessGone(const ProcessId& process);
+
+/// The process pid now (start_ticks -1 when there is none, or no /proc).
+ProcessId ProcessOf(pid_t pid);
 
 /// Watches, from its own thread, the ranks whose host is this rank's host and whose process
-/// this rank can see (a peer in another pid namespace is not watched: its pid would look gone).
+/// this rank can see as the same process (a peer in another pid namespace is not watched: its
+/// pid is not, or is another process, here).
 class PeerWatchdog {
  public:
   /// on_death(rank, pid, host) is called once, from the watchdog's thread, for the first peer
-  /// found gone. hosts and pids are indexed by rank.
-  PeerWatchdog(int rank, const std::vector<std::string>& hosts, const std::vector<pid_t>& pids,
+  /// found gone. hosts and processes are indexed by rank.
+  PeerWatchdog(int rank, const std::vector<std::string>& hosts,
+               const std::vector<ProcessId>& processes,
                std::function<void(int, pid_t, const std::string&)> on_death,
                std::chrono::milliseconds poll = std::chrono::milliseconds(100));
   /// Stops watching (an orderly shutdown, where peers exit on their own).
@@ -41,7 +63,7 @@ class PeerWatchdog {
   void Run();
 
   std::vector<int> watched_;
-  std::vector<pid_t> pids_;
+  std::vector<ProcessId> processes_;
   std::vector<std::string> hosts_;
   const std::function<void(int, pid_t, const std::string&)> on_death_;
   const std::chrono::milliseconds poll_;
