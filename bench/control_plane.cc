@@ -234,6 +234,7 @@ void Simulate(const std::string& coordinator, int groups, int ranks, bool per_gr
     runs.push_back(started.run().id());
   }
   std::vector<v1::RankMetrics> reports;
+  reports.reserve(ranks);
   for (int r = 0; r < ranks; ++r) reports.push_back(RankReport(r, "template"));
   grpc::CompletionQueue queue;
   std::atomic<int64_t> commands{0};

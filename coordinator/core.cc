@@ -2,9 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <map>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <utility>
 
 #include "base/fence.h"
@@ -136,11 +136,10 @@ RegistryFileSummary RestoreRegistry(const std::string& data_dir, const std::stri
   if (fs::exists(registry)) {
     // The current registry (with its write-ahead log) stays beside, under another name: the old
     // log must not be replayed into the restored file.
-    const std::string kept =
-        registry.string() + ".replaced-" +
-        std::to_string(std::chrono::duration_cast<std::chrono::seconds>(
-                           std::chrono::system_clock::now().time_since_epoch())
-                           .count());
+    const std::string kept = registry.string() + ".replaced-" +
+                             std::to_string(std::chrono::duration_cast<std::chrono::seconds>(
+                                                std::chrono::system_clock::now().time_since_epoch())
+                                                .count());
     for (const char* suffix : {"-wal", "-shm"}) {
       const fs::path side = registry.string() + suffix;
       if (fs::exists(side)) fs::rename(side, kept + suffix);
@@ -158,9 +157,10 @@ void Coordinator::Forget(const std::vector<std::string>& ids, const std::string&
     for (const std::string& id : ids) registry_->DeleteRun(id);
   });
   for (const std::string& id : ids) runs_.erase(id);
-  std::printf("ddpm_coordinator: forgot %zu ended runs (%s, first %s); their run directories "
-              "stay\n",
-              ids.size(), why.c_str(), ids.front().c_str());
+  std::printf(
+      "ddpm_coordinator: forgot %zu ended runs (%s, first %s); their run directories "
+      "stay\n",
+      ids.size(), why.c_str(), ids.front().c_str());
   std::fflush(stdout);
   Changed();
 }
@@ -174,8 +174,7 @@ void Coordinator::PruneEnded() {
   }
   std::sort(ended.begin(), ended.end());
   std::vector<std::string> forget;
-  const int64_t cutoff =
-      pruned_ms_ - static_cast<int64_t>(options_.retain_ended_seconds * 1000);
+  const int64_t cutoff = pruned_ms_ - static_cast<int64_t>(options_.retain_ended_seconds * 1000);
   const size_t over = options_.retain_ended_count > 0 &&
                               ended.size() > static_cast<size_t>(options_.retain_ended_count)
                           ? ended.size() - static_cast<size_t>(options_.retain_ended_count)
@@ -203,6 +202,7 @@ std::vector<std::string> Coordinator::DeleteRunsEndedBefore(int64_t ended_before
   }
   std::sort(ended.begin(), ended.end());
   std::vector<std::string> ids;
+  ids.reserve(ended.size());
   for (auto& [at, id] : ended) ids.push_back(std::move(id));
   Forget(ids, "ended before " + FormatUtc(ended_before_unix_ms));
   return ids;

@@ -4,7 +4,8 @@
 # LibTorch 1.13 (CPU) never builds, and the 2.x API. The headers come from Debian's
 # libtorch-cuda-dev (trixie, contrib), unpacked into .libtorch2/ (git-ignored); CUDA's from
 # /usr/local/cuda. Needs build/compile_commands.json (scripts/build.sh). Exits 77 when the
-# headers cannot be fetched, 1 when a file does not compile.
+# headers cannot be fetched, 1 when a file does not compile. A unit that compiled before,
+# byte for byte after preprocessing, is not compiled again (the cache below).
 # usage: scripts/check-libtorch2.sh [BUILD_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,21 +66,47 @@ for name, command in seen.items():
     print(shlex.quote(name) + "\t" + command)
 PY
 echo "check-libtorch2: $(wc -l < "$commands") translation units against LibTorch ${version%.} (CUDA headers)"
+# Results are remembered, as ccache remembers objects: a unit whose command and preprocessed
+# text are those of one that compiled before (the same bytes to the same compiler) is not
+# compiled again. The key is the SHA-256 of the compiler's version, the command and the
+# preprocessed unit, with this checkout's path replaced so that every clone shares the cache.
+# Only successes are remembered. DDPM_LIBTORCH2_CACHE=off compiles every unit.
+export RESULTS=${DDPM_LIBTORCH2_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ddpm-libtorch2}
+export WORK=$work ROOT=$PWD BUILD_DIR=$build_dir
+cat > "$work/job" <<'JOB'
+# One translation unit: job N (its command in $WORK/N.cmd).
+set -uo pipefail
+n=$1
+cd "$BUILD_DIR" || exit 1
+command=$(cat "$WORK/$n.cmd")
+key=
+if [ "$RESULTS" != off ] && eval "${command/ -fsyntax-only / -E -P }" > "$WORK/$n.i" 2> /dev/null; then
+  key=$( { "${command%% *}" --version; printf '%s\n' "$command"; cat "$WORK/$n.i"; } |
+        sed "s|$ROOT|@ROOT@|g" | sha256sum | cut -c1-64)
+  rm -f "$WORK/$n.i"
+  if [ -e "$RESULTS/$key" ]; then touch "$WORK/$n.cached"; exit 0; fi
+fi
+eval "$command" || exit 1
+if [ -n "$key" ]; then mkdir -p "$RESULTS" && touch "$RESULTS/$key"; fi
+JOB
 # One job per translation unit, as many at a time as there are cores.
 n=0
 while IFS=$'\t' read -r file command; do
   printf '%s\n' "$file" > "$work/$n.name"
-  printf 'cd %q && %s\n' "$build_dir" "$command" > "$work/$n.sh"
+  printf '%s\n' "$command" > "$work/$n.cmd"
   n=$((n + 1))
 done < "$commands"
-ls "$work"/*.sh | xargs -P "$(nproc)" -I{} sh -c 'bash {} > {}.log 2>&1 || touch {}.failed'
+seq 0 $((n - 1)) | xargs -P "$(nproc)" -I{} sh -c \
+  'bash "$WORK/job" {} > "$WORK/{}.log" 2>&1 || touch "$WORK/{}.failed"'
 failed=0
-for job in "$work"/*.sh; do
-  if [ -e "$job.failed" ]; then
-    echo "FAILED: $(cat "${job%.sh}.name")"
-    grep -E "error" -A3 "$job.log" | head -20
+for ((i = 0; i < n; i++)); do
+  if [ -e "$work/$i.failed" ]; then
+    echo "FAILED: $(cat "$work/$i.name")"
+    grep -E "error" -A3 "$work/$i.log" | head -20
     failed=1
   fi
 done
-[ "$failed" = 0 ] && echo "check-libtorch2: all $n compile"
+cached=$(find "$work" -name '*.cached' | wc -l)
+[ "$failed" = 0 ] &&
+  echo "check-libtorch2: all $n compile ($cached unchanged since they last compiled, remembered in $RESULTS)"
 exit $failed

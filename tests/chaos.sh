@@ -124,9 +124,10 @@ for trial in $(seq 1 "$trials"); do
     [ "$(field "$run" 'r.get("restarts", 0)')" = 0 ] || fail "trial $trial: a coordinator kill restarted $run"
     say "trial $trial: SIGKILL of the coordinator at step $killed_at: the group carried on, nothing redone"
   else
-    # Not ended: STARTING until the coordinator hears the first step, then RUNNING.
+    # Not ended: STARTING until the coordinator hears the first step, then RUNNING; or already
+    # QUEUED again, when a surviving rank named its killed peer before this looked.
     state=$(field "$run" 'r["state"]')
-    [ "$state" = RUNNING ] || [ "$state" = STARTING ] ||
+    [ "$state" = RUNNING ] || [ "$state" = STARTING ] || [ "$state" = QUEUED ] ||
       fail "trial $trial: $run was $state when the kill after step $at landed"
     wait_gone "$group_pid" "${ranks[@]}"
     # What the kill left: the step every rank had finished, and a checkpoint still being written.

@@ -364,7 +364,7 @@ TEST_F(CoordinatorTest, RankZeroForwardsItsPeersAndAPeerItStopsHearingFromIsName
       peer.set_run_id("a-1");
       peer.mutable_rank_metrics()->set_step(7);
       peer.mutable_rank_metrics()->set_loss(rank / 10.0);
-      peer.set_device_memory_bytes(1000 * rank);
+      peer.set_device_memory_bytes(int64_t{1000} * rank);
       peer.set_age_ms(rank == 2 ? age_of_rank_2 : 200);
     }
     core_->Heartbeat(request);
@@ -379,7 +379,7 @@ TEST_F(CoordinatorTest, RankZeroForwardsItsPeersAndAPeerItStopsHearingFromIsName
   // Rank 2 goes quiet: rank 0 keeps forwarding its last report, older each time.
   for (int second = 1; second <= 9; ++second) {
     clock_.Advance(1);
-    beat(second * 1000);
+    beat(int64_t{1000} * second);
     core_->Tick();
   }
   EXPECT_NEAR(core_->Groups()[0].heartbeat_age_seconds[2], 9.0, 1e-9);

@@ -5,11 +5,11 @@
 #include "worker/peer_watchdog.h"
 
 #include <gtest/gtest.h>
-#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <future>
 #include <string>
 #include <thread>
