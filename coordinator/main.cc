@@ -61,9 +61,10 @@ int main(int argc, char** argv) {
     if (flags.Given("restore")) {
       const ddpm::RegistryFileSummary restored =
           ddpm::RestoreRegistry(core.data_dir, flags.Get("restore"));
-      std::printf("ddpm_coordinator: restored %lld runs (schema %lld) from %s into %s/registry.db\n",
-                  static_cast<long long>(restored.runs), static_cast<long long>(restored.schema),
-                  flags.Get("restore").c_str(), core.data_dir.c_str());
+      std::printf(
+          "ddpm_coordinator: restored %lld runs (schema %lld) from %s into %s/registry.db\n",
+          static_cast<long long>(restored.runs), static_cast<long long>(restored.schema),
+          flags.Get("restore").c_str(), core.data_dir.c_str());
       return 0;
     }
     if (flags.Given("retain-ended")) {

@@ -406,8 +406,8 @@ void Registry::ProbeWritable() {
 
 void Registry::BackupTo(const std::string& path) {
   sqlite3* copy = nullptr;
-  int code = sqlite3_open_v2(path.c_str(), &copy, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
-                             nullptr);
+  int code =
+      sqlite3_open_v2(path.c_str(), &copy, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr);
   std::string reason;
   if (code == SQLITE_OK) {
     sqlite3_backup* backup = sqlite3_backup_init(copy, "main", db_, "main");
@@ -433,8 +433,8 @@ RegistryFileSummary InspectRegistryFile(const std::string& path) {
   RegistryFileSummary summary;
   try {
     if (code != SQLITE_OK) {
-      throw RegistryError(path + ": cannot open: " +
-                          (db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(code)));
+      throw RegistryError(
+          path + ": cannot open: " + (db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(code)));
     }
     const std::string& name = path;
     int64_t id = 0;
@@ -447,8 +447,8 @@ RegistryFileSummary InspectRegistryFile(const std::string& path) {
       summary.schema = version.Int(0);
     }
     if (id != kApplicationId) {
-      throw RegistryError(path + ": not a ddpm run registry (application_id " +
-                          std::to_string(id) + ")");
+      throw RegistryError(path + ": not a ddpm run registry (application_id " + std::to_string(id) +
+                          ")");
     }
     if (summary.schema > kSchemaVersion) {
       throw RegistryError(path + ": schema version " + std::to_string(summary.schema) +

@@ -1,8 +1,7 @@
 #include "tools/ctl.h"
 
-#include <google/protobuf/util/json_util.h>
-
 #include <fcntl.h>
+#include <google/protobuf/util/json_util.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -406,7 +405,10 @@ int64_t ParseEndedBefore(const std::string& when, int64_t now_unix_ms) {
   const std::string unit = when.substr(used);
   if (used > 0 && (unit == "s" || unit == "m" || unit == "h" || unit == "d")) {
     if (!(number >= 0) || !std::isfinite(number)) return refuse();
-    const double seconds = number * (unit == "s" ? 1 : unit == "m" ? 60 : unit == "h" ? 3600 : 86400);
+    const double seconds = number * (unit == "s"   ? 1
+                                     : unit == "m" ? 60
+                                     : unit == "h" ? 3600
+                                                   : 86400);
     return now_unix_ms - static_cast<int64_t>(seconds * 1000);
   }
   // A date, or a date and time, in UTC.
@@ -423,10 +425,9 @@ int64_t ParseEndedBefore(const std::string& when, int64_t now_unix_ms) {
 int CtlDeleteEndedBefore(const CtlOptions& options, const std::string& when) {
   int64_t before = 0;
   try {
-    before = ParseEndedBefore(
-        when, std::chrono::duration_cast<std::chrono::milliseconds>(
-                  std::chrono::system_clock::now().time_since_epoch())
-                  .count());
+    before = ParseEndedBefore(when, std::chrono::duration_cast<std::chrono::milliseconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
   } catch (const std::invalid_argument& error) {
     std::fprintf(stderr, "ddpmctl: %s\n", error.what());
     return kCtlUsage;
@@ -517,7 +518,8 @@ int CtlBackup(const CtlOptions& options, const std::string& file) {
       return static_cast<int>(kCtlCantCreate);
     }
     if (options.json) {
-      std::fprintf(options.out, "{\"file\":\"%s\",\"bytes\":%lld,\"runs\":%lld,\"sha256\":\"%s\"}\n",
+      std::fprintf(options.out,
+                   "{\"file\":\"%s\",\"bytes\":%lld,\"runs\":%lld,\"sha256\":\"%s\"}\n",
                    file.c_str(), static_cast<long long>(written), static_cast<long long>(runs),
                    sha256.c_str());
     } else {

@@ -473,8 +473,8 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
   // job, which cannot train on without it. Not while the group shuts down in order.
   PeerWatchdog watchdog(rank, hosts, processes, [&](int peer, pid_t pid, const std::string& host) {
     if (g_shutdown) return;
-    const std::string what = "rank " + std::to_string(peer) + " (pid " + std::to_string(pid) +
-                             " on " + host + ") died";
+    const std::string what =
+        "rank " + std::to_string(peer) + " (pid " + std::to_string(pid) + " on " + host + ") died";
     // Rank 0's command channel would register the group again once the leave takes it away.
     if (channel) channel->Stop();
     v1::LeaveRequest leave;
