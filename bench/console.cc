@@ -44,19 +44,6 @@ const char* kConfig =
     "model: {ch: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], image_size: 16, "
     "norm_groups: 8}\ntrain: {steps: 100000, batch_size: 4, log_every: 100}\n";
 
-// CPU seconds (user + system) a process has used, from /proc/PID/stat.
-double CpuSeconds(pid_t pid) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
-  std::istringstream fields(text.substr(text.rfind(')') + 2));
-  std::string field;
-  double ticks = 0;
-  for (int i = 3; i <= 15 && fields >> field; ++i) {
-    if (i == 14 || i == 15) ticks += std::stod(field);
-  }
-  return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
-
 // The coordinator in this (child) process until SIGTERM; writes "GRPC HTTP" ports to fd.
 [[noreturn]] void Serve(const fs::path& dir, int fd) {
   sigset_t signals;
@@ -94,13 +81,13 @@ struct Timing {
 template <typename Call>
 Timing Measure(pid_t coordinator, int requests, Call call) {
   Timing timing;
-  const double cpu = CpuSeconds(coordinator);
+  const double cpu = ProcessCpuSeconds(coordinator);
   for (int i = 0; i < requests; ++i) {
     const auto start = Clock::now();
     call();
     timing.ms.push_back(Ms(start));
   }
-  timing.cpu_seconds = CpuSeconds(coordinator) - cpu;
+  timing.cpu_seconds = ProcessCpuSeconds(coordinator) - cpu;
   return timing;
 }
 
@@ -223,10 +210,10 @@ int Run(const Flags& flags) {
     }
   });
   std::this_thread::sleep_for(std::chrono::seconds(2));
-  const double idle_cpu = CpuSeconds(child);
+  const double idle_cpu = ProcessCpuSeconds(child);
   const auto idle_start = Clock::now();
   std::this_thread::sleep_for(std::chrono::seconds(5));
-  const double streaming_cpu = (CpuSeconds(child) - idle_cpu) / (Ms(idle_start) / 1000);
+  const double streaming_cpu = (ProcessCpuSeconds(child) - idle_cpu) / (Ms(idle_start) / 1000);
   const Timing busy = Measure(child, requests, [&] { http.Get("/api/v1/runs", auth); });
   const Timing busy_grpc = Measure(child, requests, [&] {
     v1::ListRunsResponse list;

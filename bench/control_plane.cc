@@ -51,29 +51,6 @@ const char* kConfig =
     "model: {ch: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], image_size: 16, "
     "norm_groups: 8}\ntrain: {steps: 800000, batch_size: 128, log_every: 100}\n";
 
-// CPU seconds (user + system) a process has used, from /proc/PID/stat.
-double CpuSeconds(pid_t pid) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
-  std::istringstream fields(text.substr(text.rfind(')') + 2));
-  std::string field;
-  double ticks = 0;
-  for (int i = 3; i <= 15 && fields >> field; ++i) {
-    if (i == 14 || i == 15) ticks += std::stod(field);
-  }
-  return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
-
-// Resident memory of a process in MB, from /proc/PID/status.
-double RssMb(pid_t pid) {
-  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024;
-  }
-  return 0;
-}
-
 // A real ddpm_coordinator in a process of its own (fork and exec: this process has gRPC threads,
 // so a forked child must not use gRPC), serving on free ports; returns its pid and fills the
 // gRPC address and the /metrics port, read from DATA_DIR/address and its log.
@@ -209,11 +186,11 @@ void Simulate(const std::string& coordinator, int groups, int ranks, bool per_gr
   const pid_t child = Spawn(coordinator, dir, interval, address, metrics_port);
 
   // A connection per 16 groups, as many hosts would open.
-  std::vector<std::unique_ptr<v1::WorkerGateway::Stub>> stubs;
+  std::vector<decltype(MakeClient<v1::WorkerGateway>(std::shared_ptr<grpc::Channel>()))> gateways;
   for (int i = 0; i < (groups + 15) / 16; ++i) {
     grpc::ChannelArguments args;
     args.SetInt("ddpm.bench.connection", i);
-    stubs.push_back(v1::WorkerGateway::NewStub(
+    gateways.push_back(MakeClient<v1::WorkerGateway>(
         grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
   }
   ChannelOptions control_channel;
@@ -249,8 +226,8 @@ void Simulate(const std::string& coordinator, int groups, int ranks, bool per_gr
       group.add_devices("cuda:" + std::to_string(r % 8));
     }
     v1::RegisterResponse registered;
-    auto& stub = *stubs[g / 16];
-    const grpc::Status status = stub.Register(MakeContext(kWorker).get(), group, &registered);
+    auto& gateway = *gateways[g / 16];
+    const grpc::Status status = gateway.Register(MakeContext(kWorker).get(), group, &registered);
     if (!status.ok()) throw std::runtime_error(DescribeStatus("Register", status));
     auto* stream = new StreamCall;
     stream->commands = &commands;
@@ -259,7 +236,7 @@ void Simulate(const std::string& coordinator, int groups, int ranks, bool per_gr
     request.set_group_id(group.group_id());
     request.set_session(registered.session());
     // Prepared, then started: its first completion may come before an async call returns.
-    stream->reader = stub.PrepareAsyncCommands(&stream->context, request, &queue);
+    stream->reader = gateway.PrepareAsyncCommands(&stream->context, request, &queue);
     stream->reader->StartCall(stream);
     streams.push_back(stream);
   }
@@ -334,7 +311,7 @@ void Simulate(const std::string& coordinator, int groups, int ranks, bool per_gr
         }
         call->context.AddMetadata("authorization", std::string("Bearer ") + kWorker);
         call->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-        call->reader = stubs[beat.group / 16]->AsyncHeartbeat(&call->context, request, &queue);
+        call->reader = gateways[beat.group / 16]->AsyncHeartbeat(&call->context, request, &queue);
         call->reader->Finish(&call->response, &call->status, call);
         if (measuring) ++sent;
       }
@@ -371,7 +348,7 @@ void Simulate(const std::string& coordinator, int groups, int ranks, bool per_gr
   });
   // Warm-up: every group heard from (its run RUNNING) before the window opens.
   std::this_thread::sleep_for(std::chrono::duration<double>(2 * interval));
-  const double cpu_start = CpuSeconds(child);
+  const double cpu_start = ProcessCpuSeconds(child);
   const auto window = Clock::now();
   measuring = true;
   httplib::Client scraper("127.0.0.1", metrics_port);
@@ -387,8 +364,8 @@ void Simulate(const std::string& coordinator, int groups, int ranks, bool per_gr
   }
   measuring = false;
   const double elapsed = SecondsSince(window);
-  result.cpu_share = (CpuSeconds(child) - cpu_start) / elapsed;
-  result.rss_mb = RssMb(child);
+  result.cpu_share = (ProcessCpuSeconds(child) - cpu_start) / elapsed;
+  result.rss_mb = ProcessRssMb(child);
   result.heartbeats_per_second = static_cast<double>(sent) / elapsed;
   result.commands = commands;
   stop = true;

@@ -22,24 +22,10 @@ coordinator=${DDPM_FAILOVER_COORDINATOR:-$build_dir/coordinator/ddpm_coordinator
 worker=${DDPM_FAILOVER_WORKER:-$build_dir/worker/ddpm_worker}
 ctl=$build_dir/tools/ddpmctl
 name=failover
+heartbeat_interval=5 heartbeat_timeout=30 coordinator_flags=${DDPM_FAILOVER_FLAGS:-}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 # shellcheck source=tests/service_lib.sh
 source tests/service_lib.sh
-# shellcheck disable=SC2086
-start_coordinator_with_flags() {
-  "$coordinator" --data-dir "$data" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
-    --http-listen 127.0.0.1:0 ${DDPM_FAILOVER_FLAGS:-} >> "$work/coordinator.log" 2>&1 &
-  coordinator_pid=$!
-  pids+=("$coordinator_pid")
-  for _ in $(seq 1 100); do
-    if [ -s "$data/address" ] && grep -q "serving on" "$work/coordinator.log"; then
-      address=$(cat "$data/address")
-      return
-    fi
-    sleep 0.1
-  done
-  fail "the coordinator did not start"
-}
 
 case $model in
   tiny)
@@ -64,7 +50,7 @@ PY
   *) fail "MODEL is tiny or paper, not $model" ;;
 esac
 
-start_coordinator_with_flags
+start_coordinator
 declare -A group_pids
 next_group=0
 add_group() {

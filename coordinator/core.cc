@@ -196,9 +196,9 @@ std::vector<std::string> Coordinator::DeleteRunsEndedBefore(int64_t ended_before
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<std::pair<int64_t, std::string>> ended;
   for (const auto& [id, entry] : runs_) {
-    if (IsFinal(entry.run.state()) && EndedAt(entry.run) < ended_before_unix_ms) {
-      ended.emplace_back(EndedAt(entry.run), id);
-    }
+    if (!IsFinal(entry.run.state())) continue;
+    const int64_t at = EndedAt(entry.run);
+    if (at < ended_before_unix_ms) ended.emplace_back(at, id);
   }
   std::sort(ended.begin(), ended.end());
   std::vector<std::string> ids;

@@ -57,8 +57,12 @@ std::shared_ptr<grpc::Channel> MakeChannel(const ChannelOptions& options);
 
 /// A client of Service (e.g. v1::Control) over a new channel to the coordinator.
 template <typename Service>
+auto MakeClient(const std::shared_ptr<grpc::Channel>& channel) {
+  return Service::NewStub(channel);
+}
+template <typename Service>
 auto MakeClient(const ChannelOptions& options) {
-  return Service::NewStub(MakeChannel(options));
+  return MakeClient<Service>(MakeChannel(options));
 }
 
 /// A client context that carries the bearer token and, if timeout is positive, a deadline.

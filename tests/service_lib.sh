@@ -1,6 +1,7 @@
 # Shared by the service shell tests: a coordinator and worker groups on loopback, ddpmctl, and
 # waiting. Source it after setting: name (the test's name in messages), mpiexec, coordinator,
-# worker, ctl. It makes $work (removed on exit) and kills every process it started.
+# worker, ctl (and optionally heartbeat_interval, heartbeat_timeout, coordinator_flags, extra
+# flags split on spaces). It makes $work (removed on exit) and kills every process it started.
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -25,7 +26,7 @@ start_coordinator() {  # [ADDRESS [STARTS]]: waits until it serves (for the STAR
   "$coordinator" --data-dir "$data" --listen "${1:-127.0.0.1:0}" --metrics-listen 127.0.0.1:0 \
     --http-listen "${http_listen:-127.0.0.1:0}" \
     --heartbeat-interval "${heartbeat_interval:-1}" --heartbeat-timeout "${heartbeat_timeout:-6}" \
-    >> "$work/coordinator.log" 2>&1 &
+    ${coordinator_flags:-} >> "$work/coordinator.log" 2>&1 &
   coordinator_pid=$!
   pids+=("$coordinator_pid")
   for _ in $(seq 1 100); do

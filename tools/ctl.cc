@@ -56,19 +56,19 @@ class Client {
  public:
   explicit Client(const CtlOptions& options) : options_(options) {
     token_ = ReadToken(options.token_file, "DDPM_CONTROL_TOKEN");
-    stub_ = MakeClient<v1::Control>(options.channel);
+    control_ = MakeClient<v1::Control>(options.channel);
   }
   std::unique_ptr<grpc::ClientContext> Context() const {
     return MakeContext(
         token_, std::chrono::milliseconds(static_cast<int64_t>(options_.timeout_seconds * 1000)));
   }
   std::unique_ptr<grpc::ClientContext> StreamContext() const { return MakeContext(token_); }
-  v1::Control::Stub& stub() { return *stub_; }
+  auto& control() { return *control_; }
 
  private:
   const CtlOptions& options_;
   std::string token_;
-  std::unique_ptr<v1::Control::Stub> stub_;
+  std::unique_ptr<v1::Control::Stub> control_;
 };
 
 // Runs body with a client; local setup errors (token, CA, config file) exit with kCtlNoInput.
@@ -246,7 +246,8 @@ int CtlStart(const CtlOptions& options, const StartOptions& start, std::string* 
   if (start.max_restarts >= 0) request.set_max_restarts(start.max_restarts);
   return WithClient(options, [&](Client& client) {
     v1::StartRunResponse response;
-    const grpc::Status status = client.stub().StartRun(client.Context().get(), request, &response);
+    const grpc::Status status =
+        client.control().StartRun(client.Context().get(), request, &response);
     if (!status.ok()) return Report("StartRun", status);
     if (run_id != nullptr) *run_id = response.run().id();
     if (options.json) {
@@ -282,7 +283,7 @@ int CtlEval(const CtlOptions& options, const EvalOptions& eval, std::string* run
   return WithClient(options, [&](Client& client) {
     v1::StartEvalResponse response;
     const auto context = client.Context();
-    const grpc::Status status = client.stub().StartEval(context.get(), request, &response);
+    const grpc::Status status = client.control().StartEval(context.get(), request, &response);
     if (!status.ok()) return Report("StartEval", status);
     if (run_id != nullptr) *run_id = response.run().id();
     if (options.json) {
@@ -303,7 +304,8 @@ int CtlStop(const CtlOptions& options, const std::string& run, bool immediate) {
     request.set_run(run);
     request.set_immediate(immediate);
     v1::StopRunResponse response;
-    const grpc::Status status = client.stub().StopRun(client.Context().get(), request, &response);
+    const grpc::Status status =
+        client.control().StopRun(client.Context().get(), request, &response);
     if (!status.ok()) return Report("StopRun", status);
     if (options.json) {
       std::fprintf(options.out, "%s\n", ToJson(response.run()).c_str());
@@ -334,7 +336,7 @@ int CtlList(const CtlOptions& options, const std::string& state, const std::stri
     request.set_page_size(1000);
     do {
       v1::ListRunsResponse page;
-      const grpc::Status status = client.stub().ListRuns(client.Context().get(), request, &page);
+      const grpc::Status status = client.control().ListRuns(client.Context().get(), request, &page);
       if (!status.ok()) return Report("ListRuns", status);
       for (v1::Run& run : *page.mutable_runs()) *response.add_runs() = std::move(run);
       request.set_page_token(page.next_page_token());
@@ -361,7 +363,7 @@ int CtlGet(const CtlOptions& options, const std::string& run) {
     v1::GetRunRequest request;
     request.set_run(run);
     v1::GetRunResponse response;
-    const grpc::Status status = client.stub().GetRun(client.Context().get(), request, &response);
+    const grpc::Status status = client.control().GetRun(client.Context().get(), request, &response);
     if (!status.ok()) return Report("GetRun", status);
     if (options.json) {
       std::fprintf(options.out, "%s\n", ToJson(response.run()).c_str());
@@ -377,7 +379,8 @@ int CtlDelete(const CtlOptions& options, const std::string& run) {
     v1::DeleteRunRequest request;
     request.set_run(run);
     v1::DeleteRunResponse response;
-    const grpc::Status status = client.stub().DeleteRun(client.Context().get(), request, &response);
+    const grpc::Status status =
+        client.control().DeleteRun(client.Context().get(), request, &response);
     if (!status.ok()) return Report("DeleteRun", status);
     if (options.json) {
       std::fprintf(options.out, "{\"deleted\":\"%s\"}\n", run.c_str());
@@ -437,7 +440,7 @@ int CtlDeleteEndedBefore(const CtlOptions& options, const std::string& when) {
     request.set_ended_before_unix_ms(before);
     v1::DeleteRunsResponse response;
     const grpc::Status status =
-        client.stub().DeleteRuns(client.Context().get(), request, &response);
+        client.control().DeleteRuns(client.Context().get(), request, &response);
     if (!status.ok()) return Report("DeleteRuns", status);
     if (options.json) {
       std::fprintf(options.out, "%s\n", ToJson(response).c_str());
@@ -472,7 +475,7 @@ int CtlBackup(const CtlOptions& options, const std::string& file) {
     };
     const std::unique_ptr<grpc::ClientContext> context = client.StreamContext();
     v1::BackupRegistryRequest request;
-    auto reader = client.stub().BackupRegistry(context.get(), request);
+    auto reader = client.control().BackupRegistry(context.get(), request);
     v1::BackupChunk chunk;
     Sha256 hash;
     int64_t written = 0, total = -1, runs = 0;
@@ -669,7 +672,7 @@ int CtlWatch(const CtlOptions& options, const std::string& run) {
     while (true) {
       auto context = client.StreamContext();
       std::unique_ptr<grpc::ClientReader<v1::WatchRunEvent>> reader =
-          client.stub().WatchRun(context.get(), request);
+          client.control().WatchRun(context.get(), request);
       v1::WatchRunEvent event;
       while (reader->Read(&event)) {
         unavailable_since = Clock::time_point::max();
