@@ -1,9 +1,11 @@
-// How durations are written, once for every binary. No dependencies.
+// How durations, numbers and lists are written and read, once for every binary. No
+// dependencies.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace ddpm {
 
@@ -19,6 +21,9 @@ std::string FormatUtc(int64_t unix_ms);
 
 /// A number as people write it: the shortest of %g's forms ("1", "2.5", "0.125").
 std::string FormatNumber(double value);
+
+/// The items of a comma-separated list, spaces around each trimmed, empty ones dropped.
+std::vector<std::string> SplitList(const std::string& text);
 
 /// Seconds since `start` on the steady clock.
 double SecondsSince(std::chrono::steady_clock::time_point start);

@@ -66,6 +66,10 @@ struct EnumNames<TimestepSamplerKind> {
 };
 
 template <>
+struct EnumNames<EvalSelect> {
+  static constexpr const char* kNames[] = {"none", "fid", "kid", "nll"};
+};
+template <>
 struct EnumNames<IsLogits> {
   static constexpr const char* kNames[] = {"unbiased", "biased"};
 };
@@ -166,6 +170,9 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("eval", "nll_every", c.eval.nll_every);
   visit("eval", "nll_images", c.eval.nll_images);
   visit("eval", "nll_timesteps", c.eval.nll_timesteps);
+  visit("eval", "metrics", c.eval.metrics);
+  visit("eval", "select", c.eval.select);
+  visit("eval", "patience", c.eval.patience);
   visit("dist", "bucket_mb", c.dist.bucket_mb);
   visit("dist", "timeout_seconds", c.dist.timeout_seconds);
   visit("dist", "world_size", c.dist.world_size);
@@ -235,6 +242,16 @@ void Parse(const YAML::Node& n, std::vector<int>& out, const std::string& w, con
   }
   out = std::move(values);
 }
+void Parse(const YAML::Node& n, std::vector<std::string>& out, const std::string& w,
+           const std::string& k) {
+  if (!n.IsSequence()) Fail(w, k, "expected a list of names, got " + ScalarText(n));
+  std::vector<std::string> values;
+  for (std::size_t i = 0; i < n.size(); ++i) {
+    values.push_back(
+        ParseScalar<std::string>(n[i], w, k + "[" + std::to_string(i) + "]", "a name"));
+  }
+  out = std::move(values);
+}
 void Parse(const YAML::Node& n, std::vector<double>& out, const std::string& w,
            const std::string& k) {
   if (!n.IsSequence()) Fail(w, k, "expected a list of numbers, got " + ScalarText(n));
@@ -273,6 +290,11 @@ std::string Format(const std::string& v) {
 std::string Format(const std::vector<int>& v) {
   std::string out = "[";
   for (std::size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+  return out + "]";
+}
+std::string Format(const std::vector<std::string>& v) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + Format(v[i]);
   return out + "]";
 }
 std::string Format(const std::vector<double>& v) {
@@ -390,6 +412,12 @@ const char* Name(DatasetKind v) { return EnumNames<DatasetKind>::kNames[static_c
 const char* Name(CifarSplit v) { return EnumNames<CifarSplit>::kNames[static_cast<int>(v)]; }
 const char* Name(Precision v) { return EnumNames<Precision>::kNames[static_cast<int>(v)]; }
 const char* Name(IsLogits v) { return EnumNames<IsLogits>::kNames[static_cast<int>(v)]; }
+const char* Name(EvalSelect v) { return EnumNames<EvalSelect>::kNames[static_cast<int>(v)]; }
+
+bool EvalConfig::Computes(const std::string& metric) const {
+  return metric == "fid" || metric == "is" ||
+         std::find(metrics.begin(), metrics.end(), metric) != metrics.end();
+}
 const char* Name(TimestepSamplerKind v) {
   return EnumNames<TimestepSamplerKind>::kNames[static_cast<int>(v)];
 }
@@ -655,6 +683,34 @@ void Config::Validate(int world_size) const {
     Invalid("eval.nll_timesteps",
             "must be 0 (all T) or in [2, diffusion.timesteps = " + std::to_string(d.timesteps) +
                 "], got " + std::to_string(eval.nll_timesteps));
+  }
+  static constexpr const char* kMetrics[] = {"fid", "is", "kid", "prd"};
+  for (std::size_t i = 0; i < eval.metrics.size(); ++i) {
+    const std::string& metric = eval.metrics[i];
+    if (std::find(std::begin(kMetrics), std::end(kMetrics), metric) == std::end(kMetrics)) {
+      Invalid("eval.metrics", "'" + metric + "' is not one of: fid, is, kid, prd");
+    }
+    if (std::find(eval.metrics.begin(), eval.metrics.begin() + i, metric) !=
+        eval.metrics.begin() + i) {
+      Invalid("eval.metrics", "'" + metric + "' is listed twice");
+    }
+  }
+  if (eval.patience < 0)
+    Invalid("eval.patience",
+            "must be >= 0 (0: never stop early), got " + std::to_string(eval.patience));
+  if (eval.patience > 0 && eval.select == EvalSelect::kNone) {
+    Invalid("eval.patience",
+            "waits for the best of a score, so it needs eval.select (fid, kid or nll)");
+  }
+  if ((eval.select == EvalSelect::kFid || eval.select == EvalSelect::kKid) && eval.every <= 0) {
+    Invalid("eval.select", std::string(Name(eval.select)) +
+                               " is measured every eval.every steps, which is 0 (never)");
+  }
+  if (eval.select == EvalSelect::kKid && !eval.Computes("kid")) {
+    Invalid("eval.select", "kid needs kid in eval.metrics, which is " + Format(eval.metrics));
+  }
+  if (eval.select == EvalSelect::kNll && eval.nll_every <= 0) {
+    Invalid("eval.select", "nll is measured every eval.nll_every steps, which is 0 (never)");
   }
   if (!(dist.bucket_mb > 0))
     Invalid("dist.bucket_mb", "must be > 0, got " + Format(dist.bucket_mb));

@@ -36,6 +36,8 @@ enum class TimestepSamplerKind { kUniform, kLossSecondMoment };
 /// bias (the original TF code's, openai/improved-gan; torch-fidelity's logits_unbiased), or the
 /// fc's output with it.
 enum class IsLogits { kUnbiased, kBiased };
+/// The score by which a run keeps its best checkpoint (eval.select).
+enum class EvalSelect { kNone, kFid, kKid, kNll };
 
 /// The UNet of Ho et al. (Appendix B), as in the authors' diffusion_tf/models/unet.py.
 struct ModelConfig {
@@ -269,6 +271,19 @@ struct EvalConfig {
   /// Timesteps per image: 0 = all T (the paper's bound); K = t = 0 and a stratified unbiased
   /// estimate from K - 1 more.
   int nll_timesteps = 0;
+  /// The scores of each sample evaluation: fid and is (always computed: they cost nothing
+  /// beyond the Inception pass), kid (Binkowski et al.; the reference .npz must hold the
+  /// reference `features`) and prd (precision and recall, k = 3; density and coverage, k = 5;
+  /// against min(reference size, num_samples) reference features drawn with eval.seed).
+  std::vector<std::string> metrics = {"fid", "is"};
+  /// The score whose best checkpoint the run keeps (the `best` pointer, never pruned): fid,
+  /// kid or nll (lower is better for each); none keeps no best.
+  EvalSelect select = EvalSelect::kNone;
+  /// With select: the run stops, COMPLETED, once this many evaluations in a row have not
+  /// improved on the best; 0 never stops early.
+  int patience = 0;
+  /// Whether metric ("kid", "prd") is among metrics.
+  bool Computes(const std::string& metric) const;
 };
 
 /// Data-parallel training across ranks.
@@ -346,5 +361,6 @@ const char* Name(Precision v);
 const char* Name(DivergencePolicy v);
 const char* Name(TimestepSamplerKind v);
 const char* Name(IsLogits v);
+const char* Name(EvalSelect v);
 
 }  // namespace ddpm

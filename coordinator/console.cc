@@ -415,6 +415,7 @@ void Console::Route() {
                    merged.set_fid(eval.fid());
                    merged.set_inception_score(eval.inception_score());
                    merged.set_num_samples(eval.num_samples());
+                   if (eval.has_kid()) merged.set_kid(eval.kid());
                  }
                  if (eval.has_nll_bits_per_dim())
                    merged.set_nll_bits_per_dim(eval.nll_bits_per_dim());

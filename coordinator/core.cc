@@ -553,6 +553,11 @@ v1::Run Coordinator::StartEval(const v1::StartEvalRequest& request) {
   if (request.has_steps()) overrides.emplace_back("eval.steps", std::to_string(request.steps()));
   if (request.has_seed()) overrides.emplace_back("eval.seed", std::to_string(request.seed()));
   if (!request.is_logits().empty()) overrides.emplace_back("eval.is_logits", request.is_logits());
+  if (request.metrics_size() > 0) {
+    std::string list;
+    for (const std::string& metric : request.metrics()) list += (list.empty() ? "" : ", ") + metric;
+    overrides.emplace_back("eval.metrics", "[" + list + "]");
+  }
   if (request.has_batch_size()) {
     overrides.emplace_back("eval.batch_size", std::to_string(request.batch_size()));
   }
@@ -1135,6 +1140,7 @@ void Coordinator::ReportEval(const v1::ReportEvalRequest& request) {
   if (eval.has_nll_bits_per_dim() && eval.step() >= next.latest_nll().step()) {
     *next.mutable_latest_nll() = eval;
   }
+  if (request.has_best()) *next.mutable_best() = request.best();
   if (next.kind() == v1::EVALUATION) {
     // One result per checkpoint, in step order; a repeated report (a retry) replaces its own.
     auto* results = next.mutable_evaluation()->mutable_results();
@@ -1177,9 +1183,11 @@ void Coordinator::ReportRunEnd(const v1::ReportRunEndRequest& request) {
   switch (request.outcome()) {
     case v1::ReportRunEndRequest::COMPLETED:
       if (!IsFinal(state)) {
+        // A run that ended early (eval.patience) says why.
         Transition(entry, v1::COMPLETED,
-                   (run.kind() == v1::EVALUATION ? "evaluated every checkpoint it chose"
-                                                 : "trained to the last step") +
+                   (!request.message().empty()     ? request.message()
+                    : run.kind() == v1::EVALUATION ? "evaluated every checkpoint it chose"
+                                                   : "trained to the last step") +
                        at);
       }
       break;

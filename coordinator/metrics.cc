@@ -68,6 +68,19 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
               "Checkpoints of a run abandoned because they could not be written");
   MetricFamily fid = Gauge("ddpm_eval_fid", "FID of the newest evaluation");
   MetricFamily inception = Gauge("ddpm_eval_inception_score", "IS of the newest evaluation");
+  MetricFamily kid = Gauge("ddpm_eval_kid",
+                           "KID (unbiased MMD^2, cubic kernel) of the newest evaluation that "
+                           "measured it (eval.metrics kid); may be below 0");
+  MetricFamily prd = Gauge("ddpm_eval_prd",
+                           "Precision and recall (k = 3), density and coverage (k = 5) of the "
+                           "newest evaluation that measured them (eval.metrics prd), by score");
+  MetricFamily best_score = Gauge("ddpm_eval_best_score",
+                                  "The score of the checkpoint a run keeps as its best "
+                                  "(eval.select), by metric, with its step");
+  MetricFamily best_since =
+      Gauge("ddpm_eval_best_evaluations_since",
+            "Evaluations since the best that did not improve on it (eval.patience stops the run "
+            "at its value)");
   MetricFamily nll = Gauge("ddpm_eval_nll_bits_per_dim",
                            "The variational bound (NLL) in bits/dim on held-out images, of the "
                            "newest evaluation that measured it");
@@ -82,6 +95,10 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
   MetricFamily checkpoint_is =
       Gauge("ddpm_eval_checkpoint_inception_score",
             "IS of a checkpoint of run (at step) measured by evaluation job job (ddpmctl eval)");
+  MetricFamily checkpoint_kid =
+      Gauge("ddpm_eval_checkpoint_kid",
+            "KID of a checkpoint of run (at step) measured by evaluation job job (ddpmctl eval "
+            "--metrics kid)");
   std::map<v1::RunState, int> counts;
   for (int s = v1::QUEUED; s <= v1::FAILED; ++s) counts[static_cast<v1::RunState>(s)] = 0;
   for (const v1::Run& run : runs) {
@@ -96,6 +113,7 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
                                      {"step", std::to_string(result.step())}};
         AddValue(checkpoint_fid, labels, result.fid());
         AddValue(checkpoint_is, labels, result.inception_score());
+        if (result.has_kid()) AddValue(checkpoint_kid, labels, result.kid());
       }
       if (IsActive(run.state()) && run.total_steps() > 0) {
         AddValue(job_done, {{"run", run.id()}}, static_cast<double>(run.metrics().step()));
@@ -138,9 +156,28 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
     if (run.has_latest_eval()) {
       AddValue(fid, labels, run.latest_eval().fid());
       AddValue(inception, labels, run.latest_eval().inception_score());
+      const v1::EvalResult& eval = run.latest_eval();
+      if (eval.has_kid()) AddValue(kid, labels, eval.kid());
+      if (eval.has_precision()) {
+        for (const auto& [name, value] :
+             {std::pair<const char*, double>{"precision", eval.precision()},
+              {"recall", eval.recall()},
+              {"density", eval.density()},
+              {"coverage", eval.coverage()}}) {
+          AddValue(prd, {{"run", run.id()}, {"score", name}}, value);
+        }
+      }
     }
     if (run.latest_nll().has_nll_bits_per_dim()) {
       AddValue(nll, labels, run.latest_nll().nll_bits_per_dim());
+    }
+    if (run.has_best()) {
+      AddValue(best_score,
+               {{"run", run.id()},
+                {"metric", run.best().metric()},
+                {"step", std::to_string(run.best().step())}},
+               run.best().score());
+      AddValue(best_since, labels, run.best().evaluations_since());
     }
   }
   for (const auto& [s, count] : counts) {
@@ -183,11 +220,16 @@ std::vector<MetricFamily> CoordinatorCollector::Collect() const {
           write,
           fid,
           inception,
+          kid,
+          prd,
+          best_score,
+          best_since,
           nll,
           job_done,
           job_total,
           checkpoint_fid,
           checkpoint_is,
+          checkpoint_kid,
           up,
           age,
           memory};

@@ -16,9 +16,37 @@ namespace ddpm {
 
 const char* const kSweepCsvHeader =
     "step,fid,inception_score,inception_score_std,is_logits,num_samples,sampler,sampling_steps,"
-    "seed,regularized,seconds,inception_sha256,reference_sha256";
+    "seed,regularized,seconds,inception_sha256,reference_sha256,kid,kid_std,kid_subsets,"
+    "kid_subset_size,precision,recall,density,coverage,prd_reference_count";
 
 namespace {
+
+// The header before KID and PRD: a job restarted on an older sweep.csv reads it on.
+constexpr char kSweepCsvHeaderBeforeKid[] =
+    "step,fid,inception_score,inception_score_std,is_logits,num_samples,sampler,sampling_steps,"
+    "seed,regularized,seconds,inception_sha256,reference_sha256";
+
+// ",kid,kid_std,kid_subsets,kid_subset_size,precision,recall,density,coverage,
+// prd_reference_count" of a report, empty fields for what it did not measure; at full precision.
+std::string KidAndPrdFields(const EvalReport& r) {
+  char text[512];
+  std::string fields;
+  if (r.has_kid) {
+    std::snprintf(text, sizeof(text), ",%.17g,%.17g,%d,%" PRId64, r.kid, r.kid_std, r.kid_subsets,
+                  r.kid_subset_size);
+    fields += text;
+  } else {
+    fields += ",,,,";
+  }
+  if (r.has_prd) {
+    std::snprintf(text, sizeof(text), ",%.17g,%.17g,%.17g,%.17g,%" PRId64, r.precision, r.recall,
+                  r.density, r.coverage, r.prd_reference_count);
+    fields += text;
+  } else {
+    fields += ",,,,,";
+  }
+  return fields;
+}
 
 std::vector<std::string> SplitCsv(const std::string& line) {
   std::vector<std::string> fields;
@@ -36,11 +64,11 @@ void WriteSweepCsv(const std::vector<EvalReport>& reports, const std::string& pa
   for (const EvalReport& r : reports) {
     char line[1024];
     std::snprintf(line, sizeof(line),
-                  "%" PRId64 ",%.17g,%.17g,%.17g,%s,%" PRId64 ",%s,%d,%" PRIu64 ",%d,%.3f,%s,%s\n",
+                  "%" PRId64 ",%.17g,%.17g,%.17g,%s,%" PRId64 ",%s,%d,%" PRIu64 ",%d,%.3f,%s,%s",
                   r.step, r.fid, r.inception_score, r.inception_score_std, r.is_logits.c_str(),
                   r.num_samples, r.sampler.c_str(), r.sampling_steps, r.seed, r.regularized ? 1 : 0,
                   r.seconds, r.inception_sha256.c_str(), r.reference_sha256.c_str());
-    text += line;
+    text += line + KidAndPrdFields(r) + "\n";
   }
   WriteFileAtomically(path, text);
 }
@@ -51,10 +79,12 @@ std::vector<EvalReport> ReadSweepCsv(const std::string& path) {
   std::vector<EvalReport> reports;
   std::string line;
   int number = 0;
+  std::size_t columns = 22;
   while (std::getline(in, line)) {
     ++number;
     if (number == 1) {
-      if (line != kSweepCsvHeader) {
+      if (line == kSweepCsvHeaderBeforeKid) columns = 13;
+      if (line != kSweepCsvHeader && line != kSweepCsvHeaderBeforeKid) {
         throw std::runtime_error(path + ": line 1 is not the header of an evaluation sweep (" +
                                  kSweepCsvHeader + ")");
       }
@@ -63,7 +93,9 @@ std::vector<EvalReport> ReadSweepCsv(const std::string& path) {
     if (line.empty()) continue;
     const std::vector<std::string> f = SplitCsv(line);
     try {
-      if (f.size() != 13) throw std::invalid_argument("13 fields expected");
+      if (f.size() != columns) {
+        throw std::invalid_argument(std::to_string(columns) + " fields expected");
+      }
       EvalReport r;
       r.step = std::stoll(f[0]);
       r.fid = std::stod(f[1]);
@@ -78,6 +110,21 @@ std::vector<EvalReport> ReadSweepCsv(const std::string& path) {
       r.seconds = std::stod(f[10]);
       r.inception_sha256 = f[11];
       r.reference_sha256 = f[12];
+      if (columns > 13 && !f[13].empty()) {
+        r.has_kid = true;
+        r.kid = std::stod(f[13]);
+        r.kid_std = std::stod(f[14]);
+        r.kid_subsets = std::stoi(f[15]);
+        r.kid_subset_size = std::stoll(f[16]);
+      }
+      if (columns > 13 && !f[17].empty()) {
+        r.has_prd = true;
+        r.precision = std::stod(f[17]);
+        r.recall = std::stod(f[18]);
+        r.density = std::stod(f[19]);
+        r.coverage = std::stod(f[20]);
+        r.prd_reference_count = std::stoll(f[21]);
+      }
       reports.push_back(r);
     } catch (const std::exception& error) {
       throw std::runtime_error(path + ": line " + std::to_string(number) + " does not read (" +
@@ -195,9 +242,35 @@ void WriteSweepPlot(const std::vector<EvalReport>& reports, const std::string& p
   PlotFidAndIs(reports, xs, labels, "STEP", path);
 }
 
+std::optional<BestStatus> BestOfSweep(const std::vector<EvalReport>& reports, EvalSelect select,
+                                      const std::string& checkpoints_dir) {
+  const EvalSelect by = select == EvalSelect::kNone ? EvalSelect::kFid : select;
+  std::optional<BestStatus> best;
+  for (const EvalReport& r : reports) {
+    const std::optional<double> score = SelectedScore(by, r);
+    if (!score || (best && !(*score < best->score))) continue;
+    best = BestStatus{};
+    best->step = r.step;
+    char name[32];
+    std::snprintf(name, sizeof(name), "step_%09" PRId64, r.step);
+    best->path = checkpoints_dir + "/" + name;
+    best->metric = Name(by);
+    best->score = *score;
+  }
+  return best;
+}
+
+void WriteBestTxt(const BestStatus& best, const std::string& path) {
+  char text[1024];
+  std::snprintf(text, sizeof(text), "step %" PRId64 "\n%s %.17g\ncheckpoint %s\n", best.step,
+                best.metric.c_str(), best.score, best.path.c_str());
+  WriteFileAtomically(path, text);
+}
+
 const char* const kParameterSweepCsvTail =
     "fid,inception_score,inception_score_std,is_logits,num_samples,sampler,sampling_steps,seed,"
-    "guidance,regularized,seconds,inception_sha256,reference_sha256";
+    "guidance,regularized,seconds,inception_sha256,reference_sha256,kid,kid_std,kid_subsets,"
+    "kid_subset_size,precision,recall,density,coverage,prd_reference_count";
 
 void WriteParameterSweep(const ParameterSweep& sweep, const std::string& csv_path,
                          const std::string& png_path) {
@@ -221,13 +294,12 @@ void WriteParameterSweep(const ParameterSweep& sweep, const std::string& csv_pat
     char line[1024];
     char guidance[40] = "";
     if (!over_guidance) std::snprintf(guidance, sizeof(guidance), "%.17g,", r.guidance);
-    std::snprintf(line, sizeof(line),
-                  "%s,%.17g,%.17g,%.17g,%s,%" PRId64 ",%s,%d,%" PRIu64 ",%s%d,%.3f,%s,%s\n",
-                  RoundTrip(sweep.values[i]).c_str(), r.fid, r.inception_score,
-                  r.inception_score_std, r.is_logits.c_str(), r.num_samples, r.sampler.c_str(),
-                  r.sampling_steps, r.seed, guidance, r.regularized ? 1 : 0, r.seconds,
-                  r.inception_sha256.c_str(), r.reference_sha256.c_str());
-    text += line;
+    std::snprintf(
+        line, sizeof(line), "%s,%.17g,%.17g,%.17g,%s,%" PRId64 ",%s,%d,%" PRIu64 ",%s%d,%.3f,%s,%s",
+        RoundTrip(sweep.values[i]).c_str(), r.fid, r.inception_score, r.inception_score_std,
+        r.is_logits.c_str(), r.num_samples, r.sampler.c_str(), r.sampling_steps, r.seed, guidance,
+        r.regularized ? 1 : 0, r.seconds, r.inception_sha256.c_str(), r.reference_sha256.c_str());
+    text += line + KidAndPrdFields(r) + "\n";
     reports.push_back(r);
     xs.push_back(sweep.values[i]);
     labels.push_back(ShortNumber(sweep.values[i]));

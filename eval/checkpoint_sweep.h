@@ -5,6 +5,7 @@
 // against the setting's values. Torch-free.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,14 @@ std::vector<EvalReport> ReadSweepCsv(const std::string& path);
 /// Two panels against the checkpoint step: FID (blue, above) and IS with its spread over the
 /// splits (orange, below), each with its range on the y axis; atomically.
 void WriteSweepPlot(const std::vector<EvalReport>& reports, const std::string& path);
+
+/// The report with the lowest score of select (FID when select is none) as a BestStatus whose
+/// path is checkpoints_dir/step_XXXXXXXXX; nullopt when no report measured the score.
+std::optional<BestStatus> BestOfSweep(const std::vector<EvalReport>& reports, EvalSelect select,
+                                      const std::string& checkpoints_dir);
+/// Writes best as path ("step 20\nfid 3.1699999999999999\ncheckpoint DIR/step_000000020\n"),
+/// atomically.
+void WriteBestTxt(const BestStatus& best, const std::string& path);
 
 /// FID and IS of one model at several values of one setting.
 struct ParameterSweep {

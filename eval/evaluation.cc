@@ -1,5 +1,6 @@
 #include "eval/evaluation.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -27,8 +28,9 @@ torch::Tensor Quantize(const torch::Tensor& images) {
 }  // namespace
 
 InceptionStatistics::InceptionStatistics(FidInception model, int64_t total_samples,
-                                         IsLogits is_logits)
+                                         IsLogits is_logits, bool keep_features)
     : model_(std::move(model)),
+      keep_features_(keep_features),
       features_(2048),
       scores_(total_samples, 1008),
       is_logits_(is_logits) {}
@@ -39,6 +41,64 @@ void InceptionStatistics::Add(const torch::Tensor& images, int64_t first_index) 
   const InceptionOutput out = model_->forward(rgb.to(torch::kFloat32));
   features_.Add(out.pool3);
   scores_.Add(is_logits_ == IsLogits::kUnbiased ? out.logits_unbiased : out.logits, first_index);
+  if (keep_features_) kept_.push_back(out.pool3.to(torch::kFloat32).clone());
+}
+
+torch::Tensor InceptionStatistics::KeptFeatures() const {
+  if (kept_.empty()) return torch::zeros({0, 2048}, torch::kFloat32);
+  return torch::cat(kept_);
+}
+
+torch::Tensor ReadReferenceFeatures(const std::string& path, torch::Device device) {
+  std::map<std::string, torch::Tensor> arrays = ReadNpz(path);
+  const auto found = arrays.find("features");
+  if (found == arrays.end()) {
+    throw std::runtime_error(
+        path +
+        ": has no array 'features' (the reference images' Inception pool3 features, float32 "
+        "[N, 2048]), which KID and precision/recall need; statistics with only mu and sigma "
+        "serve FID alone: make them again with `ddpm_fid stats`, which writes the features too");
+  }
+  const torch::Tensor& features = found->second;
+  if (features.dim() != 2 || features.size(1) != 2048 || features.size(0) < 2) {
+    throw std::runtime_error(path + ": features is " + c10::str(features.sizes()) +
+                             "; expected [N, 2048] with N >= 2");
+  }
+  return features.to(device, torch::kFloat32);
+}
+
+void ScoreFeatures(const torch::Tensor& samples, const torch::Tensor& reference, bool kid, bool prd,
+                   uint64_t seed, Communicator& comm, std::optional<PrdReference>* prd_reference,
+                   EvalReport* report) {
+  if (kid) {
+    KidOptions options;
+    options.seed = seed;
+    const KidResult result = KernelInceptionDistance(samples, reference, comm, options);
+    report->has_kid = true;
+    report->kid = result.mean;
+    report->kid_std = result.std;
+    report->kid_subsets = result.subsets;
+    report->kid_subset_size = result.subset_size;
+  }
+  if (prd) {
+    const int64_t count = std::min(reference.size(0), samples.size(0));
+    if (!prd_reference->has_value() || (*prd_reference)->features.size(0) != count) {
+      SplitMix64 rng(SplitMix64::Mix(seed + 0x5052440000000000ULL));
+      std::vector<int64_t> rows = DrawSubset(rng, reference.size(0), count);
+      std::sort(rows.begin(), rows.end());
+      const torch::Tensor drawn = reference.index_select(
+          0,
+          torch::tensor(rows, torch::TensorOptions().dtype(torch::kLong)).to(reference.device()));
+      *prd_reference = MakePrdReference(drawn, comm);
+    }
+    const PrdResult result = PrecisionRecallDensityCoverage(**prd_reference, samples, comm);
+    report->has_prd = true;
+    report->precision = result.precision;
+    report->recall = result.recall;
+    report->density = result.density;
+    report->coverage = result.coverage;
+    report->prd_reference_count = result.real_count;
+  }
 }
 
 RunEvaluator::RunEvaluator(const Config& config, torch::Device device)
@@ -49,6 +109,9 @@ RunEvaluator::RunEvaluator(const Config& config, torch::Device device)
   if (mu_.size(0) != 2048) {
     throw std::runtime_error(config.eval.reference_stats + ": mu has " +
                              std::to_string(mu_.size(0)) + " entries; FID's pool3 has 2048");
+  }
+  if (config.eval.Computes("kid") || config.eval.Computes("prd")) {
+    reference_features_ = ReadReferenceFeatures(config.eval.reference_stats, device);
   }
   inception_sha256_ = Sha256File(config.eval.inception_weights);
   reference_sha256_ = Sha256File(config.eval.reference_stats);
@@ -71,7 +134,8 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
   const int rank = comm.rank(), world = comm.world_size();
   const int64_t first = eval.num_samples * rank / world;
   const int64_t end = eval.num_samples * (rank + 1) / world;
-  InceptionStatistics stats(model_, eval.num_samples, eval.is_logits);
+  const bool kid = eval.Computes("kid"), prd = eval.Computes("prd");
+  InceptionStatistics stats(model_, eval.num_samples, eval.is_logits, kid || prd);
   SampleConfig sample = config_.sample;
   sample.sampler = eval.sampler;
   sample.steps = eval.steps;
@@ -118,6 +182,22 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
       FrechetDistance(stats.features().Mean(), stats.features().Covariance(), mu_, sigma_);
   const auto [is_mean, is_std] = stats.scores().Score();
   EvalReport report;
+  if (kid || prd) {
+    // KID and PRD need every sample's features on every rank: each rank's share, padded to the
+    // largest, all-gathered (80 MB at 10k samples), then each rank computes its part of them.
+    torch::Tensor own = stats.KeptFeatures().to(device_);
+    const torch::Tensor padded = torch::zeros({largest, own.size(1)}, own.options());
+    padded.slice(0, 0, own.size(0)).copy_(own);
+    const torch::Tensor gathered =
+        comm.AllGather(padded, "all-gather of the sample features at step " + std::to_string(step));
+    std::vector<torch::Tensor> shares;
+    for (int r = 0; r < world; ++r) {
+      const int64_t count = eval.num_samples * (r + 1) / world - eval.num_samples * r / world;
+      shares.push_back(gathered[r].slice(0, 0, count));
+    }
+    ScoreFeatures(torch::cat(shares), reference_features_, kid, prd, eval.seed, comm,
+                  &prd_reference_, &report);
+  }
   report.step = step;
   report.fid = fid.fid;
   report.regularized = fid.regularized;
@@ -210,9 +290,9 @@ torch::Tensor ReadImages(const ImageDataset& data, int64_t first, int64_t n, tor
 
 InceptionStatistics MeasureImageSet(const ImageDataset& data, FidInception model, int batch_size,
                                     torch::Device device, const std::string& what,
-                                    IsLogits is_logits) {
+                                    IsLogits is_logits, bool keep_features) {
   const auto start = Clock::now();
-  InceptionStatistics stats(std::move(model), data.size(), is_logits);
+  InceptionStatistics stats(std::move(model), data.size(), is_logits, keep_features);
   for (int64_t first = 0; first < data.size(); first += batch_size) {
     const int64_t n = std::min<int64_t>(batch_size, data.size() - first);
     stats.Add(ReadImages(data, first, n, device), first);

@@ -5,9 +5,12 @@
 
 #include <torch/torch.h>
 
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "config/config.h"
+#include "eval/feature_metrics.h"
 #include "eval/fid.h"
 #include "eval/inception.h"
 #include "eval/report.h"
@@ -25,15 +28,19 @@ class InceptionStatistics {
   /// total_samples: of the whole set, across ranks (the IS splits depend on it); the IS from
   /// is_logits.
   InceptionStatistics(FidInception model, int64_t total_samples,
-                      IsLogits is_logits = IsLogits::kUnbiased);
+                      IsLogits is_logits = IsLogits::kUnbiased, bool keep_features = false);
   /// images: [n, C, H, W] in [-1, 1] (one channel is repeated to three), samples first_index ...
   /// first_index + n - 1 of the set.
   void Add(const torch::Tensor& images, int64_t first_index);
   FeatureMoments& features() { return features_; }
   ScoreMoments& scores() { return scores_; }
+  /// The pool3 features added so far, in order, as float32 [n, 2048] (empty unless kept).
+  torch::Tensor KeptFeatures() const;
 
  private:
   FidInception model_;
+  bool keep_features_;
+  std::vector<torch::Tensor> kept_;
   FeatureMoments features_;
   ScoreMoments scores_;
   IsLogits is_logits_;
@@ -81,6 +88,10 @@ class RunEvaluator {
   torch::Device device_;
   FidInception model_;
   torch::Tensor mu_, sigma_;
+  /// The reference's features (KID), and the drawn reference side of PRD with its radii,
+  /// computed over the ranks at the first evaluation.
+  torch::Tensor reference_features_;
+  std::optional<PrdReference> prd_reference_;
   std::string inception_sha256_, reference_sha256_;
 };
 
@@ -94,9 +105,23 @@ std::unique_ptr<ImageDataset> OpenImageSet(const std::string& spec, int image_si
 torch::Tensor ReadImages(const ImageDataset& data, int64_t first, int64_t n, torch::Device device);
 
 /// Extracts the Inception statistics of every image of data, batch_size at a time, printing
-/// progress to stdout.
+/// progress to stdout; keep_features keeps every image's pool3 features too.
 InceptionStatistics MeasureImageSet(const ImageDataset& data, FidInception model, int batch_size,
                                     torch::Device device, const std::string& what,
-                                    IsLogits is_logits = IsLogits::kUnbiased);
+                                    IsLogits is_logits = IsLogits::kUnbiased,
+                                    bool keep_features = false);
+
+/// The reference .npz's Inception features (`features`, [N, 2048]) as float32 on device, for
+/// KID and PRD; throws naming the file when it has none (statistics from an older `ddpm_fid
+/// stats` or pytorch-fid hold only mu and sigma) or their shape is wrong.
+torch::Tensor ReadReferenceFeatures(const std::string& path, torch::Device device);
+
+/// KID and, with prd, precision/recall/density/coverage of sample features against reference
+/// features, into report (has_kid, has_prd); the same on every rank of comm. PRD's reference
+/// side is min(reference rows, sample rows) reference rows drawn with seed; prd_reference caches
+/// it with its radii between calls.
+void ScoreFeatures(const torch::Tensor& samples, const torch::Tensor& reference, bool kid, bool prd,
+                   uint64_t seed, Communicator& comm, std::optional<PrdReference>* prd_reference,
+                   EvalReport* report);
 
 }  // namespace ddpm

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <sstream>
 
 #include "base/fence.h"
 #include "base/text.h"
@@ -229,6 +230,11 @@ EvaluationJobResult RunEvaluationJob(const Config& config, const EvaluationJobOp
       fence.Check(options.attempt, csv_path);
       WriteSweepCsv(reports, csv_path);
       WriteSweepPlot(reports, options.job_dir + "/sweep.png");
+      if (const std::optional<BestStatus> best =
+              BestOfSweep(reports, config.eval.select, checkpoints_dir)) {
+        WriteBestTxt(*best, options.job_dir + "/best.txt");
+        report.best = best;
+      }
       // The samples were only kept to resume from; the row is in now.
       std::error_code ignored;
       fs::remove_all(images_dir, ignored);
@@ -239,6 +245,16 @@ EvaluationJobResult RunEvaluationJob(const Config& config, const EvaluationJobOp
         static_cast<long long>(step), report.fid, report.inception_score,
         report.inception_score_std, static_cast<long long>(report.num_samples),
         static_cast<long long>(reused), report.seconds);
+    std::istringstream scores(DescribeKidAndPrd(report));
+    for (std::string line; std::getline(scores, line);) {
+      console.Say("ddpm: evaluation job: step %lld: %s\n", static_cast<long long>(step),
+                  line.c_str());
+    }
+    if (report.best) {
+      console.Say("ddpm: evaluation job: the best so far: step %lld, %s %.6g (best.txt)\n",
+                  static_cast<long long>(report.best->step), report.best->metric.c_str(),
+                  report.best->score);
+    }
     if (rank == 0 && options.on_result) options.on_result(report);
   }
   if (rank == 0) {

@@ -75,7 +75,8 @@ constexpr char kMetricsHeader[] =
 constexpr char kEvalHeader[] =
     "step,fid,inception_score,inception_score_std,num_samples,sampler,sampling_steps,"
     "eval_seconds,regularized,inception_sha256,reference_sha256,nll_bits_per_dim,"
-    "nll_std_error,nll_images,nll_timesteps,nll_data,is_logits,guidance";
+    "nll_std_error,nll_images,nll_timesteps,nll_data,is_logits,guidance,kid,kid_std,"
+    "kid_subset_size,precision,recall,density,coverage,prd_reference_count";
 
 // A CSV field: empty for what an evaluation did not measure, quoted when it holds a comma.
 template <typename T>
@@ -108,7 +109,8 @@ TrainingRun::TrainingRun(const Config& config, const TrainOptions& options,
       fence_(options.run_dir),
       attempt_(options.attempt),
       snapshots_(options.run_dir + "/phema"),
-      window_(device_) {
+      window_(device_),
+      best_(config.eval, options.run_dir + "/checkpoints") {
   comm_.set_timeout(config_.dist.timeout());
   fault_ = FaultInjection::FromEnvironment(rank_);
   spikes_ = LossSpikeDetector(config_.train.spike_factor);
@@ -215,6 +217,10 @@ TrainingRun::TrainingRun(const Config& config, const TrainOptions& options,
   if (config_.eval.nll_every > 0) held_out_ = OpenHeldOut(config_);
   if ((evaluator_ || held_out_.data) && console_.lead()) {
     eval_csv_ = CsvLog(options_.run_dir + "/eval.csv", kEvalHeader, resumed_);
+  }
+  if (best_.active() && console_.lead()) {
+    best_.Resume(resumed_ ? trainer_->step() : 0, options_.run_dir + "/eval.csv",
+                 [this](const std::string& line) { console_.Say("%s\n", line.c_str()); });
   }
   progress_ = std::make_unique<RankProgress>(options_.run_dir, rank_, world_);
   progress_->Finished(trainer_->step());
@@ -841,6 +847,10 @@ void TrainingRun::Evaluate(int64_t step, bool fid, bool nll) {
         report.sampler.c_str(), report.sampling_steps, SecondsSince(eval_start),
         report.regularized ? "; covariances regularized with eps" : "",
         report.inception_sha256.c_str(), report.reference_sha256.c_str());
+    std::istringstream scores(DescribeKidAndPrd(report));
+    for (std::string line; std::getline(scores, line);) {
+      console_.Say("ddpm: eval at step %lld: %s\n", static_cast<long long>(step), line.c_str());
+    }
   }
   if (nll) {
     const auto nll_start = Clock::now();
@@ -882,6 +892,15 @@ void TrainingRun::Evaluate(int64_t step, bool fid, bool nll) {
         SecondsSince(nll_start));
   }
   report.seconds = SecondsSince(eval_start);
+  if (const std::optional<double> planted = fault_.PlantedScore(step);
+      planted && best_.active() && SelectedScore(best_.select(), report)) {
+    console_.Say("ddpm: DDPM_FAULT_EVAL_SCORES: step %lld's %s planted as %s\n",
+                 static_cast<long long>(step), Name(best_.select()),
+                 FormatNumber(*planted).c_str());
+    (best_.select() == EvalSelect::kFid   ? report.fid
+     : best_.select() == EvalSelect::kKid ? report.kid
+                                          : report.nll_bits_per_dim) = *planted;
+  }
   if (console_.lead() && !Superseded(true)) {
     Tolerate("eval.csv row", step, [&] {
       const bool f = report.has_fid(), n = report.has_nll;
@@ -892,14 +911,79 @@ void TrainingRun::Evaluate(int64_t step, bool fid, bool nll) {
                     Field(f, report.reference_sha256), Field(n, report.nll_bits_per_dim),
                     Field(n, report.nll_std_error), Field(n, report.nll_images),
                     Field(n, report.nll_timesteps), Field(n, report.nll_data),
-                    Field(f, report.is_logits), Field(f && report.guided, report.guidance));
+                    Field(f, report.is_logits), Field(f && report.guided, report.guidance),
+                    Field(report.has_kid, report.kid), Field(report.has_kid, report.kid_std),
+                    Field(report.has_kid, report.kid_subset_size),
+                    Field(report.has_prd, report.precision), Field(report.has_prd, report.recall),
+                    Field(report.has_prd, report.density), Field(report.has_prd, report.coverage),
+                    Field(report.has_prd, report.prd_reference_count));
     });
   }
+  if (best_.active()) UpdateBest(step, report);
   if (console_.lead() && options_.on_eval) options_.on_eval(report);
   // Evaluation is not training: keep it out of images/s, elapsed and the ETA.
   const auto spent = Clock::now() - eval_start;
   start_ += spent;
   window_start_ += spent;
+}
+
+void TrainingRun::UpdateBest(int64_t step, EvalReport& report) {
+  // Rank 0 decides, so that every rank checkpoints and stops alike: 0 the evaluation did not
+  // measure the score, 1 it improved, 2 it did not, 3 it did not and eval.patience is used up.
+  const std::optional<double> score = SelectedScore(best_.select(), report);
+  torch::Tensor word = torch::zeros({1}, torch::kLong);
+  if (console_.lead() && score) {
+    word[0] = best_.Improves(*score) ? 1 : (best_.CountNoImprovement() ? 3 : 2);
+  }
+  comm_.Broadcast(word, 0, "broadcast of eval.select's decision at step " + std::to_string(step));
+  const int64_t decision = word.item<int64_t>();
+  if (decision == 1) {
+    // The step's checkpoint, committed, before `best` names it.
+    Checkpoint();
+    if (last_saved_step_ == step) SettleCheckpoint(false);
+    if (console_.lead()) {
+      const std::string path = checkpoints_.PathFor(step);
+      if (last_saved_step_ != step || result_.checkpoint != path) {
+        console_.Say(
+            "ddpm: eval.select: step %lld's %s %s is the best, but its checkpoint was not "
+            "committed; `best` stays (%s)\n",
+            static_cast<long long>(step), Name(best_.select()), FormatNumber(*score).c_str(),
+            best_.Describe().c_str());
+      } else {
+        if (fault_.KillBeforeBest(step)) {
+          console_.Say("ddpm: DDPM_FAULT_KILL_BEFORE_BEST: killed before `best` moves to %s\n",
+                       path.c_str());
+          std::raise(SIGKILL);
+        }
+        const std::string before = best_.Describe();
+        try {
+          best_.Move(step, *score,
+                     [this](const std::string& what) { fence_.Check(attempt_, what); });
+          console_.Say("ddpm: eval.select: %s (was: %s); %s/best -> %s\n", best_.Describe().c_str(),
+                       before.c_str(), checkpoints_.dir().c_str(), StepName(step).c_str());
+        } catch (const FencedError& error) {
+          console_.Say("ddpm: %s\n", error.what());
+          superseded_ = true;
+        }
+      }
+    }
+  } else if (decision >= 2 && console_.lead()) {
+    const std::optional<BestStatus> status = best_.Status();
+    console_.Say(
+        "ddpm: eval.select: step %lld's %s %s does not improve on the %s (%d in a row%s)\n",
+        static_cast<long long>(step), Name(best_.select()), FormatNumber(*score).c_str(),
+        best_.Describe().c_str(), status ? status->evaluations_since : 0,
+        config_.eval.patience > 0
+            ? (", eval.patience " + std::to_string(config_.eval.patience)).c_str()
+            : "");
+  }
+  if (decision == 3) {
+    completed_early_ = "stopped early by eval.patience: " + std::to_string(config_.eval.patience) +
+                       " evaluations in a row did not improve on the best " + Name(best_.select()) +
+                       (console_.lead() ? " (" + best_.Describe() + ")" : std::string());
+    console_.Say("ddpm: %s\n", completed_early_.c_str());
+  }
+  if (console_.lead()) report.best = best_.Status();
 }
 
 TrainResult TrainingRun::Run() {
@@ -928,6 +1012,7 @@ TrainResult TrainingRun::Run() {
       const bool fid = evaluator_ && (step % e.every == 0 || step == total);
       const bool nll = held_out_.data && (step % e.nll_every == 0 || step == total);
       if (fid || nll) Evaluate(step, fid, nll);
+      if (!completed_early_.empty()) break;
     }
   } catch (const CommError& error) {
     // Name the rank that is behind, if the others' progress shows one.
@@ -984,6 +1069,7 @@ TrainResult TrainingRun::Finish(const ControlDecision& stop) {
     console_.Say("ddpm: stopped; continue with --resume --run-dir %s\n", options_.run_dir.c_str());
     return result_;
   }
+  result_.completed_early = completed_early_;
   if (result_.steps != first_step_) Checkpoint();
   if (!FinishCheckpoint()) return result_;
   WriteSamples(result_.steps);

@@ -170,6 +170,8 @@ struct TrainResult {
   StopRequest stopped_by = StopRequest::kNone;
   /// The run stopped because a newer attempt holds its directory; it wrote nothing after that.
   bool superseded = false;
+  /// Why a run that completed before train.steps stopped (eval.patience), or "".
+  std::string completed_early;
   /// Divergence rollbacks and failed checkpoints over the run's life, as in LogMetrics.
   int64_t rollbacks = 0;
   int64_t checkpoint_failures = 0;

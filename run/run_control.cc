@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "base/signals.h"
+#include "base/text.h"
 #include "trainer/image_io.h"
 
 namespace ddpm {
@@ -104,6 +105,28 @@ FaultInjection FaultInjection::FromEnvironment(int rank) {
     fault.disk_full_from_ = from;
     fault.disk_full_to_ = to;
   }
+  if (const char* planted = std::getenv("DDPM_FAULT_EVAL_SCORES"); planted != nullptr) {
+    for (const std::string& item : SplitList(planted)) {
+      long long step = 0;
+      double score = 0;
+      char end = 0;
+      if (std::sscanf(item.c_str(), "%lld:%lf%c", &step, &score, &end) != 2 || step < 1) {
+        throw std::invalid_argument(
+            std::string("DDPM_FAULT_EVAL_SCORES: expected STEP:SCORE,... (steps >= 1), got '") +
+            planted + "'");
+      }
+      fault.planted_scores_[step] = score;
+    }
+  }
+  if (const char* kill = std::getenv("DDPM_FAULT_KILL_BEFORE_BEST"); kill != nullptr) {
+    long long step = 0;
+    char end = 0;
+    if (std::sscanf(kill, "%lld%c", &step, &end) != 1 || step < 1) {
+      throw std::invalid_argument(
+          std::string("DDPM_FAULT_KILL_BEFORE_BEST: expected a step >= 1, got '") + kill + "'");
+    }
+    if (rank == 0) fault.kill_before_best_ = step;
+  }
   const char* text = std::getenv("DDPM_FAULT_INJECT");
   if (text == nullptr) return fault;
   int fault_rank = -1;
@@ -123,6 +146,12 @@ FaultInjection FaultInjection::FromEnvironment(int rank) {
     if (kind == ",nan") fault.input_scale_ = std::numeric_limits<double>::quiet_NaN();
   }
   return fault;
+}
+
+std::optional<double> FaultInjection::PlantedScore(int64_t step) const {
+  const auto found = planted_scores_.find(step);
+  if (found == planted_scores_.end()) return std::nullopt;
+  return found->second;
 }
 
 double FaultInjection::TakeInputScale(int64_t next_step) {

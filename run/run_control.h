@@ -5,7 +5,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -72,8 +74,16 @@ class FaultInjection {
   double TakeInputScale(int64_t next_step);
   /// Whether writes at step fail as on a full disk.
   bool DiskFull(int64_t step) const { return step >= disk_full_from_ && step <= disk_full_to_; }
+  /// The score DDPM_FAULT_EVAL_SCORES=STEP:SCORE,... plants as the evaluation's eval.select
+  /// score at step, if any.
+  std::optional<double> PlantedScore(int64_t step) const;
+  /// Whether DDPM_FAULT_KILL_BEFORE_BEST=STEP asks rank 0 to die (SIGKILL) right before it
+  /// moves `best` to step.
+  bool KillBeforeBest(int64_t step) const { return step == kill_before_best_; }
 
  private:
+  std::map<int64_t, double> planted_scores_;
+  int64_t kill_before_best_ = -1;
   int64_t step_ = -1;
   bool hang_ = false;
   double input_scale_ = 1;  // NaN for the nan fault

@@ -14,6 +14,7 @@
 #include "config/batch_plan.h"
 #include "config/config.h"
 #include "eval/likelihood.h"
+#include "run/best_checkpoint.h"
 #include "run/run.h"
 #include "run/run_control.h"
 #include "run/run_log.h"
@@ -91,6 +92,10 @@ class TrainingRun {
   /// FID and IS (fid) and the bound on held-out images (nll) of the EMA model at step, over
   /// every rank, reported as one evaluation; its time is not training time.
   void Evaluate(int64_t step, bool fid, bool nll);
+  /// eval.select after an evaluation at step: rank 0 decides whether report's score improves on
+  /// the best and every rank acts alike; an improvement checkpoints the step (if not already),
+  /// waits for its commit and moves `best`; eval.patience used up sets completed_early_.
+  void UpdateBest(int64_t step, EvalReport& report);
   /// Writes a snapshot of the post-hoc EMA profiles at this step into RUN_DIR/phema/ (every
   /// rank its share, in the background, as a checkpoint), unless the weights diverged.
   void Snapshot();
@@ -138,6 +143,10 @@ class TrainingRun {
   DataShard shard_;
   std::unique_ptr<BatchLoader> loader_;
   std::unique_ptr<RunEvaluator> evaluator_;
+  /// The best checkpoint by eval.select (rank 0 keeps the state).
+  BestKeeper best_;
+  /// Why the run ends before train.steps (eval.patience), or "".
+  std::string completed_early_;
   /// The held-out images of the bound (eval.nll_every), opened before training.
   HeldOutImages held_out_;
   std::unique_ptr<RankProgress> progress_;

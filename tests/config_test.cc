@@ -187,6 +187,37 @@ TEST(Config, CrossFieldChecksNameTheKey) {
   EXPECT_NE(ErrorOf("train: {device: tpu}").find("train.device"), std::string::npos);
 }
 
+TEST(Config, EvalMetricsSelectAndPatienceAreCheckedBeforeAnythingRuns) {
+  const std::string scored =
+      "eval: {every: 10, inception_weights: w.pt, reference_stats: r.npz, nll_every: 10, ";
+  EXPECT_EQ(ErrorOf("eval: {metrics: [fid, is, kid, fd_dinov2]}"),
+            "config: eval.metrics: 'fd_dinov2' is not one of: fid, is, kid, prd");
+  EXPECT_EQ(ErrorOf("eval: {metrics: [kid, prd, kid]}"),
+            "config: eval.metrics: 'kid' is listed twice");
+  EXPECT_EQ(ErrorOf("eval: {metrics: kid}"),
+            "test.yaml:1:17: eval.metrics: expected a list of names, got 'kid'");
+  EXPECT_EQ(ErrorOf(scored + "patience: 3}"),
+            "config: eval.patience: waits for the best of a score, so it needs eval.select (fid, "
+            "kid or nll)");
+  EXPECT_EQ(ErrorOf(scored + "select: kid}"),
+            "config: eval.select: kid needs kid in eval.metrics, which is [\"fid\", \"is\"]");
+  EXPECT_EQ(ErrorOf("eval: {select: fid}"),
+            "config: eval.select: fid is measured every eval.every steps, which is 0 (never)");
+  EXPECT_EQ(ErrorOf("eval: {select: nll}"),
+            "config: eval.select: nll is measured every eval.nll_every steps, which is 0 (never)");
+  EXPECT_EQ(ErrorOf("eval: {select: lpips}"),
+            "test.yaml:1:16: eval.select: 'lpips' is not one of: none, fid, kid, nll");
+  EXPECT_EQ(ErrorOf(scored + "select: fid, patience: -1}"),
+            "config: eval.patience: must be >= 0 (0: never stop early), got -1");
+  const Config c = LoadConfigString(scored + "metrics: [kid, prd], select: kid, patience: 2}");
+  EXPECT_TRUE(c.eval.Computes("kid") && c.eval.Computes("prd") && c.eval.Computes("fid"));
+  EXPECT_EQ(c.eval.select, EvalSelect::kKid);
+  EXPECT_EQ(c.eval.patience, 2);
+  const Config back = LoadConfigString(c.ToYaml());
+  EXPECT_EQ(back.eval.metrics, c.eval.metrics);
+  EXPECT_FALSE(LoadConfigString("").eval.Computes("kid"));
+}
+
 TEST(Config, YamlSyntaxErrorNamesTheLine) {
   const std::string error = ErrorOf("model:\n  ch: [1, 2\n");
   EXPECT_NE(error.find("test.yaml:"), std::string::npos) << error;

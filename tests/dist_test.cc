@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "tests/dist_fixtures.h"
+#include "tests/on_ranks.h"
 #include "trainer/checkpoint.h"
 #include "trainer/communicator.h"
 #include "trainer/data.h"
@@ -19,25 +20,6 @@
 
 namespace ddpm {
 namespace {
-
-// Runs body(rank) on world threads at once and rethrows the first failure.
-void OnRanks(int world, const std::function<void(int)>& body) {
-  std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors(world);
-  for (int r = 0; r < world; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        body(r);
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
-}
 
 std::vector<FlatParameters::Slot> Slots(const std::vector<int64_t>& sizes) {
   std::vector<FlatParameters::Slot> slots;

@@ -9,7 +9,10 @@
 #      and `ddpm_fid score` of the same folder against it is FID 0;
 #   3. a missing weights file fails the run at start, saying where to get it;
 #   4. `ddpm_fid checkpoint` streams a checkpoint's samples into the network on 1 and 2 ranks
-#      and gets the FID and IS of the same samples written as files and scored.
+#      and gets the FID, IS, KID and PRD of the same samples written as files and scored.
+# The run and the tools measure KID and PRD too (eval.metrics); `ddpm_fid score`'s KID of a set
+# against its own features equals tests/reference/feature_metrics_ref.py's NumPy KID, and a
+# reference without features is refused by name when KID is asked.
 # usage: e2e_eval.sh MPIEXEC DDPM_WORKER DDPM_SAMPLE DDPM_FID PYTHON SOURCE_DIR
 # Exits 77 (skipped) when PYTHON lacks torch, torchvision or numpy.
 set -euo pipefail
@@ -34,7 +37,7 @@ sed -e 's/steps: 30,/steps: 20,/' "$src/tests/tiny.yaml" > "$work/run.yaml"
 cat >> "$work/run.yaml" <<YAML
 eval: {every: 10, num_samples: 20, batch_size: 10, sampler: ddim, steps: 4,
        inception_weights: $weights, reference_stats: $work/ref.npz,
-       nll_every: 20, nll_images: 6, nll_timesteps: 5}
+       nll_every: 20, nll_images: 6, nll_timesteps: 5, metrics: [fid, is, kid, prd]}
 YAML
 
 say "1. a 2-rank run evaluates at steps 10 and 20"
@@ -54,6 +57,12 @@ for r in rows:
     assert r["num_samples"] == "20" and r["sampler"] == "ddim" and r["sampling_steps"] == "4", r
     assert r["inception_sha256"] == sys.argv[2], (r["inception_sha256"], sys.argv[2])
     assert float(r["eval_seconds"]) > 0, r
+    # KID over 100 subsets of all 20 samples (fewer than 1000); PRD against 20 reference rows.
+    assert math.isfinite(float(r["kid"])) and float(r["kid_std"]) >= 0, r
+    assert r["kid_subset_size"] == "20" and r["prd_reference_count"] == "20", r
+    for k in ("precision", "recall", "coverage"):
+        assert 0 <= float(r[k]) <= 1, (k, r)
+    assert float(r["density"]) >= 0, r
 # The bound at step 20 only (eval.nll_every: 20), from 5 of T = 1000 timesteps of 6 images.
 assert all(rows[0][k] == "" for k in ("nll_bits_per_dim", "nll_images", "nll_data")), rows[0]
 bound = rows[1]
@@ -64,6 +73,10 @@ assert bound["nll_data"] == "shapes held-out", bound
 PY
 grep -q "ddpm: eval at step 20: FID .*(unbiased logits; 20 samples, ddim 4 steps" "$work/train.log" ||
   fail "no eval line"
+grep -q "ddpm: eval at step 20: KID -*[0-9.]* +- [0-9.]* (100 subsets of 20)" "$work/train.log" ||
+  fail "no KID line"
+grep -q "ddpm: eval at step 20: precision [0-9.]*, recall [0-9.]* (k = 3); density [0-9.]*, coverage [0-9.]* (k = 5); 20 samples against 20 reference features" \
+  "$work/train.log" || fail "no PRD line"
 grep -q "ddpm: eval at step 20: NLL [0-9.]* +- [0-9.]* bits/dim (6 shapes held-out images, a stratified estimate from 5 timesteps" \
   "$work/train.log" || fail "no bound line"
 # ddpm_nll on the step-20 checkpoint with the evaluation's settings (eval.seed 1, batches of
@@ -103,8 +116,41 @@ grep -q "ddpm_fid stats: 12/12 images" "$work/stats.log" || fail "no progress in
 import numpy as np
 z = np.load('$work/samples.npz')
 assert z['mu'].shape == (2048,) and z['sigma'].shape == (2048, 2048), z.files
-assert z['mu'].dtype == np.float64 and np.allclose(z['sigma'], z['sigma'].T)" ||
-  fail "numpy cannot read the statistics as pytorch-fid does"
+assert z['mu'].dtype == np.float64 and np.allclose(z['sigma'], z['sigma'].T)
+assert z['features'].shape == (12, 2048) and z['features'].dtype == np.float32
+assert np.allclose(z['features'].astype(np.float64).mean(0), z['mu'], rtol=1e-5, atol=1e-6)" ||
+  fail "numpy cannot read the statistics as pytorch-fid does, or the features with them"
+# KID and PRD of the set against its own features: KID as NumPy computes it from the paper with
+# the same subsets (seed 7), PRD of a set against itself all 1.
+"$fid" score --samples "folder:$work/samples" --ref "$work/samples.npz" --inception "$weights" \
+  --image-size 16 --batch 5 --metrics kid,prd --seed 7 > "$work/score_kid.log" 2>&1 ||
+  fail "ddpm_fid score --metrics kid,prd: $(cat "$work/score_kid.log")"
+"$python" - "$src/tests/reference" "$work/samples.npz" "$work/score_kid.log" <<'PY' ||
+import re, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import feature_metrics_ref
+features = np.load(sys.argv[2])["features"]
+text = open(sys.argv[3]).read()
+mean, std = map(float, re.search(r"^KID (\S+) \+- (\S+) \(100 subsets of 12\)$", text, re.M).groups())
+want = feature_metrics_ref.kid({"fake": features, "real": features}, 100, 12, 7)
+print("KID %.6f +- %.6f, numpy %.8f +- %.8f" % (mean, std, want["mean"], want["std"]))
+assert abs(mean - want["mean"]) <= 6e-7 + 1e-6 * abs(want["mean"]), (mean, want["mean"])
+assert abs(std - want["std"]) <= 6e-7 + 1e-6 * abs(want["std"]), (std, want["std"])
+assert re.search(r"^precision 1.0000, recall 1.0000 \(k = 3\); density \S+, coverage 1.0000 "
+                 r"\(k = 5\); 12 samples against 12 reference features$", text, re.M), text
+PY
+  fail "KID or PRD of the set against itself (above)"
+# A reference with only mu and sigma (pytorch-fid's) serves FID, and is refused by name for KID.
+"$python" -c "
+import numpy as np
+z = np.load('$work/samples.npz')
+np.savez('$work/no_features.npz', mu=z['mu'], sigma=z['sigma'])"
+"$fid" score --samples "folder:$work/samples" --ref "$work/no_features.npz" --inception "$weights" \
+  --image-size 16 --metrics kid > "$work/no_features.log" 2>&1 && fail "KID without reference features"
+grep -q "no_features.npz: has no array 'features' (the reference images' Inception pool3 features" \
+  "$work/no_features.log" || fail "unclear: $(cat "$work/no_features.log")"
+grep -q "ddpm_fid score: [0-9]*/[0-9]* images" "$work/no_features.log" && fail "it read images before refusing"
 "$fid" score --samples "folder:$work/samples" --ref "$work/samples.npz" --inception "$weights" \
   --image-size 16 > "$work/score.log" 2>&1 || fail "ddpm_fid score"
 "$python" -c "
@@ -143,14 +189,16 @@ grep -q "missing.pth: no such Inception weights file; download pt_inception-2015
   fail "a run without weights wrote checkpoints"
 say "4. ddpm_fid checkpoint streams samples into the network: the FID of the same samples as files"
 stream=("$fid" checkpoint --checkpoint "$work/run" --num 12 --sampler ddim --steps 4 --seed 3
-        --ref "$work/ref.npz" --inception "$weights")
+        --ref "$work/ref.npz" --inception "$weights" --metrics kid,prd)
 "${stream[@]}" --batch 5 --also-save "$work/kept/" > "$work/stream.log" 2>&1 ||
   fail "ddpm_fid checkpoint"
 OMP_NUM_THREADS=1 "$mpiexec" -np 2 --oversubscribe -x OMP_NUM_THREADS "${stream[@]}" --batch 4 \
   > "$work/stream2.log" 2>&1 || fail "ddpm_fid checkpoint on 2 ranks"
 "$fid" score --samples "folder:$work/kept" --ref "$work/ref.npz" --inception "$weights" \
-  --image-size 16 > "$work/kept.log" 2>&1 || fail "ddpm_fid score of the kept samples"
-scores() { grep -E '^(FID|IS) ' "$1"; }
+  --image-size 16 --metrics kid,prd --seed 3 > "$work/kept.log" 2>&1 ||
+  fail "ddpm_fid score of the kept samples"
+scores() { grep -E '^(FID|IS|KID|precision) ' "$1"; }
+[ "$(scores "$work/stream.log" | wc -l)" = 4 ] || fail "streamed without KID or PRD"
 if [ -z "$(scores "$work/stream.log")" ] ||
   [ "$(scores "$work/stream.log")" != "$(scores "$work/kept.log")" ]; then
   fail "streamed: $(scores "$work/stream.log"); as files: $(scores "$work/kept.log")"

@@ -8,7 +8,8 @@
 #      the job, a new group resumes it from the samples and results already saved;
 #   4. the results (class-balanced, guidance 2), per checkpoint, equal `ddpm_fid checkpoint` of
 #      each checkpoint with the same protocol (so the resumed checkpoint equals an uninterrupted evaluation), and are in
-#      ddpmctl get, sweep.csv, sweep.png and the coordinator's /metrics.
+#      ddpmctl get, sweep.csv, sweep.png and the coordinator's /metrics; KID too (--metrics
+#      kid), and best.txt names the checkpoint with the lowest FID.
 # usage: e2e_eval_job.sh MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL DDPM_FID PYTHON SOURCE_DIR
 # Exits 77 (skipped) when PYTHON lacks torch, torchvision or numpy.
 set -euo pipefail
@@ -58,6 +59,7 @@ refused "checkpoints 25 of run $run: no such checkpoint (it has 10, 20, 30)" "$r
 refused "checkpoints every:7 of run $run: no such checkpoint" "$run" --checkpoint every:7 "${files[@]}"
 refused "--num must be >= 10" "$run" --num 0 "${files[@]}"
 refused "eval.sampler" "$run" --sampler euler "${files[@]}"
+refused "eval.metrics: 'lpips' is not one of: fid, is, kid, prd" "$run" --metrics kid,lpips "${files[@]}"
 printf 'eval: {reference_stats: /x.npz}\n' > "$work/bad_protocol.yaml"
 refused "bad_protocol.yaml: eval.reference_stats: a protocol sets" "$run" --protocol "$work/bad_protocol.yaml" "${files[@]}"
 refused "eval.reference_stats (ddpmctl eval --ref): empty" "$run" --inception "$work/inception.pt"
@@ -69,7 +71,7 @@ say "3. an evaluation job of every checkpoint; its group is killed mid-way and a
 cat > "$work/protocol.yaml" <<'YAML'
 eval: {num_samples: 24, sampler: ddim, steps: 4, batch_size: 2, is_logits: unbiased, guidance: 2}
 YAML
-protocol=(--protocol "$work/protocol.yaml")
+protocol=(--protocol "$work/protocol.yaml" --metrics kid)
 job=$(ctl eval "$run" --checkpoint all "${protocol[@]}" "${files[@]}" --json |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 [ "$job" = trained-eval-2 ] || fail "job id $job"
@@ -121,6 +123,10 @@ for result, row in zip(results, rows):
     assert abs(float(row["fid"]) - fid) <= 5e-5, (step, row["fid"], fid)
     assert abs(float(row["inception_score"]) - score) <= 5e-5, (step, row, score)
     assert abs(float(row["inception_score_std"]) - spread) <= 5e-5, (step, row, spread)
+    kid, kid_std = map(float, re.search(r"^KID (\S+) \+- (\S+) \(100 subsets of 24\)$", alone, re.M).groups())
+    assert abs(float(row["kid"]) - kid) <= 6e-7 and abs(float(row["kid_std"]) - kid_std) <= 6e-7, (step, row, kid)
+    assert abs(result["kid"] - float(row["kid"])) <= 1e-12 * max(1, abs(result["kid"])), (result, row)
+    assert row["precision"] == "", row  # not asked for
     assert abs(result["fid"] - float(row["fid"])) <= 1e-9 * max(1, abs(result["fid"])), (result, row)
     assert row["num_samples"] == "24" and row["sampler"] == "ddim" and row["sampling_steps"] == "4", row
     assert row["is_logits"] == "unbiased", row
@@ -130,8 +136,17 @@ for result, row in zip(results, rows):
     assert any(l.startswith("ddpm_eval_checkpoint_inception_score{") and f'step="{step}"' in l
                for l in prom.splitlines()), "no IS series for step %d" % step
     assert result["guidance"] == 2, result
-    assert re.search(r"^\s+%d\s+%.4f\s+%.4f \+- %.4f\s+24  ddim 4 steps, unbiased logits, guidance 2$" % (
-        step, result["fid"], result["inception_score"], result["inception_score_std"]), get, re.M), get
+    assert re.search(r"^\s+%d\s+%.4f\s+%.4f \+- %.4f\s+%s \+- %.6f\s+24  ddim 4 steps, unbiased logits, guidance 2$" % (
+        step, result["fid"], result["inception_score"], result["inception_score_std"],
+        re.escape("%.6f" % result["kid"]), result["kid_std"]), get, re.M), get
+    assert any(l.startswith("ddpm_eval_checkpoint_kid{") and f'step="{step}"' in l
+               for l in prom.splitlines()), "no KID series for step %d" % step
+best = min(rows, key=lambda row: float(row["fid"]))
+text = open(f"{job_dir}/best.txt").read().splitlines()
+assert text[0] == "step " + best["step"] and text[1] == "fid " + best["fid"], (text, best)
+assert text[2].startswith("checkpoint ") and text[2].endswith("/checkpoints/step_%09d" % int(best["step"])), text
+assert r["best"]["step"] == best["step"] and r["best"]["metric"] == "fid", r["best"]
+assert re.search(r"^  best\s+fid \S+ at step %s \(.*/checkpoints/step_%09d\)$" % (best["step"], int(best["step"])), get, re.M), get
 png = open(f"{job_dir}/sweep.png", "rb").read()
 assert png[:8] == b"\x89PNG\r\n\x1a\n", "sweep.png is not a PNG"
 width, height = struct.unpack(">II", png[16:24])

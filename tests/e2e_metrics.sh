@@ -68,7 +68,8 @@ sed -e 's/log_every: 10/log_every: 5/' -e 's/checkpoint_every: 20/checkpoint_eve
 cat >> "$work/run.yaml" <<YAML
 eval: {every: 25, num_samples: 20, batch_size: 10, sampler: ddim, steps: 4,
        inception_weights: $work/inception.pt, reference_stats: $work/ref.npz,
-       nll_every: 25, nll_images: 4, nll_timesteps: 3}
+       nll_every: 25, nll_images: 4, nll_timesteps: 3, metrics: [fid, is, kid, prd],
+       select: fid}
 YAML
 run=$(ctl start "$work/run.yaml" --name metrics --json |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["run"]["id"])')
@@ -177,6 +178,13 @@ ddpm_checkpoint_write_seconds_sum run=$run
 ddpm_eval_fid run=$run
 ddpm_eval_inception_score run=$run
 ddpm_eval_nll_bits_per_dim run=$run
+ddpm_eval_kid run=$run
+ddpm_eval_prd run=$run score=precision
+ddpm_eval_prd run=$run score=recall
+ddpm_eval_prd run=$run score=density
+ddpm_eval_prd run=$run score=coverage
+ddpm_eval_best_evaluations_since run=$run
+ddpm_eval_best_score run=$run metric=fid
 ddpm_run_state run=$run = 3
 ddpm_runs state=RUNNING = 1
 ddpm_runs state=COMPLETED = 1

@@ -57,7 +57,20 @@ TEST(Sweep, CsvReadsBackEveryNumberExactlyAndNamesABadLine) {
   const fs::path dir = TestDir("csv");
   const std::string path = (dir / "sweep.csv").string();
   EXPECT_TRUE(ReadSweepCsv(path).empty());
-  const std::vector<EvalReport> written = {Report(10, 3.0 / 7), Report(20, 1e-17 + 2.0 / 3)};
+  std::vector<EvalReport> written = {Report(10, 3.0 / 7), Report(20, 1e-17 + 2.0 / 3)};
+  // The second measured KID (below 0, as an unbiased estimate may be) and PRD; the first not.
+  EvalReport& scored = written[1];
+  scored.has_kid = true;
+  scored.kid = -1.0 / 3e5;
+  scored.kid_std = 1.0 / 7e4;
+  scored.kid_subsets = 100;
+  scored.kid_subset_size = 1000;
+  scored.has_prd = true;
+  scored.precision = 2.0 / 3;
+  scored.recall = 0.1;
+  scored.density = 1.0 / 0.9;
+  scored.coverage = 0.7;
+  scored.prd_reference_count = 10000;
   WriteSweepCsv(written, path);
   EXPECT_FALSE(fs::exists(path + ".tmp"));
   const std::vector<EvalReport> read = ReadSweepCsv(path);
@@ -72,8 +85,20 @@ TEST(Sweep, CsvReadsBackEveryNumberExactlyAndNamesABadLine) {
     EXPECT_EQ(read[i].sampler, "heun");
     EXPECT_EQ(read[i].sampling_steps, 18);
     EXPECT_EQ(read[i].inception_sha256, written[i].inception_sha256);
+    EXPECT_EQ(read[i].has_kid, written[i].has_kid);
+    EXPECT_EQ(read[i].kid, written[i].kid);
+    EXPECT_EQ(read[i].kid_std, written[i].kid_std);
+    EXPECT_EQ(read[i].kid_subsets, written[i].kid_subsets);
+    EXPECT_EQ(read[i].kid_subset_size, written[i].kid_subset_size);
+    EXPECT_EQ(read[i].has_prd, written[i].has_prd);
+    EXPECT_EQ(read[i].precision, written[i].precision);
+    EXPECT_EQ(read[i].recall, written[i].recall);
+    EXPECT_EQ(read[i].density, written[i].density);
+    EXPECT_EQ(read[i].coverage, written[i].coverage);
+    EXPECT_EQ(read[i].prd_reference_count, written[i].prd_reference_count);
   }
-  std::ofstream(path, std::ios::app) << "30,not-a-number,1,0,unbiased,5,ddpm,1000,1,0,1,x,y\n";
+  std::ofstream(path, std::ios::app)
+      << "30,not-a-number,1,0,unbiased,5,ddpm,1000,1,0,1,x,y,,,,,,,,,\n";
   try {
     ReadSweepCsv(path);
     FAIL() << "read a malformed row";
@@ -83,6 +108,15 @@ TEST(Sweep, CsvReadsBackEveryNumberExactlyAndNamesABadLine) {
   }
   std::ofstream(path) << "step,fid\n";
   EXPECT_THROW(ReadSweepCsv(path), std::runtime_error);
+  // A sweep.csv from before KID (13 columns) reads on, without KID or PRD.
+  std::ofstream(path) << "step,fid,inception_score,inception_score_std,is_logits,num_samples,"
+                         "sampler,sampling_steps,seed,regularized,seconds,inception_sha256,"
+                         "reference_sha256\n10,3.5,1.25,0.5,unbiased,5,ddpm,1000,1,0,1,x,y\n";
+  const std::vector<EvalReport> older = ReadSweepCsv(path);
+  ASSERT_EQ(older.size(), 1u);
+  EXPECT_EQ(older[0].fid, 3.5);
+  EXPECT_FALSE(older[0].has_kid);
+  EXPECT_FALSE(older[0].has_prd);
 }
 
 TEST(Sweep, PlotDrawsBothPanelsWithTickLabelsThatTellTicksApart) {

@@ -190,10 +190,36 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
                   eval.sampler().c_str(), eval.sampling_steps(), eval.seconds(),
                   eval.regularized() ? ", covariances regularized" : "");
     row("eval", text);
+    if (eval.has_kid()) {
+      std::snprintf(text, sizeof(text), "%.6f +- %.6f (%d subsets of %lld)", eval.kid(),
+                    eval.kid_std(), eval.kid_subsets(),
+                    static_cast<long long>(eval.kid_subset_size()));
+      row("kid", text);
+    }
+    if (eval.has_precision()) {
+      std::snprintf(text, sizeof(text),
+                    "precision %.4f, recall %.4f (k = 3); density %.4f, coverage %.4f (k = 5); "
+                    "against %lld reference features",
+                    eval.precision(), eval.recall(), eval.density(), eval.coverage(),
+                    static_cast<long long>(eval.prd_reference_count()));
+      row("prd", text);
+    }
     if (!eval.inception_sha256().empty()) {
       row("eval hashes", "Inception " + eval.inception_sha256().substr(0, 16) + ", reference " +
                              eval.reference_sha256().substr(0, 16));
     }
+  }
+  if (run.has_best()) {
+    const v1::BestCheckpointInfo& best = run.best();
+    char text[160];
+    std::snprintf(text, sizeof(text), "%s %.6g at step %lld", best.metric().c_str(), best.score(),
+                  static_cast<long long>(best.step()));
+    std::string since;
+    if (run.kind() != v1::EVALUATION) {
+      since = "; " + std::to_string(best.evaluations_since()) + " evaluation(s) since" +
+              (best.patience() > 0 ? " of eval.patience " + std::to_string(best.patience()) : "");
+    }
+    row("best", std::string(text) + " (" + best.path() + since + ")");
   }
   if (run.latest_nll().has_nll_bits_per_dim()) {
     const v1::EvalResult& eval = run.latest_nll();
@@ -210,12 +236,15 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
   if (job && run.evaluation().results_size() > 0) {
     std::fprintf(
         out, "  results (FID and IS per checkpoint; sweep.csv and sweep.png in the run dir):\n");
-    std::fprintf(out, "    %10s %12s %20s %9s  %s\n", "STEP", "FID", "IS", "SAMPLES", "PROTOCOL");
+    std::fprintf(out, "    %10s %12s %20s %22s %9s  %s\n", "STEP", "FID", "IS", "KID", "SAMPLES",
+                 "PROTOCOL");
     for (const v1::EvalResult& r : run.evaluation().results()) {
       char is[64];
       std::snprintf(is, sizeof(is), "%.4f +- %.4f", r.inception_score(), r.inception_score_std());
-      std::fprintf(out, "    %10lld %12.4f %20s %9lld  %s %d steps, %s logits%s%s\n",
-                   static_cast<long long>(r.step()), r.fid(), is,
+      char kid[64] = "-";
+      if (r.has_kid()) std::snprintf(kid, sizeof(kid), "%.6f +- %.6f", r.kid(), r.kid_std());
+      std::fprintf(out, "    %10lld %12.4f %20s %22s %9lld  %s %d steps, %s logits%s%s\n",
+                   static_cast<long long>(r.step()), r.fid(), is, kid,
                    static_cast<long long>(r.num_samples()), r.sampler().c_str(), r.sampling_steps(),
                    r.is_logits().c_str(),
                    r.has_guidance() ? (", guidance " + FormatNumber(r.guidance())).c_str() : "",
@@ -275,6 +304,7 @@ int CtlEval(const CtlOptions& options, const EvalOptions& eval, std::string* run
   if (eval.batch_size) request.set_batch_size(*eval.batch_size);
   if (eval.guidance) request.set_guidance(*eval.guidance);
   request.set_is_logits(eval.is_logits);
+  for (const std::string& metric : eval.metrics) request.add_metrics(metric);
   request.set_reference_stats(eval.reference_stats);
   request.set_inception_weights(eval.inception_weights);
   request.set_name(eval.name);

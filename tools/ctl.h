@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "proto/rpc.h"
 
@@ -62,6 +63,8 @@ struct EvalOptions {
   std::optional<uint64_t> seed;
   std::optional<int> batch_size;
   std::optional<double> guidance;
+  /// Scores beside FID and IS ("kid", "prd"); empty: the run's eval.metrics.
+  std::vector<std::string> metrics;
   std::string is_logits;
   std::string reference_stats;
   std::string inception_weights;

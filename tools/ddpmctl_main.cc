@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "base/text.h"
 #include "config/eval_protocol.h"
 #include "config/flags.h"
 #include "tools/ctl.h"
@@ -76,6 +77,10 @@ bool AddCommandFlags(const std::string& command, ddpm::Flags& flags, int argc, c
     flags.Add("seed", "sample i draws from (seed, i) (default: the run's eval.seed)", "");
     flags.Add("batch", "samples per forward pass on each rank (default: the run's)", "");
     flags.Add("is-logits", "unbiased (the original TF code's) or biased (default: the run's)", "");
+    flags.Add("metrics",
+              "scores beside FID and IS, comma-separated: kid, prd (default: the run's "
+              "eval.metrics)",
+              "");
     flags.Add("guidance",
               "a class-conditional model's guidance w (eps_uncond + w (eps_cond - eps_uncond); "
               "default: the run's eval.guidance)",
@@ -208,6 +213,7 @@ int RunCommand(const std::string& command, const ddpm::Flags& flags) {
     }
     eval.sampler = values["sampler"];
     eval.is_logits = values["is_logits"];
+    if (flags.Given("metrics")) eval.metrics = ddpm::SplitList(flags.Get("metrics"));
     eval.reference_stats = flags.Get("ref");
     eval.inception_weights = flags.Get("inception");
     eval.name = flags.Get("name");

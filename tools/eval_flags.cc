@@ -21,6 +21,10 @@ void AddEvalFlags(Flags& flags) {
             "a class-conditional model's guidance w (its samples class-balanced; default: the "
             "config's eval.guidance)",
             "");
+  flags.Add("metrics",
+            "scores beside FID and IS, comma-separated: kid, prd (default: the config's "
+            "eval.metrics)",
+            "");
   flags.Add("protocol",
             "an evaluation protocol file (configs/eval/paper.yaml, quick.yaml); flags given "
             "override it",
@@ -66,6 +70,8 @@ std::vector<std::pair<std::string, std::string>> EvalOverrides(const Flags& flag
       overrides.emplace_back(key, flags.Get(flag));  // the flag's default
     }
   }
+  if (flags.Given("metrics"))
+    overrides.emplace_back("eval.metrics", "[" + flags.Get("metrics") + "]");
   if (scales != nullptr) *scales = listed;
   return overrides;
 }

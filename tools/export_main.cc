@@ -9,7 +9,7 @@ int main(int argc, char** argv) {
                     "reads, with the UNet's parameter names, and the config beside it (.yaml).");
   flags.Add("checkpoint",
             "a checkpoint directory, a checkpoints folder or a run directory (its newest valid "
-            "checkpoint)",
+            "checkpoint), or RUN_DIR/best (the checkpoint eval.select kept)",
             "");
   flags.Add("out", "the state dict file to write", "model.pt");
   flags.Add("weights", "ema (for sampling) or model (the raw trained weights)", "ema");

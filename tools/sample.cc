@@ -29,7 +29,8 @@ namespace ddpm {
 void AddTrainedModelFlags(Flags& flags) {
   flags.Add("checkpoint",
             "a checkpoint directory (RUN_DIR/checkpoints/step_*), a checkpoints folder or a run "
-            "directory (its newest valid checkpoint); its EMA weights and config are used",
+            "directory (its newest valid checkpoint), or RUN_DIR/best (the checkpoint "
+            "eval.select kept); its EMA weights and config are used",
             "");
   flags.Add("weights", "or a weights file: ddpm_export's, or RUN_DIR/ema_weights.pt", "");
   flags.Add("config",
@@ -122,6 +123,9 @@ TrainedModel LoadTrainedModel(const std::string& checkpoint, const std::string& 
     trained.config = ConfigFromCheckpoint(loaded.tensors, loaded.path);
     weights = WeightsFromState(loaded.tensors, "ema");
     trained.origin = loaded.path;
+    if (loaded.path != checkpoint) {
+      std::printf("%s: %s is %s\n", tool.c_str(), checkpoint.c_str(), loaded.path.c_str());
+    }
   } else {
     // An exported weights file carries its config beside it (ddpm_export writes both).
     trained.config =

@@ -391,9 +391,57 @@ int CheckpointAttempt(const std::string& step_dir) {
   }
 }
 
+std::optional<BestCheckpoint> ReadBestCheckpoint(const std::string& dir) {
+  const fs::path path = fs::path(dir) / "best";
+  if (!fs::exists(path)) return std::nullopt;
+  std::istringstream text(ReadText(path.string()));
+  std::string name, metric, score;
+  long long step = -1;
+  BestCheckpoint best;
+  if (!(text >> name >> metric >> score) || std::sscanf(name.c_str(), "step_%lld", &step) != 1 ||
+      name != StepName(step)) {
+    throw CheckpointError(path.string() +
+                          ": does not read as a best pointer (\"step_XXXXXXXXX\" and \"METRIC "
+                          "SCORE\" lines)");
+  }
+  try {
+    std::size_t used = 0;
+    best.score = std::stod(score, &used);
+    if (used != score.size()) throw std::invalid_argument(score);
+  } catch (const std::exception&) {
+    throw CheckpointError(path.string() + ": the score '" + score + "' is not a number");
+  }
+  best.step = step;
+  best.metric = metric;
+  return best;
+}
+
+void WriteBestCheckpoint(const std::string& dir, const BestCheckpoint& best) {
+  char score[64];
+  std::snprintf(score, sizeof(score), "%.17g", best.score);
+  WriteTextAtomically((fs::path(dir) / "best").string(),
+                      StepName(best.step) + "\n" + best.metric + " " + score + "\n");
+  FsyncDir(dir);
+}
+
 CheckpointDir::Loaded LoadCheckpointAt(const std::string& path,
                                        const std::function<void(const std::string&)>& warn) {
   const fs::path at(path);
+  if (at.filename() == "best" && !fs::is_directory(at)) {
+    // RUN/best or RUN/checkpoints/best: the checkpoint eval.select kept.
+    const fs::path parent = at.parent_path().empty() ? fs::path(".") : at.parent_path();
+    const std::string folder = fs::is_directory(parent / "checkpoints")
+                                   ? (parent / "checkpoints").string()
+                                   : parent.string();
+    const std::optional<BestCheckpoint> best = ReadBestCheckpoint(folder);
+    if (!best) {
+      throw CheckpointError(path + ": " + folder +
+                            " has no best checkpoint (the run's eval.select is none, or it has "
+                            "not evaluated yet)");
+    }
+    const std::string step_dir = (fs::path(folder) / StepName(best->step)).string();
+    return {step_dir, ReadCheckpoint(step_dir)};
+  }
   if (fs::exists(at / "manifest.json") || fs::exists(at / "COMMITTED")) {
     return {path, ReadCheckpoint(path)};
   }
@@ -727,12 +775,22 @@ void CheckpointWriter::Commit(Job& job) {
   job.published = true;
   FsyncDir(dir_);
 
-  // Keep the newest keep_, and any checkpoint marked with a KEEP file.
+  // Keep the newest keep_, any checkpoint marked with a KEEP file, and the one `best` names
+  // (moved only between commits, by the thread that waits for them).
   CheckpointDir folder(dir_);
   const std::vector<int64_t> steps = folder.Steps();
+  std::optional<BestCheckpoint> best;
+  if (keep_ > 0 && steps.size() > static_cast<std::size_t>(keep_)) {
+    try {
+      best = ReadBestCheckpoint(dir_);
+    } catch (const CheckpointError&) {
+      // Unreadable: nothing is spared by it (the run reports it when it reads it).
+    }
+  }
   for (std::size_t i = static_cast<std::size_t>(keep_); keep_ > 0 && i < steps.size(); ++i) {
     const std::string path = folder.PathFor(steps[i]);
     if (fs::exists(fs::path(path) / "KEEP")) continue;
+    if (best && best->step == steps[i]) continue;
     // COMMITTED first: a deletion cut short leaves a folder no reader takes for a checkpoint.
     fs::remove(fs::path(path) / "COMMITTED", error);
     fs::remove_all(path, error);

@@ -72,12 +72,27 @@ class CheckpointDir {
   std::string dir_;
 };
 
+/// The checkpoint a run keeps as its best (DIR/best beside DIR/latest): its step and the score
+/// it was chosen by (eval.select; lower is better).
+struct BestCheckpoint {
+  int64_t step = 0;
+  /// "fid", "kid" or "nll".
+  std::string metric;
+  double score = 0;
+};
+/// DIR/best ("step_000000020\nfid 3.1699999999999999\n"), or nullopt when there is none. Throws
+/// CheckpointError naming the file when it does not read.
+std::optional<BestCheckpoint> ReadBestCheckpoint(const std::string& dir);
+/// Moves DIR/best to best, atomically (written aside, fsynced, renamed over, DIR fsynced).
+void WriteBestCheckpoint(const std::string& dir, const BestCheckpoint& best);
+
 /// The attempt that wrote the checkpoint in step_dir, from its manifest (0 when it was written
 /// outside a coordinator, by an older version, or the manifest cannot be read).
 int CheckpointAttempt(const std::string& step_dir);
 
-/// A checkpoint at path: a step directory, a checkpoints folder (its newest valid checkpoint) or
-/// a run directory (its checkpoints/). Refused checkpoints are reported to warn.
+/// A checkpoint at path: a step directory, a checkpoints folder (its newest valid checkpoint), a
+/// run directory (its checkpoints/), or RUN/best or RUN/checkpoints/best (the checkpoint that
+/// eval.select kept). Refused checkpoints are reported to warn.
 CheckpointDir::Loaded LoadCheckpointAt(const std::string& path,
                                        const std::function<void(const std::string&)>& warn);
 
@@ -93,8 +108,8 @@ struct CheckpointTimes {
 /// (reused buffers, pinned when the state is on a GPU) and returns; a background thread writes
 /// the shard into step_X.tmp/ and fsyncs it. Rank 0's thread then waits until every rank's
 /// shard is in, writes the manifest and COMMITTED, renames the folder to step_X, moves
-/// `latest` and deletes all but the newest keep checkpoints (those holding a KEEP file stay;
-/// keep <= 0 deletes none).
+/// `latest` and deletes all but the newest keep checkpoints (those holding a KEEP file and the
+/// one `best` names stay; keep <= 0 deletes none).
 /// A checkpoint whose write fails anywhere (a full disk, an I/O error, a fence) is abandoned:
 /// the failing rank leaves a `.failed` receipt so that rank 0 stops waiting, rank 0 removes the
 /// temporary folder (or the half-published one), and `latest` and the older checkpoints stay as

@@ -136,6 +136,28 @@ struct Member {
       eval.set_regularized(report.regularized);
       if (report.guided) eval.set_guidance(report.guidance);
     }
+    if (report.has_kid) {
+      eval.set_kid(report.kid);
+      eval.set_kid_std(report.kid_std);
+      eval.set_kid_subsets(report.kid_subsets);
+      eval.set_kid_subset_size(report.kid_subset_size);
+    }
+    if (report.best) {
+      v1::BestCheckpointInfo& best = *request.mutable_best();
+      best.set_step(report.best->step);
+      best.set_path(report.best->path);
+      best.set_metric(report.best->metric);
+      best.set_score(report.best->score);
+      best.set_evaluations_since(report.best->evaluations_since);
+      best.set_patience(report.best->patience);
+    }
+    if (report.has_prd) {
+      eval.set_precision(report.precision);
+      eval.set_recall(report.recall);
+      eval.set_density(report.density);
+      eval.set_coverage(report.coverage);
+      eval.set_prd_reference_count(report.prd_reference_count);
+    }
     if (report.has_nll) {
       eval.set_nll_bits_per_dim(report.nll_bits_per_dim);
       eval.set_nll_std_error(report.nll_std_error);
@@ -410,6 +432,7 @@ struct Member {
     v1::ReportRunEndRequest end =
         EndRequest(run_id, attempt, result.interrupted_by, result.stopped_by != StopRequest::kNone);
     end.set_step(result.steps);
+    if (!result.completed_early.empty()) end.set_message(result.completed_early);
     if (!result.sample_grids.empty()) end.set_sample_grid(result.sample_grids.back());
     end.set_ema_weights(result.ema_weights);
     ReportEnd(end);

@@ -458,8 +458,8 @@ function runPage(page, id) {
       el('div', { class: 'panel' }, charts.bpd.box)),
     el('div', { class: 'panel' }, el('h2', { text: 'Checkpoints' }),
       el('table', { id: 'scorecard' },
-        el('thead', {}, el('tr', {}, ['Step', 'Committed', 'Samples', 'FID', 'IS', 'bits/dim', 'Path']
-          .map((h, i) => el('th', { class: i >= 3 && i <= 5 ? 'num' : undefined, text: h })))),
+        el('thead', {}, el('tr', {}, ['Step', 'Committed', 'Samples', 'FID', 'IS', 'KID', 'bits/dim', 'Path']
+          .map((h, i) => el('th', { class: i >= 3 && i <= 6 ? 'num' : undefined, text: h })))),
         scoreBody)),
     el('div', { class: 'panel' }, el('h2', { text: 'Samples across training' }),
       el('div', { class: 'viewer' }, viewerImg, el('div', { class: 'controls' }, slider, sliderLabel))),
@@ -533,16 +533,19 @@ function runPage(page, id) {
         class: 'thumb', title: `grid of step ${grid.step}`,
         onclick: () => { slider.value = String(grids.findIndex((g) => g.step === grid.step)); showGrid(Number(slider.value)); },
       }) : el('span', { class: 'sub', text: 'none' });
-      return el('tr', { 'data-step': row.checkpoint.step },
-        el('td', { class: 'num', text: String(row.checkpoint.step) }),
+      const best = run && run.best && String(run.best.step) === String(row.checkpoint.step);
+      return el('tr', { 'data-step': row.checkpoint.step, class: best ? 'best' : undefined },
+        el('td', { class: 'num' }, String(row.checkpoint.step),
+          best ? el('span', { class: 'best-badge', title: `checkpoints/best: the best ${run.best.metric} (eval.select)`, text: 'best' }) : null),
         el('td', { text: when(row.checkpoint.at_unix_ms) }),
         el('td', {}, thumb),
         el('td', { class: 'num fid', 'data-fid': ev.num_samples ? String(ev.fid) : undefined, text: ev.num_samples ? fmt(ev.fid, 6) : '-' }),
         el('td', { class: 'num', text: ev.num_samples ? fmt(ev.inception_score) : '-' }),
+        el('td', { class: 'num', text: ev.kid !== undefined ? fmt(ev.kid, 3) : '-' }),
         el('td', { class: 'num', text: ev.nll_bits_per_dim !== undefined ? fmt(ev.nll_bits_per_dim) : '-' }),
         el('td', { class: 'mono sub', text: row.checkpoint.path }));
     }));
-    if (!rows.length) scoreBody.append(el('tr', {}, el('td', { colspan: 7, class: 'empty', text: 'No checkpoint has committed yet.' })));
+    if (!rows.length) scoreBody.append(el('tr', {}, el('td', { colspan: 8, class: 'empty', text: 'No checkpoint has committed yet.' })));
   };
   const refreshEvaluations = async () => {
     const result = await api(`runs/${id}/evaluations`, { signal: page.abort.signal });
@@ -598,6 +601,10 @@ function runPage(page, id) {
       fact('FID', r.latest_eval ? fmt(r.latest_eval.fid) : '-'),
       fact('IS', r.latest_eval ? fmt(r.latest_eval.inception_score) : '-'),
       fact('bits/dim', r.latest_nll ? fmt(r.latest_nll.nll_bits_per_dim) : '-'),
+      ...(r.latest_eval && r.latest_eval.kid !== undefined ? [fact('KID', fmt(r.latest_eval.kid, 3))] : []),
+      ...(r.latest_eval && r.latest_eval.precision !== undefined
+        ? [fact('precision / recall', `${fmt(r.latest_eval.precision, 3)} / ${fmt(r.latest_eval.recall || 0, 3)}`)] : []),
+      ...(r.best ? [fact('best', `${r.best.metric} ${fmt(r.best.score)} @ ${r.best.step}`)] : []),
       fact('restarts', `${r.restarts || 0} of ${r.max_restarts || 0}`),
       fact('reason', r.reason || '-'));
     facts.lastChild.querySelector('.v').style.fontSize = '12px';

@@ -11,7 +11,8 @@ torchvision, numpy and scipy).
                               DIR/expected.npz.
   fid_ref.py gaussian-stats FILE
                               FID reference statistics (mu, sigma) of 3000 standard Gaussian
-                              vectors of dimension 2048, in numpy's own .npz.
+                              vectors of dimension 2048, and the vectors as float32 (features,
+                              for KID and PRD), in numpy's own .npz.
   fid_ref.py npz-write DIR    DIR/plain.npz (numpy.savez) and DIR/compressed.npz
                               (numpy.savez_compressed), with float64, float32 (Fortran order)
                               and int64 arrays.
@@ -191,7 +192,7 @@ def metrics(out_dir):
 
 def gaussian_stats(path):
     a = np.random.default_rng(0).normal(size=(3000, 2048))
-    np.savez(path, mu=a.mean(0), sigma=np.cov(a, rowvar=False))
+    np.savez(path, mu=a.mean(0), sigma=np.cov(a, rowvar=False), features=a.astype(np.float32))
 
 
 def npz_arrays():
