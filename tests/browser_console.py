@@ -201,6 +201,16 @@ try:
         f"FID at step {latest['step']} {latest['fid']} as ddpmctl get says")
     check(js("return window.ddpmConsole.charts.fid.data.datasets[0].data.length") == 4,
           "the FID chart does not have 4 points")
+    # eval.select: fid: the row of the lowest FID, and only it, is marked best, with its KID.
+    best_step = min(evals, key=evals.get)
+    marked = js("""return [...document.querySelectorAll('#scorecard tr.best')].map(tr => ({
+        step: Number(tr.dataset.step), badge: !!tr.querySelector('.best-badge'),
+        kid: tr.children[5].textContent}))""")
+    check(len(marked) == 1 and marked[0]["step"] == best_step and marked[0]["badge"],
+          f"best rows {marked}, the lowest FID at step {best_step}")
+    check(marked[0]["kid"] not in ("", "-"), f"no KID in the best row: {marked}")
+    facts = js("return [...document.querySelectorAll('.fact .k')].map(k => k.textContent)")
+    check("KID" in facts and "best" in facts, f"facts {facts}")
     # The slider steps through the grids.
     grids = js("return Number(document.querySelector('.viewer input[type=range]').max) + 1")
     check(grids >= 4, f"the slider has {grids} grids")

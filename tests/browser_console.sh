@@ -30,7 +30,8 @@ sed -e 's/steps: 30,/steps: 160,/' -e 's/log_every: 10,/log_every: 5,/' \
   -e 's/checkpoint_every: 20,/checkpoint_every: 40, sample_every: 40,/' "$work/tiny.yaml" > "$work/run.yaml"
 cat >> "$work/run.yaml" <<YAML
 eval: {every: 40, num_samples: 20, batch_size: 10, sampler: ddim, steps: 4,
-       inception_weights: $work/inception.pt, reference_stats: $work/ref.npz}
+       inception_weights: $work/inception.pt, reference_stats: $work/ref.npz,
+       metrics: [fid, is, kid, prd], select: fid}
 YAML
 
 start_coordinator

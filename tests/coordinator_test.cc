@@ -467,6 +467,50 @@ TEST_F(CoordinatorTest, EndedRunsArePrunedByCountByAgeAndOnRequestAndTheirFilesS
   }
 }
 
+// A run that keeps a best checkpoint reports it with each evaluation; the coordinator keeps the
+// newest (GetRun, the registry across a restart) and the evaluation's KID and PRD with it; a
+// run that ends early on eval.patience is COMPLETED with its reason.
+TEST_F(CoordinatorTest, TheBestCheckpointAndAnEarlyCompletionAreKeptWithTheirReason) {
+  core_->StartRun(Start("keeper", ConfigYaml()));
+  core_->Register(Group("g", 1));
+  v1::ReportEvalRequest eval;
+  eval.set_group_id("g");
+  eval.set_run_id("keeper-1");
+  eval.mutable_eval()->set_step(20);
+  eval.mutable_eval()->set_fid(7.5);
+  eval.mutable_eval()->set_num_samples(100);
+  eval.mutable_eval()->set_kid(-0.0025);
+  eval.mutable_eval()->set_precision(0.625);
+  v1::BestCheckpointInfo& best = *eval.mutable_best();
+  best.set_step(10);
+  best.set_path("/runs/keeper-1/checkpoints/step_000000010");
+  best.set_metric("fid");
+  best.set_score(6.25);
+  best.set_evaluations_since(1);
+  best.set_patience(2);
+  core_->ReportEval(eval);
+  const v1::Run run = core_->GetRun("keeper-1");
+  ASSERT_TRUE(run.has_best());
+  EXPECT_EQ(run.best().SerializeAsString(), best.SerializeAsString());
+  EXPECT_EQ(run.latest_eval().kid(), -0.0025);
+  EXPECT_EQ(run.latest_eval().precision(), 0.625);
+  v1::ReportRunEndRequest end;
+  end.set_group_id("g");
+  end.set_run_id("keeper-1");
+  end.set_outcome(v1::ReportRunEndRequest::COMPLETED);
+  end.set_step(30);
+  end.set_message("stopped early by eval.patience: 2 evaluations in a row did not improve");
+  core_->ReportRunEnd(end);
+  Reopen();
+  const v1::Run ended = core_->GetRun("keeper-1");
+  EXPECT_EQ(ended.state(), v1::COMPLETED);
+  EXPECT_EQ(ended.reason(),
+            "stopped early by eval.patience: 2 evaluations in a row did not improve at step 30 on "
+            "group g");
+  EXPECT_EQ(ended.best().step(), 10);
+  EXPECT_EQ(ended.best().score(), 6.25);
+}
+
 // A backup taken while the coordinator runs restores into another data directory with every
 // run, transition, checkpoint, evaluation and history row; a restore is refused while a
 // coordinator holds the directory, and a file that is not a registry changes nothing.
