@@ -13,7 +13,7 @@ namespace {
 constexpr int kApplicationId = 0x44445052;
 // 2: evals gained nll_bits_per_dim; 3: metric_history, every log-interval row of every run.
 // An older file is migrated when opened.
-constexpr int kSchemaVersion = 3;
+constexpr int kSchemaVersion = 4;
 
 [[noreturn]] void Fail(sqlite3* db, const std::string& path, int code, const char* call,
                        const char* file, int line) {
@@ -157,7 +157,7 @@ Registry::Registry(const std::string& path) : path_(path) {
           "CREATE TABLE IF NOT EXISTS evals (run_id TEXT NOT NULL REFERENCES runs(id)"
           " ON DELETE CASCADE, step INTEGER NOT NULL, fid REAL NOT NULL,"
           " inception_score REAL NOT NULL, num_samples INTEGER NOT NULL,"
-          " at_unix_ms INTEGER NOT NULL, nll_bits_per_dim REAL);"
+          " at_unix_ms INTEGER NOT NULL, nll_bits_per_dim REAL, record BLOB);"
           // One row per log interval of a run, keyed by step: a restarted attempt that logs a
           // step again replaces the row. The quartiles are NULL where no sample fell.
           "CREATE TABLE IF NOT EXISTS metric_history (run_id TEXT NOT NULL REFERENCES runs(id)"
@@ -168,6 +168,18 @@ Registry::Registry(const std::string& path) : path_(path) {
           __FILE__, __LINE__);
       if (!empty && schema < 2) {
         Execute("ALTER TABLE evals ADD COLUMN nll_bits_per_dim REAL", __FILE__, __LINE__);
+      }
+      // Schema 4: the whole EvalResult (KID, PRD and what comes later) beside the columns.
+      if (!empty && schema < 4) {
+        bool has_record = false;
+        {
+          Statement columns(db_, path_,
+                            "SELECT count(*) FROM pragma_table_info('evals') "
+                            "WHERE name = 'record'");
+          columns.Step();
+          has_record = columns.Int(0) > 0;
+        }
+        if (!has_record) Execute("ALTER TABLE evals ADD COLUMN record BLOB", __FILE__, __LINE__);
       }
     });
   } catch (...) {
@@ -274,7 +286,7 @@ void Registry::AddCheckpoint(const std::string& run_id, const v1::CheckpointInfo
 void Registry::AddEval(const std::string& run_id, const v1::EvalResult& eval) {
   Statement(db_, path_,
             "INSERT INTO evals(run_id, step, fid, inception_score, num_samples, at_unix_ms, "
-            "nll_bits_per_dim) VALUES(?, ?, ?, ?, ?, ?, ?)")
+            "nll_bits_per_dim, record) VALUES(?, ?, ?, ?, ?, ?, ?, ?)")
       .Bind(run_id)
       .Bind(static_cast<int64_t>(eval.step()))
       .Bind(eval.fid())
@@ -282,6 +294,7 @@ void Registry::AddEval(const std::string& run_id, const v1::EvalResult& eval) {
       .Bind(static_cast<int64_t>(eval.num_samples()))
       .Bind(static_cast<int64_t>(eval.at_unix_ms()))
       .BindOptional(eval.has_nll_bits_per_dim(), eval.nll_bits_per_dim())
+      .BindBlob(eval.SerializeAsString())
       .Run();
 }
 
@@ -378,11 +391,13 @@ std::vector<v1::CheckpointInfo> Registry::Checkpoints(const std::string& run_id)
 std::vector<v1::EvalResult> Registry::Evals(const std::string& run_id) {
   std::vector<v1::EvalResult> evals;
   Statement select(db_, path_,
-                   "SELECT step, fid, inception_score, num_samples, at_unix_ms, nll_bits_per_dim "
-                   "FROM evals WHERE run_id = ? ORDER BY rowid");
+                   "SELECT step, fid, inception_score, num_samples, at_unix_ms, nll_bits_per_dim, "
+                   "record FROM evals WHERE run_id = ? ORDER BY rowid");
   select.Bind(run_id);
   while (select.Step()) {
     v1::EvalResult& eval = evals.emplace_back();
+    // A row written before schema 4 has only the columns.
+    if (!select.Null(6) && eval.ParseFromString(select.Text(6))) continue;
     eval.set_step(select.Int(0));
     eval.set_fid(select.Double(1));
     eval.set_inception_score(select.Double(2));

@@ -185,11 +185,13 @@ EvalReport RunEvaluator::Evaluate(const GaussianDiffusion& diffusion, UNet& ema,
   if (kid || prd) {
     // KID and PRD need every sample's features on every rank: each rank's share, padded to the
     // largest, all-gathered (80 MB at 10k samples), then each rank computes its part of them.
-    torch::Tensor own = stats.KeptFeatures().to(device_);
+    // On the host: the control communicator (MPI) moves CPU tensors only.
+    const torch::Tensor own = stats.KeptFeatures().cpu();
     const torch::Tensor padded = torch::zeros({largest, own.size(1)}, own.options());
     padded.slice(0, 0, own.size(0)).copy_(own);
     const torch::Tensor gathered =
-        comm.AllGather(padded, "all-gather of the sample features at step " + std::to_string(step));
+        comm.AllGather(padded, "all-gather of the sample features at step " + std::to_string(step))
+            .to(device_);
     std::vector<torch::Tensor> shares;
     for (int r = 0; r < world; ++r) {
       const int64_t count = eval.num_samples * (r + 1) / world - eval.num_samples * r / world;

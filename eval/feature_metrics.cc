@@ -250,12 +250,14 @@ NearestTwo FindNearestTwo(const torch::Tensor& queries,
     if (progress) progress(row + count - first, end - first);
   }
   // Every rank's two candidates, in rank order: increasing index among equal distances.
-  torch::Tensor distance = comm.AllGather(best, "all-gather of the nearest neighbours")
+  // (On the host: the tools' and the control communicator, MPI, move CPU tensors only.)
+  torch::Tensor distance = comm.AllGather(best.cpu(), "all-gather of the nearest neighbours")
                                .permute({1, 0, 2})
                                .reshape({n, -1});
-  torch::Tensor index = comm.AllGather(best_index, "all-gather of the nearest neighbours' indices")
-                            .permute({1, 0, 2})
-                            .reshape({n, -1});
+  torch::Tensor index =
+      comm.AllGather(best_index.cpu(), "all-gather of the nearest neighbours' indices")
+          .permute({1, 0, 2})
+          .reshape({n, -1});
   KeepTwo(distance, index);
   return {distance.cpu(), index.cpu()};
 }

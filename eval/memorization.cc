@@ -95,12 +95,14 @@ std::vector<MemorizationSpace> MeasureMemorization(
     const int64_t n = samples.size();
     const int64_t largest = (n + world - 1) / world;
     const int64_t first = n * rank / world, end = n * (rank + 1) / world;
-    torch::Tensor padded = torch::zeros({largest, 2048}, torch::TensorOptions().device(device));
+    // On the host: the tools' communicator (MPI) moves CPU tensors only.
+    torch::Tensor padded = torch::zeros({largest, 2048});
     if (end > first) {
       padded.slice(0, 0, end - first)
           .copy_(FeatureRows(*inception, samples, first, end - first, options.batch_size, device));
     }
-    const torch::Tensor gathered = comm.AllGather(padded, "all-gather of the samples' features");
+    const torch::Tensor gathered =
+        comm.AllGather(padded, "all-gather of the samples' features").to(device);
     std::vector<torch::Tensor> shares;
     for (int r = 0; r < world; ++r) {
       shares.push_back(gathered[r].slice(0, 0, n * (r + 1) / world - n * r / world));

@@ -49,17 +49,18 @@ struct EvalReport {
   /// A class-conditional model's evaluation: class-balanced samples (sample i of class i mod
   /// model.num_classes) with classifier-free guidance of scale guidance (eval.guidance).
   bool guided = false;
-  double guidance = 1.0;
-  /// KID (eval.metrics kid): the unbiased MMD^2's mean and standard deviation over kid_subsets
-  /// subsets of kid_subset_size samples and as many reference features.
+  /// KID and PRD were measured (eval.metrics kid, prd; below).
   bool has_kid = false;
+  bool has_prd = false;
+  double guidance = 1.0;
+  /// KID: the unbiased MMD^2's mean and standard deviation over kid_subsets subsets of
+  /// kid_subset_size samples and as many reference features.
   double kid = 0;
   double kid_std = 0;
-  int kid_subsets = 0;
   int64_t kid_subset_size = 0;
+  int kid_subsets = 0;
   /// Precision and recall (k = 3), density and coverage (k = 5) of the num_samples samples
-  /// against prd_reference_count reference features (eval.metrics prd).
-  bool has_prd = false;
+  /// against prd_reference_count reference features.
   double precision = 0;
   double recall = 0;
   double density = 0;

@@ -212,7 +212,11 @@ try:
     facts = js("return [...document.querySelectorAll('.fact .k')].map(k => k.textContent)")
     check("KID" in facts and "best" in facts, f"facts {facts}")
     # The slider steps through the grids.
-    grids = js("return Number(document.querySelector('.viewer input[type=range]').max) + 1")
+    # The last grid is drawn after the last checkpoint and evaluation (with eval.select the
+    # step's checkpoint commits before the evaluation is reported), so it may come later.
+    slider_grids = "return Number(document.querySelector('.viewer input[type=range]').max) + 1"
+    wait("the slider's 4 grids", lambda: js(slider_grids) >= 4, seconds=30)
+    grids = js(slider_grids)
     check(grids >= 4, f"the slider has {grids} grids")
     screenshot("console_run.png")
     screenshot("console_scorecard.png", "#scorecard")

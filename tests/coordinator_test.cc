@@ -468,7 +468,8 @@ TEST_F(CoordinatorTest, EndedRunsArePrunedByCountByAgeAndOnRequestAndTheirFilesS
 }
 
 // A run that keeps a best checkpoint reports it with each evaluation; the coordinator keeps the
-// newest (GetRun, the registry across a restart) and the evaluation's KID and PRD with it; a
+// newest (GetRun, the registry across a restart) and the evaluation's KID and PRD with it, in the
+// run and in its history of evaluations; a
 // run that ends early on eval.patience is COMPLETED with its reason.
 TEST_F(CoordinatorTest, TheBestCheckpointAndAnEarlyCompletionAreKeptWithTheirReason) {
   core_->StartRun(Start("keeper", ConfigYaml()));
@@ -509,6 +510,11 @@ TEST_F(CoordinatorTest, TheBestCheckpointAndAnEarlyCompletionAreKeptWithTheirRea
             "group g");
   EXPECT_EQ(ended.best().step(), 10);
   EXPECT_EQ(ended.best().score(), 6.25);
+  // The evaluation's history keeps KID and PRD too (schema 4: the whole record).
+  const std::vector<v1::EvalResult> history = core_->Evals("keeper-1");
+  ASSERT_EQ(history.size(), 1u);
+  EXPECT_EQ(history[0].kid(), -0.0025);
+  EXPECT_EQ(history[0].precision(), 0.625);
 }
 
 // A backup taken while the coordinator runs restores into another data directory with every
@@ -796,7 +802,7 @@ TEST_F(CoordinatorTest, ARegistryOfSchemaOneGainsTheBoundsColumnAndKeepsItsEvalu
         "NULL, num_samples INTEGER NOT NULL, at_unix_ms INTEGER NOT NULL); INSERT INTO "
         "evals VALUES('a-1', 5, 40.5, 2.5, 100, 1); PRAGMA user_version=1;");
   Reopen();
-  EXPECT_EQ(Query(db, "PRAGMA user_version"), std::vector<std::string>{"3"});
+  EXPECT_EQ(Query(db, "PRAGMA user_version"), std::vector<std::string>{"4"});
   v1::RegisterRequest again = Group("g", 1);
   again.set_current_run("a-1");
   core_->Register(again);
@@ -999,7 +1005,7 @@ TEST_F(CoordinatorTest, ARegistryOfSchemaTwoGainsTheHistoryAndKeepsItsRuns) {
   // The file as a coordinator before the history wrote it.
   Query(db, "DROP TABLE metric_history; PRAGMA user_version=2;");
   Reopen();
-  EXPECT_EQ(Query(db, "PRAGMA user_version"), std::vector<std::string>{"3"});
+  EXPECT_EQ(Query(db, "PRAGMA user_version"), std::vector<std::string>{"4"});
   EXPECT_EQ(core_->GetRun("a").state(), v1::QUEUED);
   core_->Register(Group("g", 1));
   core_->Heartbeat(MetricsHeartbeat("a-1", 10, 0.25));
@@ -1007,12 +1013,12 @@ TEST_F(CoordinatorTest, ARegistryOfSchemaTwoGainsTheHistoryAndKeepsItsRuns) {
             std::vector<std::string>{"10 0.25"});
   // A file of a newer schema is refused by name.
   core_.reset();
-  Query(db, "PRAGMA user_version=4;");
+  Query(db, "PRAGMA user_version=5;");
   try {
     Reopen();
-    FAIL() << "a schema-4 registry was opened";
+    FAIL() << "a schema-5 registry was opened";
   } catch (const RegistryError& error) {
-    EXPECT_NE(std::string(error.what()).find("schema version 4 is newer than this coordinator's 3"),
+    EXPECT_NE(std::string(error.what()).find("schema version 5 is newer than this coordinator's 4"),
               std::string::npos)
         << error.what();
   }
