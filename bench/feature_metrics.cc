@@ -11,18 +11,19 @@
 #include <torch/torch.h>
 
 #include <cstdio>
+#include <memory>
 
 #include "bench/stats.h"
+#include "comm/mpi_communicator.h"
 #include "config/flags.h"
-#include "tools/tool_world.h"
+#include "trainer/communicator.h"
 
 namespace ddpm::bench {
 namespace {
 
-int Run(const Flags& flags, ToolWorld& world) {
+int Run(const Flags& flags, Communicator& comm) {
   const int64_t samples = flags.GetInt("samples"), train = flags.GetInt("train");
   torch::set_num_threads(static_cast<int>(flags.GetInt("threads")));
-  Communicator& comm = world.comm();
   torch::manual_seed(0);
   // pool3-like features: non-negative; pixels in [0, 1].
   const torch::Tensor fake = torch::randn({samples, 2048}).relu();
@@ -48,7 +49,7 @@ int Run(const Flags& flags, ToolWorld& world) {
       fake, [&](int64_t first, int64_t count) { return real.slice(0, first, first + count); },
       train, comm, 1000);
   const double feature_s = Ms(start) / 1000;
-  if (world.lead()) {
+  if (comm.rank() == 0) {
     std::printf(
         "impl=ddpm ranks=%d threads=%lld samples=%lld train=%lld kid_s=%.2f prd_s=%.2f "
         "pixel_search_s=%.2f feature_search_s=%.2f kid=%.6g precision=%.4f recall=%.4f "
@@ -72,7 +73,15 @@ int main(int argc, char** argv) {
   flags.Add("train", "reference features and training images", "50000");
   flags.Add("threads", "torch threads per rank", "2");
   return ddpm::RunMain(flags, argc, argv, [&] {
-    ddpm::ToolWorld world(&argc, &argv);
-    return world.Run("ddpm_bench_feature_metrics", [&] { return ddpm::bench::Run(flags, world); });
+    // One process, or one rank of an MPI job when mpirun started it.
+    std::unique_ptr<ddpm::MpiRuntime> mpi;
+    std::unique_ptr<ddpm::Communicator> comm;
+    if (ddpm::LaunchedByMpi()) {
+      mpi = std::make_unique<ddpm::MpiRuntime>(&argc, &argv);
+      comm = std::make_unique<ddpm::MpiCommunicator>(mpi->placement());
+    } else {
+      comm = std::make_unique<ddpm::SoloCommunicator>();
+    }
+    return ddpm::bench::Run(flags, *comm);
   });
 }
