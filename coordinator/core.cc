@@ -572,6 +572,19 @@ v1::Run Coordinator::StartEval(const v1::StartEvalRequest& request) {
   if (!request.inception_weights().empty()) {
     overrides.emplace_back("eval.inception_weights", request.inception_weights());
   }
+  // The memorization report's training set: "run" is the training run's own.
+  std::string memorization_train = request.memorization_train();
+  if (memorization_train == "run") {
+    memorization_train = "run:" + trained.run_dir();
+  } else if (!memorization_train.empty()) {
+    const std::size_t colon = memorization_train.find(':');
+    const std::string kind = memorization_train.substr(0, colon);
+    if (colon == std::string::npos || colon + 1 == memorization_train.size() ||
+        (kind != "cifar10" && kind != "folder" && kind != "npz" && kind != "run")) {
+      throw invalid("memorization_train (ddpmctl eval --memorization) '" + memorization_train +
+                    "' is not cifar10:PATH, folder:PATH, npz:PATH, run:RUN_DIR or run");
+    }
+  }
   try {
     for (const auto& [key, value] : overrides) SetConfigKey(config, key, value, "StartEval");
     config.Validate();
@@ -595,6 +608,7 @@ v1::Run Coordinator::StartEval(const v1::StartEvalRequest& request) {
   run.mutable_evaluation()->set_source_run(trained.id());
   run.mutable_evaluation()->set_source_run_dir(trained.run_dir());
   run.mutable_evaluation()->set_checkpoints(checkpoints);
+  run.mutable_evaluation()->set_memorization_train(memorization_train);
   run.set_config_yaml(config.ToYaml());
   run.set_priority(request.priority());
   run.set_max_restarts(request.has_max_restarts() ? request.max_restarts()

@@ -10,6 +10,7 @@
 
 #include "base/sha256.h"
 #include "base/text.h"
+#include "trainer/checkpoint.h"
 #include "trainer/communicator.h"
 #include "trainer/data.h"
 #include "trainer/diffusion.h"
@@ -276,6 +277,16 @@ std::unique_ptr<ImageDataset> OpenImageSet(const std::string& spec, int image_si
   }
   throw std::invalid_argument("image set '" + spec +
                               "' is not cifar10:PATH, folder:PATH or npz:PATH");
+}
+
+std::unique_ptr<ImageDataset> OpenTrainingSet(const std::string& spec, int image_size) {
+  if (spec.rfind("run:", 0) == 0 && spec.size() > 4) {
+    const CheckpointDir::Loaded loaded = LoadCheckpointAt(
+        spec.substr(4),
+        [](const std::string& message) { std::printf("ddpm: warning: %s\n", message.c_str()); });
+    return MakeDataset(ConfigFromCheckpoint(loaded.tensors, loaded.path));
+  }
+  return OpenImageSet(spec, image_size);
 }
 
 torch::Tensor ReadImages(const ImageDataset& data, int64_t first, int64_t n, torch::Device device) {

@@ -78,6 +78,8 @@ class RunEvaluator {
   /// Evaluates later calls at classifier-free guidance w (eval.guidance; a sweep over scales
   /// keeps the network and reference loaded); throws ConfigError when w is not finite.
   void set_guidance(double w);
+  /// The loaded FID Inception network (the memorization report of an evaluation job reuses it).
+  FidInception inception() const { return model_; }
   EvalReport Evaluate(const GaussianDiffusion& diffusion, UNet& ema, Communicator& comm,
                       int64_t step,
                       const std::function<void(int64_t done, int64_t share)>& progress,
@@ -100,6 +102,9 @@ class RunEvaluator {
 /// format: arr_0, uint8 N x H x W x 3). Throws naming the spec, or the file and what is wrong
 /// with it.
 std::unique_ptr<ImageDataset> OpenImageSet(const std::string& spec, int image_size);
+/// A training set for the memorization report: an image set (cifar10:PATH is the training
+/// split), or run:RUN_DIR, the very data set a run trained on (from its checkpoint's config).
+std::unique_ptr<ImageDataset> OpenTrainingSet(const std::string& spec, int image_size);
 
 /// Images first .. first + n - 1 of data as a float32 [n, C, H, W] batch in [-1, 1] on device.
 torch::Tensor ReadImages(const ImageDataset& data, int64_t first, int64_t n, torch::Device device);

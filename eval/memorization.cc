@@ -121,6 +121,36 @@ std::vector<MemorizationSpace> MeasureMemorization(
   return spaces;
 }
 
+std::string DescribeMemorization(const std::vector<MemorizationSpace>& spaces, double ratio) {
+  std::string summary;
+  char line[512];
+  for (const MemorizationSpace& space : spaces) {
+    std::snprintf(line, sizeof(line),
+                  "%s space: %.2f%% of %lld samples have nearest / second-nearest < %.4g "
+                  "(copies, Yoon et al.)\n",
+                  space.name.c_str(), 100 * space.flagged,
+                  static_cast<long long>(space.ratio.size(0)), ratio);
+    summary += line;
+    std::string quantiles;
+    for (std::size_t q = 0; q < space.quantiles.size(); ++q) {
+      std::snprintf(line, sizeof(line), "%s%g%% %.4g", q ? ", " : "", 100 * kDistanceQuantiles[q],
+                    space.quantiles[q]);
+      quantiles += line;
+    }
+    summary += space.name + " space: nearest distance quantiles: " + quantiles + "\n";
+  }
+  return summary;
+}
+
+void WriteMemorizationReport(const std::vector<MemorizationSpace>& spaces,
+                             const ImageDataset& samples, const ImageDataset& train, double ratio,
+                             const std::string& dir) {
+  MakeDirectories(dir);
+  WriteNeighboursCsv(spaces, dir + "/neighbours.csv");
+  WriteClosestPairs(spaces.front(), samples, train, 16, dir + "/closest_pairs.png");
+  WriteFileAtomically(dir + "/summary.txt", DescribeMemorization(spaces, ratio));
+}
+
 void WriteNeighboursCsv(const std::vector<MemorizationSpace>& spaces, const std::string& path) {
   std::string text = "sample";
   for (const MemorizationSpace& space : spaces) {

@@ -53,6 +53,16 @@ std::vector<MemorizationSpace> MeasureMemorization(
     Communicator& comm, torch::Device device, const MemorizationOptions& options,
     const std::function<void(const std::string&, int64_t, int64_t)>& progress = nullptr);
 
+/// The summary: per space, the share of samples flagged and the quantiles of the nearest
+/// distances, one line each.
+std::string DescribeMemorization(const std::vector<MemorizationSpace>& spaces, double ratio);
+
+/// Writes dir/neighbours.csv, dir/closest_pairs.png (16 pairs, pixel space) and dir/summary.txt
+/// (DescribeMemorization), creating dir.
+void WriteMemorizationReport(const std::vector<MemorizationSpace>& spaces,
+                             const ImageDataset& samples, const ImageDataset& train, double ratio,
+                             const std::string& dir);
+
 /// Writes one row per sample: its index and, per space, the nearest and second-nearest
 /// training indices and distances and their ratio; atomically.
 void WriteNeighboursCsv(const std::vector<MemorizationSpace>& spaces, const std::string& path);

@@ -66,6 +66,10 @@ struct EvalReport {
   double density = 0;
   double coverage = 0;
   int64_t prd_reference_count = 0;
+  /// An evaluation job's memorization report: the share of samples flagged as copies in pixel
+  /// and in feature space; -1 when not measured.
+  double memorized_pixel = -1;
+  double memorized_feature = -1;
   /// The run's best checkpoint after this evaluation (eval.select), when it keeps one.
   std::optional<BestStatus> best;
   /// Seconds the evaluation took (sampling, Inception and the bound), not counted as training

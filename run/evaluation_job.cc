@@ -15,10 +15,12 @@
 #include "config/checkpoint_selection.h"
 #include "eval/checkpoint_sweep.h"
 #include "eval/evaluation.h"
+#include "eval/memorization.h"
 #include "run/run_log.h"
 #include "run/sampling.h"
 #include "trainer/checkpoint.h"
 #include "trainer/communicator.h"
+#include "trainer/data.h"
 #include "trainer/device.h"
 #include "trainer/diffusion.h"
 #include "trainer/image_io.h"
@@ -150,6 +152,11 @@ EvaluationJobResult RunEvaluationJob(const Config& config, const EvaluationJobOp
       Name(config.eval.is_logits), world);
 
   RunEvaluator evaluator(config, device);
+  // The memorization report's training set, opened once (a bad spec fails the job now).
+  std::unique_ptr<ImageDataset> memorization_train;
+  if (!options.memorization_train.empty()) {
+    memorization_train = OpenTrainingSet(options.memorization_train, config.model.image_size);
+  }
   const GaussianDiffusion diffusion(config.diffusion, device);
   UNet model(config.model);
   const ModelConfig& m = config.model;
@@ -223,6 +230,23 @@ EvaluationJobResult RunEvaluationJob(const Config& config, const EvaluationJobOp
     sampled += drawn * world;
     ++checkpoints_done;
     report.step = step;
+    if (memorization_train) {
+      // The samples as every rank kept them (all written: Evaluate ended in an all-reduce).
+      const ImageFolderDataset samples(images_dir, m.image_size, m.in_channels);
+      MemorizationOptions memorization;
+      memorization.batch_size = config.eval.batch_size;
+      const std::vector<MemorizationSpace> spaces = MeasureMemorization(
+          samples, *memorization_train, evaluator.inception(), comm, device, memorization);
+      report.memorized_pixel = spaces.front().flagged;
+      if (spaces.size() > 1) report.memorized_feature = spaces[1].flagged;
+      if (rank == 0) {
+        WriteMemorizationReport(spaces, samples, *memorization_train, memorization.ratio,
+                                options.job_dir + "/memorization/" + StepName(step));
+      }
+      console.Say("ddpm: evaluation job: step %lld: memorization against %s: %s",
+                  static_cast<long long>(step), options.memorization_train.c_str(),
+                  DescribeMemorization(spaces, memorization.ratio).c_str());
+    }
     OnLeadOrAll(comm, "record the result of step " + std::to_string(step), [&] {
       reports.push_back(report);
       std::sort(reports.begin(), reports.end(),

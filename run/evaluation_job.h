@@ -28,6 +28,9 @@ struct EvaluationJobOptions {
   std::string source_run_dir;
   /// CheckpointSelection text: latest, all, every:K or a step.
   std::string checkpoints = "latest";
+  /// The training set of a memorization report of each checkpoint's samples (OpenTrainingSet's
+  /// specs), or empty; the reports go to job_dir/memorization/step_X/.
+  std::string memorization_train;
   /// The coordinator's attempt (the fencing token); 0: not fenced.
   int attempt = 0;
   ProgressMode progress = ProgressMode::kAuto;

@@ -9,7 +9,8 @@
 #   4. the results (class-balanced, guidance 2), per checkpoint, equal `ddpm_fid checkpoint` of
 #      each checkpoint with the same protocol (so the resumed checkpoint equals an uninterrupted evaluation), and are in
 #      ddpmctl get, sweep.csv, sweep.png and the coordinator's /metrics; KID too (--metrics
-#      kid), and best.txt names the checkpoint with the lowest FID.
+#      kid), and best.txt names the checkpoint with the lowest FID; each checkpoint has a
+#      memorization report against the run's own training set (--memorization run).
 # usage: e2e_eval_job.sh MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL DDPM_FID PYTHON SOURCE_DIR
 # Exits 77 (skipped) when PYTHON lacks torch, torchvision or numpy.
 set -euo pipefail
@@ -60,6 +61,8 @@ refused "checkpoints every:7 of run $run: no such checkpoint" "$run" --checkpoin
 refused "--num must be >= 10" "$run" --num 0 "${files[@]}"
 refused "eval.sampler" "$run" --sampler euler "${files[@]}"
 refused "eval.metrics: 'lpips' is not one of: fid, is, kid, prd" "$run" --metrics kid,lpips "${files[@]}"
+refused "memorization_train (ddpmctl eval --memorization) 'imagenet:/x' is not cifar10:PATH" "$run" \
+  --memorization imagenet:/x "${files[@]}"
 printf 'eval: {reference_stats: /x.npz}\n' > "$work/bad_protocol.yaml"
 refused "bad_protocol.yaml: eval.reference_stats: a protocol sets" "$run" --protocol "$work/bad_protocol.yaml" "${files[@]}"
 refused "eval.reference_stats (ddpmctl eval --ref): empty" "$run" --inception "$work/inception.pt"
@@ -72,7 +75,7 @@ cat > "$work/protocol.yaml" <<'YAML'
 eval: {num_samples: 24, sampler: ddim, steps: 4, batch_size: 2, is_logits: unbiased, guidance: 2}
 YAML
 protocol=(--protocol "$work/protocol.yaml" --metrics kid)
-job=$(ctl eval "$run" --checkpoint all "${protocol[@]}" "${files[@]}" --json |
+job=$(ctl eval "$run" --checkpoint all "${protocol[@]}" "${files[@]}" --memorization run --json |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 [ "$job" = trained-eval-2 ] || fail "job id $job"
 job_dir=$(field "$job" 'r["run_dir"]')
@@ -147,6 +150,17 @@ assert text[0] == "step " + best["step"] and text[1] == "fid " + best["fid"], (t
 assert text[2].startswith("checkpoint ") and text[2].endswith("/checkpoints/step_%09d" % int(best["step"])), text
 assert r["best"]["step"] == best["step"] and r["best"]["metric"] == "fid", r["best"]
 assert re.search(r"^  best\s+fid \S+ at step %s \(.*/checkpoints/step_%09d\)$" % (best["step"], int(best["step"])), get, re.M), get
+# The memorization report of each checkpoint: 24 samples against the run's 64 shapes, in pixel and
+# feature space, its share in the results.
+assert re.search(r"^  memorization\s+against run:.*/%s \(memorization/step_\*/ in the run dir\)$" % run, get, re.M), get
+for result in results:
+    out = "%s/memorization/step_%09d" % (job_dir, int(result["step"]))
+    rows = list(csv.DictReader(open(out + "/neighbours.csv")))
+    assert len(rows) == 24 and all(0 <= int(x["pixel_nearest"]) < 64 and 0 <= int(x["feature_nearest"]) < 64 for x in rows), out
+    flagged = sum(float(x["pixel_ratio"]) < 1 / 3 for x in rows) / 24
+    assert abs(result["memorized_pixel"] - flagged) <= 1e-12 if "memorized_pixel" in result else flagged == 0, (result, flagged)
+    assert "feature space: " in open(out + "/summary.txt").read(), out
+    assert open(out + "/closest_pairs.png", "rb").read()[:8] == b"\x89PNG\r\n\x1a\n", out
 png = open(f"{job_dir}/sweep.png", "rb").read()
 assert png[:8] == b"\x89PNG\r\n\x1a\n", "sweep.png is not a PNG"
 width, height = struct.unpack(">II", png[16:24])

@@ -233,6 +233,10 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
                   eval.nll_timesteps_total());
     row("nll", text);
   }
+  if (job && !run.evaluation().memorization_train().empty()) {
+    row("memorization", "against " + run.evaluation().memorization_train() +
+                            " (memorization/step_*/ in the run dir)");
+  }
   if (job && run.evaluation().results_size() > 0) {
     std::fprintf(
         out, "  results (FID and IS per checkpoint; sweep.csv and sweep.png in the run dir):\n");
@@ -305,6 +309,7 @@ int CtlEval(const CtlOptions& options, const EvalOptions& eval, std::string* run
   if (eval.guidance) request.set_guidance(*eval.guidance);
   request.set_is_logits(eval.is_logits);
   for (const std::string& metric : eval.metrics) request.add_metrics(metric);
+  request.set_memorization_train(eval.memorization_train);
   request.set_reference_stats(eval.reference_stats);
   request.set_inception_weights(eval.inception_weights);
   request.set_name(eval.name);

@@ -65,6 +65,8 @@ struct EvalOptions {
   std::optional<double> guidance;
   /// Scores beside FID and IS ("kid", "prd"); empty: the run's eval.metrics.
   std::vector<std::string> metrics;
+  /// The training set of a memorization report of each checkpoint ("run": the run's own).
+  std::string memorization_train;
   std::string is_logits;
   std::string reference_stats;
   std::string inception_weights;

@@ -81,6 +81,11 @@ bool AddCommandFlags(const std::string& command, ddpm::Flags& flags, int argc, c
               "scores beside FID and IS, comma-separated: kid, prd (default: the run's "
               "eval.metrics)",
               "");
+    flags.Add("memorization",
+              "a memorization report of each checkpoint's samples against this training set: "
+              "run (the run's own), cifar10:PATH, folder:PATH or npz:PATH (every group must "
+              "read it)",
+              "");
     flags.Add("guidance",
               "a class-conditional model's guidance w (eps_uncond + w (eps_cond - eps_uncond); "
               "default: the run's eval.guidance)",
@@ -214,6 +219,7 @@ int RunCommand(const std::string& command, const ddpm::Flags& flags) {
     eval.sampler = values["sampler"];
     eval.is_logits = values["is_logits"];
     if (flags.Given("metrics")) eval.metrics = ddpm::SplitList(flags.Get("metrics"));
+    eval.memorization_train = flags.Get("memorization");
     eval.reference_stats = flags.Get("ref");
     eval.inception_weights = flags.Get("inception");
     eval.name = flags.Get("name");

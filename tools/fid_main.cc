@@ -142,18 +142,6 @@ int Checkpoint(int argc, char** argv) {
   });
 }
 
-// The training set of --train: an image set (cifar10:PATH is the training split), or run:RUN_DIR,
-// the very set a run trained on (its checkpoint's data config).
-std::unique_ptr<ddpm::ImageDataset> OpenTrainingSet(const std::string& spec, int image_size) {
-  if (spec.rfind("run:", 0) == 0 && spec.size() > 4) {
-    const ddpm::CheckpointDir::Loaded loaded = ddpm::LoadCheckpointAt(
-        spec.substr(4),
-        [](const std::string& message) { std::printf("ddpm: warning: %s\n", message.c_str()); });
-    return ddpm::MakeDataset(ddpm::ConfigFromCheckpoint(loaded.tensors, loaded.path));
-  }
-  return ddpm::OpenImageSet(spec, image_size);
-}
-
 // ddpm_fid memorization: each sample's two nearest training images, exactly, over the ranks.
 int Memorization(int argc, char** argv) {
   ddpm::Flags flags("ddpm_fid memorization",
@@ -195,7 +183,7 @@ int Memorization(int argc, char** argv) {
       const torch::Device device(flags.Get("device"));
       const int image_size = static_cast<int>(flags.GetInt("image-size"));
       const auto samples = ddpm::OpenImageSet(flags.Get("samples"), image_size);
-      const auto train = OpenTrainingSet(flags.Get("train"), image_size);
+      const auto train = ddpm::OpenTrainingSet(flags.Get("train"), image_size);
       std::optional<ddpm::FidInception> inception;
       if (!weights.empty()) inception = ddpm::LoadFidInception(weights, device);
       ddpm::MemorizationOptions options;
@@ -229,26 +217,8 @@ int Memorization(int argc, char** argv) {
             std::fflush(stdout);
           });
       if (!world.lead()) return 0;
-      std::string summary;
-      char line[512];
-      for (const ddpm::MemorizationSpace& space : spaces) {
-        std::snprintf(line, sizeof(line),
-                      "%s space: %.2f%% of %lld samples have nearest / second-nearest < %.4g "
-                      "(copies, Yoon et al.)\n",
-                      space.name.c_str(), 100 * space.flagged,
-                      static_cast<long long>(space.ratio.size(0)), options.ratio);
-        summary += line;
-        std::string quantiles;
-        for (std::size_t q = 0; q < space.quantiles.size(); ++q) {
-          std::snprintf(line, sizeof(line), "%s%g%% %.4g", q ? ", " : "",
-                        100 * ddpm::kDistanceQuantiles[q], space.quantiles[q]);
-          quantiles += line;
-        }
-        summary += space.name + " space: nearest distance quantiles: " + quantiles + "\n";
-      }
-      ddpm::WriteNeighboursCsv(spaces, out + "/neighbours.csv");
-      ddpm::WriteClosestPairs(spaces.front(), *samples, *train, 16, out + "/closest_pairs.png");
-      ddpm::WriteFileAtomically(out + "/summary.txt", summary);
+      const std::string summary = ddpm::DescribeMemorization(spaces, options.ratio);
+      ddpm::WriteMemorizationReport(spaces, *samples, *train, options.ratio, out);
       std::printf(
           "%sddpm_fid memorization: wrote %s/neighbours.csv, closest_pairs.png (the 16 "
           "samples nearest a training image in pixel space, each beside it) and "

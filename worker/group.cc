@@ -151,6 +151,8 @@ struct Member {
       best.set_evaluations_since(report.best->evaluations_since);
       best.set_patience(report.best->patience);
     }
+    if (report.memorized_pixel >= 0) eval.set_memorized_pixel(report.memorized_pixel);
+    if (report.memorized_feature >= 0) eval.set_memorized_feature(report.memorized_feature);
     if (report.has_prd) {
       eval.set_precision(report.precision);
       eval.set_recall(report.recall);
@@ -188,6 +190,7 @@ struct Member {
     job.source_run = evaluation.source_run();
     job.source_run_dir = evaluation.source_run_dir();
     job.checkpoints = evaluation.checkpoints();
+    job.memorization_train = evaluation.memorization_train();
     job.attempt = attempt;
     job.progress = options.progress;
     const auto start = std::chrono::steady_clock::now();
