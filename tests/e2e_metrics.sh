@@ -270,8 +270,10 @@ def query(expr):
     except urllib.error.HTTPError as error:
         return json.load(error)
 def resolve(expr):
-    # Grafana's variables, as the dashboard would send them for this run.
-    return expr.replace("$__rate_interval", "15s").replace("$run", run)
+    # Grafana's variables, as the dashboard would send them for this run. The rate window spans
+    # the run's evaluations (every 25 steps, a pause of seconds, longer on a loaded machine), in
+    # which a rank takes no step: a 15 s window could fall inside one and give NaN.
+    return expr.replace("$__rate_interval", "60s").replace("$run", run)
 queries = []
 for panel in board["panels"]:
     for target in panel.get("targets", []):
