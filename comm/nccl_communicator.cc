@@ -154,7 +154,8 @@ class NcclCommunicator : public Communicator {
     return work;
   }
 
-  // Finishes each work once its event has passed; aborts the communicator on a timeout.
+  // Finishes each work once its event has passed; on a timeout fails the work with a CommError
+  // and marks the communicator aborted (the destructor then calls ncclCommAbort).
   void Watch() {
     DDPM_CUDA_CHECK(cudaSetDevice(device_.index()));
     while (true) {

@@ -81,13 +81,5 @@ const char* StatusCodeName(grpc::StatusCode code);
 /// RpcSetupError with the call's status when the call fails.
 std::string CheckHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
                         double timeout_seconds);
-/// grpc.health.v1.Health/Watch of service: on_status sees each status the server sends until it
-/// returns false or the stream ends; returns the last status seen.
-std::string WatchHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
-                        double timeout_seconds,
-                        const std::function<bool(const std::string&)>& on_status);
-/// The services the server's reflection (grpc.reflection.v1alpha.ServerReflection) lists.
-std::vector<std::string> ReflectedServices(const std::shared_ptr<grpc::Channel>& channel,
-                                           double timeout_seconds);
 
 }  // namespace ddpm

@@ -11,7 +11,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${1:-${DDPM_BUILD_DIR:-build}}
 cache=.libtorch2
-mirror=${DDPM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 cuda_include=${CUDA_HOME:-/usr/local/cuda}/include
 if [ ! -f "$cuda_include/cuda_runtime.h" ]; then
   echo "check-libtorch2: skipped: no CUDA toolkit headers at $cuda_include" >&2
@@ -19,6 +18,11 @@ if [ ! -f "$cuda_include/cuda_runtime.h" ]; then
 fi
 if [ ! -f "$cache/usr/include/ATen/cuda/CUDAGraph.h" ]; then
   mkdir -p "$cache"
+  # The archive this machine's apt uses (scripts/debian-mirror.sh; DDPM_DEBIAN_MIRROR overrides).
+  if ! mirror=$(scripts/debian-mirror.sh); then
+    echo "check-libtorch2: skipped: no Debian archive to fetch libtorch-cuda-dev from" >&2
+    exit 77
+  fi
   if ! curl -fsS --max-time 120 "$mirror/dists/trixie/contrib/binary-amd64/Packages.xz" \
        -o "$cache/Packages.xz"; then
     echo "check-libtorch2: skipped: cannot fetch trixie's package list from $mirror" >&2

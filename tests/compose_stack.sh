@@ -85,10 +85,8 @@ export CONTAINERS_CONF=$work/containers.conf
 say "1. the base image: Debian 12 from debootstrap, imported into podman"
 base=localhost/ddpm-debian:12
 if ! podman image exists "$base"; then
-  # The machine's own Debian mirror (a one-line or a deb822 source), else Debian's.
-  mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/* 2> /dev/null |
-    grep -oE '^(deb( \[[^]]*\])?|URIs:) https?://[^ ]+/debian/?( |$)' | head -n 1 | awk '{print $NF}' || true)
-  mirror=${mirror:-http://deb.debian.org/debian}
+  # The archive this machine's apt uses (scripts/debian-mirror.sh; DDPM_DEBIAN_MIRROR overrides).
+  mirror=$("$src/scripts/debian-mirror.sh") || fail "no Debian archive for debootstrap"
   started=$(date +%s)
   debootstrap --variant=minbase bookworm "$work/rootfs" "$mirror" > "$work/debootstrap.log" 2>&1 ||
     fail "debootstrap from $mirror"

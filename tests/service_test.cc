@@ -22,6 +22,7 @@
 #include "ddpm/v1/control.grpc.pb.h"
 #include "ddpm/v1/worker_gateway.grpc.pb.h"
 #include "proto/rpc.h"
+#include "tests/grpc_probes.h"
 #include "tests/http_get.h"
 #include "worker/gateway_client.h"
 

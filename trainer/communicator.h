@@ -1,5 +1,5 @@
 // Collectives across data-parallel ranks. The interface is here, beside its in-process fake
-// (threads acting as ranks); the MPI and NCCL backends live in worker/.
+// (threads acting as ranks); the MPI and NCCL backends live in comm/.
 #pragma once
 
 #include <torch/types.h>

@@ -309,15 +309,6 @@ DiffusionLoss GaussianDiffusion::TrainingLoss(const Denoiser& model, const torch
   return out;
 }
 
-DiffusionLoss GaussianDiffusion::TrainingLoss(const Denoiser& model, const torch::Tensor& x0,
-                                              torch::Generator& generator) const {
-  const auto long_options = torch::TensorOptions().dtype(torch::kLong).device(x0.device());
-  const torch::Tensor t =
-      torch::randint(0, config_.timesteps, {x0.size(0)}, generator, long_options);
-  const torch::Tensor noise = torch::randn(x0.sizes(), generator, x0.options());
-  return TrainingLoss(model, x0, t, noise);
-}
-
 Posterior GaussianDiffusion::p_mean_variance(const Denoiser& model, const torch::Tensor& x_t,
                                              const torch::Tensor& t, VarianceKind variance,
                                              bool clip_x0) const {

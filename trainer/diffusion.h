@@ -1,5 +1,5 @@
-// Noise schedules and the Gaussian diffusion of Ho et al. 2020: forward process, training
-// loss, and the DDPM and DDIM samplers.
+// Noise schedules and the Gaussian diffusion of Ho et al. 2020: the forward process, the
+// training losses (L_simple, L_hybrid, L_vlb) and the samplers (DDPM, DDIM, Heun).
 #pragma once
 
 #include <torch/torch.h>
@@ -147,9 +147,6 @@ class GaussianDiffusion {
   DiffusionLoss TrainingLoss(const Denoiser& model, const torch::Tensor& x0, const torch::Tensor& t,
                              const torch::Tensor& noise,
                              const torch::Tensor& sample_weight = {}) const;
-  /// The loss with t ~ U{0..T-1} and eps ~ N(0, I) drawn from generator (on x0's device).
-  DiffusionLoss TrainingLoss(const Denoiser& model, const torch::Tensor& x0,
-                             torch::Generator& generator) const;
   /// The per-timestep weight of the configured weighting, float32 [B].
   torch::Tensor LossWeight(const torch::Tensor& t) const;
 

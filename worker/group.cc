@@ -113,6 +113,17 @@ struct Member {
   Heartbeater* heartbeats = nullptr;
   CommandChannel* channel = nullptr;  // rank 0 only
 
+  // Rank 0: what the newest command means for the assigned work; taken_away is set when the
+  // coordinator gave it to another attempt (then it is not ours to report).
+  StopRequest PollStop(const v1::GroupCommand& assigned, bool& taken_away) const {
+    const v1::GroupCommand latest = channel->Latest();
+    const StopRequest request = StopFor(latest, assigned);
+    taken_away =
+        request == StopRequest::kAbandon &&
+        !(latest.kind() == v1::GroupCommand::STOP_NOW && latest.run_id() == assigned.run_id());
+    return request;
+  }
+
   // Rank 0: one evaluation's results, as the coordinator takes them.
   v1::ReportEvalRequest EvalRequest(const std::string& run_id, int attempt,
                                     const EvalReport& report) const {
@@ -202,12 +213,7 @@ struct Member {
       channel->SetCurrentRun(run_id, 0);
       job.poll_stop = [this, &command, &taken_away] {
         if (g_shutdown) return true;
-        const v1::GroupCommand latest = channel->Latest();
-        const StopRequest request = StopFor(latest, command);
-        taken_away =
-            request == StopRequest::kAbandon &&
-            !(latest.kind() == v1::GroupCommand::STOP_NOW && latest.run_id() == command.run_id());
-        return request != StopRequest::kNone;
+        return PollStop(command, taken_away) != StopRequest::kNone;
       };
       job.on_progress = [this, &run_id, start, &last_push](int64_t done, int64_t total,
                                                            double rate) {
@@ -363,14 +369,7 @@ struct Member {
     };
     if (rank == 0) {
       channel->SetCurrentRun(run_id, 0);
-      train.poll_stop = [this, &command, &taken_away] {
-        const v1::GroupCommand latest = channel->Latest();
-        const StopRequest request = StopFor(latest, command);
-        taken_away =
-            request == StopRequest::kAbandon &&
-            !(latest.kind() == v1::GroupCommand::STOP_NOW && latest.run_id() == command.run_id());
-        return request;
-      };
+      train.poll_stop = [this, &command, &taken_away] { return PollStop(command, taken_away); };
       train.on_log = [this](const LogMetrics& metrics) { heartbeats->PushTrainMetrics(metrics); };
       train.on_sample_grid = [this](const std::string& path) { heartbeats->SetSampleGrid(path); };
       train.on_eval = [this, &run_id, attempt, &reports](const EvalReport& report) {
