@@ -44,9 +44,15 @@ if $list_only; then
   exit 0
 fi
 
+# A package counts as present when it is installed or an installed package provides it (as
+# NodeSource's nodejs provides npm, which then cannot be installed beside it).
+provided=$(dpkg-query -W -f='${Status}|${Provides}\n' 2>/dev/null |
+  sed -n 's/^install ok installed|//p' | tr ',' '\n' | sed -E 's/\(.*\)//; s/^ *//; s/ *$//' |
+  sort -u)
 missing=()
 for p in "${packages[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" &&
+     ! grep -qx "$p" <<< "$provided"; then
     missing+=("$p")
   fi
 done

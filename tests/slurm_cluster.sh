@@ -6,7 +6,8 @@
 # 1 CPU instead of its 8 of 12). Checks that srun --mpi=pmix starts the ranks as one MPI world,
 # that the group registers, trains a run to completion and writes its Prometheus targets, and
 # that scancel makes it leave (the coordinator hears SIGTERM) and removes the targets file.
-# Skips (77), saying why, where Slurm's daemons are not installed.
+# Skips (77), saying why, where Slurm's daemons are not installed or no cgroup filesystem is
+# mounted (slurmd 22.05 will not start without one, as in a bare chroot).
 # usage: slurm_cluster.sh DDPM_COORDINATOR DDPM_WORKER DDPMCTL SOURCE_DIR
 set -euo pipefail
 coordinator=$1 worker=$2 ctl=$3 src=$4
@@ -17,6 +18,11 @@ for tool in slurmctld slurmd sbatch squeue scancel scontrol; do
     exit 77
   fi
 done
+if ! awk '$3 == "cgroup" || $3 == "cgroup2" {found = 1} END {exit !found}' /proc/mounts; then
+  echo "slurm: SKIP: no cgroup filesystem is mounted (/proc/mounts has no cgroup or cgroup2)," \
+    "and slurmd cannot start without one; mount /sys/fs/cgroup (e.g. bind /sys into a chroot)"
+  exit 77
+fi
 work=$(mktemp -d)
 pids=()
 cleanup() {
