@@ -7,12 +7,12 @@
 #include <vector>
 
 #include "bench/stats.h"
+#include "comm/gradient_buckets.h"
 #include "comm/mpi_communicator.h"
 #include "config/batch_plan.h"
 #include "config/config.h"
 #include "config/flags.h"
 #include "trainer/trainer.h"
-#include "worker/gradient_buckets.h"
 
 using ddpm::bench::Clock;
 using ddpm::bench::Ms;
@@ -49,9 +49,9 @@ int main(int argc, char** argv) {
       ddpm::MpiCommunicator comm(placement);
       ddpm::Trainer trainer(config, torch::kCPU, rank);
       params = static_cast<long long>(ddpm::CountParameters(*trainer.model()));
-      ddpm::GradientBuckets sync(*trainer.model(), trainer.parameters(), comm,
+      ddpm::GradientBuckets sync(*trainer.model(), trainer.parameters(), comm, comm,
                                  flags.GetDouble("bucket-mb"));
-      trainer.set_gradient_sync(&sync);
+      trainer.set_data_parallel(&sync);
       buckets = static_cast<int>(sync.buckets().size());
       const auto& m = config.model;
       torch::manual_seed(rank);

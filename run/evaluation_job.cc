@@ -96,201 +96,273 @@ std::vector<int64_t> ReadPlan(const std::string& path) {
   return steps;
 }
 
+// One rank's part of an evaluation job, in named steps: the plan, then each checkpoint's
+// samples, scores, memorization report and recorded row.
+class EvaluationJob {
+ public:
+  EvaluationJob(const Config& config, const EvaluationJobOptions& options,
+                const DistributedContext& dist);
+  EvaluationJobResult Run();
+
+ private:
+  int rank() const { return comm_.rank(); }
+  int world() const { return comm_.world_size(); }
+  /// The fence first, then the plan (chosen once) and what earlier attempts finished.
+  void TakeFenceAndPlan();
+  void Announce() const;
+  /// Every rank reads step's EMA weights itself (the checkpoint directory is shared).
+  void LoadWeights(int64_t step);
+  /// Samples and scores the k-th planned checkpoint, reusing an earlier attempt's samples;
+  /// false when the job was asked to stop.
+  bool EvaluateCheckpoint(std::size_t k, EvalReport& report, int64_t& reused);
+  /// The memorization report of step's kept samples, and its shares in report.
+  void ReportMemorization(int64_t step, EvalReport& report);
+  /// Rank 0 adds report to sweep.csv, sweep.png and best.txt; every rank learns if it failed.
+  void Record(EvalReport& report);
+  void SayResult(const EvalReport& report, int64_t reused) const;
+  std::string ImagesDir(int64_t step) const { return options_.job_dir + "/" + StepName(step); }
+
+  const Config& config_;
+  const EvaluationJobOptions& options_;
+  SoloCommunicator solo_;
+  Communicator& comm_;
+  const RunConsole console_;
+  const torch::Device device_;
+  const RunFence fence_;
+  const std::string plan_path_, csv_path_, checkpoints_dir_;
+  std::vector<int64_t> planned_;
+  std::set<int64_t> finished_;
+  std::vector<EvalReport> reports_;
+  std::unique_ptr<RunEvaluator> evaluator_;
+  std::unique_ptr<ImageDataset> memorization_train_;
+  std::unique_ptr<GaussianDiffusion> diffusion_;
+  UNet model_{nullptr};
+  Clock::time_point start_;
+  int64_t sampled_ = 0;  // by this attempt, all ranks (about), for images/s
+  int64_t checkpoints_done_ = 0;
+};
+
+EvaluationJob::EvaluationJob(const Config& config, const EvaluationJobOptions& options,
+                             const DistributedContext& dist)
+    : config_(config),
+      options_(options),
+      comm_(dist.comm != nullptr ? *dist.comm : solo_),
+      console_(comm_.rank() == 0, options.progress),
+      device_(dist.device.empty() ? ResolveDevice(config.train) : dist.device),
+      fence_(options.job_dir),
+      plan_path_(options.job_dir + "/plan.txt"),
+      csv_path_(options.job_dir + "/sweep.csv"),
+      checkpoints_dir_(options.source_run_dir + "/checkpoints") {
+  comm_.set_timeout(config.dist.timeout());
+  ConfigureThreads(config.train, dist.local_ranks);
+}
+
+void EvaluationJob::TakeFenceAndPlan() {
+  std::vector<int64_t> done;
+  OnLeadOrAll(comm_, "take the job's fence and read its plan", [&] {
+    MakeDirectories(options_.job_dir);
+    fence_.Began(options_.attempt, 0);
+    if (fs::exists(plan_path_)) {
+      planned_ = ReadPlan(plan_path_);
+    } else {
+      const CheckpointSelection selection = CheckpointSelection::Parse(options_.checkpoints);
+      planned_ = selection.Select(CheckpointDir(checkpoints_dir_).Steps(),
+                                  "run " + options_.source_run + " (" + checkpoints_dir_ + ")");
+      std::string text;
+      for (int64_t step : planned_) text += std::to_string(step) + "\n";
+      fence_.Check(options_.attempt, plan_path_);
+      WriteFileAtomically(plan_path_, text);
+    }
+    reports_ = ReadSweepCsv(csv_path_);
+    for (const EvalReport& report : reports_) done.push_back(report.step);
+  });
+  planned_ = BroadcastSteps(comm_, planned_, "planned checkpoints");
+  done = BroadcastSteps(comm_, done, "checkpoints already evaluated");
+  finished_ = std::set<int64_t>(done.begin(), done.end());
+  checkpoints_done_ = static_cast<int64_t>(finished_.size());
+}
+
+void EvaluationJob::Announce() const {
+  std::string steps_text;
+  for (int64_t step : planned_)
+    steps_text += (steps_text.empty() ? "" : ", ") + std::to_string(step);
+  console_.Say(
+      "ddpm: evaluation job %s: run %s, checkpoints %s (%zu; %zu done before), %lld samples "
+      "each, %s %d steps, seed %llu, %s IS logits, on %d rank(s)\n",
+      options_.job_dir.c_str(), options_.source_run.c_str(), steps_text.c_str(), planned_.size(),
+      finished_.size(), static_cast<long long>(config_.eval.num_samples),
+      Name(config_.eval.sampler), EvalSamplerSteps(config_),
+      static_cast<unsigned long long>(config_.eval.seed), Name(config_.eval.is_logits), world());
+}
+
+void EvaluationJob::LoadWeights(int64_t step) {
+  const std::string path = checkpoints_dir_ + "/" + StepName(step);
+  if (!fs::exists(path)) {
+    throw std::runtime_error("checkpoint step " + std::to_string(step) + " of run " +
+                             options_.source_run + " is no longer on disk (" + path +
+                             "; train.keep_checkpoints removes old ones unless they hold a "
+                             "KEEP file)");
+  }
+  const ModelConfig& m = config_.model;
+  const std::map<std::string, torch::Tensor> tensors = ReadCheckpoint(path);
+  const std::map<std::string, torch::Tensor> weights = WeightsFromState(tensors, "ema");
+  CheckLearnSigma(m, weights, path);
+  CheckNumClasses(m, weights, path);
+  LoadStateDict(*model_, weights, path);
+  model_->to(device_);
+  model_->eval();
+}
+
+bool EvaluationJob::EvaluateCheckpoint(std::size_t k, EvalReport& report, int64_t& reused) {
+  const int64_t step = planned_[k];
+  const ModelConfig& m = config_.model;
+  const int64_t per_checkpoint = config_.eval.num_samples;
+  const int64_t total = per_checkpoint * static_cast<int64_t>(planned_.size());
+  const std::string images_dir = ImagesDir(step);
+  MakeDirectories(images_dir);
+  int64_t drawn = 0, reported = 0;
+  EvaluateHooks hooks;
+  hooks.reuse = [&](int64_t first, int64_t n) {
+    torch::Tensor images = ReadSampleFiles(images_dir, first, n, m.in_channels, m.image_size);
+    if (images.defined()) reused += n;
+    return images;
+  };
+  hooks.keep = [&](const torch::Tensor& images, int64_t first) {
+    std::vector<int64_t> indices(images.size(0));
+    for (int64_t i = 0; i < images.size(0); ++i) indices[i] = first + i;
+    WriteSampleFiles(images, images_dir, indices);
+    drawn += images.size(0);
+  };
+  hooks.stop = [&] { return rank() == 0 && options_.poll_stop && options_.poll_stop(); };
+  const auto progress = [&](int64_t share_done, int64_t share) {
+    if (rank() != 0) return;
+    const int64_t job_done = std::min(
+        total, checkpoints_done_ * per_checkpoint + share_done * static_cast<int64_t>(world()));
+    const double rate = (sampled_ + drawn * world()) / std::max(SecondsSince(start_), 1e-9);
+    if (options_.on_progress) options_.on_progress(job_done, total, rate);
+    if (share_done * 10 / share > reported * 10 / share || share_done == share) {
+      console_.Progress(
+          "ddpm: evaluation job: step %lld: rank 0 has %lld/%lld of its samples (%lld "
+          "read back from an earlier attempt); the job %lld/%lld images, %.2f images/s, "
+          "eta %s\n",
+          static_cast<long long>(step), static_cast<long long>(share_done),
+          static_cast<long long>(share), static_cast<long long>(reused),
+          static_cast<long long>(job_done), static_cast<long long>(total), rate,
+          FormatDuration((total - job_done) / std::max(rate, 1e-9)).c_str());
+    }
+    reported = share_done;
+  };
+  try {
+    report = evaluator_->Evaluate(*diffusion_, model_, comm_, step, progress, hooks);
+  } catch (const EvaluationStopped&) {
+    return false;
+  }
+  sampled_ += drawn * world();
+  ++checkpoints_done_;
+  report.step = step;
+  return true;
+}
+
+void EvaluationJob::ReportMemorization(int64_t step, EvalReport& report) {
+  const ModelConfig& m = config_.model;
+  // The samples as every rank kept them (all written: Evaluate ended in an all-reduce).
+  const ImageFolderDataset samples(ImagesDir(step), m.image_size, m.in_channels);
+  MemorizationOptions memorization;
+  memorization.batch_size = config_.eval.batch_size;
+  const std::vector<MemorizationSpace> spaces = MeasureMemorization(
+      samples, *memorization_train_, evaluator_->inception(), comm_, device_, memorization);
+  report.memorized_pixel = spaces.front().flagged;
+  if (spaces.size() > 1) report.memorized_feature = spaces[1].flagged;
+  if (rank() == 0) {
+    WriteMemorizationReport(spaces, samples, *memorization_train_, memorization.ratio,
+                            options_.job_dir + "/memorization/" + StepName(step));
+  }
+  console_.Say("ddpm: evaluation job: step %lld: memorization against %s: %s",
+               static_cast<long long>(step), options_.memorization_train.c_str(),
+               DescribeMemorization(spaces, memorization.ratio).c_str());
+}
+
+void EvaluationJob::Record(EvalReport& report) {
+  OnLeadOrAll(comm_, "record the result of step " + std::to_string(report.step), [&] {
+    reports_.push_back(report);
+    std::sort(reports_.begin(), reports_.end(),
+              [](const EvalReport& a, const EvalReport& b) { return a.step < b.step; });
+    fence_.Check(options_.attempt, csv_path_);
+    WriteSweepCsv(reports_, csv_path_);
+    WriteSweepPlot(reports_, options_.job_dir + "/sweep.png");
+    if (const std::optional<BestStatus> best =
+            BestOfSweep(reports_, config_.eval.select, checkpoints_dir_)) {
+      WriteBestTxt(*best, options_.job_dir + "/best.txt");
+      report.best = best;
+    }
+    // The samples were only kept to resume from; the row is in now.
+    std::error_code ignored;
+    fs::remove_all(ImagesDir(report.step), ignored);
+  });
+}
+
+void EvaluationJob::SayResult(const EvalReport& report, int64_t reused) const {
+  const auto step = static_cast<long long>(report.step);
+  console_.Say(
+      "ddpm: evaluation job: step %lld: FID %.4f, IS %.4f +- %.4f (%lld samples, %lld read "
+      "back by rank 0, %.0fs)\n",
+      step, report.fid, report.inception_score, report.inception_score_std,
+      static_cast<long long>(report.num_samples), static_cast<long long>(reused), report.seconds);
+  std::istringstream scores(DescribeKidAndPrd(report));
+  for (std::string line; std::getline(scores, line);) {
+    console_.Say("ddpm: evaluation job: step %lld: %s\n", step, line.c_str());
+  }
+  if (report.best) {
+    console_.Say("ddpm: evaluation job: the best so far: step %lld, %s %.6g (best.txt)\n",
+                 static_cast<long long>(report.best->step), report.best->metric.c_str(),
+                 report.best->score);
+  }
+}
+
+EvaluationJobResult EvaluationJob::Run() {
+  TakeFenceAndPlan();
+  EvaluationJobResult result;
+  result.planned = planned_;
+  Announce();
+  evaluator_ = std::make_unique<RunEvaluator>(config_, device_);
+  // The memorization report's training set, opened once (a bad spec fails the job now).
+  if (!options_.memorization_train.empty()) {
+    memorization_train_ = OpenTrainingSet(options_.memorization_train, config_.model.image_size);
+  }
+  diffusion_ = std::make_unique<GaussianDiffusion>(config_.diffusion, device_);
+  model_ = UNet(config_.model);
+  start_ = Clock::now();
+  for (std::size_t k = 0; k < planned_.size(); ++k) {
+    const int64_t step = planned_[k];
+    if (finished_.count(step) != 0) continue;
+    LoadWeights(step);
+    console_.Say("ddpm: evaluation job: checkpoint step %lld (%zu of %zu)\n",
+                 static_cast<long long>(step), k + 1, planned_.size());
+    EvalReport report;
+    int64_t reused = 0;
+    if (!EvaluateCheckpoint(k, report, reused)) {
+      result.stopped = true;
+      break;
+    }
+    if (memorization_train_) ReportMemorization(step, report);
+    Record(report);
+    SayResult(report, reused);
+    if (rank() == 0 && options_.on_result) options_.on_result(report);
+  }
+  if (rank() == 0) result.reports = reports_;
+  if (!result.stopped) {
+    console_.Say("ddpm: evaluation job: done: %s and sweep.png in %s\n", csv_path_.c_str(),
+                 options_.job_dir.c_str());
+  }
+  return result;
+}
+
 }  // namespace
 
 EvaluationJobResult RunEvaluationJob(const Config& config, const EvaluationJobOptions& options,
                                      const DistributedContext& dist) {
-  SoloCommunicator solo;
-  Communicator& comm = dist.comm != nullptr ? *dist.comm : solo;
-  comm.set_timeout(config.dist.timeout());
-  const int rank = comm.rank(), world = comm.world_size();
-  const RunConsole console(rank == 0, options.progress);
-  ConfigureThreads(config.train, dist.local_ranks);
-  const torch::Device device(dist.device.empty() ? ResolveDevice(config.train) : dist.device);
-  const RunFence fence(options.job_dir);
-  const std::string plan_path = options.job_dir + "/plan.txt";
-  const std::string csv_path = options.job_dir + "/sweep.csv";
-  const std::string checkpoints_dir = options.source_run_dir + "/checkpoints";
-
-  // The fence first, then the plan (chosen once) and what earlier attempts finished.
-  std::vector<int64_t> planned, done;
-  std::vector<EvalReport> reports;
-  OnLeadOrAll(comm, "take the job's fence and read its plan", [&] {
-    MakeDirectories(options.job_dir);
-    fence.Began(options.attempt, 0);
-    if (fs::exists(plan_path)) {
-      planned = ReadPlan(plan_path);
-    } else {
-      const CheckpointSelection selection = CheckpointSelection::Parse(options.checkpoints);
-      planned = selection.Select(CheckpointDir(checkpoints_dir).Steps(),
-                                 "run " + options.source_run + " (" + checkpoints_dir + ")");
-      std::string text;
-      for (int64_t step : planned) text += std::to_string(step) + "\n";
-      fence.Check(options.attempt, plan_path);
-      WriteFileAtomically(plan_path, text);
-    }
-    reports = ReadSweepCsv(csv_path);
-    for (const EvalReport& report : reports) done.push_back(report.step);
-  });
-  planned = BroadcastSteps(comm, planned, "planned checkpoints");
-  done = BroadcastSteps(comm, done, "checkpoints already evaluated");
-  const std::set<int64_t> finished(done.begin(), done.end());
-
-  EvaluationJobResult result;
-  result.planned = planned;
-  const int64_t per_checkpoint = config.eval.num_samples;
-  const int64_t total = per_checkpoint * static_cast<int64_t>(planned.size());
-  std::string steps_text;
-  for (int64_t step : planned)
-    steps_text += (steps_text.empty() ? "" : ", ") + std::to_string(step);
-  console.Say(
-      "ddpm: evaluation job %s: run %s, checkpoints %s (%zu; %zu done before), %lld samples "
-      "each, %s %d steps, seed %llu, %s IS logits, on %d rank(s)\n",
-      options.job_dir.c_str(), options.source_run.c_str(), steps_text.c_str(), planned.size(),
-      finished.size(), static_cast<long long>(per_checkpoint), Name(config.eval.sampler),
-      EvalSamplerSteps(config), static_cast<unsigned long long>(config.eval.seed),
-      Name(config.eval.is_logits), world);
-
-  RunEvaluator evaluator(config, device);
-  // The memorization report's training set, opened once (a bad spec fails the job now).
-  std::unique_ptr<ImageDataset> memorization_train;
-  if (!options.memorization_train.empty()) {
-    memorization_train = OpenTrainingSet(options.memorization_train, config.model.image_size);
-  }
-  const GaussianDiffusion diffusion(config.diffusion, device);
-  UNet model(config.model);
-  const ModelConfig& m = config.model;
-  const auto start = Clock::now();
-  int64_t sampled = 0;  // by this attempt, all ranks (about), for images/s
-  int64_t checkpoints_done = static_cast<int64_t>(finished.size());
-  for (size_t k = 0; k < planned.size(); ++k) {
-    const int64_t step = planned[k];
-    if (finished.count(step) != 0) continue;
-    // Every rank reads the weights itself (the checkpoint directory is shared, as training's).
-    const std::string path = checkpoints_dir + "/" + StepName(step);
-    if (!fs::exists(path)) {
-      throw std::runtime_error("checkpoint step " + std::to_string(step) + " of run " +
-                               options.source_run + " is no longer on disk (" + path +
-                               "; train.keep_checkpoints removes old ones unless they hold a "
-                               "KEEP file)");
-    }
-    const std::map<std::string, torch::Tensor> tensors = ReadCheckpoint(path);
-    const std::map<std::string, torch::Tensor> weights = WeightsFromState(tensors, "ema");
-    CheckLearnSigma(m, weights, path);
-    CheckNumClasses(m, weights, path);
-    LoadStateDict(*model, weights, path);
-    model->to(device);
-    model->eval();
-
-    const std::string images_dir = options.job_dir + "/" + StepName(step);
-    MakeDirectories(images_dir);
-    int64_t reused = 0, drawn = 0, reported = 0;
-    EvaluateHooks hooks;
-    hooks.reuse = [&](int64_t first, int64_t n) {
-      torch::Tensor images = ReadSampleFiles(images_dir, first, n, m.in_channels, m.image_size);
-      if (images.defined()) reused += n;
-      return images;
-    };
-    hooks.keep = [&](const torch::Tensor& images, int64_t first) {
-      std::vector<int64_t> indices(images.size(0));
-      for (int64_t i = 0; i < images.size(0); ++i) indices[i] = first + i;
-      WriteSampleFiles(images, images_dir, indices);
-      drawn += images.size(0);
-    };
-    hooks.stop = [&] { return rank == 0 && options.poll_stop && options.poll_stop(); };
-    console.Say("ddpm: evaluation job: checkpoint step %lld (%zu of %zu)\n",
-                static_cast<long long>(step), k + 1, planned.size());
-    EvalReport report;
-    try {
-      report = evaluator.Evaluate(
-          diffusion, model, comm, step,
-          [&](int64_t share_done, int64_t share) {
-            if (rank != 0) return;
-            const int64_t job_done = std::min(total, checkpoints_done * per_checkpoint +
-                                                         share_done * static_cast<int64_t>(world));
-            const double rate = (sampled + drawn * world) / std::max(SecondsSince(start), 1e-9);
-            if (options.on_progress) options.on_progress(job_done, total, rate);
-            if (share_done * 10 / share > reported * 10 / share || share_done == share) {
-              console.Progress(
-                  "ddpm: evaluation job: step %lld: rank 0 has %lld/%lld of its samples (%lld "
-                  "read back from an earlier attempt); the job %lld/%lld images, %.2f images/s, "
-                  "eta %s\n",
-                  static_cast<long long>(step), static_cast<long long>(share_done),
-                  static_cast<long long>(share), static_cast<long long>(reused),
-                  static_cast<long long>(job_done), static_cast<long long>(total), rate,
-                  FormatDuration((total - job_done) / std::max(rate, 1e-9)).c_str());
-            }
-            reported = share_done;
-          },
-          hooks);
-    } catch (const EvaluationStopped&) {
-      result.stopped = true;
-      break;
-    }
-    sampled += drawn * world;
-    ++checkpoints_done;
-    report.step = step;
-    if (memorization_train) {
-      // The samples as every rank kept them (all written: Evaluate ended in an all-reduce).
-      const ImageFolderDataset samples(images_dir, m.image_size, m.in_channels);
-      MemorizationOptions memorization;
-      memorization.batch_size = config.eval.batch_size;
-      const std::vector<MemorizationSpace> spaces = MeasureMemorization(
-          samples, *memorization_train, evaluator.inception(), comm, device, memorization);
-      report.memorized_pixel = spaces.front().flagged;
-      if (spaces.size() > 1) report.memorized_feature = spaces[1].flagged;
-      if (rank == 0) {
-        WriteMemorizationReport(spaces, samples, *memorization_train, memorization.ratio,
-                                options.job_dir + "/memorization/" + StepName(step));
-      }
-      console.Say("ddpm: evaluation job: step %lld: memorization against %s: %s",
-                  static_cast<long long>(step), options.memorization_train.c_str(),
-                  DescribeMemorization(spaces, memorization.ratio).c_str());
-    }
-    OnLeadOrAll(comm, "record the result of step " + std::to_string(step), [&] {
-      reports.push_back(report);
-      std::sort(reports.begin(), reports.end(),
-                [](const EvalReport& a, const EvalReport& b) { return a.step < b.step; });
-      fence.Check(options.attempt, csv_path);
-      WriteSweepCsv(reports, csv_path);
-      WriteSweepPlot(reports, options.job_dir + "/sweep.png");
-      if (const std::optional<BestStatus> best =
-              BestOfSweep(reports, config.eval.select, checkpoints_dir)) {
-        WriteBestTxt(*best, options.job_dir + "/best.txt");
-        report.best = best;
-      }
-      // The samples were only kept to resume from; the row is in now.
-      std::error_code ignored;
-      fs::remove_all(images_dir, ignored);
-    });
-    console.Say(
-        "ddpm: evaluation job: step %lld: FID %.4f, IS %.4f +- %.4f (%lld samples, %lld read "
-        "back by rank 0, %.0fs)\n",
-        static_cast<long long>(step), report.fid, report.inception_score,
-        report.inception_score_std, static_cast<long long>(report.num_samples),
-        static_cast<long long>(reused), report.seconds);
-    std::istringstream scores(DescribeKidAndPrd(report));
-    for (std::string line; std::getline(scores, line);) {
-      console.Say("ddpm: evaluation job: step %lld: %s\n", static_cast<long long>(step),
-                  line.c_str());
-    }
-    if (report.best) {
-      console.Say("ddpm: evaluation job: the best so far: step %lld, %s %.6g (best.txt)\n",
-                  static_cast<long long>(report.best->step), report.best->metric.c_str(),
-                  report.best->score);
-    }
-    if (rank == 0 && options.on_result) options.on_result(report);
-  }
-  if (rank == 0) {
-    result.reports = reports;
-  } else {
-    result.reports.clear();
-  }
-  if (!result.stopped) {
-    console.Say("ddpm: evaluation job: done: %s and sweep.png in %s\n", csv_path.c_str(),
-                options.job_dir.c_str());
-  }
-  return result;
+  EvaluationJob job(config, options, dist);
+  return job.Run();
 }
 
 }  // namespace ddpm

@@ -18,7 +18,7 @@
 namespace ddpm {
 
 class Communicator;
-class GradientSync;
+class DataParallel;
 class Trainer;
 
 /// What one rank measured in one step; the train loop fills it and hands it to
@@ -50,8 +50,8 @@ struct WorkerMetrics {
 struct DistributedContext {
   /// Collectives across ranks (not owned); null for a world of one.
   Communicator* comm = nullptr;
-  /// Makes the gradient averaging for the run's trainer (the worker's buckets).
-  std::function<std::unique_ptr<GradientSync>(Trainer&)> make_gradient_sync;
+  /// Makes the run's trainer's handle to the ranks (comm/'s GradientBucketsFor).
+  std::function<std::unique_ptr<DataParallel>(Trainer&)> make_data_parallel;
   /// The torch device of this rank ("cpu", "cuda:1"); empty: from train.device.
   std::string device;
   /// Ranks on this node, which share its cores; 0: from the launcher's environment.

@@ -32,7 +32,7 @@ echo "lint: clang-format: ${#sources[@]} files formatted"
 # this fixed sample of LibTorch ones (the run layer, the optimizer, the checkpoint writer, the
 # unpickler of untrusted files). Its compile database is the build's without GCC's precompiled
 # header, which clang cannot read.
-sample="run/run.cc run/run_control.cc trainer/optimizer.cc trainer/checkpoint.cc trainer/unpickler.cc"
+sample="run/training_run.cc run/run_checkpoints.cc run/evaluation_job.cc run/run_control.cc trainer/optimizer.cc trainer/checkpoint.cc trainer/unpickler.cc"
 database=$(mktemp -d)
 trap 'rm -rf "$database"' EXIT
 mapfile -t units < <(python3 - "$build/compile_commands.json" "$src" "$sample" "$database" <<'PY'

@@ -7,12 +7,12 @@
 #include <memory>
 #include <vector>
 
+#include "comm/gradient_buckets.h"
 #include "config/batch_plan.h"
 #include "config/config.h"
 #include "trainer/communicator.h"
 #include "trainer/data.h"
 #include "trainer/trainer.h"
-#include "worker/gradient_buckets.h"
 
 namespace ddpm {
 
@@ -53,9 +53,9 @@ inline torch::Tensor TrainRanks(const Config& config, int steps, Communicator* c
   Trainer trainer(config, torch::kCPU, rank, plan.micro_batches);
   std::unique_ptr<GradientBuckets> buckets;
   if (comm != nullptr) {
-    buckets =
-        std::make_unique<GradientBuckets>(*trainer.model(), trainer.parameters(), *comm, bucket_mb);
-    trainer.set_gradient_sync(buckets.get());
+    buckets = std::make_unique<GradientBuckets>(*trainer.model(), trainer.parameters(), *comm,
+                                                *comm, bucket_mb);
+    trainer.set_data_parallel(buckets.get());
   }
   const std::unique_ptr<ImageDataset> data = MakeDataset(config);
   const DataShard shard = DataShard::Of(plan.global_batch, rank, plan.ranks);

@@ -11,12 +11,12 @@
 #include <set>
 #include <thread>
 
+#include "comm/gradient_buckets.h"
 #include "tests/dist_fixtures.h"
 #include "tests/on_ranks.h"
 #include "trainer/checkpoint.h"
 #include "trainer/communicator.h"
 #include "trainer/data.h"
-#include "worker/gradient_buckets.h"
 
 namespace ddpm {
 namespace {
@@ -92,7 +92,7 @@ TEST(Buckets, AverageEveryBucketIncludingUnusedParametersAndOversizedOnes) {
     OnRanks(world, [&](int r) {
       Net net;
       FlatParameters flat(net, true);
-      GradientBuckets buckets(net, flat, group.rank(r), bucket_mb);
+      GradientBuckets buckets(net, flat, group.rank(r), group.rank(r), bucket_mb);
       buckets.BeginBackward(true);
       net.forward(Input(r), uses_middle(r)).backward();
       buckets.FinishBackward();
@@ -125,7 +125,7 @@ TEST(Buckets, AccumulationReducesOnlyTheLastMicroBatch) {
   OnRanks(world, [&](int r) {
     Net net;
     FlatParameters flat(net, true);
-    GradientBuckets buckets(net, flat, group.rank(r), 25.0);
+    GradientBuckets buckets(net, flat, group.rank(r), group.rank(r), 25.0);
     buckets.BeginBackward(false);
     net.forward(Input(r), true).backward();
     buckets.BeginBackward(true);
@@ -239,9 +239,8 @@ TEST(ImportanceSampling, TwoRanksDrawTheSameTimestepsAsOne) {
     std::unique_ptr<GradientBuckets> buckets;
     if (comm != nullptr) {
       buckets = std::make_unique<GradientBuckets>(*trainer.model(), trainer.parameters(), *comm,
-                                                  kDefaultBucketMb);
-      trainer.set_gradient_sync(buckets.get());
-      trainer.set_communicator(comm);
+                                                  *comm, kDefaultBucketMb);
+      trainer.set_data_parallel(buckets.get());
     }
     const std::unique_ptr<ImageDataset> data = MakeDataset(config);
     const DataShard shard = DataShard::Of(16, rank, world);
@@ -295,8 +294,9 @@ TEST(Resharding, TwoRankCheckpointLoadsIntoOneAndThreeRanks) {
   std::vector<std::map<std::string, torch::Tensor>> trained(2);
   OnRanks(2, [&](int r) {
     Trainer trainer(config, torch::kCPU, r);
-    GradientBuckets buckets(*trainer.model(), trainer.parameters(), group.rank(r), 0.05);
-    trainer.set_gradient_sync(&buckets);
+    GradientBuckets buckets(*trainer.model(), trainer.parameters(), group.rank(r), group.rank(r),
+                            0.05);
+    trainer.set_data_parallel(&buckets);
     const std::unique_ptr<ImageDataset> data = MakeDataset(config);
     const DataShard shard = DataShard::Of(config.train.batch_size, r, 2);
     for (int step = 0; step < 3; ++step) {

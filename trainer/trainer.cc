@@ -210,7 +210,7 @@ void Trainer::UpdateTimestepSampler(const std::vector<int64_t>& host_t, const to
   const torch::Tensor local = losses.to(torch::kCPU, torch::kFloat64).contiguous();
   std::vector<int64_t> t = host_t;
   std::vector<double> values(local.data_ptr<double>(), local.data_ptr<double>() + count);
-  if (comm_ != nullptr && comm_->world_size() > 1) {
+  if (ranks_ != nullptr && ranks_->world_size() > 1) {
     // The global batch in position order, every rank's rows summed into zeros: an all-gather
     // that does not care how the batch was split. int64 timesteps are exact in float64.
     const int64_t global = config_.train.batch_size;
@@ -221,7 +221,7 @@ void Trainer::UpdateTimestepSampler(const std::vector<int64_t>& host_t, const to
     const std::vector<double> own_t(host_t.begin(), host_t.end());
     rows[0].narrow(0, first_position, count).copy_(torch::tensor(own_t, torch::kFloat64));
     rows[1].narrow(0, first_position, count).copy_(local);
-    comm_->AllReduce(
+    ranks_->AllReduce(
         rows, ReduceOp::kSum,
         "all-reduce of the timestep sampler's losses at step " + std::to_string(step_ + 1));
     const torch::Tensor gathered_t = rows[0].to(torch::kLong).contiguous();
@@ -267,7 +267,7 @@ void Trainer::Compute(const torch::Tensor& images, const torch::Tensor& t,
                                   ? out.per_sample
                                   : out.per_sample * diffusion_.LossWeight(micro_t[m]));
     }
-    if (sync_ != nullptr) sync_->BeginBackward(m + 1 == micro_images.size());
+    if (ranks_ != nullptr) ranks_->BeginBackward(m + 1 == micro_images.size());
     (out.loss / accum).backward();
     loss_sum += out.loss.detach();
     const torch::Tensor quartile = (micro_t[m] * kTimestepQuartiles)
@@ -276,7 +276,7 @@ void Trainer::Compute(const torch::Tensor& images, const torch::Tensor& t,
     quartile_loss.index_add_(0, quartile, out.per_sample.detach().to(torch::kFloat64));
     quartile_count.index_add_(0, quartile, torch::ones({micro_t[m].size(0)}, float64));
   }
-  if (sync_ != nullptr) sync_->FinishBackward();
+  if (ranks_ != nullptr) ranks_->FinishBackward();
   if (losses.defined()) losses.copy_(torch::cat(sample_losses));
   torch::Tensor grad = params_->grad();
   torch::Tensor grad_norm;
@@ -369,7 +369,7 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position,
     return stats;
   }
 #ifdef DDPM_HAS_CUDA
-  if (sync_ != nullptr) {
+  if (ranks_ != nullptr) {
     throw std::runtime_error(
         "train.cuda_graphs: the captured step supports a world of one; the gradient buckets' "
         "all-reduces are driven from host threads, which a CUDA graph cannot capture. Set "
@@ -622,7 +622,7 @@ Denoiser GuidedDenoiser(LabelledDenoiser model, torch::Tensor labels, int64_t nu
     const torch::Tensor unconditional = both.narrow(0, n, n);
     const torch::Tensor eps_c = conditional.narrow(1, 0, channels);
     const torch::Tensor eps_u = unconditional.narrow(1, 0, channels);
-    const torch::Tensor guided = eps_u + w * (eps_c - eps_u);
+    torch::Tensor guided = eps_u + w * (eps_c - eps_u);
     if (conditional.size(1) == channels) return guided;
     return torch::cat({guided, conditional.narrow(1, channels, conditional.size(1) - channels)}, 1);
   };

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "trainer/communicator.h"
 #include "trainer/diffusion.h"
 #include "trainer/optimizer.h"
 #include "trainer/timestep_sampler.h"
@@ -67,10 +68,14 @@ struct CommStats {
   double exposed_seconds = 0;
 };
 
-/// Averages gradients across data-parallel ranks during backward; Trainer::Step drives it.
-class GradientSync {
+/// The trainer's one handle to the other data-parallel ranks: the gradient average during
+/// backward, and the step's own small all-reduces (the timestep sampler's losses). Trainer::Step
+/// drives it; comm/'s GradientBuckets is the implementation.
+class DataParallel {
  public:
-  virtual ~GradientSync() = default;
+  virtual ~DataParallel() = default;
+  /// Ranks in the data-parallel world.
+  virtual int world_size() const = 0;
   /// Called before each micro-batch's backward. sync is true on the step's last micro-batch,
   /// whose backward completes the gradients that must be averaged.
   virtual void BeginBackward(bool sync) = 0;
@@ -79,9 +84,9 @@ class GradientSync {
   virtual void FinishBackward() = 0;
   /// The previous step's exchange.
   virtual CommStats last_stats() const = 0;
+  /// Reduces a small host tensor over the ranks in place; what names it in a failure.
+  virtual void AllReduce(torch::Tensor& tensor, ReduceOp op, const std::string& what) = 0;
 };
-
-class Communicator;
 
 /// What a step draws for its samples.
 struct StepDraw {
@@ -120,12 +125,11 @@ class Trainer {
   /// rollback lowers it.
   void set_lr_scale(double scale) { lr_scale_ = scale; }
   double lr_scale() const { return lr_scale_; }
-  /// Makes Step average gradients through sync (null: a world of one). Not owned.
-  void set_gradient_sync(GradientSync* sync) { sync_ = sync; }
-  /// The ranks whose losses feed a loss-aware timestep sampler (null: a world of one): each step
-  /// then all-reduces the global batch's timesteps and losses, so that every rank keeps the
-  /// same history and draws from the same distribution. Not owned.
-  void set_communicator(Communicator* comm) { comm_ = comm; }
+  /// Makes Step average gradients over ranks (null: a world of one), whose losses then also
+  /// feed a loss-aware timestep sampler: each step all-reduces the global batch's timesteps and
+  /// losses, so that every rank keeps the same history and draws from the same distribution.
+  /// Not owned.
+  void set_data_parallel(DataParallel* ranks) { ranks_ = ranks; }
   /// What Step draws for the samples at positions [first_position, first_position + count)
   /// of global step `step` (0-based) from the sampler's present distribution: per sample, one
   /// stream seeded by (seed, step, position) gives its timestep, then its noise [...shape].
@@ -175,8 +179,7 @@ class Trainer {
   std::unique_ptr<FlatAdam> optimizer_;
   std::unique_ptr<Ema> ema_;
   std::unique_ptr<PowerEma> phema_;
-  GradientSync* sync_ = nullptr;
-  Communicator* comm_ = nullptr;
+  DataParallel* ranks_ = nullptr;
   TimestepSampler timestep_sampler_;
   int64_t step_ = 0;
   double lr_scale_ = 1.0;

@@ -9,6 +9,7 @@
 
 #include <cstdio>
 
+#include "comm/gradient_buckets.h"
 #include "comm/mpi_communicator.h"
 #include "config/config.h"
 #include "config/flags.h"
@@ -16,7 +17,6 @@
 #include "trainer/device.h"
 #include "trainer/unet.h"
 #include "worker/gateway_client.h"
-#include "worker/gradient_buckets.h"
 #include "worker/group.h"
 #include "worker/rank_metrics.h"
 #ifdef DDPM_HAS_CUDA
@@ -114,11 +114,7 @@ class RankContexts {
     dist.comm = &mpi_;
     dist.device = device;
     dist.local_ranks = placement_.local_size;
-    dist.make_gradient_sync = [gradient_comm, bucket_mb = config.dist.bucket_mb](
-                                  Trainer& trainer) -> std::unique_ptr<GradientSync> {
-      return std::make_unique<GradientBuckets>(*trainer.model(), trainer.parameters(),
-                                               *gradient_comm, bucket_mb);
-    };
+    dist.make_data_parallel = GradientBucketsFor(*gradient_comm, mpi_, config.dist.bucket_mb);
     if (placement_.rank == 0) {
       std::printf("ddpm: %d ranks (%d on this node); gradients over %s, control over mpi\n",
                   placement_.world_size, placement_.local_size, gradient_comm->backend().c_str());

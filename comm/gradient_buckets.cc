@@ -1,4 +1,4 @@
-#include "worker/gradient_buckets.h"
+#include "comm/gradient_buckets.h"
 
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 
@@ -30,8 +30,8 @@ std::vector<Bucket> PlanBuckets(const std::vector<FlatParameters::Slot>& slots,
 }
 
 GradientBuckets::GradientBuckets(torch::nn::Module& module, const FlatParameters& params,
-                                 Communicator& comm, double bucket_mb)
-    : grad_(params.grad()), comm_(comm), slots_(params.slots()) {
+                                 Communicator& gradients, Communicator& control, double bucket_mb)
+    : grad_(params.grad()), comm_(gradients), control_(control), slots_(params.slots()) {
   TORCH_CHECK(grad_.defined(), "GradientBuckets: the flat parameters have no gradient buffer");
   buckets_ = PlanBuckets(slots_, static_cast<int64_t>(grad_.element_size()),
                          static_cast<int64_t>(bucket_mb * (1 << 20)));
@@ -135,6 +135,19 @@ void GradientBuckets::FinishBackward() {
   last_stats_.allreduce_seconds = busy;
   last_stats_.overlap_fraction = busy > 0 ? hidden / busy : 0;
   last_stats_.exposed_seconds = std::chrono::duration<double>(last_end - backward_end).count();
+}
+
+void GradientBuckets::AllReduce(torch::Tensor& tensor, ReduceOp op, const std::string& what) {
+  control_.AllReduce(tensor, op, what);
+}
+
+std::function<std::unique_ptr<DataParallel>(Trainer&)> GradientBucketsFor(Communicator& gradients,
+                                                                          Communicator& control,
+                                                                          double bucket_mb) {
+  return [&gradients, &control, bucket_mb](Trainer& trainer) -> std::unique_ptr<DataParallel> {
+    return std::make_unique<GradientBuckets>(*trainer.model(), trainer.parameters(), gradients,
+                                             control, bucket_mb);
+  };
 }
 
 }  // namespace ddpm

@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -32,13 +33,18 @@ struct Bucket {
 std::vector<Bucket> PlanBuckets(const std::vector<FlatParameters::Slot>& slots,
                                 int64_t element_bytes, int64_t bucket_bytes);
 
-/// Averages a Trainer's flat gradient over comm's ranks, one bucket at a time during backward.
-class GradientBuckets : public GradientSync {
+/// A Trainer's handle to the ranks: averages its flat gradient over gradients' ranks, one bucket
+/// at a time during backward, and runs the step's small all-reduces on control (the same
+/// communicator on the CPU; NCCL and MPI on a GPU).
+class GradientBuckets : public DataParallel {
  public:
   /// Hooks every parameter of module, whose gradients must live in params' flat buffer.
-  GradientBuckets(torch::nn::Module& module, const FlatParameters& params, Communicator& comm,
-                  double bucket_mb);
+  GradientBuckets(torch::nn::Module& module, const FlatParameters& params, Communicator& gradients,
+                  Communicator& control, double bucket_mb);
   ~GradientBuckets() override;
+
+  int world_size() const override { return comm_.world_size(); }
+  void AllReduce(torch::Tensor& tensor, ReduceOp op, const std::string& what) override;
 
   void BeginBackward(bool sync) override;
   /// Launches the buckets no hook launched (parameters without a gradient this step), waits for
@@ -57,6 +63,7 @@ class GradientBuckets : public GradientSync {
 
   torch::Tensor grad_;
   Communicator& comm_;
+  Communicator& control_;
   const std::vector<FlatParameters::Slot> slots_;
   std::vector<Bucket> buckets_;
   std::vector<int> bucket_of_slot_;
@@ -72,5 +79,11 @@ class GradientBuckets : public GradientSync {
   std::vector<std::shared_ptr<Work>> works_;
   CommStats last_stats_;
 };
+
+/// Makes a trainer's GradientBuckets over gradients and control: what a multi-process job puts
+/// in DistributedContext::make_data_parallel.
+std::function<std::unique_ptr<DataParallel>(Trainer&)> GradientBucketsFor(Communicator& gradients,
+                                                                          Communicator& control,
+                                                                          double bucket_mb);
 
 }  // namespace ddpm
