@@ -47,7 +47,7 @@ BatchPlan PlanBatch(const Config& config, int world_size) {
   const int asked = config.train.grad_accum;
   if (global < 1 || asked < 1 || global % world_size != 0) RefuseSplit(config, world_size);
   const int rank_batch = global / world_size;
-  const int limit = config.dist.max_rank_batch;
+  const int limit = config.dist.max_micro_batch;
   int micro_batches = asked;
   if (limit > 0) {
     // The fewest equal micro-batches, no fewer than asked, within the limit; one image each

@@ -29,7 +29,7 @@ struct BatchPlan {
   bool operator==(const BatchPlan& other) const;
 };
 
-/// The plan for world_size ranks: train.grad_accum micro-batches, or, when dist.max_rank_batch
+/// The plan for world_size ranks: train.grad_accum micro-batches, or, when dist.max_micro_batch
 /// is set, the fewest micro-batches (at least train.grad_accum) that divide each rank's share
 /// and keep every micro-batch within it. Throws ConfigError naming the key when world_size
 /// cannot serve the config: dist.world_size asks for another size, or the batch does not split.

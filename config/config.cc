@@ -3,11 +3,15 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iomanip>
+#include <iterator>
+#include <set>
 #include <sstream>
 
 #include "config/batch_plan.h"
@@ -176,7 +180,7 @@ void VisitFields(Cfg& c, Visitor&& visit) {
   visit("dist", "bucket_mb", c.dist.bucket_mb);
   visit("dist", "timeout_seconds", c.dist.timeout_seconds);
   visit("dist", "world_size", c.dist.world_size);
-  visit("dist", "max_rank_batch", c.dist.max_rank_batch);
+  visit("dist", "max_micro_batch", c.dist.max_micro_batch);
 }
 
 constexpr const char* kSections[] = {"model",  "diffusion", "train", "data",
@@ -315,6 +319,30 @@ std::string KeysOf(const Config& c, const std::string& section) {
   return keys;
 }
 
+// Keys renamed: read under their old names too, with a warning on stderr (once per process).
+struct RenamedKey {
+  const char* section;
+  const char* old_key;
+  const char* key;
+};
+constexpr RenamedKey kRenamedKeys[] = {{"dist", "max_rank_batch", "max_micro_batch"}};
+
+// The key's name now: key itself, or the new name of a renamed one (warned about at where).
+std::string CurrentKey(const std::string& section, const std::string& key,
+                       const std::string& where) {
+  static std::atomic<bool> warned[std::size(kRenamedKeys)] = {};
+  for (std::size_t i = 0; i < std::size(kRenamedKeys); ++i) {
+    const RenamedKey& renamed = kRenamedKeys[i];
+    if (section != renamed.section || key != renamed.old_key) continue;
+    if (!warned[i].exchange(true)) {
+      std::fprintf(stderr, "%s: warning: %s.%s is now %s.%s; read as that\n", where.c_str(),
+                   renamed.section, renamed.old_key, renamed.section, renamed.key);
+    }
+    return renamed.key;
+  }
+  return key;
+}
+
 // A mapping's key as text; a key that is itself a list or mapping is refused by its place.
 std::string KeyText(const YAML::Node& key, const std::string& origin) {
   if (!key.IsScalar()) {
@@ -341,8 +369,14 @@ void ApplyYaml(Config& c, const YAML::Node& root, const std::string& origin) {
     if (!body.IsMap()) {
       throw ConfigError(Where(origin, body) + ": " + section + ": expected a mapping of keys");
     }
+    std::set<std::string> given;
     for (const auto& item : body) {
-      const std::string key = KeyText(item.first, origin);
+      const std::string key =
+          CurrentKey(section, KeyText(item.first, origin), Where(origin, item.first));
+      if (!given.insert(key).second) {
+        throw ConfigError(Where(origin, item.first) + ": " + section + "." + key +
+                          " is given twice (under its old name and its new one?)");
+      }
       bool found = false;
       VisitFields(c, [&](const char* s, const char* k, auto& field) {
         if (section == s && key == k) {
@@ -363,6 +397,11 @@ std::string Upper(std::string s) {
   return s;
 }
 
+std::string ToLower(std::string s) {
+  for (char& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return s;
+}
+
 // Applies DDPM_<SECTION>_<KEY>=value overrides. The value is parsed as YAML, so lists work:
 // DDPM_MODEL_CH_MULT="[1, 2]".
 void ApplyEnvironment(Config& c) {
@@ -374,7 +413,8 @@ void ApplyEnvironment(Config& c) {
     for (const char* section : kSections) {
       const std::string prefix = "DDPM_" + Upper(section) + "_";
       if (name.rfind(prefix, 0) != 0) continue;
-      const std::string key_upper = name.substr(prefix.size());
+      const std::string key_upper =
+          Upper(CurrentKey(section, ToLower(name.substr(prefix.size())), "environment " + name));
       bool found = false;
       VisitFields(c, [&](const char* s, const char* k, auto& field) {
         if (std::string(section) == s && key_upper == Upper(k)) {
@@ -542,11 +582,16 @@ void Config::Validate(int world_size) const {
   const DiffusionConfig& d = diffusion;
   if (d.timesteps < 2)
     Invalid("diffusion.timesteps", "must be >= 2, got " + std::to_string(d.timesteps));
-  if (d.schedule == ScheduleKind::kLinear &&
-      !(d.beta_start > 0 && d.beta_start < d.beta_end && d.beta_end < 1)) {
-    Invalid("diffusion.beta_start",
-            "the linear schedule needs 0 < beta_start < beta_end < 1, got " + Format(d.beta_start) +
-                " and " + Format(d.beta_end));
+  if (d.schedule == ScheduleKind::kLinear) {
+    const std::string got = ", got " + Format(d.beta_start) + " and " + Format(d.beta_end);
+    if (!(d.beta_end > 0 && d.beta_end < 1)) {
+      Invalid("diffusion.beta_end",
+              "the linear schedule needs 0 < beta_start < beta_end < 1" + got);
+    }
+    if (!(d.beta_start > 0 && d.beta_start < d.beta_end)) {
+      Invalid("diffusion.beta_start",
+              "the linear schedule needs 0 < beta_start < beta_end < 1" + got);
+    }
   }
   if (d.cosine_s <= 0) Invalid("diffusion.cosine_s", "must be > 0, got " + Format(d.cosine_s));
   if (d.vlb_weight < 0)
@@ -718,9 +763,9 @@ void Config::Validate(int world_size) const {
     Invalid("dist.timeout_seconds", "must be > 0, got " + Format(dist.timeout_seconds));
   if (dist.world_size < 0)
     Invalid("dist.world_size", "must be >= 0 (0: any), got " + std::to_string(dist.world_size));
-  if (dist.max_rank_batch < 0) {
-    Invalid("dist.max_rank_batch",
-            "must be >= 0 (0: no limit), got " + std::to_string(dist.max_rank_batch));
+  if (dist.max_micro_batch < 0) {
+    Invalid("dist.max_micro_batch",
+            "must be >= 0 (0: no limit), got " + std::to_string(dist.max_micro_batch));
   }
 }
 

@@ -103,7 +103,7 @@ struct TrainConfig {
   /// Global batch: per-rank batch x world size x grad_accum.
   int batch_size = 128;
   /// Micro-batches accumulated per optimizer step (a coordinator derives it for each group from
-  /// dist.max_rank_batch instead).
+  /// dist.max_micro_batch instead). BatchPlan calls these micro_batches.
   int grad_accum = 1;
   /// Peak Adam learning rate.
   double lr = 2e-4;
@@ -296,7 +296,7 @@ struct DistConfig {
   int world_size = 0;
   /// Most images a rank takes in one micro-batch (what fits in its memory); a coordinator
   /// accumulates micro-batches to keep train.batch_size. 0: no limit.
-  int max_rank_batch = 0;
+  int max_micro_batch = 0;
 
   /// timeout_seconds as a duration.
   std::chrono::milliseconds timeout() const {

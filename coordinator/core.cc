@@ -13,6 +13,7 @@
 #include "config/batch_plan.h"
 #include "config/checkpoint_selection.h"
 #include "config/config.h"
+#include "proto/placement.h"
 #include "proto/run_state.h"
 
 namespace ddpm {
@@ -390,9 +391,9 @@ void Coordinator::Schedule() {
       std::string how;
       if (run.kind() == v1::EVALUATION) {
         // Any group serves an evaluation: its ranks share each checkpoint's samples.
-        placement.set_per_rank_batch(config.eval.batch_size);
-        placement.set_grad_accum(1);
-        placement.set_requested_grad_accum(0);
+        placement.set_micro_batch(config.eval.batch_size);
+        placement.set_micro_batches(1);
+        placement.set_requested_micro_batches(0);
         how = std::to_string((*group)->world_size) + " rank(s) share " +
               std::to_string(config.eval.num_samples) + " samples per checkpoint" +
               (run.restarts() > 0 ? "; goes on from the samples and results saved" : "");
@@ -403,9 +404,8 @@ void Coordinator::Schedule() {
         } catch (const ConfigError&) {
           continue;
         }
-        placement.set_per_rank_batch(plan.micro_batch);
-        placement.set_grad_accum(plan.micro_batches);
-        placement.set_requested_grad_accum(config.train.grad_accum);
+        SetPlacementPlan(plan, placement);
+        placement.set_requested_micro_batches(config.train.grad_accum);
         const int64_t resume = run.latest_checkpoint().step();
         how = plan.Describe() + (resume > 0 ? "; resumes from step " + std::to_string(resume) : "");
       }
@@ -438,13 +438,8 @@ v1::Run Coordinator::StartRun(const v1::StartRunRequest& request) {
                            "priority must be >= 0 (higher runs are scheduled first), got " +
                                std::to_string(request.priority()));
   }
+  // Loading validates the config, its batch split over dist.world_size (or one rank) included.
   const Config config = ParseRunConfig(request.config_yaml());
-  try {
-    PlanBatch(config, config.dist.world_size > 0 ? config.dist.world_size : 1);
-  } catch (const ConfigError& error) {
-    throw CoordinatorError(ErrorCode::kInvalidArgument,
-                           std::string("no worker group can serve this config: ") + error.what());
-  }
   if (request.has_max_restarts() && request.max_restarts() < 0) {
     throw CoordinatorError(ErrorCode::kInvalidArgument, "max_restarts must be >= 0, got " +
                                                             std::to_string(request.max_restarts()));
@@ -505,13 +500,6 @@ v1::Run Coordinator::StartEval(const v1::StartEvalRequest& request) {
     checkpoints = CheckpointSelection::Parse(request.checkpoints()).ToString();
   } catch (const ConfigError& error) {
     throw invalid(error.what());
-  }
-  if (request.has_num_samples() && request.num_samples() < 10) {
-    throw invalid("num_samples must be >= 10 (the Inception Score's 10 splits), got " +
-                  std::to_string(request.num_samples()));
-  }
-  if (request.has_batch_size() && request.batch_size() < 1) {
-    throw invalid("batch_size must be >= 1, got " + std::to_string(request.batch_size()));
   }
   if (request.priority() < 0) {
     throw invalid("priority must be >= 0, got " + std::to_string(request.priority()));

@@ -140,7 +140,7 @@ TEST(BatchPlan, EachWorldGetsTheFewestMicroBatchesWithinTheLimit) {
   EXPECT_EQ(PlanBatch(limited, 2).Describe(),
             "2 ranks x 2 micro-batches x 2 images = global batch 8");
   // 12 on one rank within 5: 12 > 5, 6 > 5, then 3 micro-batches of 4.
-  const Config twelve = LoadConfigString("train: {batch_size: 12}\ndist: {max_rank_batch: 5}");
+  const Config twelve = LoadConfigString("train: {batch_size: 12}\ndist: {max_micro_batch: 5}");
   EXPECT_TRUE(PlanBatch(twelve, 1) == (BatchPlan{12, 1, 4, 3})) << PlanBatch(twelve, 1).Describe();
   // Without a limit the config's grad_accum is the split, as asked.
   const Config asked = LoadConfigString("train: {batch_size: 8, grad_accum: 2}");
@@ -148,8 +148,23 @@ TEST(BatchPlan, EachWorldGetsTheFewestMicroBatchesWithinTheLimit) {
   EXPECT_EQ(PlanBatch(asked, 1).Describe(), "1 rank x 2 micro-batches x 4 images = global batch 8");
   // With a limit, never fewer micro-batches than asked.
   const Config both =
-      LoadConfigString("train: {batch_size: 8, grad_accum: 4}\ndist: {max_rank_batch: 8}");
+      LoadConfigString("train: {batch_size: 8, grad_accum: 4}\ndist: {max_micro_batch: 8}");
   EXPECT_TRUE(PlanBatch(both, 1) == (BatchPlan{8, 1, 2, 4})) << PlanBatch(both, 1).Describe();
+}
+
+TEST(Config, AnOldNameOfARenamedKeyIsReadAsTheNewOneAndBothAtOnceAreRefused) {
+  // dist.max_rank_batch is dist.max_micro_batch now (BatchPlan's word for it).
+  const Config old = LoadConfigString("dist: {max_rank_batch: 3}");
+  EXPECT_EQ(old.dist.max_micro_batch, 3);
+  EXPECT_NE(old.ToYaml().find("max_micro_batch: 3"), std::string::npos) << old.ToYaml();
+  EXPECT_EQ(old.ToYaml().find("max_rank_batch"), std::string::npos) << old.ToYaml();
+  EXPECT_NE(ErrorOf("dist: {max_rank_batch: 3, max_micro_batch: 4}")
+                .find("dist.max_micro_batch is given twice"),
+            std::string::npos);
+  ASSERT_EQ(setenv("DDPM_DIST_MAX_RANK_BATCH", "6", 1), 0);
+  const Config from_env = LoadConfigString("train: {batch_size: 12}", "<test>", true);
+  unsetenv("DDPM_DIST_MAX_RANK_BATCH");
+  EXPECT_EQ(from_env.dist.max_micro_batch, 6);
 }
 
 TEST(BatchPlan, RefusalsNameTheKey) {
@@ -177,6 +192,11 @@ TEST(Config, CrossFieldChecksNameTheKey) {
   EXPECT_NE(ErrorOf("model: {norm_groups: 24}").find("model.norm_groups"), std::string::npos);
   EXPECT_NE(ErrorOf("model: {image_size: 20}").find("model.image_size"), std::string::npos);
   EXPECT_NE(ErrorOf("diffusion: {beta_start: 0.1, beta_end: 0.01}").find("diffusion.beta_start"),
+            std::string::npos);
+  // Each bound names its own key: a beta_end outside (0, 1) is beta_end's fault.
+  EXPECT_NE(ErrorOf("diffusion: {beta_end: 1.5}").find("diffusion.beta_end: the linear schedule"),
+            std::string::npos);
+  EXPECT_NE(ErrorOf("diffusion: {beta_start: 0}").find("diffusion.beta_start: the linear schedule"),
             std::string::npos);
   EXPECT_NE(ErrorOf("sample: {steps: 2000}").find("sample.steps"), std::string::npos);
   // Respacing onto an explicit list: strictly increasing within [0, T), and for ddpm only.

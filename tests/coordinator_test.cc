@@ -169,23 +169,23 @@ TEST_F(CoordinatorTest, AnEmptyRunOrGroupIdIsAnInvalidArgumentNotAMissingRun) {
 }
 
 TEST_F(CoordinatorTest, SchedulesByPriorityThenFifoAndDerivesThePerRankBatch) {
-  core_->StartRun(Start("first", ConfigYaml(8, "{max_rank_batch: 2}")));
-  core_->StartRun(Start("urgent", ConfigYaml(8, "{max_rank_batch: 2}"), 5));
-  core_->StartRun(Start("second", ConfigYaml(8, "{max_rank_batch: 2}")));
+  core_->StartRun(Start("first", ConfigYaml(8, "{max_micro_batch: 2}")));
+  core_->StartRun(Start("urgent", ConfigYaml(8, "{max_micro_batch: 2}"), 5));
+  core_->StartRun(Start("second", ConfigYaml(8, "{max_micro_batch: 2}")));
   const std::string session = core_->Register(Group("g", 2)).session();
   // The higher priority goes first.
   v1::Run urgent = core_->GetRun("urgent");
   EXPECT_EQ(urgent.state(), v1::STARTING);
   // Batch 8 over 2 ranks is 4 per rank; at most 2 per micro-batch: 2 x 2 micro-batches.
   EXPECT_EQ(urgent.placement().world_size(), 2);
-  EXPECT_EQ(urgent.placement().per_rank_batch(), 2);
-  EXPECT_EQ(urgent.placement().grad_accum(), 2);
+  EXPECT_EQ(urgent.placement().micro_batch(), 2);
+  EXPECT_EQ(urgent.placement().micro_batches(), 2);
   const v1::GroupCommand train = CommandOf("g", session);
   EXPECT_EQ(train.kind(), v1::GroupCommand::TRAIN);
   EXPECT_EQ(train.run_id(), "urgent-2");
   // The split travels in the placement; the config is sent as it was submitted.
-  EXPECT_EQ(urgent.placement().requested_grad_accum(), 1);
-  EXPECT_EQ(train.placement().grad_accum(), 2);
+  EXPECT_EQ(urgent.placement().requested_micro_batches(), 1);
+  EXPECT_EQ(train.placement().micro_batches(), 2);
   EXPECT_NE(train.config_yaml().find("grad_accum: 1"), std::string::npos) << train.config_yaml();
   EXPECT_EQ(core_->GetRun("first").state(), v1::QUEUED);
 
@@ -208,7 +208,7 @@ TEST_F(CoordinatorTest, ARunWaitsForAGroupOfItsWorldSizeWithoutBlockingOthers) {
   EXPECT_EQ(core_->GetRun("four").state(), v1::QUEUED);
   const v1::Run any = core_->GetRun("any");
   EXPECT_EQ(any.state(), v1::STARTING);
-  EXPECT_EQ(any.placement().per_rank_batch(), 3);
+  EXPECT_EQ(any.placement().micro_batch(), 3);
   core_->Register(Group("quad", 4));
   EXPECT_EQ(core_->GetRun("four").state(), v1::STARTING);
   EXPECT_EQ(core_->GetRun("four").placement().group_id(), "quad");
@@ -659,7 +659,7 @@ TEST_F(CoordinatorTest, EvaluationJobsAreCheckedQueuedOnAnyGroupRestartedAndKeep
     cases.emplace_back(Eval("every:7"), "checkpoints every:7 of run a-1: no such checkpoint");
     v1::StartEvalRequest few = Eval("all");
     few.set_num_samples(1);
-    cases.emplace_back(few, "num_samples must be >= 10");
+    cases.emplace_back(few, "eval.num_samples: must be >= 10");
     v1::StartEvalRequest sampler = Eval("all");
     sampler.set_sampler("euler");
     cases.emplace_back(sampler, "eval.sampler");

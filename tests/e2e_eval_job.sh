@@ -58,7 +58,7 @@ refused "no run 'nosuch'" nosuch "${files[@]}"
 refused "checkpoints 'sometimes'" "$run" --checkpoint sometimes "${files[@]}"
 refused "checkpoints 25 of run $run: no such checkpoint (it has 10, 20, 30)" "$run" --checkpoint 25 "${files[@]}"
 refused "checkpoints every:7 of run $run: no such checkpoint" "$run" --checkpoint every:7 "${files[@]}"
-refused "--num must be >= 10" "$run" --num 0 "${files[@]}"
+refused "eval.num_samples: must be >= 10" "$run" --num 0 "${files[@]}"
 refused "eval.sampler" "$run" --sampler euler "${files[@]}"
 refused "eval.metrics: 'lpips' is not one of: fid, is, kid, prd" "$run" --metrics kid,lpips "${files[@]}"
 refused "memorization_train (ddpmctl eval --memorization) 'imagenet:/x' is not cifar10:PATH" "$run" \

@@ -166,7 +166,7 @@ TEST_F(ServiceTest, EveryRpcEndToEndWithRealClients) {
   ASSERT_TRUE(reader->Read(&command));
   EXPECT_EQ(command.kind(), v1::GroupCommand::TRAIN);
   EXPECT_EQ(command.run_id(), "svc-1");
-  EXPECT_EQ(command.placement().per_rank_batch(), 2);
+  EXPECT_EQ(command.placement().micro_batch(), 2);
 
   // A watcher follows the run from here to its end. Its first event (the run as it stands)
   // says it is subscribed: only then may the heartbeats below come, or it could miss them.

@@ -9,13 +9,16 @@
 #include <cmath>
 #include <cstring>
 #include <ctime>
+#include <map>
 #include <memory>
 #include <thread>
 
 #include "base/sha256.h"
 #include "base/text.h"
 #include "config/config.h"
+#include "config/eval_protocol.h"
 #include "ddpm/v1/control.grpc.pb.h"
+#include "proto/placement.h"
 #include "proto/run_state.h"
 
 namespace ddpm {
@@ -131,18 +134,12 @@ void PrintRunDetails(FILE* out, const v1::Run& run) {
   if (job && !run.placement().group_id().empty()) {
     const v1::Placement& p = run.placement();
     row("placement", "group " + p.group_id() + ": " + std::to_string(p.world_size()) + " ranks x " +
-                         std::to_string(p.per_rank_batch()) +
-                         " samples per forward pass (attempt " + std::to_string(p.attempt()) + ")");
+                         std::to_string(p.micro_batch()) + " samples per forward pass (attempt " +
+                         std::to_string(p.attempt()) + ")");
   } else if (!run.placement().group_id().empty()) {
     const v1::Placement& p = run.placement();
-    std::string split = "group " + p.group_id() + ": " + std::to_string(p.world_size()) +
-                        " ranks x " + std::to_string(p.grad_accum()) + " micro-batches x " +
-                        std::to_string(p.per_rank_batch()) + " images";
-    if (p.requested_grad_accum() > 0 && p.requested_grad_accum() != p.grad_accum()) {
-      split += " (the config's train.grad_accum " + std::to_string(p.requested_grad_accum()) +
-               ", raised to keep each micro-batch within dist.max_rank_batch)";
-    }
-    row("placement", split + " (attempt " + std::to_string(p.attempt()) + ")");
+    row("placement", "group " + p.group_id() + ": " + DescribePlacementPlan(p) + " (attempt " +
+                         std::to_string(p.attempt()) + ")");
   }
   // A class-conditional model: its classes (their names are in the run directory's
   // classes.txt, written from the data) and its label dropout; post-hoc EMA's snapshots.
@@ -752,6 +749,70 @@ int CtlHealth(const CtlOptions& options, const std::string& service) {
   }
   std::printf("%s\n", status.c_str());
   return status == "SERVING" ? kCtlOk : kCtlFailed;
+}
+
+EvalOptions EvalOptionsFromFlags(const Flags& flags) {
+  EvalOptions eval;
+  eval.run = flags.Get("RUN");
+  eval.checkpoints = flags.Get("checkpoint");
+  // A flag given, else the protocol file's value, else the training run's eval.* setting.
+  std::map<std::string, std::string> values;
+  if (flags.Given("protocol")) {
+    for (const auto& [key, value] : LoadEvalProtocol(flags.Get("protocol"))) {
+      values[key.substr(5)] = value;  // without "eval."
+    }
+  }
+  const std::pair<const char*, const char*> settings[] = {
+      {"num", "num_samples"},  {"batch", "batch_size"}, {"is-logits", "is_logits"},
+      {"sampler", "sampler"},  {"steps", "steps"},      {"seed", "seed"},
+      {"guidance", "guidance"}};
+  for (const auto& [flag, key] : settings) {
+    if (flags.Given(flag)) values[key] = flags.Get(flag);
+  }
+  const auto integer = [&](const char* key, const char* flag) {
+    try {
+      size_t used = 0;
+      const long long value = std::stoll(values.at(key), &used);
+      if (used != values.at(key).size()) throw std::invalid_argument(key);
+      return value;
+    } catch (const std::exception&) {
+      throw FlagError(std::string("ddpmctl eval: --") + flag + " '" + values.at(key) +
+                      "' is not an integer");
+    }
+  };
+  // Their ranges are the config's: Config::Validate checks them once, where the coordinator
+  // applies them to the run's config.
+  if (values.count("num_samples") != 0) eval.num_samples = integer("num_samples", "num");
+  if (values.count("batch_size") != 0) {
+    eval.batch_size = static_cast<int>(integer("batch_size", "batch"));
+  }
+  if (values.count("steps") != 0) eval.steps = static_cast<int>(integer("steps", "steps"));
+  if (values.count("seed") != 0) eval.seed = static_cast<uint64_t>(integer("seed", "seed"));
+  if (values.count("guidance") != 0) {
+    try {
+      size_t used = 0;
+      eval.guidance = std::stod(values["guidance"], &used);
+      if (used != values["guidance"].size()) throw std::invalid_argument("guidance");
+    } catch (const std::exception&) {
+      throw FlagError("ddpmctl eval: --guidance '" + values["guidance"] + "' is not a number");
+    }
+  }
+  eval.sampler = values["sampler"];
+  eval.is_logits = values["is_logits"];
+  if (flags.Given("metrics")) eval.metrics = SplitList(flags.Get("metrics"));
+  eval.memorization_train = flags.Get("memorization");
+  eval.reference_stats = flags.Get("ref");
+  eval.inception_weights = flags.Get("inception");
+  eval.name = flags.Get("name");
+  eval.priority = static_cast<int>(flags.GetInt("priority"));
+  if (flags.Given("max-restarts")) {
+    eval.max_restarts = static_cast<int>(flags.GetInt("max-restarts"));
+    if (eval.max_restarts < 0) {
+      throw FlagError("ddpmctl eval: --max-restarts must be >= 0, got " +
+                      flags.Get("max-restarts"));
+    }
+  }
+  return eval;
 }
 
 }  // namespace ddpm

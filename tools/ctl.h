@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "config/flags.h"
 #include "proto/rpc.h"
 
 namespace ddpm {
@@ -75,6 +76,11 @@ struct EvalOptions {
   /// Negative: the coordinator's default.
   int max_restarts = -1;
 };
+
+/// ddpmctl eval's request from its flags: each setting from its flag, else from --protocol's
+/// file, else left to the training run's eval.* (the coordinator validates the result once,
+/// with Config::Validate). Throws FlagError for a value that is not a number.
+EvalOptions EvalOptionsFromFlags(const Flags& flags);
 
 /// Each returns a CtlExit code and prints results (or one error line on stderr).
 /// Queues a run; its id goes to *run_id when given.

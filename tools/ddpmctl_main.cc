@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "base/text.h"
-#include "config/eval_protocol.h"
 #include "config/flags.h"
 #include "tools/ctl.h"
 
@@ -161,76 +160,7 @@ int RunCommand(const std::string& command, const ddpm::Flags& flags) {
     return ddpm::CtlWatch(options, id);
   }
   if (command == "eval") {
-    ddpm::EvalOptions eval;
-    eval.run = flags.Get("RUN");
-    eval.checkpoints = flags.Get("checkpoint");
-    // A flag given, else the protocol file's value, else the training run's eval.* setting.
-    std::map<std::string, std::string> values;
-    if (flags.Given("protocol")) {
-      for (const auto& [key, value] : ddpm::LoadEvalProtocol(flags.Get("protocol"))) {
-        values[key.substr(5)] = value;  // without "eval."
-      }
-    }
-    const std::pair<const char*, const char*> settings[] = {
-        {"num", "num_samples"},  {"batch", "batch_size"}, {"is-logits", "is_logits"},
-        {"sampler", "sampler"},  {"steps", "steps"},      {"seed", "seed"},
-        {"guidance", "guidance"}};
-    for (const auto& [flag, key] : settings) {
-      if (flags.Given(flag)) values[key] = flags.Get(flag);
-    }
-    const auto integer = [&](const char* key, const char* flag) {
-      try {
-        size_t used = 0;
-        const long long value = std::stoll(values.at(key), &used);
-        if (used != values.at(key).size()) throw std::invalid_argument(key);
-        return value;
-      } catch (const std::exception&) {
-        throw ddpm::FlagError(std::string("ddpmctl eval: --") + flag + " '" + values.at(key) +
-                              "' is not an integer");
-      }
-    };
-    if (values.count("num_samples") != 0) {
-      eval.num_samples = integer("num_samples", "num");
-      if (*eval.num_samples < 10) {
-        throw ddpm::FlagError(
-            "ddpmctl eval: --num must be >= 10 (the Inception Score's 10 "
-            "splits), got " +
-            values["num_samples"]);
-      }
-    }
-    if (values.count("batch_size") != 0) {
-      eval.batch_size = static_cast<int>(integer("batch_size", "batch"));
-      if (*eval.batch_size < 1) {
-        throw ddpm::FlagError("ddpmctl eval: --batch must be >= 1, got " + values["batch_size"]);
-      }
-    }
-    if (values.count("steps") != 0) eval.steps = static_cast<int>(integer("steps", "steps"));
-    if (values.count("seed") != 0) eval.seed = static_cast<uint64_t>(integer("seed", "seed"));
-    if (values.count("guidance") != 0) {
-      try {
-        size_t used = 0;
-        eval.guidance = std::stod(values["guidance"], &used);
-        if (used != values["guidance"].size()) throw std::invalid_argument("guidance");
-      } catch (const std::exception&) {
-        throw ddpm::FlagError("ddpmctl eval: --guidance '" + values["guidance"] +
-                              "' is not a number");
-      }
-    }
-    eval.sampler = values["sampler"];
-    eval.is_logits = values["is_logits"];
-    if (flags.Given("metrics")) eval.metrics = ddpm::SplitList(flags.Get("metrics"));
-    eval.memorization_train = flags.Get("memorization");
-    eval.reference_stats = flags.Get("ref");
-    eval.inception_weights = flags.Get("inception");
-    eval.name = flags.Get("name");
-    eval.priority = static_cast<int>(flags.GetInt("priority"));
-    if (flags.Given("max-restarts")) {
-      eval.max_restarts = static_cast<int>(flags.GetInt("max-restarts"));
-      if (eval.max_restarts < 0) {
-        throw ddpm::FlagError("ddpmctl eval: --max-restarts must be >= 0, got " +
-                              flags.Get("max-restarts"));
-      }
-    }
+    const ddpm::EvalOptions eval = ddpm::EvalOptionsFromFlags(flags);
     std::string id;
     const int code = ddpm::CtlEval(options, eval, &id);
     if (code != ddpm::kCtlOk || !flags.GetSwitch("watch")) return code;

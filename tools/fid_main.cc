@@ -23,6 +23,7 @@
 #include "eval/memorization.h"
 #include "run/sampling.h"
 #include "tools/eval_flags.h"
+#include "tools/fid_checkpoint.h"
 #include "tools/tool_world.h"
 #include "tools/trained_model.h"
 #include "trainer/checkpoint.h"
@@ -66,78 +67,13 @@ int Checkpoint(int argc, char** argv) {
                               " is unconditional (model.num_classes 0); a list of guidance scales "
                               "needs a class-conditional model");
       }
-      if (scales.empty()) scales = {trained.config.eval.guidance};
       world.Place(trained);
-      ddpm::Communicator& comm = world.comm();
-      const ddpm::Config& config = trained.config;
-      ddpm::RunEvaluator evaluator(config, trained.device);
-      const ddpm::GaussianDiffusion diffusion(config.diffusion, trained.device);
-      const std::string keep_dir = flags.Get("also-save");
-      const auto start = std::chrono::steady_clock::now();
-      auto last = start;
-      const int64_t total = config.eval.num_samples;
-      if (world.lead()) {
-        std::printf(
-            "ddpm_fid checkpoint: %lld samples of %s (%s %d steps, seed %llu) on %d "
-            "rank(s)\n",
-            static_cast<long long>(total), trained.origin.c_str(), ddpm::Name(config.eval.sampler),
-            ddpm::EvalSamplerSteps(config), static_cast<unsigned long long>(config.eval.seed),
-            comm.world_size());
-        std::fflush(stdout);
-      }
-      ddpm::EvaluateHooks hooks;
-      if (!keep_dir.empty()) {
-        hooks.keep = [&keep_dir](const torch::Tensor& images, int64_t first) {
-          std::vector<int64_t> indices(images.size(0));
-          for (int64_t k = 0; k < images.size(0); ++k) indices[k] = first + k;
-          ddpm::WriteSampleFiles(images, keep_dir, indices);
-        };
-      }
-      ddpm::ParameterSweep sweep{"guidance", "GUIDANCE W", {}, {}};
-      for (const double w : scales) {
-        evaluator.set_guidance(w);
-        const ddpm::EvalReport report = evaluator.Evaluate(
-            diffusion, trained.model, comm, 0,
-            [&](int64_t done, int64_t share) {
-              if (!world.lead() || (ddpm::SecondsSince(last) < 5.0 && done < share)) return;
-              last = std::chrono::steady_clock::now();
-              const double elapsed = ddpm::SecondsSince(start);
-              const double rate = done * comm.world_size() / std::max(elapsed, 1e-9);
-              std::printf(
-                  "ddpm_fid checkpoint: rank 0 has %lld/%lld of its samples; about %.2f "
-                  "samples/s over the ranks, elapsed %s, eta %s\n",
-                  static_cast<long long>(done), static_cast<long long>(share), rate,
-                  ddpm::FormatDuration(elapsed).c_str(),
-                  ddpm::FormatDuration((share - done) * comm.world_size() / std::max(rate, 1e-9))
-                      .c_str());
-              std::fflush(stdout);
-            },
-            hooks);
-        if (!world.lead()) continue;
-        std::printf(
-            "FID %.4f\nIS %.4f +- %.4f (10 splits, %s logits)\nsamples %lld: %s, %s %d steps, "
-            "seed %llu, %d rank(s)\nInception sha256 %s\nreference %s sha256 %s\nwall time %s\n%s",
-            report.fid, report.inception_score, report.inception_score_std,
-            report.is_logits.c_str(), static_cast<long long>(report.num_samples),
-            trained.origin.c_str(), report.sampler.c_str(), report.sampling_steps,
-            static_cast<unsigned long long>(report.seed), comm.world_size(),
-            report.inception_sha256.c_str(), flags.Get("ref").c_str(),
-            report.reference_sha256.c_str(),
-            ddpm::FormatDuration(ddpm::SecondsSince(start)).c_str(),
-            report.regularized ? "note: the covariances were regularized with eps * I\n" : "");
-        std::fputs(ddpm::DescribeKidAndPrd(report).c_str(), stdout);
-        if (report.guided) std::printf("guidance %s\n", ddpm::FormatNumber(w).c_str());
-        std::fflush(stdout);
-        sweep.values.push_back(w);
-        sweep.reports.push_back(report);
-      }
-      if (scales.size() > 1 && world.lead()) {
-        const std::string out = flags.Get("out");
-        ddpm::WriteParameterSweep(sweep, out + ".csv", out + ".png");
-        std::printf("ddpm_fid checkpoint: FID and IS against guidance in %s.csv and %s.png\n",
-                    out.c_str(), out.c_str());
-      }
-      return 0;
+      ddpm::CheckpointEvalOptions options;
+      options.scales = scales;
+      options.keep_dir = flags.Get("also-save");
+      options.out = flags.Get("out");
+      options.reference = flags.Get("ref");
+      return ddpm::EvaluateCheckpoint(trained, world.comm(), options);
     });
   });
 }

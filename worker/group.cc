@@ -13,6 +13,7 @@
 #include "base/fence.h"
 #include "base/signals.h"
 #include "config/flags.h"
+#include "proto/placement.h"
 #include "run/evaluation_job.h"
 #include "trainer/communicator.h"
 #include "worker/gateway_client.h"
@@ -112,6 +113,34 @@ struct Member {
   std::string group_id;
   Heartbeater* heartbeats = nullptr;
   CommandChannel* channel = nullptr;  // rank 0 only
+
+  // Runs work (a training run or an evaluation job: what, in words) and ends this rank's part
+  // of it. A newer attempt that holds the run makes it not this group's to report: every rank
+  // got there together (the fence is broadcast) and the group waits for its next command
+  // (false). A failed collective loses the group; any other error fails the run (both rethrow).
+  template <typename Work>
+  bool Attempt(const std::string& what, const std::string& run_id, int attempt, Work&& work) {
+    try {
+      work();
+    } catch (const FencedError& error) {
+      heartbeats->SetRun("");
+      recorder.SetRun("");
+      if (comm.rank() == 0) {
+        channel->SetCurrentRun("", 0);
+        Say(what + " (attempt " + std::to_string(attempt) + "): " + error.what());
+      }
+      return false;
+    } catch (const CommError& error) {
+      ReportLost(error);
+      throw;
+    } catch (const std::exception& error) {
+      ReportFailure(run_id, attempt, error);
+      throw;
+    }
+    heartbeats->SetRun("");
+    recorder.SetRun("");
+    return true;
+  }
 
   // Rank 0: what the newest command means for the assigned work; taken_away is set when the
   // coordinator gave it to another attempt (then it is not ours to report).
@@ -235,29 +264,12 @@ struct Member {
       };
     }
     EvaluationJobResult result;
-    try {
+    const bool ran = Attempt("evaluation job " + run_id, run_id, attempt, [&] {
       const Config config =
           LoadConfigString(command.config_yaml(), "evaluation job " + run_id + "'s config");
       result = RunEvaluationJob(config, job, context_for(config));
-    } catch (const FencedError& error) {
-      heartbeats->SetRun("");
-      recorder.SetRun("");
-      if (rank == 0) {
-        channel->SetCurrentRun("", 0);
-        Say("evaluation job " + run_id + " (attempt " + std::to_string(attempt) +
-            "): " + error.what());
-      }
-      return false;
-    } catch (const CommError& error) {
-      ReportLost(error);
-      throw;
-    } catch (const std::exception& error) {
-      ReportFailure(run_id, attempt, error);
-      throw;
-    }
-    heartbeats->SetRun("");
-    recorder.SetRun("");
-    if (rank != 0) return false;
+    });
+    if (!ran || rank != 0) return false;
     if (taken_away) {
       channel->SetCurrentRun("", 0);
       Say("evaluation job " + run_id + " (attempt " + std::to_string(attempt) +
@@ -388,34 +400,15 @@ struct Member {
       };
     }
     TrainResult result;
-    try {
+    const bool ran = Attempt("run " + run_id, run_id, attempt, [&] {
       const Config config = LoadConfigString(command.config_yaml(),
                                              "run " + run_id + "'s config from the coordinator");
       DistributedContext dist = context_for(config);
       // The split the coordinator placed the run with, used as it is (RunTraining checks it).
-      const v1::Placement& placement = command.placement();
-      dist.plan = BatchPlan{config.train.batch_size, placement.world_size(),
-                            placement.per_rank_batch(), placement.grad_accum()};
+      dist.plan = PlacementPlan(command.placement());
       result = RunTraining(config, train, dist);
-    } catch (const FencedError& error) {
-      // A newer attempt holds the run: it is not this group's to report. Every rank got here
-      // together (the fence is broadcast); the group waits for its next command.
-      heartbeats->SetRun("");
-      recorder.SetRun("");
-      if (rank == 0) {
-        channel->SetCurrentRun("", 0);
-        Say("run " + run_id + " (attempt " + std::to_string(attempt) + "): " + error.what());
-      }
-      return false;
-    } catch (const CommError& error) {
-      ReportLost(error);
-      throw;
-    } catch (const std::exception& error) {
-      ReportFailure(run_id, attempt, error);
-      throw;
-    }
-    heartbeats->SetRun("");
-    recorder.SetRun("");
+    });
+    if (!ran) return false;
     if (rank != 0) return result.interrupted_by != 0;
     if (result.superseded) {
       channel->SetCurrentRun("", 0);

@@ -611,11 +611,11 @@ function runPage(page, id) {
     timeline.replaceChildren(...(r.transitions || []).slice().reverse().map((t) => el('li', { class: t.to },
       el('div', {}, stateBadge(t.to), ' ', t.reason), el('div', { class: 'when', text: when(t.at_unix_ms) }))));
     const p = r.placement || {};
-    const world = p.world_size || 0, micro = p.per_rank_batch || 0, accum = p.grad_accum || 1;
+    const world = p.world_size || 0, micro = p.micro_batch || 0, accum = p.micro_batches || 1;
     placement.replaceChildren(
       fact('group', p.group_id || '-'), fact('ranks', String(world || '-')),
-      fact('per-rank micro-batch', String(micro || '-')), fact('micro-batches', String(accum)),
-      fact('global batch', world ? `${micro} × ${world} × ${accum} = ${micro * world * accum}` : '-'),
+      fact('micro-batch', String(micro || '-')), fact('micro-batches', String(accum)),
+      fact('global batch', world ? `${world} × ${accum} × ${micro} = ${micro * world * accum}` : '-'),
       fact('attempt', String(p.attempt || '-')));
     config.textContent = r.config_yaml || '';
   };
