@@ -16,6 +16,7 @@
 #include "eval/checkpoint_sweep.h"
 #include "eval/evaluation.h"
 #include "eval/memorization.h"
+#include "run/lead_or_all.h"
 #include "run/run_log.h"
 #include "run/sampling.h"
 #include "trainer/checkpoint.h"
@@ -33,33 +34,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
-
-// Rank 0 does body; every rank then learns whether it threw, and throws too (rank 0 with its
-// own error, the others naming it), so that no rank waits on a collective the others left.
-template <typename Body>
-void OnLeadOrAll(Communicator& comm, const std::string& what, Body body) {
-  int64_t failed = 0;  // 1: fenced, 2: any other error
-  std::string message;
-  if (comm.rank() == 0) {
-    try {
-      body();
-    } catch (const FencedError& error) {
-      failed = 1;
-      message = error.what();
-    } catch (const std::exception& error) {
-      failed = 2;
-      message = error.what();
-    }
-  }
-  if (comm.world_size() > 1) {
-    torch::Tensor word = torch::tensor({failed}, torch::kLong);
-    comm.Broadcast(word, 0, "broadcast of whether rank 0 could " + what);
-    failed = word.item<int64_t>();
-  }
-  if (message.empty()) message = "rank 0 could not " + what;
-  if (failed == 1) throw FencedError(message);
-  if (failed == 2) throw std::runtime_error(message);
-}
 
 // Every rank gets rank 0's values.
 std::vector<int64_t> BroadcastSteps(Communicator& comm, std::vector<int64_t> values,

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "base/text.h"
+#include "run/lead_or_all.h"
 #include "trainer/image_io.h"
 
 namespace ddpm {
@@ -68,28 +69,10 @@ std::optional<CheckpointDir::Loaded> RunCheckpoints::FindResumable() const {
 }
 
 void RunCheckpoints::TakeFence(const std::optional<CheckpointDir::Loaded>& loaded) {
-  int64_t refused = 0;  // 1: superseded, 2: the fence file is unusable
-  std::string refusal;
-  if (console_.lead()) {
-    try {
-      MakeDirectories(options_.run_dir);
-      fence_.Began(options_.attempt, loaded ? StepOfCheckpointPath(loaded->path) : 0);
-    } catch (const FencedError& error) {
-      refused = 1;
-      refusal = error.what();
-    } catch (const std::exception& error) {
-      refused = 2;
-      refusal = error.what();
-    }
-  }
-  if (comm_.world_size() > 1) {
-    torch::Tensor word = torch::tensor({refused}, torch::kLong);
-    comm_.Broadcast(word, 0, "broadcast of the attempt's fence");
-    refused = word.item<int64_t>();
-  }
-  if (refused != 0 && refusal.empty()) refusal = "rank 0 could not take the run's fence";
-  if (refused == 1) throw FencedError(refusal);
-  if (refused == 2) throw std::runtime_error(refusal);
+  OnLeadOrAll(comm_, "take the run's fence", [&] {
+    MakeDirectories(options_.run_dir);
+    fence_.Began(options_.attempt, loaded ? StepOfCheckpointPath(loaded->path) : 0);
+  });
   if (console_.lead()) {
     MakeDirectories(options_.run_dir + "/samples");
     // Before any rank writes (they all pass the broadcasts of joining the world first).
