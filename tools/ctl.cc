@@ -751,6 +751,15 @@ int CtlHealth(const CtlOptions& options, const std::string& service) {
   return status == "SERVING" ? kCtlOk : kCtlFailed;
 }
 
+int MaxRestartsFromFlags(const Flags& flags, const std::string& command) {
+  if (!flags.Given("max-restarts")) return -1;
+  const auto max_restarts = static_cast<int>(flags.GetInt("max-restarts"));
+  if (max_restarts < 0) {
+    throw FlagError(command + ": --max-restarts must be >= 0, got " + flags.Get("max-restarts"));
+  }
+  return max_restarts;
+}
+
 EvalOptions EvalOptionsFromFlags(const Flags& flags) {
   EvalOptions eval;
   eval.run = flags.Get("RUN");
@@ -805,13 +814,7 @@ EvalOptions EvalOptionsFromFlags(const Flags& flags) {
   eval.inception_weights = flags.Get("inception");
   eval.name = flags.Get("name");
   eval.priority = static_cast<int>(flags.GetInt("priority"));
-  if (flags.Given("max-restarts")) {
-    eval.max_restarts = static_cast<int>(flags.GetInt("max-restarts"));
-    if (eval.max_restarts < 0) {
-      throw FlagError("ddpmctl eval: --max-restarts must be >= 0, got " +
-                      flags.Get("max-restarts"));
-    }
-  }
+  eval.max_restarts = MaxRestartsFromFlags(flags, "ddpmctl eval");
   return eval;
 }
 

@@ -77,6 +77,9 @@ struct EvalOptions {
   int max_restarts = -1;
 };
 
+/// --max-restarts of command ("ddpmctl start"): -1 (the coordinator's default) when not given;
+/// throws FlagError for a negative number.
+int MaxRestartsFromFlags(const Flags& flags, const std::string& command);
 /// ddpmctl eval's request from its flags: each setting from its flag, else from --protocol's
 /// file, else left to the training run's eval.* (the coordinator validates the result once,
 /// with Config::Validate). Throws FlagError for a value that is not a number.

@@ -147,13 +147,7 @@ int RunCommand(const std::string& command, const ddpm::Flags& flags) {
     start.config_path = flags.Get("CONFIG");
     start.name = flags.Get("name");
     start.priority = static_cast<int>(flags.GetInt("priority"));
-    if (flags.Given("max-restarts")) {
-      start.max_restarts = static_cast<int>(flags.GetInt("max-restarts"));
-      if (start.max_restarts < 0) {
-        throw ddpm::FlagError("ddpmctl start: --max-restarts must be >= 0, got " +
-                              flags.Get("max-restarts"));
-      }
-    }
+    start.max_restarts = ddpm::MaxRestartsFromFlags(flags, "ddpmctl start");
     std::string id;
     const int code = ddpm::CtlStart(options, start, &id);
     if (code != ddpm::kCtlOk || !flags.GetSwitch("watch")) return code;
