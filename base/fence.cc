@@ -1,21 +1,19 @@
 #include "base/fence.h"
 
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdio>
-#include <cstring>
 #include <fstream>
 #include <sstream>
+
+#include "base/errors.h"
+#include "base/file_io.h"
 
 namespace ddpm {
 namespace {
 
 constexpr char kHeader[] = "ddpm-train attempt fence 1";
-
-std::string Errno(const std::string& what) { return what + ": " + std::strerror(errno); }
 
 // The attempt that holds the run: the newest listed (0 for none).
 int Holder(const std::vector<AttemptRecord>& records) {
@@ -39,8 +37,8 @@ std::vector<AttemptRecord> RunFence::Read() const {
     ++number;
     if (number == 1) {
       if (line != kHeader) {
-        throw std::runtime_error(path_ + ": line 1: expected '" + std::string(kHeader) +
-                                 "', found '" + line + "'");
+        throw FormatError(path_ + ": line 1: expected '" + std::string(kHeader) + "', found '" +
+                          line + "'");
       }
       continue;
     }
@@ -51,12 +49,12 @@ std::vector<AttemptRecord> RunFence::Read() const {
     if (!(fields >> word >> record.attempt) || word != "attempt" || record.attempt < 1 ||
         (fields >> began &&
          (began != "began" || !(fields >> record.began_at_step) || record.began_at_step < 0))) {
-      throw std::runtime_error(path_ + ": line " + std::to_string(number) +
-                               ": expected 'attempt N [began STEP]', found '" + line + "'");
+      throw FormatError(path_ + ": line " + std::to_string(number) +
+                        ": expected 'attempt N [began STEP]', found '" + line + "'");
     }
     records.push_back(record);
   }
-  if (number == 0) throw std::runtime_error(path_ + ": empty fence file");
+  if (number == 0) throw FormatError(path_ + ": empty fence file");
   return records;
 }
 
@@ -69,25 +67,9 @@ void RunFence::Write(const std::vector<AttemptRecord>& records) const {
     if (record.began_at_step >= 0) text += " began " + std::to_string(record.began_at_step);
     text += "\n";
   }
-  // A name of this process's own, so that two writers never share a temporary file.
-  const std::string tmp = path_ + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw std::runtime_error(Errno(tmp + ": cannot create"));
-  const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) &&
-                  ::fsync(fd) == 0;
-  const std::string error = ok ? "" : Errno(tmp + ": cannot write the fence");
-  ::close(fd);
-  if (!ok || std::rename(tmp.c_str(), path_.c_str()) != 0) {
-    const std::string message =
-        ok ? Errno(path_ + ": cannot rename " + tmp + " into place") : error;
-    std::remove(tmp.c_str());
-    throw std::runtime_error(message);
-  }
-  const int dir = ::open(run_dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir >= 0) {
-    ::fsync(dir);
-    ::close(dir);
-  }
+  // A temporary name of this process's own, so that two writers never share one.
+  WriteFileAtomically(path_, text, Durability::kSyncedWithDirectory,
+                      path_ + ".tmp." + std::to_string(::getpid()));
 }
 
 void RunFence::Grant(int attempt) const {

@@ -37,13 +37,14 @@ class RunFence {
   explicit RunFence(std::string run_dir);
   const std::string& path() const { return path_; }
 
-  /// The records, oldest first; empty when the file does not exist. Throws std::runtime_error
-  /// naming the file and line when it is malformed.
+  /// The records, oldest first; empty when the file does not exist. Throws FormatError naming
+  /// the file and line when it is malformed.
   std::vector<AttemptRecord> Read() const;
   /// The attempt that holds the run (0 when there is no file).
   int Current() const;
-  /// Records attempt as the one that holds the run (atomically: write, fsync, rename). Never
-  /// moves the fence back: an older attempt than the current one throws FencedError.
+  /// Records attempt as the one that holds the run (WriteFileAtomically, synced with its
+  /// directory; FileError when it cannot). Never moves the fence back: an older attempt than
+  /// the current one throws FencedError.
   void Grant(int attempt) const;
   /// Records the step attempt began at; throws FencedError when a newer attempt holds the run.
   void Began(int attempt, int64_t step) const;

@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "base/errors.h"
+
 namespace ddpm {
 
 Sha256::Sha256() : context_(EVP_MD_CTX_new()) {
@@ -34,7 +36,7 @@ std::string Sha256::HexDigest() {
 
 std::string Sha256File(const std::string& path) {
   std::ifstream file(path, std::ios::binary);
-  if (!file) throw std::runtime_error(path + ": cannot open to hash");
+  if (!file) throw FileError(path + ": cannot open to hash");
   Sha256 hash;
   std::vector<char> buffer(1 << 20);
   while (file) {

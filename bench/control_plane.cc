@@ -45,6 +45,13 @@ namespace ddpm::bench {
 namespace {
 
 namespace fs = std::filesystem;
+
+/// A benchmark that could not set itself up: a binary that did not start, an RPC refused.
+class BenchError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 constexpr const char* kControl = "bench-control";
 constexpr const char* kWorker = "bench-worker";
 const char* kConfig =
@@ -85,7 +92,7 @@ pid_t Spawn(const std::string& binary, const fs::path& dir, double interval, std
     metrics_port = std::stoi(text.substr(at + std::strlen("metrics at http://127.0.0.1:")));
     return child;
   }
-  throw std::runtime_error(binary + " did not start; see " + log);
+  throw BenchError(binary + " did not start; see " + log);
 }
 
 // One asynchronous call on the completion queue.
@@ -207,7 +214,7 @@ void Simulate(const std::string& coordinator, int groups, int ranks, bool per_gr
     // Equal priorities: placed in submission order, run g on group g.
     v1::StartRunResponse started;
     const grpc::Status status = control->StartRun(MakeContext(kControl).get(), start, &started);
-    if (!status.ok()) throw std::runtime_error(DescribeStatus("StartRun", status));
+    if (!status.ok()) throw BenchError(DescribeStatus("StartRun", status));
     runs.push_back(started.run().id());
   }
   std::vector<v1::RankMetrics> reports;
@@ -228,7 +235,7 @@ void Simulate(const std::string& coordinator, int groups, int ranks, bool per_gr
     v1::RegisterResponse registered;
     auto& gateway = *gateways[g / 16];
     const grpc::Status status = gateway.Register(MakeContext(kWorker).get(), group, &registered);
-    if (!status.ok()) throw std::runtime_error(DescribeStatus("Register", status));
+    if (!status.ok()) throw BenchError(DescribeStatus("Register", status));
     auto* stream = new StreamCall;
     stream->commands = &commands;
     stream->context.AddMetadata("authorization", std::string("Bearer ") + kWorker);

@@ -14,6 +14,7 @@
 #include <set>
 #include <sstream>
 
+#include "base/log.h"
 #include "config/batch_plan.h"
 
 extern char** environ;
@@ -335,8 +336,8 @@ std::string CurrentKey(const std::string& section, const std::string& key,
     const RenamedKey& renamed = kRenamedKeys[i];
     if (section != renamed.section || key != renamed.old_key) continue;
     if (!warned[i].exchange(true)) {
-      std::fprintf(stderr, "%s: warning: %s.%s is now %s.%s; read as that\n", where.c_str(),
-                   renamed.section, renamed.old_key, renamed.section, renamed.key);
+      LogWarning("%s: warning: %s.%s is now %s.%s; read as that\n", where.c_str(), renamed.section,
+                 renamed.old_key, renamed.section, renamed.key);
     }
     return renamed.key;
   }

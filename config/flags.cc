@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <sstream>
 
+#include "base/log.h"
+
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
@@ -30,6 +32,10 @@ void TuneAllocator() {
 Flags::Flags(std::string program, std::string summary)
     : program_(std::move(program)), summary_(std::move(summary)) {
   AddSwitch("help", "print this help and exit");
+  Add("log-level",
+      "the least severe log line written: debug, info, warning or error (DDPM_LOG_LEVEL sets it "
+      "too)",
+      "info");
 }
 
 void Flags::Add(const std::string& name, const std::string& help,
@@ -179,12 +185,19 @@ int RunMain(Flags& flags, int argc, const char* const* argv, const std::function
       std::printf("%s", flags.Usage().c_str());
       return 0;
     }
+    if (flags.Given("log-level")) {
+      try {
+        SetLogLevel(ParseLogLevel(flags.Get("log-level")));
+      } catch (const std::invalid_argument& error) {
+        throw FlagError(flags.program() + ": --log-level: " + error.what());
+      }
+    }
     return body();
   } catch (const FlagError& e) {
-    std::fprintf(stderr, "%s\n", e.what());
+    LogError("%s", e.what());
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s: error: %s\n", flags.program().c_str(), UserMessage(e).c_str());
+    LogError("%s: error: %s", flags.program().c_str(), UserMessage(e).c_str());
     return 1;
   }
 }

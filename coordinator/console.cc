@@ -11,6 +11,7 @@
 #include <map>
 #include <sstream>
 
+#include "base/csv.h"
 #include "coordinator/console_assets.h"
 #include "proto/rpc.h"
 
@@ -186,17 +187,13 @@ std::optional<v1::Sweep> ReadParameterSweep(const fs::path& path, const std::str
   sweep.set_against(against);
   sweep.set_source(source);
   while (std::getline(in, line)) {
-    std::stringstream fields(line);
-    std::string x, fid, is;
-    if (!std::getline(fields, x, ',') || !std::getline(fields, fid, ',') ||
-        !std::getline(fields, is, ',')) {
-      continue;
-    }
+    const std::vector<std::string> fields = SplitCsvLine(line);
+    if (fields.size() < 3) continue;
     try {
       v1::SweepPoint& point = *sweep.add_points();
-      point.set_x(std::stod(x));
-      point.set_fid(std::stod(fid));
-      point.set_inception_score(std::stod(is));
+      point.set_x(std::stod(fields[0]));
+      point.set_fid(std::stod(fields[1]));
+      point.set_inception_score(std::stod(fields[2]));
     } catch (const std::exception&) {
       sweep.mutable_points()->RemoveLast();
     }

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "base/fence.h"
+#include "base/log.h"
 #include "base/random.h"
 #include "base/text.h"
 #include "config/batch_plan.h"
@@ -146,7 +147,7 @@ RegistryFileSummary RestoreRegistry(const std::string& data_dir, const std::stri
       if (fs::exists(side)) fs::rename(side, kept + suffix);
     }
     fs::rename(registry, kept);
-    std::printf("ddpm_coordinator: the registry it replaces is kept as %s\n", kept.c_str());
+    LogInfo("ddpm_coordinator: the registry it replaces is kept as %s\n", kept.c_str());
   }
   fs::rename(incoming, registry);
   return summary;
@@ -158,11 +159,10 @@ void Coordinator::Forget(const std::vector<std::string>& ids, const std::string&
     for (const std::string& id : ids) registry_->DeleteRun(id);
   });
   for (const std::string& id : ids) runs_.erase(id);
-  std::printf(
+  LogInfo(
       "ddpm_coordinator: forgot %zu ended runs (%s, first %s); their run directories "
       "stay\n",
       ids.size(), why.c_str(), ids.front().c_str());
-  std::fflush(stdout);
   Changed();
 }
 
@@ -284,9 +284,8 @@ void Coordinator::Transition(RunEntry& entry, v1::RunState to, const std::string
   });
   *next.add_transitions() = transition;
   entry.run = std::move(next);
-  std::printf("ddpm_coordinator: run %s: %s -> %s: %s\n", entry.run.id().c_str(),
-              StateName(transition.from()).c_str(), StateName(to).c_str(), reason.c_str());
-  std::fflush(stdout);
+  LogInfo("ddpm_coordinator: run %s: %s -> %s: %s\n", entry.run.id().c_str(),
+          StateName(transition.from()).c_str(), StateName(to).c_str(), reason.c_str());
   Changed();
 }
 
@@ -338,8 +337,7 @@ void Coordinator::LoseGroup(const std::string& group_id, const std::string& reas
   const std::string run_id = it->second.run_id;
   it->second.command_changed->notify_all();  // Its streams end (NOT_FOUND).
   groups_.erase(it);
-  std::printf("ddpm_coordinator: group %s is gone: %s\n", group_id.c_str(), reason.c_str());
-  std::fflush(stdout);
+  LogInfo("ddpm_coordinator: group %s is gone: %s\n", group_id.c_str(), reason.c_str());
   Changed();
   if (run_id.empty()) return;
   const auto run = runs_.find(run_id);
@@ -356,9 +354,8 @@ void Coordinator::FenceRunDir(const v1::Run& run) const {
     std::filesystem::create_directories(run.run_dir());
     RunFence(run.run_dir()).Grant(run.placement().attempt());
   } catch (const std::exception& error) {
-    std::printf("ddpm_coordinator: warning: run %s: cannot record attempt %d in %s: %s\n",
-                run.id().c_str(), run.placement().attempt(), run.run_dir().c_str(), error.what());
-    std::fflush(stdout);
+    LogWarning("ddpm_coordinator: warning: run %s: cannot record attempt %d in %s: %s\n",
+               run.id().c_str(), run.placement().attempt(), run.run_dir().c_str(), error.what());
   }
 }
 
@@ -454,10 +451,8 @@ v1::Run Coordinator::StartRun(const v1::StartRunRequest& request) {
   run.set_total_steps(config.train.steps);
   std::lock_guard<std::mutex> lock(mutex_);
   const v1::Run& queued = Insert(std::move(run), config);
-  std::printf("ddpm_coordinator: run %s: queued (%lld steps, global batch %d)\n",
-              queued.id().c_str(), static_cast<long long>(config.train.steps),
-              config.train.batch_size);
-  std::fflush(stdout);
+  LogInfo("ddpm_coordinator: run %s: queued (%lld steps, global batch %d)\n", queued.id().c_str(),
+          static_cast<long long>(config.train.steps), config.train.batch_size);
   const std::string id = queued.id();
   Schedule();
   return runs_.at(id).run;
@@ -602,12 +597,11 @@ v1::Run Coordinator::StartEval(const v1::StartEvalRequest& request) {
   run.set_max_restarts(request.has_max_restarts() ? request.max_restarts()
                                                   : options_.default_max_restarts);
   const v1::Run& queued = Insert(std::move(run), config);
-  std::printf(
+  LogInfo(
       "ddpm_coordinator: run %s: queued: evaluates checkpoints %s of run %s (%lld samples "
       "each, %s)\n",
       queued.id().c_str(), checkpoints.c_str(), trained.id().c_str(),
       static_cast<long long>(config.eval.num_samples), Name(config.eval.sampler));
-  std::fflush(stdout);
   const std::string id = queued.id();
   Schedule();
   return runs_.at(id).run;
@@ -902,10 +896,8 @@ v1::RegisterResponse Coordinator::Register(const v1::RegisterRequest& request) {
       it != groups_.end() && it->second.open_streams == 0 && it->second.stream_closed_ms != 0) {
     // Back within the stream grace (a new process, or a connection that lost its session):
     // the registration below takes the group's place and says whether it still trains its run.
-    std::printf("ddpm_coordinator: group %s registers again %s after its command stream closed\n",
-                it->first.c_str(),
-                FormatSeconds((now - it->second.stream_closed_ms) / 1000.0).c_str());
-    std::fflush(stdout);
+    LogInfo("ddpm_coordinator: group %s registers again %s after its command stream closed\n",
+            it->first.c_str(), FormatSeconds((now - it->second.stream_closed_ms) / 1000.0).c_str());
     it->second.command_changed->notify_all();
     groups_.erase(it);
   }
@@ -959,9 +951,8 @@ v1::RegisterResponse Coordinator::Register(const v1::RegisterRequest& request) {
     }
     FailRun(entry, "group " + group.id + " came back without it", state != v1::STOPPING);
   }
-  std::printf("ddpm_coordinator: group %s registered (%d ranks)%s\n", group.id.c_str(),
-              group.world_size, note.c_str());
-  std::fflush(stdout);
+  LogInfo("ddpm_coordinator: group %s registered (%d ranks)%s\n", group.id.c_str(),
+          group.world_size, note.c_str());
   v1::RegisterResponse response;
   response.set_session(group.session);
   response.set_heartbeat_interval_seconds(options_.heartbeat_interval_seconds);
@@ -1002,10 +993,9 @@ void Coordinator::OpenStream(const std::string& group_id, const std::string& ses
   Group& group = it->second;
   ++group.open_streams;
   if (group.stream_closed_ms != 0) {
-    std::printf("ddpm_coordinator: group %s is back %s after its command stream closed\n",
-                group_id.c_str(),
-                FormatSeconds((clock_.NowUnixMs() - group.stream_closed_ms) / 1000.0).c_str());
-    std::fflush(stdout);
+    LogInfo("ddpm_coordinator: group %s is back %s after its command stream closed\n",
+            group_id.c_str(),
+            FormatSeconds((clock_.NowUnixMs() - group.stream_closed_ms) / 1000.0).c_str());
     group.stream_closed_ms = 0;
   }
 }
@@ -1017,11 +1007,10 @@ void Coordinator::CloseStream(const std::string& group_id, const std::string& se
   Group& group = it->second;
   if (--group.open_streams > 0 || shutdown_) return;
   group.stream_closed_ms = std::max<int64_t>(clock_.NowUnixMs(), 1);
-  std::printf(
+  LogInfo(
       "ddpm_coordinator: group %s's command stream closed; it is lost unless it comes "
       "back within %s\n",
       group_id.c_str(), FormatSeconds(options_.stream_grace_seconds).c_str());
-  std::fflush(stdout);
 }
 
 void Coordinator::Heartbeat(const v1::HeartbeatRequest& request) {
@@ -1223,7 +1212,7 @@ void Coordinator::Leave(const v1::LeaveRequest& request) {
 bool Coordinator::RegistryWritable(std::string* error) {
   std::lock_guard<std::mutex> lock(mutex_);
   try {
-    if (!registry_) throw std::runtime_error("the registry is closed");
+    if (!registry_) throw RegistryError("the registry is closed");
     registry_->ProbeWritable();
     return true;
   } catch (const std::exception& failure) {

@@ -9,6 +9,7 @@
 #include <ctime>
 #include <sstream>
 
+#include "base/errors.h"
 #include "base/text.h"
 
 namespace ddpm {
@@ -36,8 +37,7 @@ std::string Holder(int fd) {
 DataDirLock::DataDirLock(const std::string& data_dir) : path_(data_dir + "/LOCK") {
   fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd_ < 0) {
-    throw std::runtime_error("cannot open the data directory's lock " + path_ + ": " +
-                             std::strerror(errno));
+    throw FileError("cannot open the data directory's lock " + path_ + ": " + std::strerror(errno));
   }
   if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
     const int error = errno;
@@ -48,7 +48,7 @@ DataDirLock::DataDirLock(const std::string& data_dir) : path_(data_dir + "/LOCK"
       throw DataDirInUse("data dir " + data_dir + " is in use by " + holder + " (" + path_ +
                          "); stop that coordinator first, or give another --data-dir");
     }
-    throw std::runtime_error("cannot lock " + path_ + ": " + std::strerror(error));
+    throw FileError("cannot lock " + path_ + ": " + std::strerror(error));
   }
   char host[256] = {};
   ::gethostname(host, sizeof(host) - 1);
@@ -61,7 +61,7 @@ DataDirLock::DataDirLock(const std::string& data_dir) : path_(data_dir + "/LOCK"
     const std::string reason = std::strerror(errno);
     ::close(fd_);
     fd_ = -1;
-    throw std::runtime_error("cannot write " + path_ + ": " + reason);
+    throw FileError("cannot write " + path_ + ": " + reason);
   }
   ::fsync(fd_);
 }

@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <string>
 
+#include "base/log.h"
 #include "config/flags.h"
 #include "coordinator/core.h"
 #include "coordinator/service.h"
@@ -61,7 +62,7 @@ int main(int argc, char** argv) {
     if (flags.Given("restore")) {
       const ddpm::RegistryFileSummary restored =
           ddpm::RestoreRegistry(core.data_dir, flags.Get("restore"));
-      std::printf(
+      ddpm::LogInfo(
           "ddpm_coordinator: restored %lld runs (schema %lld) from %s into %s/registry.db\n",
           static_cast<long long>(restored.runs), static_cast<long long>(restored.schema),
           flags.Get("restore").c_str(), core.data_dir.c_str());

@@ -20,6 +20,9 @@
 #include <fstream>
 #include <functional>
 
+#include "base/errors.h"
+#include "base/file_io.h"
+#include "base/log.h"
 #include "base/random.h"
 #include "base/sha256.h"
 #include "config/config.h"
@@ -229,9 +232,8 @@ class ControlService final : public v1::Control::Service {
             if (!writer->Write(chunk)) return;
           } while (sent < total && file);
           if (sent != total) {
-            throw std::runtime_error("the backup copy " + path + " ended after " +
-                                     std::to_string(sent) + " of " + std::to_string(total) +
-                                     " bytes");
+            throw FileError("the backup copy " + path + " ended after " + std::to_string(sent) +
+                            " of " + std::to_string(total) + " bytes");
           }
         },
         /*unary=*/false);
@@ -393,7 +395,7 @@ CoordinatorServer::CoordinatorServer(Coordinator& core, const ServerOptions& opt
       try {
         core_.Tick();
       } catch (const std::exception& error) {
-        std::fprintf(stderr, "ddpm_coordinator: health check failed: %s\n", error.what());
+        LogWarning("ddpm_coordinator: health check failed: %s\n", error.what());
       }
       if (std::chrono::steady_clock::now() - probed >
           std::chrono::milliseconds(static_cast<int64_t>(probe * 1000))) {
@@ -411,10 +413,10 @@ void CoordinatorServer::UpdateHealth() {
   std::string error;
   const bool serving = core_.RegistryWritable(&error);
   if (!serving && serving_) {
-    std::fprintf(stderr, "ddpm_coordinator: NOT_SERVING: the registry does not take writes: %s\n",
-                 error.c_str());
+    LogWarning("ddpm_coordinator: NOT_SERVING: the registry does not take writes: %s\n",
+               error.c_str());
   } else if (serving && !serving_) {
-    std::fprintf(stderr, "ddpm_coordinator: SERVING\n");
+    LogInfo("ddpm_coordinator: SERVING\n");
   }
   serving_ = serving;
   grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
@@ -468,13 +470,7 @@ std::string ResolveToken(const std::string& file, const char* env, const std::st
 }
 
 void WriteAddress(const std::string& path, const std::string& address) {
-  const std::string temporary = path + ".tmp";
-  FILE* file = std::fopen(temporary.c_str(), "w");
-  if (file == nullptr || std::fprintf(file, "%s\n", address.c_str()) < 0 ||
-      std::fclose(file) != 0) {
-    throw RpcSetupError("cannot write " + path);
-  }
-  std::rename(temporary.c_str(), path.c_str());
+  WriteFileAtomically(path, address + "\n", Durability::kRenamed);
 }
 
 std::string HostOf(const std::string& listen) { return listen.substr(0, listen.rfind(':')); }
@@ -521,7 +517,7 @@ int ServeUntilSignalled(const CoordinatorOptions& core_options, ServerOptions se
     WriteAddress(core_options.data_dir + "/console_address", console);
   }
   const std::vector<v1::Run> runs = core.ListRuns(v1::RUN_STATE_UNSPECIFIED);
-  std::printf(
+  LogInfo(
       "ddpm_coordinator: serving on %s (%s), metrics at %s\n"
       "ddpm_coordinator: console at %s (viewer token from %s)\n"
       "ddpm_coordinator: registry %s/registry.db: %zu runs; control token from %s, worker "
@@ -529,13 +525,11 @@ int ServeUntilSignalled(const CoordinatorOptions& core_options, ServerOptions se
       address.c_str(), server_options.tls_cert.empty() ? "plaintext" : "TLS", metrics.c_str(),
       console.c_str(), viewer_origin.c_str(), core_options.data_dir.c_str(), runs.size(),
       control_origin.c_str(), worker_origin.c_str());
-  std::fflush(stdout);
   int signal = 0;
   sigwait(&signals, &signal);
-  std::printf("ddpm_coordinator: %s: shutting down\n", signal == SIGINT ? "SIGINT" : "SIGTERM");
-  std::fflush(stdout);
+  LogInfo("ddpm_coordinator: %s: shutting down\n", signal == SIGINT ? "SIGINT" : "SIGTERM");
   server.Shutdown();
-  std::printf("ddpm_coordinator: stopped\n");
+  LogInfo("ddpm_coordinator: stopped\n");
   return 0;
 }
 

@@ -9,6 +9,9 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "base/csv.h"
+#include "base/errors.h"
+#include "base/file_io.h"
 #include "eval/plot.h"
 #include "trainer/image_io.h"
 
@@ -26,35 +29,28 @@ constexpr char kSweepCsvHeaderBeforeKid[] =
     "step,fid,inception_score,inception_score_std,is_logits,num_samples,sampler,sampling_steps,"
     "seed,regularized,seconds,inception_sha256,reference_sha256";
 
-// ",kid,kid_std,kid_subsets,kid_subset_size,precision,recall,density,coverage,
-// prd_reference_count" of a report, empty fields for what it did not measure; at full precision.
-std::string KidAndPrdFields(const EvalReport& r) {
-  char text[512];
-  std::string fields;
+// The kid, kid_std, kid_subsets, kid_subset_size, precision, recall, density, coverage and
+// prd_reference_count fields of a report, empty for what it did not measure; at full precision.
+void AddKidAndPrd(const EvalReport& r, CsvRow& row) {
   if (r.has_kid) {
-    std::snprintf(text, sizeof(text), ",%.17g,%.17g,%d,%" PRId64, r.kid, r.kid_std, r.kid_subsets,
-                  r.kid_subset_size);
-    fields += text;
+    row.Number("%.17g", r.kid).Number("%.17g", r.kid_std).Number("%d", r.kid_subsets);
+    row.Number("%" PRId64, r.kid_subset_size);
   } else {
-    fields += ",,,,";
+    row.Empty().Empty().Empty().Empty();
   }
   if (r.has_prd) {
-    std::snprintf(text, sizeof(text), ",%.17g,%.17g,%.17g,%.17g,%" PRId64, r.precision, r.recall,
-                  r.density, r.coverage, r.prd_reference_count);
-    fields += text;
+    row.Number("%.17g", r.precision).Number("%.17g", r.recall).Number("%.17g", r.density);
+    row.Number("%.17g", r.coverage).Number("%" PRId64, r.prd_reference_count);
   } else {
-    fields += ",,,,,";
+    row.Empty().Empty().Empty().Empty().Empty();
   }
-  return fields;
 }
 
-std::vector<std::string> SplitCsv(const std::string& line) {
-  std::vector<std::string> fields;
-  std::stringstream stream(line);
-  std::string field;
-  while (std::getline(stream, field, ',')) fields.push_back(field);
-  if (!line.empty() && line.back() == ',') fields.emplace_back();
-  return fields;
+// The fields every sweep row has after its first: FID, IS and how they were measured.
+void AddScores(const EvalReport& r, CsvRow& row) {
+  row.Number("%.17g", r.fid).Number("%.17g", r.inception_score);
+  row.Number("%.17g", r.inception_score_std).Text(r.is_logits).Number("%" PRId64, r.num_samples);
+  row.Text(r.sampler).Number("%d", r.sampling_steps).Number("%" PRIu64, r.seed);
 }
 
 }  // namespace
@@ -62,13 +58,13 @@ std::vector<std::string> SplitCsv(const std::string& line) {
 void WriteSweepCsv(const std::vector<EvalReport>& reports, const std::string& path) {
   std::string text = std::string(kSweepCsvHeader) + "\n";
   for (const EvalReport& r : reports) {
-    char line[1024];
-    std::snprintf(line, sizeof(line),
-                  "%" PRId64 ",%.17g,%.17g,%.17g,%s,%" PRId64 ",%s,%d,%" PRIu64 ",%d,%.3f,%s,%s",
-                  r.step, r.fid, r.inception_score, r.inception_score_std, r.is_logits.c_str(),
-                  r.num_samples, r.sampler.c_str(), r.sampling_steps, r.seed, r.regularized ? 1 : 0,
-                  r.seconds, r.inception_sha256.c_str(), r.reference_sha256.c_str());
-    text += line + KidAndPrdFields(r) + "\n";
+    CsvRow row;
+    row.Number("%" PRId64, r.step);
+    AddScores(r, row);
+    row.Number("%d", r.regularized ? 1 : 0).Number("%.3f", r.seconds);
+    row.Text(r.inception_sha256).Text(r.reference_sha256);
+    AddKidAndPrd(r, row);
+    text += row.Line();
   }
   WriteFileAtomically(path, text);
 }
@@ -85,13 +81,13 @@ std::vector<EvalReport> ReadSweepCsv(const std::string& path) {
     if (number == 1) {
       if (line == kSweepCsvHeaderBeforeKid) columns = 13;
       if (line != kSweepCsvHeader && line != kSweepCsvHeaderBeforeKid) {
-        throw std::runtime_error(path + ": line 1 is not the header of an evaluation sweep (" +
-                                 kSweepCsvHeader + ")");
+        throw FormatError(path + ": line 1 is not the header of an evaluation sweep (" +
+                          kSweepCsvHeader + ")");
       }
       continue;
     }
     if (line.empty()) continue;
-    const std::vector<std::string> f = SplitCsv(line);
+    const std::vector<std::string> f = SplitCsvLine(line);
     try {
       if (f.size() != columns) {
         throw std::invalid_argument(std::to_string(columns) + " fields expected");
@@ -127,8 +123,8 @@ std::vector<EvalReport> ReadSweepCsv(const std::string& path) {
       }
       reports.push_back(r);
     } catch (const std::exception& error) {
-      throw std::runtime_error(path + ": line " + std::to_string(number) + " does not read (" +
-                               error.what() + "): " + line);
+      throw FormatError(path + ": line " + std::to_string(number) + " does not read (" +
+                        error.what() + "): " + line);
     }
   }
   return reports;
@@ -291,15 +287,14 @@ void WriteParameterSweep(const ParameterSweep& sweep, const std::string& csv_pat
   std::vector<std::string> labels;
   for (std::size_t i : order) {
     const EvalReport& r = sweep.reports[i];
-    char line[1024];
-    char guidance[40] = "";
-    if (!over_guidance) std::snprintf(guidance, sizeof(guidance), "%.17g,", r.guidance);
-    std::snprintf(
-        line, sizeof(line), "%s,%.17g,%.17g,%.17g,%s,%" PRId64 ",%s,%d,%" PRIu64 ",%s%d,%.3f,%s,%s",
-        RoundTrip(sweep.values[i]).c_str(), r.fid, r.inception_score, r.inception_score_std,
-        r.is_logits.c_str(), r.num_samples, r.sampler.c_str(), r.sampling_steps, r.seed, guidance,
-        r.regularized ? 1 : 0, r.seconds, r.inception_sha256.c_str(), r.reference_sha256.c_str());
-    text += line + KidAndPrdFields(r) + "\n";
+    CsvRow row;
+    row.Text(RoundTrip(sweep.values[i]));
+    AddScores(r, row);
+    if (!over_guidance) row.Number("%.17g", r.guidance);
+    row.Number("%d", r.regularized ? 1 : 0).Number("%.3f", r.seconds);
+    row.Text(r.inception_sha256).Text(r.reference_sha256);
+    AddKidAndPrd(r, row);
+    text += row.Line();
     reports.push_back(r);
     xs.push_back(sweep.values[i]);
     labels.push_back(ShortNumber(sweep.values[i]));

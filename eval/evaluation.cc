@@ -8,6 +8,8 @@
 #include <map>
 #include <sstream>
 
+#include "base/errors.h"
+#include "base/log.h"
 #include "base/sha256.h"
 #include "base/text.h"
 #include "trainer/checkpoint.h"
@@ -54,7 +56,7 @@ torch::Tensor ReadReferenceFeatures(const std::string& path, torch::Device devic
   std::map<std::string, torch::Tensor> arrays = ReadNpz(path);
   const auto found = arrays.find("features");
   if (found == arrays.end()) {
-    throw std::runtime_error(
+    throw FormatError(
         path +
         ": has no array 'features' (the reference images' Inception pool3 features, float32 "
         "[N, 2048]), which KID and precision/recall need; statistics with only mu and sigma "
@@ -62,8 +64,8 @@ torch::Tensor ReadReferenceFeatures(const std::string& path, torch::Device devic
   }
   const torch::Tensor& features = found->second;
   if (features.dim() != 2 || features.size(1) != 2048 || features.size(0) < 2) {
-    throw std::runtime_error(path + ": features is " + c10::str(features.sizes()) +
-                             "; expected [N, 2048] with N >= 2");
+    throw FormatError(path + ": features is " + c10::str(features.sizes()) +
+                      "; expected [N, 2048] with N >= 2");
   }
   return features.to(device, torch::kFloat32);
 }
@@ -108,8 +110,8 @@ RunEvaluator::RunEvaluator(const Config& config, torch::Device device)
       model_(LoadFidInception(config.eval.inception_weights, device)) {
   std::tie(mu_, sigma_) = ReadReferenceStats(config.eval.reference_stats);
   if (mu_.size(0) != 2048) {
-    throw std::runtime_error(config.eval.reference_stats + ": mu has " +
-                             std::to_string(mu_.size(0)) + " entries; FID's pool3 has 2048");
+    throw FormatError(config.eval.reference_stats + ": mu has " + std::to_string(mu_.size(0)) +
+                      " entries; FID's pool3 has 2048");
   }
   if (config.eval.Computes("kid") || config.eval.Computes("prd")) {
     reference_features_ = ReadReferenceFeatures(config.eval.reference_stats, device);
@@ -229,20 +231,19 @@ class NpzImageSet : public ImageDataset {
     std::map<std::string, torch::Tensor> arrays = ReadNpz(path);
     const auto found = arrays.find("arr_0");
     if (found == arrays.end()) {
-      throw std::runtime_error(path + ": no array arr_0 (the images, uint8 N x H x W x 3)");
+      throw FormatError(path + ": no array arr_0 (the images, uint8 N x H x W x 3)");
     }
     const torch::Tensor& images = found->second;
     if (images.scalar_type() != torch::kUInt8) {
-      throw std::runtime_error(path + ": arr_0 is " +
-                               std::string(c10::toString(images.scalar_type())) +
-                               "; sample archives hold uint8 pixels");
+      throw FormatError(path + ": arr_0 is " + std::string(c10::toString(images.scalar_type())) +
+                        "; sample archives hold uint8 pixels");
     }
     if (images.dim() != 4 || images.size(1) != images.size(2) ||
         (images.size(3) != 3 && images.size(3) != 1) || images.size(0) < 1) {
       std::ostringstream shape;
       shape << images.sizes();
-      throw std::runtime_error(path + ": arr_0 has shape " + shape.str() +
-                               "; sample archives hold N x H x W x 3 (or 1) with H = W and N >= 1");
+      throw FormatError(path + ": arr_0 has shape " + shape.str() +
+                        "; sample archives hold N x H x W x 3 (or 1) with H = W and N >= 1");
     }
     // Stored NHWC; Read hands out CHW.
     pixels_ = images.permute({0, 3, 1, 2}).contiguous();
@@ -283,7 +284,7 @@ std::unique_ptr<ImageDataset> OpenTrainingSet(const std::string& spec, int image
   if (spec.rfind("run:", 0) == 0 && spec.size() > 4) {
     const CheckpointDir::Loaded loaded = LoadCheckpointAt(
         spec.substr(4),
-        [](const std::string& message) { std::printf("ddpm: warning: %s\n", message.c_str()); });
+        [](const std::string& message) { LogWarning("ddpm: warning: %s\n", message.c_str()); });
     return MakeDataset(ConfigFromCheckpoint(loaded.tensors, loaded.path));
   }
   return OpenImageSet(spec, image_size);
@@ -311,10 +312,9 @@ InceptionStatistics MeasureImageSet(const ImageDataset& data, FidInception model
     stats.Add(ReadImages(data, first, n, device), first);
     const int64_t done = first + n;
     const double rate = done / std::max(SecondsSince(start), 1e-9);
-    std::printf("%s: %lld/%lld images, %.1f images/s, eta %.0fs\n", what.c_str(),
-                static_cast<long long>(done), static_cast<long long>(data.size()), rate,
-                (data.size() - done) / rate);
-    std::fflush(stdout);
+    LogInfo("%s: %lld/%lld images, %.1f images/s, eta %.0fs\n", what.c_str(),
+            static_cast<long long>(done), static_cast<long long>(data.size()), rate,
+            (data.size() - done) / rate);
   }
   return stats;
 }

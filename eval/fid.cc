@@ -12,6 +12,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "base/errors.h"
+
 namespace ddpm {
 
 FeatureMoments::FeatureMoments(int64_t dim)
@@ -157,7 +159,7 @@ namespace {
 
 torch::Tensor ParseNpy(const std::string& bytes, const std::string& where) {
   if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) {
-    throw std::runtime_error(where + ": not a .npy array (no \\x93NUMPY magic)");
+    throw FormatError(where + ": not a .npy array (no \\x93NUMPY magic)");
   }
   const int major = static_cast<unsigned char>(bytes[6]);
   size_t header_length = 0, offset = 0;
@@ -166,22 +168,21 @@ torch::Tensor ParseNpy(const std::string& bytes, const std::string& where) {
         static_cast<unsigned char>(bytes[8]) | (static_cast<unsigned char>(bytes[9]) << 8);
     offset = 10;
   } else if (major == 2 || major == 3) {
-    if (bytes.size() < 12) throw std::runtime_error(where + ": truncated .npy header");
+    if (bytes.size() < 12) throw FormatError(where + ": truncated .npy header");
     for (int i = 0; i < 4; ++i)
       header_length |= static_cast<size_t>(static_cast<unsigned char>(bytes[8 + i])) << (8 * i);
     offset = 12;
   } else {
-    throw std::runtime_error(where + ": .npy format version " + std::to_string(major) +
-                             " is not supported (1, 2 and 3 are)");
+    throw FormatError(where + ": .npy format version " + std::to_string(major) +
+                      " is not supported (1, 2 and 3 are)");
   }
-  if (offset + header_length > bytes.size())
-    throw std::runtime_error(where + ": truncated .npy header");
+  if (offset + header_length > bytes.size()) throw FormatError(where + ": truncated .npy header");
   const std::string header = bytes.substr(offset, header_length);
   std::smatch descr, order, shape;
   if (!std::regex_search(header, descr, std::regex("'descr':\\s*'([^']*)'")) ||
       !std::regex_search(header, order, std::regex("'fortran_order':\\s*(True|False)")) ||
       !std::regex_search(header, shape, std::regex("'shape':\\s*\\(([^)]*)\\)"))) {
-    throw std::runtime_error(where + ": unreadable .npy header: " + header);
+    throw FormatError(where + ": unreadable .npy header: " + header);
   }
   torch::ScalarType type;
   size_t item = 0;
@@ -194,8 +195,8 @@ torch::Tensor ParseNpy(const std::string& bytes, const std::string& where) {
   } else if (descr[1] == "|u1") {
     type = torch::kUInt8, item = 1;
   } else {
-    throw std::runtime_error(where + ": dtype " + descr[1].str() +
-                             " is not supported (float64, float32, int64 little-endian, uint8)");
+    throw FormatError(where + ": dtype " + descr[1].str() +
+                      " is not supported (float64, float32, int64 little-endian, uint8)");
   }
   // The shape, each size and their product bounded by the bytes there are: a header cannot
   // make the reader allocate more than the file holds.
@@ -209,15 +210,15 @@ torch::Tensor ParseNpy(const std::string& bytes, const std::string& where) {
     const std::string digits = it->str();
     const size_t size = digits.size() > 18 ? SIZE_MAX : std::stoull(digits);
     if (size > 0 && static_cast<size_t>(count) * item > available / size) {
-      throw std::runtime_error(where + ": its shape (" + dims + ") needs more than the " +
-                               std::to_string(available) + " bytes of data it holds");
+      throw FormatError(where + ": its shape (" + dims + ") needs more than the " +
+                        std::to_string(available) + " bytes of data it holds");
     }
     sizes.push_back(static_cast<int64_t>(size));
     count *= static_cast<int64_t>(size);
   }
   if (bytes.size() - data != static_cast<size_t>(count) * item) {
-    throw std::runtime_error(where + ": holds " + std::to_string(bytes.size() - data) +
-                             " bytes of data, its header says " + std::to_string(count * item));
+    throw FormatError(where + ": holds " + std::to_string(bytes.size() - data) +
+                      " bytes of data, its header says " + std::to_string(count * item));
   }
   const bool fortran = order[1] == "True";
   std::vector<int64_t> stored = sizes;
@@ -280,7 +281,7 @@ std::map<std::string, torch::Tensor> ReadNpz(const std::string& path) {
     zip_error_init_with_code(&detail, error);
     const std::string message = zip_error_strerror(&detail);
     zip_error_fini(&detail);
-    throw std::runtime_error(path + ": cannot open as a .npz: " + message);
+    throw FormatError(path + ": cannot open as a .npz: " + message);
   }
   std::map<std::string, torch::Tensor> arrays;
   try {
@@ -288,11 +289,11 @@ std::map<std::string, torch::Tensor> ReadNpz(const std::string& path) {
     for (zip_int64_t i = 0; i < entries; ++i) {
       zip_stat_t stat;
       if (zip_stat_index(archive, i, 0, &stat) != 0)
-        throw std::runtime_error(path + ": " + ZipError(archive));
+        throw FormatError(path + ": " + ZipError(archive));
       std::string name =
           (stat.valid & ZIP_STAT_NAME) != 0 && stat.name != nullptr ? stat.name : "(unnamed)";
       if ((stat.valid & ZIP_STAT_SIZE) == 0) {
-        throw std::runtime_error(path + ": " + name + ": the archive gives no size for it");
+        throw FormatError(path + ": " + name + ": the archive gives no size for it");
       }
       // The member's size is what its header claims: bound it before allocating. Deflate
       // expands at most about 1032 times; nothing FID reads is near 1 GiB.
@@ -300,18 +301,17 @@ std::map<std::string, torch::Tensor> ReadNpz(const std::string& path) {
       const bool compressed_known = (stat.valid & ZIP_STAT_COMP_SIZE) != 0;
       if (stat.size > kMaxMember ||
           (compressed_known && stat.size > 1032 * stat.comp_size + 4096)) {
-        throw std::runtime_error(path + ": " + name + ": claims " + std::to_string(stat.size) +
-                                 " bytes from " + std::to_string(stat.comp_size) +
-                                 " compressed; not an array this reader takes");
+        throw FormatError(path + ": " + name + ": claims " + std::to_string(stat.size) +
+                          " bytes from " + std::to_string(stat.comp_size) +
+                          " compressed; not an array this reader takes");
       }
       std::string bytes(stat.size, '\0');
       zip_file_t* member = zip_fopen_index(archive, i, 0);
-      if (member == nullptr)
-        throw std::runtime_error(path + ": " + name + ": " + ZipError(archive));
+      if (member == nullptr) throw FormatError(path + ": " + name + ": " + ZipError(archive));
       const zip_int64_t read = zip_fread(member, bytes.data(), stat.size);
       zip_fclose(member);
       if (read != static_cast<zip_int64_t>(stat.size)) {
-        throw std::runtime_error(path + ": " + name + ": truncated or corrupt member");
+        throw FormatError(path + ": " + name + ": truncated or corrupt member");
       }
       if (name.size() > 4 && name.compare(name.size() - 4, 4, ".npy") == 0)
         name.resize(name.size() - 4);
@@ -330,7 +330,7 @@ void WriteNpz(const std::string& path, const std::map<std::string, torch::Tensor
   std::filesystem::remove(temporary);
   int error = 0;
   zip_t* archive = zip_open(temporary.c_str(), ZIP_CREATE | ZIP_EXCL, &error);
-  if (archive == nullptr) throw std::runtime_error(temporary + ": cannot create");
+  if (archive == nullptr) throw FileError(temporary + ": cannot create");
   std::vector<std::string> members;  // must outlive zip_close, which reads them
   members.reserve(arrays.size());
   for (const auto& [name, tensor] : arrays) {
@@ -344,37 +344,36 @@ void WriteNpz(const std::string& path, const std::map<std::string, torch::Tensor
       if (source != nullptr) zip_source_free(source);
       const std::string message = ZipError(archive);
       zip_discard(archive);
-      throw std::runtime_error(temporary + ": cannot add " + name + ".npy: " + message);
+      throw FileError(temporary + ": cannot add " + name + ".npy: " + message);
     }
     zip_set_file_compression(archive, index, ZIP_CM_STORE, 0);
   }
   if (zip_close(archive) != 0) {
     const std::string message = ZipError(archive);
     zip_discard(archive);
-    throw std::runtime_error(temporary + ": cannot write: " + message);
+    throw FileError(temporary + ": cannot write: " + message);
   }
   std::filesystem::rename(temporary, path);
 }
 
 std::pair<torch::Tensor, torch::Tensor> ReadReferenceStats(const std::string& path) {
   if (!std::filesystem::is_regular_file(path)) {
-    throw std::runtime_error(path +
-                             ": no such reference statistics file (make one with "
-                             "`ddpm_fid stats --data cifar10:PATH --out " +
-                             path + "`)");
+    throw FormatError(path +
+                      ": no such reference statistics file (make one with "
+                      "`ddpm_fid stats --data cifar10:PATH --out " +
+                      path + "`)");
   }
   std::map<std::string, torch::Tensor> arrays = ReadNpz(path);
   for (const char* name : {"mu", "sigma"}) {
     if (arrays.count(name) == 0) {
-      throw std::runtime_error(path + ": has no array '" + name +
-                               "' (a FID .npz holds mu and sigma)");
+      throw FormatError(path + ": has no array '" + name + "' (a FID .npz holds mu and sigma)");
     }
   }
   torch::Tensor mu = arrays["mu"].to(torch::kFloat64).flatten();
   torch::Tensor sigma = arrays["sigma"].to(torch::kFloat64);
   if (sigma.dim() != 2 || sigma.size(0) != mu.size(0) || sigma.size(1) != mu.size(0)) {
-    throw std::runtime_error(path + ": sigma is " + c10::str(sigma.sizes()) + ", mu has " +
-                             std::to_string(mu.size(0)) + " entries");
+    throw FormatError(path + ": sigma is " + c10::str(sigma.sizes()) + ", mu has " +
+                      std::to_string(mu.size(0)) + " entries");
   }
   return {mu, sigma};
 }

@@ -9,6 +9,8 @@
 #include <map>
 #include <stdexcept>
 
+#include "base/errors.h"
+#include "config/config.h"
 #include "trainer/tensor_io.h"
 
 namespace ddpm {
@@ -237,9 +239,9 @@ const char* const kInceptionWeightsHelp =
 
 FidInception LoadFidInception(const std::string& path, torch::Device device) {
   if (path.empty())
-    throw std::runtime_error(std::string("no Inception weights given: ") + kInceptionWeightsHelp);
+    throw ConfigError(std::string("no Inception weights given: ") + kInceptionWeightsHelp);
   if (!std::filesystem::is_regular_file(path)) {
-    throw std::runtime_error(path + ": no such Inception weights file; " + kInceptionWeightsHelp);
+    throw FileError(path + ": no such Inception weights file; " + kInceptionWeightsHelp);
   }
   std::ifstream file(path, std::ios::binary);
   const std::vector<char> bytes((std::istreambuf_iterator<char>(file)),
@@ -247,10 +249,10 @@ FidInception LoadFidInception(const std::string& path, torch::Device device) {
   std::map<std::string, torch::Tensor> tensors;
   const bool zip = bytes.size() >= 4 && bytes[0] == 'P' && bytes[1] == 'K';
   if (!zip) {
-    throw std::runtime_error(path +
-                             ": not a zip archive; it is in PyTorch's legacy (pre-1.6) "
-                             "format, which ddpm-train does not read. " +
-                             kInceptionWeightsHelp);
+    throw FormatError(path +
+                      ": not a zip archive; it is in PyTorch's legacy (pre-1.6) "
+                      "format, which ddpm-train does not read. " +
+                      kInceptionWeightsHelp);
   }
   try {
     tensors = UnpickleTensors(bytes, path);
@@ -258,9 +260,8 @@ FidInception LoadFidInception(const std::string& path, torch::Device device) {
     try {
       tensors = ScriptStateDict(torch::jit::load(path, torch::kCPU));
     } catch (const c10::Error& as_script) {
-      throw std::runtime_error(path + ": neither a state dict (" + as_state_dict.what() +
-                               ") nor a TorchScript module (" + as_script.what_without_backtrace() +
-                               ")");
+      throw FormatError(path + ": neither a state dict (" + as_state_dict.what() +
+                        ") nor a TorchScript module (" + as_script.what_without_backtrace() + ")");
     }
   }
   // pytorch-fid's file has no num_batches_tracked buffers (a re-saved torchvision model may):

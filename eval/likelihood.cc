@@ -7,6 +7,8 @@
 #include <fstream>
 #include <stdexcept>
 
+#include "base/csv.h"
+#include "base/file_io.h"
 #include "eval/evaluation.h"
 #include "eval/plot.h"
 #include "trainer/communicator.h"
@@ -113,25 +115,21 @@ HeldOutImages OpenHeldOut(const Config& config) {
 }
 
 void WriteBoundCsv(const BoundReport& report, const std::string& path) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << "t,weight,bits_per_dim\n";
-    char line[96];
-    for (std::size_t i = 0; i < report.timesteps.size(); ++i) {
-      std::snprintf(line, sizeof(line), "%lld,%g,%.10g\n",
-                    static_cast<long long>(report.timesteps[i]), report.weights[i],
-                    report.term_means[i]);
-      out << line;
-    }
-    std::snprintf(line, sizeof(line), "%d,1,%.10g\n", report.timesteps_in_all, report.prior_mean);
-    out << line;  // the prior term L_T, as t = T
-    out.flush();
-    if (!out) throw std::runtime_error(tmp + ": cannot write the bound's terms");
+  std::string text = CsvHeader({"t", "weight", "bits_per_dim"});
+  for (std::size_t i = 0; i < report.timesteps.size(); ++i) {
+    text += CsvRow()
+                .Number("%lld", static_cast<long long>(report.timesteps[i]))
+                .Number("%g", report.weights[i])
+                .Number("%.10g", report.term_means[i])
+                .Line();
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    throw std::runtime_error(path + ": cannot rename " + tmp + " into place");
-  }
+  // The prior term L_T, as t = T.
+  text += CsvRow()
+              .Number("%d", report.timesteps_in_all)
+              .Number("%d", 1)
+              .Number("%.10g", report.prior_mean)
+              .Line();
+  WriteFileAtomically(path, text, Durability::kRenamed);
 }
 
 void WriteBoundPlot(const BoundReport& report, const std::string& path) {

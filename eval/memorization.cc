@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <stdexcept>
 
+#include "base/csv.h"
+#include "base/file_io.h"
 #include "eval/evaluation.h"
 #include "trainer/communicator.h"
 #include "trainer/data.h"
@@ -152,14 +154,14 @@ void WriteMemorizationReport(const std::vector<MemorizationSpace>& spaces,
 }
 
 void WriteNeighboursCsv(const std::vector<MemorizationSpace>& spaces, const std::string& path) {
-  std::string text = "sample";
+  std::vector<std::string> columns = {"sample"};
   for (const MemorizationSpace& space : spaces) {
     for (const char* column :
          {"nearest", "nearest_distance", "second", "second_distance", "ratio"}) {
-      text += "," + space.name + "_" + column;
+      columns.push_back(space.name + "_" + column);
     }
   }
-  text += "\n";
+  std::string text = CsvHeader(columns);
   const int64_t n = spaces.front().ratio.size(0);
   std::vector<torch::TensorAccessor<double, 2>> distances;
   std::vector<torch::TensorAccessor<int64_t, 2>> indices;
@@ -169,16 +171,15 @@ void WriteNeighboursCsv(const std::vector<MemorizationSpace>& spaces, const std:
     indices.push_back(space.neighbours.index.accessor<int64_t, 2>());
     ratios.push_back(space.ratio.accessor<double, 1>());
   }
-  char field[160];
   for (int64_t i = 0; i < n; ++i) {
-    text += std::to_string(i);
+    CsvRow row;
+    row.Number("%" PRId64, i);
     for (std::size_t s = 0; s < spaces.size(); ++s) {
-      std::snprintf(field, sizeof(field), ",%" PRId64 ",%.9g,%" PRId64 ",%.9g,%.9g",
-                    indices[s][i][0], distances[s][i][0], indices[s][i][1], distances[s][i][1],
-                    ratios[s][i]);
-      text += field;
+      row.Number("%" PRId64, indices[s][i][0]).Number("%.9g", distances[s][i][0]);
+      row.Number("%" PRId64, indices[s][i][1]).Number("%.9g", distances[s][i][1]);
+      row.Number("%.9g", ratios[s][i]);
     }
-    text += "\n";
+    text += row.Line();
   }
   WriteFileAtomically(path, text);
 }

@@ -7,40 +7,13 @@
 #include <sstream>
 #include <vector>
 
+#include "base/csv.h"
 #include "base/text.h"
 
 namespace ddpm {
 namespace fs = std::filesystem;
 
 namespace {
-
-std::vector<std::string> CsvFields(const std::string& line) {
-  std::vector<std::string> fields;
-  std::string field;
-  bool quoted = false;
-  for (std::size_t i = 0; i < line.size(); ++i) {
-    const char c = line[i];
-    if (quoted) {
-      if (c == '"' && i + 1 < line.size() && line[i + 1] == '"') {
-        field += '"';
-        ++i;
-      } else if (c == '"') {
-        quoted = false;
-      } else {
-        field += c;
-      }
-    } else if (c == '"') {
-      quoted = true;
-    } else if (c == ',') {
-      fields.push_back(field);
-      field.clear();
-    } else {
-      field += c;
-    }
-  }
-  fields.push_back(field);
-  return fields;
-}
 
 // step -> score of select's column in eval.csv (a step evaluated twice, by a redone attempt:
 // its last row); rows without the score are left out.
@@ -49,14 +22,14 @@ std::map<int64_t, double> ScoresOf(const std::string& path, const std::string& c
   std::ifstream in(path);
   std::string line;
   if (!std::getline(in, line)) return scores;
-  const std::vector<std::string> header = CsvFields(line);
+  const std::vector<std::string> header = SplitCsvLine(line);
   std::size_t at = header.size();
   for (std::size_t i = 0; i < header.size(); ++i) {
     if (header[i] == column) at = i;
   }
   if (at == header.size() || header.empty() || header[0] != "step") return scores;
   while (std::getline(in, line)) {
-    const std::vector<std::string> fields = CsvFields(line);
+    const std::vector<std::string> fields = SplitCsvLine(line);
     if (fields.size() != header.size() || fields[at].empty()) continue;
     try {
       scores[std::stoll(fields[0])] = std::stod(fields[at]);

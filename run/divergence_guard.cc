@@ -12,7 +12,7 @@ DivergenceGuard::DivergenceGuard(const TrainConfig& train, Communicator& comm)
 void DivergenceGuard::Saw(const std::string& diverged) {
   if (diverged.empty()) return;
   if (train_.on_divergence == DivergencePolicy::kStop) {
-    throw std::runtime_error("training diverged: " + diverged);
+    throw DivergedError("training diverged: " + diverged);
   }
   if (divergence_.empty()) divergence_ = diverged;
 }
@@ -37,11 +37,11 @@ Rollback DivergenceGuard::RollBack(const std::string& cause, Trainer& trainer,
                                    RunCheckpoints& checkpoints, torch::Device device) {
   const int64_t at = trainer.step();
   if (train_.on_divergence == DivergencePolicy::kStop) {
-    throw std::runtime_error("training diverged: " + cause);
+    throw DivergedError("training diverged: " + cause);
   }
   if (rollbacks_ >= train_.max_rollbacks) {
-    throw std::runtime_error("training diverged again after " + std::to_string(rollbacks_) +
-                             " rollback(s), train.max_rollbacks: " + cause);
+    throw DivergedError("training diverged again after " + std::to_string(rollbacks_) +
+                        " rollback(s), train.max_rollbacks: " + cause);
   }
   const CheckpointDir::Loaded loaded = checkpoints.RollBackTarget(at, cause);
   const int64_t step = StepOfCheckpointPath(loaded.path);

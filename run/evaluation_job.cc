@@ -10,7 +10,9 @@
 #include <set>
 #include <sstream>
 
+#include "base/errors.h"
 #include "base/fence.h"
+#include "base/file_io.h"
 #include "base/text.h"
 #include "config/checkpoint_selection.h"
 #include "eval/checkpoint_sweep.h"
@@ -62,11 +64,11 @@ std::vector<int64_t> ReadPlan(const std::string& path) {
       steps.push_back(std::stoll(line, &used));
       if (used != line.size()) throw std::invalid_argument("trailing text");
     } catch (const std::exception&) {
-      throw std::runtime_error(path + ": line " + std::to_string(number) +
-                               " is not a checkpoint step: '" + line + "'");
+      throw FormatError(path + ": line " + std::to_string(number) + " is not a checkpoint step: '" +
+                        line + "'");
     }
   }
-  if (steps.empty()) throw std::runtime_error(path + ": lists no checkpoint step");
+  if (steps.empty()) throw FormatError(path + ": lists no checkpoint step");
   return steps;
 }
 
@@ -172,10 +174,10 @@ void EvaluationJob::Announce() const {
 void EvaluationJob::LoadWeights(int64_t step) {
   const std::string path = checkpoints_dir_ + "/" + StepName(step);
   if (!fs::exists(path)) {
-    throw std::runtime_error("checkpoint step " + std::to_string(step) + " of run " +
-                             options_.source_run + " is no longer on disk (" + path +
-                             "; train.keep_checkpoints removes old ones unless they hold a "
-                             "KEEP file)");
+    throw RunError("checkpoint step " + std::to_string(step) + " of run " + options_.source_run +
+                   " is no longer on disk (" + path +
+                   "; train.keep_checkpoints removes old ones unless they hold a "
+                   "KEEP file)");
   }
   const ModelConfig& m = config_.model;
   const std::map<std::string, torch::Tensor> tensors = ReadCheckpoint(path);

@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,20 @@
 #include "eval/report.h"
 
 namespace ddpm {
+
+/// A run that cannot go on for a reason of its own: its directory holds another run's
+/// checkpoints, a checkpoint it was asked for is gone, or DDPM_FAULT_INJECT said so.
+class RunError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// Training diverged (a loss that is not finite, or a spike) and the policy, or the rollbacks
+/// left, say stop. The message names the step and the cause.
+class DivergedError : public RunError {
+ public:
+  using RunError::RunError;
+};
 
 class Communicator;
 class DataParallel;

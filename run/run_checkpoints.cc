@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <utility>
 
+#include "base/file_io.h"
+#include "base/log.h"
 #include "base/text.h"
 #include "run/lead_or_all.h"
 #include "trainer/image_io.h"
@@ -61,9 +63,9 @@ std::optional<CheckpointDir::Loaded> RunCheckpoints::FindResumable() const {
     return loaded;
   }
   if (!existing.empty()) {
-    throw std::runtime_error(options_.run_dir + " already holds checkpoints (newest: step " +
-                             std::to_string(existing.front()) +
-                             "); pass --resume to continue that run, or choose another --run-dir");
+    throw RunError(options_.run_dir + " already holds checkpoints (newest: step " +
+                   std::to_string(existing.front()) +
+                   "); pass --resume to continue that run, or choose another --run-dir");
   }
   return std::nullopt;
 }
@@ -146,8 +148,8 @@ void RunCheckpoints::Settle(bool strict) {
     if (strict) throw;
     // Each rank says what failed on it; rank 0, which commits, counts the checkpoint once.
     if (!console_.lead()) {
-      std::fprintf(stderr, "ddpm: rank %d: warning: its shard of a checkpoint failed: %s\n",
-                   comm_.rank(), error.what());
+      LogWarning("ddpm: rank %d: warning: its shard of a checkpoint failed: %s\n", comm_.rank(),
+                 error.what());
       return;
     }
     ++failures_;
@@ -259,9 +261,8 @@ void RunCheckpoints::SettleSnapshot() {
           "the other snapshots are untouched and training goes on\n",
           error.what());
     } else {
-      std::fprintf(stderr,
-                   "ddpm: rank %d: warning: its shard of a post-hoc EMA snapshot failed: %s\n",
-                   comm_.rank(), error.what());
+      LogWarning("ddpm: rank %d: warning: its shard of a post-hoc EMA snapshot failed: %s\n",
+                 comm_.rank(), error.what());
     }
   }
 }
@@ -297,10 +298,10 @@ CheckpointDir::Loaded RunCheckpoints::RollBackTarget(int64_t at, const std::stri
     step = word.item<int64_t>();
   }
   if (step < 0 || step >= at) {
-    throw std::runtime_error("training diverged (" + cause +
-                             ") and there is no checkpoint before step " + std::to_string(at) +
-                             " in " + checkpoints_.dir() +
-                             " to roll back to; train.on_divergence: rollback needs one");
+    throw DivergedError("training diverged (" + cause +
+                        ") and there is no checkpoint before step " + std::to_string(at) + " in " +
+                        checkpoints_.dir() +
+                        " to roll back to; train.on_divergence: rollback needs one");
   }
   if (!loaded) {
     loaded = CheckpointDir::Loaded{checkpoints_.PathFor(step),

@@ -16,8 +16,11 @@
 #include <thread>
 #include <vector>
 
+#include "base/file_io.h"
+#include "base/log.h"
 #include "base/signals.h"
 #include "base/text.h"
+#include "run/run.h"
 #include "trainer/image_io.h"
 
 namespace ddpm {
@@ -157,20 +160,19 @@ std::optional<double> FaultInjection::PlantedScore(int64_t step) const {
 double FaultInjection::TakeInputScale(int64_t next_step) {
   if (input_scale_ == 1 || input_taken_ || next_step != step_) return 1;
   input_taken_ = true;
-  std::fprintf(stderr, "ddpm: DDPM_FAULT_INJECT: input x %g at step %lld\n", input_scale_,
-               static_cast<long long>(next_step));
+  LogWarning("ddpm: DDPM_FAULT_INJECT: input x %g at step %lld\n", input_scale_,
+             static_cast<long long>(next_step));
   return input_scale_;
 }
 
 void FaultInjection::MaybeFail(int64_t next_step) const {
   if (next_step != step_ || input_scale_ != 1) return;
   if (hang_) {
-    std::fprintf(stderr, "ddpm: DDPM_FAULT_INJECT: hanging before step %lld\n",
-                 static_cast<long long>(step_));
+    LogWarning("ddpm: DDPM_FAULT_INJECT: hanging before step %lld\n",
+               static_cast<long long>(step_));
     while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
   }
-  throw std::runtime_error("DDPM_FAULT_INJECT: injected failure before step " +
-                           std::to_string(step_));
+  throw RunError("DDPM_FAULT_INJECT: injected failure before step " + std::to_string(step_));
 }
 
 std::string LossSpikeDetector::Check(double loss, int64_t step) {

@@ -10,8 +10,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <stdexcept>
 
+#include "base/errors.h"
 #include "base/text.h"
 
 namespace ddpm {
@@ -60,21 +60,20 @@ CsvLog::CsvLog(const std::string& path, const std::string& header, bool append) 
       std::error_code error;
       std::filesystem::rename(path, path + ".old", error);
       if (error) {
-        throw std::runtime_error(path +
-                                 ": its columns differ from this version's and it cannot "
-                                 "be moved aside to " +
-                                 path + ".old: " + error.message());
+        throw FileError(path +
+                        ": its columns differ from this version's and it cannot be moved aside "
+                        "to " +
+                        path + ".old: " + error.message());
       }
-      std::fprintf(stderr,
-                   "ddpm: %s had other columns (an older version's); kept as %s.old, and a new "
-                   "one starts\n",
-                   path.c_str(), path.c_str());
+      LogWarning(
+          "ddpm: %s had other columns (an older version's); kept as %s.old, and a new one starts",
+          path.c_str(), path.c_str());
       fresh = true;
     }
   }
   fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (fresh ? O_TRUNC : O_APPEND), 0644);
   if (fd_ < 0) {
-    throw std::runtime_error(path + ": cannot open for writing: " + std::strerror(errno));
+    throw FileError(ErrnoMessage(path + ": cannot open for writing"));
   }
   if (fresh) Append(header + "\n");
 }
@@ -107,8 +106,8 @@ void CsvLog::Append(const std::string& text) {
       const int error = got < 0 ? errno : EIO;
       // Take back the part of the row that went out: the file keeps whole rows only.
       const bool restored = before >= 0 && ::ftruncate(fd_, before) == 0;
-      throw std::runtime_error(path_ + ": cannot append a row: " + std::strerror(error) +
-                               (restored ? "" : " (and the part written could not be removed)"));
+      throw FileError(ErrnoMessage(path_ + ": cannot append a row", error) +
+                      (restored ? "" : " (and the part written could not be removed)"));
     }
     written += static_cast<std::size_t>(got);
   }

@@ -7,31 +7,33 @@
 
 #include <array>
 #include <cstdint>
-#include <sstream>
+#include <cstdio>
 #include <string>
 
+#include "base/csv.h"
+#include "base/log.h"
 #include "config/config.h"
 #include "run/run.h"
 #include "trainer/trainer.h"
 
 namespace ddpm {
 
-/// Rank 0's voice: printf-style lines on stdout, flushed at once; other ranks say nothing
-/// (their warnings and errors go to stderr themselves). With a progress bar, a line first
-/// clears the bar it replaces.
+/// Rank 0's voice: its info lines go to the logger; other ranks say nothing (their warnings
+/// and errors go to the logger themselves). With a progress bar, a line first clears the bar
+/// it replaces.
 class RunConsole {
  public:
   RunConsole(bool lead, ProgressMode mode);
   bool lead() const { return lead_; }
   /// kBar, kLines or kOff, as resolved for this stdout.
   ProgressMode progress() const { return progress_; }
-  /// One printf-style message (the caller ends it with a newline).
+  /// One printf-style line at info level, through the logger (the caller ends it with a
+  /// newline). In bar mode it first clears the bar it replaces.
   template <typename... Args>
   void Say(const char* format, Args... args) const {
-    if (!lead_) return;
-    std::printf("%s", progress_ == ProgressMode::kBar ? "\r\033[K" : "");
-    std::printf(format, args...);
-    std::fflush(stdout);
+    if (!lead_ || !LogEnabled(LogLevel::kInfo)) return;
+    if (progress_ == ProgressMode::kBar) std::printf("\r\033[K");
+    Logf(LogLevel::kInfo, format, args...);
   }
   /// A progress message: said unless progress is off.
   template <typename... Args>
@@ -55,8 +57,7 @@ class CsvLog {
   CsvLog() = default;
   /// Appends to path when `append` and it exists with the same header (a resumed run);
   /// otherwise starts it anew with the header line (a file with another header, an older
-  /// version's, is moved to path.old first). Throws std::runtime_error naming path when it
-  /// cannot.
+  /// version's, is moved to path.old first). Throws FileError naming path when it cannot.
   CsvLog(const std::string& path, const std::string& header, bool append);
   ~CsvLog();
   CsvLog(CsvLog&& other) noexcept;
@@ -64,16 +65,15 @@ class CsvLog {
   CsvLog(const CsvLog&) = delete;
   CsvLog& operator=(const CsvLog&) = delete;
 
-  /// Writes one row, each field as an ostream writes it. Throws std::runtime_error naming the
-  /// file and the error when the row could not be written whole; the file is then as before.
+  /// Writes one row, each field as an ostream writes it and quoted as RFC 4180 asks (CsvRow).
+  /// Throws FileError naming the file and the error when the row could not be written whole;
+  /// the file is then as before.
   template <typename... Fields>
   void Row(const Fields&... fields) {
     if (fd_ < 0) return;
-    std::ostringstream line;
-    int column = 0;
-    ((line << (column++ == 0 ? "" : ",") << fields), ...);
-    line << "\n";
-    Append(line.str());
+    CsvRow row;
+    (row.Streamed(fields), ...);
+    Append(row.Line());
   }
   const std::string& path() const { return path_; }
 

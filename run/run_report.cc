@@ -19,17 +19,13 @@ constexpr char kEvalHeader[] =
     "nll_std_error,nll_images,nll_timesteps,nll_data,is_logits,guidance,kid,kid_std,"
     "kid_subset_size,precision,recall,density,coverage,prd_reference_count";
 
-// A CSV field: empty for what an evaluation did not measure, quoted when it holds a comma.
+// A field of eval.csv: empty for what an evaluation did not measure (CsvLog quotes it).
 template <typename T>
 std::string Field(bool measured, const T& value) {
   if (!measured) return "";
   std::ostringstream out;
   out << value;
-  std::string text = out.str();
-  if (text.find_first_of(",\"") == std::string::npos) return text;
-  std::string quoted = "\"";
-  for (char c : text) quoted += c == '"' ? std::string("\"\"") : std::string(1, c);
-  return quoted + "\"";
+  return out.str();
 }
 
 }  // namespace

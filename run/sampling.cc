@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <vector>
 
+#include "base/file_io.h"
 #include "base/text.h"
 #include "trainer/image_io.h"
 #include "trainer/trainer.h"

@@ -9,6 +9,7 @@
 #include <sstream>
 #include <utility>
 
+#include "base/file_io.h"
 #include "base/text.h"
 #include "run/sampling.h"
 #include "trainer/checkpoint_keys.h"

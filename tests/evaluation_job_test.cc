@@ -15,6 +15,7 @@
 #include <fstream>
 #include <string>
 
+#include "base/errors.h"
 #include "eval/checkpoint_sweep.h"
 #include "eval/plot.h"
 #include "run/sampling.h"
@@ -102,12 +103,12 @@ TEST(Sweep, CsvReadsBackEveryNumberExactlyAndNamesABadLine) {
   try {
     ReadSweepCsv(path);
     FAIL() << "read a malformed row";
-  } catch (const std::runtime_error& error) {
+  } catch (const FormatError& error) {
     EXPECT_NE(std::string(error.what()).find(path + ": line 4 does not read"), std::string::npos)
         << error.what();
   }
   std::ofstream(path) << "step,fid\n";
-  EXPECT_THROW(ReadSweepCsv(path), std::runtime_error);
+  EXPECT_THROW(ReadSweepCsv(path), FormatError);
   // A sweep.csv from before KID (13 columns) reads on, without KID or PRD.
   std::ofstream(path) << "step,fid,inception_score,inception_score_std,is_logits,num_samples,"
                          "sampler,sampling_steps,seed,regularized,seconds,inception_sha256,"

@@ -10,6 +10,8 @@
 #include <fstream>
 #include <string>
 
+#include "base/errors.h"
+
 namespace ddpm {
 namespace {
 
@@ -125,9 +127,9 @@ TEST(Fence, AMalformedFenceIsAnErrorNamingTheFileAndLine) {
         << e.what();
   }
   std::ofstream(fence.path()) << "something else\n";
-  EXPECT_THROW(fence.Current(), std::runtime_error);
+  EXPECT_THROW(fence.Current(), FormatError);
   std::ofstream(fence.path()) << "";
-  EXPECT_THROW(fence.Current(), std::runtime_error) << "an empty fence file is damage";
+  EXPECT_THROW(fence.Current(), FormatError) << "an empty fence file is damage";
 }
 
 }  // namespace

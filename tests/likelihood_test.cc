@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/errors.h"
 #include "config/config.h"
 #include "test_env.h"
 #include "trainer/communicator.h"
@@ -202,7 +203,7 @@ TEST(Bound, SettingsAreCheckedByName) {
             6);
   m.learn_sigma = false;
   UNet fixed(m, 1);
-  EXPECT_THROW(LoadStateDict(*fixed, StateDict(*learned), "learned.pt"), std::runtime_error);
+  EXPECT_THROW(LoadStateDict(*fixed, StateDict(*learned), "learned.pt"), WeightsError);
   for (const bool config_learns : {false, true}) {
     m.learn_sigma = config_learns;
     try {

@@ -11,6 +11,7 @@
 #include <numeric>
 #include <set>
 
+#include "base/errors.h"
 #include "config/batch_plan.h"
 #include "config/config.h"
 #include "trainer/data.h"
@@ -594,11 +595,11 @@ TEST(StateDict, RoundTripsAndRefusesMismatches) {
   try {
     LoadStateDict(*c, LoadTensors(path), path);
     FAIL();
-  } catch (const std::runtime_error& e) {
+  } catch (const WeightsError& e) {
     EXPECT_NE(std::string(e.what()).find("has shape"), std::string::npos) << e.what();
   }
   std::filesystem::remove(path);
-  EXPECT_THROW(LoadTensors(path), std::runtime_error);
+  EXPECT_THROW(LoadTensors(path), FileError);
 }
 
 TEST(Conditional, LabelDropoutIsItsProbabilityAndTheSameOnAnySplitOfTheBatch) {

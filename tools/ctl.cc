@@ -13,6 +13,7 @@
 #include <memory>
 #include <thread>
 
+#include "base/log.h"
 #include "base/sha256.h"
 #include "base/text.h"
 #include "config/config.h"
@@ -40,7 +41,7 @@ int ExitFor(const grpc::Status& status) {
 }
 
 int Report(const std::string& rpc, const grpc::Status& status) {
-  std::fprintf(stderr, "ddpmctl: %s\n", DescribeStatus(rpc, status).c_str());
+  LogError("ddpmctl: %s\n", DescribeStatus(rpc, status).c_str());
   return ExitFor(status);
 }
 
@@ -81,7 +82,7 @@ int WithClient(const CtlOptions& options, Body body) {
   try {
     client = std::make_unique<Client>(options);
   } catch (const std::exception& error) {
-    std::fprintf(stderr, "ddpmctl: %s\n", error.what());
+    LogError("ddpmctl: %s\n", error.what());
     return kCtlNoInput;
   }
   return body(*client);
@@ -268,7 +269,7 @@ int CtlStart(const CtlOptions& options, const StartOptions& start, std::string* 
   try {
     request.set_config_yaml(ReadTextFile(start.config_path, "config"));
   } catch (const std::exception& error) {
-    std::fprintf(stderr, "ddpmctl: %s\n", error.what());
+    LogError("ddpmctl: %s\n", error.what());
     return kCtlNoInput;
   }
   request.set_name(start.name);
@@ -354,10 +355,10 @@ int CtlList(const CtlOptions& options, const std::string& state, const std::stri
   if (!state.empty()) {
     v1::RunState filter = v1::RUN_STATE_UNSPECIFIED;
     if (!v1::RunState_Parse(state, &filter) || filter == v1::RUN_STATE_UNSPECIFIED) {
-      std::fprintf(stderr,
-                   "ddpmctl: --state %s: use QUEUED, STARTING, RUNNING, STOPPING, STOPPED, "
-                   "COMPLETED or FAILED\n",
-                   state.c_str());
+      LogError(
+          "ddpmctl: --state %s: use QUEUED, STARTING, RUNNING, STOPPING, STOPPED, "
+          "COMPLETED or FAILED\n",
+          state.c_str());
       return kCtlUsage;
     }
     request.set_state(filter);
@@ -464,7 +465,7 @@ int CtlDeleteEndedBefore(const CtlOptions& options, const std::string& when) {
                                         std::chrono::system_clock::now().time_since_epoch())
                                         .count());
   } catch (const std::invalid_argument& error) {
-    std::fprintf(stderr, "ddpmctl: %s\n", error.what());
+    LogError("ddpmctl: %s\n", error.what());
     return kCtlUsage;
   }
   return WithClient(options, [&](Client& client) {
@@ -495,8 +496,7 @@ int CtlBackup(const CtlOptions& options, const std::string& file) {
     const std::string partial = file + ".partial-" + std::to_string(::getpid());
     const int fd = ::open(partial.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) {
-      std::fprintf(stderr, "ddpmctl: cannot write the backup to %s: %s\n", file.c_str(),
-                   std::strerror(errno));
+      LogError("ddpmctl: cannot write the backup to %s: %s\n", file.c_str(), std::strerror(errno));
       return static_cast<int>(kCtlCantCreate);
     }
     // Whatever goes wrong from here, nothing is left at either path.
@@ -519,8 +519,8 @@ int CtlBackup(const CtlOptions& options, const std::string& file) {
         const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
         if (n < 0) {
           if (errno == EINTR) continue;
-          std::fprintf(stderr, "ddpmctl: cannot write the backup to %s: %s\n", file.c_str(),
-                       std::strerror(errno));
+          LogError("ddpmctl: cannot write the backup to %s: %s\n", file.c_str(),
+                   std::strerror(errno));
           context->TryCancel();
           reader->Finish();
           return discard(kCtlCantCreate);
@@ -539,16 +539,15 @@ int CtlBackup(const CtlOptions& options, const std::string& file) {
     if (!status.ok()) return discard(Report("BackupRegistry", status));
     const std::string got = hash.HexDigest();
     if (written != total || sha256.empty() || got != sha256) {
-      std::fprintf(stderr,
-                   "ddpmctl: the backup arrived damaged (%lld of %lld bytes, SHA-256 %s, the "
-                   "coordinator's %s); %s is untouched\n",
-                   static_cast<long long>(written), static_cast<long long>(total), got.c_str(),
-                   sha256.empty() ? "missing" : sha256.c_str(), file.c_str());
+      LogError(
+          "ddpmctl: the backup arrived damaged (%lld of %lld bytes, SHA-256 %s, the "
+          "coordinator's %s); %s is untouched\n",
+          static_cast<long long>(written), static_cast<long long>(total), got.c_str(),
+          sha256.empty() ? "missing" : sha256.c_str(), file.c_str());
       return discard(kCtlFailed);
     }
     if (::fsync(fd) != 0 || ::close(fd) != 0 || ::rename(partial.c_str(), file.c_str()) != 0) {
-      std::fprintf(stderr, "ddpmctl: cannot write the backup to %s: %s\n", file.c_str(),
-                   std::strerror(errno));
+      LogError("ddpmctl: cannot write the backup to %s: %s\n", file.c_str(), std::strerror(errno));
       ::unlink(partial.c_str());
       return static_cast<int>(kCtlCantCreate);
     }
@@ -744,7 +743,7 @@ int CtlHealth(const CtlOptions& options, const std::string& service) {
   try {
     status = CheckHealth(channel, service, options.timeout_seconds);
   } catch (const RpcSetupError& error) {
-    std::fprintf(stderr, "ddpmctl: %s: %s\n", options.channel.address.c_str(), error.what());
+    LogError("ddpmctl: %s: %s\n", options.channel.address.c_str(), error.what());
     return kCtlUnavailable;
   }
   std::printf("%s\n", status.c_str());

@@ -7,6 +7,9 @@
 #include <map>
 #include <stdexcept>
 
+#include "base/errors.h"
+#include "base/file_io.h"
+#include "base/log.h"
 #include "config/config.h"
 #include "tools/sample.h"
 #include "trainer/checkpoint.h"
@@ -22,7 +25,7 @@ std::vector<std::string> RunExport(const ExportJob& job) {
   }
   const CheckpointDir::Loaded loaded = LoadCheckpointAt(
       job.checkpoint,
-      [](const std::string& message) { std::printf("ddpm: warning: %s\n", message.c_str()); });
+      [](const std::string& message) { LogWarning("ddpm: warning: %s\n", message.c_str()); });
   const Config config = ConfigFromCheckpoint(loaded.tensors, loaded.path);
   const std::map<std::string, torch::Tensor> weights = WeightsFromState(loaded.tensors, job.which);
   // Check that the names and shapes are exactly the UNet's before writing anything.
@@ -30,14 +33,10 @@ std::vector<std::string> RunExport(const ExportJob& job) {
   LoadStateDict(*model, weights, loaded.path);
   SaveTensors(weights, job.out);
   const std::string config_path = ConfigBesideWeights(job.out);
-  {
-    std::ofstream out(config_path);
-    out << config.ToYaml();
-    if (!out) throw std::runtime_error(config_path + ": cannot write");
-  }
-  std::printf("ddpm: exported the %s weights of %s (%zu tensors) to %s, config to %s\n",
-              job.which.c_str(), loaded.path.c_str(), weights.size(), job.out.c_str(),
-              config_path.c_str());
+  WriteFileAtomically(config_path, config.ToYaml());
+  LogInfo("ddpm: exported the %s weights of %s (%zu tensors) to %s, config to %s\n",
+          job.which.c_str(), loaded.path.c_str(), weights.size(), job.out.c_str(),
+          config_path.c_str());
   return {job.out, config_path};
 }
 

@@ -4,10 +4,13 @@
 #include <chrono>
 #include <cstdio>
 
+#include "base/log.h"
 #include "base/text.h"
+#include "config/flags.h"
 #include "eval/checkpoint_sweep.h"
 #include "eval/evaluation.h"
 #include "run/sampling.h"
+#include "tools/eval_flags.h"
 #include "trainer/diffusion.h"
 
 namespace ddpm {
@@ -31,8 +34,40 @@ void PrintReport(const EvalReport& report, const TrainedModel& trained, int worl
 
 }  // namespace
 
+void AddCheckpointEvalFlags(Flags& flags) {
+  AddTrainedModelFlags(flags);
+  AddEvalFlags(flags);
+  flags.Add("out",
+            "with a list of --guidance scales (0,1,2,4), each is evaluated and FID and IS against "
+            "w go to OUT.csv and OUT.png",
+            "guidance_sweep");
+  flags.Add("also-save", "a directory to keep the samples in as PNGs (000000.png onwards)", "");
+}
+
+CheckpointEvalOptions CheckpointEvalOptionsFromFlags(const Flags& flags) {
+  CheckpointEvalOptions options;
+  options.overrides = EvalOverrides(flags, flags.program(), &options.scales);
+  if (options.scales.size() > 1 && flags.Given("also-save")) {
+    throw FlagError(flags.program() +
+                    ": --also-save keeps the samples of one guidance scale; give one "
+                    "--guidance, not " +
+                    flags.Get("guidance"));
+  }
+  options.keep_dir = flags.Get("also-save");
+  options.out = flags.Get("out");
+  options.reference = flags.Get("ref");
+  return options;
+}
+
 int EvaluateCheckpoint(TrainedModel& trained, Communicator& comm,
                        const CheckpointEvalOptions& options) {
+  if (options.scales.size() > 1 && trained.config.model.num_classes == 0) {
+    std::string list;
+    for (double w : options.scales) list += (list.empty() ? "" : ",") + FormatNumber(w);
+    throw FlagError("ddpm_fid checkpoint: --guidance " + list + ": " + trained.origin +
+                    " is unconditional (model.num_classes 0); a list of guidance scales needs a "
+                    "class-conditional model");
+  }
   const bool lead = comm.rank() == 0;
   const Config& config = trained.config;
   const std::vector<double> scales =
@@ -42,11 +77,10 @@ int EvaluateCheckpoint(TrainedModel& trained, Communicator& comm,
   const auto start = std::chrono::steady_clock::now();
   auto last = start;
   if (lead) {
-    std::printf("ddpm_fid checkpoint: %lld samples of %s (%s %d steps, seed %llu) on %d rank(s)\n",
-                static_cast<long long>(config.eval.num_samples), trained.origin.c_str(),
-                Name(config.eval.sampler), EvalSamplerSteps(config),
-                static_cast<unsigned long long>(config.eval.seed), comm.world_size());
-    std::fflush(stdout);
+    LogInfo("ddpm_fid checkpoint: %lld samples of %s (%s %d steps, seed %llu) on %d rank(s)\n",
+            static_cast<long long>(config.eval.num_samples), trained.origin.c_str(),
+            Name(config.eval.sampler), EvalSamplerSteps(config),
+            static_cast<unsigned long long>(config.eval.seed), comm.world_size());
   }
   EvaluateHooks hooks;
   if (!options.keep_dir.empty()) {
@@ -61,13 +95,12 @@ int EvaluateCheckpoint(TrainedModel& trained, Communicator& comm,
     last = std::chrono::steady_clock::now();
     const double elapsed = SecondsSince(start);
     const double rate = done * comm.world_size() / std::max(elapsed, 1e-9);
-    std::printf(
+    LogInfo(
         "ddpm_fid checkpoint: rank 0 has %lld/%lld of its samples; about %.2f samples/s over "
         "the ranks, elapsed %s, eta %s\n",
         static_cast<long long>(done), static_cast<long long>(share), rate,
         FormatDuration(elapsed).c_str(),
         FormatDuration((share - done) * comm.world_size() / std::max(rate, 1e-9)).c_str());
-    std::fflush(stdout);
   };
   ParameterSweep sweep{"guidance", "GUIDANCE W", {}, {}};
   for (const double w : scales) {
@@ -81,8 +114,8 @@ int EvaluateCheckpoint(TrainedModel& trained, Communicator& comm,
   }
   if (scales.size() > 1 && lead) {
     WriteParameterSweep(sweep, options.out + ".csv", options.out + ".png");
-    std::printf("ddpm_fid checkpoint: FID and IS against guidance in %s.csv and %s.png\n",
-                options.out.c_str(), options.out.c_str());
+    LogInfo("ddpm_fid checkpoint: FID and IS against guidance in %s.csv and %s.png\n",
+            options.out.c_str(), options.out.c_str());
   }
   return 0;
 }

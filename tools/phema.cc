@@ -10,6 +10,8 @@
 #include <map>
 #include <stdexcept>
 
+#include "base/file_io.h"
+#include "base/log.h"
 #include "base/text.h"
 #include "eval/checkpoint_sweep.h"
 #include "eval/evaluation.h"
@@ -181,8 +183,7 @@ std::vector<PhemaResult> RunPhema(const PhemaJob& job) {
         }
       }
     }
-    std::printf("ddpm_phema: read snapshot %zu/%zu (%s)\n", i + 1, used.size(), path.c_str());
-    std::fflush(stdout);
+    LogInfo("ddpm_phema: read snapshot %zu/%zu (%s)\n", i + 1, used.size(), path.c_str());
   }
   snapshot.clear();
   const bool several = results.size() > 1;
@@ -199,15 +200,14 @@ std::vector<PhemaResult> RunPhema(const PhemaJob& job) {
     SaveTensors(weights, r.weights);
     r.config = ConfigBesideWeights(r.weights);
     WriteFileAtomically(r.config, config.ToYaml());
-    std::printf(
+    LogInfo(
         "ddpm_phema: sigma_rel %s at step %lld from %zu snapshot(s) of %zu profile(s) (sigma_rel "
         "%s): fit error %.3e; weights in %s\n",
         FormatNumber(r.sigma_rel).c_str(), static_cast<long long>(r.step), used.size(),
         profiles.size(), List(profiles).c_str(), r.fit.fit_error, r.weights.c_str());
   }
-  std::printf("ddpm_phema: reconstructed %zu EMA(s) in %s\n", results.size(),
-              FormatDuration(SecondsSince(start)).c_str());
-  std::fflush(stdout);
+  LogInfo("ddpm_phema: reconstructed %zu EMA(s) in %s\n", results.size(),
+          FormatDuration(SecondsSince(start)).c_str());
   if (job.eval_overrides.empty()) return results;
 
   ParameterSweep sweep{"sigma_rel", "SIGMA REL", {}, {}};
@@ -223,10 +223,9 @@ std::vector<PhemaResult> RunPhema(const PhemaJob& job) {
         diffusion, trained.model, solo, r.step, [&](int64_t done, int64_t share) {
           if (SecondsSince(last) < 5.0 && done < share) return;
           last = std::chrono::steady_clock::now();
-          std::printf("ddpm_phema: sigma_rel %s: %lld/%lld samples\n",
-                      FormatNumber(r.sigma_rel).c_str(), static_cast<long long>(done),
-                      static_cast<long long>(share));
-          std::fflush(stdout);
+          LogInfo("ddpm_phema: sigma_rel %s: %lld/%lld samples\n",
+                  FormatNumber(r.sigma_rel).c_str(), static_cast<long long>(done),
+                  static_cast<long long>(share));
         });
     r.evaluated = true;
     r.fid = report.fid;
@@ -243,8 +242,8 @@ std::vector<PhemaResult> RunPhema(const PhemaJob& job) {
   const std::string stem = several ? job.out + "/phema_sweep"
                                    : fs::path(job.out).replace_extension("").string() + "_sweep";
   WriteParameterSweep(sweep, stem + ".csv", stem + ".png");
-  std::printf("ddpm_phema: FID and IS against sigma_rel in %s.csv and %s.png\n", stem.c_str(),
-              stem.c_str());
+  LogInfo("ddpm_phema: FID and IS against sigma_rel in %s.csv and %s.png\n", stem.c_str(),
+          stem.c_str());
   return results;
 }
 

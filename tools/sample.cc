@@ -9,6 +9,9 @@
 #include <fstream>
 #include <map>
 
+#include "base/errors.h"
+#include "base/file_io.h"
+#include "base/log.h"
 #include "base/sha256.h"
 #include "base/text.h"
 #include "eval/fid.h"
@@ -119,12 +122,12 @@ TrainedModel LoadTrainedModel(const std::string& checkpoint, const std::string& 
   if (!checkpoint.empty()) {
     const CheckpointDir::Loaded loaded = LoadCheckpointAt(
         checkpoint,
-        [](const std::string& message) { std::printf("ddpm: warning: %s\n", message.c_str()); });
+        [](const std::string& message) { LogWarning("ddpm: warning: %s\n", message.c_str()); });
     trained.config = ConfigFromCheckpoint(loaded.tensors, loaded.path);
     weights = WeightsFromState(loaded.tensors, "ema");
     trained.origin = loaded.path;
     if (loaded.path != checkpoint) {
-      std::printf("%s: %s is %s\n", tool.c_str(), checkpoint.c_str(), loaded.path.c_str());
+      LogInfo("%s: %s is %s\n", tool.c_str(), checkpoint.c_str(), loaded.path.c_str());
     }
   } else {
     // An exported weights file carries its config beside it (ddpm_export writes both).
@@ -176,8 +179,8 @@ void WriteSampleArchive(const std::string& dir, int64_t count, const std::string
   std::vector<torch::Tensor> images;
   for (int64_t i = 0; i < count; ++i) {
     if (i >= static_cast<int64_t>(present.size()) || present[i] != i) {
-      throw std::runtime_error(dir + ": image " + SampleFileName(i) +
-                               " is missing; run the job again with --resume");
+      throw FileError(dir + ": image " + SampleFileName(i) +
+                      " is missing; run the job again with --resume");
     }
     const Image image = ReadImageFile((std::filesystem::path(dir) / SampleFileName(i)).string());
     images.push_back(torch::from_blob(const_cast<uint8_t*>(image.pixels.data()),
@@ -190,13 +193,12 @@ void WriteSampleArchive(const std::string& dir, int64_t count, const std::string
   WriteNpz(out, arrays);
   const std::string sha256 = Sha256File(out);
   // sha256sum -c reads this.
-  std::ofstream sum(out + ".sha256");
-  sum << sha256 << "  " << std::filesystem::path(out).filename().string() << "\n";
-  if (!sum.flush()) throw std::runtime_error(out + ".sha256: cannot write");
-  std::printf("ddpm_sample: wrote %s: arr_0 uint8 %lld x %lld x %lld x %lld, sha256 %s\n",
-              out.c_str(), static_cast<long long>(stacked.size(0)),
-              static_cast<long long>(stacked.size(1)), static_cast<long long>(stacked.size(2)),
-              static_cast<long long>(stacked.size(3)), sha256.c_str());
+  WriteFileAtomically(out + ".sha256",
+                      sha256 + "  " + std::filesystem::path(out).filename().string() + "\n");
+  LogInfo("ddpm_sample: wrote %s: arr_0 uint8 %lld x %lld x %lld x %lld, sha256 %s\n", out.c_str(),
+          static_cast<long long>(stacked.size(0)), static_cast<long long>(stacked.size(1)),
+          static_cast<long long>(stacked.size(2)), static_cast<long long>(stacked.size(3)),
+          sha256.c_str());
 }
 
 }  // namespace
@@ -248,11 +250,9 @@ std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
   const int64_t to_draw = missing.item<int64_t>();
   const bool lead = rank == 0;
   if (lead) {
-    std::printf(
-        "ddpm_sample: %lld images (%s) on %d rank(s) into %s%s\n", static_cast<long long>(count),
-        what.c_str(), world, dir.c_str(),
-        job.resume ? (", " + std::to_string(count - to_draw) + " already there").c_str() : "");
-    std::fflush(stdout);
+    LogInfo("ddpm_sample: %lld images (%s) on %d rank(s) into %s%s\n",
+            static_cast<long long>(count), what.c_str(), world, dir.c_str(),
+            job.resume ? (", " + std::to_string(count - to_draw) + " already there").c_str() : "");
   }
   const auto start = std::chrono::steady_clock::now();
   auto last_report = start;
@@ -291,11 +291,10 @@ std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
       // The whole job's progress, from the files every rank has written.
       const int64_t done = static_cast<int64_t>(SampleFilesIn(dir, count).size());
       const double rate = (done - before) / std::max(elapsed, 1e-9);
-      std::printf("ddpm_sample: %lld/%lld images (all ranks), %.2f images/s, elapsed %s, eta %s\n",
-                  static_cast<long long>(done), static_cast<long long>(count), rate,
-                  FormatDuration(elapsed).c_str(),
-                  rate > 0 ? FormatDuration((count - done) / rate).c_str() : "?");
-      std::fflush(stdout);
+      LogInfo("ddpm_sample: %lld/%lld images (all ranks), %.2f images/s, elapsed %s, eta %s\n",
+              static_cast<long long>(done), static_cast<long long>(count), rate,
+              FormatDuration(elapsed).c_str(),
+              rate > 0 ? FormatDuration((count - done) / rate).c_str() : "?");
     }
   }
   if (!to_dir) {
@@ -308,9 +307,9 @@ std::vector<std::string> RunSampleJob(const SampleJob& job, Communicator& comm,
   }
   comm.Barrier("the end of sampling");
   if (lead && to_dir) {
-    std::printf("ddpm_sample: %lld images in %s (%lld drawn now) in %s\n",
-                static_cast<long long>(SampleFilesIn(dir, count).size()), dir.c_str(),
-                static_cast<long long>(to_draw), FormatDuration(SecondsSince(start)).c_str());
+    LogInfo("ddpm_sample: %lld images in %s (%lld drawn now) in %s\n",
+            static_cast<long long>(SampleFilesIn(dir, count).size()), dir.c_str(),
+            static_cast<long long>(to_draw), FormatDuration(SecondsSince(start)).c_str());
   }
   if (to_npz) {
     if (lead) {

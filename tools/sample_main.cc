@@ -2,6 +2,7 @@
 // ranks share the images. Thin main.
 #include <cstdio>
 
+#include "base/log.h"
 #include "tools/sample.h"
 #include "tools/tool_world.h"
 
@@ -17,8 +18,8 @@ int main(int argc, char** argv) {
           ddpm::RunSampleJob(ddpm::SampleJobFromFlags(flags), world.comm(),
                              [&world](ddpm::TrainedModel& trained) { world.Place(trained); });
       if (world.comm().world_size() == 1 && !written.empty()) {
-        std::printf("ddpm_sample: wrote %zu file%s, first %s\n", written.size(),
-                    written.size() == 1 ? "" : "s", written.front().c_str());
+        ddpm::LogInfo("ddpm_sample: wrote %zu file%s, first %s\n", written.size(),
+                      written.size() == 1 ? "" : "s", written.front().c_str());
       }
       return 0;
     });

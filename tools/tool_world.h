@@ -11,6 +11,7 @@
 #include <string>
 
 #ifdef DDPM_HAS_MPI
+#include "base/log.h"
 #include "comm/mpi_communicator.h"
 #endif
 #include "config/flags.h"
@@ -31,6 +32,7 @@ class ToolWorld {
       comm_ = std::make_unique<MpiCommunicator>(mpi_->placement());
       local_rank_ = mpi_->placement().local_rank;
       local_size_ = mpi_->placement().local_size;
+      SetLogRank(mpi_->placement().rank, mpi_->placement().world_size);
       return;
     }
 #else
@@ -63,9 +65,7 @@ class ToolWorld {
     } catch (const std::exception& error) {
 #ifdef DDPM_HAS_MPI
       if (comm_->world_size() > 1) {
-        std::fprintf(stderr, "%s: rank %d: error: %s\n", tool.c_str(), comm_->rank(),
-                     UserMessage(error).c_str());
-        std::fflush(stderr);
+        LogError("%s: rank %d: error: %s", tool.c_str(), comm_->rank(), UserMessage(error).c_str());
         MpiRuntime::Abort(1);
       }
 #endif

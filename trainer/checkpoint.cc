@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "base/file_io.h"
 #include "trainer/checkpoint_keys.h"
 
 namespace ddpm {
@@ -31,23 +32,11 @@ constexpr int64_t kShardHeaderBytes = 32;
 constexpr int64_t kAlign = 64;
 constexpr int64_t kCut = 8;
 
-std::string Errno(const std::string& what) { return what + ": " + std::strerror(errno); }
-
-void FsyncPath(const std::string& path, int flags) {
-  const int fd = ::open(path.c_str(), flags);
-  if (fd < 0) throw CheckpointError(Errno(path + ": cannot open for fsync"));
-  const int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) throw CheckpointError(Errno(path + ": fsync failed"));
-}
-
-void FsyncDir(const std::string& path) { FsyncPath(path, O_RDONLY | O_DIRECTORY); }
-
 // Writes size bytes to path and fsyncs it, calling hook as the bytes go out.
 void WriteAndSync(const std::string& path, const char* data, std::size_t size,
                   const WriteHook& hook = nullptr) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw CheckpointError(Errno(path + ": cannot create"));
+  if (fd < 0) throw FileError(ErrnoMessage(path + ": cannot create"));
   constexpr std::size_t kChunk = 4 << 20;
   std::size_t written = 0;
   while (written < size) {
@@ -56,10 +45,10 @@ void WriteAndSync(const std::string& path, const char* data, std::size_t size,
     if (got < 0) {
       if (errno == EINTR) continue;
       const std::string error =
-          Errno(path + ": write failed at byte offset " + std::to_string(written));
+          ErrnoMessage(path + ": write failed at byte offset " + std::to_string(written));
       ::close(fd);
       ::unlink(path.c_str());  // a partial file would only hold on to the space
-      throw CheckpointError(error);
+      throw FileError(error);
     }
     written += static_cast<std::size_t>(got);
     if (hook) {
@@ -73,21 +62,12 @@ void WriteAndSync(const std::string& path, const char* data, std::size_t size,
     }
   }
   if (::fsync(fd) != 0) {
-    const std::string error = Errno(path + ": fsync failed");
+    const std::string error = ErrnoMessage(path + ": fsync failed");
     ::close(fd);
     ::unlink(path.c_str());
-    throw CheckpointError(error);
+    throw FileError(error);
   }
   ::close(fd);
-}
-
-// Writes text to path.tmp, fsyncs it and renames it over path: readers see all or nothing.
-void WriteTextAtomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  WriteAndSync(tmp, text.data(), text.size());
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    throw CheckpointError(Errno(path + ": cannot rename " + tmp + " into place"));
-  }
 }
 
 std::string ReadText(const std::string& path) {
@@ -419,9 +399,9 @@ std::optional<BestCheckpoint> ReadBestCheckpoint(const std::string& dir) {
 void WriteBestCheckpoint(const std::string& dir, const BestCheckpoint& best) {
   char score[64];
   std::snprintf(score, sizeof(score), "%.17g", best.score);
-  WriteTextAtomically((fs::path(dir) / "best").string(),
+  WriteFileAtomically((fs::path(dir) / "best").string(),
                       StepName(best.step) + "\n" + best.metric + " " + score + "\n");
-  FsyncDir(dir);
+  SyncDirectory(dir);
 }
 
 CheckpointDir::Loaded LoadCheckpointAt(const std::string& path,
@@ -684,7 +664,7 @@ void CheckpointWriter::Write(Job& job) {
                      {"bytes", job.shard_bytes},
                      {"xxh64", Hex(XXH64(data, static_cast<std::size_t>(job.shard_bytes), 0))},
                      {"tensors", job.own}};
-  WriteTextAtomically(shard + ".done", done.dump());
+  WriteFileAtomically(shard + ".done", done.dump());
 }
 
 void CheckpointWriter::Commit(Job& job) {
@@ -753,27 +733,27 @@ void CheckpointWriter::Commit(Job& job) {
   const std::string text = manifest.dump(1);
   WriteAndSync((tmp / "manifest.json").string(), text.data(), text.size());
   for (int r = 0; r < world_; ++r) fs::remove(tmp / (ShardName(r, world_) + ".done"));
-  FsyncDir(job.tmp_dir);
+  SyncDirectory(job.tmp_dir);
 
   // COMMITTED goes in before the folder is renamed into place, so that a process killed at any
   // moment leaves either step_X.tmp (never read, removed at the next start) or a whole step_X.
   const std::string stamp = std::to_string(job.step) + "\n";
   WriteAndSync((tmp / "COMMITTED").string(), stamp.data(), stamp.size());
-  FsyncDir(job.tmp_dir);
+  SyncDirectory(job.tmp_dir);
 
   // Publish: rename the folder, then move `latest`; a superseded attempt stops before each.
   if (check_fence_) check_fence_("the checkpoint of step " + std::to_string(job.step));
   std::error_code error;
   fs::remove_all(job.final_dir, error);
   if (std::rename(job.tmp_dir.c_str(), job.final_dir.c_str()) != 0) {
-    throw CheckpointError(Errno(job.final_dir + ": cannot rename " + job.tmp_dir + " into place"));
+    throw FileError(ErrnoMessage(job.final_dir + ": cannot rename " + job.tmp_dir + " into place"));
   }
   job.renamed = true;
-  FsyncDir(dir_);
+  SyncDirectory(dir_);
   if (check_fence_) check_fence_("`latest` (step " + std::to_string(job.step) + ")");
-  WriteTextAtomically((fs::path(dir_) / "latest").string(), StepName(job.step) + "\n");
+  WriteFileAtomically((fs::path(dir_) / "latest").string(), StepName(job.step) + "\n");
   job.published = true;
-  FsyncDir(dir_);
+  SyncDirectory(dir_);
 
   // Keep the newest keep_, any checkpoint marked with a KEEP file, and the one `best` names
   // (moved only between commits, by the thread that waits for them).

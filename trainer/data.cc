@@ -17,6 +17,8 @@
 #include <map>
 #include <stdexcept>
 
+#include "base/log.h"
+
 namespace ddpm {
 
 ShapesDataset::ShapesDataset(int64_t size, int image_size, uint64_t seed)
@@ -321,8 +323,7 @@ ImageFolderDataset::ImageFolderDataset(const std::string& path, int image_size, 
       for (int c = 0; c < channels; ++c) out[c * plane + p] = resized[p * channels + c];
     }
     if ((i + 1) % 10000 == 0) {
-      std::printf("folder: decoded %zu/%zu images\n", i + 1, files.size());
-      std::fflush(stdout);
+      LogInfo("folder: decoded %zu/%zu images\n", i + 1, files.size());
     }
   }
   count_ = static_cast<int64_t>(files.size());

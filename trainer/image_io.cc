@@ -12,6 +12,9 @@
 #include <stdexcept>
 #include <system_error>
 
+#include "base/errors.h"
+#include "base/file_io.h"
+
 namespace ddpm {
 
 Image TileGrid(const uint8_t* nchw, int count, int channels, int size, int columns, int padding,
@@ -54,49 +57,16 @@ void WritePng(const std::string& path, const Image& image) {
   };
   if (stbi_write_png_to_func(append, &png, image.width, image.height, image.channels,
                              image.pixels.data(), image.width * image.channels) == 0) {
-    throw std::runtime_error(path + ": cannot encode PNG");
+    throw FileError(path + ": cannot encode PNG");
   }
-  // Not fsynced: a killed process loses no renamed file, and sample jobs write thousands.
-  WriteFileAtomically(path, png, /*sync=*/false);
-}
-
-void WriteFileAtomically(const std::string& path, const std::string& bytes, bool sync) {
-  const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0)
-    throw std::runtime_error(path + ": cannot create " + tmp + ": " + std::strerror(errno));
-  std::size_t written = 0;
-  errno = 0;
-  while (written < bytes.size()) {
-    const ssize_t got = ::write(fd, bytes.data() + written, bytes.size() - written);
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) break;
-    written += static_cast<std::size_t>(got);
-  }
-  int error = written == bytes.size() ? 0 : (errno != 0 ? errno : EIO);
-  if (error == 0 && sync && ::fsync(fd) != 0) error = errno;
-  ::close(fd);
-  if (error != 0) {
-    std::remove(tmp.c_str());
-    throw std::runtime_error(path + ": cannot write: " + std::strerror(error));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw std::runtime_error(path + ": cannot rename " + tmp + " into place");
-  }
-}
-
-void MakeDirectories(const std::string& path) {
-  std::error_code error;
-  std::filesystem::create_directories(path, error);
-  if (error) throw std::runtime_error(path + ": cannot create directory: " + error.message());
+  WriteFileAtomically(path, png, Durability::kRenamed);
 }
 
 Image ReadImageFile(const std::string& path) {
   Image image;
   stbi_uc* decoded = stbi_load(path.c_str(), &image.width, &image.height, &image.channels, 0);
   if (decoded == nullptr) {
-    throw std::runtime_error(path + ": cannot decode image: " + stbi_failure_reason());
+    throw FormatError(path + ": cannot decode image: " + stbi_failure_reason());
   }
   image.pixels.assign(
       decoded, decoded + static_cast<std::size_t>(image.width) * image.height * image.channels);

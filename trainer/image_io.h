@@ -1,4 +1,4 @@
-// Image files: sample grids as PNG, and files written whole or not at all. Torch-free.
+// Image files: sample grids as PNG, written whole or not at all, and images read back. Torch-free.
 #pragma once
 
 #include <cstdint>
@@ -20,14 +20,10 @@ struct Image {
 /// around them.
 Image TileGrid(const uint8_t* nchw, int count, int channels, int size, int columns, int padding = 2,
                uint8_t border = 255, int scale = 1);
-/// Writes image as a PNG, atomically: a temporary file is renamed into place.
+/// Writes image as a PNG, atomically (WriteFileAtomically, not synced: sample jobs write
+/// thousands, and a killed process loses no renamed file). Throws FileError naming the file.
 void WritePng(const std::string& path, const Image& image);
-/// Writes bytes as path whole or not at all: to path.tmp, fsynced when sync, renamed into
-/// place. Throws naming path and the error (a full disk) and leaves no temporary behind.
-void WriteFileAtomically(const std::string& path, const std::string& bytes, bool sync = true);
 /// Reads a PNG (or JPEG) as it is stored: its own size and channels, HWC. Throws naming the file.
 Image ReadImageFile(const std::string& path);
-/// Creates path and its missing parents; throws with the path if that fails.
-void MakeDirectories(const std::string& path);
 
 }  // namespace ddpm

@@ -6,6 +6,7 @@
 
 #include "trainer/fused_adam.h"
 #include "trainer/power_ema.h"
+#include "trainer/tensor_io.h"
 
 namespace ddpm {
 
@@ -59,12 +60,12 @@ void FlatParameters::Flatten(const std::map<std::string, torch::Tensor>& named,
   for (const Slot& slot : slots_) {
     const auto it = named.find(prefix + slot.name);
     if (it == named.end()) {
-      throw std::runtime_error(origin + ": missing tensor '" + prefix + slot.name + "'");
+      throw WeightsError(origin + ": missing tensor '" + prefix + slot.name + "'");
     }
     if (it->second.sizes().vec() != slot.shape) {
-      throw std::runtime_error(origin + ": tensor '" + prefix + slot.name + "' has shape " +
-                               c10::str(it->second.sizes()) + ", the model expects " +
-                               c10::str(slot.shape));
+      throw WeightsError(origin + ": tensor '" + prefix + slot.name + "' has shape " +
+                         c10::str(it->second.sizes()) + ", the model expects " +
+                         c10::str(slot.shape));
     }
     SlotView(flat, slot).copy_(it->second);
   }

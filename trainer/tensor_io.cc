@@ -4,6 +4,9 @@
 #include <fstream>
 #include <iterator>
 
+#include "base/errors.h"
+#include "base/file_io.h"
+
 namespace ddpm {
 
 std::vector<char> PickleTensors(const std::map<std::string, torch::Tensor>& tensors) {
@@ -47,21 +50,12 @@ std::map<std::string, torch::Tensor> StateDict(const torch::nn::Module& module) 
 
 void SaveTensors(const std::map<std::string, torch::Tensor>& tensors, const std::string& path) {
   const std::vector<char> bytes = PickleTensors(tensors);
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    out.flush();
-    if (!out) throw std::runtime_error(tmp + ": cannot write tensors");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    throw std::runtime_error(path + ": cannot rename " + tmp + " into place");
-  }
+  WriteFileAtomically(path, std::string_view(bytes.data(), bytes.size()), Durability::kRenamed);
 }
 
 std::map<std::string, torch::Tensor> LoadTensors(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(path + ": cannot open tensor file");
+  if (!in) throw FileError(path + ": cannot open tensor file");
   return UnpickleTensors(
       std::vector<char>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()),
       path);
@@ -73,11 +67,11 @@ void LoadStateDict(torch::nn::Module& module, const std::map<std::string, torch:
   std::size_t expected = 0;
   auto copy = [&](const std::string& name, torch::Tensor& target) {
     const auto it = tensors.find(name);
-    if (it == tensors.end()) throw std::runtime_error(origin + ": missing tensor '" + name + "'");
+    if (it == tensors.end()) throw WeightsError(origin + ": missing tensor '" + name + "'");
     if (it->second.sizes() != target.sizes()) {
-      throw std::runtime_error(origin + ": tensor '" + name + "' has shape " +
-                               c10::str(it->second.sizes()) + ", the model expects " +
-                               c10::str(target.sizes()));
+      throw WeightsError(origin + ": tensor '" + name + "' has shape " +
+                         c10::str(it->second.sizes()) + ", the model expects " +
+                         c10::str(target.sizes()));
     }
     target.copy_(it->second);
     ++expected;
@@ -87,7 +81,7 @@ void LoadStateDict(torch::nn::Module& module, const std::map<std::string, torch:
   if (expected != tensors.size()) {
     for (const auto& [name, tensor] : tensors) {
       if (!module.named_parameters().contains(name) && !module.named_buffers().contains(name)) {
-        throw std::runtime_error(origin + ": unexpected tensor '" + name + "'");
+        throw WeightsError(origin + ": unexpected tensor '" + name + "'");
       }
     }
   }

@@ -19,6 +19,13 @@ class CheckpointError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// Weights that do not fit the model they are loaded into: a missing or unexpected tensor, a
+/// shape, a class count. The message names the file and the tensor.
+class WeightsError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 /// A dict of named tensors as pickle bytes that Python's torch.load reads.
 std::vector<char> PickleTensors(const std::map<std::string, torch::Tensor>& tensors);
 /// The dict of named tensors in pickle bytes (from PickleTensors or Python's torch.save), read

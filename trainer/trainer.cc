@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "base/random.h"
+#include "config/config.h"
 #include "trainer/checkpoint_keys.h"
 #include "trainer/communicator.h"
 #include "trainer/tensor_io.h"
@@ -137,14 +138,14 @@ Trainer::Trainer(const Config& config, torch::Device device, int rank, int micro
     phema_ = std::make_unique<PowerEma>(params_->data(), config.train.phema_sigma_rels);
   }
   if (config.train.cuda_graphs && !device.is_cuda()) {
-    throw std::runtime_error(
+    throw ConfigError(
         "train.cuda_graphs: CUDA graphs need a CUDA device, and this run "
         "trains on " +
         device.str() + "; set train.cuda_graphs: false");
   }
 #ifndef DDPM_HAS_CUDA
   if (config.train.cuda_graphs) {
-    throw std::runtime_error("train.cuda_graphs: this build's LibTorch has no CUDA");
+    throw ConfigError("train.cuda_graphs: this build's LibTorch has no CUDA");
   }
 #endif
 }
@@ -370,7 +371,7 @@ StepStats Trainer::Step(const torch::Tensor& batch, int64_t first_position,
   }
 #ifdef DDPM_HAS_CUDA
   if (ranks_ != nullptr) {
-    throw std::runtime_error(
+    throw ConfigError(
         "train.cuda_graphs: the captured step supports a world of one; the gradient buckets' "
         "all-reduces are driven from host threads, which a CUDA graph cannot capture. Set "
         "train.cuda_graphs: false for data-parallel runs");

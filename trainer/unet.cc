@@ -3,6 +3,8 @@
 #include <cmath>
 #include <string>
 
+#include "trainer/tensor_io.h"
+
 namespace ddpm {
 namespace {
 
@@ -65,7 +67,7 @@ void CheckLearnSigma(const ModelConfig& model, const std::map<std::string, torch
   const int64_t channels = it->second.size(0);
   const bool learned = channels == 2 * model.in_channels;
   if (learned != model.learn_sigma && (learned || channels == model.in_channels)) {
-    throw std::runtime_error(
+    throw WeightsError(
         origin + ": the weights have " + std::to_string(channels) +
         " output channels, a model with learn_sigma: " + (learned ? "true" : "false") +
         "; the config says model.learn_sigma: " + (model.learn_sigma ? "true" : "false"));
@@ -81,9 +83,9 @@ void CheckNumClasses(const ModelConfig& model, const std::map<std::string, torch
     const auto describe = [](int classes) {
       return classes == 0 ? std::string("0 (unconditional)") : std::to_string(classes);
     };
-    throw std::runtime_error(origin + ": the weights are of a model with model.num_classes " +
-                             describe(trained) + "; the config says model.num_classes " +
-                             describe(model.num_classes));
+    throw WeightsError(origin + ": the weights are of a model with model.num_classes " +
+                       describe(trained) + "; the config says model.num_classes " +
+                       describe(model.num_classes));
   }
 }
 

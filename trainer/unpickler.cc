@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "base/errors.h"
 #include "trainer/tensor_io.h"
 
 namespace ddpm {
@@ -274,7 +275,7 @@ class Interpreter {
 
  private:
   [[noreturn]] void Fail(const std::string& what) const {
-    throw std::runtime_error(origin_ + ": data.pkl byte " + std::to_string(op_at_) + ": " + what);
+    throw FormatError(origin_ + ": data.pkl byte " + std::to_string(op_at_) + ": " + what);
   }
 
   char Byte() {
@@ -601,8 +602,7 @@ class TorchZip {
       const std::string message = zip_error_strerror(&error);
       if (source != nullptr) zip_source_free(source);
       zip_error_fini(&error);
-      throw std::runtime_error(origin_ + ": not a zip archive as torch.save writes (" + message +
-                               ")");
+      throw FormatError(origin_ + ": not a zip archive as torch.save writes (" + message + ")");
     }
     zip_error_fini(&error);
     // PyTorch's reader takes the folder of the first record as the archive's name.
@@ -612,8 +612,8 @@ class TorchZip {
     const std::size_t slash = name.find('/');
     if (slash == std::string::npos) {
       Close();
-      throw std::runtime_error(origin_ + ": a zip archive whose first member '" + name +
-                               "' is not inside a folder; torch.save writes ARCHIVE/data.pkl");
+      throw FormatError(origin_ + ": a zip archive whose first member '" + name +
+                        "' is not inside a folder; torch.save writes ARCHIVE/data.pkl");
     }
     prefix_ = name.substr(0, slash + 1);
   }
@@ -627,11 +627,11 @@ class TorchZip {
     if (index < 0) return std::nullopt;
     zip_stat_t stat;
     if (zip_stat_index(archive_, index, 0, &stat) != 0 || (stat.valid & ZIP_STAT_SIZE) == 0) {
-      throw std::runtime_error(origin_ + ": record " + name + ": " + zip_strerror(archive_));
+      throw FormatError(origin_ + ": record " + name + ": " + zip_strerror(archive_));
     }
     zip_file_t* member = zip_fopen_index(archive_, index, 0);
     if (member == nullptr) {
-      throw std::runtime_error(origin_ + ": record " + name + ": " + zip_strerror(archive_));
+      throw FormatError(origin_ + ": record " + name + ": " + zip_strerror(archive_));
     }
     // Read in chunks, never trusting the size the directory claims for an allocation.
     std::vector<char> out;
@@ -645,8 +645,8 @@ class TorchZip {
       if (got != static_cast<zip_int64_t>(want)) {
         const std::string message = zip_file_strerror(member);
         zip_fclose(member);
-        throw std::runtime_error(origin_ + ": record " + name + " is shorter than its " +
-                                 std::to_string(stat.size) + " bytes or damaged (" + message + ")");
+        throw FormatError(origin_ + ": record " + name + " is shorter than its " +
+                          std::to_string(stat.size) + " bytes or damaged (" + message + ")");
       }
     }
     // Reading to the end lets libzip check the CRC.
@@ -655,8 +655,8 @@ class TorchZip {
     const std::string message = tail < 0 ? zip_file_strerror(member) : "";
     zip_fclose(member);
     if (tail != 0) {
-      throw std::runtime_error(origin_ + ": record " + name + " is damaged (" +
-                               (tail < 0 ? message : "longer than its stated size") + ")");
+      throw FormatError(origin_ + ": record " + name + " is damaged (" +
+                        (tail < 0 ? message : "longer than its stated size") + ")");
     }
     return out;
   }
@@ -687,18 +687,18 @@ std::map<std::string, torch::Tensor> UnpickleTensorDict(std::string_view data_pk
   Interpreter interpreter(data_pkl, records, origin);
   const ValuePtr top = interpreter.Run();
   if (top->kind != Value::Kind::kDict) {
-    throw std::runtime_error(origin + ": holds " + KindName(top->kind) +
-                             ", expected a dict of str -> tensor");
+    throw FormatError(origin + ": holds " + KindName(top->kind) +
+                      ", expected a dict of str -> tensor");
   }
   std::map<std::string, torch::Tensor> out;
   for (const auto& [key, value] : top->map) {
     if (key->kind != Value::Kind::kString) {
-      throw std::runtime_error(origin + ": a key is " + KindName(key->kind) +
-                               ", expected a str naming a tensor");
+      throw FormatError(origin + ": a key is " + KindName(key->kind) +
+                        ", expected a str naming a tensor");
     }
     if (value->kind != Value::Kind::kTensor) {
-      throw std::runtime_error(origin + ": '" + key->text + "' is " + KindName(value->kind) +
-                               ", expected a tensor");
+      throw FormatError(origin + ": '" + key->text + "' is " + KindName(value->kind) +
+                        ", expected a tensor");
     }
     out[key->text] = value->tensor;
   }
@@ -708,7 +708,7 @@ std::map<std::string, torch::Tensor> UnpickleTensorDict(std::string_view data_pk
 std::map<std::string, torch::Tensor> UnpickleTensors(const std::vector<char>& bytes,
                                                      const std::string& origin) {
   if (IsLegacyTorchSave(bytes)) {
-    throw std::runtime_error(
+    throw FormatError(
         origin +
         ": in torch.save's legacy format (PyTorch before 1.6, or "
         "_use_new_zipfile_serialization=False); load it in Python and torch.save it again");
@@ -717,12 +717,11 @@ std::map<std::string, torch::Tensor> UnpickleTensors(const std::vector<char>& by
   if (const std::optional<std::vector<char>> order = zip.Record("byteorder")) {
     const std::string text(order->begin(), order->end());
     if (text != "little") {
-      throw std::runtime_error(origin + ": byteorder '" + text +
-                               "'; only little-endian files are read");
+      throw FormatError(origin + ": byteorder '" + text + "'; only little-endian files are read");
     }
   }
   const std::optional<std::vector<char>> data_pkl = zip.Record("data.pkl");
-  if (!data_pkl) throw std::runtime_error(origin + ": no data.pkl record; not a torch.save file");
+  if (!data_pkl) throw FormatError(origin + ": no data.pkl record; not a torch.save file");
   return UnpickleTensorDict(
       std::string_view(data_pkl->data(), data_pkl->size()),
       [&zip](const std::string& key, uint64_t) { return zip.Record("data/" + key); }, origin);

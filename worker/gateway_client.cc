@@ -3,15 +3,12 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "base/log.h"
+
 namespace ddpm {
 namespace {
 
 using SteadyClock = std::chrono::steady_clock;
-
-void Say(const std::string& text) {
-  std::printf("ddpm_worker: %s\n", text.c_str());
-  std::fflush(stdout);
-}
 
 bool Transient(const grpc::Status& status) {
   return status.error_code() == grpc::StatusCode::UNAVAILABLE ||
@@ -107,14 +104,17 @@ bool CommandChannel::RegisterOnce(bool& unreachable_reported) {
   if (status.ok()) {
     session_ = response.session();
     heartbeat_interval_ = response.heartbeat_interval_seconds();
-    Say("group " + registration_.group_id() + " registered (" +
-        std::to_string(registration_.world_size()) + " ranks)" +
-        (request.current_run().empty() ? "" : ", training run " + request.current_run()));
+    LogInfo("ddpm_worker: %s",
+            ("group " + registration_.group_id() + " registered (" +
+             std::to_string(registration_.world_size()) + " ranks)" +
+             (request.current_run().empty() ? "" : ", training run " + request.current_run()))
+                .c_str());
     unreachable_reported = false;
     return true;
   }
   if (Transient(status)) {
-    if (!unreachable_reported) Say(DescribeStatus("Register", status) + "; retrying");
+    if (!unreachable_reported)
+      LogInfo("ddpm_worker: %s", (DescribeStatus("Register", status) + "; retrying").c_str());
     unreachable_reported = true;
     return false;
   }
@@ -168,7 +168,7 @@ void CommandChannel::Run() {
     v1::GroupCommand command;
     while (reader->Read(&command)) {
       backoff = std::chrono::milliseconds(250);
-      if (reported) Say("the coordinator is back");
+      if (reported) LogInfo("ddpm_worker: the coordinator is back");
       reported = false;
       std::lock_guard<std::mutex> lock(mutex_);
       latest_ = command;
@@ -186,7 +186,8 @@ void CommandChannel::Run() {
       changed_.notify_all();
       return;
     } else {
-      if (!reported) Say(DescribeStatus("Commands", status) + "; reconnecting");
+      if (!reported)
+        LogInfo("ddpm_worker: %s", (DescribeStatus("Commands", status) + "; reconnecting").c_str());
       reported = true;
       if (status.error_code() == grpc::StatusCode::UNAVAILABLE) client_.Reconnect();
       mutex_.unlock();
@@ -295,8 +296,9 @@ void RunReporter::Run() {
       if (status.ok()) {
         ++accepted_evals_;
       } else {
-        Say(DescribeStatus("ReportEval", status) + " (step " +
-            std::to_string(request.eval().step()) + ")");
+        LogInfo("ddpm_worker: %s", (DescribeStatus("ReportEval", status) + " (step " +
+                                    std::to_string(request.eval().step()) + ")")
+                                       .c_str());
       }
     } else {
       const v1::ReportCheckpointRequest request = std::move(*checkpoint_);
@@ -308,8 +310,9 @@ void RunReporter::Run() {
       if (status.ok()) {
         ++accepted_checkpoints_;
       } else if (!checkpoint_) {
-        Say(DescribeStatus("ReportCheckpoint", status) + " (step " +
-            std::to_string(request.checkpoint().step()) + ")");
+        LogInfo("ddpm_worker: %s", (DescribeStatus("ReportCheckpoint", status) + " (step " +
+                                    std::to_string(request.checkpoint().step()) + ")")
+                                       .c_str());
       }
     }
     busy_ = false;
@@ -443,9 +446,8 @@ void Heartbeater::Run() {
       const bool posted = link_->Post(report);
       lock.lock();
       if (!posted && !post_refused) {
-        std::printf("ddpm_worker: rank %d: rank 0 is not taking this rank's reports; they wait\n",
-                    rank_);
-        std::fflush(stdout);
+        LogWarning("ddpm_worker: rank %d: rank 0 is not taking this rank's reports; they wait\n",
+                   rank_);
       }
       post_refused = !posted;
       changed_.wait_for(lock, interval_, [&] { return stop_ || poke_; });
@@ -476,8 +478,7 @@ void Heartbeater::Run() {
     if (!status.ok() && status.error_code() != last_error) {
       // Once per kind of failure: a coordinator restart shows as UNAVAILABLE, then NOT_FOUND
       // until rank 0 has registered the group again.
-      std::printf("ddpm_worker: rank %d: %s\n", rank_, DescribeStatus("Heartbeat", status).c_str());
-      std::fflush(stdout);
+      LogWarning("ddpm_worker: rank %d: %s\n", rank_, DescribeStatus("Heartbeat", status).c_str());
     }
     if (!status.ok() && request.has_train_metrics() && !pending_.has_train_metrics()) {
       *pending_.mutable_train_metrics() = request.train_metrics();  // Try it again next time.

@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "base/fence.h"
+#include "base/log.h"
 #include "base/signals.h"
 #include "config/flags.h"
 #include "proto/placement.h"
@@ -83,11 +84,6 @@ std::string Key(const v1::GroupCommand& command) {
   return command.run_id() + "#" + std::to_string(command.placement().attempt());
 }
 
-void Say(const std::string& text) {
-  std::printf("ddpm_worker: %s\n", text.c_str());
-  std::fflush(stdout);
-}
-
 // A command to train or evaluate a run (the others stop or idle).
 bool IsWork(const v1::GroupCommand& command) {
   return command.kind() == v1::GroupCommand::TRAIN || command.kind() == v1::GroupCommand::EVALUATE;
@@ -127,7 +123,8 @@ struct Member {
       recorder.SetRun("");
       if (comm.rank() == 0) {
         channel->SetCurrentRun("", 0);
-        Say(what + " (attempt " + std::to_string(attempt) + "): " + error.what());
+        LogInfo("ddpm_worker: %s",
+                (what + " (attempt " + std::to_string(attempt) + "): " + error.what()).c_str());
       }
       return false;
     } catch (const CommError& error) {
@@ -218,9 +215,11 @@ struct Member {
     const int attempt = command.placement().attempt();
     const v1::EvalJob& evaluation = command.evaluation();
     if (rank == 0) {
-      Say("evaluating checkpoints " + evaluation.checkpoints() + " of run " +
-          evaluation.source_run() + " as job " + run_id + " in " + command.run_dir() +
-          " (attempt " + std::to_string(attempt) + ")");
+      LogInfo("ddpm_worker: %s",
+              ("evaluating checkpoints " + evaluation.checkpoints() + " of run " +
+               evaluation.source_run() + " as job " + run_id + " in " + command.run_dir() +
+               " (attempt " + std::to_string(attempt) + ")")
+                  .c_str());
     }
     recorder.SetRun(run_id);
     heartbeats->SetRun(run_id, attempt);
@@ -272,17 +271,20 @@ struct Member {
     if (!ran || rank != 0) return false;
     if (taken_away) {
       channel->SetCurrentRun("", 0);
-      Say("evaluation job " + run_id + " (attempt " + std::to_string(attempt) +
-          ") was taken away by the coordinator");
+      LogInfo("ddpm_worker: %s", ("evaluation job " + run_id + " (attempt " +
+                                  std::to_string(attempt) + ") was taken away by the coordinator")
+                                     .c_str());
       return false;
     }
     reports->Flush(std::chrono::seconds(60));
     ReportEnd(EndRequest(run_id, attempt,
                          result.stopped && g_shutdown ? g_shutdown_signal.load() : 0,
                          result.stopped));
-    Say("evaluation job " + run_id + " ended with " + std::to_string(result.reports.size()) +
-        " of " + std::to_string(result.planned.size()) +
-        " checkpoints evaluated; waiting for the next");
+    LogInfo("ddpm_worker: %s",
+            ("evaluation job " + run_id + " ended with " + std::to_string(result.reports.size()) +
+             " of " + std::to_string(result.planned.size()) +
+             " checkpoints evaluated; waiting for the next")
+                .c_str());
     return g_shutdown;
   }
 
@@ -314,7 +316,7 @@ struct Member {
     channel->SetCurrentRun("", 0);
     // A run taken away from the group is no longer its to report.
     if (!status.ok() && status.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
-      Say(DescribeStatus("ReportRunEnd", status));
+      LogInfo("ddpm_worker: %s", (DescribeStatus("ReportRunEnd", status)).c_str());
     }
   }
 
@@ -354,8 +356,10 @@ struct Member {
     const int rank = comm.rank();
     const std::string& run_id = command.run_id();
     if (rank == 0) {
-      Say("training run " + run_id + " in " + command.run_dir() + " (attempt " +
-          std::to_string(command.placement().attempt()) + ")");
+      LogInfo("ddpm_worker: %s",
+              ("training run " + run_id + " in " + command.run_dir() + " (attempt " +
+               std::to_string(command.placement().attempt()) + ")")
+                  .c_str());
     }
     const int attempt = command.placement().attempt();
     recorder.SetRun(run_id);
@@ -412,15 +416,18 @@ struct Member {
     if (rank != 0) return result.interrupted_by != 0;
     if (result.superseded) {
       channel->SetCurrentRun("", 0);
-      Say("run " + run_id + " (attempt " + std::to_string(attempt) +
-          ") was superseded by a newer attempt at step " + std::to_string(result.steps) +
-          "; it wrote nothing after that");
+      LogInfo("ddpm_worker: %s", ("run " + run_id + " (attempt " + std::to_string(attempt) +
+                                  ") was superseded by a newer attempt at step " +
+                                  std::to_string(result.steps) + "; it wrote nothing after that")
+                                     .c_str());
       return false;
     }
     if (taken_away) {
       channel->SetCurrentRun("", 0);
-      Say("run " + run_id + " (attempt " + std::to_string(attempt) +
-          ") was taken away by the coordinator at step " + std::to_string(result.steps));
+      LogInfo("ddpm_worker: %s",
+              ("run " + run_id + " (attempt " + std::to_string(attempt) +
+               ") was taken away by the coordinator at step " + std::to_string(result.steps))
+                  .c_str());
       return false;
     }
     reports->Flush(std::chrono::seconds(60));
@@ -431,8 +438,9 @@ struct Member {
     if (!result.sample_grids.empty()) end.set_sample_grid(result.sample_grids.back());
     end.set_ema_weights(result.ema_weights);
     ReportEnd(end);
-    Say("run " + run_id + " ended at step " + std::to_string(result.steps) +
-        "; waiting for the next");
+    LogInfo("ddpm_worker: %s", ("run " + run_id + " ended at step " + std::to_string(result.steps) +
+                                "; waiting for the next")
+                                   .c_str());
     return result.interrupted_by != 0;
   }
 };
@@ -472,7 +480,7 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
     if (!channel->Start(g_shutdown)) {
       SendMessage(comm, kShutdown, "");
       if (channel->fatal().empty()) return 0;
-      std::fprintf(stderr, "ddpm_worker: error: %s\n", channel->fatal().c_str());
+      LogError("ddpm_worker: error: %s\n", channel->fatal().c_str());
       return 1;
     }
     interval = channel->heartbeat_interval_seconds();
@@ -499,18 +507,20 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
     leave.set_group_id(member.group_id);
     leave.set_reason(what + ", as rank " + std::to_string(rank) + " saw");
     const grpc::Status status = client.Leave(leave);
-    std::fprintf(stderr, "ddpm_worker: rank %d: error: %s; %s\n", rank, what.c_str(),
-                 status.ok() ? "the group left the coordinator and ends"
-                             : (DescribeStatus("Leave", status) + "; the group ends").c_str());
+    LogError("ddpm_worker: rank %d: error: %s; %s\n", rank, what.c_str(),
+             status.ok() ? "the group left the coordinator and ends"
+                         : (DescribeStatus("Leave", status) + "; the group ends").c_str());
     std::fflush(stdout);
     std::fflush(stderr);
     std::_Exit(1);
   });
   if (rank == 0 && comm.world_size() > 1) {
-    Say("group " + member.group_id + ": " +
-        (link != nullptr ? "one heartbeat for the group, gathered by rank 0"
-                         : "a heartbeat from every rank (MPI lacks MPI_THREAD_MULTIPLE)") +
-        "; watching " + std::to_string(watchdog.watched().size()) + " peers on this host");
+    LogInfo("ddpm_worker: %s",
+            ("group " + member.group_id + ": " +
+             (link != nullptr ? "one heartbeat for the group, gathered by rank 0"
+                              : "a heartbeat from every rank (MPI lacks MPI_THREAD_MULTIPLE)") +
+             "; watching " + std::to_string(watchdog.watched().size()) + " peers on this host")
+                .c_str());
   }
 
   int exit_code = 0;
@@ -527,7 +537,7 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
           break;
         }
         if (const std::string fatal = channel->fatal(); !fatal.empty()) {
-          std::fprintf(stderr, "ddpm_worker: error: %s\n", fatal.c_str());
+          LogError("ddpm_worker: error: %s\n", fatal.c_str());
           reason = fatal;
           exit_code = 1;
           break;
@@ -553,7 +563,7 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
         watchdog.Stop();
         break;
       }
-      if (!command.ParseFromString(payload)) throw std::runtime_error("a garbled run assignment");
+      if (!command.ParseFromString(payload)) throw CommError("a garbled run assignment");
     }
     last_started = Key(command);
     const bool shutdown = command.kind() == v1::GroupCommand::EVALUATE ? member.Evaluate(command)
@@ -569,7 +579,8 @@ int ServeGroup(const WorkerOptions& options, Communicator& comm, const ContextFa
     leave.set_group_id(member.group_id);
     leave.set_reason(reason);
     client.Leave(leave);
-    Say("group " + member.group_id + " left the coordinator (" + reason + ")");
+    LogInfo("ddpm_worker: %s",
+            ("group " + member.group_id + " left the coordinator (" + reason + ")").c_str());
   }
   return exit_code;
 }

@@ -9,6 +9,7 @@
 
 #include <cstdio>
 
+#include "base/log.h"
 #include "comm/gradient_buckets.h"
 #include "comm/mpi_communicator.h"
 #include "config/config.h"
@@ -48,9 +49,8 @@ struct RankTelemetry {
     if (options.metrics_listen.empty()) return;
     const std::string listen = OffsetListenAddress(options.metrics_listen, local_rank);
     endpoint = std::make_unique<RankMetricsEndpoint>(recorder, listen);
-    std::printf("ddpm_worker: rank %d: metrics at http://%s:%d/metrics\n", rank,
-                listen.substr(0, listen.rfind(':')).c_str(), endpoint->port());
-    std::fflush(stdout);
+    LogInfo("ddpm_worker: rank %d: metrics at http://%s:%d/metrics\n", rank,
+            listen.substr(0, listen.rfind(':')).c_str(), endpoint->port());
   }
   RankRecorder recorder;
   std::unique_ptr<RankMetricsEndpoint> endpoint;
@@ -81,8 +81,8 @@ int ExitCode(const TrainResult& result) {
 // Prints this rank's error and ends the whole job, before any destructor can block on a
 // collective that a failed peer will never join.
 [[noreturn]] void FailRank(const MpiPlacement& placement, const std::exception& error) {
-  std::fprintf(stderr, "ddpm_worker: rank %d of %d: error: %s\n", placement.rank,
-               placement.world_size, UserMessage(error).c_str());
+  LogError("ddpm_worker: rank %d of %d: error: %s\n", placement.rank, placement.world_size,
+           UserMessage(error).c_str());
   MpiRuntime::Abort(1);
 }
 
@@ -116,8 +116,8 @@ class RankContexts {
     dist.local_ranks = placement_.local_size;
     dist.make_data_parallel = GradientBucketsFor(*gradient_comm, mpi_, config.dist.bucket_mb);
     if (placement_.rank == 0) {
-      std::printf("ddpm: %d ranks (%d on this node); gradients over %s, control over mpi\n",
-                  placement_.world_size, placement_.local_size, gradient_comm->backend().c_str());
+      LogInfo("ddpm: %d ranks (%d on this node); gradients over %s, control over mpi\n",
+              placement_.world_size, placement_.local_size, gradient_comm->backend().c_str());
     }
     return dist;
   }
@@ -165,6 +165,7 @@ void DieWithLauncher() {
 int RunRank(const WorkerOptions& options, const Config* config) {
   MpiRuntime mpi(nullptr, nullptr);
   const MpiPlacement placement = mpi.placement();
+  SetLogRank(placement.rank, placement.world_size);
   try {
     MpiCommunicator mpi_comm(placement);
     RankContexts contexts(placement, mpi_comm);
