@@ -6,7 +6,7 @@
 # page and the run page into SCREENSHOT_DIR.
 # usage: browser_console.sh MPIEXEC DDPM_COORDINATOR DDPM_WORKER DDPMCTL PYTHON SOURCE_DIR SCREENSHOT_DIR
 # Skips (77), saying why, without chromium, chromedriver, or PYTHON's selenium, torch and
-# torchvision.
+# torchvision, or where the name localhost does not resolve.
 set -euo pipefail
 mpiexec=$1 coordinator=$2 worker=$3 ctl=$4 python=$5 src=$6 shots=$7
 name=browser-console
@@ -16,6 +16,10 @@ for tool in chromium chromedriver; do
 done
 "$python" -c 'import selenium' 2> /dev/null ||
   { echo "$name: SKIPPED: $python has no selenium (Debian: python3-selenium)"; exit 77; }
+# Selenium reaches chromedriver at localhost: a machine with no /etc/hosts (a bare chroot)
+# resolves no such name.
+"$python" -c 'import socket; socket.getaddrinfo("localhost", 80)' 2> /dev/null ||
+  { echo "$name: SKIPPED: the name localhost does not resolve (no /etc/hosts?); Selenium reaches chromedriver by it"; exit 77; }
 "$python" -c 'import torch, torchvision, numpy' 2> /dev/null ||
   { echo "$name: SKIPPED: $python lacks torch or torchvision, which write the test's Inception weights"; exit 77; }
 # shellcheck source=tests/service_lib.sh

@@ -39,6 +39,10 @@ netns_hosts() {
   for i in 0 1 2; do
     h=${hosts[$i]}
     ip netns add "$pre-$h" 2> "$work/ip.err" || skip "cannot make a network namespace: $(cat "$work/ip.err")"
+    # Entering one makes / a slave mount in a new mount namespace, which fails where / is not
+    # a mount point (a chroot into a plain directory).
+    ip netns exec "$pre-$h" true 2> "$work/ip.err" ||
+      skip "cannot enter a network namespace: $(cat "$work/ip.err")"
     ip link add "${pre}v$i" type veth peer name eth0 netns "$pre-$h" 2> "$work/ip.err" ||
       skip "cannot make a veth pair: $(cat "$work/ip.err")"
     ip link set "${pre}v$i" master "${pre}br" up

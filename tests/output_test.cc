@@ -209,6 +209,7 @@ TEST_F(OutputTest, LinesOfManyThreadsStayWhole) {
   const fs::path path = dir_ / "threads.txt";
   ::testing::internal::CaptureStdout();
   std::vector<std::thread> threads;
+  threads.reserve(4);
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([t] {
       for (int i = 0; i < 300; ++i) LogInfo("thread %d line %03d %s", t, i, "abcdefghij");

@@ -40,7 +40,7 @@ InceptionInput InceptionInputFromFlags(const Flags& flags) {
 }
 
 std::string Required(const Flags& flags, const std::string& name) {
-  const std::string value = flags.Get(name);
+  std::string value = flags.Get(name);
   if (value.empty()) throw FlagError(flags.program() + ": --" + name + " is required");
   return value;
 }

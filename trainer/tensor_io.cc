@@ -32,7 +32,8 @@ torch::Tensor TextTensor(const std::string& text) {
 
 std::string TensorText(const torch::Tensor& tensor) {
   const torch::Tensor bytes = tensor.to(torch::kCPU).contiguous();
-  return std::string(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), bytes.numel());
+  return {reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()),
+          static_cast<std::size_t>(bytes.numel())};
 }
 
 std::map<std::string, torch::Tensor> StateDict(const torch::nn::Module& module) {
