@@ -8,6 +8,7 @@
 #include <string>
 
 #include "base/fence.h"
+#include "run/run.h"
 #include "trainer/communicator.h"
 
 namespace ddpm {
@@ -37,7 +38,7 @@ void OnLeadOrAll(Communicator& comm, const std::string& what, Body&& body) {
   }
   if (message.empty()) message = "rank 0 could not " + what;
   if (failed == 1) throw FencedError(message);
-  if (failed == 2) throw std::runtime_error(message);
+  if (failed == 2) throw RunError(message);
 }
 
 }  // namespace ddpm

@@ -12,6 +12,7 @@
 #include <functional>
 #include <string>
 
+#include "base/errors.h"
 #include "config/config.h"
 #include "run/run.h"
 #include "run/run_checkpoints.h"
@@ -76,7 +77,7 @@ class RunReport {
   template <typename Write>
   void Tolerate(const char* what, int64_t step, Write&& write) const {
     try {
-      if (fault_.DiskFull(step)) throw std::runtime_error(InjectedDiskFull());
+      if (fault_.DiskFull(step)) throw FileError(InjectedDiskFull());
       write();
     } catch (const std::exception& error) {
       console_.Say(

@@ -31,13 +31,18 @@ void AddEvalFlags(Flags& flags) {
             "");
 }
 
+std::string InceptionWeightsFromFlags(const Flags& flags) {
+  std::string weights = flags.Get("inception");
+  if (weights.empty() && std::getenv("DDPM_INCEPTION_WEIGHTS") != nullptr) {
+    weights = std::getenv("DDPM_INCEPTION_WEIGHTS");
+  }
+  return weights;
+}
+
 std::vector<std::pair<std::string, std::string>> EvalOverrides(const Flags& flags,
                                                                const std::string& tool,
                                                                std::vector<double>* scales) {
-  std::string inception = flags.Get("inception");
-  if (inception.empty() && std::getenv("DDPM_INCEPTION_WEIGHTS") != nullptr) {
-    inception = std::getenv("DDPM_INCEPTION_WEIGHTS");
-  }
+  const std::string inception = InceptionWeightsFromFlags(flags);
   if (flags.Get("ref").empty()) throw FlagError(tool + ": --ref is required");
   // Every setting goes through the config loader, checked as a config file is: a flag given,
   // else the protocol file's value, else the flag's default.

@@ -10,6 +10,9 @@
 
 namespace ddpm {
 
+/// The --inception flag's value, or $DDPM_INCEPTION_WEIGHTS when it is not given ("" if neither).
+std::string InceptionWeightsFromFlags(const Flags& flags);
+
 /// Declares --ref, --inception, --num, --sampler, --steps, --seed, --batch, --is-logits,
 /// --guidance (one scale, or a comma-separated list) and --protocol.
 void AddEvalFlags(Flags& flags);

@@ -2,7 +2,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <optional>
 #include <string>
 
@@ -15,6 +14,7 @@
 #include "eval/fid.h"
 #include "eval/inception.h"
 #include "eval/report.h"
+#include "tools/eval_flags.h"
 #include "trainer/data.h"
 
 namespace ddpm {
@@ -29,10 +29,7 @@ void AddInceptionFlags(Flags& flags, const std::string& weights_help, const std:
 
 InceptionInput InceptionInputFromFlags(const Flags& flags) {
   InceptionInput input;
-  input.weights = flags.Get("inception");
-  if (input.weights.empty() && std::getenv("DDPM_INCEPTION_WEIGHTS") != nullptr) {
-    input.weights = std::getenv("DDPM_INCEPTION_WEIGHTS");
-  }
+  input.weights = InceptionWeightsFromFlags(flags);
   input.image_size = static_cast<int>(flags.GetInt("image-size"));
   input.batch = static_cast<int>(flags.GetInt("batch"));
   input.device = torch::Device(flags.Get("device"));
