@@ -103,6 +103,12 @@ const Flags::Spec& Flags::Find(const std::string& name) const {
 
 std::string Flags::Get(const std::string& name) const { return Find(name).value; }
 
+std::string Flags::GetRequired(const std::string& name) const {
+  std::string value = Get(name);
+  if (value.empty()) throw FlagError(program_ + ": --" + name + " is required");
+  return value;
+}
+
 namespace {
 
 // value parsed whole by parse (std::stoll or std::stod), or FlagError naming the flag.

@@ -32,6 +32,8 @@ class Flags {
   void Parse(int argc, const char* const* argv);
 
   std::string Get(const std::string& name) const;
+  /// The flag's value; throws FlagError "PROGRAM: --name is required" when it is empty.
+  std::string GetRequired(const std::string& name) const;
   int64_t GetInt(const std::string& name) const;
   /// The flag's value as a number; throws FlagError naming the flag if it is not one.
   double GetDouble(const std::string& name) const;

@@ -37,7 +37,7 @@ std::string Holder(int fd) {
 DataDirLock::DataDirLock(const std::string& data_dir) : path_(data_dir + "/LOCK") {
   fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd_ < 0) {
-    throw FileError("cannot open the data directory's lock " + path_ + ": " + std::strerror(errno));
+    throw FileError(ErrnoMessage("cannot open the data directory's lock " + path_));
   }
   if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
     const int error = errno;
@@ -48,7 +48,7 @@ DataDirLock::DataDirLock(const std::string& data_dir) : path_(data_dir + "/LOCK"
       throw DataDirInUse("data dir " + data_dir + " is in use by " + holder + " (" + path_ +
                          "); stop that coordinator first, or give another --data-dir");
     }
-    throw FileError("cannot lock " + path_ + ": " + std::strerror(error));
+    throw FileError(ErrnoMessage("cannot lock " + path_, error));
   }
   char host[256] = {};
   ::gethostname(host, sizeof(host) - 1);
@@ -58,10 +58,10 @@ DataDirLock::DataDirLock(const std::string& data_dir) : path_(data_dir + "/LOCK"
   // Written in place under the lock: a reader that finds it held reads the holder's lines.
   if (::ftruncate(fd_, 0) != 0 ||
       ::pwrite(fd_, text.data(), text.size(), 0) != static_cast<ssize_t>(text.size())) {
-    const std::string reason = std::strerror(errno);
+    const std::string message = ErrnoMessage("cannot write " + path_);
     ::close(fd_);
     fd_ = -1;
-    throw FileError("cannot write " + path_ + ": " + reason);
+    throw FileError(message);
   }
   ::fsync(fd_);
 }

@@ -461,7 +461,7 @@ std::string ResolveToken(const std::string& file, const char* env, const std::st
   }
   std::string token = RandomHex(32);
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
-  if (fd < 0) throw RpcSetupError("cannot create token file " + path + ": " + std::strerror(errno));
+  if (fd < 0) throw RpcSetupError(ErrnoMessage("cannot create token file " + path));
   const std::string line = token + "\n";
   const bool written = ::write(fd, line.data(), line.size()) == static_cast<ssize_t>(line.size());
   ::close(fd);

@@ -369,6 +369,13 @@ TEST(Flags, PositionalArgumentsFillInOrderAndAreRequired) {
   } catch (const FlagError& e) {
     EXPECT_NE(std::string(e.what()).find("missing CONFIG"), std::string::npos) << e.what();
   }
+  EXPECT_EQ(flags.GetRequired("name"), "x");
+  try {
+    missing.GetRequired("CONFIG");
+    FAIL() << "an empty value is not there";
+  } catch (const FlagError& e) {
+    EXPECT_STREQ(e.what(), "ddpmctl start: --CONFIG is required");
+  }
   // --help needs no positional, and a positional is not a flag.
   Flags help("ddpmctl start", "test");
   help.AddPositional("CONFIG", "the config");

@@ -13,6 +13,7 @@
 #include <memory>
 #include <thread>
 
+#include "base/errors.h"
 #include "base/log.h"
 #include "base/sha256.h"
 #include "base/text.h"
@@ -496,7 +497,7 @@ int CtlBackup(const CtlOptions& options, const std::string& file) {
     const std::string partial = file + ".partial-" + std::to_string(::getpid());
     const int fd = ::open(partial.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) {
-      LogError("ddpmctl: cannot write the backup to %s: %s\n", file.c_str(), std::strerror(errno));
+      LogError("%s", ErrnoMessage("ddpmctl: cannot write the backup to " + file).c_str());
       return static_cast<int>(kCtlCantCreate);
     }
     // Whatever goes wrong from here, nothing is left at either path.
@@ -519,8 +520,7 @@ int CtlBackup(const CtlOptions& options, const std::string& file) {
         const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
         if (n < 0) {
           if (errno == EINTR) continue;
-          LogError("ddpmctl: cannot write the backup to %s: %s\n", file.c_str(),
-                   std::strerror(errno));
+          LogError("%s", ErrnoMessage("ddpmctl: cannot write the backup to " + file).c_str());
           context->TryCancel();
           reader->Finish();
           return discard(kCtlCantCreate);
@@ -547,7 +547,7 @@ int CtlBackup(const CtlOptions& options, const std::string& file) {
       return discard(kCtlFailed);
     }
     if (::fsync(fd) != 0 || ::close(fd) != 0 || ::rename(partial.c_str(), file.c_str()) != 0) {
-      LogError("ddpmctl: cannot write the backup to %s: %s\n", file.c_str(), std::strerror(errno));
+      LogError("%s", ErrnoMessage("ddpmctl: cannot write the backup to " + file).c_str());
       ::unlink(partial.c_str());
       return static_cast<int>(kCtlCantCreate);
     }

@@ -40,14 +40,13 @@ std::string InceptionWeightsFromFlags(const Flags& flags) {
 }
 
 std::vector<std::pair<std::string, std::string>> EvalOverrides(const Flags& flags,
-                                                               const std::string& tool,
                                                                std::vector<double>* scales) {
   const std::string inception = InceptionWeightsFromFlags(flags);
-  if (flags.Get("ref").empty()) throw FlagError(tool + ": --ref is required");
+  const std::string ref = flags.GetRequired("ref");
   // Every setting goes through the config loader, checked as a config file is: a flag given,
   // else the protocol file's value, else the flag's default.
   std::vector<std::pair<std::string, std::string>> overrides = {
-      {"eval.inception_weights", inception}, {"eval.reference_stats", flags.Get("ref")}};
+      {"eval.inception_weights", inception}, {"eval.reference_stats", ref}};
   const std::vector<std::pair<std::string, std::string>> protocol =
       flags.Given("protocol") ? LoadEvalProtocol(flags.Get("protocol"))
                               : std::vector<std::pair<std::string, std::string>>{};

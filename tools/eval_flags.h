@@ -20,9 +20,8 @@ void AddEvalFlags(Flags& flags);
 /// The "eval.key" overrides those flags ask for: a flag given, else the protocol file's value,
 /// else the flag's default; --inception falls back to $DDPM_INCEPTION_WEIGHTS. A --guidance
 /// list sets eval.guidance to its first scale and is returned in scales (empty when not
-/// given). Throws FlagError naming tool when --ref is missing or a flag does not read.
+/// given). Throws FlagError naming the program when --ref is missing or a flag does not read.
 std::vector<std::pair<std::string, std::string>> EvalOverrides(const Flags& flags,
-                                                               const std::string& tool,
                                                                std::vector<double>* scales);
 
 }  // namespace ddpm

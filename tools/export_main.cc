@@ -15,8 +15,7 @@ int main(int argc, char** argv) {
   flags.Add("weights", "ema (for sampling) or model (the raw trained weights)", "ema");
   return ddpm::RunMain(flags, argc, argv, [&] {
     ddpm::ExportJob job;
-    job.checkpoint = flags.Get("checkpoint");
-    if (job.checkpoint.empty()) throw ddpm::FlagError("ddpm_export: --checkpoint is required");
+    job.checkpoint = flags.GetRequired("checkpoint");
     job.out = flags.Get("out");
     job.which = flags.Get("weights");
     ddpm::RunExport(job);

@@ -46,7 +46,7 @@ void AddCheckpointEvalFlags(Flags& flags) {
 
 CheckpointEvalOptions CheckpointEvalOptionsFromFlags(const Flags& flags) {
   CheckpointEvalOptions options;
-  options.overrides = EvalOverrides(flags, flags.program(), &options.scales);
+  options.overrides = EvalOverrides(flags, &options.scales);
   if (options.scales.size() > 1 && flags.Given("also-save")) {
     throw FlagError(flags.program() +
                     ": --also-save keeps the samples of one guidance scale; give one "

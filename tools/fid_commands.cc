@@ -36,12 +36,6 @@ InceptionInput InceptionInputFromFlags(const Flags& flags) {
   return input;
 }
 
-std::string Required(const Flags& flags, const std::string& name) {
-  std::string value = flags.Get(name);
-  if (value.empty()) throw FlagError(flags.program() + ": --" + name + " is required");
-  return value;
-}
-
 constexpr char kWeightsHelp[] =
     "the FID Inception weights (pt_inception-2015-12-05, re-saved by PyTorch >= 1.6) or a "
     "TorchScript module of it (default: $DDPM_INCEPTION_WEIGHTS)";
@@ -90,16 +84,16 @@ void AddMemorizationFlags(Flags& flags) {
 
 FidStatsJob FidStatsJobFromFlags(const Flags& flags) {
   FidStatsJob job;
-  job.data = Required(flags, "data");
-  job.out = Required(flags, "out");
+  job.data = flags.GetRequired("data");
+  job.out = flags.GetRequired("out");
   job.input = InceptionInputFromFlags(flags);
   return job;
 }
 
 FidScoreJob FidScoreJobFromFlags(const Flags& flags) {
   FidScoreJob job;
-  job.samples = Required(flags, "samples");
-  job.ref = Required(flags, "ref");
+  job.samples = flags.GetRequired("samples");
+  job.ref = flags.GetRequired("ref");
   job.input = InceptionInputFromFlags(flags);
   const std::string is_logits = flags.Get("is-logits");
   if (is_logits != "unbiased" && is_logits != "biased") {
@@ -123,8 +117,8 @@ FidScoreJob FidScoreJobFromFlags(const Flags& flags) {
 
 MemorizationJob MemorizationJobFromFlags(const Flags& flags) {
   MemorizationJob job;
-  job.samples = Required(flags, "samples");
-  job.train = Required(flags, "train");
+  job.samples = flags.GetRequired("samples");
+  job.train = flags.GetRequired("train");
   job.out = flags.Get("out");
   job.input = InceptionInputFromFlags(flags);
   job.options.ratio = flags.GetDouble("ratio");

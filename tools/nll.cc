@@ -77,8 +77,7 @@ void AddNllFlags(Flags& flags) {
 
 NllJob NllJobFromFlags(const Flags& flags) {
   NllJob job;
-  job.data = flags.Get("data");
-  if (job.data.empty()) throw FlagError("ddpm_nll: --data is required");
+  job.data = flags.GetRequired("data");
   job.num_images = flags.GetInt("num");
   job.num_timesteps = static_cast<int>(flags.GetInt("timesteps"));
   job.seed = static_cast<uint64_t>(flags.GetInt("seed"));

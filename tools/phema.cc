@@ -53,8 +53,7 @@ void AddPhemaFlags(Flags& flags) {
 
 PhemaJob PhemaJobFromFlags(const Flags& flags) {
   PhemaJob job;
-  job.run = flags.Get("run");
-  if (job.run.empty()) throw FlagError("ddpm_phema: --run is required");
+  job.run = flags.GetRequired("run");
   if (flags.Get("sigma-rel").empty()) throw FlagError("ddpm_phema: --sigma-rel is required");
   job.sigma_rels = flags.GetDoubleList("sigma-rel");
   job.step = flags.GetInt("step");
@@ -75,7 +74,7 @@ PhemaJob PhemaJobFromFlags(const Flags& flags) {
   }
   if (evaluate == "yes") {
     std::vector<double> scales;
-    job.eval_overrides = EvalOverrides(flags, "ddpm_phema", &scales);
+    job.eval_overrides = EvalOverrides(flags, &scales);
     if (scales.size() > 1) {
       throw FlagError("ddpm_phema: --guidance takes one scale here, got " + flags.Get("guidance"));
     }
